@@ -1,0 +1,347 @@
+"""Scenario files: TOML parsed once into frozen, validated dataclasses.
+
+Every key has a default here; a scenario file names only what it changes. Unknown keys,
+wrong types and out-of-range values raise :class:`ScenarioError` naming the key and what is
+allowed, before any data is loaded or any model is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import ScenarioError
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ScenarioError(f"{key} = {value!r} is out of range; {allowed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset feeds the federation (``[data]``)."""
+
+    name: str = "digits"
+    root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10
+    # synthetic only: class-conditional images generated per client from (seed, client id)
+    num_classes: int = 10
+    image_size: int = 8
+    channels: int = 1
+    samples_per_client: int = 64
+    test_samples: int = 1000
+    noise: float = 0.6
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "data.num_classes", "it must be >= 2", self.num_classes)
+        _check(self.image_size >= 4, "data.image_size", "it must be >= 4", self.image_size)
+        _check(self.channels in (1, 3), "data.channels", "it must be 1 or 3", self.channels)
+        _check(self.samples_per_client >= 2, "data.samples_per_client", "it must be >= 2",
+               self.samples_per_client)
+        _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
+        _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training split is divided among clients (``[partition]``)."""
+
+    kind: str = "iid"
+    num_clients: int = 10
+    alpha: float = 0.5  # dirichlet concentration: small = strong label skew
+    min_size: int = 2  # dirichlet: resample until every client has this many samples
+    shards_per_client: int = 2  # shards: classes per client
+    sigma: float = 1.0  # quantity: log-normal sigma of client sizes
+    label_kind: str = "iid"  # feature: the label partition combined with the domain shift
+    transforms: tuple[str, ...] = ("rotate", "contrast", "noise", "invert")  # feature
+    test_fraction: float = 0.2  # each client's local test split
+    holdout_clients: float = 0.0  # fraction of clients that never train
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "partition.num_clients", "it must be >= 1",
+               self.num_clients)
+        _check(self.alpha > 0, "partition.alpha", "it must be > 0 (e.g. 0.1 strong skew, "
+               "100 near-IID)", self.alpha)
+        _check(self.min_size >= 1, "partition.min_size", "it must be >= 1", self.min_size)
+        _check(self.shards_per_client >= 1, "partition.shards_per_client", "it must be >= 1",
+               self.shards_per_client)
+        _check(self.sigma >= 0, "partition.sigma", "it must be >= 0", self.sigma)
+        _check(0 < self.test_fraction < 1, "partition.test_fraction",
+               "it must be in (0, 1)", self.test_fraction)
+        _check(0 <= self.holdout_clients < 1, "partition.holdout_clients",
+               "it must be in [0, 1)", self.holdout_clients)
+        _check(self.label_kind != "feature", "partition.label_kind",
+               "the label partition of 'feature' cannot itself be 'feature'", self.label_kind)
+
+    @property
+    def num_holdout(self) -> int:
+        """Clients that never train: ``round(holdout_clients * num_clients)``."""
+        return int(round(self.holdout_clients * self.num_clients))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network and its normalization switch (``[model]``)."""
+
+    arch: str = "cnn"
+    norm: str = "gn"
+    width: int = 32  # channels of the first conv layer / hidden units of the MLP
+    groups: int = 8  # GroupNorm groups (reduced to a divisor of the channel count)
+    hybrid_init: float = 0.0  # hybrid: initial theta, alpha = sigmoid(theta)
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 4, "model.width", "it must be >= 4", self.width)
+        _check(self.groups >= 1, "model.groups", "it must be >= 1", self.groups)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Local training on each client (``[client]``)."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "client.epochs", "it must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "client.batch_size", "it must be >= 1", self.batch_size)
+        _check(self.lr > 0, "client.lr", "it must be > 0", self.lr)
+        _check(0 <= self.momentum < 1, "client.momentum", "it must be in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "client.weight_decay", "it must be >= 0",
+               self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Strategy and rounds (``[server]``); ``[server.params]`` go to the strategy's constructor."""
+
+    strategy: str = "fedavg"
+    rounds: int = 10
+    clients_per_round: int = 10
+    fraction_evaluate: float = 0.0  # federated (client-side) evaluation; 0 = server-side only
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "server.rounds", "it must be >= 1", self.rounds)
+        _check(self.clients_per_round >= 1, "server.clients_per_round", "it must be >= 1",
+               self.clients_per_round)
+        _check(0 <= self.fraction_evaluate <= 1, "server.fraction_evaluate",
+               "it must be in [0, 1]", self.fraction_evaluate)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How client updates are executed (``[engine]``)."""
+
+    kind: str = "inprocess"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ray_num_cpus: float = 1.0  # Ray engine: CPUs per client actor
+    client_gpus: float = 0.0  # Ray engine: GPU fraction per client actor
+
+    def __post_init__(self) -> None:
+        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        _check(ok, "engine.device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        _check(self.ray_num_cpus > 0, "engine.ray_num_cpus", "it must be > 0",
+               self.ray_num_cpus)
+        _check(0 <= self.client_gpus <= 1, "engine.client_gpus", "it must be in [0, 1]",
+               self.client_gpus)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how often the global model is evaluated (``[output]``)."""
+
+    dir: str = "results/run"
+    eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
+
+    def __post_init__(self) -> None:
+        _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One federated experiment, fully resolved."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        participating = self.partition.num_clients - self.partition.num_holdout
+        _check(participating >= 1, "partition.holdout_clients",
+               "at least one client must train", self.partition.holdout_clients)
+        if self.server.clients_per_round > participating:
+            raise ScenarioError(
+                f"server.clients_per_round = {self.server.clients_per_round} exceeds the "
+                f"{participating} participating clients (partition.num_clients = "
+                f"{self.partition.num_clients} minus holdout); lower it or add clients"
+            )
+
+    @property
+    def num_participating(self) -> int:
+        return self.partition.num_clients - self.partition.num_holdout
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to the results' scenario.toml."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ScenarioError(f"{key} must be a table ([{key}]), got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ScenarioError(f"{key} must be a list of {_type_name(inner)}, got {value!r}")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ScenarioError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ScenarioError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ScenarioError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    where = f"{prefix}.{key}" if prefix else key
+    section = f"[{prefix}]" if prefix else "the top level"
+    return ScenarioError(f"unknown key {where!r}{hint}; {section} accepts: {', '.join(names)}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(cls, key, prefix)
+        full = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML literal; bare words become strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to the raw scenario dict, refusing unknown keys."""
+    if "=" not in assignment:
+        raise ScenarioError(f"--set {assignment!r} must look like section.key=value")
+    path, text = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    cls: Any = Scenario
+    node = raw
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if cls is None:  # inside a free-form table such as server.params
+            pass
+        else:
+            names = {f.name for f in dataclasses.fields(cls)}
+            if part not in names:
+                err = _unknown_key(cls, part, prefix)
+                raise ScenarioError(f"--set {path}: {err}")
+        if i == len(parts) - 1:
+            node[part] = parse_value(text.strip())
+            return
+        tp = typing.get_type_hints(cls)[part] if cls is not None else None
+        cls = tp if dataclasses.is_dataclass(tp) else None
+        if cls is None and typing.get_origin(tp) is not dict and tp is not None:
+            raise ScenarioError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a table")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ScenarioError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a table")
+
+
+def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
+    """Build and validate a Scenario (types, ranges, registry names) from a plain dict."""
+    scenario = _build(Scenario, raw)
+    from fedsim.validate import check_names  # registries import torch; keep config light
+
+    check_names(scenario)
+    return scenario
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a scenario file, turning missing files and TOML syntax errors into ScenarioError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"scenario file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({exc})") from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Load ``path`` and apply ``key=value`` overrides; raises ScenarioError on bad input."""
+    raw = read_toml(path)
+    raw.setdefault("name", Path(path).stem)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return scenario_from_dict(raw)
+
+
+def replace(scenario: Scenario, overrides: list[str] | tuple[str, ...]) -> Scenario:
+    """A copy of ``scenario`` with ``key=value`` overrides applied and re-validated."""
+    raw = scenario.to_dict()
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return scenario_from_dict(raw)
