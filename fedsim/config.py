@@ -145,6 +145,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ray_num_cpus: float = 1.0  # Ray engine: CPUs per client actor
     client_gpus: float = 0.0  # Ray engine: GPU fraction per client actor
+    ray_address: str = ""  # Ray engine: address of an existing Ray cluster ("" = start locally)
 
     def __post_init__(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
@@ -161,9 +162,12 @@ class OutputConfig:
 
     dir: str = "results/run"
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
+    eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
+        _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
+               self.eval_clients)
 
 
 @dataclass(frozen=True)

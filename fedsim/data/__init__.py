@@ -1,0 +1,34 @@
+"""Data: datasets by name, partitions among clients, feature-skew domains, FederatedData."""
+
+from fedsim.data.datasets import (
+    DATASETS,
+    ArrayDataset,
+    SyntheticDataset,
+    load_dataset,
+    read_cifar_batch,
+    read_idx,
+)
+from fedsim.data.domains import DOMAINS, apply_domain, client_domain
+from fedsim.data.federated import FederatedData, build_federated_data, check_data_config
+from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
+from fedsim.data.report import partition_table, plot_class_counts
+
+__all__ = [
+    "CLIENT_LABELS",
+    "DATASETS",
+    "DOMAINS",
+    "PARTITIONS",
+    "ArrayDataset",
+    "FederatedData",
+    "SyntheticDataset",
+    "apply_domain",
+    "build_federated_data",
+    "check_data_config",
+    "client_domain",
+    "load_dataset",
+    "partition_table",
+    "plot_class_counts",
+    "read_cifar_batch",
+    "read_idx",
+    "split_clients",
+]

@@ -1,0 +1,62 @@
+"""Privacy attacks and leakage measures, as pure functions on torch models and numpy arrays.
+
+- :mod:`~fedsim.privacy.metrics`: AUC, balanced accuracy, TPR at low FPR, log-log ROC plots.
+- :mod:`~fedsim.privacy.mia`: membership inference (loss threshold, LiRA).
+- :mod:`~fedsim.privacy.inversion`: gradient inversion of a client update (iDLG labels,
+  Inverting Gradients), PSNR / SSIM.
+- :mod:`~fedsim.privacy.leakage`: which uploaded arrays carry data statistics (BN buffers),
+  and recovering those statistics.
+"""
+
+from fedsim.privacy.inversion import (
+    InversionResult,
+    client_gradient,
+    image_metrics,
+    invert_gradients,
+    match_reconstructions,
+    psnr,
+    recover_labels,
+    save_image_grid,
+    ssim,
+    total_variation,
+)
+from fedsim.privacy.leakage import (
+    LeakedStats,
+    has_running_stats,
+    input_stats_from_bn,
+    recover_batch_stats,
+    uploaded_arrays,
+)
+from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points, tpr_at_fpr
+from fedsim.privacy.mia import (
+    lira_scores,
+    loss_attack,
+    per_example_outputs,
+    shadow_split,
+)
+
+__all__ = [
+    "InversionResult",
+    "LeakedStats",
+    "attack_metrics",
+    "client_gradient",
+    "has_running_stats",
+    "image_metrics",
+    "input_stats_from_bn",
+    "invert_gradients",
+    "lira_scores",
+    "loss_attack",
+    "match_reconstructions",
+    "per_example_outputs",
+    "plot_roc",
+    "psnr",
+    "recover_batch_stats",
+    "recover_labels",
+    "roc_points",
+    "save_image_grid",
+    "shadow_split",
+    "ssim",
+    "total_variation",
+    "tpr_at_fpr",
+    "uploaded_arrays",
+]

@@ -1,0 +1,8 @@
+"""fedsim: federated-learning simulation on Flower and PyTorch, focused on normalization."""
+
+from fedsim.config import Scenario, load_scenario
+from fedsim.errors import ScenarioError
+from fedsim.run import RunResult, run
+
+__all__ = ["RunResult", "Scenario", "ScenarioError", "load_scenario", "run"]
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""The fedsim ClientApp (Flower Message API): local training and local evaluation.
+
+``make_client_app(scenario)`` builds an app bound to a scenario (in-process and Ray
+engines); the module-level ``app`` reads the scenario path from the run config
+(``flwr run .`` on Flower's Deployment Engine).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsim.arrays import load_record, state_to_record
+from fedsim.client.hooks import HookContext, hooks_for
+from fedsim.client.runtime import client_runtime
+from fedsim.client.train import evaluate, train_local
+from fedsim.config import Scenario, load_scenario
+from fedsim.models.norm import uses_batch_statistics
+from fedsim.rng import torch_generator
+
+
+def handle_train(msg: Message, context: Context, scenario: Scenario) -> Message:
+    """Load the global arrays, run the requested hooks and local SGD, reply with the update."""
+    rt = client_runtime(scenario)
+    cid = rt.client_id(context)
+    model = rt.model
+    config = msg.content.config_records.get("config", ConfigRecord())
+    load_record(model, msg.content.array_records["arrays"])
+    hooks = hooks_for(HookContext(cid, config, context.state))
+    for hook in hooks:
+        hook.on_receive(model)
+    x, y = rt.data.client_train(cid)
+    rnd = int(config.get("server-round", 0))
+    gen = torch_generator(scenario.seed, "client-train", rnd, cid)
+    result = train_local(
+        model,
+        x.to(rt.device),
+        y.to(rt.device),
+        scenario.client,
+        gen,
+        hooks,
+        drop_singleton=uses_batch_statistics(scenario.model.norm),
+    )
+    arrays = model.state_dict()
+    for hook in hooks:
+        arrays = hook.on_reply(model, arrays)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": state_to_record(arrays),
+            "metrics": metrics,
+            "client": ConfigRecord({"client-id": cid, "steps": result.steps}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, scenario: Scenario) -> Message:
+    """Evaluate the received global model (plus any local layers) on the local test split."""
+    rt = client_runtime(scenario)
+    cid = rt.client_id(context)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    load_record(rt.model, msg.content.array_records["arrays"])
+    for hook in hooks_for(HookContext(cid, config, context.state)):
+        hook.on_receive(rt.model)
+    x, y = rt.data.client_test(cid)
+    loss, acc, n = evaluate(rt.model, x.to(rt.device), y.to(rt.device))
+    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_accuracy": acc})
+    content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": cid})})
+    return Message(content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, scenario: Scenario) -> Message:
+    """Tell the server which fedsim client this node is (for engine-independent sampling)."""
+    cid = client_runtime(scenario).client_id(context)
+    return Message(RecordDict({"client": ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+
+def _register(app: ClientApp, get_scenario: Callable[[Context], Scenario]) -> ClientApp:
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, get_scenario(context))
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, get_scenario(context))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, get_scenario(context))
+
+    return app
+
+
+def make_client_app(scenario: Scenario) -> ClientApp:
+    """A ClientApp bound to ``scenario`` (pickles to Ray workers with it)."""
+    return _register(ClientApp(), lambda _context: scenario)
+
+
+@functools.lru_cache(maxsize=8)
+def _scenario_from_run_config(path: str, overrides: str) -> Scenario:
+    return load_scenario(Path(path), [o for o in overrides.split(";") if o.strip()])
+
+
+def scenario_from_context(context: Context) -> Scenario:
+    """The scenario named by the run config (``scenario`` path, optional ``set`` a=b;c=d)."""
+    path = str(context.run_config.get("scenario", "scenarios/quickstart.toml"))
+    return _scenario_from_run_config(path, str(context.run_config.get("set", "")))
+
+
+app = _register(ClientApp(), scenario_from_context)

@@ -1,0 +1,261 @@
+"""FederatedData: one scenario's dataset + partition as per-client train/test tensors.
+
+This is what the client app trains on, the server evaluates on and the privacy attacks
+probe. Everything is derived from ``(seed, data, partition)``: the partition, each client's
+local train/test split, the holdout clients and (for ``feature``) each client's domain.
+Client tensors are built on first use and kept in a bounded LRU, so memory follows the
+clients in use, not the size of the federation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from fedsim.config import DataConfig, PartitionConfig, Scenario
+from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_dataset
+from fedsim.data.domains import DOMAINS, apply_domain, client_domain
+from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
+from fedsim.errors import ScenarioError
+from fedsim.rng import numpy_rng
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+V = TypeVar("V")
+
+ARRAY_CACHE_CLIENTS = 4096  # client tensors partition the dataset, so this is bounded anyway
+SYNTHETIC_CACHE_CLIENTS = 256  # generated clients: memory grows with the cache, keep it small
+
+
+def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
+    """Check every registry name in ``[data]`` and ``[partition]`` without loading data."""
+    DATASETS.get(data.name, key="data.name")
+    PARTITIONS.get(partition.kind, key="partition.kind")
+    label_kind = partition.kind
+    if partition.kind == "feature":
+        label_kind = partition.label_kind
+        PARTITIONS.get(label_kind, key="partition.label_kind")
+        if not partition.transforms:
+            raise ScenarioError(
+                "partition.transforms is empty; a feature partition needs at least one of: "
+                + ", ".join(DOMAINS.names())
+            )
+        for name in partition.transforms:
+            DOMAINS.get(name, key="partition.transforms")
+    if data.name == "synthetic":
+        CLIENT_LABELS.get(partition.kind, key="partition.kind")
+        CLIENT_LABELS.get(label_kind, key="partition.label_kind")
+        if label_kind == "shards" and partition.shards_per_client > data.num_classes:
+            raise ScenarioError(
+                f"partition.shards_per_client = {partition.shards_per_client} exceeds "
+                f"data.num_classes = {data.num_classes}; lower it or add classes"
+            )
+
+
+def build_federated_data(scenario: Scenario) -> FederatedData:
+    """The scenario's FederatedData, cached per process on ``(seed, data, partition)``."""
+    return _build(scenario.seed, scenario.data, scenario.partition)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> FederatedData:
+    check_data_config(data, partition)
+    dataset = load_dataset(data, seed)
+    if isinstance(dataset, SyntheticDataset):
+        source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
+        cache = SYNTHETIC_CACHE_CLIENTS
+    else:
+        parts = split_clients(dataset.train_y, partition, numpy_rng(seed, "partition"),
+                              what=f"the {dataset.name} training split")
+        source = _ArrayClients(dataset, parts)
+        cache = ARRAY_CACHE_CLIENTS
+    return FederatedData(source, partition, seed, cache_clients=cache)
+
+
+class _ClientSource(Protocol):
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    def labels(self, cid: int) -> np.ndarray: ...  # all of a client's labels, in local order
+
+    def samples(self, cid: int) -> np.ndarray: ...  # the matching images, untransformed
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class _ArrayClients:
+    """Clients as index sets into a loaded dataset's training split."""
+
+    def __init__(self, dataset: ArrayDataset, parts: list[np.ndarray]) -> None:
+        self.dataset = dataset
+        self.parts = parts
+        self.name = dataset.name
+        self.num_classes = dataset.num_classes
+        self.input_shape = dataset.input_shape
+
+    def labels(self, cid: int) -> np.ndarray:
+        return self.dataset.train_y[self.parts[cid]]
+
+    def samples(self, cid: int) -> np.ndarray:
+        return self.dataset.train_x[self.parts[cid]]
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.test_x, self.dataset.test_y
+
+
+class _SyntheticClients:
+    """Clients generated on demand from ``(seed, client id)`` alone."""
+
+    def __init__(self, dataset: SyntheticDataset, data: DataConfig,
+                 partition: PartitionConfig, seed: int) -> None:
+        self.dataset = dataset
+        self.data = data
+        self.partition = partition
+        self.seed = seed
+        self.sampler = CLIENT_LABELS.get(partition.kind, key="partition.kind")
+        self.name = dataset.name
+        self.num_classes = dataset.num_classes
+        self.input_shape = dataset.input_shape
+
+    def labels(self, cid: int) -> np.ndarray:
+        rng = numpy_rng(self.seed, "synthetic", "labels", cid)
+        return self.sampler(self.partition, self.num_classes, self.data.samples_per_client, rng)
+
+    def samples(self, cid: int) -> np.ndarray:
+        rng = numpy_rng(self.seed, "synthetic", "client", cid)
+        return self.dataset.generate(self.labels(cid), rng)
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.test_set()
+
+
+class _LRU:
+    """A thread-safe bounded cache; values are built outside the lock."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: int, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]  # type: ignore[return-value]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> Tensors:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    if not x.flags.writeable:  # torch.from_numpy needs memory it may own
+        x = x.copy()
+    if not y.flags.writeable:
+        y = y.copy()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class FederatedData:
+    """Per-client train/test tensors, a global test set and the holdout clients.
+
+    Each client's samples are split into local train/test (``test_fraction``, at least one
+    of each) by ``(seed, "split", cid)``. Under a ``feature`` partition the client's domain
+    transform is applied to both its train and test data; the global test set stays
+    untransformed, so it measures the shared task, not any one domain. Returned tensors are
+    shared between callers: treat them as read-only.
+    """
+
+    def __init__(self, source: _ClientSource, partition: PartitionConfig, seed: int,
+                 cache_clients: int = ARRAY_CACHE_CLIENTS) -> None:
+        self._source = source
+        self.partition = partition
+        self.seed = seed
+        self.name = source.name
+        self.num_clients = partition.num_clients
+        self.num_classes = source.num_classes
+        self.input_shape = source.input_shape
+        chosen = numpy_rng(seed, "holdout").permutation(self.num_clients)
+        self.holdout = tuple(sorted(int(c) for c in chosen[: partition.num_holdout]))
+        held = set(self.holdout)
+        self.participating = tuple(c for c in range(self.num_clients) if c not in held)
+        self._clients = _LRU(cache_clients)
+        self._global: Tensors | None = None
+
+    # ---------------------------------------------------------------- per client
+
+    def client_train(self, cid: int) -> Tensors:
+        """Client ``cid``'s local training data: x float32 NCHW, y int64."""
+        return self._client(cid)[0]
+
+    def client_test(self, cid: int) -> Tensors:
+        """Client ``cid``'s local test data (same domain as its training data)."""
+        return self._client(cid)[1]
+
+    def class_counts(self, cid: int) -> tuple[list[int], list[int]]:
+        """Per-class sample counts of the client's (train, test) split, without any images."""
+        labels = self._source.labels(self._check(cid))
+        train, test = self._split(cid, len(labels))
+        return (np.bincount(labels[train], minlength=self.num_classes).tolist(),
+                np.bincount(labels[test], minlength=self.num_classes).tolist())
+
+    def client_size(self, cid: int) -> int:
+        """Number of local *training* samples (the FedAvg weight of the client's update)."""
+        n = len(self._source.labels(self._check(cid)))
+        return n - self._num_test(n)
+
+    def domain(self, cid: int) -> tuple[str, float] | None:
+        """The client's (transform, strength) under a feature partition, else None."""
+        if self.partition.kind != "feature":
+            return None
+        return client_domain(self.partition, self.seed, self._check(cid))
+
+    # ---------------------------------------------------------------- global
+
+    def global_test(self) -> Tensors:
+        """The dataset's own test split (untransformed), the same for every client."""
+        if self._global is None:
+            self._global = _tensors(*self._source.test_set())
+        return self._global
+
+    # ---------------------------------------------------------------- internals
+
+    def _check(self, cid: int) -> int:
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"client id {cid} is out of range 0..{self.num_clients - 1}")
+        return int(cid)
+
+    def _num_test(self, n: int) -> int:
+        return min(max(1, math.floor(self.partition.test_fraction * n + 0.5)), n - 1)
+
+    def _split(self, cid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        order = numpy_rng(self.seed, "split", cid).permutation(n)
+        n_test = self._num_test(n)
+        return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+    def _client(self, cid: int) -> tuple[Tensors, Tensors]:
+        cid = self._check(cid)
+        return self._clients.get(cid, lambda: self._materialize(cid))
+
+    def _materialize(self, cid: int) -> tuple[Tensors, Tensors]:
+        x = self._source.samples(cid)
+        y = self._source.labels(cid)
+        if self.partition.kind == "feature":
+            x = apply_domain(x, self.partition, self.seed, cid)
+        train, test = self._split(cid, len(y))
+        return _tensors(x[train], y[train]), _tensors(x[test], y[test])

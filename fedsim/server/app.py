@@ -1,0 +1,73 @@
+"""The fedsim ServerApp: builds the model, data and strategy from a scenario and runs rounds.
+
+``make_server_app(scenario, sink)`` binds an app to a scenario and a result sink (in-process
+and Ray engines, which run the ServerApp in this process); the module-level ``app`` reads
+the scenario path and output folder from the run config (``flwr run .``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.arrays import model_to_record
+from fedsim.client.runtime import build_global_model
+from fedsim.config import Scenario
+from fedsim.data.federated import build_federated_data
+from fedsim.device import resolve_device
+from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.server.evaluate import Evaluator
+from fedsim.server.loop import run_rounds
+from fedsim.server.strategies import make_strategy
+
+
+def server_main(grid: Grid, scenario: Scenario, sink) -> None:
+    """Train ``scenario`` through ``grid``; rounds and the final model go to ``sink``."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    data = build_federated_data(scenario)
+    device = resolve_device(scenario.engine.device)
+    model = build_global_model(scenario, data).to(device)
+    arrays = model_to_record(model)
+    strategy = make_strategy(scenario)
+    evaluator = Evaluator(scenario, data, model, device)
+    grid = ClientOrderedGrid(grid)
+    grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
+    sink.start(scenario)
+    initial = {"round": 0, **evaluator(arrays)}
+    sink.on_round(initial)
+    arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round)
+    sink.finish(arrays, model)
+
+
+def make_server_app(scenario: Scenario, sink) -> ServerApp:
+    """A ServerApp bound to ``scenario`` that reports to ``sink``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_main(grid, scenario, sink)
+
+    return app
+
+
+def _from_run_config(context: Context) -> tuple[Scenario, Callable]:
+    from fedsim.client.app import scenario_from_context
+    from fedsim.report.record import RunRecorder
+
+    scenario = scenario_from_context(context)
+    out = Path(str(context.run_config.get("out", scenario.output.dir)))
+    return scenario, RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True)))
+
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    scenario, sink = _from_run_config(context)
+    sink.prepare()
+    server_main(grid, scenario, sink)

@@ -1,0 +1,69 @@
+"""Model state through Flower's records and aggregation: integer buffers stay integers."""
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
+
+from fedsim.arrays import load_record, model_to_record, record_to_state
+
+
+def bn_model():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def test_round_trip_is_exact():
+    torch.manual_seed(0)
+    a, b = bn_model(), bn_model()
+    a.train()
+    a(torch.randn(4, 1, 6, 6))
+    load_record(b, model_to_record(a))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and va.dtype == vb.dtype and torch.equal(va, vb)
+
+
+def test_num_batches_tracked_survives_flower_averaging_as_integer():
+    torch.manual_seed(0)
+    models = [bn_model() for _ in range(3)]
+    for steps, m in zip((3, 4, 6), models):
+        m.train()
+        for _ in range(steps):
+            m(torch.randn(4, 1, 6, 6))
+    replies = [
+        RecordDict({"arrays": model_to_record(m), "metrics": MetricRecord({"num-examples": n}),
+                    "c": ConfigRecord({"x": 1})})
+        for m, n in zip(models, (10, 10, 20))
+    ]
+    agg = aggregate_arrayrecords(replies, "num-examples")
+    assert agg["1.num_batches_tracked"].numpy().dtype.kind == "f"  # Flower's behaviour
+    target = bn_model()
+    load_record(target, agg)
+    nbt = target.state_dict()["1.num_batches_tracked"]
+    assert nbt.dtype == torch.int64 and nbt.item() == round(0.25 * 3 + 0.25 * 4 + 0.5 * 6)
+    expected = sum(w * m.state_dict()["1.running_mean"] for w, m in zip((.25, .25, .5), models))
+    assert torch.allclose(target.state_dict()["1.running_mean"], expected, atol=1e-6)
+
+
+def test_partial_record_leaves_other_entries_untouched():
+    torch.manual_seed(0)
+    b = bn_model()
+    before = b.state_dict()["0.weight"].clone()
+    load_record(b, {"1.weight": torch.full((4,), 2.0)})
+    assert torch.equal(b.state_dict()["0.weight"], before)
+    assert torch.equal(b.state_dict()["1.weight"], torch.full((4,), 2.0))
+
+
+def test_unknown_array_name_is_an_error():
+    import pytest
+
+    with pytest.raises(KeyError, match="does not belong"):
+        load_record(bn_model(), {"nope": torch.zeros(1)})
+
+
+def test_record_to_state_copies():
+    rec = model_to_record(bn_model())
+    state = record_to_state(rec)
+    assert set(state) == set(rec.keys())
+    assert isinstance(state["0.weight"], torch.Tensor)
+    assert np.allclose(state["0.weight"].numpy(), rec["0.weight"].numpy())

@@ -1,0 +1,74 @@
+"""The command line: bad input exits 2 with one ``error:`` line and writes nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedsim.cli import main
+
+TINY = ["--set", "server.rounds=1", "--set", "partition.num_clients=4",
+        "--set", "server.clients_per_round=2", "--set", "partition.holdout_clients=0.0"]
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--set", "model.nrom=bn"], "unknown key 'model.nrom'"),
+        (["--set", "partition.alpha=0"], "partition.alpha = 0.0 is out of range"),
+        (["--set", "partition.alpha=-2"], "partition.alpha"),
+        (["--set", "partition.num_clients=0"], "partition.num_clients"),
+        (["--set", "server.clients_per_round=50"], "server.clients_per_round = 50 exceeds"),
+        (["--set", "partition.num_clients=5000"], "partition.num_clients"),
+        (["--set", "model.norm=batchnorm"], "unknown norm"),
+        (["--set", "server.strategy=nope.module:Thing"], "does not import"),
+        (["--set", "engine.kind=spark"], "unknown engine"),
+        (["--set", "data.name=mnist", "--set", "data.root=/no/such/dir"], "/no/such/dir"),
+        (["--set", "model.arch=mlp", "--set", "model.norm=bn", "--set", "client.batch_size=1"],
+         "client.batch_size = 1"),
+    ],
+)
+def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, pattern):
+    out = tmp_path / "out"
+    code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert pattern in err
+    assert not out.exists()  # nothing written
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "run", "scenarios/quickstart.toml",
+         "--set", "model.nrom=bn", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --set model.nrom: unknown key 'model.nrom'")
+    assert "(did you mean 'norm'?)" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_existing_results_folder_is_not_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet", *TINY])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
+    assert main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet",
+                 "--overwrite", *TINY]) == 0
+    assert not (out / "keep.txt").exists() and (out / "summary.json").exists()
+
+
+def test_partitions_json_and_heat_map(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert main(["partitions", "scenarios/quickstart.toml", "--json", "--png", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 20
+    assert set(rows[0]) == {"client", "train_counts", "test_counts", "holdout"}
+    assert sum(r["holdout"] for r in rows) == 2
+    assert sum(sum(r["train_counts"]) + sum(r["test_counts"]) for r in rows) == 1797 - 360
+    assert png.stat().st_size > 1000

@@ -1,0 +1,90 @@
+"""Scenario parsing: defaults, overrides, and one clear error per kind of bad input."""
+
+import pytest
+
+from fedsim.config import Scenario, apply_override, load_scenario, parse_value, replace
+from fedsim.errors import ScenarioError
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_parses_into_frozen_dataclasses():
+    scn = load_scenario("scenarios/quickstart.toml")
+    assert scn.name == "quickstart"
+    assert scn.partition.kind == "dirichlet" and scn.partition.alpha == 0.5
+    assert scn.model.norm == "gn" and scn.server.rounds == 10
+    with pytest.raises(AttributeError):
+        scn.seed = 3  # frozen
+
+
+def test_set_overrides_keys_with_toml_values():
+    scn = load_scenario("scenarios/quickstart.toml",
+                        ["model.norm=bn", "server.rounds=2", "partition.alpha=0.1",
+                         'partition.transforms=["rotate"]', "server.strategy=fedprox",
+                         "server.params.proximal_mu=0.5"])
+    assert scn.model.norm == "bn" and scn.server.rounds == 2 and scn.partition.alpha == 0.1
+    assert scn.partition.transforms == ("rotate",)
+    assert scn.server.params == {"proximal_mu": 0.5}
+
+
+def test_replace_revalidates():
+    scn = Scenario()
+    assert replace(scn, ["seed=4"]).seed == 4
+    with pytest.raises(ScenarioError, match="partition.alpha"):
+        replace(scn, ["partition.alpha=0"])
+
+
+def test_parse_value_falls_back_to_string():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("bn") == "bn"
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("[modle]\nnorm='bn'", r"unknown key 'modle' \(did you mean 'model'\?\)"),
+        ("[model]\nnrom='bn'", r"unknown key 'model.nrom' \(did you mean 'norm'\?\)"),
+        ("[partition]\nalpha=0", r"partition.alpha = 0.0 is out of range; it must be > 0"),
+        ("[partition]\nalpha=-1.5", r"partition.alpha"),
+        ("[partition]\nnum_clients=0", r"partition.num_clients"),
+        ("[partition]\nnum_clients='ten'", r"partition.num_clients must be an integer"),
+        ("[client]\nlr=true", r"client.lr must be a number"),
+        ("[server]\nclients_per_round=30\n[partition]\nnum_clients=20",
+         r"server.clients_per_round = 30 exceeds the 20 participating"),
+        ("[model]\nnorm='batch'", r"unknown norm in model.norm = 'batch'.*choose one of"),
+        ("[model]\narch='vgg'", r"unknown arch in model.arch"),
+        ("[data]\nname='imagenet'", r"unknown dataset in data.name"),
+        ("[server]\nstrategy='fedavgg'", r"unknown strategy.*did you mean 'fedavg'"),
+        ("[engine]\nkind='spark'", r"unknown engine in engine.kind"),
+        ("[partition]\nkind='zipf'", r"unknown partition in partition.kind"),
+        ("seed = [", r"not valid TOML"),
+        ("data = 3", r"data must be a table"),
+    ],
+)
+def test_bad_scenarios_raise_one_clear_error(tmp_path, text, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario(write(tmp_path, text))
+
+
+def test_set_of_unknown_key_is_refused():
+    with pytest.raises(ScenarioError, match=r"--set model.nrom: unknown key 'model.nrom'"):
+        apply_override({}, "model.nrom=bn")
+    with pytest.raises(ScenarioError, match="section.key=value"):
+        apply_override({}, "model.norm")
+    with pytest.raises(ScenarioError, match="is not a table"):
+        apply_override({}, "seed.x=1")
+
+
+def test_missing_file():
+    with pytest.raises(ScenarioError, match="does not exist"):
+        load_scenario("no/such/file.toml")
+
+
+def test_strategy_params_must_fit_the_constructor(tmp_path):
+    path = write(tmp_path, "[server]\nstrategy='fedadam'\n[server.params]\netaa=0.1")
+    with pytest.raises(ScenarioError, match=r"\[server.params\] do not fit FedAdam.*accepts:"):
+        load_scenario(path)
