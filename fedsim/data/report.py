@@ -34,6 +34,7 @@ def plot_class_counts(fd: FederatedData, path: str | Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     shown = min(fd.num_clients, max_clients)
     counts = np.array([fd.class_counts(cid)[0] for cid in range(shown)])
@@ -51,6 +52,7 @@ def plot_class_counts(fd: FederatedData, path: str | Path,
         title += "\nred \u25c0: holdout client (never trains)"
     ax.set_xlabel("class")
     ax.set_ylabel("client")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(range(fd.num_classes))
     ax.set_title(title, fontsize="medium")
     path = Path(path)
