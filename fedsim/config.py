@@ -146,10 +146,20 @@ class EngineConfig:
     ray_num_cpus: float = 1.0  # Ray engine: CPUs per client actor
     client_gpus: float = 0.0  # Ray engine: GPU fraction per client actor
     ray_address: str = ""  # Ray engine: address of an existing Ray cluster ("" = start locally)
+    threads: int = 0  # inprocess: torch intra-op threads while clients train (0 = torch default)
+    vectorize: bool = False  # inprocess: train each round's clients as vmap cohorts
+    cohort_size: int = 64  # inprocess + vectorize: clients trained at once
+    state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
+    state_dir: str = ""  # inprocess: folder for spilled client state ("" = system temp)
 
     def __post_init__(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _check(ok, "engine.device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        _check(self.threads >= 0, "engine.threads", "it must be >= 0 (0 = PyTorch's default)",
+               self.threads)
+        _check(self.cohort_size >= 1, "engine.cohort_size", "it must be >= 1", self.cohort_size)
+        _check(self.state_memory_mb >= 0, "engine.state_memory_mb", "it must be >= 0",
+               self.state_memory_mb)
         _check(self.ray_num_cpus > 0, "engine.ray_num_cpus", "it must be > 0",
                self.ray_num_cpus)
         _check(0 <= self.client_gpus <= 1, "engine.client_gpus", "it must be in [0, 1]",

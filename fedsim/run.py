@@ -35,6 +35,9 @@ def preflight(scenario: Scenario) -> None:
     data = build_federated_data(scenario)
     model = build_global_model(scenario, data)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
+    from fedsim.engine import check_engine
+
+    check_engine(scenario, model)
 
 
 def run(

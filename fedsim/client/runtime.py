@@ -72,6 +72,19 @@ def _runtime(key: str) -> ClientRuntime:
     return ClientRuntime(scenario, fd, model, device)
 
 
+_last: tuple[Scenario | None, ClientRuntime | None] = (None, None)
+
+
 def client_runtime(scenario: Scenario) -> ClientRuntime:
-    """The cached runtime for ``scenario`` in this process."""
-    return _runtime(scenario_key(scenario))
+    """The cached runtime for ``scenario`` in this process.
+
+    Every message of a run carries the same Scenario object, so the last one is recognised
+    by identity; only a new object pays for the JSON key (Scenario holds a dict, so it is not
+    hashable), which also finds runtimes of equal scenarios built elsewhere.
+    """
+    global _last
+    cached, rt = _last
+    if cached is not scenario or rt is None:
+        rt = _runtime(scenario_key(scenario))
+        _last = (scenario, rt)
+    return rt

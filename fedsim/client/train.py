@@ -48,7 +48,10 @@ def train_local(
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    # float64/int64 accumulators on the device: the same sums as Python floats, no sync per step
+    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen, steps = 0, 0
     for _ in range(cfg.epochs):
         for idx in batches(len(x), cfg.batch_size, generator, drop_singleton):
             xb, yb = x[idx], y[idx]
@@ -64,13 +67,13 @@ def train_local(
             opt.step()
             for hook in hooks:
                 hook.after_step(model, cfg.lr)
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
+            total_loss += loss.detach().double() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(idx)
             steps += 1
     if seen == 0:
         return TrainResult(float("nan"), float("nan"), 0, 0)
-    return TrainResult(total_loss / seen, correct / seen, len(x), steps)
+    return TrainResult(total_loss.item() / seen, correct.item() / seen, len(x), steps)
 
 
 @torch.no_grad()
@@ -86,3 +89,37 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     return loss / len(x), correct / len(x), len(x)
+
+
+@torch.no_grad()
+def evaluate_many(model: nn.Module, splits: list[tuple[torch.Tensor, torch.Tensor]],
+                  batch_size: int = 1024) -> list[tuple[float, float, int]]:
+    """``evaluate`` on each of ``splits`` at once: one pass over their concatenation.
+
+    In eval mode every fedsim model treats samples independently (BN uses its running
+    statistics), so concatenating many small client splits gives the same per-split results
+    as evaluating each alone, with a few large batches instead of many small ones.
+    """
+    model.eval()
+    sizes = [len(y) for _, y in splits]
+    if sum(sizes) == 0:
+        return [(float("nan"), float("nan"), 0) for _ in splits]
+    x = torch.cat([s[0] for s in splits])
+    y = torch.cat([s[1] for s in splits])
+    losses, hits = [], []
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        losses.append(F.cross_entropy(logits, yb, reduction="none").double())
+        hits.append(logits.argmax(1) == yb)
+    loss_all = torch.cat(losses).cpu()
+    hit_all = torch.cat(hits).cpu()
+    out, start = [], 0
+    for n in sizes:
+        if n == 0:
+            out.append((float("nan"), float("nan"), 0))
+        else:
+            seg = slice(start, start + n)
+            out.append((loss_all[seg].sum().item() / n, hit_all[seg].sum().item() / n, n))
+        start += n
+    return out

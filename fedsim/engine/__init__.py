@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+from torch import nn
 
 from fedsim.config import Scenario
 from fedsim.registry import Registry
@@ -11,11 +15,35 @@ from fedsim.registry import Registry
 ENGINES: Registry = Registry("engine")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (0: leave the setting alone), then restore."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @ENGINES.register("inprocess")
 def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
     from fedsim.engine.inprocess import run_inprocess
+    from fedsim.engine.store import ClientStateStore
 
-    run_inprocess(server_app, client_app, scenario.num_participating)
+    cfg = scenario.engine
+    store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
+    trainer = None
+    if cfg.vectorize:
+        from fedsim.engine.vectorized import CohortTrainer
+
+        trainer = CohortTrainer(scenario)
+    with torch_threads(cfg.threads):
+        run_inprocess(server_app, client_app, scenario.num_participating, state_store=store,
+                      cohort_trainer=trainer, cohort_size=cfg.cohort_size)
 
 
 @ENGINES.register("ray")
@@ -23,3 +51,10 @@ def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> No
     from fedsim.engine.ray import run_ray
 
     run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
+
+
+def check_engine(scenario: Scenario, model: nn.Module) -> None:
+    """Engine settings that can only be checked against the model and strategy (preflight)."""
+    from fedsim.engine.vectorized import check_vectorize
+
+    check_vectorize(scenario, model)

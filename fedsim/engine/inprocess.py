@@ -4,6 +4,11 @@ It implements Flower's Grid interface, so unmodified Flower strategies drive it;
 are handed to the ClientApp directly instead of through a SuperLink, with no Ray and no
 serialization round trip. Building a ``Message`` outside Flower's runtimes needs the task
 identity set; that happens here and only here.
+
+Each node's ``Context.state`` lives in a :class:`ClientStateStore` between its messages
+(memory budget, spill to disk), so 10,000 stateful clients cost what their budget allows.
+With a ``cohort_trainer`` (``engine.vectorize``) the train messages pulled together are
+handed to it as one cohort, which still answers each message with its own reply.
 """
 
 from __future__ import annotations
@@ -11,20 +16,27 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsim.engine.store import ClientStateStore
+
 log = logging.getLogger("fedsim")
 
 #: Error code for a ClientApp that raised (Flower uses 0 for unknown errors)
 CLIENT_EXCEPTION = 1
+
+#: Trains several train messages at once: (messages, contexts) -> one reply per message
+CohortTrainer = Callable[[Sequence[Message], Sequence[Context]], list[Message]]
+
+DEFAULT_STATE_MEMORY = 256 * 2**20
 
 
 def set_task_identity(run_id: int) -> None:
@@ -38,17 +50,24 @@ class InProcessGrid(Grid):
     """Grid whose nodes are ClientApp invocations in this process.
 
     Each node ``i`` (node id ``i + 1``) has ``partition-id = i`` and its own persistent
-    ``Context`` (``Context.state`` survives between rounds, as on a real SuperNode).
+    ``Context.state`` (it survives between rounds, as on a real SuperNode), kept in
+    ``state_store``. A Context is built for each message and its state written back after a
+    successful reply; a client that raises leaves its previous state unchanged.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None,
+                 state_store: ClientStateStore | None = None,
+                 cohort_trainer: CohortTrainer | None = None,
+                 cohort_size: int = 64) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
-        self._node_ids = [i + 1 for i in range(num_nodes)]
         self._num_nodes = num_nodes
         self._run_config = dict(run_config or {})
-        self._contexts: dict[int, Context] = {}
+        self.state_store = (ClientStateStore(DEFAULT_STATE_MEMORY) if state_store is None
+                            else state_store)  # an empty store is falsy
+        self.cohort_trainer = cohort_trainer
+        self.cohort_size = cohort_size
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
         set_task_identity(run_id)
@@ -66,12 +85,12 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
+        return list(range(1, self._num_nodes + 1))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            if msg.metadata.dst_node_id not in self._node_set():
+            if not self._is_node(msg.metadata.dst_node_id):
                 raise ValueError(f"message for unknown node {msg.metadata.dst_node_id}")
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self._pending[msg.metadata.message_id] = msg
@@ -79,6 +98,9 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        message_ids = list(message_ids)
+        if self.cohort_trainer is not None:
+            self._execute_cohorts([m for m in message_ids if m in self._pending])
         out = []
         for mid in message_ids:
             if mid in self._pending:
@@ -91,39 +113,83 @@ class InProcessGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))
 
-    # -- execution -----------------------------------------------------------------
-    def _node_set(self) -> set[int]:
-        return set(self._node_ids)
-
+    # -- client state ----------------------------------------------------------------
     def context(self, node_id: int) -> Context:
-        """The node's persistent Context (created on first use)."""
-        if node_id not in self._contexts:
-            self._contexts[node_id] = Context(
-                run_id=self._run.run_id,
-                node_id=node_id,
-                node_config={"partition-id": node_id - 1, "num-partitions": self._num_nodes},
-                state=RecordDict(),
-                run_config=dict(self._run_config),
-            )
-        return self._contexts[node_id]
+        """A Context for ``node_id`` holding a copy of its stored state."""
+        return Context(
+            run_id=self._run.run_id,
+            node_id=node_id,
+            node_config={"partition-id": node_id - 1, "num-partitions": self._num_nodes},
+            state=self.state_store.get(node_id),
+            run_config=dict(self._run_config),
+        )
+
+    def export_states(self) -> dict[int, RecordDict]:
+        """Node id → Context.state of every node holding state (e.g. for a checkpoint)."""
+        return dict(self.state_store.items())
+
+    def import_states(self, states: dict[int, RecordDict]) -> None:
+        """Replace the stored states of the nodes in ``states``."""
+        for node_id, state in states.items():
+            self.state_store.put(int(node_id), state)
+
+    def close(self) -> None:
+        """Release the state store (its spill folder is removed)."""
+        self.state_store.close()
+
+    # -- execution -----------------------------------------------------------------
+    def _is_node(self, node_id: int) -> bool:
+        return isinstance(node_id, int) and 1 <= node_id <= self._num_nodes
 
     def _execute(self, msg: Message) -> Message:
         """Run the ClientApp on one message; an exception becomes an error reply."""
         node_id = msg.metadata.dst_node_id
+        context = self.context(node_id)
         try:
-            reply = self.client_app(msg, self.context(node_id))
+            reply = self.client_app(msg, context)
         except Exception as exc:  # a failing client must not kill the run
-            reason = f"client node {node_id} raised {type(exc).__name__}: {exc}"
-            log.warning("%s\n%s", reason, traceback.format_exc(limit=3))
-            reply = Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
+            reply = self._error_reply(msg, exc)
+        else:
+            self.state_store.put(node_id, context.state)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return reply
 
+    def _error_reply(self, msg: Message, exc: Exception) -> Message:
+        reason = f"client node {msg.metadata.dst_node_id} raised {type(exc).__name__}: {exc}"
+        log.warning("%s\n%s", reason, traceback.format_exc(limit=3))
+        return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
+
+    def _execute_cohorts(self, message_ids: list[str]) -> None:
+        """Hand pending train messages to the cohort trainer, ``cohort_size`` at a time."""
+        train = [m for m in message_ids if self._pending[m].metadata.message_type
+                 == MessageType.TRAIN]
+        for start in range(0, len(train), self.cohort_size):
+            ids = train[start : start + self.cohort_size]
+            msgs = [self._pending.pop(m) for m in ids]
+            contexts = [self.context(m.metadata.dst_node_id) for m in msgs]
+            try:
+                replies = self.cohort_trainer(msgs, contexts)
+                if len(replies) != len(msgs):
+                    raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
+            except Exception as exc:  # the whole cohort failed: every message says why
+                replies = [self._error_reply(m, exc) for m in msgs]
+            for mid, msg, ctx, reply in zip(ids, msgs, contexts, replies):
+                if not reply.has_error():
+                    self.state_store.put(msg.metadata.dst_node_id, ctx.state)
+                reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                self._replies[mid] = reply
+
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
-                  run_config: dict[str, Any] | None = None) -> None:
+                  run_config: dict[str, Any] | None = None,
+                  state_store: ClientStateStore | None = None,
+                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 64) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes."""
-    grid = InProcessGrid(client_app, num_nodes, run_config=run_config)
+    grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
+                         cohort_trainer=cohort_trainer, cohort_size=cohort_size)
     server_context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                              state=RecordDict(), run_config=dict(run_config or {}))
-    server_app(grid, server_context)
+    try:
+        server_app(grid, server_context)
+    finally:
+        grid.close()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedsim.arrays import load_record
-from fedsim.client.train import evaluate
+from fedsim.client.train import evaluate_many
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
 from fedsim.models import hybrid_alphas
@@ -61,20 +61,27 @@ class Evaluator:
         limit = scenario.output.eval_clients
         self.clients = pick_clients(data.participating, limit, scenario.seed, "participating")
         self.holdout = pick_clients(data.holdout, limit, scenario.seed, "holdout")
+        self._splits: list | None = None  # every evaluated split, on the device, built once
 
-    def _eval(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int]:
-        return evaluate(self.model, x.to(self.device), y.to(self.device))
+    def _all_splits(self) -> list:
+        """Global test, then each client's test and train split, then holdout test splits."""
+        if self._splits is None:
+            splits = [self.data.global_test()]
+            for cid in self.clients:
+                splits += [self.data.client_test(cid), self.data.client_train(cid)]
+            splits += [self.data.client_test(cid) for cid in self.holdout]
+            self._splits = [(x.to(self.device), y.to(self.device)) for x, y in splits]
+        return self._splits
 
     def __call__(self, arrays) -> dict:
         load_record(self.model, arrays)
-        loss, acc, _ = self._eval(*self.data.global_test())
-        test_acc, test_n, train_acc = [], [], []
-        for cid in self.clients:
-            _, a, n = self._eval(*self.data.client_test(cid))
-            test_acc.append(a)
-            test_n.append(n)
-            train_acc.append(self._eval(*self.data.client_train(cid))[1])
-        hold_acc = [self._eval(*self.data.client_test(cid))[1] for cid in self.holdout]
+        results = evaluate_many(self.model, self._all_splits())  # one batched pass
+        loss, acc, _ = results[0]
+        k = len(self.clients)
+        test_acc = [a for _, a, _ in results[1 : 1 + 2 * k : 2]]
+        test_n = [n for _, _, n in results[1 : 1 + 2 * k : 2]]
+        train_acc = [a for _, a, _ in results[2 : 2 + 2 * k : 2]]
+        hold_acc = [a for _, a, _ in results[1 + 2 * k :]]
         clients = distribution(test_acc, test_n)
         train = distribution(train_acc)
         result = {

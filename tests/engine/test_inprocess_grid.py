@@ -58,3 +58,30 @@ def test_client_exception_becomes_error_reply_not_a_crash():
     assert len(errors) == 1 and "RuntimeError: boom" in errors[0].error.reason
     agg, _ = strategy.aggregate_train(1, replies)
     assert np.allclose(agg["w"].numpy(), [1.0])  # mean of the two healthy nodes (0 and 2)
+
+
+def test_context_state_survives_spilling_to_disk(tmp_path):
+    """With no memory budget every node's state goes to disk between rounds and comes back."""
+    from fedsim.engine.store import ClientStateStore
+
+    store = ClientStateStore(memory_budget=0, spill_dir=tmp_path)
+    grid = InProcessGrid(echo_app(), num_nodes=3, state_store=store)
+    strategy = FedAvg(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3)
+    arrays = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
+    for rnd in (1, 2, 3, 4):
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+    assert all(r.content.metric_records["metrics"]["calls"] == 4 for r in replies)
+    assert store.memory_bytes == 0 and len(store) == 3 and store.loads == 9
+    assert set(grid.export_states()) == {1, 2, 3}
+    grid.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_failing_client_keeps_its_previous_state():
+    grid = InProcessGrid(echo_app(fail_on={1}), num_nodes=2)
+    grid.state_store.put(2, RecordDict({"s": ConfigRecord({"n": 41})}))
+    strategy = FedAvg(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    arrays = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
+    grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    assert grid.state_store.get(2)["s"]["n"] == 41  # node 2 (partition 1) raised: unchanged
+    assert grid.state_store.get(1)["s"]["n"] == 1  # the healthy node saved its state
