@@ -147,6 +147,7 @@ class EngineConfig:
     client_gpus: float = 0.0  # Ray engine: GPU fraction per client actor
     ray_address: str = ""  # Ray engine: address of an existing Ray cluster ("" = start locally)
     threads: int = 0  # inprocess: torch intra-op threads while clients train (0 = torch default)
+    workers: int = 1  # inprocess: clients (or cohorts) trained concurrently, one thread each
     vectorize: bool = False  # inprocess: train each round's clients as vmap cohorts
     cohort_size: int = 64  # inprocess + vectorize: clients trained at once
     state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
@@ -157,6 +158,7 @@ class EngineConfig:
         _check(ok, "engine.device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads >= 0, "engine.threads", "it must be >= 0 (0 = PyTorch's default)",
                self.threads)
+        _check(self.workers >= 1, "engine.workers", "it must be >= 1", self.workers)
         _check(self.cohort_size >= 1, "engine.cohort_size", "it must be >= 1", self.cohort_size)
         _check(self.state_memory_mb >= 0, "engine.state_memory_mb", "it must be >= 0",
                self.state_memory_mb)

@@ -67,3 +67,46 @@ def test_record_to_state_copies():
     assert set(state) == set(rec.keys())
     assert isinstance(state["0.weight"], torch.Tensor)
     assert np.allclose(state["0.weight"].numpy(), rec["0.weight"].numpy())
+
+
+# -- the fast codec (fedsim.arrays.to_array / from_array / fast_array_numpy) -------------
+
+import pytest  # noqa: E402
+from flwr.app import Array  # noqa: E402
+
+from fedsim.arrays import fast_array_numpy, from_array, to_array  # noqa: E402
+
+LAYOUTS = [np.array(7, dtype=np.int64), np.arange(6, dtype=np.float32).reshape(2, 3),
+           np.random.default_rng(0).standard_normal((4, 3, 2, 2)), np.array([True, False]),
+           np.arange(5, dtype=np.uint8), np.zeros((0, 3), np.float32),
+           np.arange(12, dtype=np.float16).reshape(3, 4)]
+
+
+@pytest.mark.parametrize("a", LAYOUTS, ids=lambda a: f"{a.dtype}{a.shape}")
+def test_to_array_is_flowers_array_byte_for_byte(a):
+    ours, flowers = to_array(a), Array(a)
+    assert vars(ours) == vars(flowers)  # same fields, same bytes, same dirty flag
+    assert ours.object_id == flowers.object_id
+    out = from_array(flowers)
+    ref = flowers.numpy()
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.tobytes() == ref.tobytes()
+    assert out.flags.writeable and out.flags.c_contiguous
+
+
+def test_non_standard_layouts_go_to_flowers_parser():
+    fortran = Array(np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)))
+    assert np.array_equal(from_array(fortran), np.arange(6).reshape(2, 3))
+    big_endian = Array(np.arange(3, dtype=">i4"))
+    assert np.array_equal(from_array(big_endian), [0, 1, 2])
+
+
+def test_fast_numpy_patch_is_exact_and_restored():
+    original = Array.numpy
+    arrays = [Array(a) for a in LAYOUTS]
+    with fast_array_numpy(), fast_array_numpy():
+        assert Array.numpy is not original
+        fast = [a.numpy() for a in arrays]
+    assert Array.numpy is original
+    for f, a in zip(fast, arrays):
+        ref = a.numpy()
+        assert f.dtype == ref.dtype and f.tobytes() == ref.tobytes()

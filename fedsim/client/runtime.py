@@ -6,9 +6,12 @@ model each time would dominate small simulations, so they are cached per scenari
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import functools
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Context
@@ -39,12 +42,37 @@ def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
         )
 
 
+#: Which worker's model copy the current thread uses (set by the in-process engine's
+#: parallel workers; 0, the original model, everywhere else).
+WORKER_SLOT: contextvars.ContextVar[int] = contextvars.ContextVar("fedsim_worker", default=0)
+
+
 @dataclass
 class ClientRuntime:
+    """What every client message in this process shares: scenario, data, model, device.
+
+    ``model`` is the working model of the current worker slot: slot 0 is the model built
+    here; other slots (concurrent in-process workers) get their own deep copies, so clients
+    trained at the same time never share parameters.
+    """
+
     scenario: Scenario
     data: FederatedData
-    model: nn.Module
+    base_model: nn.Module
     device: torch.device
+    _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        slot = WORKER_SLOT.get()
+        if slot == 0:
+            return self.base_model
+        model = self._copies.get(slot)
+        if model is None:
+            with self._lock:
+                model = self._copies.setdefault(slot, copy.deepcopy(self.base_model))
+        return model
 
     def client_id(self, context: Context) -> int:
         """Map Flower's ``partition-id`` (0..participating-1) to a fedsim client id."""
@@ -73,6 +101,7 @@ def _runtime(key: str) -> ClientRuntime:
 
 
 _last: tuple[Scenario | None, ClientRuntime | None] = (None, None)
+_build_lock = threading.Lock()
 
 
 def client_runtime(scenario: Scenario) -> ClientRuntime:
@@ -85,6 +114,7 @@ def client_runtime(scenario: Scenario) -> ClientRuntime:
     global _last
     cached, rt = _last
     if cached is not scenario or rt is None:
-        rt = _runtime(scenario_key(scenario))
-        _last = (scenario, rt)
+        with _build_lock:  # concurrent workers must not build two runtimes for one scenario
+            rt = _runtime(scenario_key(scenario))
+            _last = (scenario, rt)
     return rt

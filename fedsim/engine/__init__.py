@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
+from fedsim.arrays import fast_array_numpy
 from fedsim.config import Scenario
 from fedsim.registry import Registry
 
@@ -41,16 +42,18 @@ def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario)
         from fedsim.engine.vectorized import CohortTrainer
 
         trainer = CohortTrainer(scenario)
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), fast_array_numpy():
         run_inprocess(server_app, client_app, scenario.num_participating, state_store=store,
-                      cohort_trainer=trainer, cohort_size=cfg.cohort_size)
+                      cohort_trainer=trainer, cohort_size=cfg.cohort_size,
+                      workers=cfg.workers)
 
 
 @ENGINES.register("ray")
 def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
     from fedsim.engine.ray import run_ray
 
-    run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
+    with fast_array_numpy():  # the ServerApp (aggregation) runs in this process
+        run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
 
 
 def check_engine(scenario: Scenario, model: nn.Module) -> None:

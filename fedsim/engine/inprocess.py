@@ -8,17 +8,22 @@ identity set; that happens here and only here.
 Each node's ``Context.state`` lives in a :class:`ClientStateStore` between its messages
 (memory budget, spill to disk), so 10,000 stateful clients cost what their budget allows.
 With a ``cohort_trainer`` (``engine.vectorize``) the train messages pulled together are
-handed to it as one cohort, which still answers each message with its own reply.
+handed to it as one cohort, which still answers each message with its own reply. With
+``workers`` > 1 the messages (or cohorts) of a pull run on that many threads, each with its
+own copy of the model; PyTorch releases the GIL inside its kernels, so compute-bound
+clients use several cores.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -26,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsim.client.runtime import WORKER_SLOT
 from fedsim.engine.store import ClientStateStore
 
 log = logging.getLogger("fedsim")
@@ -59,7 +65,7 @@ class InProcessGrid(Grid):
                  run_config: dict[str, Any] | None = None,
                  state_store: ClientStateStore | None = None,
                  cohort_trainer: CohortTrainer | None = None,
-                 cohort_size: int = 64) -> None:
+                 cohort_size: int = 64, workers: int = 1) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self._num_nodes = num_nodes
@@ -68,6 +74,7 @@ class InProcessGrid(Grid):
                             else state_store)  # an empty store is falsy
         self.cohort_trainer = cohort_trainer
         self.cohort_size = cohort_size
+        self.workers = max(1, int(workers))
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
         set_task_identity(run_id)
@@ -99,15 +106,10 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         message_ids = list(message_ids)
-        if self.cohort_trainer is not None:
-            self._execute_cohorts([m for m in message_ids if m in self._pending])
-        out = []
-        for mid in message_ids:
-            if mid in self._pending:
-                self._replies[mid] = self._execute(self._pending.pop(mid))
-            if mid in self._replies:
-                out.append(self._replies.pop(mid))
-        return out
+        jobs = self._jobs([m for m in message_ids if m in self._pending])
+        for replies in self._run_jobs(jobs):
+            self._replies.update(replies)
+        return [self._replies.pop(mid) for mid in message_ids if mid in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -159,34 +161,80 @@ class InProcessGrid(Grid):
         log.warning("%s\n%s", reason, traceback.format_exc(limit=3))
         return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
 
-    def _execute_cohorts(self, message_ids: list[str]) -> None:
-        """Hand pending train messages to the cohort trainer, ``cohort_size`` at a time."""
-        train = [m for m in message_ids if self._pending[m].metadata.message_type
-                 == MessageType.TRAIN]
-        for start in range(0, len(train), self.cohort_size):
-            ids = train[start : start + self.cohort_size]
-            msgs = [self._pending.pop(m) for m in ids]
-            contexts = [self.context(m.metadata.dst_node_id) for m in msgs]
+    def _jobs(self, message_ids: list[str]) -> list[list[tuple[str, Message]]]:
+        """Units of work, in message order: cohorts of train messages (with a cohort
+        trainer) and single messages."""
+        msgs = [(mid, self._pending.pop(mid)) for mid in message_ids]
+        if self.cohort_trainer is None:
+            return [[item] for item in msgs]
+        train = [item for item in msgs if item[1].metadata.message_type == MessageType.TRAIN]
+        other = [[item] for item in msgs if item[1].metadata.message_type != MessageType.TRAIN]
+        size = self.cohort_size
+        return [train[i : i + size] for i in range(0, len(train), size)] + other
+
+    def _do(self, job: list[tuple[str, Message]]) -> dict[str, Message]:
+        if self.cohort_trainer is not None and job[0][1].metadata.message_type == \
+                MessageType.TRAIN:
+            return self._execute_cohort(job)
+        mid, msg = job[0]
+        return {mid: self._execute(msg)}
+
+    def _run_jobs(self, jobs: list) -> list[dict[str, Message]]:
+        """Run jobs; with ``workers`` > 1, job i goes to worker i mod workers (a fixed
+        assignment, so each worker's model copy sees the same clients in every run)."""
+        if self.workers == 1 or len(jobs) <= 1:
+            return [self._do(job) for job in jobs]
+        lanes = [jobs[k :: self.workers] for k in range(self.workers)]
+        results: list[list] = [[] for _ in lanes]
+        errors: list[BaseException] = []
+        threads_per_worker = torch.get_num_threads()  # OpenMP settings are per thread
+
+        def lane(k: int) -> None:
+            WORKER_SLOT.set(k)  # this thread trains on worker k's copy of the model
+            torch.set_num_threads(threads_per_worker)
             try:
-                replies = self.cohort_trainer(msgs, contexts)
-                if len(replies) != len(msgs):
-                    raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
-            except Exception as exc:  # the whole cohort failed: every message says why
-                replies = [self._error_reply(m, exc) for m in msgs]
-            for mid, msg, ctx, reply in zip(ids, msgs, contexts, replies):
-                if not reply.has_error():
-                    self.state_store.put(msg.metadata.dst_node_id, ctx.state)
-                reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-                self._replies[mid] = reply
+                results[k] = [self._do(job) for job in lanes[k]]
+            except BaseException as exc:  # a bug, not a client failure: re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=lane, args=(k,), name=f"fedsim-worker-{k}")
+                   for k in range(len(lanes)) if lanes[k]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return [r for lane_results in results for r in lane_results]
+
+    def _execute_cohort(self, job: list[tuple[str, Message]]) -> dict[str, Message]:
+        """Hand a cohort of train messages to the cohort trainer; one reply per message."""
+        msgs = [msg for _, msg in job]
+        contexts = [self.context(m.metadata.dst_node_id) for m in msgs]
+        try:
+            replies = self.cohort_trainer(msgs, contexts)
+            if len(replies) != len(msgs):
+                raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
+        except Exception as exc:  # the whole cohort failed: every message says why
+            replies = [self._error_reply(m, exc) for m in msgs]
+        out = {}
+        for (mid, msg), ctx, reply in zip(job, contexts, replies):
+            if not reply.has_error():
+                self.state_store.put(msg.metadata.dst_node_id, ctx.state)
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            out[mid] = reply
+        return out
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   run_config: dict[str, Any] | None = None,
                   state_store: ClientStateStore | None = None,
-                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 64) -> None:
+                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 64,
+                  workers: int = 1) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
-                         cohort_trainer=cohort_trainer, cohort_size=cohort_size)
+                         cohort_trainer=cohort_trainer, cohort_size=cohort_size,
+                         workers=workers)
     server_context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                              state=RecordDict(), run_config=dict(run_config or {}))
     try:

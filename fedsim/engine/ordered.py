@@ -75,19 +75,25 @@ class ClientOrderedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull every ``POLL_INTERVAL`` s until all replies are in or ``timeout``.
+        """Push, pull every ``POLL_INTERVAL`` s until all replies are in or ``timeout``;
+        replies come back in the order of ``messages``.
 
         Flower's network grid sleeps 3 s between pulls; polling faster saves most of that
-        per round on the Deployment Engine. An in-process grid answers on the first pull.
+        per round on the Deployment Engine (an in-process grid answers on the first pull).
+        Replies arrive in any order on Flower's engines; returning them in message order
+        makes the strategy aggregate in the same order on every engine and every run.
         """
-        pending = set(self.base.push_messages(messages))
+        ids = list(self.base.push_messages(messages))
+        position = {mid: i for i, mid in enumerate(ids)}
+        pending = set(ids)
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            got = list(self.base.pull_messages(pending))
+            got = list(self.base.pull_messages([m for m in ids if m in pending]))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(POLL_INTERVAL)
-        return replies
+        return sorted(replies, key=lambda m: position.get(m.metadata.reply_to_message_id,
+                                                          len(ids)))

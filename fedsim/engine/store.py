@@ -10,9 +10,11 @@ clients already hold state. Round trips are exact: what was put is what comes ba
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,15 @@ def encode_state(state: RecordDict) -> bytes:
 def decode_state(data: bytes) -> RecordDict:
     """The RecordDict ``encode_state`` wrote."""
     return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ClientStateStore:
@@ -57,8 +68,10 @@ class ClientStateStore:
         self.disk_bytes = 0
         self.spills = 0  # states written to disk
         self.loads = 0  # states read back from disk
+        self._lock = threading.RLock()  # in-process workers may call from several threads
 
     # -- mapping interface -----------------------------------------------------------------
+    @_locked
     def get(self, key: int) -> RecordDict:
         """A fresh copy of ``key``'s state (an empty RecordDict if it has none)."""
         data = self._memory.get(key)
@@ -71,6 +84,7 @@ class ClientStateStore:
             return RecordDict()
         return decode_state(data)
 
+    @_locked
     def put(self, key: int, state: RecordDict) -> None:
         """Store ``state`` for ``key`` (an empty one deletes it), then enforce the budget."""
         self.delete(key)
@@ -81,6 +95,7 @@ class ClientStateStore:
         self.memory_bytes += len(data)
         self._enforce_budget()
 
+    @_locked
     def delete(self, key: int) -> None:
         """Forget ``key``'s state wherever it is."""
         data = self._memory.pop(key, None)
@@ -91,12 +106,15 @@ class ClientStateStore:
             self.disk_bytes -= size
             self._path(key).unlink(missing_ok=True)
 
+    @_locked
     def __contains__(self, key: object) -> bool:
         return key in self._memory or key in self._disk
 
+    @_locked
     def __len__(self) -> int:
         return len(self._memory) + len(self._disk)
 
+    @_locked
     def keys(self) -> list[int]:
         """Every client id holding state, in ascending order."""
         return sorted([*self._memory, *self._disk])
@@ -107,6 +125,7 @@ class ClientStateStore:
             yield key, self.get(key)
 
     # -- lifecycle -------------------------------------------------------------------------
+    @_locked
     def close(self) -> None:
         """Drop every state and remove the spill folder."""
         self._memory.clear()

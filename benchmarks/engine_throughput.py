@@ -1,0 +1,285 @@
+"""Client updates per second on one scenario: Flower's Ray engine, fedsim's in-process engine
+(sequential and vectorized) and a bare PyTorch loop with no framework at all (the floor).
+
+    python benchmarks/engine_throughput.py                       # scenarios/quickstart.toml
+    python benchmarks/engine_throughput.py --scenario scenarios/thousand_clients.toml \\
+        --set partition.num_clients=1000 --rounds 6 --repeat 3
+    python benchmarks/engine_throughput.py --json                # {"ray": …, "inprocess": …, …}
+
+Every engine runs the same scenario in its own subprocess with the same seed, so the same
+clients train on the same batches in every round. Throughput is client updates per second
+of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
+2..N, so one-off start-up work (Ray actors, imports, first-touch data) is left out for all
+engines alike; the first round is reported separately. Fairness settings: the in-process
+engine and the bare loop use ``--threads`` torch threads (default 1); Ray gets
+``--ray-cpus`` CPUs per client actor (default 1: one actor per core, each with one thread,
+which is its best setting on a 2-core machine — see benchmarks/RESULTS.md).
+
+The bare loop is what a user would write by hand: for each sampled client, load the global
+state dict, run minibatch SGD over the same batches, add its state dict into a running
+weighted sum; no messages, no records, no serialization. Its final model is compared with
+the in-process engine's as a check that both did the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("ray", "inprocess", "vectorized", "bare")
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _steady(rounds: list[dict]) -> dict:
+    trained = [r for r in rounds if r.get("round", 0) >= 1]
+    later = trained[1:] or trained
+    updates = sum(r["updates"] for r in later)
+    seconds = sum(r["train_seconds"] for r in later)
+    return {
+        "updates_per_s": updates / seconds if seconds > 0 else None,
+        "updates": updates,
+        "seconds": seconds,
+        "first_round_seconds": trained[0]["train_seconds"] if trained else None,
+        "round_seconds": [r["train_seconds"] for r in trained],
+    }
+
+
+def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: int,
+               ray_cpus: float, out: Path) -> dict:
+    """One fedsim run on ``engine``; throughput from its rounds.jsonl."""
+    import fedsim
+    from fedsim.errors import ScenarioError
+
+    extra = {
+        "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}"],
+        "vectorized": ["engine.kind=inprocess", f"engine.threads={threads}",
+                       "engine.vectorize=true"],
+        "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}"],
+    }[engine]
+    try:
+        result = fedsim.run(scenario_path, overrides + extra, out=out, overwrite=True)
+    except ScenarioError as exc:
+        return {"updates_per_s": None, "skipped": str(exc)}
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return {**_steady(rounds), "model": str(out / "model.pt"),
+            "accuracy": result.summary["final"]["global_test_accuracy"]}
+
+
+def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) -> dict:
+    """The floor: the same local SGD and FedAvg as a plain PyTorch loop."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedsim.client.runtime import build_global_model
+    from fedsim.config import load_scenario
+    from fedsim.data.federated import build_federated_data
+    from fedsim.models.norm import uses_batch_statistics
+    from fedsim.rng import derive_seed, torch_generator
+
+    torch.set_num_threads(threads)
+    sc = load_scenario(scenario_path, overrides)
+    cfg = sc.client
+    data = build_federated_data(sc)
+    model = build_global_model(sc, data)
+    drop_singleton = uses_batch_statistics(sc.model.norm)
+    glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = list(data.participating)
+    rounds = []
+    for rnd in range(1, sc.server.rounds + 1):
+        t0 = time.perf_counter()
+        random.seed(derive_seed(sc.seed, "sample-train", rnd))  # the engines' sampling
+        chosen = random.sample(ids, sc.server.clients_per_round)
+        sizes = [data.client_size(c) for c in chosen]
+        total = sum(sizes)
+        acc: dict[str, torch.Tensor] = {}
+        for cid, n in zip(chosen, sizes):
+            model.load_state_dict(glob)
+            x, y = data.client_train(cid)
+            gen = torch_generator(sc.seed, "client-train", rnd, cid)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
+            model.train()
+            loss_sum, correct = 0.0, 0
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(x), generator=gen)
+                for start in range(0, len(x), cfg.batch_size):
+                    idx = order[start : start + cfg.batch_size]
+                    if drop_singleton and len(idx) == 1 and len(x) > 1:
+                        continue
+                    logits = model(x[idx])
+                    loss = F.cross_entropy(logits, y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.item() * len(idx)
+                    correct += (logits.argmax(1) == y[idx]).sum().item()
+            w = n / total  # running weighted sum, as Flower's FedAvg weights (float32 arrays)
+            for k, v in model.state_dict().items():
+                term = v.detach() * w if v.is_floating_point() else v.double() * w
+                acc[k] = term if k not in acc else acc[k] + term
+        glob = {k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
+                for k, v in acc.items()}
+        rounds.append({"round": rnd, "updates": len(chosen),
+                       "train_seconds": time.perf_counter() - t0})
+    torch.save(glob, out / "bare_model.pt")
+    return {**_steady(rounds), "model": str(out / "bare_model.pt")}
+
+
+def worker(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(args.overrides)
+    if args.engine == "bare":
+        res = run_bare(args.scenario, overrides, args.threads, out)
+    else:
+        res = run_fedsim(args.engine, args.scenario, overrides, args.threads, args.ray_cpus,
+                         out / args.engine)
+    print("RESULT " + json.dumps(res))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import flwr
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+def measure(engine: str, args: argparse.Namespace, overrides: list[str], tmp: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--scenario", args.scenario,
+           "--out", str(tmp), "--threads", str(args.threads), "--ray-cpus", str(args.ray_cpus)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def max_diff(path_a: str | None, path_b: str | None) -> float | None:
+    import torch
+
+    if not path_a or not path_b:
+        return None
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", default="scenarios/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rounds", type=int, help="server.rounds (default: the scenario's)")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--repeat", type=int, default=1, help="interleaved repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (in-process, bare)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray client actor")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.engine = args.worker
+        return worker(args)
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    overrides = list(args.overrides)
+    if args.rounds:
+        overrides.append(f"server.rounds={args.rounds}")
+    overrides.append("output.eval_every=1000000")  # evaluate once, at the end, everywhere
+    runs: list[dict[str, dict]] = []
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
+        for rep in range(args.repeat):
+            got = {}
+            for engine in engines:
+                got[engine] = measure(engine, args, overrides, Path(tmp) / f"{rep}")
+                load.append(os.getloadavg()[0])
+            if "inprocess" in got and "bare" in got:
+                got["bare"]["max_param_diff_vs_inprocess"] = max_diff(
+                    got["inprocess"].get("model"), got["bare"].get("model"))
+            runs.append(got)
+    report(args, engines, runs, load)
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def report(args, engines, runs, load) -> None:
+    med = {}
+    for e in engines:
+        vals = [r[e]["updates_per_s"] for r in runs if r[e].get("updates_per_s")]
+        med[e] = statistics.median(vals) if vals else None
+    if args.json:
+        print(json.dumps({e: med.get(e) for e in ENGINES}))
+        return
+    info = machine()
+    print(f"scenario {args.scenario} {' '.join(args.overrides)}"
+          f"{' rounds=' + str(args.rounds) if args.rounds else ''}")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
+          f"torch {info['torch']}, flwr {info['flwr']}, CUDA {info['cuda']}; "
+          f"load average during the runs {min(load):.1f}–{max(load):.1f}")
+    print(f"threads {args.threads} (in-process, bare); Ray: {args.ray_cpus} CPU per client "
+          "actor; updates/s over rounds 2..N\n")
+    print(f"{'engine':<11} {'updates/s':>10} {'runs':>24} {'1st round s':>12}")
+    for e in engines:
+        vals = [r[e].get("updates_per_s") for r in runs]
+        first = [r[e].get("first_round_seconds") for r in runs]
+        shown = " ".join(f"{v:.1f}" if v else "–" for v in vals)
+        m = f"{med[e]:.1f}" if med[e] else "n/a"
+        f1 = statistics.median([f for f in first if f]) if any(first) else None
+        print(f"{e:<11} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12}")
+        for r in runs:
+            if r[e].get("skipped"):
+                print(f"  {e}: not applicable: {r[e]['skipped']}")
+                break
+    print()
+    pairs = [("inprocess", "ray", "in-process / Ray"), ("vectorized", "ray", "vectorized / Ray"),
+             ("bare", "inprocess", "bare / in-process (overhead factor)"),
+             ("bare", "vectorized", "bare / vectorized")]
+    for a, b, label in pairs:
+        if a in engines and b in engines:
+            per_run = [_ratio(r[a].get("updates_per_s"), r[b].get("updates_per_s")) for r in runs]
+            shown = " ".join(f"{x:.2f}" for x in per_run if x)
+            print(f"{label:<38} per run: {shown or 'n/a'}")
+    diffs = [r["bare"].get("max_param_diff_vs_inprocess") for r in runs if "bare" in r]
+    if any(d is not None for d in diffs):
+        print(f"\nbare vs in-process final model, max |Δ|: "
+              f"{max(d for d in diffs if d is not None):.2e} (same clients, batches, FedAvg)")
+
+
+if __name__ == "__main__":
+    main()
