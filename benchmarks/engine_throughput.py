@@ -4,8 +4,11 @@
     python benchmarks/engine_throughput.py                       # scenarios/quickstart.toml
     python benchmarks/engine_throughput.py --scenario scenarios/thousand_clients.toml \\
         --set partition.num_clients=1000 --rounds 6 --repeat 3
-    python benchmarks/engine_throughput.py --json                # {"ray": …, "inprocess": …, …}
+    python benchmarks/engine_throughput.py --json  # {"ray": …, "inprocess": …, "vectorized": …,
+                                                   #  "bare": …, "inprocess_parallel": …}
 
+``inprocess`` trains one client at a time on one core; ``inprocess_parallel`` uses
+``--workers`` threads (default: one per core), the same cores Ray's actors get.
 Every engine runs the same scenario in its own subprocess with the same seed, so the same
 clients train on the same batches in every round. Throughput is client updates per second
 of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("ray", "inprocess", "vectorized", "bare")
+ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "bare")
 
 
 # --------------------------------------------------------------------------- workers
@@ -57,13 +60,15 @@ def _steady(rounds: list[dict]) -> dict:
 
 
 def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: int,
-               ray_cpus: float, out: Path) -> dict:
+               ray_cpus: float, workers: int, out: Path) -> dict:
     """One fedsim run on ``engine``; throughput from its rounds.jsonl."""
     import fedsim
     from fedsim.errors import ScenarioError
 
     extra = {
         "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}"],
+        "inprocess_parallel": ["engine.kind=inprocess", f"engine.threads={threads}",
+                               f"engine.workers={workers}"],
         "vectorized": ["engine.kind=inprocess", f"engine.threads={threads}",
                        "engine.vectorize=true"],
         "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}"],
@@ -145,7 +150,7 @@ def worker(args: argparse.Namespace) -> None:
         res = run_bare(args.scenario, overrides, args.threads, out)
     else:
         res = run_fedsim(args.engine, args.scenario, overrides, args.threads, args.ray_cpus,
-                         out / args.engine)
+                         args.workers, out / args.engine)
     print("RESULT " + json.dumps(res))
 
 
@@ -171,7 +176,8 @@ def machine() -> dict:
 
 def measure(engine: str, args: argparse.Namespace, overrides: list[str], tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--scenario", args.scenario,
-           "--out", str(tmp), "--threads", str(args.threads), "--ray-cpus", str(args.ray_cpus)]
+           "--out", str(tmp), "--threads", str(args.threads), "--ray-cpus", str(args.ray_cpus),
+           "--workers", str(args.workers)]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -202,6 +208,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="interleaved repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (in-process, bare)")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray client actor")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="engine.workers for inprocess_parallel (default: one per core)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -252,23 +260,26 @@ def report(args, engines, runs, load) -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
           f"torch {info['torch']}, flwr {info['flwr']}, CUDA {info['cuda']}; "
           f"load average during the runs {min(load):.1f}–{max(load):.1f}")
-    print(f"threads {args.threads} (in-process, bare); Ray: {args.ray_cpus} CPU per client "
-          "actor; updates/s over rounds 2..N\n")
-    print(f"{'engine':<11} {'updates/s':>10} {'runs':>24} {'1st round s':>12}")
+    print(f"torch threads {args.threads} (in-process, bare); inprocess_parallel: "
+          f"{args.workers} workers; Ray: {args.ray_cpus} CPU per client actor; "
+          "updates/s over rounds 2..N\n")
+    print(f"{'engine':<19} {'updates/s':>10} {'runs':>24} {'1st round s':>12}")
     for e in engines:
         vals = [r[e].get("updates_per_s") for r in runs]
         first = [r[e].get("first_round_seconds") for r in runs]
         shown = " ".join(f"{v:.1f}" if v else "–" for v in vals)
         m = f"{med[e]:.1f}" if med[e] else "n/a"
         f1 = statistics.median([f for f in first if f]) if any(first) else None
-        print(f"{e:<11} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12}")
+        print(f"{e:<19} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12}")
         for r in runs:
             if r[e].get("skipped"):
                 print(f"  {e}: not applicable: {r[e]['skipped']}")
                 break
     print()
-    pairs = [("inprocess", "ray", "in-process / Ray"), ("vectorized", "ray", "vectorized / Ray"),
-             ("bare", "inprocess", "bare / in-process (overhead factor)"),
+    pairs = [("inprocess", "ray", "in-process / Ray"),
+             ("inprocess_parallel", "ray", "in-process parallel / Ray (same cores)"),
+             ("vectorized", "ray", "vectorized / Ray"),
+             ("bare", "inprocess", "bare / in-process (overhead, one core)"),
              ("bare", "vectorized", "bare / vectorized")]
     for a, b, label in pairs:
         if a in engines and b in engines:

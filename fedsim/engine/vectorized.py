@@ -10,18 +10,21 @@ client's gradient in one call.
 Clients of different sizes: each client draws exactly the batches the sequential path
 draws (same generator, same order). At step ``t`` only clients that still have a batch take
 part (the cohort is sorted by step count, so they are a prefix and the stacks are sliced,
-not copied); a client's last, smaller batch is padded to the cohort's batch size with
-weight-zero samples, so its loss is the mean over its real samples. Padding is exact only
-for models that treat samples independently, which is why models with batch statistics
-(``bn``, ``hybrid``: running statistics, and batch-dependent outputs) are refused.
+not copied), grouped by batch size, so a client's last, smaller batch runs in its own
+group: nothing is padded and every forward pass sees exactly the client's batch. That makes
+batch statistics exact too: BN and hybrid layers normalise with the client's own batch and
+update per-client running statistics, passed to ``functional_call`` as stacked buffers and
+updated in place under ``vmap``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +41,25 @@ from fedsim.models.norm import uses_batch_statistics
 from fedsim.rng import torch_generator
 
 
-def unsupported_model_reason(model: nn.Module, norm: str) -> str | None:
-    """Why ``model`` cannot be trained as a vmap cohort, or None if it can."""
-    if uses_batch_statistics(norm):
-        return (f"model.norm = {norm!r} uses batch statistics (running mean/var updated "
-                "in place, outputs that depend on batch peers), which a vmap cohort cannot "
-                "keep per client")
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        return f"the model has buffers ({', '.join(buffers[:3])}), which vmap cannot update"
+def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> str | None:
+    """Why ``model`` cannot run as a vmap cohort (one dry step of two clients), or None.
+
+    A model whose forward pass uses something ``vmap`` cannot batch (``.item()``, data-
+    dependent Python control flow) fails here, before training, instead of mid-run.
+    """
+    probe = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((4, *input_shape), generator=g)
+    y = torch.randint(0, num_classes, (4,), generator=g)
+    start = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    bufs = {n: b.detach().clone() for n, b in probe.named_buffers()}
+    plan = [torch.arange(4), torch.arange(2)]
+    members = [CohortMember(start, x, y, plan, bufs), CohortMember(start, x, y, plan[:1], bufs)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            train_cohort(probe, members, ClientConfig(epochs=1, batch_size=4))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
@@ -60,9 +73,10 @@ def step_hooks(hooks: Sequence[ClientHook]) -> list[str]:
 def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
     """Refuse ``engine.vectorize = true`` where a cohort could not equal the sequential path.
 
-    Checks the engine, the model (no batch statistics or buffers) and the client hooks the
-    strategy asks for in its first train config (hooks that add a loss term or change the
-    step, such as FedProx's proximal term, run per minibatch and are refused).
+    Checks the engine, the model (one dry cohort step must trace under ``vmap``) and the
+    client hooks the strategy asks for in its first train config (hooks that add a loss
+    term or change the step, such as FedProx's proximal term, run per minibatch and are
+    refused).
     """
     if not scenario.engine.vectorize:
         return
@@ -71,11 +85,15 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"engine.vectorize = true applies to the inprocess engine, not engine.kind = "
             f"{scenario.engine.kind!r}; set engine.vectorize = false or engine.kind = 'inprocess'"
         )
-    reason = unsupported_model_reason(model, scenario.model.norm)
-    if reason:
+    from fedsim.data.federated import build_federated_data
+
+    data = build_federated_data(scenario)
+    problem = trace_problem(model, data.input_shape, data.num_classes)
+    if problem:
         raise ScenarioError(
-            f"engine.vectorize = true cannot train this model: {reason}; use model.norm = "
-            "'gn', 'ln', 'in' or 'none', or set engine.vectorize = false"
+            f"engine.vectorize = true cannot train model.arch = {scenario.model.arch!r} "
+            f"with model.norm = {scenario.model.norm!r} as a vmap cohort ({problem}); "
+            "set engine.vectorize = false"
         )
     names = step_hooks(hooks_for(HookContext(0, _first_train_config(scenario), RecordDict())))
     if names:
@@ -125,12 +143,13 @@ def _first_train_config(scenario: Scenario) -> ConfigRecord:
 
 @dataclass
 class CohortMember:
-    """One client's inputs to a cohort: start parameters, data and its batch sequence."""
+    """One client's inputs to a cohort: start state, data and its batch sequence."""
 
     params: dict[str, torch.Tensor]
     x: torch.Tensor
     y: torch.Tensor
     batches: list[torch.Tensor]  # index tensors, exactly those the sequential path draws
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. BN running stats
 
 
 def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
@@ -140,13 +159,22 @@ def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
             for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
 
 
-def train_cohort(model: nn.Module, members: Sequence[CohortMember],
-                 cfg: ClientConfig) -> tuple[list[dict[str, torch.Tensor]], list[TrainResult]]:
-    """Local SGD for every member at once; returns final parameters and results, in order.
+def _stack(dicts: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {n: torch.stack([d[n] for d in dicts]).to(device) for n in dicts[0]} if dicts[0] \
+        else {}
 
-    Implements ``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov) on
-    stacked parameters, so each member's result equals ``train_local`` on its own within
-    float tolerance.
+
+def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientConfig
+                 ) -> tuple[list[dict[str, torch.Tensor]], list[TrainResult]]:
+    """Local SGD for every member at once; returns final states and results, in order.
+
+    At step ``t`` the members that still have a batch train together, grouped by batch
+    size, so every client's forward pass sees exactly its own batch (no padding): batch
+    statistics (BN, hybrid) are the client's own, and running statistics are per-client
+    buffers updated in place inside ``vmap``. The update is ``torch.optim.SGD`` (momentum,
+    weight decay, no dampening or Nesterov) on stacked parameters, so each member's result
+    equals ``train_local`` on its own within float tolerance. Returned states hold the
+    parameters and the buffers.
     """
     k_all = len(members)
     if k_all == 0:
@@ -154,71 +182,81 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember],
     device = members[0].x.device
     order = sorted(range(k_all), key=lambda i: -len(members[i].batches))  # active = a prefix
     mem = [members[i] for i in order]
-    names = list(mem[0].params)
-    params = {n: torch.stack([m.params[n] for m in mem]).to(device) for n in names}
-    bufs: dict[str, torch.Tensor] | None = None
-    n_max = max(len(m.x) for m in mem)
-    sample_shape = mem[0].x.shape[1:]
-    xs = torch.zeros((k_all, max(n_max, 1), *sample_shape), dtype=mem[0].x.dtype, device=device)
-    ys = torch.zeros((k_all, max(n_max, 1)), dtype=torch.long, device=device)
+    params = _stack([m.params for m in mem], device)
+    buffers = _stack([m.buffers for m in mem], device)
+    names = list(params)
+    mom: dict[str, torch.Tensor] = {}
+    n_max = max(1, max(len(m.x) for m in mem))
+    xs = torch.zeros((k_all, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
+    ys = torch.zeros((k_all, n_max), dtype=torch.long, device=device)
     for i, m in enumerate(mem):
         xs[i, : len(m.x)] = m.x
         ys[i, : len(m.y)] = m.y
     steps = [len(m.batches) for m in mem]
-    width = max((len(b) for m in mem for b in m.batches), default=1)
     loss_sum = torch.zeros(k_all, dtype=torch.float64, device=device)
     correct = torch.zeros(k_all, dtype=torch.int64, device=device)
     seen = [0] * k_all
 
-    def loss_fn(p, xb, yb, wb):
-        logits = functional_call(model, p, (xb,))
-        losses = F.cross_entropy(logits, yb, reduction="none")
-        loss = (losses * wb).sum() / wb.sum()
-        hits = ((logits.argmax(1) == yb) & (wb > 0)).sum()
-        return loss, (loss.detach(), hits)
+    def loss_fn(p, b, xb, yb):
+        logits = functional_call(model, (p, b), (xb,))
+        loss = F.cross_entropy(logits, yb)
+        return loss, (loss.detach(), (logits.argmax(1) == yb).sum())
 
     step_fn = vmap(grad(loss_fn, has_aux=True))
     model.train()
-    for t in range(max(steps)):
-        active = sum(s > t for s in steps)  # members 0..active-1 still have a batch
-        idx = torch.zeros((active, width), dtype=torch.long)
-        wts = torch.zeros((active, width), dtype=xs.dtype)
-        for i in range(active):
-            b = mem[i].batches[t]
-            idx[i, : len(b)] = b
-            wts[i, : len(b)] = 1
-            seen[i] += len(b)
-        idx, wts = idx.to(device), wts.to(device)
-        rows = torch.arange(active, device=device)[:, None]
-        xb, yb = xs[rows, idx], ys[rows, idx]
-        p_act = {n: params[n][:active] for n in names}
-        grads, (loss, hits) = step_fn(p_act, xb, yb, wts)
-        loss_sum[:active] += loss.double() * wts.sum(1).double()
-        correct[:active] += hits
-        with torch.no_grad():
-            if cfg.momentum and bufs is None:
-                bufs = {n: torch.zeros_like(params[n]) for n in names}
-            for n in names:
-                d_p = grads[n]
-                if cfg.weight_decay:
-                    d_p = d_p.add(p_act[n], alpha=cfg.weight_decay)
-                if cfg.momentum:
-                    buf = bufs[n][:active]
-                    if t == 0:  # torch.optim.SGD: the first buffer is the gradient itself
-                        buf.copy_(d_p)
-                    else:
-                        buf.mul_(cfg.momentum).add_(d_p)
-                    d_p = buf
-                params[n][:active].add_(d_p, alpha=-cfg.lr)
+    with warnings.catch_warnings():  # vmap's "no batching rule for lerp_" notice (hybrid)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, correct, seen,
+                   cfg, device)
     finals: list[dict[str, torch.Tensor]] = [{}] * k_all
     results: list[TrainResult] = [TrainResult(float("nan"), float("nan"), 0, 0)] * k_all
     loss_cpu, correct_cpu = loss_sum.cpu(), correct.cpu()
     for i, m in enumerate(mem):
-        finals[order[i]] = {n: params[n][i] for n in names}
+        finals[order[i]] = {**{n: params[n][i] for n in names},
+                            **{n: buffers[n][i] for n in buffers}}
         if seen[i]:
             results[order[i]] = TrainResult(loss_cpu[i].item() / seen[i],
                                             correct_cpu[i].item() / seen[i], len(m.x), steps[i])
     return finals, results
+
+
+def _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, correct, seen,
+               cfg: ClientConfig, device: torch.device) -> None:
+    """The cohort's SGD steps, in place on the stacked ``params``/``buffers``/``mom``."""
+    names = list(params)
+    for t in range(max(steps)):
+        active = sum(s > t for s in steps)  # members 0..active-1 still have a batch
+        by_size: dict[int, list[int]] = {}
+        for i in range(active):
+            by_size.setdefault(len(mem[i].batches[t]), []).append(i)
+        for size, group in by_size.items():
+            whole = len(group) == active  # the usual case: one size, a prefix -> views
+            sel = slice(0, active) if whole else torch.tensor(group, device=device)
+            idx = torch.stack([mem[i].batches[t] for i in group]).to(device)
+            rows = torch.as_tensor(group, device=device)[:, None]
+            p_g = {n: params[n][sel] for n in names}
+            b_g = {n: buffers[n][sel] for n in buffers}
+            grads, (loss, hits) = step_fn(p_g, b_g, xs[rows, idx], ys[rows, idx])
+            with torch.no_grad():
+                loss_sum[sel] += loss.double() * size
+                correct[sel] += hits
+                for i in group:
+                    seen[i] += size
+                if not whole:  # gathered copies: write the updated statistics back
+                    for n in buffers:
+                        buffers[n][sel] = b_g[n]
+                for n in names:
+                    d_p = grads[n]
+                    if cfg.weight_decay:
+                        d_p = d_p.add(p_g[n], alpha=cfg.weight_decay)
+                    if cfg.momentum:
+                        if n not in mom:
+                            mom[n] = torch.zeros_like(params[n])
+                        # torch.optim.SGD: the first buffer is the gradient itself
+                        buf = d_p.clone() if t == 0 else mom[n][sel].mul(cfg.momentum).add(d_p)
+                        mom[n][sel] = buf
+                        d_p = buf
+                    params[n][sel] = p_g[n].add(d_p, alpha=-cfg.lr)
 
 
 # --------------------------------------------------------------------------- the grid's side
@@ -244,35 +282,47 @@ class CohortTrainer:
         drop = uses_batch_statistics(scenario.model.norm)
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, int, list[ClientHook], CohortMember]] = []
+        shared: tuple | None = None  # (arrays record, start, buffers) of hook-free clients
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             try:
                 cid = rt.client_id(ctx)
                 config = msg.content.config_records.get("config", ConfigRecord())
-                load_record(model, msg.content.array_records["arrays"])
+                record = msg.content.array_records["arrays"]
                 hooks = hooks_for(HookContext(cid, config, ctx.state))
                 bad = step_hooks(hooks)
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
-                for hook in hooks:
-                    hook.on_receive(model)
-                start = {n: p.detach().clone() for n, p in model.named_parameters()}
+                if not hooks and shared is not None and shared[0] is record:
+                    start, bufs = shared[1], shared[2]  # same global arrays: same start
+                else:
+                    load_record(model, record)
+                    for hook in hooks:
+                        hook.on_receive(model)
+                    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+                    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+                    if not hooks:
+                        shared = (record, start, bufs)
                 x, y = rt.data.client_train(cid)
                 rnd = int(config.get("server-round", 0))
                 gen = torch_generator(scenario.seed, "client-train", rnd, cid)
                 plan = plan_batches(len(x), scenario.client, gen, drop)
-                member = CohortMember(start, x.to(rt.device), y.to(rt.device), plan)
+                member = CohortMember(start, x.to(rt.device), y.to(rt.device), plan, bufs)
                 prepared.append((i, cid, hooks, member))
             except Exception as exc:
                 replies[i] = _error(msg, exc)
         finals, results = train_cohort(model, [p[3] for p in prepared], scenario.client)
+        keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
         for (i, cid, hooks, _), final, result in zip(prepared, finals, results):
             try:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        p.copy_(final[name])
-                arrays = model.state_dict()
-                for hook in hooks:
-                    arrays = hook.on_reply(model, arrays)
+                if hooks:  # hooks see the client's trained model, as in handle_train
+                    with torch.no_grad():
+                        for name, t in (*model.named_parameters(), *model.named_buffers()):
+                            t.copy_(final[name])
+                    arrays = model.state_dict()
+                    for hook in hooks:
+                        arrays = hook.on_reply(model, arrays)
+                else:
+                    arrays = {k: final[k] for k in keys}
                 replies[i] = _train_reply(msgs[i], cid, arrays, result)
             except Exception as exc:
                 replies[i] = _error(msgs[i], exc)
