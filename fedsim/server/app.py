@@ -34,7 +34,7 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     arrays = model_to_record(model)
     strategy = make_strategy(scenario)
     evaluator = Evaluator(scenario, data, model, device)
-    grid = ClientOrderedGrid(grid)
+    grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     sink.start(scenario)
     initial = {"round": 0, **evaluator(arrays)}
