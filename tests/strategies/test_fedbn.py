@@ -100,8 +100,8 @@ def test_fedbn_with_iid_data_stays_close_to_fedavg(tmp_path):
     local = set(norm_keys(build_global_model(scn, build_federated_data(scn))))
     assert all(torch.equal(a[k], b[k]) for k in a if k not in local)
     assert not all(torch.equal(a[k], b[k]) for k in local)
-    # five rounds: each client's own FedBN model is as accurate as the FedAvg model
-    runs = {s: fedsim.run("scenarios/quickstart.toml", base + ["server.rounds=5",
+    # three rounds: each client's own FedBN model is as accurate as the FedAvg model
+    runs = {s: fedsim.run("scenarios/quickstart.toml", base + ["server.rounds=3",
                                                                 f"server.strategy={s}"],
                           out=tmp_path / s) for s in ("fedavg", "fedbn")}
     fedavg = runs["fedavg"].summary["final"]["client_accuracy"]["mean"]
@@ -110,9 +110,10 @@ def test_fedbn_with_iid_data_stays_close_to_fedavg(tmp_path):
 
 
 def test_fedbn_beats_fedavg_bn_on_personalized_accuracy_under_feature_skew(tmp_path):
-    # one domain per client (rotate, contrast, noise, invert): FedBN's setting (Li et al. 2021)
-    base = SMALL + ["partition.num_clients=4", "server.clients_per_round=4",
-                    "server.rounds=6", "client.epochs=1"]
+    # one domain per client (rotate, contrast, noise, invert), every client in every round:
+    # FedBN's setting (Li et al. 2021). Margins seen: +0.14, +0.04, +0.05 for seeds 0, 1, 2.
+    base = ["partition.num_clients=8", "server.clients_per_round=8", "server.rounds=5",
+            "partition.holdout_clients=0", "model.width=16"]
     runs = {s: fedsim.run("scenarios/feature_skew.toml", base + [f"server.strategy={s}"],
                           out=tmp_path / s) for s in ("fedavg", "fedbn")}
     fedavg = runs["fedavg"].summary["final"]["client_accuracy"]["mean"]
@@ -124,7 +125,7 @@ def test_fedbn_beats_fedavg_bn_on_personalized_accuracy_under_feature_skew(tmp_p
 
 @pytest.mark.slow
 def test_fedbn_on_ray_matches_inprocess(tmp_path):
-    base = SMALL + ["partition.num_clients=4", "server.clients_per_round=2", "server.rounds=3",
+    base = SMALL + ["partition.num_clients=4", "server.clients_per_round=2", "server.rounds=2",
                     "client.epochs=1", "model.width=8", "server.strategy=fedbn",
                     "partition.holdout_clients=0.25"]
     a = fedsim.run("scenarios/quickstart.toml", base, out=tmp_path / "inprocess")
