@@ -14,6 +14,7 @@ ArrayRecord); the server strategy splits it off with :func:`split_extra` before 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -223,7 +224,7 @@ class ProximalHook(ClientHook):
         return 0.5 * self.mu * sq
 
 
-class LocalArraysHook(ClientHook):
+class LocalArraysHook(ClientHook, abc.ABC):
     """Keeps some of the model's arrays on the client across rounds (base of FedBN, SiloBN).
 
     ``on_receive`` restores the client's saved arrays over the global ones; ``on_reply``
@@ -237,9 +238,9 @@ class LocalArraysHook(ClientHook):
     #: key of the saved arrays in the client state
     state_key: ClassVar[str] = "local-arrays"
 
+    @abc.abstractmethod
     def local_keys(self, model: nn.Module) -> list[str]:
         """Which state-dict keys stay on the client."""
-        raise NotImplementedError
 
     def on_receive(self, model: nn.Module) -> None:
         saved = self.ctx.state.array_records.get(self.state_key)
