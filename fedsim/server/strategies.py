@@ -16,15 +16,17 @@ import inspect
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
-from torch.nn import Module
 
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
