@@ -119,6 +119,40 @@ class ClientConfig:
                self.weight_decay)
 
 
+DP_KINDS = ("none", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Central differential privacy around any strategy (``[server.dp]``).
+
+    Flower's server-side clipping wrappers (McMahan et al., ICLR 2018; adaptive clipping:
+    Andrew et al., NeurIPS 2021) clip each client's update and noise the aggregate; fedsim
+    applies them to float parameters only (see ``fedsim.server.dp``).
+    """
+
+    kind: str = "none"  # none | fixed | adaptive
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # fixed: the clipping norm; adaptive: the initial one
+    target_clipped_quantile: float = 0.5  # adaptive
+    clip_norm_lr: float = 0.2  # adaptive
+    clipped_count_stddev: float = 0.0  # adaptive; 0 = Flower's default, clients_per_round / 20
+
+    def __post_init__(self) -> None:
+        _check(self.kind in DP_KINDS, "server.dp.kind", f"use one of {', '.join(DP_KINDS)}",
+               self.kind)
+        _check(self.noise_multiplier >= 0, "server.dp.noise_multiplier", "it must be >= 0",
+               self.noise_multiplier)
+        _check(self.clipping_norm > 0, "server.dp.clipping_norm", "it must be > 0",
+               self.clipping_norm)
+        _check(0 <= self.target_clipped_quantile <= 1, "server.dp.target_clipped_quantile",
+               "it must be in [0, 1]", self.target_clipped_quantile)
+        _check(self.clip_norm_lr > 0, "server.dp.clip_norm_lr", "it must be > 0",
+               self.clip_norm_lr)
+        _check(self.clipped_count_stddev >= 0, "server.dp.clipped_count_stddev",
+               "it must be >= 0 (0 = clients_per_round / 20)", self.clipped_count_stddev)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Strategy and rounds (``[server]``); ``[server.params]`` go to the strategy's constructor."""
@@ -128,6 +162,7 @@ class ServerConfig:
     clients_per_round: int = 10
     fraction_evaluate: float = 0.0  # federated (client-side) evaluation; 0 = server-side only
     params: dict[str, Any] = field(default_factory=dict)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "server.rounds", "it must be >= 1", self.rounds)

@@ -23,6 +23,14 @@ from fedsim.models.norm import uses_batch_statistics
 from fedsim.rng import torch_generator
 
 
+@functools.lru_cache(maxsize=16)
+def import_strategy(name: str) -> None:
+    """Import the scenario's strategy here too, so client hooks its module registers exist."""
+    from fedsim.server.strategies import strategy_class
+
+    strategy_class(name)
+
+
 def handle_train(msg: Message, context: Context, scenario: Scenario) -> Message:
     """Load the global arrays, run the requested hooks and local SGD, reply with the update."""
     rt = client_runtime(scenario)
@@ -30,7 +38,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario) -> Message:
     model = rt.model
     config = msg.content.config_records.get("config", ConfigRecord())
     load_record(model, msg.content.array_records["arrays"])
-    hooks = hooks_for(HookContext(cid, config, context.state))
+    import_strategy(scenario.server.strategy)
+    hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content))
     for hook in hooks:
         hook.on_receive(model)
     x, y = rt.data.client_train(cid)
@@ -71,7 +80,10 @@ def handle_evaluate(msg: Message, context: Context, scenario: Scenario) -> Messa
     cid = rt.client_id(context)
     config = msg.content.config_records.get("config", ConfigRecord())
     load_record(rt.model, msg.content.array_records["arrays"])
-    for hook in hooks_for(HookContext(cid, config, context.state)):
+    import_strategy(scenario.server.strategy)
+    ctx = HookContext(cid, config, context.state, message=msg.content, mode="evaluate",
+                      local_train=lambda: rt.data.client_train(cid))
+    for hook in hooks_for(ctx):
         hook.on_receive(rt.model)
     x, y = rt.data.client_test(cid)
     loss, acc, n = evaluate(rt.model, x.to(rt.device), y.to(rt.device))
