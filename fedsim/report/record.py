@@ -82,6 +82,7 @@ class RunRecorder:
         self.plots = plots
         self.rounds: list[dict] = []
         self.summary: dict | None = None
+        self.sections: dict[str, dict] = {}
         self._t0 = time.perf_counter()
 
     def prepare(self) -> None:
@@ -106,12 +107,17 @@ class RunRecorder:
         if self.progress is not None:
             self.progress(record)
 
+    def add_summary(self, section: str, content: dict) -> None:
+        """Add a top-level section to summary.json (e.g. ``privacy``), written by finish."""
+        self.sections[section] = content
+
     def finish(self, arrays, model: nn.Module) -> None:
         load_record(model, arrays)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save(state, self.out / "model.pt")
         seconds = time.perf_counter() - self._t0
-        self.summary = _finite(summarize(self.rounds, self.scenario, seconds))
+        self.summary = _finite({**summarize(self.rounds, self.scenario, seconds),
+                                **self.sections})
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
             from fedsim.report.plots import plot_learning_curves

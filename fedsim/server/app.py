@@ -37,9 +37,17 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     grid = ClientOrderedGrid(grid)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     sink.start(scenario)
+    audit = None
+    if scenario.privacy.enabled:
+        from fedsim.privacy.audit import PrivacyAudit
+
+        audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
     initial = {"round": 0, **evaluator(arrays)}
     sink.on_round(initial)
-    arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round)
+    arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round,
+                        on_replies=audit.on_replies if audit else None)
+    if audit is not None:
+        sink.add_summary("privacy", audit.finish(arrays))
     sink.finish(arrays, model)
 
 
