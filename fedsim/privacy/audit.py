@@ -17,8 +17,8 @@ client, same distribution, never trained on), ``k = min(#train, #test)``, drawn 
 ``(seed, "privacy", "pool", client)``. Shadow federation ``i`` runs the same scenario (own
 seed for initialization, sampling and batch order) through the in-process engine; each of
 its clients trains on its training samples outside the pool plus a random half of its own
-pool (:func:`~fedsim.privacy.mia.shadow_split` per client), so shadow clients see as many
-samples as the real ones and every pool example is IN for half of the shadows.
+pool (:func:`~fedsim.privacy.mia.shadow_split` per client), so every pool example is IN for
+half of the shadows and shadow clients see as many samples as the real ones on average.
 """
 
 from __future__ import annotations
