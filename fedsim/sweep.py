@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
 import time
@@ -188,6 +189,7 @@ def run_sweep(
         f"→ {root}")
     workers = workers or base.sweep.workers
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     seconds: dict[str, float] = {}
     done = len(skipped)
 
@@ -222,8 +224,10 @@ def run_sweep(
         "cell_seconds": seconds,
         "wall_seconds": wall,
         "workers": workers,
+        "cpus": os.cpu_count(),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }
     (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    report = write_report(root, base, cells, wall_seconds=wall if todo else None)
+    report = write_report(root, base, cells, run_info=info if todo else None)
     say(f"report → {report}")
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)

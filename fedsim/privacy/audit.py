@@ -201,6 +201,8 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     ``on_replies(round, replies, arrays)`` sees every round, and round 0 (no replies) first.
     Flower's process-wide task identity is restored afterwards.
     """
+    import logging
+
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedsim.client.app import make_client_app
@@ -209,7 +211,9 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     from fedsim.server.loop import run_rounds
     from fedsim.server.strategies import make_strategy
 
-    saved = (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id)
+    fields = ("_task_id", "_run_id", "_node_id")  # raw slots: reading the properties raises
+    saved = {f: getattr(TaskIdentity, f) for f in fields}  # when no run has set them yet
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
     try:
         grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data),
                                                len(data.participating)))
@@ -218,7 +222,8 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
         return run_rounds(make_strategy(scenario), grid, arrays, scenario,
                           lambda _arrays: {}, lambda _record: None, on_replies=on_replies)
     finally:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
+        for f, value in saved.items():
+            setattr(TaskIdentity, f, value)
 
 
 # --------------------------------------------------------------------------- checks

@@ -614,8 +614,11 @@ def build_rows(root: Path, cells) -> list[dict]:
     return rows
 
 
-def write_report(root: Path, base, cells, wall_seconds: float | None = None) -> Path:
-    """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``."""
+def write_report(root: Path, base, cells, run_info: dict | None = None) -> Path:
+    """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``.
+
+    ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load.
+    """
     root = Path(root)
     rows = build_rows(root, cells)
     levels = add_matched_accuracy(rows)
@@ -655,9 +658,13 @@ def write_report(root: Path, base, cells, wall_seconds: float | None = None) -> 
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
     if secs:
         lines.append(f"Cell run time: {sum(secs):.0f} s in total ({min(secs):.0f}–"
-                     f"{max(secs):.0f} s per cell)"
-                     + (f"; this invocation's wall time {wall_seconds:.0f} s." if wall_seconds
-                        else "."))
+                     f"{max(secs):.0f} s per cell).")
+    if run_info:
+        start, end = run_info["load_average"]["start"], run_info["load_average"]["end"]
+        lines.append(f"Last invocation: {len(run_info['ran'])} cells in "
+                     f"{run_info['wall_seconds']:.0f} s wall time with {run_info['workers']} "
+                     f"worker(s) on {run_info['cpus']} CPUs (1-minute load average "
+                     f"{start[0]:.1f} at the start, {end[0]:.1f} at the end).")
     lines += ["", "Every number is mean ± sample std over the seeds of a row. Membership "
               "inference: members are participating clients' training samples, non-members "
               "their local test splits (equal in number per client). Matched accuracy: "
