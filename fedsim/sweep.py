@@ -215,19 +215,21 @@ def run_sweep(
                 summary, secs = future.result()
                 report_cell(futures[future], summary, secs)
     wall = time.perf_counter() - t0
+    previous = {}
+    if (root / SWEEP_JSON).is_file():
+        previous = json.loads((root / SWEEP_JSON).read_text())
+    runs = previous.get("invocations", [])
+    if todo:
+        runs.append({"ran": [c.name for c in todo], "cell_seconds": seconds,
+                     "wall_seconds": wall, "workers": workers, "cpus": os.cpu_count(),
+                     "load_average": {"start": load_start, "end": os.getloadavg()}})
     info = {
         "scenario": base.name,
         "axes": base.sweep.grid,
         "cells": [{"name": c.name, "params": c.params} for c in cells],
-        "ran": [c.name for c in todo],
-        "skipped": skipped,
-        "cell_seconds": seconds,
-        "wall_seconds": wall,
-        "workers": workers,
-        "cpus": os.cpu_count(),
-        "load_average": {"start": load_start, "end": os.getloadavg()},
+        "invocations": runs,  # every invocation that ran cells, with its wall time and load
     }
     (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    report = write_report(root, base, cells, run_info=info if todo else None)
+    report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
     say(f"report → {report}")
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)

@@ -327,7 +327,7 @@ def claim_hybrid_alpha(rows: list[dict]) -> Claim:
         drift = {b: [r["alpha_drift"] for r in group if r[BATCH] == b] for b in (small, large)}
         where = setting_label(key)
         claim.evidence.append(f"{where}: change of α (mean over layers, final − initial; "
-                              "+ = toward BN):")
+                              "+ = toward BN; at fixed epochs the small batch takes more steps):")
         claim.evidence.append("  - " + _diff_text(f"batch {large}", drift[large]))
         claim.evidence.append("  - " + _diff_text(f"batch {small}", drift[small]))
         gap = paired(group, "alpha_drift", select(batch=large), select(batch=small))
@@ -661,7 +661,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None) -> Path:
                      f"{max(secs):.0f} s per cell).")
     if run_info:
         start, end = run_info["load_average"]["start"], run_info["load_average"]["end"]
-        lines.append(f"Last invocation: {len(run_info['ran'])} cells in "
+        lines.append(f"Last invocation that ran cells: {len(run_info['ran'])} cells in "
                      f"{run_info['wall_seconds']:.0f} s wall time with {run_info['workers']} "
                      f"worker(s) on {run_info['cpus']} CPUs (1-minute load average "
                      f"{start[0]:.1f} at the start, {end[0]:.1f} at the end).")
