@@ -206,6 +206,113 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy audits run after training (``[privacy]``); each is off until named or enabled.
+
+    Results go to ``summary.json`` under ``privacy`` (see :mod:`fedsim.privacy.audit`).
+    """
+
+    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira"
+    shadows: int = 8  # LiRA: shadow federations, each on a random half of every client's pool
+    fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
+    audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
+    client_mia: bool = False  # loss attack on each client's upload of round client_round
+    leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
+    client_round: int = 0  # round whose client uploads client_mia / leakage read (0: last)
+    inversion: bool = False  # gradient inversion of one client step (Geiping et al. 2020)
+    inversion_round: int = 1  # attack the model the server sent at the start of this round
+    inversion_client: int = -1  # client id whose batch is attacked (-1: first participating)
+    inversion_batch: int = 1  # B images in the attacked local step
+    inversion_steps: int = 1000  # optimizer steps of the reconstruction
+    inversion_lr: float = 0.1
+    inversion_tv: float = 1e-4  # weight of the total-variation prior
+    bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
+    bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
+    bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
+
+    def __post_init__(self) -> None:
+        _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
+        if "lira" in self.mia:
+            _check(self.shadows >= 2, "privacy.shadows",
+                   "LiRA needs >= 2 shadows so every example has IN and OUT models", self.shadows)
+        _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
+               "name each attack once", list(self.mia))
+        _check(self.audit_every >= 0, "privacy.audit_every", "it must be >= 0 (0: final only)",
+               self.audit_every)
+        _check(self.client_round >= 0, "privacy.client_round", "it must be >= 0 (0: last round)",
+               self.client_round)
+        _check(self.inversion_round >= 1, "privacy.inversion_round", "it must be >= 1",
+               self.inversion_round)
+        _check(self.inversion_client >= -1, "privacy.inversion_client",
+               "it must be a client id or -1 (first participating client)",
+               self.inversion_client)
+        _check(self.inversion_batch >= 1, "privacy.inversion_batch", "it must be >= 1",
+               self.inversion_batch)
+        _check(self.inversion_steps >= 1, "privacy.inversion_steps", "it must be >= 1",
+               self.inversion_steps)
+        _check(self.inversion_lr > 0, "privacy.inversion_lr", "it must be > 0",
+               self.inversion_lr)
+        _check(self.inversion_tv >= 0, "privacy.inversion_tv", "it must be >= 0",
+               self.inversion_tv)
+        _check(self.bn_mode in ("train", "eval"), "privacy.bn_mode",
+               "use 'train' (what clients do) or 'eval'", self.bn_mode)
+        _check(self.bn_prior_weight >= 0, "privacy.bn_prior_weight", "it must be >= 0",
+               self.bn_prior_weight)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mia) or self.client_mia or self.leakage or self.inversion
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of scenario keys for ``fedsim sweep`` (``[sweep]``).
+
+    Every key of the table other than ``workers`` is a scenario key (``model.norm``,
+    ``seed``, ...) with a list of values; the sweep runs every combination. The resolved form
+    keeps the axes under ``grid`` with dotted names.
+    """
+
+    grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
+    workers: int = 1  # cells run in parallel processes
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "sweep.workers", "it must be >= 1", self.workers)
+        for key, values in self.grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ScenarioError(
+                    f"sweep.{key} must be a non-empty list of values, got {values!r}"
+                )
+            if key.split(".")[0] == "sweep":
+                raise ScenarioError(f"sweep.{key}: a sweep cannot sweep its own settings")
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], prefix: str) -> SweepConfig:
+        """Options by name; every other (possibly dotted) key is a grid axis."""
+        raw = dict(raw)
+        workers = raw.pop("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise ScenarioError(f"{prefix}.workers must be an integer, got {workers!r}")
+        grid = raw.pop("grid", {})
+        if not isinstance(grid, dict):
+            raise ScenarioError(f"{prefix}.grid must be a table of lists, got {grid!r}")
+        axes = {**_flatten(grid), **_flatten(raw)}
+        return cls(grid={k: list(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in axes.items()}, workers=workers)
+
+
+@dataclass(frozen=True)
 class Scenario:
     """One federated experiment, fully resolved."""
 
@@ -218,6 +325,8 @@ class Scenario:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         participating = self.partition.num_clients - self.partition.num_holdout
@@ -301,6 +410,8 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
+        return cls.from_table(raw, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -332,6 +443,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         prefix = ".".join(parts[:i])
         if cls is None:  # inside a free-form table such as server.params
             pass
+        elif hasattr(cls, "from_table"):  # [sweep]: its keys are scenario keys, checked later
+            cls = None
         else:
             names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:

@@ -35,6 +35,10 @@ def preflight(scenario: Scenario) -> None:
     data = build_federated_data(scenario)
     model = build_global_model(scenario, data)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
+    if scenario.privacy.enabled:
+        from fedsim.privacy.audit import check_privacy
+
+        check_privacy(scenario, data)
 
 
 def run(

@@ -72,6 +72,19 @@ def _runtime(key: str) -> ClientRuntime:
     return ClientRuntime(scenario, fd, model, device)
 
 
-def client_runtime(scenario: Scenario) -> ClientRuntime:
-    """The cached runtime for ``scenario`` in this process."""
-    return _runtime(scenario_key(scenario))
+@functools.lru_cache(maxsize=4)
+def _runtime_with(key: str, data: FederatedData) -> ClientRuntime:
+    base = _runtime(key)
+    model = build_global_model(base.scenario, data).to(base.device)
+    return ClientRuntime(base.scenario, data, model, base.device)
+
+
+def client_runtime(scenario: Scenario, data: FederatedData | None = None) -> ClientRuntime:
+    """The cached runtime for ``scenario`` in this process.
+
+    ``data`` replaces the scenario's own FederatedData (same client ids; e.g. the shadow
+    federations of a membership audit train each client on a subset of its pool).
+    """
+    if data is None:
+        return _runtime(scenario_key(scenario))
+    return _runtime_with(scenario_key(scenario), data)

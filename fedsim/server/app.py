@@ -47,12 +47,20 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
         personal = PersonalizedEvaluator(hooks, grid, evaluator, data, model, device)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
+    audit = None
+    if scenario.privacy.enabled:
+        from fedsim.privacy.audit import PrivacyAudit
+
+        audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
     initial = {"round": 0, **evaluate(arrays)}
     sink.on_round(initial)
-    arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round)
+    arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
+                        on_replies=audit.on_replies if audit else None)
     notes = strategy_summaries(strategy)
     if personal is not None:
         notes.update(personal.fedsim_summary())
+    if audit is not None:
+        notes["privacy"] = audit.finish(arrays)
     for key, value in notes.items():
         sink.note(key, value)
     sink.finish(arrays, model)
