@@ -215,11 +215,12 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     saved = {f: getattr(TaskIdentity, f) for f in fields}  # when no run has set them yet
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
     try:
-        grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data),
-                                               len(data.participating)))
-        arrays = model_to_record(build_global_model(scenario, data))
+        nodes = len(data.participating)
+        grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data), nodes), nodes)
+        model = build_global_model(scenario, data)
+        arrays = model_to_record(model)
         on_replies(0, [], arrays)
-        return run_rounds(make_strategy(scenario), grid, arrays, scenario,
+        return run_rounds(make_strategy(scenario, model), grid, arrays, scenario,
                           lambda _arrays: {}, lambda _record: None, on_replies=on_replies)
     finally:
         for f, value in saved.items():
