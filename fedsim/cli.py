@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run | partitions``. Bad input exits 2 with one ``error:`` line."""
+"""Command line: ``fedsim run | sweep | partitions``. Bad input exits 2 with one ``error:`` line."""
 
 from __future__ import annotations
 
@@ -25,13 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--overwrite", action="store_true",
                        help="replace a non-empty results folder")
     p_run.add_argument("--quiet", action="store_true", help="no progress display")
+    p_sweep = sub.add_parser("sweep", help="run every cell of the scenario's [sweep] grid "
+                             "(resumable) and write report.md")
+    _add_scenario_args(p_sweep)
+    p_sweep.add_argument("--out", help="sweep folder (default: output.dir of the scenario)")
+    p_sweep.add_argument("--workers", type=int, help="cells run in parallel (default: "
+                         "sweep.workers)")
+    p_sweep.add_argument("--overwrite", action="store_true",
+                         help="delete the sweep folder and run every cell again")
+    p_sweep.add_argument("--quiet", action="store_true", help="no progress lines")
     p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map")
     _add_scenario_args(p_part)
     p_part.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_part.add_argument("--png", help="heat-map path (default: <scenario stem>_partitions.png)")
     return parser
-
-
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -56,6 +63,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise ScenarioError(f"--workers {args.workers} must be >= 1")
+    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
+                       overwrite=args.overwrite, progress=say)
+    print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
+          f"({result.seconds:.0f} s) → {result.report}")
+    return 0
+
+
 def cmd_partitions(args: argparse.Namespace) -> int:
     from fedsim.data.federated import build_federated_data
     from fedsim.data.report import partition_table, plot_class_counts
@@ -77,7 +97,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "partitions": cmd_partitions}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "partitions": cmd_partitions}
 
 
 def main(argv: list[str] | None = None) -> int:

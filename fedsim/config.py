@@ -119,6 +119,40 @@ class ClientConfig:
                self.weight_decay)
 
 
+DP_KINDS = ("none", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Central differential privacy around any strategy (``[server.dp]``).
+
+    Flower's server-side clipping wrappers (McMahan et al., ICLR 2018; adaptive clipping:
+    Andrew et al., NeurIPS 2021) clip each client's update and noise the aggregate; fedsim
+    applies them to float parameters only (see ``fedsim.server.dp``).
+    """
+
+    kind: str = "none"  # none | fixed | adaptive
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # fixed: the clipping norm; adaptive: the initial one
+    target_clipped_quantile: float = 0.5  # adaptive
+    clip_norm_lr: float = 0.2  # adaptive
+    clipped_count_stddev: float = 0.0  # adaptive; 0 = Flower's default, clients_per_round / 20
+
+    def __post_init__(self) -> None:
+        _check(self.kind in DP_KINDS, "server.dp.kind", f"use one of {', '.join(DP_KINDS)}",
+               self.kind)
+        _check(self.noise_multiplier >= 0, "server.dp.noise_multiplier", "it must be >= 0",
+               self.noise_multiplier)
+        _check(self.clipping_norm > 0, "server.dp.clipping_norm", "it must be > 0",
+               self.clipping_norm)
+        _check(0 <= self.target_clipped_quantile <= 1, "server.dp.target_clipped_quantile",
+               "it must be in [0, 1]", self.target_clipped_quantile)
+        _check(self.clip_norm_lr > 0, "server.dp.clip_norm_lr", "it must be > 0",
+               self.clip_norm_lr)
+        _check(self.clipped_count_stddev >= 0, "server.dp.clipped_count_stddev",
+               "it must be >= 0 (0 = clients_per_round / 20)", self.clipped_count_stddev)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Strategy and rounds (``[server]``); ``[server.params]`` go to the strategy's constructor."""
@@ -128,6 +162,7 @@ class ServerConfig:
     clients_per_round: int = 10
     fraction_evaluate: float = 0.0  # federated (client-side) evaluation; 0 = server-side only
     params: dict[str, Any] = field(default_factory=dict)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "server.rounds", "it must be >= 1", self.rounds)
@@ -183,6 +218,113 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy audits run after training (``[privacy]``); each is off until named or enabled.
+
+    Results go to ``summary.json`` under ``privacy`` (see :mod:`fedsim.privacy.audit`).
+    """
+
+    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira"
+    shadows: int = 8  # LiRA: shadow federations, each on a random half of every client's pool
+    fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
+    audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
+    client_mia: bool = False  # loss attack on each client's upload of round client_round
+    leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
+    client_round: int = 0  # round whose client uploads client_mia / leakage read (0: last)
+    inversion: bool = False  # gradient inversion of one client step (Geiping et al. 2020)
+    inversion_round: int = 1  # attack the model the server sent at the start of this round
+    inversion_client: int = -1  # client id whose batch is attacked (-1: first participating)
+    inversion_batch: int = 1  # B images in the attacked local step
+    inversion_steps: int = 1000  # optimizer steps of the reconstruction
+    inversion_lr: float = 0.1
+    inversion_tv: float = 1e-4  # weight of the total-variation prior
+    bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
+    bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
+    bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
+
+    def __post_init__(self) -> None:
+        _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
+        if "lira" in self.mia:
+            _check(self.shadows >= 2, "privacy.shadows",
+                   "LiRA needs >= 2 shadows so every example has IN and OUT models", self.shadows)
+        _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
+               "name each attack once", list(self.mia))
+        _check(self.audit_every >= 0, "privacy.audit_every", "it must be >= 0 (0: final only)",
+               self.audit_every)
+        _check(self.client_round >= 0, "privacy.client_round", "it must be >= 0 (0: last round)",
+               self.client_round)
+        _check(self.inversion_round >= 1, "privacy.inversion_round", "it must be >= 1",
+               self.inversion_round)
+        _check(self.inversion_client >= -1, "privacy.inversion_client",
+               "it must be a client id or -1 (first participating client)",
+               self.inversion_client)
+        _check(self.inversion_batch >= 1, "privacy.inversion_batch", "it must be >= 1",
+               self.inversion_batch)
+        _check(self.inversion_steps >= 1, "privacy.inversion_steps", "it must be >= 1",
+               self.inversion_steps)
+        _check(self.inversion_lr > 0, "privacy.inversion_lr", "it must be > 0",
+               self.inversion_lr)
+        _check(self.inversion_tv >= 0, "privacy.inversion_tv", "it must be >= 0",
+               self.inversion_tv)
+        _check(self.bn_mode in ("train", "eval"), "privacy.bn_mode",
+               "use 'train' (what clients do) or 'eval'", self.bn_mode)
+        _check(self.bn_prior_weight >= 0, "privacy.bn_prior_weight", "it must be >= 0",
+               self.bn_prior_weight)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mia) or self.client_mia or self.leakage or self.inversion
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of scenario keys for ``fedsim sweep`` (``[sweep]``).
+
+    Every key of the table other than ``workers`` is a scenario key (``model.norm``,
+    ``seed``, ...) with a list of values; the sweep runs every combination. The resolved form
+    keeps the axes under ``grid`` with dotted names.
+    """
+
+    grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
+    workers: int = 1  # cells run in parallel processes
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "sweep.workers", "it must be >= 1", self.workers)
+        for key, values in self.grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ScenarioError(
+                    f"sweep.{key} must be a non-empty list of values, got {values!r}"
+                )
+            if key.split(".")[0] == "sweep":
+                raise ScenarioError(f"sweep.{key}: a sweep cannot sweep its own settings")
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], prefix: str) -> SweepConfig:
+        """Options by name; every other (possibly dotted) key is a grid axis."""
+        raw = dict(raw)
+        workers = raw.pop("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise ScenarioError(f"{prefix}.workers must be an integer, got {workers!r}")
+        grid = raw.pop("grid", {})
+        if not isinstance(grid, dict):
+            raise ScenarioError(f"{prefix}.grid must be a table of lists, got {grid!r}")
+        axes = {**_flatten(grid), **_flatten(raw)}
+        return cls(grid={k: list(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in axes.items()}, workers=workers)
+
+
+@dataclass(frozen=True)
 class Scenario:
     """One federated experiment, fully resolved."""
 
@@ -195,6 +337,8 @@ class Scenario:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         participating = self.partition.num_clients - self.partition.num_holdout
@@ -278,6 +422,8 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
+        return cls.from_table(raw, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -309,6 +455,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         prefix = ".".join(parts[:i])
         if cls is None:  # inside a free-form table such as server.params
             pass
+        elif hasattr(cls, "from_table"):  # [sweep]: its keys are scenario keys, checked later
+            cls = None
         else:
             names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:

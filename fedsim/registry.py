@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from fedsim.errors import ScenarioError
 
 T = TypeVar("T")
+
+
+def _same_definition(old: object, new: object) -> bool:
+    """Whether ``new`` is ``old`` re-executed: same qualified name in the same source file.
+
+    A module imported twice (once by file path, once by package name, as a user's strategy
+    module can be) registers its entries again; that replaces them instead of failing.
+    """
+    try:
+        source = inspect.getsourcefile(old)  # type: ignore[arg-type]
+        same_file = source is not None and source == inspect.getsourcefile(new)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return same_file and getattr(old, "__qualname__", None) == getattr(new, "__qualname__", 0)
 
 
 class Registry(Generic[T]):
@@ -26,7 +41,7 @@ class Registry(Generic[T]):
         """Decorator that adds ``obj`` under ``name`` (names are unique)."""
 
         def add(obj: T) -> T:
-            if name in self._items:
+            if name in self._items and not _same_definition(self._items[name], obj):
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
             return obj

@@ -38,6 +38,10 @@ def preflight(scenario: Scenario) -> None:
     from fedsim.engine import check_engine
 
     check_engine(scenario, model)
+    if scenario.privacy.enabled:
+        from fedsim.privacy.audit import check_privacy
+
+        check_privacy(scenario, data)
 
 
 def run(

@@ -72,6 +72,33 @@ def test_holdout_clients_never_train(tiny_run):
     assert len(data.holdout) == 1
     trained = {c for r in rounds_of(tiny_run.path) for c in r.get("clients", [])}
     assert trained and not trained & set(data.holdout)
+    for r in rounds_of(tiny_run.path)[1:]:  # no round's sample holds a holdout client
+        assert not set(r["clients"]) & set(data.holdout)
+
+
+def test_participation_gap_is_measured_on_the_clients_that_never_trained(tiny_run):
+    from fedsim.client.runtime import build_global_model
+    from fedsim.data.federated import build_federated_data
+    from fedsim.server.evaluate import Evaluator
+
+    scn = fedsim.load_scenario(tiny_run.path / "scenario.toml")
+    data = build_federated_data(scn)
+    model = build_global_model(scn, data)
+    evaluator = Evaluator(scn, data, model, torch.device("cpu"))
+    assert evaluator.holdout == list(data.holdout)
+    assert not set(evaluator.holdout) & set(evaluator.clients)
+    trained = {c for r in rounds_of(tiny_run.path) for c in r.get("clients", [])}
+    assert not trained & set(evaluator.holdout)
+    # the gap in summary.json is participating local-test mean minus the holdout mean
+    model.load_state_dict(torch.load(tiny_run.path / "model.pt", weights_only=True))
+    from fedsim.client.train import evaluate
+
+    hold = [evaluate(model, *data.client_test(c))[1] for c in data.holdout]
+    gen = tiny_run.summary["generalization"]
+    assert gen["holdout_accuracy"]["n"] == len(data.holdout)
+    assert gen["holdout_accuracy"]["mean"] == pytest.approx(sum(hold) / len(hold))
+    assert gen["participation_gap"] == pytest.approx(
+        tiny_run.summary["final"]["client_accuracy"]["mean"] - sum(hold) / len(hold))
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):

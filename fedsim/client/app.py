@@ -19,18 +19,29 @@ from fedsim.client.hooks import HookContext, hooks_for
 from fedsim.client.runtime import client_runtime
 from fedsim.client.train import evaluate, train_local
 from fedsim.config import Scenario, load_scenario
+from fedsim.data.federated import FederatedData
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.rng import torch_generator
 
 
-def handle_train(msg: Message, context: Context, scenario: Scenario) -> Message:
+@functools.lru_cache(maxsize=16)
+def import_strategy(name: str) -> None:
+    """Import the scenario's strategy here too, so client hooks its module registers exist."""
+    from fedsim.server.strategies import strategy_class
+
+    strategy_class(name)
+
+
+def handle_train(msg: Message, context: Context, scenario: Scenario,
+                 data: FederatedData | None = None) -> Message:
     """Load the global arrays, run the requested hooks and local SGD, reply with the update."""
-    rt = client_runtime(scenario)
+    rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
     model = rt.model
     config = msg.content.config_records.get("config", ConfigRecord())
     load_record(model, msg.content.array_records["arrays"])
-    hooks = hooks_for(HookContext(cid, config, context.state))
+    import_strategy(scenario.server.strategy)
+    hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content))
     for hook in hooks:
         hook.on_receive(model)
     x, y = rt.data.client_train(cid)
@@ -65,13 +76,17 @@ def handle_train(msg: Message, context: Context, scenario: Scenario) -> Message:
     return Message(content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, scenario: Scenario) -> Message:
+def handle_evaluate(msg: Message, context: Context, scenario: Scenario,
+                    data: FederatedData | None = None) -> Message:
     """Evaluate the received global model (plus any local layers) on the local test split."""
-    rt = client_runtime(scenario)
+    rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
     config = msg.content.config_records.get("config", ConfigRecord())
     load_record(rt.model, msg.content.array_records["arrays"])
-    for hook in hooks_for(HookContext(cid, config, context.state)):
+    import_strategy(scenario.server.strategy)
+    ctx = HookContext(cid, config, context.state, message=msg.content, mode="evaluate",
+                      local_train=lambda: rt.data.client_train(cid))
+    for hook in hooks_for(ctx):
         hook.on_receive(rt.model)
     x, y = rt.data.client_test(cid)
     loss, acc, n = evaluate(rt.model, x.to(rt.device), y.to(rt.device))
@@ -80,31 +95,36 @@ def handle_evaluate(msg: Message, context: Context, scenario: Scenario) -> Messa
     return Message(content, reply_to=msg)
 
 
-def handle_query(msg: Message, context: Context, scenario: Scenario) -> Message:
+def handle_query(msg: Message, context: Context, scenario: Scenario,
+                 data: FederatedData | None = None) -> Message:
     """Tell the server which fedsim client this node is (for engine-independent sampling)."""
-    cid = client_runtime(scenario).client_id(context)
+    cid = client_runtime(scenario, data).client_id(context)
     return Message(RecordDict({"client": ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
-def _register(app: ClientApp, get_scenario: Callable[[Context], Scenario]) -> ClientApp:
+def _register(app: ClientApp, get_scenario: Callable[[Context], Scenario],
+              data: FederatedData | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, get_scenario(context))
+        return handle_train(msg, context, get_scenario(context), data)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, get_scenario(context))
+        return handle_evaluate(msg, context, get_scenario(context), data)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, get_scenario(context))
+        return handle_query(msg, context, get_scenario(context), data)
 
     return app
 
 
-def make_client_app(scenario: Scenario) -> ClientApp:
-    """A ClientApp bound to ``scenario`` (pickles to Ray workers with it)."""
-    return _register(ClientApp(), lambda _context: scenario)
+def make_client_app(scenario: Scenario, data: FederatedData | None = None) -> ClientApp:
+    """A ClientApp bound to ``scenario`` (pickles to Ray workers with it).
+
+    ``data`` overrides the clients' data (same client ids), e.g. for shadow federations.
+    """
+    return _register(ClientApp(), lambda _context: scenario, data)
 
 
 @functools.lru_cache(maxsize=8)

@@ -104,14 +104,26 @@ _last: tuple[Scenario | None, ClientRuntime | None] = (None, None)
 _build_lock = threading.Lock()
 
 
-def client_runtime(scenario: Scenario) -> ClientRuntime:
+@functools.lru_cache(maxsize=4)
+def _runtime_with(key: str, data: FederatedData) -> ClientRuntime:
+    base = _runtime(key)
+    model = build_global_model(base.scenario, data).to(base.device)
+    return ClientRuntime(base.scenario, data, model, base.device)
+
+
+def client_runtime(scenario: Scenario, data: FederatedData | None = None) -> ClientRuntime:
     """The cached runtime for ``scenario`` in this process.
 
     Every message of a run carries the same Scenario object, so the last one is recognised
     by identity; only a new object pays for the JSON key (Scenario holds a dict, so it is not
-    hashable), which also finds runtimes of equal scenarios built elsewhere.
+    hashable), which also finds runtimes of equal scenarios built elsewhere. ``data``
+    replaces the scenario's own FederatedData (same client ids; e.g. the shadow federations
+    of a membership audit train each client on a subset of its pool).
     """
     global _last
+    if data is not None:
+        with _build_lock:
+            return _runtime_with(scenario_key(scenario), data)
     cached, rt = _last
     if cached is not scenario or rt is None:
         with _build_lock:  # concurrent workers must not build two runtimes for one scenario

@@ -45,6 +45,8 @@ def train_local(
 ) -> TrainResult:
     """Run ``cfg.epochs`` epochs of minibatch SGD on (x, y) in place; hooks shape the loss/step."""
     model.train()
+    for hook in hooks:
+        hook.before_train(model)
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

@@ -16,30 +16,45 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsim.errors import ScenarioError
-
 QUERY_TIMEOUT = 600.0
 POLL_INTERVAL = 0.2  # seconds between pulls while replies are outstanding
+#: seconds to wait for all expected nodes to register (Flower's engines start them in parallel)
+CONNECT_TIMEOUT = 300.0
 
 
 class ClientOrderedGrid(Grid):
     """Delegates to ``base``; ``get_node_ids`` is sorted by the client id each node reports."""
 
-    def __init__(self, base: Grid) -> None:
+    def __init__(self, base: Grid, expected_nodes: int,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.base = base
+        self.expected_nodes = expected_nodes
+        self.connect_timeout = connect_timeout
         self._client_of: dict[int, int] | None = None
         self._sorted: list[int] | None = None
 
+    def _wait_for_nodes(self) -> list[int]:
+        """All ``expected_nodes`` node ids, waiting while the engine registers them."""
+        deadline = time.monotonic() + self.connect_timeout
+        while len(nodes := list(self.base.get_node_ids())) < self.expected_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of {self.expected_nodes} client nodes connected within "
+                    f"{self.connect_timeout:.0f} s"
+                )
+            time.sleep(0.05)
+        return nodes
+
     def _discover(self) -> dict[int, int]:
         if self._client_of is None:
-            nodes = list(self.base.get_node_ids())
+            nodes = self._wait_for_nodes()
             msgs = [Message(RecordDict({"config": ConfigRecord({"want": "client-id"})}),
                             node, MessageType.QUERY) for node in nodes]
             replies = list(self.base.send_and_receive(msgs, timeout=QUERY_TIMEOUT))
             bad = [r for r in replies if r.has_error()]
             if bad or len(replies) != len(nodes):
                 reason = bad[0].error.reason if bad else "missing replies"
-                raise ScenarioError(f"could not ask the client nodes for their ids: {reason}")
+                raise RuntimeError(f"could not ask the client nodes for their ids: {reason}")
             self._client_of = {
                 r.metadata.src_node_id: int(r.content.config_records["client"]["client-id"])
                 for r in replies

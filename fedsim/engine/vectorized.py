@@ -63,11 +63,16 @@ def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
     return None
 
 
+#: hook methods that act inside local training (per minibatch, or on the model's modes
+#: before it): a cohort trains every client in one call, so they cannot run per client
+_STEP_METHODS = ("before_train", "extra_loss", "after_step")
+
+
 def step_hooks(hooks: Sequence[ClientHook]) -> list[str]:
-    """Names of hooks that change the loss or the optimizer step (not vectorizable)."""
+    """Names of hooks that act inside local training (not vectorizable)."""
     return [type(h).__name__ for h in hooks
-            if type(h).extra_loss is not ClientHook.extra_loss
-            or type(h).after_step is not ClientHook.after_step]
+            if any(getattr(type(h), m, None) is not getattr(ClientHook, m, None)
+                   for m in _STEP_METHODS if hasattr(ClientHook, m))]
 
 
 def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
@@ -95,13 +100,15 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"with model.norm = {scenario.model.norm!r} as a vmap cohort ({problem}); "
             "set engine.vectorize = false"
         )
-    names = step_hooks(hooks_for(HookContext(0, _first_train_config(scenario), RecordDict())))
-    if names:
-        raise ScenarioError(
-            f"engine.vectorize = true cannot run the client hook(s) {', '.join(names)} that "
-            f"server.strategy = {scenario.server.strategy!r} asks for (they change every "
-            "minibatch's loss or step); set engine.vectorize = false"
-        )
+    for rnd, config in enumerate(_train_configs(scenario, model), start=1):
+        names = step_hooks(hooks_for(HookContext(0, config, RecordDict())))
+        if names:
+            raise ScenarioError(
+                f"engine.vectorize = true cannot run the client hook(s) {', '.join(names)} "
+                f"that server.strategy = {scenario.server.strategy!r} asks for in round {rnd} "
+                "(they act inside local training: on every minibatch's loss or step, or on "
+                "the model before it); set engine.vectorize = false"
+            )
 
 
 class _NodeList:
@@ -114,28 +121,37 @@ class _NodeList:
         return list(range(1, self.n + 1))
 
 
-def _first_train_config(scenario: Scenario) -> ConfigRecord:
-    """The train config the strategy sends in round 1 (computed on a throwaway strategy)."""
+def _train_configs(scenario: Scenario, model: nn.Module) -> list[ConfigRecord]:
+    """The train config the strategy sends in each round, from a throwaway strategy.
+
+    Strategies that switch client behaviour by round (FixBN after its warm-up) are caught
+    before training; one that switched on aggregation results would be caught when its
+    cohort runs (every message of that cohort then fails, naming the hook).
+    """
     from flwr.app import ArrayRecord
 
+    from fedsim.client.app import import_strategy
     from fedsim.engine.inprocess import set_task_identity
     from fedsim.server.strategies import make_strategy
 
+    import_strategy(scenario.server.strategy)  # registers the strategy's client hooks
     saved = random.getstate()
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)  # no "configure_train: Sampled ..." line for a dry run
+    flwr_log.setLevel(logging.WARNING)  # no "configure_train: Sampled ..." lines for a dry run
     set_task_identity(1)  # messages need a sender identity, as in the in-process grid
+    configs = []
     try:
-        strategy = make_strategy(scenario)
-        msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(),
-                                             _NodeList(scenario.num_participating)))
+        strategy = make_strategy(scenario, model)
+        nodes = _NodeList(scenario.num_participating)
+        for rnd in range(1, scenario.server.rounds + 1):
+            msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), nodes))
+            configs.append(msgs[0].content.config_records.get("config", ConfigRecord())
+                           if msgs else ConfigRecord())
     finally:
         random.setstate(saved)
         flwr_log.setLevel(level)
-    if not msgs:
-        return ConfigRecord()
-    return msgs[0].content.config_records.get("config", ConfigRecord())
+    return configs
 
 
 # --------------------------------------------------------------------------- training
@@ -274,6 +290,7 @@ class CohortTrainer:
         self.scenario = scenario
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+        from fedsim.client.app import import_strategy
         from fedsim.client.runtime import client_runtime
 
         scenario = self.scenario
@@ -288,7 +305,8 @@ class CohortTrainer:
                 cid = rt.client_id(ctx)
                 config = msg.content.config_records.get("config", ConfigRecord())
                 record = msg.content.array_records["arrays"]
-                hooks = hooks_for(HookContext(cid, config, ctx.state))
+                import_strategy(scenario.server.strategy)
+                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content))
                 bad = step_hooks(hooks)
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")

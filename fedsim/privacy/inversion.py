@@ -14,6 +14,7 @@ the pixel values live in (1.0 for images in [0, 1], 2.0 for [-1, 1], or ``hi - l
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -148,6 +149,8 @@ def invert_gradients(
     seed: int = 0,
     bn_mode: str = "eval",
     bounds: tuple[float, float] | None = (0.0, 1.0),
+    bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_weight: float = 0.0,
 ) -> InversionResult:
     """Reconstruct a client's inputs from its gradient ("Inverting Gradients", Geiping et al.,
     NeurIPS 2020).
@@ -180,6 +183,12 @@ def invert_gradients(
         ``"eval"`` or ``"train"``; must match the mode the client used.
     bounds
         ``(lo, hi)`` box for the data, or None for no clamping.
+    bn_stats, bn_weight
+        Per-channel (mean, unbiased variance) of the client batch at the *input* of named
+        modules (e.g. recovered from uploaded BN buffers, see
+        :func:`fedsim.privacy.leakage.recover_batch_stats`); adds ``bn_weight · Σ (‖μ̂ − μ‖ +
+        ‖σ̂² − σ²‖)`` over those modules, the BN-statistics prior of Yin et al. (CVPR 2021,
+        "See through Gradients") and Hatamizadeh et al. (IEEE TMI 2023).
 
     Returns
     -------
@@ -212,12 +221,28 @@ def invert_gradients(
     milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    if bn_stats and bn_weight > 0:
+        modules = dict(clone.named_modules())
+        missing = [name for name in bn_stats if name not in modules]
+        if missing:
+            raise ValueError(f"bn_stats name modules the model lacks: {', '.join(missing)}")
+        for name in bn_stats:
+            handles.append(modules[name].register_forward_hook(_batch_stats_hook(name, seen)))
+        stats = {k: (m.to(device).float(), v.to(device).float()) for k, (m, v) in
+                 bn_stats.items()}
+
     def objective() -> torch.Tensor:
         loss = F.cross_entropy(clone(x), labels)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         cost = _cosine_distance(list(grads), target)
         if tv_weight > 0:
             cost = cost + tv_weight * total_variation(x)
+        if handles:
+            prior = sum((seen[k][0] - m).norm() + (seen[k][1] - v).norm()
+                        for k, (m, v) in stats.items())
+            cost = cost + bn_weight * prior
         return cost
 
     for _ in range(steps):
@@ -231,7 +256,22 @@ def invert_gradients(
             with torch.no_grad():
                 x.clamp_(*bounds)
     final = float(objective().detach())
+    for handle in handles:
+        handle.remove()
     return InversionResult(x.detach(), final)
+
+
+def _batch_stats_hook(name: str, seen: dict):
+    """Forward hook storing the per-channel mean and unbiased variance of a module's input,
+    over every dimension but the channel one (what BatchNorm's running statistics track)."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        h = inputs[0]
+        dims = [0, *range(2, h.dim())]
+        var, mean = torch.var_mean(h, dim=dims, correction=1)
+        seen[name] = (mean, var)
+
+    return hook
 
 
 def _as_images(x: torch.Tensor | np.ndarray) -> torch.Tensor:

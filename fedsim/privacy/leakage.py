@@ -177,11 +177,12 @@ def input_stats_from_bn(
     if keys["running_mean"] not in state_dict or keys["running_var"] not in state_dict:
         return None  # statistics kept local (FedBN / SiloBN): nothing leaks here
     prev = prev_state or {}
-    prev_count = int(prev.get(keys["num_batches_tracked"], 0))
+    # counters may arrive as floats after Flower's averaging (1.9999...): round, not truncate
+    prev_count = round(float(prev.get(keys["num_batches_tracked"], 0)))
     if num_batches is None:
         if keys["num_batches_tracked"] not in state_dict:
             raise ValueError(f"{name} uploads no num_batches_tracked; pass num_batches explicitly")
-        num_batches = int(state_dict[keys["num_batches_tracked"]]) - prev_count
+        num_batches = round(float(state_dict[keys["num_batches_tracked"]])) - prev_count
     if num_batches < 1:
         return None  # no local batch went through the layer
     mean, var = recover_batch_stats(

@@ -68,6 +68,10 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
     }
     if "hybrid_alpha" in last:
         summary["hybrid_alpha"] = last["hybrid_alpha"]
+    for key in ("personalized_accuracy", "personalized_holdout_accuracy",
+                "personalized_participation_gap"):
+        if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
+            summary["final"][key] = last[key]
     return summary
 
 
@@ -81,6 +85,7 @@ class RunRecorder:
         self.progress = progress
         self.plots = plots
         self.rounds: list[dict] = []
+        self.notes: dict = {}
         self.summary: dict | None = None
         self._t0 = time.perf_counter()
 
@@ -106,12 +111,16 @@ class RunRecorder:
         if self.progress is not None:
             self.progress(record)
 
+    def note(self, key: str, value) -> None:
+        """A top-level ``summary.json`` section the run contributes (e.g. ``dp``)."""
+        self.notes[key] = value
+
     def finish(self, arrays, model: nn.Module) -> None:
         load_record(model, arrays)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save(state, self.out / "model.pt")
         seconds = time.perf_counter() - self._t0
-        self.summary = _finite(summarize(self.rounds, self.scenario, seconds))
+        self.summary = _finite({**summarize(self.rounds, self.scenario, seconds), **self.notes})
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
             from fedsim.report.plots import plot_learning_curves

@@ -22,6 +22,11 @@ from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.loop import run_rounds
+from fedsim.server.personalized import (
+    PersonalizedEvaluator,
+    personal_hooks,
+    strategy_summaries,
+)
 from fedsim.server.strategies import make_strategy
 
 
@@ -32,14 +37,32 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     device = resolve_device(scenario.engine.device)
     model = build_global_model(scenario, data).to(device)
     arrays = model_to_record(model)
-    strategy = make_strategy(scenario)
+    strategy = make_strategy(scenario, model)
     evaluator = Evaluator(scenario, data, model, device)
-    grid = ClientOrderedGrid(grid)
+    grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
+    evaluate = evaluator
+    personal = None
+    if hooks := personal_hooks(strategy):  # clients keep local arrays: evaluate their own models
+        personal = PersonalizedEvaluator(hooks, grid, evaluator, data, model, device)
+        evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
-    initial = {"round": 0, **evaluator(arrays)}
+    audit = None
+    if scenario.privacy.enabled:
+        from fedsim.privacy.audit import PrivacyAudit
+
+        audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
+    initial = {"round": 0, **evaluate(arrays)}
     sink.on_round(initial)
-    arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round)
+    arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
+                        on_replies=audit.on_replies if audit else None)
+    notes = strategy_summaries(strategy)
+    if personal is not None:
+        notes.update(personal.fedsim_summary())
+    if audit is not None:
+        notes["privacy"] = audit.finish(arrays)
+    for key, value in notes.items():
+        sink.note(key, value)
     sink.finish(arrays, model)
 
 

@@ -49,8 +49,13 @@ def run_rounds(
     evaluate: Callable[[ArrayRecord], dict],
     on_round: Callable[[dict], None],
     start_round: int = 1,
+    on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
 ) -> ArrayRecord:
-    """Run rounds ``start_round..server.rounds``; returns the final global arrays."""
+    """Run rounds ``start_round..server.rounds``; returns the final global arrays.
+
+    ``on_replies(round, replies, arrays)``, if given, sees each round's client replies and the
+    new global arrays right after aggregation (what a curious server sees; privacy audits).
+    """
     total = scenario.server.rounds
     for rnd in range(start_round, total + 1):
         t0 = time.perf_counter()
@@ -61,6 +66,8 @@ def run_rounds(
         if agg is not None:
             arrays = agg
         train_seconds = time.perf_counter() - t0
+        if on_replies is not None:
+            on_replies(rnd, replies, arrays)
         record: dict = {
             "round": rnd,
             "clients": sorted(c for c in map(_client_id, replies) if c is not None),

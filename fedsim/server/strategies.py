@@ -1,14 +1,22 @@
-"""Server strategies by name (Flower's built-ins, ours) or by import path (a user's class)."""
+"""Server strategies by name (Flower's built-ins, ours) or by import path (a user's class).
+
+``make_strategy`` instantiates the scenario's strategy with ``[server.params]`` and, when
+``[server.dp]`` asks for it, wraps it in Flower's central-DP wrapper (``fedsim.server.dp``).
+Every failure — a path that does not import, a class that is not a Strategy, constructor
+arguments it does not take — is a ScenarioError raised while the scenario is validated,
+before anything trains.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
@@ -16,6 +24,9 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
@@ -47,13 +58,18 @@ def _import_path(spec: str) -> type:
             path = Path(target)
             if not path.is_file():
                 raise ScenarioError(f"server.strategy = {spec!r}: file {target!r} not found")
-            mod_name = f"fedsim_user_strategy_{abs(hash(str(path.resolve())))}"
+            digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
+            mod_name = f"fedsim_user_strategy_{digest}"
             module = sys.modules.get(mod_name)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(mod_name, path)
                 module = importlib.util.module_from_spec(loader_spec)
                 sys.modules[mod_name] = module
-                loader_spec.loader.exec_module(module)
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]  # a fixed file must import again next time
+                    raise
         else:
             module = importlib.import_module(target)
     except ScenarioError:
@@ -82,9 +98,32 @@ def strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
+def accepted_params(cls: type) -> set[str] | None:
+    """Keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the MRO.
+
+    A subclass written as ``def __init__(self, warmup=5, **kwargs): super().__init__(**kwargs)``
+    accepts its own names plus its parent's. None means "anything" (``**kwargs`` that do not
+    end at a parent's explicit signature).
+    """
+    names: set[str] = set()
+    open_kwargs = False  # a subclass passed **kwargs on to its parents
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:  # **kwargs that reach object.__init__ went elsewhere: cannot tell
+            return None if open_kwargs else names
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+        if not open_kwargs:
+            return names
+    return None
+
+
 def _accepts(cls: type, name: str) -> bool:
-    params = inspect.signature(cls.__init__).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = accepted_params(cls)
+    return accepted is None or name in accepted
 
 
 def strategy_kwargs(scenario: Scenario, cls: type[Strategy]) -> dict[str, Any]:
@@ -104,14 +143,24 @@ def strategy_kwargs(scenario: Scenario, cls: type[Strategy]) -> dict[str, Any]:
     return kwargs
 
 
-def make_strategy(scenario: Scenario) -> Strategy:
-    """Instantiate the scenario's strategy; bad constructor arguments are a ScenarioError."""
+def make_strategy(scenario: Scenario, model: Module | None = None) -> Strategy:
+    """Instantiate the scenario's strategy (DP-wrapped if ``[server.dp]`` asks for it).
+
+    ``model`` (the global model) tells the DP wrapper which arrays are parameters; without
+    it the strategy is built only to validate the scenario. Bad constructor arguments are a
+    ScenarioError.
+    """
     cls = strategy_class(scenario.server.strategy)
     kwargs = strategy_kwargs(scenario, cls)
+    accepted = accepted_params(cls)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
     try:
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
         inspect.signature(cls.__init__).bind(None, **kwargs)
     except TypeError as exc:
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        allowed = sorted(accepted) if accepted is not None else [
+            p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         raise ScenarioError(
             f"[server.params] do not fit {cls.__name__}: {exc}; it accepts: {', '.join(allowed)}"
         ) from None
@@ -119,7 +168,7 @@ def make_strategy(scenario: Scenario) -> Strategy:
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)  # FedAvg warns on fraction_evaluate = 0, our default
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except Exception as exc:
         raise ScenarioError(
             f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
@@ -127,3 +176,8 @@ def make_strategy(scenario: Scenario) -> Strategy:
         ) from None
     finally:
         flwr_log.setLevel(level)
+    if scenario.server.dp.kind != "none":
+        from fedsim.server.dp import wrap_dp
+
+        strategy = wrap_dp(strategy, scenario, model)
+    return strategy

@@ -1,0 +1,1 @@
+"""Examples of user strategies; they are not imported by ``strategies`` (load them by path)."""

@@ -136,9 +136,10 @@ TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=
 # (not GN here: with one channel per group it can divide by a ~0 variance and amplify 1e-7)
 
 
-@pytest.mark.parametrize("norm", ["ln", "bn"])
-def test_vectorized_run_matches_sequential_run(tmp_path, norm):
-    tiny = TINY + [f"model.norm={norm}"]
+@pytest.mark.parametrize("norm,strategy", [("ln", "fedavg"), ("bn", "fedavg"), ("bn", "fedbn")])
+def test_vectorized_run_matches_sequential_run(tmp_path, norm, strategy):
+    """Whole runs; with FedBN every client keeps its BN layers in Context.state."""
+    tiny = TINY + [f"model.norm={norm}", f"server.strategy={strategy}"]
     a = fedsim.run("scenarios/quickstart.toml", tiny, out=tmp_path / "seq")
     b = fedsim.run("scenarios/quickstart.toml", tiny + ["engine.vectorize=true",
                                                         "engine.cohort_size=3"],
@@ -152,6 +153,8 @@ def test_vectorized_run_matches_sequential_run(tmp_path, norm):
 
 @pytest.mark.parametrize("overrides,match", [
     (["server.strategy=fedprox", "server.params.proximal_mu=0.1"], "ProximalHook"),
+    (["server.strategy=fixbn", "server.params.warmup=1", "model.norm=bn"],
+     "FixBNHook.*in round 2"),
     (["engine.kind=ray"], "applies to the inprocess engine"),
 ])
 def test_unsupported_combinations_are_refused_before_training(tmp_path, overrides, match):

@@ -1,0 +1,570 @@
+"""Privacy audits of a federated run, wired into the server loop by ``[privacy]``.
+
+The server is the attacker throughout (the threat model of Nasr et al., IEEE S&P 2019):
+
+- ``mia``: membership inference on the global model, at the final round and every
+  ``audit_every`` rounds (so norms can be compared at matched accuracy as well as at matched
+  rounds). Attacks come from :data:`MIA_ATTACKS` (``loss``: Yeom et al. 2018; ``lira``:
+  Carlini et al. 2022, online and offline, with shadow *federations*).
+- ``client_mia``: the loss attack on each client's own upload of one round.
+- ``leakage``: which arrays a client uploads, and how well its data mean is recovered from
+  uploaded BatchNorm buffers (Huang et al. 2021; Hatamizadeh et al. 2023).
+- ``inversion``: gradient inversion of one local step of one client (Geiping et al. 2020).
+
+Members and non-members (:class:`MembershipPool`): for every participating client, ``k`` of
+its local training samples (members) and ``k`` of its local *test* split (non-members: same
+client, same distribution, never trained on), ``k = min(#train, #test)``, drawn with
+``(seed, "privacy", "pool", client)``. Shadow federation ``i`` runs the same scenario (own
+seed for initialization, sampling and batch order) through the in-process engine; each of
+its clients trains on its training samples outside the pool plus a random half of its own
+pool (:func:`~fedsim.privacy.mia.shadow_split` per client), so every pool example is IN for
+half of the shadows and shadow clients see as many samples as the real ones on average.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Message
+from torch import nn
+
+from fedsim.arrays import load_record, model_to_record, record_to_state
+from fedsim.client.runtime import build_global_model
+from fedsim.config import Scenario
+from fedsim.data.federated import FederatedData
+from fedsim.errors import ScenarioError
+from fedsim.privacy.inversion import (
+    client_gradient,
+    image_metrics,
+    invert_gradients,
+    match_reconstructions,
+    recover_labels,
+    save_image_grid,
+)
+from fedsim.privacy.leakage import (
+    KINDS,
+    has_running_stats,
+    input_stats_from_bn,
+    recover_batch_stats,
+    uploaded_arrays,
+)
+from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points
+from fedsim.privacy.mia import lira_scores, loss_attack, per_example_outputs, shadow_split
+from fedsim.registry import Registry
+from fedsim.rng import derive_seed, numpy_rng
+from fedsim.server.evaluate import distribution
+
+ROC_PNG = "privacy_roc.png"
+INVERSION_PNG = "privacy_inversion.png"
+NONMEMBERS_FROM = "participating clients' local test splits"
+
+# --------------------------------------------------------------------------- attacks
+
+
+@dataclass(frozen=True)
+class MiaInputs:
+    """What a membership attack may use: the target's per-example outputs on the pool and,
+    for shadow-based attacks, the shadows' confidences and IN/OUT masks (k, n)."""
+
+    losses: np.ndarray
+    confidences: np.ndarray
+    shadow_conf: np.ndarray | None
+    shadow_in: np.ndarray | None
+    fix_variance: bool
+
+
+MIA_ATTACKS: Registry[Callable[[MiaInputs], dict[str, np.ndarray]]] = Registry(
+    "membership attack"
+)
+
+
+def _needs_shadows(fn: Callable) -> Callable:
+    fn.needs_shadows = True  # type: ignore[attr-defined]
+    return fn
+
+
+@MIA_ATTACKS.register("loss")
+def _loss(inp: MiaInputs) -> dict[str, np.ndarray]:
+    """Yeom et al. (CSF 2018): threshold on the per-example loss."""
+    return {"loss": loss_attack(inp.losses)}
+
+
+@MIA_ATTACKS.register("lira")
+@_needs_shadows
+def _lira(inp: MiaInputs) -> dict[str, np.ndarray]:
+    """Carlini et al. (IEEE S&P 2022): Gaussian likelihood ratio, online and offline."""
+    assert inp.shadow_conf is not None and inp.shadow_in is not None
+    kw = {"fix_variance": inp.fix_variance}
+    return {
+        "lira_online": lira_scores(inp.confidences, inp.shadow_conf, inp.shadow_in, True, **kw),
+        "lira_offline": lira_scores(inp.confidences, inp.shadow_conf, inp.shadow_in, False,
+                                    **kw),
+    }
+
+
+def needs_shadows(name: str) -> bool:
+    return bool(getattr(MIA_ATTACKS.get(name, key="privacy.mia"), "needs_shadows", False))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class MembershipPool:
+    """Audited members (rows of ``client_train``) and non-members (rows of ``client_test``),
+    equal in number per participating client, fixed by the seed."""
+
+    clients: tuple[int, ...]
+    members: dict[int, np.ndarray]
+    nonmembers: dict[int, np.ndarray]
+
+    @classmethod
+    def build(cls, data: FederatedData, seed: int) -> MembershipPool:
+        members, nonmembers = {}, {}
+        for cid in data.participating:
+            n_train, n_test = len(data.client_train(cid)[1]), len(data.client_test(cid)[1])
+            k = min(n_train, n_test)
+            rng = numpy_rng(seed, "privacy", "pool", cid)
+            members[cid] = np.sort(rng.choice(n_train, size=k, replace=False))
+            nonmembers[cid] = np.sort(rng.choice(n_test, size=k, replace=False))
+        return cls(tuple(data.participating), members, nonmembers)
+
+    def client_tensors(self, data: FederatedData, cid: int):
+        """(x, y, is_member) of one client's pool: its members, then its non-members."""
+        xtr, ytr = data.client_train(cid)
+        xte, yte = data.client_test(cid)
+        m, n = torch.as_tensor(self.members[cid]), torch.as_tensor(self.nonmembers[cid])
+        x = torch.cat([xtr[m], xte[n]])
+        y = torch.cat([ytr[m], yte[n]])
+        return x, y, np.r_[np.ones(len(m), bool), np.zeros(len(n), bool)]
+
+    def tensors(self, data: FederatedData):
+        """(x, y, is_member) of the whole pool, clients in order."""
+        parts = [self.client_tensors(data, cid) for cid in self.clients]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]))
+
+    def shadow_masks(self, num_shadows: int, seed: int) -> dict[int, np.ndarray]:
+        """Per client, the (shadows, pool size) IN mask: each example IN for half of them."""
+        return {cid: shadow_split(2 * len(self.members[cid]), num_shadows,
+                                  numpy_rng(seed, "privacy", "shadow-split", cid))
+                for cid in self.clients}
+
+
+class ShadowData:
+    """The federation's data with each participating client training on chosen rows: its
+    training samples outside the audit pool plus the pool samples a shadow marks IN.
+
+    Everything else (client ids, local test splits, global test set) is the base data's.
+    """
+
+    def __init__(self, base: FederatedData, rows: dict[int, tuple[np.ndarray, np.ndarray]]):
+        self.base = base
+        self.rows = rows  # client -> (rows of client_train, rows of client_test)
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def client_train(self, cid: int):
+        if cid not in self.rows:
+            return self.base.client_train(cid)
+        (xtr, ytr), (xte, yte) = self.base.client_train(cid), self.base.client_test(cid)
+        tr, te = (torch.as_tensor(r, dtype=torch.long) for r in self.rows[cid])
+        return torch.cat([xtr[tr], xte[te]]), torch.cat([ytr[tr], yte[te]])
+
+    @classmethod
+    def for_shadow(cls, base: FederatedData, pool: MembershipPool,
+                   masks: dict[int, np.ndarray], shadow: int) -> ShadowData:
+        rows = {}
+        for cid in pool.clients:
+            k = len(pool.members[cid])
+            n_train = len(base.client_train(cid)[1])
+            keep = np.setdiff1d(np.arange(n_train), pool.members[cid])
+            mask = masks[cid][shadow]
+            rows[cid] = (np.sort(np.r_[keep, pool.members[cid][mask[:k]]]),
+                         pool.nonmembers[cid][mask[k:]])
+        return cls(base, rows)
+
+
+def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRecord:
+    """Train ``scenario``'s federation on ``data`` with the in-process engine and the usual
+    round loop (strategy hooks, seeded sampling), without server-side evaluation.
+
+    ``on_replies(round, replies, arrays)`` sees every round, and round 0 (no replies) first.
+    Flower's process-wide task identity is restored afterwards.
+    """
+    import logging
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.client.app import make_client_app
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+    from fedsim.server.loop import run_rounds
+    from fedsim.server.strategies import make_strategy
+
+    fields = ("_task_id", "_run_id", "_node_id")  # raw slots: reading the properties raises
+    saved = {f: getattr(TaskIdentity, f) for f in fields}  # when no run has set them yet
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
+    try:
+        nodes = len(data.participating)
+        grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data), nodes), nodes)
+        model = build_global_model(scenario, data)
+        arrays = model_to_record(model)
+        on_replies(0, [], arrays)
+        return run_rounds(make_strategy(scenario, model), grid, arrays, scenario,
+                          lambda _arrays: {}, lambda _record: None, on_replies=on_replies)
+    finally:
+        for f, value in saved.items():
+            setattr(TaskIdentity, f, value)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def first_client(scenario: Scenario, data: FederatedData) -> int:
+    cid = scenario.privacy.inversion_client
+    return data.participating[0] if cid < 0 else cid
+
+
+def check_privacy(scenario: Scenario, data: FederatedData) -> None:
+    """Bad ``[privacy]`` input raises ScenarioError before anything trains."""
+    cfg, rounds = scenario.privacy, scenario.server.rounds
+    for name in cfg.mia:
+        MIA_ATTACKS.get(name, key="privacy.mia")
+    for key, value in (("client_round", cfg.client_round),
+                       ("inversion_round", cfg.inversion_round)):
+        if value > rounds:
+            raise ScenarioError(f"privacy.{key} = {value} is out of range; the run has "
+                                f"server.rounds = {rounds}")
+    if cfg.inversion:
+        cid = first_client(scenario, data)
+        if cid not in data.participating:
+            why = "a holdout client (never trains)" if cid in data.holdout else "not a client"
+            raise ScenarioError(
+                f"privacy.inversion_client = {cid} is {why}; use a participating client id "
+                f"(e.g. {data.participating[0]}) or -1")
+        n = len(data.client_train(cid)[1])
+        if cfg.inversion_batch > n:
+            raise ScenarioError(f"privacy.inversion_batch = {cfg.inversion_batch} exceeds the "
+                                f"{n} training samples of client {cid}; lower it")
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+class PrivacyAudit:
+    """Collects what the server sees during training, then runs the configured audits.
+
+    ``on_replies`` goes to :func:`fedsim.server.loop.run_rounds`; ``finish`` returns the
+    ``privacy`` section of summary.json and writes the PNGs into ``out``.
+    """
+
+    def __init__(self, scenario: Scenario, data: FederatedData, device: torch.device,
+                 out: Path, initial: ArrayRecord) -> None:
+        check_privacy(scenario, data)
+        self.scenario, self.cfg, self.data, self.device = scenario, scenario.privacy, data, device
+        self.out = Path(out)
+        total = scenario.server.rounds
+        self.attacks = {name: MIA_ATTACKS.get(name, key="privacy.mia") for name in self.cfg.mia}
+        every = self.cfg.audit_every
+        self.audit_rounds = (set(range(every, total + 1, every)) if every else set()) | {total}
+        self.client_round = self.cfg.client_round or total
+        self.model = build_global_model(scenario, data).to(device)  # scratch copy for probes
+        self.pool = MembershipPool.build(data, scenario.seed)
+        x, y, self.is_member = self.pool.tensors(data)
+        self.pool_xy = (x.to(device), y.to(device))
+        xt, yt = data.global_test()
+        self.test_xy = (xt.to(device), yt.to(device))
+        self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.client_rows: list[dict] = []
+        self.leak_rows: list[dict] = []
+        self.inversion_state = record_to_state(initial) if self.cfg.inversion_round == 1 else None
+        self._sent = initial
+
+    # -- during training ------------------------------------------------------------
+    def _outputs(self, arrays, x, y) -> tuple[np.ndarray, np.ndarray]:
+        load_record(self.model, arrays)
+        return per_example_outputs(self.model, x, y)
+
+    def on_replies(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> None:
+        if self.attacks and rnd in self.audit_rounds:
+            losses, conf = self._outputs(arrays, *self.pool_xy)
+            with torch.no_grad():
+                self.model.eval()
+                acc = float((self.model(self.test_xy[0]).argmax(1) == self.test_xy[1])
+                            .float().mean())
+            self.target[rnd] = (losses, conf, acc)
+        if rnd == self.client_round and (self.cfg.client_mia or self.cfg.leakage):
+            for msg in replies:
+                if not msg.has_error():
+                    self._client_update(msg, arrays)
+        if self.cfg.inversion and rnd == self.cfg.inversion_round - 1:
+            self.inversion_state = record_to_state(arrays)
+        self._sent = arrays
+
+    def _client_update(self, msg: Message, global_after: ArrayRecord) -> None:
+        cid = int(msg.content.config_records["client"]["client-id"])
+        upload = msg.content.array_records["arrays"]
+        if self.cfg.client_mia:
+            x, y, is_member = self.pool.client_tensors(self.data, cid)
+            x, y = x.to(self.device), y.to(self.device)
+            own = attack_metrics(loss_attack(self._outputs(upload, x, y)[0]), is_member)
+            glob = attack_metrics(loss_attack(self._outputs(global_after, x, y)[0]), is_member)
+            self.client_rows.append({"client": cid, "members": int(is_member.sum()),
+                                     "auc": own["auc"], "global_auc": glob["auc"]})
+        if self.cfg.leakage:
+            self.leak_rows.append(self._leakage(cid, record_to_state(upload),
+                                                record_to_state(self._sent)))
+
+    def _leakage(self, cid: int, state: dict, sent: dict) -> dict:
+        rows = uploaded_arrays(self.model, keys=list(state))
+        kinds = {k: {"arrays": 0, "values": 0} for k in KINDS}
+        for row in rows:
+            kinds[row["kind"]]["arrays"] += 1
+            kinds[row["kind"]]["values"] += int(np.prod(row["shape"], dtype=np.int64))
+        out = {"client": cid, "uploaded": {k: v for k, v in kinds.items() if v["arrays"]}}
+        leaked = input_stats_from_bn(self.model, state, prev_state=sent)
+        x = self.data.client_train(cid)[0].double()
+        dims = [0, *range(2, x.dim())]
+        true_mean, true_std = x.mean(dim=dims), x.std(dim=dims)
+        if leaked is None:
+            out["recovery"] = None
+            return out
+        if leaked.applies_to == "input":
+            guess, method = leaked.mean, "direct"
+        else:
+            first = next(m for m in self.model.modules() if not list(m.children()))
+            if not isinstance(first, nn.Conv2d):
+                out["recovery"] = {"layer": leaked.module, "applies_to": leaked.applies_to,
+                                   "error": f"cannot invert a first {type(first).__name__}"}
+                return out
+            guess, method = _mean_through_conv(first, sent, self._first_name(), leaked.mean,
+                                               tuple(self.data.input_shape))
+        public = self.test_xy[0].double().mean(dim=dims).cpu()
+        out["recovery"] = {
+            "layer": leaked.module,
+            "applies_to": leaked.applies_to,
+            "method": method,
+            "batches": leaked.num_batches,
+            "abs_error": float((guess.cpu() - true_mean).abs().mean()),
+            "relative_error": float(((guess.cpu() - true_mean).abs() / true_std).mean()),
+            "baseline_abs_error": float((public - true_mean).abs().mean()),
+        }
+        return out
+
+    def _first_name(self) -> str:
+        return next(n for n, m in self.model.named_modules() if not list(m.children()))
+
+    # -- after training -------------------------------------------------------------
+    def finish(self, arrays: ArrayRecord) -> dict:
+        t0 = time.perf_counter()
+        result: dict = {}
+        if self.attacks:
+            result.update(self._membership())
+        if self.cfg.client_mia:
+            aucs = [r["auc"] for r in self.client_rows]
+            result["client_mia"] = {
+                "round": self.client_round,
+                "attack": "loss",
+                "auc": distribution(aucs),
+                "global_model_auc": distribution([r["global_auc"] for r in self.client_rows]),
+                "per_client": self.client_rows,
+            }
+        if self.cfg.leakage:
+            result["leakage"] = self._leakage_summary()
+        if self.cfg.inversion:
+            result["inversion"] = self._inversion()
+        result["seconds"] = time.perf_counter() - t0
+        return result
+
+    def _membership(self) -> dict:
+        shadow_conf, shadow_in, shadow_seconds = None, None, 0.0
+        if any(getattr(a, "needs_shadows", False) for a in self.attacks.values()):
+            t0 = time.perf_counter()
+            shadow_conf, shadow_in = self._shadows()
+            shadow_seconds = time.perf_counter() - t0
+        by_round, final_scores = [], {}
+        for rnd in sorted(self.target):
+            losses, conf, acc = self.target[rnd]
+            inp = MiaInputs(losses, conf, None if shadow_conf is None else shadow_conf[rnd],
+                            shadow_in, self.cfg.fix_variance)
+            scores: dict[str, np.ndarray] = {}
+            for attack in self.attacks.values():
+                scores.update(attack(inp))
+            by_round.append({"round": rnd, "global_test_accuracy": acc,
+                             **{k: attack_metrics(s, self.is_member) for k, s in scores.items()}})
+            final_scores = scores
+        curves = {}
+        for name, s in final_scores.items():
+            fpr, tpr = roc_points(s, self.is_member)
+            curves[name] = (fpr, tpr, by_round[-1][name]["auc"])
+        plot_roc(curves, self.out / ROC_PNG, title=f"{self.scenario.name}: membership inference")
+        final = by_round[-1]
+        return {
+            "mia": {k: v for k, v in final.items() if k not in ("round", "global_test_accuracy")},
+            "mia_round": final["round"],
+            "mia_by_round": by_round,
+            "mia_pool": {
+                "clients": len(self.pool.clients),
+                "members": int(self.is_member.sum()),
+                "nonmembers": int((~self.is_member).sum()),
+                "members_from": "participating clients' local training samples",
+                "nonmembers_from": NONMEMBERS_FROM,
+            },
+            "shadows": {"count": self.cfg.shadows, "fix_variance": self.cfg.fix_variance,
+                        "engine": "inprocess", "seconds": shadow_seconds}
+            if shadow_conf is not None else None,
+            "roc_png": ROC_PNG,
+        }
+
+    def _shadows(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Train the shadow federations; their pool confidences at every audited round."""
+        k = self.cfg.shadows
+        masks = self.pool.shadow_masks(k, self.scenario.seed)
+        shadow_in = np.concatenate([masks[c] for c in self.pool.clients], axis=1)
+        conf = {rnd: np.zeros((k, len(self.is_member))) for rnd in self.target}
+        for i in range(k):
+            seed = derive_seed(self.scenario.seed, "privacy", "shadow", i) & 0x7FFFFFFF
+            shadow = dataclasses.replace(self.scenario, seed=seed)
+            data = ShadowData.for_shadow(self.data, self.pool, masks, i)
+
+            def on_replies(rnd, _replies, arrays, i=i):
+                if rnd in conf:
+                    conf[rnd][i] = self._outputs(arrays, *self.pool_xy)[1]
+
+            train_federation(shadow, data, on_replies)
+        return conf, shadow_in
+
+    def _leakage_summary(self) -> dict:
+        uploaded = self.leak_rows[0]["uploaded"] if self.leak_rows else {}
+        rec = [r["recovery"] for r in self.leak_rows if r["recovery"] is not None]
+        summary: dict = {
+            "round": self.client_round,
+            "norm": self.scenario.model.norm,
+            "uploaded": uploaded,
+            "running_stats_uploaded": any(k in uploaded for k in ("running_mean", "running_var")),
+        }
+        if not rec:
+            summary["data_mean_recovery"] = None
+            summary["reason"] = ("no layer with running statistics among the uploaded arrays"
+                                 if not summary["running_stats_uploaded"] else
+                                 "the first layer with running statistics is too deep")
+        elif any("error" in r for r in rec):
+            summary["data_mean_recovery"] = None
+            summary["reason"] = rec[0]["error"]
+        else:
+            summary["data_mean_recovery"] = {
+                "layer": rec[0]["layer"],
+                "applies_to": rec[0]["applies_to"],
+                "method": rec[0]["method"],
+                "clients": len(rec),
+                "abs_error": float(np.mean([r["abs_error"] for r in rec])),
+                "relative_error": float(np.mean([r["relative_error"] for r in rec])),
+                "baseline_abs_error": float(np.mean([r["baseline_abs_error"] for r in rec])),
+            }
+        return summary
+
+    def _inversion(self) -> dict:
+        cfg = self.cfg
+        model = copy.deepcopy(self.model)
+        load_record(model, self.inversion_state)
+        cid = first_client(self.scenario, self.data)
+        x_all, y_all = self.data.client_train(cid)
+        rows = numpy_rng(self.scenario.seed, "privacy", "inversion-batch", cid).choice(
+            len(y_all), size=cfg.inversion_batch, replace=False)
+        x, y = x_all[np.sort(rows)].to(self.device), y_all[np.sort(rows)].to(self.device)
+        grads = client_gradient(model, x, y, bn_mode=cfg.bn_mode)
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise ScenarioError("privacy.inversion needs a model whose classifier is "
+                                "`model.head` (nn.Linear), as every fedsim arch has")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        g_w = grads[names.index("head.weight")]
+        g_b = grads[names.index("head.bias")] if "head.bias" in names else None
+        labels = recover_labels(g_w, g_b, num_images=len(y))
+        bn_stats = (_uploaded_batch_stats(model, x)
+                    if cfg.bn_buffers_shared and cfg.bn_mode == "train" else {})
+        lo = float(self.test_xy[0].min())
+        hi = float(self.test_xy[0].max())
+        recon = invert_gradients(
+            model, grads, labels, tuple(self.data.input_shape), num_images=len(y),
+            steps=cfg.inversion_steps, lr=cfg.inversion_lr, tv_weight=cfg.inversion_tv,
+            seed=self.scenario.seed, bn_mode=cfg.bn_mode, bounds=(lo, hi),
+            bn_stats=bn_stats or None, bn_weight=cfg.bn_prior_weight,
+        )
+        metrics = image_metrics(x.cpu(), recon.x.cpu(), data_range=hi - lo)
+        matched, _ = match_reconstructions(x.cpu(), recon.x.cpu())
+        save_image_grid(x.cpu(), matched, self.out / INVERSION_PNG, bounds=(lo, hi))
+        true_counts = np.bincount(y.cpu().numpy(), minlength=self.data.num_classes)
+        got_counts = np.bincount(labels.cpu().numpy(), minlength=self.data.num_classes)
+        return {
+            "round": cfg.inversion_round,
+            "client": cid,
+            "batch_size": len(y),
+            "bn_mode": cfg.bn_mode,
+            "bn_buffers_shared": cfg.bn_buffers_shared,
+            "bn_prior_layers": len(bn_stats),
+            "psnr_db": metrics["psnr"],
+            "ssim": metrics["ssim"],
+            "mse": metrics["mse"],
+            "label_accuracy": float(np.minimum(true_counts, got_counts).sum() / len(y)),
+            "steps": cfg.inversion_steps,
+            "objective": recon.loss,
+            "png": INVERSION_PNG,
+        }
+
+
+def _uploaded_batch_stats(model: nn.Module, x: torch.Tensor) -> dict:
+    """What a train-mode step uploads in BN buffers, inverted back to the batch statistics
+    at each BN layer's input (exact after one batch, see ``recover_batch_stats``)."""
+    stepped = copy.deepcopy(model).train()
+    with torch.no_grad():
+        stepped(x)
+    before = dict(model.named_modules())
+    stats = {}
+    for name, module in stepped.named_modules():
+        if not has_running_stats(module) or not name:
+            continue
+        prev = before[name]
+        stats[name] = recover_batch_stats(
+            module.running_mean, module.running_var, getattr(module, "momentum", 0.1),
+            num_batches=1, prev_mean=prev.running_mean, prev_var=prev.running_var,
+            prev_num_batches=round(float(prev.num_batches_tracked)),
+        )
+    return stats
+
+
+def _mean_through_conv(conv: nn.Conv2d, state: dict, name: str, out_mean: torch.Tensor,
+                       input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    """Per-channel input mean from the per-channel mean of a first conv's output.
+
+    The output mean is linear in the means of the zero-padded input under each kernel tap:
+    ``mean_out[o] = b[o] + Σ_{i,u,v} W[o,i,u,v] · μ[i,u,v]``. For a stride-1 conv with "same"
+    padding and at least as many output channels as taps, ``"taps"`` solves for every ``μ`` by
+    least squares and reads the centre tap, whose mean is exactly the image mean. Otherwise
+    ``"constant"`` assumes each input channel constant (``μ[i,u,v]`` = its mean, zero padding
+    included), an approximation. Both use the conv weights the client uploaded.
+    """
+    c, h, w = input_shape
+    weight = state[f"{name}.weight"].double()
+    bias = state.get(f"{name}.bias")
+    rhs = out_mean.double() - (bias.double() if bias is not None else 0.0)
+    out_ch, _, kh, kw = weight.shape
+    same = (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and kh % 2 == 1 and kw % 2 == 1 and conv.padding == (kh // 2, kw // 2))
+    if same and out_ch >= c * kh * kw:
+        taps = torch.linalg.lstsq(weight.reshape(out_ch, -1), rhs[:, None]).solution[:, 0]
+        return taps.reshape(c, kh, kw)[:, kh // 2, kw // 2], "taps"
+    ones = torch.eye(c, dtype=torch.float64)[:, :, None, None].expand(c, c, h, w)
+    resp = F.conv2d(ones, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    a = resp.mean(dim=(2, 3)).T  # (out channels, in channels)
+    return torch.linalg.lstsq(a, rhs[:, None]).solution[:, 0], "constant"

@@ -1,0 +1,126 @@
+"""Personalized evaluation: each client's own model on its own local test split.
+
+Strategies whose clients keep part of the model (FedBN's normalization layers, SiloBN's
+statistics, a user's local head) name, in a ``personal_hooks`` attribute, the client hooks
+that rebuild a client's own model from the global arrays and its saved state. On every
+evaluated round fedsim then sends an evaluate message with those hooks to each evaluated
+participating client (the ClientApp restores its local arrays and tests on its local split,
+on any engine), and evaluates the holdout clients on the server with the same hooks and an
+empty state: they never trained, so they have nothing saved, and each hook's cold start
+applies (FedBN/SiloBN: the global layers, with BN running statistics re-estimated on the
+client's local train data without gradient steps).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from fedsim.arrays import load_record
+from fedsim.client.hooks import HookContext, hooks_for, request_hooks
+from fedsim.client.train import evaluate
+from fedsim.data.federated import FederatedData
+from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.server.evaluate import Evaluator, distribution
+
+#: seconds to wait for personalized-evaluation replies
+REPLY_TIMEOUT = 3600.0
+
+COLD_START = (
+    "clients without saved local arrays (holdout clients, which never train, and "
+    "participating clients not yet sampled) are evaluated with each hook's cold start: for "
+    "FedBN and SiloBN, the global layers with BatchNorm running statistics re-estimated on "
+    "the client's local train data (no gradient steps)"
+)
+
+
+def strategy_chain(strategy: Strategy) -> list[Strategy]:
+    """``strategy`` and the strategies it wraps (DP wrappers keep theirs in ``.strategy``)."""
+    chain = [strategy]
+    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
+        chain.append(chain[-1].strategy)
+    return chain
+
+
+def personal_hooks(strategy: Strategy) -> tuple[str, ...]:
+    """The client hooks that rebuild each client's own model; empty if there is none."""
+    for s in strategy_chain(strategy):
+        hooks = tuple(getattr(s, "personal_hooks", ()) or ())
+        if hooks:
+            return hooks
+    return ()
+
+
+def strategy_summaries(strategy: Strategy) -> dict:
+    """Sections any strategy in the chain contributes to summary.json (``fedsim_summary()``)."""
+    out: dict = {}
+    for s in strategy_chain(strategy):
+        summarize = getattr(s, "fedsim_summary", None)
+        if callable(summarize):
+            out.update(summarize())
+    return out
+
+
+class PersonalizedEvaluator:
+    """Per-client accuracy of each client's own model (global arrays + its local state)."""
+
+    def __init__(self, hooks: tuple[str, ...], grid: ClientOrderedGrid, evaluator: Evaluator,
+                 data: FederatedData, model: nn.Module, device: torch.device) -> None:
+        self.hooks = hooks
+        self.grid = grid
+        self.data = data
+        self.model = copy.deepcopy(model)
+        self.device = device
+        wanted = set(evaluator.clients)
+        self.nodes = [n for n in grid.get_node_ids() if grid.client_id(n) in wanted]
+        self.holdout = list(evaluator.holdout)
+        self.failures = 0
+
+    def config(self) -> ConfigRecord:
+        return request_hooks(ConfigRecord({"personalized": 1}), *self.hooks)
+
+    def _participating(self, arrays: ArrayRecord) -> tuple[list[float], list[int]]:
+        content = RecordDict({"arrays": arrays, "config": self.config()})
+        msgs = [Message(content, node, MessageType.EVALUATE) for node in self.nodes]
+        acc, n = [], []
+        for reply in self.grid.send_and_receive(msgs, timeout=REPLY_TIMEOUT):
+            if reply.has_error():
+                self.failures += 1
+                continue
+            metrics = reply.content.metric_records["metrics"]
+            acc.append(float(metrics["eval_accuracy"]))
+            n.append(int(metrics["num-examples"]))
+        return acc, n
+
+    def _holdout(self, arrays: ArrayRecord) -> list[float]:
+        acc = []
+        for cid in self.holdout:
+            load_record(self.model, arrays)
+            ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
+                              local_train=lambda cid=cid: self.data.client_train(cid))
+            for hook in hooks_for(ctx):
+                hook.on_receive(self.model)
+            x, y = self.data.client_test(cid)
+            acc.append(evaluate(self.model, x.to(self.device), y.to(self.device))[1])
+        return acc
+
+    def __call__(self, arrays: ArrayRecord) -> dict:
+        acc, n = self._participating(arrays)
+        hold = self._holdout(arrays)
+        clients = distribution(acc, n)
+        return {
+            "personalized_accuracy": clients,
+            "personalized_holdout_accuracy": distribution(hold) if hold else None,
+            "personalized_participation_gap": (
+                clients["mean"] - float(np.mean(hold)) if hold and acc else None
+            ),
+        }
+
+    def fedsim_summary(self) -> dict:
+        return {"personalized": {"hooks": list(self.hooks), "cold_start": COLD_START,
+                                 "evaluate_failures": self.failures}}

@@ -1,0 +1,235 @@
+"""``fedsim sweep``: run every combination of a scenario's ``[sweep]`` grid, then report.
+
+Each cell is an ordinary run with its own results folder under the sweep folder
+(``output.dir`` or ``--out``), named after its axis values, e.g.
+``norm-bn__batch_size-4__seed-0``. The sweep is resumable: a cell whose folder holds a
+``summary.json`` is not run again (its ``scenario.toml`` must match, or the sweep stops with
+an error rather than mix results of two scenarios); a cell without one (never started or
+interrupted) is run from scratch. When all cells are done, ``report.md`` is (re)written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
+from fedsim.errors import ScenarioError
+
+SWEEP_JSON = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its folder name, axis values and fully resolved scenario."""
+
+    name: str
+    params: dict[str, Any]
+    scenario: Scenario
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    path: Path
+    report: Path
+    ran: list[str]
+    skipped: list[str]
+    seconds: float
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal, for ``apply_override``."""
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_label(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
+
+
+def cell_name(params: dict[str, Any]) -> str:
+    """Folder name of a cell: ``short-key-value`` parts joined by ``__`` (full keys where
+    two axes share a last component)."""
+    shorts = [k.rsplit(".", 1)[-1] for k in params]
+    parts = []
+    for key, short in zip(params, shorts):
+        label = short if shorts.count(short) == 1 else key
+        parts.append(f"{label}-{_label(params[key])}")
+    return "__".join(parts) or "base"
+
+
+def expand(base: Scenario, root: Path) -> list[Cell]:
+    """Every cell of ``base``'s grid (the last axis varies fastest), each validated."""
+    grid = base.sweep.grid
+    if not grid:
+        raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
+                            "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
+    keys = list(grid)
+    cells = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        name = cell_name(params)
+        raw = base.to_dict()
+        raw["sweep"] = {}
+        for key, value in params.items():
+            try:
+                apply_override(raw, f"{key}={toml_literal(value)}")
+            except ScenarioError as exc:
+                raise ScenarioError(f"sweep axis {key!r}: {exc}") from None
+        raw["name"] = f"{base.name}/{name}"
+        raw.setdefault("output", {})["dir"] = str(root / name)
+        try:
+            scenario = scenario_from_dict(raw)
+        except ScenarioError as exc:
+            raise ScenarioError(f"sweep cell {name}: {exc}") from None
+        cells.append(Cell(name, params, scenario))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ScenarioError("two sweep cells get the same folder name; make the axis values "
+                            "distinct")
+    return cells
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_finished(cell: Cell, folder: Path) -> None:
+    """A finished cell must have been run with this cell's scenario."""
+    stored = load_scenario(folder / "scenario.toml")
+    if stored == cell.scenario:
+        return
+    a, b = _flat(stored.to_dict()), _flat(cell.scenario.to_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ScenarioError(
+        f"sweep cell {folder} was run with a different scenario (differs in "
+        f"{', '.join(diff[:5])}); use --out DIR for a new sweep or --overwrite to re-run it"
+    )
+
+
+def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float]:
+    """Run one cell (also in a worker process); returns its summary and wall seconds."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from fedsim.run import run
+
+    t0 = time.perf_counter()
+    result = run(scenario_from_dict(raw), out=out, overwrite=True)
+    return result.summary, time.perf_counter() - t0
+
+
+def _describe(summary: dict) -> str:
+    parts = []
+    acc = (summary.get("final") or {}).get("global_test_accuracy")
+    if acc is not None:
+        parts.append(f"acc {acc:.3f}")
+    for name, m in ((summary.get("privacy") or {}).get("mia") or {}).items():
+        parts.append(f"{name} AUC {m['auc']:.3f}")
+    return ", ".join(parts)
+
+
+def run_sweep(
+    scenario: Scenario | str | Path,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
+
+    Every cell is validated (including its data and model) before any cell runs.
+    """
+    from fedsim.report.report import write_report
+    from fedsim.run import preflight, resolve
+
+    say = progress or (lambda _msg: None)
+    base = resolve(scenario, overrides)
+    root = Path(out or base.output.dir)
+    cells = expand(base, root)
+    for cell in cells:
+        preflight(cell.scenario)
+    if root.exists() and not root.is_dir():
+        raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
+    if overwrite and root.is_dir():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    todo, skipped = [], []
+    for cell in cells:
+        folder = root / cell.name
+        if (folder / "summary.json").is_file():
+            _check_finished(cell, folder)
+            skipped.append(cell.name)
+        else:
+            todo.append(cell)
+    (root / "scenario.toml").write_text(tomli_w.dumps(base.to_dict()))
+    n = len(cells)
+    say(f"sweep {base.name}: {n} cells, {len(skipped)} finished earlier, {len(todo)} to run "
+        f"→ {root}")
+    workers = workers or base.sweep.workers
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    seconds: dict[str, float] = {}
+    done = len(skipped)
+
+    def report_cell(cell: Cell, summary: dict, secs: float) -> None:
+        nonlocal done
+        done += 1
+        seconds[cell.name] = secs
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / (done - len(skipped)) * (n - done)
+        say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}); "
+            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+
+    if workers <= 1 or len(todo) <= 1:
+        for cell in todo:
+            summary, secs = _run_cell(cell.scenario.to_dict(), str(root / cell.name), None)
+            report_cell(cell, summary, secs)
+    else:
+        ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_cell, c.scenario.to_dict(), str(root / c.name), 1): c
+                       for c in todo}
+            for future in as_completed(futures):
+                summary, secs = future.result()
+                report_cell(futures[future], summary, secs)
+    wall = time.perf_counter() - t0
+    previous = {}
+    if (root / SWEEP_JSON).is_file():
+        previous = json.loads((root / SWEEP_JSON).read_text())
+    runs = previous.get("invocations", [])
+    if todo:
+        runs.append({"ran": [c.name for c in todo], "cell_seconds": seconds,
+                     "wall_seconds": wall, "workers": workers, "cpus": os.cpu_count(),
+                     "load_average": {"start": load_start, "end": os.getloadavg()}})
+    info = {
+        "scenario": base.name,
+        "axes": base.sweep.grid,
+        "cells": [{"name": c.name, "params": c.params} for c in cells],
+        "invocations": runs,  # every invocation that ran cells, with its wall time and load
+    }
+    (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
+    say(f"report → {report}")
+    return SweepResult(root, report, [c.name for c in todo], skipped, wall)

@@ -1,0 +1,136 @@
+"""The privacy audit wired into a run: summary keys, ranges, PNGs, pools and shadow federations."""
+
+import json
+
+import numpy as np
+import pytest
+
+import fedsim
+from fedsim.config import load_scenario
+from fedsim.data.federated import build_federated_data
+from fedsim.errors import ScenarioError
+from fedsim.privacy.audit import MembershipPool, ShadowData, train_federation
+
+TINY = ["server.rounds=3", "partition.num_clients=6", "server.clients_per_round=3",
+        "partition.holdout_clients=0.2", "partition.test_fraction=0.5", "model.width=8",
+        "client.epochs=1"]
+AUDIT = ['privacy.mia=["loss","lira"]', "privacy.shadows=2", "privacy.fix_variance=true",
+         "privacy.audit_every=1", "privacy.client_mia=true", "privacy.leakage=true",
+         "privacy.inversion=true", "privacy.inversion_steps=30", "privacy.inversion_batch=2"]
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "bn"
+    return fedsim.run("scenarios/quickstart.toml", TINY + AUDIT + ["model.norm=bn"], out=out)
+
+
+def in_unit(x):
+    return x is not None and 0.0 <= x <= 1.0
+
+
+def test_summary_has_every_privacy_key_in_range(audited):
+    p = json.loads((audited.path / "summary.json").read_text())["privacy"]
+    assert set(p["mia"]) == {"loss", "lira_online", "lira_offline"}
+    for metrics in p["mia"].values():
+        for key in ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"):
+            assert in_unit(metrics[key]), key
+        assert metrics["balanced_accuracy"] >= 0.5  # the best threshold is never below chance
+    assert [r["round"] for r in p["mia_by_round"]] == [1, 2, 3] and p["mia_round"] == 3
+    pool = p["mia_pool"]
+    assert pool["members"] == pool["nonmembers"] > 0 and pool["clients"] == 5
+    assert p["shadows"]["count"] == 2 and p["shadows"]["engine"] == "inprocess"
+    cm = p["client_mia"]
+    assert cm["round"] == 3 and cm["auc"]["n"] == 3 and len(cm["per_client"]) == 3
+    assert in_unit(cm["auc"]["mean"]) and in_unit(cm["auc"]["p90"])
+    inv = p["inversion"]
+    assert inv["bn_mode"] == "train" and inv["bn_buffers_shared"] is True
+    assert inv["bn_prior_layers"] == 2 and inv["batch_size"] == 2
+    assert np.isfinite(inv["psnr_db"]) and -1 <= inv["ssim"] <= 1 and in_unit(inv["label_accuracy"])
+    leak = p["leakage"]
+    assert leak["running_stats_uploaded"] is True
+    assert {"weight", "bias", "running_mean", "running_var"} <= set(leak["uploaded"])
+    rec = leak["data_mean_recovery"]
+    assert rec["applies_to"].startswith("output of features.0") and rec["abs_error"] >= 0
+    assert (audited.path / "privacy_roc.png").stat().st_size > 1000
+    assert (audited.path / "privacy_inversion.png").stat().st_size > 1000
+
+
+def test_norms_without_running_statistics_upload_none(tmp_path):
+    result = fedsim.run("scenarios/quickstart.toml",
+                        TINY + ["server.rounds=1", "model.norm=gn", "privacy.leakage=true"],
+                        out=tmp_path / "gn")
+    leak = result.summary["privacy"]["leakage"]
+    assert leak["running_stats_uploaded"] is False and leak["data_mean_recovery"] is None
+    assert set(leak["uploaded"]) == {"weight", "bias"}
+    assert "mia" not in result.summary["privacy"]
+
+
+def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
+    # batch 512 > any client: one batch per round, so BN buffers hold that batch's statistics
+    result = fedsim.run("scenarios/quickstart.toml",
+                        TINY + ["server.rounds=2", "model.norm=bn", "model.width=16",
+                                "client.batch_size=512", "privacy.leakage=true"],
+                        out=tmp_path / "bn")
+    rec = result.summary["privacy"]["leakage"]["data_mean_recovery"]
+    assert rec["method"] == "taps" and rec["abs_error"] < 1e-5 < rec["baseline_abs_error"]
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [
+    (['privacy.mia=["lossy"]'], "unknown membership attack"),
+    (["privacy.inversion=true", "privacy.inversion_client=99"], "not a client"),
+    (["privacy.client_round=9", "privacy.client_mia=true"], "privacy.client_round = 9"),
+    (['privacy.mia=["lira"]', "privacy.shadows=1"], "privacy.shadows"),
+    (["privacy.bn_mode=test"], "privacy.bn_mode"),
+])
+def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        fedsim.run("scenarios/quickstart.toml", TINY + extra, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_holdout_inversion_client_is_refused(tmp_path):
+    scn = load_scenario("scenarios/quickstart.toml", TINY)
+    holdout = build_federated_data(scn).holdout[0]
+    with pytest.raises(ScenarioError, match="holdout client"):
+        fedsim.run(scn, ["privacy.inversion=true", f"privacy.inversion_client={holdout}"],
+                   out=tmp_path / "x")
+
+
+def test_pool_is_balanced_per_client_and_shadows_keep_client_structure():
+    scn = load_scenario("scenarios/quickstart.toml", TINY + ["partition.test_fraction=0.2"])
+    data = build_federated_data(scn)
+    pool = MembershipPool.build(data, scn.seed)
+    assert pool.clients == data.participating
+    masks = pool.shadow_masks(4, scn.seed)
+    shadows = [ShadowData.for_shadow(data, pool, masks, i) for i in range(4)]
+    for cid in pool.clients:
+        k = len(pool.members[cid])
+        assert k == len(pool.nonmembers[cid]) == min(len(data.client_train(cid)[1]),
+                                                      len(data.client_test(cid)[1]))
+        assert (masks[cid].sum(axis=0) == 2).all()  # every pool example IN for half the shadows
+        sizes = []
+        for s in shadows:
+            x, y = s.client_train(cid)
+            sizes.append(len(y))
+            # every training sample comes from this client's own data
+            own = np.concatenate([data.client_train(cid)[0].numpy(),
+                                  data.client_test(cid)[0].numpy()]).reshape(-1, 64)
+            assert all((own == row).all(axis=1).any() for row in x.numpy().reshape(-1, 64))
+        # as many samples as the real client on average over the shadows
+        assert np.mean(sizes) == len(data.client_train(cid)[1])
+
+
+def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
+    scn = load_scenario("scenarios/quickstart.toml", TINY + ["server.rounds=2"])
+    data = build_federated_data(scn)
+    pool = MembershipPool.build(data, scn.seed)
+    shadow = ShadowData.for_shadow(data, pool, pool.shadow_masks(2, scn.seed), 0)
+    seen: dict[int, list[int]] = {}
+
+    def on_replies(rnd, replies, _arrays):
+        seen[rnd] = [int(m.content.config_records["client"]["client-id"]) for m in replies]
+
+    train_federation(scn, shadow, on_replies)
+    assert seen[0] == [] and len(seen[1]) == len(seen[2]) == 3
+    assert not set(seen[1] + seen[2]) & set(data.holdout)
