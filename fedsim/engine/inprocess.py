@@ -131,8 +131,10 @@ class InProcessGrid(Grid):
         return dict(self.state_store.items())
 
     def import_states(self, states: dict[int, RecordDict]) -> None:
-        """Replace the stored states of the nodes in ``states``."""
+        """Replace the stored states of the nodes in ``states`` (restoring a checkpoint)."""
         for node_id, state in states.items():
+            if not self._is_node(int(node_id)):
+                raise ValueError(f"client state for unknown node {node_id}")
             self.state_store.put(int(node_id), state)
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """The in-process Grid speaks Flower's Grid protocol to an unmodified Flower strategy."""
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -85,3 +86,11 @@ def test_failing_client_keeps_its_previous_state():
     grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     assert grid.state_store.get(2)["s"]["n"] == 41  # node 2 (partition 1) raised: unchanged
     assert grid.state_store.get(1)["s"]["n"] == 1  # the healthy node saved its state
+
+
+def test_states_export_and_import_through_the_store():
+    grid = InProcessGrid(echo_app(), num_nodes=2, state_store=None)
+    grid.import_states({2: RecordDict({"s": ConfigRecord({"n": 5})})})
+    assert {k: v["s"]["n"] for k, v in grid.export_states().items()} == {2: 5}
+    with pytest.raises(ValueError, match="unknown node 3"):
+        grid.import_states({3: RecordDict({"s": ConfigRecord({"n": 1})})})
