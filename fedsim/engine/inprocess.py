@@ -107,6 +107,17 @@ class InProcessGrid(Grid):
             )
         return self._contexts[node_id]
 
+    def export_states(self) -> dict[int, RecordDict]:
+        """Every node's non-empty ``Context.state`` by node id (what a checkpoint saves)."""
+        return {nid: ctx.state for nid, ctx in self._contexts.items() if len(ctx.state)}
+
+    def import_states(self, states: dict[int, RecordDict]) -> None:
+        """Replace nodes' ``Context.state`` (restoring a checkpoint before the first round)."""
+        for nid, state in states.items():
+            if nid not in self._node_set():
+                raise ValueError(f"client state for unknown node {nid}")
+            self.context(nid).state = state
+
     def _execute(self, msg: Message) -> Message:
         """Run the ClientApp on one message; an exception becomes an error reply."""
         node_id = msg.metadata.dst_node_id

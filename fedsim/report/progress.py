@@ -47,7 +47,7 @@ def round_progress(total_rounds: int, label: str) -> Iterator:
                 parts.append(f"acc {rec['global_test_accuracy']:.3f}")
             if updates[1] > 0:
                 parts.append(f"{updates[0] / updates[1]:.1f} upd/s")
-            advance = 1 if rec.get("round", 0) >= 1 else 0
-            bar.update(task, advance=advance, stats="  ".join(parts))
+            # completed = the round number, so a resumed run's bar starts where it stopped
+            bar.update(task, completed=rec.get("round", 0), stats="  ".join(parts))
 
         yield on_round

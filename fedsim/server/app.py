@@ -15,11 +15,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import model_to_record
+from fedsim.checkpoint import Checkpointer, resume_state
 from fedsim.client.runtime import build_global_model
 from fedsim.config import Scenario
 from fedsim.data.federated import build_federated_data
 from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.errors import RunStopped
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.loop import run_rounds
 from fedsim.server.strategies import make_strategy
@@ -37,9 +39,20 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     grid = ClientOrderedGrid(grid)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     sink.start(scenario)
-    initial = {"round": 0, **evaluator(arrays)}
-    sink.on_round(initial)
-    arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round)
+    resumed = getattr(sink, "checkpoint", None)  # set by --resume
+    checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed)
+    if resumed is not None:
+        arrays, start = resume_state(resumed, strategy, grid)
+    else:
+        sink.on_round({"round": 0, **evaluator(arrays)})
+        checkpoint(0, arrays)
+        start = 1
+    try:
+        arrays = run_rounds(strategy, grid, arrays, scenario, evaluator, sink.on_round,
+                            start_round=start, checkpoint=checkpoint)
+    except RunStopped as exc:  # results so far are kept; the caller re-raises
+        sink.stop(exc, exc.arrays, model)
+        return
     sink.finish(arrays, model)
 
 
@@ -71,3 +84,5 @@ def _main(grid: Grid, context: Context) -> None:
     scenario, sink = _from_run_config(context)
     sink.prepare()
     server_main(grid, scenario, sink)
+    if sink.stopped is not None:
+        raise sink.stopped
