@@ -9,6 +9,7 @@ the same clients in the same rounds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -23,13 +24,35 @@ QUERY_TIMEOUT = 600.0
 class ClientOrderedGrid(Grid):
     """Delegates to ``base``; ``get_node_ids`` is sorted by the client id each node reports."""
 
-    def __init__(self, base: Grid) -> None:
+    def __init__(self, base: Grid, num_nodes: int | None = None,
+                 connect_timeout: float = QUERY_TIMEOUT) -> None:
         self.base = base
+        self.num_nodes = num_nodes
+        self.connect_timeout = connect_timeout
         self._client_of: dict[int, int] | None = None
+
+    def _connected_nodes(self) -> list[int]:
+        """The base grid's nodes, once all ``num_nodes`` are connected.
+
+        Flower's Ray engine registers its SuperNodes while the ServerApp already runs; asking
+        too early would fix a partial node list for good (and Flower's sampling would then
+        wait forever for the missing nodes).
+        """
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            nodes = list(self.base.get_node_ids())
+            if self.num_nodes is None or len(nodes) >= self.num_nodes:
+                return nodes
+            if time.monotonic() > deadline:
+                raise ScenarioError(
+                    f"only {len(nodes)} of {self.num_nodes} client nodes connected within "
+                    f"{self.connect_timeout:.0f} s"
+                )
+            time.sleep(0.05)
 
     def _discover(self) -> dict[int, int]:
         if self._client_of is None:
-            nodes = list(self.base.get_node_ids())
+            nodes = self._connected_nodes()
             msgs = [Message(RecordDict({"config": ConfigRecord({"want": "client-id"})}),
                             node, MessageType.QUERY) for node in nodes]
             replies = list(self.base.send_and_receive(msgs, timeout=QUERY_TIMEOUT))

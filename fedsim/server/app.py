@@ -36,7 +36,7 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     arrays = model_to_record(model)
     strategy = make_strategy(scenario)
     evaluator = Evaluator(scenario, data, model, device)
-    grid = ClientOrderedGrid(grid)
+    grid = ClientOrderedGrid(grid, num_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     sink.start(scenario)
     resumed = getattr(sink, "checkpoint", None)  # set by --resume

@@ -170,3 +170,31 @@ def test_a_diverging_run_stops_naming_the_round_and_the_learning_rate(tmp_path, 
     assert [r["round"] for r in rounds_of(out)] == [0, 1]  # results so far are kept
     assert json.loads((out / "summary.json").read_text())["stopped"]["round"] == 1
 
+
+class SlowGrid:
+    """A grid whose nodes connect one by one, as Flower's Ray SuperNodes do."""
+
+    def __init__(self, total):
+        self.total, self.calls = total, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(range(101, 101 + min(self.calls, self.total)))
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        return [Message(RecordDict({"client": ConfigRecord(
+            {"client-id": m.metadata.dst_node_id - 101})}), reply_to=m) for m in messages]
+
+
+def test_client_ordering_waits_until_every_node_has_connected():
+    """Asking Ray too early used to freeze a partial node list: sampling then hung forever."""
+    from fedsim.engine.inprocess import set_task_identity
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    set_task_identity(1)
+    grid = ClientOrderedGrid(SlowGrid(4), num_nodes=4)
+    assert list(grid.get_node_ids()) == [101, 102, 103, 104]
+    with pytest.raises(ScenarioError, match="only 1 of 4 client nodes connected"):
+        list(ClientOrderedGrid(SlowGrid(1), num_nodes=4, connect_timeout=0.2).get_node_ids())
