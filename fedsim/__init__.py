@@ -2,7 +2,7 @@
 
 from fedsim.config import Scenario, load_scenario
 from fedsim.errors import ScenarioError
-from fedsim.run import RunResult, run
+from fedsim.run import RunResult, resume, run
 
-__all__ = ["RunResult", "Scenario", "ScenarioError", "load_scenario", "run"]
+__all__ = ["RunResult", "Scenario", "ScenarioError", "load_scenario", "resume", "run"]
 __version__ = "0.1.0"

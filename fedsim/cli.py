@@ -10,8 +10,8 @@ from pathlib import Path
 from fedsim.errors import ScenarioError
 
 
-def _add_scenario_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", help="scenario TOML file")
+def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("scenario", help="scenario TOML file", nargs="?" if optional else None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario key, e.g. --set model.norm=bn (repeatable)")
 
@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one federation and write a results folder")
-    _add_scenario_args(p_run)
+    _add_scenario_args(p_run, optional=True)
+    p_run.add_argument("--resume", metavar="DIR",
+                       help="continue the interrupted run in results folder DIR from its last "
+                            "checkpoint (its own scenario.toml; no FILE, --set, --out)")
     p_run.add_argument("--out", help="results folder (default: output.dir of the scenario)")
     p_run.add_argument("--overwrite", action="store_true",
                        help="replace a non-empty results folder")
@@ -41,24 +44,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
+def _resume(args: argparse.Namespace):
+    """``fedsim run --resume DIR``: the folder's own scenario, nothing else may change it."""
+    from fedsim.config import load_scenario
+    from fedsim.report.progress import round_progress
+    from fedsim.run import resume
+
+    extra = [name for name, given in (("FILE", args.scenario), ("--set", args.overrides),
+                                      ("--out", args.out), ("--overwrite", args.overwrite))
+             if given]
+    if extra:
+        raise ScenarioError(
+            f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
+            f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
+    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+    toml = Path(args.resume) / "scenario.toml"
+    if args.quiet or not toml.is_file():
+        return resume(args.resume, warn=warn)
+    scenario = load_scenario(toml)
+    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)") as on_round:
+        return resume(args.resume, progress=on_round, warn=warn)
+
+
+def _num(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.report.progress import round_progress
     from fedsim.run import resolve, run
 
-    scenario = resolve(args.scenario, args.overrides)
-    if args.quiet:
-        result = run(scenario, out=args.out, overwrite=args.overwrite)
+    if args.resume:
+        result = _resume(args)
+    elif args.scenario is None:
+        raise ScenarioError("fedsim run needs a scenario FILE (or --resume DIR)")
     else:
-        with round_progress(scenario.server.rounds, scenario.name) as on_round:
-            result = run(scenario, out=args.out, overwrite=args.overwrite, progress=on_round)
-    final = result.summary["final"]
-    timing = result.summary["timing"]
+        scenario = resolve(args.scenario, args.overrides)
+        if args.quiet:
+            result = run(scenario, out=args.out, overwrite=args.overwrite)
+        else:
+            with round_progress(scenario.server.rounds, scenario.name) as on_round:
+                result = run(scenario, out=args.out, overwrite=args.overwrite,
+                             progress=on_round)
+    summary = result.summary
+    final, timing = summary["final"], summary["timing"]
+    clients = final.get("client_accuracy") or {}
     print(
-        f"{scenario.name}: global test accuracy {final['global_test_accuracy']:.4f}, "
-        f"client mean {final['client_accuracy'].get('mean', float('nan')):.4f} "
-        f"(p10 {final['client_accuracy'].get('p10', float('nan')):.4f}), "
-        f"{timing['client_updates_per_s']:.1f} client updates/s, {timing['seconds']:.1f} s "
-        f"→ {result.path}"
+        f"{summary['scenario']}: global test accuracy {_num(final['global_test_accuracy'])}, "
+        f"client mean {_num(clients.get('mean'))} (p10 {_num(clients.get('p10'))}), "
+        f"{_num(timing['client_updates_per_s'], '.1f')} client updates/s, "
+        f"{_num(timing['seconds'], '.1f')} s → {result.path}"
     )
     return 0
 

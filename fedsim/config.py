@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -210,11 +211,50 @@ class OutputConfig:
     dir: str = "results/run"
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
     eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
+    checkpoint_every: int = 1  # rounds between checkpoints (0 = none; the last round always)
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
         _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
                self.eval_clients)
+        _check(self.checkpoint_every >= 0, "output.checkpoint_every",
+               "it must be >= 0 (0 = no checkpoints, no --resume)", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class FailuresConfig:
+    """Simulated system heterogeneity and what to do when too few clients answer (``[failures]``).
+
+    Every draw is derived from (seed, "failures", round, client), so failures are reproducible
+    and identical after ``--resume``.
+    """
+
+    dropout: float = 0.0  # probability a sampled client does not answer
+    crash: float = 0.0  # probability a sampled client raises mid-training
+    straggler: float = 0.0  # fraction of clients (fixed by the seed) that are slow
+    slowdown: float = 4.0  # a straggler's local step takes this many times longer
+    step_seconds: float = 1.0  # simulated seconds one local SGD step of a normal client takes
+    deadline: float = 0.0  # round deadline (simulated seconds); later replies dropped; 0 = none
+    min_replies: int = 1  # fewer valid replies than this: the round is retried or the run stops
+    on_too_few: str = "retry"  # retry (a new derived sample) | stop
+    retries: int = 3  # retry: at most this many extra attempts per round
+
+    def __post_init__(self) -> None:
+        for key in ("dropout", "crash"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"failures.{key}", "it must be in [0, 1)", value)
+        _check(0 <= self.straggler <= 1, "failures.straggler", "it must be in [0, 1]",
+               self.straggler)
+        _check(self.slowdown >= 1, "failures.slowdown", "it must be >= 1", self.slowdown)
+        _check(self.step_seconds > 0, "failures.step_seconds", "it must be > 0",
+               self.step_seconds)
+        _check(self.deadline >= 0, "failures.deadline",
+               "it must be >= 0 simulated seconds (0 = no deadline)", self.deadline)
+        _check(self.min_replies >= 1, "failures.min_replies", "it must be >= 1",
+               self.min_replies)
+        _check(self.on_too_few in ("retry", "stop"), "failures.on_too_few",
+               "use 'retry' or 'stop'", self.on_too_few)
+        _check(self.retries >= 0, "failures.retries", "it must be >= 0", self.retries)
 
 
 @dataclass(frozen=True)
@@ -339,6 +379,7 @@ class Scenario:
     output: OutputConfig = field(default_factory=OutputConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    failures: FailuresConfig = field(default_factory=FailuresConfig)
 
     def __post_init__(self) -> None:
         participating = self.partition.num_clients - self.partition.num_holdout
@@ -349,6 +390,12 @@ class Scenario:
                 f"server.clients_per_round = {self.server.clients_per_round} exceeds the "
                 f"{participating} participating clients (partition.num_clients = "
                 f"{self.partition.num_clients} minus holdout); lower it or add clients"
+            )
+        if self.failures.min_replies > self.server.clients_per_round:
+            raise ScenarioError(
+                f"failures.min_replies = {self.failures.min_replies} exceeds "
+                f"server.clients_per_round = {self.server.clients_per_round}: no round could "
+                "ever succeed; lower it"
             )
 
     @property
@@ -396,6 +443,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ScenarioError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ScenarioError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -7,3 +7,16 @@ class ScenarioError(ValueError):
 
 class DataFormatError(ScenarioError):
     """A local dataset folder is missing files or holds files in the wrong format."""
+
+
+class CheckpointError(ScenarioError):
+    """A checkpoint is missing, truncated, corrupted or does not match its results folder."""
+
+
+class RunStopped(ScenarioError):
+    """A run stopped on purpose mid-way (diverged, too few clients answered); results so far
+    are kept. ``round`` is the round that stopped it."""
+
+    def __init__(self, message: str, round: int | None = None) -> None:  # noqa: A002
+        super().__init__(message)
+        self.round = round

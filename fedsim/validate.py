@@ -27,6 +27,42 @@ def check_names(scenario: Scenario) -> None:
     NORMS.get(scenario.model.norm, key="model.norm")
     ENGINES.get(scenario.engine.kind, key="engine.kind")
     make_strategy(scenario)
+    check_strategy_params(scenario)
+
+
+def check_strategy_params(scenario: Scenario) -> None:
+    """Each ``[server.params]`` value must have the type of the constructor's default.
+
+    Flower's strategies do not check their arguments: ``eta = "x"`` would only fail mid-run,
+    inside ``aggregate_train``. Parameters without a default (or a ``None`` one) are not checked.
+    """
+    import inspect
+    import math
+
+    from fedsim.server.strategies import strategy_class
+
+    cls = strategy_class(scenario.server.strategy)
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in scenario.server.params.items():
+        default = params[key].default if key in params else None
+        if default is None or default is inspect.Parameter.empty:
+            continue
+        is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = is_num and isinstance(value, int), "an integer"
+        elif isinstance(default, float):
+            ok, want = is_num and math.isfinite(value), "a finite number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ScenarioError(
+                f"server.params.{key} = {value!r} must be {want}, like its default in "
+                f"{cls.__name__}({key}={default!r})"
+            )
 
 
 def check_batch_statistics(scenario: Scenario, model: torch.nn.Module,

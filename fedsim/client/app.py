@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.arrays import load_record, state_to_record
+from fedsim.client.failures import error_reply  # also registers the "crash" client hook
 from fedsim.client.hooks import HookContext, hooks_for
 from fedsim.client.runtime import client_runtime
 from fedsim.client.train import evaluate, train_local
@@ -102,20 +103,29 @@ def handle_query(msg: Message, context: Context, scenario: Scenario,
     return Message(RecordDict({"client": ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
+def _guarded(handler: Callable[..., Message], get_scenario: Callable[[Context], Scenario],
+             data: FederatedData | None = None) -> Callable[[Message, Context], Message]:
+    """Run a handler; an exception becomes an error reply, so a failing client never kills or
+    hangs a run on any engine. Train replies also report whether the node keeps state."""
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            reply = handler(msg, context, get_scenario(context), data)
+        except Exception as exc:  # reported to the server and recorded per round
+            return error_reply(msg, exc)
+        client = reply.content.config_records.get("client") if reply.has_content() else None
+        if client is not None and handler is handle_train:
+            client["state-records"] = len(context.state)  # checkpoints need to know (Ray)
+        return reply
+
+    return run
+
+
 def _register(app: ClientApp, get_scenario: Callable[[Context], Scenario],
               data: FederatedData | None = None) -> ClientApp:
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, get_scenario(context), data)
-
-    @app.evaluate()
-    def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, get_scenario(context), data)
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, get_scenario(context), data)
-
+    app.train()(_guarded(handle_train, get_scenario, data))
+    app.evaluate()(_guarded(handle_evaluate, get_scenario, data))
+    app.query()(_guarded(handle_query, get_scenario, data))
     return app
 
 

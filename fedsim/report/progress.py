@@ -42,7 +42,8 @@ def round_progress(total_rounds: int, label: str) -> Iterator:
             seen.update(rec.get("clients") or ())
             if rec.get("global_test_accuracy") is not None:
                 last_acc[:] = [rec["global_test_accuracy"]]
-            bar.update(task, advance=1 if rec.get("round", 0) >= 1 else 0,
+            # completed = the round number, so a resumed run's bar starts where it stopped
+            bar.update(task, completed=rec.get("round", 0),
                        stats=round_stats(rec, updates[0], updates[1], len(seen), last_acc))
 
         yield on_round

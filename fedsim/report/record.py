@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +66,8 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
             "client_updates_per_s": updates / train_seconds if train_seconds > 0 else None,
         },
         "failures": sum(len(r.get("failures", [])) for r in trained),
+        "failure_reasons": dict(sorted(Counter(
+            f.get("reason") for r in trained for f in r.get("failures", [])).items())),
         "engine": scenario.engine.kind,
     }
     if "hybrid_alpha" in last:
@@ -76,21 +80,35 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
 
 
 class RunRecorder:
-    """Writes one run's results folder as the run goes (a ServerApp result sink)."""
+    """Writes one run's results folder as the run goes (a ServerApp result sink).
+
+    With ``resume`` (a checkpoint of this folder), it continues the folder instead:
+    ``rounds.jsonl`` is cut back to the rounds the checkpoint covers (a run killed mid-round
+    may have written more) and appended to from there.
+    """
 
     def __init__(self, out: str | Path, overwrite: bool = False,
-                 progress: Callable[[dict], None] | None = None, plots: bool = True) -> None:
+                 progress: Callable[[dict], None] | None = None, plots: bool = True,
+                 resume=None) -> None:
         self.out = Path(out)
         self.overwrite = overwrite
         self.progress = progress
         self.plots = plots
+        self.checkpoint = resume  # fedsim.checkpoint.Checkpoint, read by the ServerApp
+        self.resumed_from: list[int] = (
+            [*resume.meta.get("resumed_from", []), resume.round] if resume is not None else []
+        )
         self.rounds: list[dict] = []
         self.notes: dict = {}
         self.summary: dict | None = None
+        self.stopped: Exception | None = None
+        self.checkpoints = {"count": 0, "seconds": 0.0, "last_bytes": 0}
         self._t0 = time.perf_counter()
 
     def prepare(self) -> None:
         """Check and create the folder (before any training)."""
+        if self.checkpoint is not None:
+            return  # resuming: the folder is this run's own
         check_output_dir(self.out, self.overwrite)
         if self.out.is_dir() and self.overwrite:
             shutil.rmtree(self.out)
@@ -99,6 +117,12 @@ class RunRecorder:
     def start(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self._t0 = time.perf_counter()
+        if self.checkpoint is not None:
+            with open(self.out / "rounds.jsonl", "r+b") as fh:
+                fh.truncate(int(self.checkpoint.meta["rounds_bytes"]))
+            self.rounds = list(self.checkpoint.rounds)
+            self._t0 -= float(self.checkpoint.meta.get("elapsed_seconds", 0.0))
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "scenario.toml").write_text(tomli_w.dumps(scenario.to_dict()))
         (self.out / "rounds.jsonl").write_text("")
@@ -115,15 +139,45 @@ class RunRecorder:
         """A top-level ``summary.json`` section the run contributes (e.g. ``dp``)."""
         self.notes[key] = value
 
-    def finish(self, arrays, model: nn.Module) -> None:
+    def rounds_position(self) -> tuple[int, int]:
+        """(lines, bytes) of ``rounds.jsonl`` so far, flushed to disk (for a checkpoint)."""
+        path = self.out / "rounds.jsonl"
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+            size = fh.seek(0, os.SEEK_END)
+        return len(self.rounds), size
+
+    def on_checkpoint(self, seconds: float, size: int) -> None:
+        """A checkpoint was written (its cost goes to summary.json ``timing.checkpoints``)."""
+        self.checkpoints["count"] += 1
+        self.checkpoints["seconds"] += seconds
+        self.checkpoints["last_bytes"] = size
+
+    def elapsed(self) -> float:
+        """Seconds this run has been going, over every resumed part."""
+        return time.perf_counter() - self._t0
+
+    def _write_results(self, arrays, model: nn.Module, extra: dict) -> None:
         load_record(model, arrays)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save(state, self.out / "model.pt")
-        seconds = time.perf_counter() - self._t0
-        self.summary = _finite({**summarize(self.rounds, self.scenario, seconds), **self.notes})
+        summary = summarize(self.rounds, self.scenario, self.elapsed())
+        if self.resumed_from:
+            summary["resumed_from"] = self.resumed_from
+        summary["timing"]["checkpoints"] = dict(self.checkpoints)  # of this (resumed) part
+        self.summary = _finite({**summary, **self.notes, **extra})
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
             from fedsim.report.plots import plot_learning_curves
 
             plot_learning_curves(self.rounds, self.out / "learning_curves.png",
                                  title=self.scenario.name)
+
+    def finish(self, arrays, model: nn.Module) -> None:
+        self._write_results(arrays, model, {})
+
+    def stop(self, exc: Exception, arrays, model: nn.Module) -> None:
+        """The run stopped early (RunStopped): keep what it got, say why in summary.json."""
+        self.stopped = exc
+        self._write_results(arrays, model, {
+            "stopped": {"round": getattr(exc, "round", None), "reason": str(exc)}})

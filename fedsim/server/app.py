@@ -15,11 +15,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import model_to_record
+from fedsim.checkpoint import Checkpointer, resume_state
 from fedsim.client.runtime import build_global_model
 from fedsim.config import Scenario
 from fedsim.data.federated import build_federated_data
 from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.errors import RunStopped
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.loop import run_rounds
 from fedsim.server.personalized import (
@@ -52,10 +54,21 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
         from fedsim.privacy.audit import PrivacyAudit
 
         audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
-    initial = {"round": 0, **evaluate(arrays)}
-    sink.on_round(initial)
-    arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
-                        on_replies=audit.on_replies if audit else None)
+    resumed = getattr(sink, "checkpoint", None)  # set by --resume
+    checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed)
+    if resumed is not None:
+        arrays, start = resume_state(resumed, strategy, grid)
+    else:
+        sink.on_round({"round": 0, **evaluate(arrays)})
+        checkpoint(0, arrays)
+        start = 1
+    try:
+        arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
+                            start_round=start, checkpoint=checkpoint,
+                            on_replies=audit.on_replies if audit else None)
+    except RunStopped as exc:  # results so far are kept; the caller re-raises
+        sink.stop(exc, exc.arrays, model)
+        return
     notes = strategy_summaries(strategy)
     if personal is not None:
         notes.update(personal.fedsim_summary())
@@ -94,3 +107,5 @@ def _main(grid: Grid, context: Context) -> None:
     scenario, sink = _from_run_config(context)
     sink.prepare()
     server_main(grid, scenario, sink)
+    if sink.stopped is not None:
+        raise sink.stopped

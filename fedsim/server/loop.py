@@ -1,44 +1,240 @@
-"""The round loop: Flower's five strategy hooks driven round by round.
+"""The round loop: Flower's five strategy hooks driven round by round, robust to failing clients.
 
-It mirrors ``flwr.serverapp.strategy.Strategy.start`` but records every round, derives the
-client-sampling seed from (seed, round) so runs are reproducible, and evaluates the global
-model on the server as often as ``output.eval_every`` asks.
+It mirrors ``flwr.serverapp.strategy.Strategy.start`` but
+
+- seeds the global RNGs Flower's strategies use (Python's ``random`` for client sampling,
+  numpy's for DP noise, torch's) from (seed, purpose, round) around each hook, so runs are
+  reproducible and resume exactly without saving RNG state;
+- simulates ``[failures]`` (dropouts, crashes, stragglers past a deadline) and screens replies
+  before aggregation: errors, late and non-finite (NaN/Inf) updates are rejected and recorded;
+  accepted replies are aggregated in client-id order, so the result does not depend on the
+  order in which an engine delivers them;
+- retries a round (a new derived sample) or stops when fewer than ``failures.min_replies``
+  valid replies arrive, and stops a diverging run (non-finite global model or loss);
+- evaluates on the server as often as ``output.eval_every`` asks and checkpoints every round.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario
+from fedsim.errors import RunStopped
 from fedsim.rng import derive_seed
+
+log = logging.getLogger("fedsim")
 
 #: seconds a round waits for client replies (Flower's own default)
 REPLY_TIMEOUT = 3600.0
 
 
 @contextlib.contextmanager
-def sampling_seed(seed: int, purpose: str, rnd: int) -> Iterator[None]:
-    """Flower samples clients with Python's ``random``: seed it from (seed, round), then restore."""
-    saved = random.getstate()
-    random.seed(derive_seed(seed, purpose, rnd))
+def sampling_seed(seed: int, purpose: str, rnd: int, *more: str | int) -> Iterator[None]:
+    """Seed Python's ``random``, numpy's global RNG and torch's CPU RNG from (seed, purpose,
+    round, ...) for one strategy hook, then restore them (nothing global leaks out)."""
+    value = derive_seed(seed, purpose, rnd, *more)
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.default_generator.manual_seed(value & (2**63 - 1))
     try:
         yield
     finally:
-        random.setstate(saved)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+def _client_record(msg: Message) -> ConfigRecord | None:
+    if msg.has_error() or not msg.has_content():
+        return None
+    return msg.content.config_records.get("client")
 
 
 def _client_id(msg: Message) -> int | None:
-    if msg.has_error():
-        return None
-    rec = msg.content.config_records.get("client")
+    rec = _client_record(msg)
     return int(rec["client-id"]) if rec is not None else None
+
+
+def _nonfinite(content: RecordDict) -> str | None:
+    """Name the first NaN/Inf array or metric in a reply, or None if all are finite."""
+    for rec in content.array_records.values():
+        for key, array in rec.items():
+            x = array.numpy()
+            if x.dtype.kind in "fc" and not np.isfinite(x).all():
+                return f"array {key!r} has NaN/Inf values"
+    for rec in content.metric_records.values():
+        for key, value in rec.items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                return f"metric {key!r} is {value}"
+    return None
+
+
+def _arrays_finite(arrays: ArrayRecord) -> bool:
+    for array in arrays.values():
+        x = array.numpy()
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            return False
+    return True
+
+
+def _with_config(msg: Message, extra: dict) -> Message:
+    """Give one message its own train config with ``extra`` added (strategies share one)."""
+    content = RecordDict(dict(msg.content.items()))
+    config = ConfigRecord(dict(msg.content.config_records.get("config", ConfigRecord())))
+    config.update(extra)
+    content["config"] = config
+    msg.content = content
+    return msg
+
+
+def _lr_hint(scenario: Scenario) -> str:
+    lr = scenario.client.lr
+    return (f"likely cause: the learning rate is too high — client.lr = {lr:g} (try "
+            f"{lr / 10:g}) or a server learning rate in [server.params]")
+
+
+@dataclass
+class TrainPhase:
+    """What one round's training phase produced."""
+
+    accepted: list[Message] = field(default_factory=list)  # valid replies, by client id
+    failures: list[dict] = field(default_factory=list)  # {"client", "reason", ...}
+    attempts: int = 1
+    sim_seconds: float = 0.0  # simulated duration: slowest accepted update (or the deadline
+    # when a reply is missing), summed over attempts
+    stateful: bool = False  # some client reported a non-empty Context.state
+
+
+class RoundRunner:
+    """Runs the training phase of a round: sampling, failures, screening, retries."""
+
+    def __init__(self, strategy: Strategy, grid: Grid, scenario: Scenario) -> None:
+        self.strategy = strategy
+        self.grid = grid
+        self.scenario = scenario
+        self.cfg = scenario.failures
+        lookup = getattr(grid, "client_id", None)
+        self.client_of_node = lookup if callable(lookup) else (lambda node: None)
+
+    def _cid(self, msg: Message, node: int) -> int | None:
+        cid = _client_id(msg)
+        return cid if cid is not None else self.client_of_node(node)
+
+    def _attempt(self, rnd: int, arrays: ArrayRecord, attempt: int, phase: TrainPhase) -> float:
+        """One try at the round; appends failures to ``phase``, returns its simulated seconds."""
+        seed = self.scenario.seed
+        retry = ("retry", attempt) if attempt else ()
+        with sampling_seed(seed, "sample-train", rnd, *retry):
+            messages = list(strategy_hook(self.strategy, "configure_train", rnd, self.scenario,
+                                          rnd, arrays, ConfigRecord(), self.grid))
+        note = {"attempt": attempt} if attempt else {}
+        send = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            cid = self.client_of_node(node)
+            fate = client_fate(self.cfg, seed, rnd, cid if cid is not None else node, attempt)
+            if fate.dropout:
+                phase.failures.append({"client": cid, "reason": "dropout", **note})
+                continue
+            send.append(_with_config(msg, {CRASH_KEY: fate.crash_at}) if fate.crash_at else msg)
+        replies = list(self.grid.send_and_receive(send, timeout=REPLY_TIMEOUT)) if send else []
+        accepted = []
+        longest = 0.0
+        missing = len(send) < len(messages)  # a dropped client never answers
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            cid = self._cid(reply, node)
+            if reply.has_error():
+                reason = "crash" if "SimulatedCrash" in reply.error.reason else "error"
+                phase.failures.append({"client": cid, "reason": reason,
+                                       "detail": reply.error.reason, **note})
+                continue
+            rec = _client_record(reply) or ConfigRecord()
+            phase.stateful = phase.stateful or int(rec.get("state-records", 0)) > 0
+            bad = _nonfinite(reply.content)
+            if bad is not None:
+                phase.failures.append({"client": cid, "reason": "non-finite", "detail": bad,
+                                       **note})
+                continue
+            sim = simulated_seconds(self.cfg, seed, cid if cid is not None else node,
+                                    int(rec.get("steps", 0)))
+            if self.cfg.deadline and sim > self.cfg.deadline:
+                phase.failures.append({"client": cid, "reason": "deadline",
+                                       "detail": f"{sim:g} simulated s > deadline "
+                                                 f"{self.cfg.deadline:g}", **note})
+                missing = True
+                continue
+            longest = max(longest, sim)
+            accepted.append((cid if cid is not None else -1, node, reply))
+        phase.accepted = [m for _, _, m in sorted(accepted, key=lambda t: (t[0], t[1]))]
+        # with a deadline, a round missing a reply waits for it until the deadline
+        return self.cfg.deadline if missing and self.cfg.deadline else longest
+
+    def train_phase(self, rnd: int, arrays: ArrayRecord) -> TrainPhase:
+        """Sample, send, screen; retry with a new sample while too few valid replies arrive.
+
+        Raises RunStopped when the round cannot get ``failures.min_replies`` valid replies.
+        """
+        cfg = self.cfg
+        attempts = 1 + (cfg.retries if cfg.on_too_few == "retry" else 0)
+        phase = TrainPhase()
+        for attempt in range(attempts):
+            phase.attempts = attempt + 1
+            phase.sim_seconds += self._attempt(rnd, arrays, attempt, phase)
+            if len(phase.accepted) >= cfg.min_replies:
+                return phase
+        raise self._too_few(rnd, phase)
+
+    def _too_few(self, rnd: int, phase: TrainPhase) -> RunStopped:
+        counts = Counter(f["reason"] for f in phase.failures)
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+        detail = next((f["detail"] for f in phase.failures if f["reason"] == "error"), None)
+        msg = (f"round {rnd}: only {len(phase.accepted)} valid client replies, fewer than "
+               f"failures.min_replies = {self.cfg.min_replies}, after {phase.attempts} "
+               f"attempt(s) (failures: {summary})")
+        if counts and set(counts) == {"non-finite"}:
+            msg += "; every update was NaN/Inf, the local training diverged — "
+            msg += _lr_hint(self.scenario)
+        else:
+            if detail:
+                msg += f"; first error: {detail}"
+            msg += ("; lower failures.dropout / failures.crash, raise failures.deadline or "
+                    "failures.retries (with on_too_few = 'retry'), or lower failures.min_replies")
+        exc = RunStopped(msg, round=rnd)
+        exc.failures = phase.failures
+        return exc
+
+
+def strategy_hook(strategy: Strategy, hook: str, rnd: int, scenario: Scenario, *args):
+    """Call one strategy hook; an exception in it (a user's strategy, a bad [server.params]
+    value) stops the run with a message naming the strategy and the hook."""
+    try:
+        return getattr(strategy, hook)(*args)
+    except RunStopped:
+        raise
+    except Exception as exc:
+        log.debug("strategy hook failed", exc_info=True)
+        params = ", ".join(f"{k} = {v!r}" for k, v in scenario.server.params.items())
+        raise RunStopped(
+            f"round {rnd}: {type(strategy).__name__}.{hook} raised {type(exc).__name__}: "
+            f"{exc}; check server.strategy = {scenario.server.strategy!r} and [server.params]"
+            f" ({params or 'none'})", round=rnd) from exc
 
 
 def run_rounds(
@@ -49,49 +245,84 @@ def run_rounds(
     evaluate: Callable[[ArrayRecord], dict],
     on_round: Callable[[dict], None],
     start_round: int = 1,
+    checkpoint: Callable[..., None] | None = None,
     on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``start_round..server.rounds``; returns the final global arrays.
 
-    ``on_replies(round, replies, arrays)``, if given, sees each round's client replies and the
-    new global arrays right after aggregation (what a curious server sees; privacy audits).
+    ``checkpoint(round, arrays, stateful)`` is called after each round's record. A run that
+    cannot go on records the round that stopped it (``"stopped"``) and raises
+    :class:`RunStopped`; its ``arrays`` attribute holds the last good global arrays.
+    ``on_replies(round, replies, arrays)``, if given, sees each round's accepted client replies
+    and the new global arrays right after aggregation (what a curious server sees; privacy
+    audits).
     """
     total = scenario.server.rounds
+    runner = RoundRunner(strategy, grid, scenario)
     for rnd in range(start_round, total + 1):
         t0 = time.perf_counter()
-        with sampling_seed(scenario.seed, "sample-train", rnd):
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT))
-        agg, metrics = strategy.aggregate_train(rnd, replies)
-        if agg is not None:
-            arrays = agg
-        train_seconds = time.perf_counter() - t0
-        if on_replies is not None:
-            on_replies(rnd, replies, arrays)
-        record: dict = {
-            "round": rnd,
-            "clients": sorted(c for c in map(_client_id, replies) if c is not None),
-            "failures": [
-                {"node": m.metadata.src_node_id, "reason": m.error.reason}
-                for m in replies
-                if m.has_error()
-            ],
-            "updates": sum(not m.has_error() for m in replies),
-            "train_loss": float(metrics["train_loss"]) if metrics and "train_loss" in metrics
-            else None,
-            "train_accuracy": float(metrics["train_accuracy"])
-            if metrics and "train_accuracy" in metrics else None,
-            "train_seconds": train_seconds,
-        }
-        with sampling_seed(scenario.seed, "sample-evaluate", rnd):
-            ev_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
-        if ev_messages:
-            ev = strategy.aggregate_evaluate(
-                rnd, list(grid.send_and_receive(ev_messages, timeout=REPLY_TIMEOUT))
-            )
-            record["federated_evaluation"] = dict(ev) if ev is not None else None
-        if rnd % scenario.output.eval_every == 0 or rnd == total:
-            record.update(evaluate(arrays))
+        record: dict = {"round": rnd, "failures": [], "updates": 0}
+        try:
+            arrays, stateful = _one_round(runner, rnd, arrays, record, t0, evaluate,
+                                          on_replies)
+        except RunStopped as exc:
+            record["stopped"] = str(exc)
+            record.setdefault("train_seconds", time.perf_counter() - t0)
+            record["seconds"] = time.perf_counter() - t0
+            on_round(record)
+            exc.arrays = arrays  # the previous round's: the last good global model
+            raise
         record["seconds"] = time.perf_counter() - t0
         on_round(record)
+        if checkpoint is not None:
+            checkpoint(rnd, arrays, stateful)
     return arrays
+
+
+def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict, t0: float,
+               evaluate: Callable[[ArrayRecord], dict],
+               on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
+               ) -> tuple[ArrayRecord, bool]:
+    """Train, aggregate, evaluate one round into ``record``; returns the new global arrays."""
+    strategy, grid, scenario = runner.strategy, runner.grid, runner.scenario
+    try:
+        phase = runner.train_phase(rnd, arrays)
+    except RunStopped as exc:
+        record["failures"] = getattr(exc, "failures", [])
+        raise
+    record.update({
+        "clients": sorted(c for c in map(_client_id, phase.accepted) if c is not None),
+        "failures": phase.failures,
+        "updates": len(phase.accepted),
+        "attempts": phase.attempts,
+        "sim_seconds": phase.sim_seconds,
+    })
+    with sampling_seed(scenario.seed, "aggregate-train", rnd):
+        agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario, rnd,
+                                     phase.accepted)
+    for key in ("train_loss", "train_accuracy"):
+        record[key] = float(metrics[key]) if metrics and key in metrics else None
+    if agg is not None and not _arrays_finite(agg):
+        raise RunStopped(f"round {rnd}: the aggregated global model has NaN/Inf values (the "
+                         f"run diverged); {_lr_hint(scenario)}", round=rnd)
+    if agg is not None:
+        arrays = agg
+    record["train_seconds"] = time.perf_counter() - t0
+    if on_replies is not None:
+        on_replies(rnd, phase.accepted, arrays)
+    with sampling_seed(scenario.seed, "sample-evaluate", rnd):
+        ev_messages = list(strategy_hook(strategy, "configure_evaluate", rnd, scenario, rnd,
+                                         arrays, ConfigRecord(), grid))
+    if ev_messages:
+        replies = list(grid.send_and_receive(ev_messages, timeout=REPLY_TIMEOUT))
+        replies.sort(key=lambda m: (_client_id(m) is None, _client_id(m) or 0))
+        with sampling_seed(scenario.seed, "aggregate-evaluate", rnd):
+            ev = strategy_hook(strategy, "aggregate_evaluate", rnd, scenario, rnd, replies)
+        record["federated_evaluation"] = dict(ev) if ev is not None else None
+    if rnd % scenario.output.eval_every == 0 or rnd == scenario.server.rounds:
+        record.update(evaluate(arrays))
+        loss = record.get("global_test_loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            raise RunStopped(f"round {rnd}: the global test loss is {loss} (the run "
+                             f"diverged); {_lr_hint(scenario)}", round=rnd)
+    return arrays, phase.stateful

@@ -1,0 +1,103 @@
+"""Kill a run, resume it, and get exactly the run that was never interrupted (bitwise, CPU)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fedsim
+from fedsim.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["server.rounds=6", "partition.num_clients=12", "server.clients_per_round=3",
+        "partition.holdout_clients=0.0", "client.epochs=1", "model.width=8"]
+FEDADAM = TINY + ["server.strategy=fedadam", "server.params.eta=0.01"]
+STATEFUL = ["server.rounds=3", "partition.num_clients=8", "server.clients_per_round=3",
+            "partition.holdout_clients=0.0", "model.width=8",
+            "server.strategy=tests/resilience/stateful_strategy.py:StatefulFedAvg"]
+TIMING = {"seconds", "train_seconds"}
+
+
+def records(path):
+    lines = (path / "rounds.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def assert_same_run(ref: Path, other: Path):
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(other / "model.pt", weights_only=True)
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert records(ref) == records(other)
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, other))
+    for s in (sa, sb):
+        s.pop("timing")
+        s.pop("resumed_from", None)
+    assert sa == sb
+
+
+def test_sigkill_after_round_k_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """A subprocess is SIGKILLed once round k is recorded; ``--resume`` finishes it."""
+    k = 2
+    ref = fedsim.run("scenarios/quickstart.toml", FEDADAM, out=tmp_path / "ref").path
+    out = tmp_path / "killed"
+    sets = [a for s in FEDADAM for a in ("--set", s)]
+    # one torch thread, as in this process (tests/conftest.py): float reductions then agree
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", "run", "scenarios/quickstart.toml", *sets,
+         "--out", str(out), "--quiet"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rounds = out / "rounds.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rounds.exists() and rounds.read_text().count("\n") >= k + 1:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert not (out / "summary.json").exists()
+    assert rounds.read_text().count("\n") < 7  # it really stopped before the end
+
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"][0] >= k - 1  # the checkpoint of round k (or k-1 if the
+    # kill landed between the round's record and its checkpoint)
+    assert_same_run(ref, out)
+
+
+def interrupted_copy(ref: Path, dst: Path) -> Path:
+    """``ref`` as a kill right after round (last − 1)'s checkpoint would leave it: later
+    rounds already in rounds.jsonl plus half a line, no summary, no model."""
+    shutil.copytree(ref, dst)
+    for name in ("summary.json", "model.pt", "learning_curves.png", "checkpoint.pt"):
+        (dst / name).unlink()
+    (dst / "checkpoint.prev.pt").rename(dst / "checkpoint.pt")
+    with open(dst / "rounds.jsonl", "a") as fh:
+        fh.write('{"round": 99, "clie')
+    return dst
+
+
+def test_resume_restores_client_state(tmp_path, monkeypatch):
+    """Clients keep state in Context.state (test-counter hook) that shapes their updates:
+    the checkpoint carries it, and a resume without it would give another model."""
+    ref = fedsim.run("scenarios/quickstart.toml", STATEFUL, out=tmp_path / "ref").path
+    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
+    assert resumed.summary["resumed_from"] == [2]
+    assert_same_run(ref, resumed.path)
+
+    from fedsim.engine.inprocess import InProcessGrid
+
+    monkeypatch.setattr(InProcessGrid, "import_states", lambda self, states: None)
+    lost = fedsim.resume(interrupted_copy(ref, tmp_path / "lost")).path
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(lost / "model.pt", weights_only=True)
+    assert not all(torch.equal(a[key], b[key]) for key in a)
