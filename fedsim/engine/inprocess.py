@@ -138,8 +138,12 @@ class InProcessGrid(Grid):
             self.state_store.put(int(node_id), state)
 
     def close(self) -> None:
-        """Release the state store (its spill folder is removed)."""
-        self.state_store.close()
+        """Release the state store (its spill folder is removed), logging what it held."""
+        store = self.state_store
+        log.info("client-state store: %d clients, %.1f MB in memory (budget %.1f MB), "
+                 "%.1f MB on disk, %d spills, %d loads", len(store), store.memory_bytes / 2**20,
+                 store.memory_budget / 2**20, store.disk_bytes / 2**20, store.spills, store.loads)
+        store.close()
 
     # -- execution -----------------------------------------------------------------
     def _is_node(self, node_id: int) -> bool:
