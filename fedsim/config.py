@@ -267,6 +267,7 @@ class PrivacyConfig:
     mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira"
     shadows: int = 8  # LiRA: shadow federations, each on a random half of every client's pool
     fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
+    shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
     leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers

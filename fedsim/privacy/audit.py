@@ -14,11 +14,13 @@ The server is the attacker throughout (the threat model of Nasr et al., IEEE S&P
 Members and non-members (:class:`MembershipPool`): for every participating client, ``k`` of
 its local training samples (members) and ``k`` of its local *test* split (non-members: same
 client, same distribution, never trained on), ``k = min(#train, #test)``, drawn with
-``(seed, "privacy", "pool", client)``. Shadow federation ``i`` runs the same scenario (own
-seed for initialization, sampling and batch order) through the in-process engine; each of
-its clients trains on its training samples outside the pool plus a random half of its own
-pool (:func:`~fedsim.privacy.mia.shadow_split` per client), so every pool example is IN for
-half of the shadows and shadow clients see as many samples as the real ones on average.
+``(seed, "privacy", "pool", client)``. Shadow federation ``i`` runs the same scenario through
+the in-process engine — with the same seed, since the server knows the initial model and
+which clients it sampled each round (``shadow_reseed`` gives each shadow its own seed for
+initialization, sampling and batch order instead); each of its clients trains on its
+training samples outside the pool plus a random half of its own pool
+(:func:`~fedsim.privacy.mia.shadow_split` per client), so every pool example is IN for half
+of the shadows and shadow clients see as many samples as the real ones on average.
 """
 
 from __future__ import annotations
@@ -421,7 +423,8 @@ class PrivacyAudit:
                 "nonmembers_from": NONMEMBERS_FROM,
             },
             "shadows": {"count": self.cfg.shadows, "fix_variance": self.cfg.fix_variance,
-                        "engine": "inprocess", "seconds": shadow_seconds}
+                        "reseed": self.cfg.shadow_reseed, "engine": "inprocess",
+                        "seconds": shadow_seconds}
             if shadow_conf is not None else None,
             "roc_png": ROC_PNG,
         }
@@ -433,8 +436,10 @@ class PrivacyAudit:
         shadow_in = np.concatenate([masks[c] for c in self.pool.clients], axis=1)
         conf = {rnd: np.zeros((k, len(self.is_member))) for rnd in self.target}
         for i in range(k):
-            seed = derive_seed(self.scenario.seed, "privacy", "shadow", i) & 0x7FFFFFFF
-            shadow = dataclasses.replace(self.scenario, seed=seed)
+            shadow = self.scenario
+            if self.cfg.shadow_reseed:
+                seed = derive_seed(self.scenario.seed, "privacy", "shadow", i) & 0x7FFFFFFF
+                shadow = dataclasses.replace(self.scenario, seed=seed)
             data = ShadowData.for_shadow(self.data, self.pool, masks, i)
 
             def on_replies(rnd, _replies, arrays, i=i):
