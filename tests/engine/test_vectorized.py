@@ -146,8 +146,10 @@ def test_vectorized_run_matches_sequential_run(tmp_path, norm, strategy):
                    out=tmp_path / "vec")
     sa = torch.load(a.path / "model.pt", weights_only=True)
     sb = torch.load(b.path / "model.pt", weights_only=True)
-    for k in sa:  # ~100 SGD steps per client: float differences grow to ~1e-5
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
+    # ~100 SGD steps per client; with BN the summation-order differences of batched kernels
+    # grow to ~3e-4 with one torch thread (1e-7 with two), so the bound is absolute 1e-3
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-3)
     assert a.summary["timing"]["client_updates"] == b.summary["timing"]["client_updates"] == 8
 
 
