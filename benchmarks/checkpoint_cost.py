@@ -54,7 +54,8 @@ def from_run(scenario: str, overrides: list[str], out: Path) -> dict:
 def fedbn_state(num_clients: int, out: Path) -> dict:
     scn = fedsim.load_scenario("scenarios/quickstart.toml", THOUSANDS)
     model = build_global_model(scn, build_federated_data(scn))
-    bn_keys = [k for k, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bn_keys = [k for k, m in model.named_modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     local = [k for k in model.state_dict() if any(k.startswith(p + ".") for p in bn_keys)]
     per_client = model_to_record(model, local)
     clients = {

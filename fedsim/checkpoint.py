@@ -149,6 +149,10 @@ class _Encoder:
             sub = f"{path}.{name}"
             if _is_configuration(value):
                 continue
+            if isinstance(value, torch.nn.Module):  # e.g. a server-side model: its state_dict
+                attrs.append([name, {"t": "module", "class": _qualname(value), "state":
+                                     self.value(dict(value.state_dict()), sub, depth + 1)}])
+                continue
             try:
                 attrs.append([name, self.value(value, sub, depth + 1)])
             except CheckpointError:
@@ -190,7 +194,10 @@ class _Decoder:
             return Array(dtype=node["dtype"], shape=tuple(node["shape"]), stype=node["stype"],
                          data=bytes(self.raw(node["r"])))
         if kind in _RECORDS:
-            return _RECORDS[kind]({k: self.value(x) for k, x in node["items"]})
+            record = _RECORDS[kind]()  # item by item: 4x faster than from a dict for Arrays
+            for k, x in node["items"]:
+                record[k] = self.value(x)
+            return record
         if kind == "tuple":
             return tuple(self.value(x) for x in node["items"])
         if kind == "dict":
@@ -205,7 +212,13 @@ class _Decoder:
                 f"{_qualname(obj)}; resume with the strategy the run started with"
             )
         for name, value in node["attrs"]:
-            if isinstance(value, dict) and value.get("t") == "object":
+            if isinstance(value, dict) and value.get("t") == "module":
+                target = getattr(obj, name, None)
+                if not isinstance(target, torch.nn.Module):
+                    raise CheckpointError(
+                        f"cannot restore {path}.{name}: this run's strategy has no such module")
+                target.load_state_dict(self.value(value["state"]))
+            elif isinstance(value, dict) and value.get("t") == "object":
                 target = getattr(obj, name, None)
                 if target is None:
                     raise CheckpointError(

@@ -112,7 +112,11 @@ def _guarded(handler: Callable[..., Message], get_scenario: Callable[[Context], 
         try:
             reply = handler(msg, context, get_scenario(context), data)
         except Exception as exc:  # reported to the server and recorded per round
-            return error_reply(msg, exc)
+            try:  # name the client, not the engine's (random) node id
+                cid = client_runtime(get_scenario(context)).client_id(context)
+            except Exception:
+                cid = None
+            return error_reply(msg, exc, cid)
         client = reply.content.config_records.get("client") if reply.has_content() else None
         if client is not None and handler is handle_train:
             client["state-records"] = len(context.state)  # checkpoints need to know (Ray)

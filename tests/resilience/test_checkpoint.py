@@ -126,6 +126,16 @@ def test_fedavgm_momentum_and_wrapped_dp_strategy_state(tmp_path):
     assert fresh.clipping_norm == 0.123456789 and fresh.strategy.m_t["w"].tolist() == [1, 1]
 
 
+def test_a_torch_module_attribute_is_saved_as_its_state_dict(tmp_path):
+    src, dst = FedAvg(), FedAvg()
+    src.net, dst.net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        src.net.weight.fill_(0.25)
+    roundtrip(tmp_path, src, dst)
+    assert isinstance(dst.net.weight, torch.nn.Parameter)
+    assert torch.equal(dst.net.weight, src.net.weight) and torch.equal(dst.net.bias, src.net.bias)
+
+
 def test_state_that_is_not_data_is_an_error_naming_it(tmp_path):
     import threading
 
