@@ -126,6 +126,10 @@ class _Encoder:
         if isinstance(v, tuple):
             return {"t": "tuple",
                     "items": [self.value(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)]}
+        if isinstance(v, (set, frozenset)):  # e.g. the DP wrapper's set of noised array names
+            items = sorted(v, key=repr)  # a fixed order, so equal sets write equal bytes
+            return {"t": type(v).__name__,
+                    "items": [self.value(x, f"{path} item", depth + 1) for x in items]}
         if isinstance(v, dict):
             return {"t": "dict", "items": [[self.value(k, f"{path} key", depth + 1),
                                             self.value(x, f"{path}[{k!r}]", depth + 1)]
@@ -200,6 +204,9 @@ class _Decoder:
             return record
         if kind == "tuple":
             return tuple(self.value(x) for x in node["items"])
+        if kind in ("set", "frozenset"):
+            items = (_hashable(self.value(x)) for x in node["items"])
+            return set(items) if kind == "set" else frozenset(items)
         if kind == "dict":
             return {_hashable(self.value(k)): self.value(x) for k, x in node["items"]}
         raise CheckpointError(f"unknown value kind {kind!r} in checkpoint")

@@ -192,7 +192,7 @@ def test_client_ordering_waits_until_every_node_has_connected():
     from fedsim.engine.ordered import ClientOrderedGrid
 
     set_task_identity(1)
-    grid = ClientOrderedGrid(SlowGrid(4), num_nodes=4)
+    grid = ClientOrderedGrid(SlowGrid(4), expected_nodes=4)
     assert list(grid.get_node_ids()) == [101, 102, 103, 104]
-    with pytest.raises(ScenarioError, match="only 1 of 4 client nodes connected"):
-        list(ClientOrderedGrid(SlowGrid(1), num_nodes=4, connect_timeout=0.2).get_node_ids())
+    with pytest.raises(RuntimeError, match="only 1 of 4 client nodes connected"):
+        list(ClientOrderedGrid(SlowGrid(1), expected_nodes=4, connect_timeout=0.2).get_node_ids())
