@@ -49,12 +49,13 @@ def _decode_layout(dtype_name: str, shape: tuple[int, ...]) -> tuple[np.dtype, b
     return dtype, header, len(header) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def _new_array(dtype_name: str, shape: tuple[int, ...], data: bytes) -> Array:
-    """``Array(dtype=..., shape=..., stype="numpy.ndarray", data=...)`` without its argument
-    dispatch (~20 µs per array): the same four fields and the same fresh-object dirty flag
-    (checked against Flower's constructor in tests/test_arrays.py)."""
+def new_array(dtype_name: str, shape: tuple[int, ...], data: bytes,
+               stype: str = _NUMPY_STYPE) -> Array:
+    """``Array(dtype=..., shape=..., stype=..., data=...)`` without its argument dispatch
+    (~20 µs per array): the same four fields and the same fresh-object dirty flag (checked
+    against Flower's constructor in tests/test_arrays.py)."""
     arr = Array.__new__(Array)
-    arr.__dict__.update(dtype=dtype_name, shape=shape, stype=_NUMPY_STYPE, data=data,
+    arr.__dict__.update(dtype=dtype_name, shape=shape, stype=stype, data=data,
                         _is_dirty=True)
     return arr
 
@@ -70,7 +71,7 @@ def to_array(a: np.ndarray) -> Array:
         raise TypeError("object arrays cannot be sent")
     shape = tuple(a.shape)
     name, header = _encode_layout(a.dtype, shape)
-    return _new_array(name, shape, header + a.tobytes())
+    return new_array(name, shape, header + a.tobytes())
 
 
 def _decode(arr: Array) -> np.ndarray | None:

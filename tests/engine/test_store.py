@@ -45,7 +45,8 @@ def test_round_trip_exact_in_memory_and_after_spilling(tmp_path):
         store.put(cid, state(cid))
         assert store.memory_bytes <= store.memory_budget
     assert len(store) == 10 and store.spills == 7
-    assert len(list(tmp_path.rglob("*.state"))) == 7
+    on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert store.disk_bytes <= on_disk <= store.file_bytes  # one file, one slot per client
     for cid in range(10):  # the oldest come back from disk, the newest from memory
         assert_same(store.get(cid), state(cid))
     assert store.loads == 7
@@ -60,6 +61,17 @@ def test_budget_zero_keeps_everything_on_disk_and_get_returns_copies(tmp_path):
     got = store.get(7)
     got["meta"]["round"] = 999  # mutating a copy does not change the store
     assert store.get(7)["meta"]["round"] == 7
+
+
+def test_a_state_spilled_again_reuses_its_slot(tmp_path):
+    store = ClientStateStore(memory_budget=0, spill_dir=tmp_path)
+    for _ in range(5):  # load and spill the same two clients again and again
+        for cid in (1, 2):
+            store.put(cid, store.get(cid) if cid in store else state(cid))
+    size = store.file_bytes
+    store.put(1, store.get(1))
+    assert store.file_bytes == size and store.spills == 11 and store.loads == 9
+    assert_same(store.get(1), state(1))
 
 
 def test_update_delete_and_empty_state(tmp_path):
