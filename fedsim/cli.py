@@ -82,6 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ScenarioError("fedsim run needs a scenario FILE (or --resume DIR)")
     else:
         scenario = resolve(args.scenario, args.overrides)
+        if scenario.sweep.grid:
+            print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
+                  "use `fedsim sweep` to run the grid", file=sys.stderr)
         if args.quiet:
             result = run(scenario, out=args.out, overwrite=args.overwrite)
         else:

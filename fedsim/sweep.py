@@ -114,12 +114,13 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_finished(cell: Cell, folder: Path) -> None:
-    """A finished cell must have been run with this cell's scenario."""
+    """A finished cell must have been run with this cell's scenario (where its folder lies,
+    ``output.dir``, may differ: a sweep folder can be moved)."""
     stored = load_scenario(folder / "scenario.toml")
-    if stored == cell.scenario:
-        return
     a, b = _flat(stored.to_dict()), _flat(cell.scenario.to_dict())
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output.dir")
+    if not diff:
+        return
     raise ScenarioError(
         f"sweep cell {folder} was run with a different scenario (differs in "
         f"{', '.join(diff[:5])}); use --out DIR for a new sweep or --overwrite to re-run it"

@@ -1,6 +1,7 @@
 """``fedsim sweep``: grid expansion, resumability, report.md, and the Claims logic."""
 
 import json
+import shutil
 
 import pytest
 
@@ -17,7 +18,7 @@ from fedsim.report.report import (
 )
 from fedsim.sweep import cell_name, expand, run_sweep
 
-TINY = ["server.rounds=2", "partition.num_clients=5", "server.clients_per_round=2",
+TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
         "partition.holdout_clients=0.2", "model.width=8", "client.epochs=1",
         "privacy.mia=[\"loss\"]", "privacy.audit_every=1",
         "sweep.model.norm=[\"bn\",\"ln\"]", "sweep.seed=[0,1]"]
@@ -89,6 +90,10 @@ def test_sweep_is_resumable_and_writes_a_report_with_claims(tmp_path):
     (out / first.ran[1] / "summary.json").unlink()  # an interrupted cell is run again
     third = run_sweep("scenarios/quickstart.toml", TINY, out=out)
     assert third.ran == [first.ran[1]]
+
+    moved = tmp_path / "moved"  # a sweep folder can be moved and still resumes
+    shutil.copytree(out, moved)
+    assert run_sweep("scenarios/quickstart.toml", TINY, out=moved).ran == []
 
     with pytest.raises(ScenarioError, match="different scenario"):
         run_sweep("scenarios/quickstart.toml", TINY + ["client.lr=0.01"], out=out)

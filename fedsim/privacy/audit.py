@@ -290,11 +290,19 @@ class PrivacyAudit:
         self.client_rows: list[dict] = []
         self.leak_rows: list[dict] = []
         self.inversion_state = record_to_state(initial) if self.cfg.inversion_round == 1 else None
+        self._initial = initial
         self._sent = initial
 
     # -- during training ------------------------------------------------------------
-    def _outputs(self, arrays, x, y) -> tuple[np.ndarray, np.ndarray]:
-        load_record(self.model, arrays)
+    def _load(self, *layers) -> None:
+        """The scratch model = the initial state with ``layers`` loaded on top, so arrays a
+        record lacks (e.g. layers a strategy keeps local) never linger from an earlier probe."""
+        load_record(self.model, self._initial)
+        for arrays in layers:
+            load_record(self.model, arrays)
+
+    def _outputs(self, arrays, x, y, base=None) -> tuple[np.ndarray, np.ndarray]:
+        self._load(*([base] if base is not None else []), arrays)
         return per_example_outputs(self.model, x, y)
 
     def on_replies(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> None:
@@ -319,7 +327,9 @@ class PrivacyAudit:
         if self.cfg.client_mia:
             x, y, is_member = self.pool.client_tensors(self.data, cid)
             x, y = x.to(self.device), y.to(self.device)
-            own = attack_metrics(loss_attack(self._outputs(upload, x, y)[0]), is_member)
+            # the client's model as the server sees it: what it sent, with the upload on top
+            own = attack_metrics(loss_attack(self._outputs(upload, x, y, self._sent)[0]),
+                                 is_member)
             glob = attack_metrics(loss_attack(self._outputs(global_after, x, y)[0]), is_member)
             self.client_rows.append({"client": cid, "members": int(is_member.sum()),
                                      "auc": own["auc"], "global_auc": glob["auc"]})
@@ -480,8 +490,8 @@ class PrivacyAudit:
 
     def _inversion(self) -> dict:
         cfg = self.cfg
+        self._load(self.inversion_state)
         model = copy.deepcopy(self.model)
-        load_record(model, self.inversion_state)
         cid = first_client(self.scenario, self.data)
         x_all, y_all = self.data.client_train(cid)
         rows = numpy_rng(self.scenario.seed, "privacy", "inversion-batch", cid).choice(
@@ -557,7 +567,8 @@ def _mean_through_conv(conv: nn.Conv2d, state: dict, name: str, out_mean: torch.
     padding and at least as many output channels as taps, ``"taps"`` solves for every ``μ`` by
     least squares and reads the centre tap, whose mean is exactly the image mean. Otherwise
     ``"constant"`` assumes each input channel constant (``μ[i,u,v]`` = its mean, zero padding
-    included), an approximation. Both use the conv weights the client uploaded.
+    included), an approximation. Both use the conv weights the server sent (those of the
+    client's first local batch), so they are exact for one batch and approximate after more.
     """
     c, h, w = input_shape
     weight = state[f"{name}.weight"].double()
