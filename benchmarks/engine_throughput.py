@@ -24,7 +24,8 @@ core, each with one thread, its best setting on a 2-core machine; benchmarks/RES
 
 The bare loop is what a user would write by hand: for each sampled client, load the global
 state dict, run minibatch SGD over the same batches, add its state dict into a running
-weighted sum; no messages, no records, no serialization. Its final model is compared with
+weighted sum; no messages, no records, no serialization (with ``fedbn``, each client's norm
+layers are kept in a plain dict and left out of the sum). Its final model is compared with
 the in-process engine's as a check that both did the same work.
 """
 
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "bare")
 
 
@@ -111,6 +113,7 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     import torch
     import torch.nn.functional as F
 
+    from fedsim.client.hooks import norm_keys
     from fedsim.client.runtime import build_global_model
     from fedsim.config import load_scenario
     from fedsim.data.federated import build_federated_data
@@ -119,11 +122,17 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
 
     torch.set_num_threads(threads)
     sc = load_scenario(scenario_path, overrides)
+    if sc.server.strategy not in ("fedavg", "fedbn"):
+        return {"updates_per_s": None,
+                "skipped": f"the bare loop implements fedavg and fedbn, not {sc.server.strategy}"}
     cfg = sc.client
     data = build_federated_data(sc)
     model = build_global_model(sc, data)
     drop_singleton = uses_batch_statistics(sc.model.norm)
     glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # FedBN (Li et al. 2021): norm layers stay with each client, the server averages the rest
+    local_keys = set(norm_keys(model)) if sc.server.strategy == "fedbn" else set()
+    local: dict[int, dict[str, torch.Tensor]] = {}  # client -> its own norm layers
     ids = list(data.participating)
     rounds = []
     cpu = {}
@@ -135,7 +144,7 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
         total = sum(sizes)
         acc: dict[str, torch.Tensor] = {}
         for cid, n in zip(chosen, sizes):
-            model.load_state_dict(glob)
+            model.load_state_dict({**glob, **local.get(cid, {})})
             x, y = data.client_train(cid)
             gen = torch_generator(sc.seed, "client-train", rnd, cid)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -157,10 +166,13 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
                     correct += (logits.argmax(1) == y[idx]).sum().item()
             w = n / total  # running weighted sum, as Flower's FedAvg weights (float32 arrays)
             for k, v in model.state_dict().items():
+                if k in local_keys:
+                    local.setdefault(cid, {})[k] = v.detach().clone()
+                    continue
                 term = v.detach() * w if v.is_floating_point() else v.double() * w
                 acc[k] = term if k not in acc else acc[k] + term
-        glob = {k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
-                for k, v in acc.items()}
+        glob.update({k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
+                     for k, v in acc.items()})
         rounds.append({"round": rnd, "updates": len(chosen),
                        "train_seconds": time.perf_counter() - t0})
         cpu[rnd] = time.process_time() - c0
@@ -169,6 +181,9 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
 
 
 def worker(args: argparse.Namespace) -> None:
+    # the repo root first: this folder holds strategies.py, which would shadow the
+    # ``strategies`` package that registers fedbn & co.
+    sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
