@@ -89,12 +89,13 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
     from fedsim.errors import ScenarioError
 
     extra = {
-        "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}"],
+        "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}",
+                      "engine.vectorize=false", "engine.workers=1"],
         "inprocess_parallel": ["engine.kind=inprocess", f"engine.threads={threads}",
-                               f"engine.workers={workers}"],
+                               "engine.vectorize=false", f"engine.workers={workers}"],
         "vectorized": ["engine.kind=inprocess", f"engine.threads={threads}",
-                       "engine.vectorize=true"],
-        "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}"],
+                       "engine.vectorize=true", "engine.workers=1"],
+        "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}", "engine.vectorize=false"],
     }[engine]
     marks, progress = _cpu_marks()
     try:
