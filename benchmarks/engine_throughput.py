@@ -13,14 +13,19 @@ Every engine runs the same scenario in its own subprocess with the same seed, so
 clients train on the same batches in every round. Throughput is client updates per second
 of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
 2..N, so one-off start-up work (Ray actors, imports, first-touch data) is left out for all
-engines alike; the first round is reported separately. Fairness settings: the in-process
-engine and the bare loop use ``--threads`` torch threads (default 1); Ray gets
-``--ray-cpus`` CPUs per client actor (default 1: one actor per core, each with one thread,
-which is its best setting on a 2-core machine — see benchmarks/RESULTS.md).
+engines alike; the first round is reported separately. For the engines that run in one
+process (in-process, vectorized, bare) it also reports process CPU milliseconds per update
+(rounds 2..N-1), which other jobs on a shared machine disturb far less than wall time:
+the overhead ratio against the bare loop is best read from that column.
+
+Fairness settings: the in-process engine and the bare loop use ``--threads`` torch threads
+(default 1); Ray gets ``--ray-cpus`` CPUs per client actor (default 1: one actor per
+core, each with one thread, its best setting on a 2-core machine; benchmarks/RESULTS.md).
 
 The bare loop is what a user would write by hand: for each sampled client, load the global
 state dict, run minibatch SGD over the same batches, add its state dict into a running
-weighted sum; no messages, no records, no serialization. Its final model is compared with
+weighted sum; no messages, no records, no serialization (with ``fedbn``, each client's norm
+layers are kept in a plain dict and left out of the sum). Its final model is compared with
 the in-process engine's as a check that both did the same work.
 """
 
@@ -39,24 +44,42 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "bare")
 
 
 # --------------------------------------------------------------------------- workers
 
 
-def _steady(rounds: list[dict]) -> dict:
+def _steady(rounds: list[dict], cpu: dict[int, float] | None = None) -> dict:
+    """Updates/s over rounds 2..N; with ``cpu`` (round -> process CPU seconds), CPU ms per
+    update over rounds 2..N-1 (the last round also evaluates)."""
     trained = [r for r in rounds if r.get("round", 0) >= 1]
     later = trained[1:] or trained
     updates = sum(r["updates"] for r in later)
     seconds = sum(r["train_seconds"] for r in later)
-    return {
+    out = {
         "updates_per_s": updates / seconds if seconds > 0 else None,
         "updates": updates,
         "seconds": seconds,
         "first_round_seconds": trained[0]["train_seconds"] if trained else None,
         "round_seconds": [r["train_seconds"] for r in trained],
     }
+    middle = [r for r in trained[1:-1] if cpu and r["round"] in cpu]
+    if middle:
+        out["cpu_ms_per_update"] = 1e3 * sum(cpu[r["round"]] for r in middle) / sum(
+            r["updates"] for r in middle)
+    return out
+
+
+def _cpu_marks() -> tuple[list, callable]:
+    """A progress callback recording process CPU time at each round's end."""
+    marks: list[tuple[int, float]] = []
+    return marks, lambda rec: marks.append((rec["round"], time.process_time()))
+
+
+def _per_round(marks: list[tuple[int, float]]) -> dict[int, float]:
+    return {r: t - t0 for (_, t0), (r, t) in zip(marks, marks[1:])}
 
 
 def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: int,
@@ -66,19 +89,23 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
     from fedsim.errors import ScenarioError
 
     extra = {
-        "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}"],
+        "inprocess": ["engine.kind=inprocess", f"engine.threads={threads}",
+                      "engine.vectorize=false", "engine.workers=1"],
         "inprocess_parallel": ["engine.kind=inprocess", f"engine.threads={threads}",
-                               f"engine.workers={workers}"],
+                               "engine.vectorize=false", f"engine.workers={workers}"],
         "vectorized": ["engine.kind=inprocess", f"engine.threads={threads}",
-                       "engine.vectorize=true"],
-        "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}"],
+                       "engine.vectorize=true", "engine.workers=1"],
+        "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}", "engine.vectorize=false"],
     }[engine]
+    marks, progress = _cpu_marks()
     try:
-        result = fedsim.run(scenario_path, overrides + extra, out=out, overwrite=True)
+        result = fedsim.run(scenario_path, overrides + extra, out=out, overwrite=True,
+                            progress=progress)
     except ScenarioError as exc:
         return {"updates_per_s": None, "skipped": str(exc)}
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    return {**_steady(rounds), "model": str(out / "model.pt"),
+    cpu = _per_round(marks) if engine != "ray" else None  # Ray's work is in other processes
+    return {**_steady(rounds, cpu), "model": str(out / "model.pt"),
             "accuracy": result.summary["final"]["global_test_accuracy"]}
 
 
@@ -87,6 +114,7 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     import torch
     import torch.nn.functional as F
 
+    from fedsim.client.hooks import norm_keys
     from fedsim.client.runtime import build_global_model
     from fedsim.config import load_scenario
     from fedsim.data.federated import build_federated_data
@@ -95,22 +123,29 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
 
     torch.set_num_threads(threads)
     sc = load_scenario(scenario_path, overrides)
+    if sc.server.strategy not in ("fedavg", "fedbn"):
+        return {"updates_per_s": None,
+                "skipped": f"the bare loop implements fedavg and fedbn, not {sc.server.strategy}"}
     cfg = sc.client
     data = build_federated_data(sc)
     model = build_global_model(sc, data)
     drop_singleton = uses_batch_statistics(sc.model.norm)
     glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # FedBN (Li et al. 2021): norm layers stay with each client, the server averages the rest
+    local_keys = set(norm_keys(model)) if sc.server.strategy == "fedbn" else set()
+    local: dict[int, dict[str, torch.Tensor]] = {}  # client -> its own norm layers
     ids = list(data.participating)
     rounds = []
+    cpu = {}
     for rnd in range(1, sc.server.rounds + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         random.seed(derive_seed(sc.seed, "sample-train", rnd))  # the engines' sampling
         chosen = random.sample(ids, sc.server.clients_per_round)
         sizes = [data.client_size(c) for c in chosen]
         total = sum(sizes)
         acc: dict[str, torch.Tensor] = {}
         for cid, n in zip(chosen, sizes):
-            model.load_state_dict(glob)
+            model.load_state_dict({**glob, **local.get(cid, {})})
             x, y = data.client_train(cid)
             gen = torch_generator(sc.seed, "client-train", rnd, cid)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -132,17 +167,24 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
                     correct += (logits.argmax(1) == y[idx]).sum().item()
             w = n / total  # running weighted sum, as Flower's FedAvg weights (float32 arrays)
             for k, v in model.state_dict().items():
+                if k in local_keys:
+                    local.setdefault(cid, {})[k] = v.detach().clone()
+                    continue
                 term = v.detach() * w if v.is_floating_point() else v.double() * w
                 acc[k] = term if k not in acc else acc[k] + term
-        glob = {k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
-                for k, v in acc.items()}
+        glob.update({k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
+                     for k, v in acc.items()})
         rounds.append({"round": rnd, "updates": len(chosen),
                        "train_seconds": time.perf_counter() - t0})
+        cpu[rnd] = time.process_time() - c0
     torch.save(glob, out / "bare_model.pt")
-    return {**_steady(rounds), "model": str(out / "bare_model.pt")}
+    return {**_steady(rounds, cpu), "model": str(out / "bare_model.pt")}
 
 
 def worker(args: argparse.Namespace) -> None:
+    # the repo root first: this folder holds strategies.py, which would shadow the
+    # ``strategies`` package that registers fedbn & co.
+    sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
@@ -263,14 +305,18 @@ def report(args, engines, runs, load) -> None:
     print(f"torch threads {args.threads} (in-process, bare); inprocess_parallel: "
           f"{args.workers} workers; Ray: {args.ray_cpus} CPU per client actor; "
           "updates/s over rounds 2..N\n")
-    print(f"{'engine':<19} {'updates/s':>10} {'runs':>24} {'1st round s':>12}")
+    print(f"{'engine':<19} {'updates/s':>10} {'runs':>24} {'1st round s':>12} "
+          f"{'CPU ms/update':>14}")
     for e in engines:
         vals = [r[e].get("updates_per_s") for r in runs]
         first = [r[e].get("first_round_seconds") for r in runs]
+        cpus = [r[e]["cpu_ms_per_update"] for r in runs if r[e].get("cpu_ms_per_update")]
         shown = " ".join(f"{v:.1f}" if v else "–" for v in vals)
         m = f"{med[e]:.1f}" if med[e] else "n/a"
         f1 = statistics.median([f for f in first if f]) if any(first) else None
-        print(f"{e:<19} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12}")
+        c = f"{statistics.median(cpus):.1f}" if cpus else "–"
+        print(f"{e:<19} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12} "
+              f"{c:>14}")
         for r in runs:
             if r[e].get("skipped"):
                 print(f"  {e}: not applicable: {r[e]['skipped']}")
@@ -286,6 +332,13 @@ def report(args, engines, runs, load) -> None:
             per_run = [_ratio(r[a].get("updates_per_s"), r[b].get("updates_per_s")) for r in runs]
             shown = " ".join(f"{x:.2f}" for x in per_run if x)
             print(f"{label:<38} per run: {shown or 'n/a'}")
+    for a, b, label in [("inprocess", "bare", "in-process / bare, CPU per update"),
+                        ("vectorized", "bare", "vectorized / bare, CPU per update")]:
+        if a in engines and b in engines:
+            per_run = [_ratio(r[a].get("cpu_ms_per_update"), r[b].get("cpu_ms_per_update"))
+                       for r in runs]
+            shown = " ".join(f"{x:.2f}" for x in per_run if x)
+            print(f"{label:<38} per run: {shown or 'n/a'}  (insensitive to other load)")
     diffs = [r["bare"].get("max_param_diff_vs_inprocess") for r in runs if "bare" in r]
     if any(d is not None for d in diffs):
         print(f"\nbare vs in-process final model, max |Δ|: "

@@ -185,7 +185,7 @@ class EngineConfig:
     threads: int = 0  # inprocess: torch intra-op threads while clients train (0 = torch default)
     workers: int = 1  # inprocess: clients (or cohorts) trained concurrently, one thread each
     vectorize: bool = False  # inprocess: train each round's clients as vmap cohorts
-    cohort_size: int = 64  # inprocess + vectorize: clients trained at once
+    cohort_size: int = 128  # inprocess + vectorize: clients trained at once
     state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
     state_dir: str = ""  # inprocess: folder for spilled client state ("" = system temp)
 

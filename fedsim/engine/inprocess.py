@@ -65,7 +65,7 @@ class InProcessGrid(Grid):
                  run_config: dict[str, Any] | None = None,
                  state_store: ClientStateStore | None = None,
                  cohort_trainer: CohortTrainer | None = None,
-                 cohort_size: int = 64, workers: int = 1) -> None:
+                 cohort_size: int = 128, workers: int = 1) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self._num_nodes = num_nodes
@@ -235,7 +235,7 @@ class InProcessGrid(Grid):
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   run_config: dict[str, Any] | None = None,
                   state_store: ClientStateStore | None = None,
-                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 64,
+                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 128,
                   workers: int = 1) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,

@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 QUERY_TIMEOUT = 600.0
-POLL_INTERVAL = 0.2  # seconds between pulls while replies are outstanding
+POLL_INTERVAL = 0.05  # seconds between pulls while replies are outstanding (Flower: 0.1 s
+#                     in simulation, 3 s over the network)
 #: seconds to wait for all expected nodes to register (Flower's engines start them in parallel)
 CONNECT_TIMEOUT = 300.0
 
