@@ -29,11 +29,12 @@ def preflight(scenario: Scenario) -> None:
     from fedsim.client.runtime import build_global_model
     from fedsim.data.federated import build_federated_data
     from fedsim.device import resolve_device
-    from fedsim.validate import check_batch_statistics
+    from fedsim.validate import check_batch_statistics, check_forward
 
     resolve_device(scenario.engine.device)
     data = build_federated_data(scenario)
     model = build_global_model(scenario, data)
+    check_forward(scenario, copy.deepcopy(model), data.input_shape)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
     from fedsim.engine import check_engine
 

@@ -65,6 +65,23 @@ def check_strategy_params(scenario: Scenario) -> None:
             )
 
 
+def check_forward(scenario: Scenario, model: torch.nn.Module,
+                  input_shape: tuple[int, int, int]) -> None:
+    """Refuse a model whose forward pass fails on a batch of two (e.g. GroupNorm with one
+    unit per group on the MLP's vectors), naming the ``[model]`` settings to change."""
+    model.train()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model(torch.zeros(2, *input_shape))
+        except (ValueError, RuntimeError) as exc:
+            m = scenario.model
+            raise ScenarioError(
+                f"model.arch = {m.arch!r} with model.norm = {m.norm!r}, model.width = "
+                f"{m.width} and model.groups = {m.groups} cannot run ({exc}); change "
+                "model.width, model.groups or model.norm"
+            ) from None
+
+
 def check_batch_statistics(scenario: Scenario, model: torch.nn.Module,
                            input_shape: tuple[int, int, int]) -> None:
     """Refuse ``client.batch_size = 1`` when the model cannot train on a batch of one.

@@ -27,6 +27,8 @@ TINY = ["--set", "server.rounds=1", "--set", "partition.num_clients=4",
         (["--set", "data.name=mnist", "--set", "data.root=/no/such/dir"], "/no/such/dir"),
         (["--set", "model.arch=mlp", "--set", "model.norm=bn", "--set", "client.batch_size=1"],
          "client.batch_size = 1"),
+        (["--set", "model.arch=mlp", "--set", "model.width=8", "--set", "model.groups=8"],
+         "model.groups = 8 cannot run"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, pattern):

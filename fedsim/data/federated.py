@@ -30,7 +30,8 @@ Tensors = tuple[torch.Tensor, torch.Tensor]
 V = TypeVar("V")
 
 ARRAY_CACHE_CLIENTS = 4096  # client tensors partition the dataset, so this is bounded anyway
-SYNTHETIC_CACHE_CLIENTS = 256  # generated clients: memory grows with the cache, keep it small
+SYNTHETIC_CACHE_BYTES = 256 * 2**20  # generated clients kept for reuse (regenerating costs
+# more than a small client's local training); memory stays bounded at any number of clients
 
 
 def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
@@ -69,7 +70,7 @@ def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> Federated
     dataset = load_dataset(data, seed)
     if isinstance(dataset, SyntheticDataset):
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
-        cache = SYNTHETIC_CACHE_CLIENTS
+        cache = synthetic_cache_clients(data, dataset.input_shape)
     else:
         parts = split_clients(dataset.train_y, partition, numpy_rng(seed, "partition"),
                               what=f"the {dataset.name} training split")
@@ -108,6 +109,12 @@ class _ArrayClients:
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.test_x, self.dataset.test_y
+
+
+def synthetic_cache_clients(data: DataConfig, input_shape: tuple[int, ...]) -> int:
+    """How many generated clients fit in ``SYNTHETIC_CACHE_BYTES`` (float32 images)."""
+    per_client = 4 * max(1, data.samples_per_client) * math.prod(input_shape)
+    return max(16, SYNTHETIC_CACHE_BYTES // per_client)
 
 
 class _SyntheticClients:

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.arrays import load_record, state_to_record
-from fedsim.client.hooks import ClientHook, HookContext, hooks_for
+from fedsim.arrays import from_array, load_record, state_to_record
+from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
 from fedsim.client.train import TrainResult, batches
 from fedsim.config import ClientConfig, Scenario
 from fedsim.errors import ScenarioError
@@ -278,6 +278,32 @@ def _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, corr
 # --------------------------------------------------------------------------- the grid's side
 
 
+def swaps_arrays_only(hooks: Sequence[ClientHook]) -> bool:
+    """True when every hook is a plain :class:`LocalArraysHook` (FedBN, SiloBN): it only swaps
+    the client's saved arrays in and out, so a cohort applies it to the start state and the
+    trained arrays directly instead of loading each client's model (same values)."""
+    return all(isinstance(h, LocalArraysHook)
+               and type(h).on_receive is LocalArraysHook.on_receive
+               and type(h).on_reply is LocalArraysHook.on_reply for h in hooks)
+
+
+def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+            saved: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``start``/``buffers`` with ``saved`` arrays in place of theirs, converted as
+    :func:`fedsim.arrays.load_record` converts them (dtype, shape, integers rounded)."""
+    start, buffers = dict(start), dict(buffers)
+    for key, value in saved.items():
+        target = start if key in start else buffers
+        if key not in target:
+            raise KeyError(f"array {key!r} does not belong to this model")
+        ref = target[key]
+        t = torch.from_numpy(from_array(value))
+        if not ref.dtype.is_floating_point:
+            t = torch.round(t.double())
+        target[key] = t.reshape(ref.shape).to(device=ref.device, dtype=ref.dtype)
+    return start, buffers
+
+
 class CohortTrainer:
     """The in-process grid's ``cohort_trainer``: train messages in, one reply per message.
 
@@ -299,7 +325,7 @@ class CohortTrainer:
         drop = uses_batch_statistics(scenario.model.norm)
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, int, list[ClientHook], CohortMember]] = []
-        shared: tuple | None = None  # (arrays record, start, buffers) of hook-free clients
+        base: tuple | None = None  # (arrays record, start, buffers): the global arrays, once
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             try:
                 cid = rt.client_id(ctx)
@@ -310,16 +336,23 @@ class CohortTrainer:
                 bad = step_hooks(hooks)
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
-                if not hooks and shared is not None and shared[0] is record:
-                    start, bufs = shared[1], shared[2]  # same global arrays: same start
+                if not hooks or swaps_arrays_only(hooks):
+                    if base is None or base[0] is not record:
+                        load_record(model, record)
+                        base = (record,
+                                {n: p.detach().clone() for n, p in model.named_parameters()},
+                                {n: b.detach().clone() for n, b in model.named_buffers()})
+                    start, bufs = base[1], base[2]
+                    for hook in hooks:  # the client's saved arrays over the global ones
+                        saved = hook.ctx.state.array_records.get(hook.state_key)
+                        if saved is not None:
+                            start, bufs = overlay(start, bufs, saved)
                 else:
                     load_record(model, record)
                     for hook in hooks:
                         hook.on_receive(model)
                     start = {n: p.detach().clone() for n, p in model.named_parameters()}
                     bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
-                    if not hooks:
-                        shared = (record, start, bufs)
                 x, y = rt.data.client_train(cid)
                 rnd = int(config.get("server-round", 0))
                 gen = torch_generator(scenario.seed, "client-train", rnd, cid)
@@ -332,7 +365,7 @@ class CohortTrainer:
         keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
         for (i, cid, hooks, _), final, result in zip(prepared, finals, results):
             try:
-                if hooks:  # hooks see the client's trained model, as in handle_train
+                if hooks and not swaps_arrays_only(hooks):  # hooks see the trained model
                     with torch.no_grad():
                         for name, t in (*model.named_parameters(), *model.named_buffers()):
                             t.copy_(final[name])
@@ -341,6 +374,8 @@ class CohortTrainer:
                         arrays = hook.on_reply(model, arrays)
                 else:
                     arrays = {k: final[k] for k in keys}
+                    for hook in hooks:  # saves its arrays, drops them from the upload
+                        arrays = hook.on_reply(model, arrays)
                 replies[i] = _train_reply(msgs[i], cid, arrays, result)
             except Exception as exc:
                 replies[i] = _error(msgs[i], exc)

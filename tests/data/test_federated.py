@@ -140,6 +140,18 @@ def test_synthetic_clients_are_held_in_a_bounded_cache():
     torch.testing.assert_close(fd.client_train(0)[0], x0, rtol=0, atol=0)
 
 
+def test_synthetic_cache_is_sized_by_bytes_not_by_client_count():
+    from fedsim.data.federated import SYNTHETIC_CACHE_BYTES, synthetic_cache_clients
+
+    small = DataConfig(name="synthetic", samples_per_client=40, image_size=8, channels=1)
+    big = DataConfig(name="synthetic", samples_per_client=500, image_size=32, channels=3)
+    n_small = synthetic_cache_clients(small, (1, 8, 8))
+    n_big = synthetic_cache_clients(big, (3, 32, 32))
+    assert n_small >= 10_000  # a whole thousand_clients federation stays generated
+    assert n_small * 40 * 64 * 4 <= SYNTHETIC_CACHE_BYTES
+    assert 16 <= n_big < 100 and n_big * 500 * 3 * 32 * 32 * 4 <= SYNTHETIC_CACHE_BYTES
+
+
 # --------------------------------------------------------------------------- report
 
 

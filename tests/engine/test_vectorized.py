@@ -169,3 +169,59 @@ def test_unsupported_combinations_are_refused_before_training(tmp_path, override
 def test_empty_cohort_and_arrayrecord_passthrough():
     assert train_cohort(torch.nn.Linear(2, 2), [], CFG) == ([], [])
     assert isinstance(model_to_record(torch.nn.Linear(2, 2)), ArrayRecord)
+
+
+def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
+    """FedBN's hook takes the cohort's fast path (saved arrays laid over the stacked start,
+    no per-client model load); replies and saved states must equal ``handle_train``'s."""
+    import strategies  # noqa: F401  (registers the fedbn hook)
+    from fedsim.client.hooks import hooks_for
+    from fedsim.engine.vectorized import swaps_arrays_only
+
+    set_task_identity(1)
+    scenario = load_scenario("scenarios/quickstart.toml", [
+        "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
+        "model.norm=bn", "server.strategy=fedbn", "client.epochs=1",
+        "server.clients_per_round=3"])
+    from fedsim.client.runtime import client_runtime
+
+    rt = client_runtime(scenario)
+    arrays = model_to_record(rt.model)
+    config = ConfigRecord({"server-round": 3, "client-hooks": "fedbn"})
+    norm_keys = [k for k in rt.model.state_dict() if k.startswith("features.1.")
+                 or k.startswith("features.5.")]
+
+    def run(trainer):
+        replies, states = [], []
+        for node in (1, 3, 5):
+            saved = {k: (torch.tensor(7 * node) if k.endswith("num_batches_tracked") else
+                         torch.rand_like(v, generator=torch.Generator().manual_seed(node)))
+                     for k, v in rt.model.state_dict().items() if k in norm_keys}
+            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1},
+                          state=RecordDict({"fedbn.local": state_to_record(saved)}),
+                          run_config={})
+            msg = Message(RecordDict({"arrays": arrays, "config": config}), node,
+                          MessageType.TRAIN)
+            msg.metadata.__dict__["_message_id"] = f"m{node}"
+            replies.append((msg, ctx))
+            states.append(ctx)
+        return trainer(replies), states
+
+    seq, seq_ctx = run(lambda pairs: [handle_train(m, c, scenario) for m, c in pairs])
+    vec, vec_ctx = run(lambda pairs: CohortTrainer(scenario)([m for m, _ in pairs],
+                                                             [c for _, c in pairs]))
+    from fedsim.client.hooks import HookContext
+
+    assert swaps_arrays_only(hooks_for(HookContext(0, config, RecordDict())))
+    for a, b, ca, cb in zip(seq, vec, seq_ctx, vec_ctx):
+        assert not b.has_error()
+        sa, sb = (record_to_state(r.content.array_records["arrays"]) for r in (a, b))
+        assert set(sa) == set(sb) and not set(sa) & set(norm_keys)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+        la = record_to_state(ca.state.array_records["fedbn.local"])
+        lb = record_to_state(cb.state.array_records["fedbn.local"])
+        assert set(la) == set(lb) == set(norm_keys)
+        for k in la:
+            torch.testing.assert_close(la[k], lb[k], rtol=1e-4, atol=1e-5)
+            assert la[k].dtype == lb[k].dtype
