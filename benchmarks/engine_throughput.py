@@ -5,10 +5,13 @@
     python benchmarks/engine_throughput.py --scenario scenarios/thousand_clients.toml \\
         --set partition.num_clients=1000 --rounds 6 --repeat 3
     python benchmarks/engine_throughput.py --json  # {"ray": …, "inprocess": …, "vectorized": …,
-                                                   #  "bare": …, "inprocess_parallel": …}
+                                                   #  "bare": …, "inprocess_parallel": …,
+                                                   #  "vectorized_parallel": …}
 
 ``inprocess`` trains one client at a time on one core; ``inprocess_parallel`` uses
-``--workers`` threads (default: one per core), the same cores Ray's actors get.
+``--workers`` threads (default: one per core), the same cores Ray's actors get;
+``vectorized`` trains each round's clients as ``vmap`` cohorts on ``--threads`` torch
+threads, ``vectorized_parallel`` the same with one torch thread per core (``--workers``).
 Every engine runs the same scenario in its own subprocess with the same seed, so the same
 clients train on the same batches in every round. Throughput is client updates per second
 of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
@@ -45,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "bare")
+ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "vectorized_parallel", "bare")
 
 
 # --------------------------------------------------------------------------- workers
@@ -95,6 +98,9 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
                                "engine.vectorize=false", f"engine.workers={workers}"],
         "vectorized": ["engine.kind=inprocess", f"engine.threads={threads}",
                        "engine.vectorize=true", "engine.workers=1"],
+        # a cohort's kernels are large enough for intra-op threads: one per core
+        "vectorized_parallel": ["engine.kind=inprocess", f"engine.threads={workers}",
+                                "engine.vectorize=true", "engine.workers=1"],
         "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}", "engine.vectorize=false"],
     }[engine]
     marks, progress = _cpu_marks()
@@ -325,6 +331,7 @@ def report(args, engines, runs, load) -> None:
     pairs = [("inprocess", "ray", "in-process / Ray"),
              ("inprocess_parallel", "ray", "in-process parallel / Ray (same cores)"),
              ("vectorized", "ray", "vectorized / Ray"),
+             ("vectorized_parallel", "ray", "vectorized parallel / Ray (same cores)"),
              ("bare", "inprocess", "bare / in-process (overhead, one core)"),
              ("bare", "vectorized", "bare / vectorized")]
     for a, b, label in pairs:

@@ -315,12 +315,14 @@ class SyntheticDataset:
         self.num_classes = cfg.num_classes
         self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
         self.prototypes = _prototypes(cfg, numpy_rng(seed, "synthetic", "prototypes"))
+        # edge-padded by one pixel, for the random shifts of ``generate``
+        self._padded = np.pad(self.prototypes, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
 
     def generate(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Float32 (len(labels), C, S, S) samples for ``labels``, drawn from ``rng``."""
         n = len(labels)
         size = self.cfg.image_size
-        padded = np.pad(self.prototypes, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+        padded = self._padded
         shifts = rng.integers(0, 3, size=(n, 2))  # offset into the padded image: -1, 0, +1
         x = np.empty((n, *self.input_shape), dtype=np.float32)
         for dy in range(3):

@@ -32,6 +32,7 @@ V = TypeVar("V")
 ARRAY_CACHE_CLIENTS = 4096  # client tensors partition the dataset, so this is bounded anyway
 SYNTHETIC_CACHE_BYTES = 256 * 2**20  # generated clients kept for reuse (regenerating costs
 # more than a small client's local training); memory stays bounded at any number of clients
+LABEL_CACHE_CLIENTS = 1 << 17  # generated clients' labels kept (8 bytes per sample each)
 
 
 def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
@@ -130,10 +131,17 @@ class _SyntheticClients:
         self.name = dataset.name
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
+        # labels are asked for by sizes, class counts and samples alike; they are small
+        self._labels = _LRU(LABEL_CACHE_CLIENTS)
 
     def labels(self, cid: int) -> np.ndarray:
+        return self._labels.get(cid, lambda: self._draw_labels(cid))
+
+    def _draw_labels(self, cid: int) -> np.ndarray:
         rng = numpy_rng(self.seed, "synthetic", "labels", cid)
-        return self.sampler(self.partition, self.num_classes, self.data.samples_per_client, rng)
+        y = self.sampler(self.partition, self.num_classes, self.data.samples_per_client, rng)
+        y.flags.writeable = False  # shared by every caller through the cache
+        return y
 
     def samples(self, cid: int) -> np.ndarray:
         rng = numpy_rng(self.seed, "synthetic", "client", cid)
