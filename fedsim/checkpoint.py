@@ -41,6 +41,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.config import Scenario
 from fedsim.errors import CheckpointError
+from fedsim.state_journal import (
+    StateJournal,
+    journal_generation,
+    read_journal,
+    remove_other_journals,
+)
 
 FORMAT = "fedsim-checkpoint"
 VERSION = 1
@@ -48,6 +54,7 @@ LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 BAD = "checkpoint.bad.pt"
 _MAX_DEPTH = 12
+JOURNAL_SLACK = 8 * 2**20  # dead journal bytes tolerated beyond the live ones (x2)
 
 _RECORDS = {"ArrayRecord": ArrayRecord, "ConfigRecord": ConfigRecord,
             "MetricRecord": MetricRecord, "RecordDict": RecordDict}
@@ -267,6 +274,8 @@ class Checkpoint:
     meta: dict[str, Any]
     strategy: dict | None = None  # the encoded strategy, applied by :meth:`restore_strategy`
     clients: dict[int, RecordDict] | None = None  # node id → Context.state (in-process)
+    client_bytes: dict[int, int] = field(default_factory=dict)  # their sizes in the journal
+    privacy: dict | None = None  # the privacy audit's captures (PrivacyAudit.checkpoint_state)
     rounds: list[dict] = field(default_factory=list)  # rounds.jsonl up to this checkpoint
     path: Path | None = None
     _decoder: _Decoder | None = None
@@ -278,7 +287,8 @@ class Checkpoint:
 
 
 def encode_checkpoint(rnd: int, arrays: ArrayRecord, strategy: object,
-                      clients: dict[int, RecordDict] | None, meta: dict[str, Any]) -> dict:
+                      clients: dict[int, RecordDict] | None, meta: dict[str, Any],
+                      privacy: dict | None = None) -> dict:
     """The payload ``torch.save`` writes (see the module docstring)."""
     enc = _Encoder()
     tree = {
@@ -288,6 +298,7 @@ def encode_checkpoint(rnd: int, arrays: ArrayRecord, strategy: object,
         "clients": (None if clients is None else
                     [[int(k), enc.value(v, f"client state of node {k}")]
                      for k, v in clients.items()]),
+        "privacy": None if privacy is None else enc.value(privacy, "privacy audit"),
     }
     text = json.dumps(tree, allow_nan=True)
     blob = enc.blob()
@@ -357,12 +368,23 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         data = json.loads(tree)
         dec = _Decoder(memoryview(blob.numpy()) if blob.numel() else memoryview(b""))
         clients = data["clients"]
+        clients = None if clients is None else {int(k): dec.value(v) for k, v in clients}
+        sizes: dict[int, int] = {}
+        journal = data["meta"].get("client_journal")
+        if journal is not None:  # the states live in the journal beside the checkpoint
+            from fedsim.engine.store import decode_state
+
+            raw = read_journal(path.parent / journal["file"], int(journal["bytes"]))
+            clients = {k: decode_state(v) for k, v in sorted(raw.items())}
+            sizes = {k: len(v) for k, v in raw.items()}
         return Checkpoint(
             round=int(data["meta"]["round"]),
             arrays=dec.value(data["arrays"]),
             meta=data["meta"],
             strategy=data["strategy"],
-            clients=None if clients is None else {int(k): dec.value(v) for k, v in clients},
+            clients=clients,
+            client_bytes=sizes,
+            privacy=None if data.get("privacy") is None else dec.value(data["privacy"]),
             path=path,
             _decoder=dec,
         )
@@ -459,15 +481,27 @@ class Checkpointer:
     """
 
     def __init__(self, sink, scenario: Scenario, strategy: object, grid,
-                 resumed: Checkpoint | None = None) -> None:
+                 resumed: Checkpoint | None = None, audit=None) -> None:
         self.sink = sink
         self.scenario = scenario
         self.strategy = strategy
+        self.audit = audit  # a PrivacyAudit whose captures go into every checkpoint
         base = getattr(grid, "base", grid)
         self.export = getattr(base, "export_states", None)
+        self.changes = getattr(base, "export_changes", None)  # journaled client states
+        self.export_raw = getattr(base, "export_raw", None)
         self.stateful = bool(resumed.meta.get("stateful_clients")) if resumed else False
         self.seconds: list[float] = []  # time each checkpoint took to write
         self.bytes = 0  # size of the last one
+        self.journal: StateJournal | None = None
+        self.live: dict[int, int] = {}  # client -> bytes of its latest journal entry
+        self._journals = set()  # journal files the latest and previous checkpoints use
+        info = resumed.meta.get("client_journal") if resumed else None
+        if info is not None and self.changes is not None and self.enabled:
+            self.journal = StateJournal(sink.out, journal_generation(info["file"]),
+                                        valid_bytes=int(info["bytes"]))
+            self.live = dict(resumed.client_bytes)
+            self._journals = {info["file"]}
 
     @property
     def enabled(self) -> bool:
@@ -484,29 +518,76 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         lines, size = self.sink.rounds_position()
-        clients = self.export() if self.export is not None else None
+        journal = None
+        if self.changes is not None and self.export_raw is not None:
+            journal = self._journal_states()
+            clients = None
+        else:
+            clients = self.export() if self.export is not None else None
         meta = {
             "rounds_lines": lines,
             "rounds_bytes": size,
             "elapsed_seconds": self.sink.elapsed(),
             "scenario_sha256": scenario_digest(self.scenario),
             "engine": self.scenario.engine.kind,
-            "stateful_clients": self.stateful or bool(clients),
+            "stateful_clients": self.stateful or bool(clients) or bool(self.live),
             "resumed_from": list(getattr(self.sink, "resumed_from", [])),
             "written": time.time(),
         }
-        payload = encode_checkpoint(rnd, arrays, self.strategy, clients, meta)
+        if journal is not None:
+            meta["client_journal"] = journal
+        privacy = self.audit.checkpoint_state() if self.audit is not None else None
+        payload = encode_checkpoint(rnd, arrays, self.strategy, clients, meta, privacy)
         path = write_checkpoint(self.sink.out, payload)
+        if journal is not None:  # generations neither this nor the previous checkpoint reads
+            current = journal["file"]
+            remove_other_journals(self.sink.out, self._journals | {current})
+            self._journals = {current}  # this one becomes the previous checkpoint's
         self.seconds.append(time.perf_counter() - t0)
         self.bytes = path.stat().st_size
         if hasattr(self.sink, "on_checkpoint"):
             self.sink.on_checkpoint(self.seconds[-1], self.bytes)
 
 
-def resume_state(ckpt: Checkpoint, strategy: object, grid) -> tuple[ArrayRecord, int]:
-    """Put ``ckpt`` into a fresh run: strategy state and client states restored; returns the
-    global arrays and the first round still to run."""
+    def _journal_states(self) -> dict[str, Any]:
+        """Append the client states changed since the last checkpoint (or, for the first one
+        and when dead entries dominate, start a new generation with the live states only);
+        returns what the checkpoint records of the journal."""
+        changes = self.changes()
+        if self.journal is not None:
+            self.journal.append(changes)
+            for key, data in changes:
+                if data is None:
+                    self.live.pop(key, None)
+                else:
+                    self.live[key] = len(data)
+        live = sum(self.live.values())
+        if self.journal is None or self.journal.size > 2 * live + JOURNAL_SLACK:
+            states = self.export_raw()
+            generation = 0 if self.journal is None else self.journal.generation + 1
+            if self.journal is not None:
+                self.journal.close()
+            self.journal = StateJournal(self.sink.out, generation)
+            self.journal.append(states)
+            self.live = {k: len(v) for k, v in states}
+        return {"file": self.journal.name, "bytes": self.journal.size,
+                "clients": len(self.live)}
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+
+def resume_state(ckpt: Checkpoint, strategy: object, grid, audit=None
+                 ) -> tuple[ArrayRecord, int]:
+    """Put ``ckpt`` into a fresh run: strategy state, client states and the privacy audit's
+    captures restored; returns the global arrays and the first round still to run."""
     ckpt.restore_strategy(strategy)
+    if audit is not None:
+        if ckpt.privacy is None:
+            raise CheckpointError(f"{ckpt.path}: holds no privacy audit captures, but the "
+                                  "scenario audits privacy; start the run again")
+        audit.restore_state(ckpt.privacy)
     if ckpt.clients:
         base = getattr(grid, "base", grid)
         if not hasattr(base, "import_states"):

@@ -130,12 +130,25 @@ class InProcessGrid(Grid):
         """Node id → Context.state of every node holding state (e.g. for a checkpoint)."""
         return dict(self.state_store.items())
 
+    def export_changes(self) -> list[tuple[int, bytes | None]]:
+        """Node id → state bytes (None: deleted) of the nodes whose state changed since the
+        last call: what a checkpoint appends to its client-state journal."""
+        return self.state_store.take_changes()
+
+    def export_raw(self) -> list[tuple[int, bytes]]:
+        """Node id → state bytes of every node holding state (a journal's next generation)."""
+        store = self.state_store
+        held = store.keys()
+        return [(k, store.raw(k)) for k in held]
+
     def import_states(self, states: dict[int, RecordDict]) -> None:
-        """Replace the stored states of the nodes in ``states`` (restoring a checkpoint)."""
+        """Replace the stored states of the nodes in ``states`` (restoring a checkpoint); they
+        count as saved, so the next checkpoint's journal does not write them again."""
         for node_id, state in states.items():
             if not self._is_node(int(node_id)):
                 raise ValueError(f"client state for unknown node {node_id}")
             self.state_store.put(int(node_id), state)
+        self.state_store.take_changes()
 
     def close(self) -> None:
         """Release the state store (its spill folder is removed), logging what it held."""

@@ -96,12 +96,19 @@ class ClientStateStore:
         self.disk_bytes = 0
         self.spills = 0  # states written to disk
         self.loads = 0  # states read back from disk
+        self._changed: set[int] = set()  # keys put or deleted since take_changes()
         self._lock = threading.RLock()  # in-process workers may call from several threads
 
     # -- mapping interface -----------------------------------------------------------------
     @_locked
     def get(self, key: int) -> RecordDict:
         """A fresh copy of ``key``'s state (an empty RecordDict if it has none)."""
+        data = self.raw(key)
+        return RecordDict() if data is None else decode_state(data)
+
+    @_locked
+    def raw(self, key: int) -> bytes | None:
+        """``key``'s state as stored (:func:`encode_state` bytes), or None."""
         data = self._memory.get(key)
         if data is not None:
             self._memory.move_to_end(key)
@@ -109,14 +116,13 @@ class ClientStateStore:
             offset, _ = self._slots[key]
             data = os.pread(self._fd, self._disk[key], offset)
             self.loads += 1
-        else:
-            return RecordDict()
-        return decode_state(data)
+        return data
 
     @_locked
     def put(self, key: int, state: RecordDict) -> None:
         """Store ``state`` for ``key`` (an empty one deletes it), then enforce the budget."""
         self.delete(key)
+        self._changed.add(key)
         if len(state) == 0:
             return
         data = encode_state(state)
@@ -127,6 +133,7 @@ class ClientStateStore:
     @_locked
     def delete(self, key: int) -> None:
         """Forget ``key``'s state wherever it is (its disk slot stays reserved for it)."""
+        self._changed.add(key)
         data = self._memory.pop(key, None)
         if data is not None:
             self.memory_bytes -= len(data)
@@ -151,6 +158,13 @@ class ClientStateStore:
         """``(key, state)`` for every key, one state decoded at a time (for checkpoints)."""
         for key in self.keys():
             yield key, self.get(key)
+
+    @_locked
+    def take_changes(self) -> list[tuple[int, bytes | None]]:
+        """``(key, bytes or None if deleted)`` for every key changed since the last call, in
+        key order; what a checkpoint appends to its journal (:mod:`fedsim.state_journal`)."""
+        keys, self._changed = sorted(self._changed), set()
+        return [(k, self.raw(k)) for k in keys]
 
     @property
     def file_bytes(self) -> int:

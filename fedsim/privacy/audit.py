@@ -293,6 +293,23 @@ class PrivacyAudit:
         self._initial = initial
         self._sent = initial
 
+    # -- checkpoints ----------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """What the audit captured so far (per-round MIA outputs, client uploads' results,
+        the inversion target, the last global arrays sent): checkpointed with the run, so a
+        resumed run reports the same privacy results as an uninterrupted one."""
+        return {"target": self.target, "client_rows": self.client_rows,
+                "leak_rows": self.leak_rows, "inversion_state": self.inversion_state,
+                "sent": self._sent}
+
+    def restore_state(self, state: dict) -> None:
+        """Put :meth:`checkpoint_state` back (after ``--resume``)."""
+        self.target = {int(k): tuple(v) for k, v in state["target"].items()}
+        self.client_rows = list(state["client_rows"])
+        self.leak_rows = list(state["leak_rows"])
+        self.inversion_state = state["inversion_state"]
+        self._sent = state["sent"]
+
     # -- during training ------------------------------------------------------------
     def _load(self, *layers) -> None:
         """The scratch model = the initial state with ``layers`` loaded on top, so arrays a

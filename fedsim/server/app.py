@@ -55,9 +55,9 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
 
         audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
     resumed = getattr(sink, "checkpoint", None)  # set by --resume
-    checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed)
+    checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed, audit=audit)
     if resumed is not None:
-        arrays, start = resume_state(resumed, strategy, grid)
+        arrays, start = resume_state(resumed, strategy, grid, audit)
     else:
         sink.on_round({"round": 0, **evaluate(arrays)})
         checkpoint(0, arrays)
@@ -69,6 +69,8 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     except RunStopped as exc:  # results so far are kept; the caller re-raises
         sink.stop(exc, exc.arrays, model)
         return
+    finally:
+        checkpoint.close()
     notes = strategy_summaries(strategy)
     if personal is not None:
         notes.update(personal.fedsim_summary())

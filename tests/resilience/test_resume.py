@@ -101,3 +101,21 @@ def test_resume_restores_client_state(tmp_path, monkeypatch):
     a = torch.load(ref / "model.pt", weights_only=True)
     b = torch.load(lost / "model.pt", weights_only=True)
     assert not all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_keeps_the_privacy_audit_captures(tmp_path):
+    """Per-round MIA results and the client uploads audited in round 1 were captured before
+    the interruption: the checkpoint carries them, so the resumed run reports them all."""
+    audit = ["server.rounds=3", "partition.test_fraction=0.5", 'privacy.mia=["loss"]',
+             "privacy.audit_every=1", "privacy.client_mia=true", "privacy.client_round=1",
+             "privacy.leakage=true", "model.norm=bn", "privacy.inversion=true",
+             "privacy.inversion_round=1", "privacy.inversion_steps=5", "privacy.inversion_batch=2"]
+    ref = fedsim.run("scenarios/quickstart.toml", TINY + audit, out=tmp_path / "ref").path
+    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
+    assert resumed.summary["resumed_from"] == [2]
+    pa, pb = (json.loads((p / "summary.json").read_text())["privacy"]
+              for p in (ref, resumed.path))
+    pa.pop("seconds"), pb.pop("seconds")
+    assert [r["round"] for r in pb["mia_by_round"]] == [1, 2, 3]
+    assert pb["client_mia"]["round"] == 1 and len(pb["client_mia"]["per_client"]) == 3
+    assert pa == pb
