@@ -4,8 +4,10 @@ Each cell is an ordinary run with its own results folder under the sweep folder
 (``output.dir`` or ``--out``), named after its axis values, e.g.
 ``norm-bn__batch_size-4__seed-0``. The sweep is resumable: a cell whose folder holds a
 ``summary.json`` is not run again (its ``scenario.toml`` must match, or the sweep stops with
-an error rather than mix results of two scenarios); a cell without one (never started or
-interrupted) is run from scratch. When all cells are done, ``report.md`` is (re)written.
+an error rather than mix results of two scenarios); an interrupted cell resumes from its
+last checkpoint (``fedsim.resume``), so it loses at most one round, and a cell never started
+(or whose checkpoints are unusable) runs from scratch. When all cells are done,
+``report.md`` is (re)written.
 """
 
 from __future__ import annotations
@@ -127,17 +129,39 @@ def _check_finished(cell: Cell, folder: Path) -> None:
     )
 
 
-def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float]:
-    """Run one cell (also in a worker process); returns its summary and wall seconds."""
+def _interrupted(folder: Path, scenario: Scenario) -> bool:
+    """True when ``folder`` holds an unfinished run of ``scenario`` with a checkpoint."""
+    if not (folder / "scenario.toml").is_file() or (folder / "summary.json").exists():
+        return False
+    if not any((folder / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+        return False
+    try:
+        _check_finished(Cell(folder.name, {}, scenario), folder)
+    except (ScenarioError, OSError):
+        return False
+    return True
+
+
+def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+    """Run one cell (also in a worker process), resuming an interrupted one from its last
+    checkpoint; returns its summary, wall seconds and why it did not resume (or "")."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    from fedsim.run import run
+    from fedsim.errors import CheckpointError
+    from fedsim.run import resume, run
 
     t0 = time.perf_counter()
-    result = run(scenario_from_dict(raw), out=out, overwrite=True)
-    return result.summary, time.perf_counter() - t0
+    scenario = scenario_from_dict(raw)
+    not_resumed = ""
+    if _interrupted(Path(out), scenario):
+        try:
+            return resume(out).summary, time.perf_counter() - t0, ""
+        except (CheckpointError, ScenarioError) as exc:  # unusable: start the cell again
+            not_resumed = f"could not resume ({exc}); ran it from the start"
+    result = run(scenario, out=out, overwrite=True)
+    return result.summary, time.perf_counter() - t0, not_resumed
 
 
 def _describe(summary: dict) -> str:
@@ -194,27 +218,30 @@ def run_sweep(
     seconds: dict[str, float] = {}
     done = len(skipped)
 
-    def report_cell(cell: Cell, summary: dict, secs: float) -> None:
+    def report_cell(cell: Cell, summary: dict, secs: float, not_resumed: str) -> None:
         nonlocal done
         done += 1
         seconds[cell.name] = secs
         elapsed = time.perf_counter() - t0
         eta = elapsed / (done - len(skipped)) * (n - done)
-        say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}); "
-            f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+        how = ""
+        if summary.get("resumed_from"):
+            how = f", resumed after round {summary['resumed_from'][-1]}"
+        elif not_resumed:
+            how = f"; {not_resumed}"
+        say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}"
+            f"{how}); elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
     if workers <= 1 or len(todo) <= 1:
         for cell in todo:
-            summary, secs = _run_cell(cell.scenario.to_dict(), str(root / cell.name), None)
-            report_cell(cell, summary, secs)
+            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None))
     else:
         ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_run_cell, c.scenario.to_dict(), str(root / c.name), 1): c
                        for c in todo}
             for future in as_completed(futures):
-                summary, secs = future.result()
-                report_cell(futures[future], summary, secs)
+                report_cell(futures[future], *future.result())
     wall = time.perf_counter() - t0
     previous = {}
     if (root / SWEEP_JSON).is_file():

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from fedsim.cli import main
 from fedsim.config import load_scenario
@@ -87,9 +88,28 @@ def test_sweep_is_resumable_and_writes_a_report_with_claims(tmp_path):
     assert second.ran == [] and sorted(second.skipped) == sorted(first.ran)
     assert (out / first.ran[0] / "summary.json").stat().st_mtime_ns == stamp
 
-    (out / first.ran[1] / "summary.json").unlink()  # an interrupted cell is run again
-    third = run_sweep("scenarios/quickstart.toml", TINY, out=out)
+    cell = out / first.ran[1]  # killed during round 2: resumes from round 1's checkpoint
+    model = torch.load(cell / "model.pt", weights_only=True)
+    for name in ("summary.json", "model.pt", "checkpoint.pt"):
+        (cell / name).unlink()
+    (cell / "checkpoint.prev.pt").rename(cell / "checkpoint.pt")
+    lines = []
+    third = run_sweep("scenarios/quickstart.toml", TINY, out=out, progress=lines.append)
     assert third.ran == [first.ran[1]]
+    assert json.loads((cell / "summary.json").read_text())["resumed_from"] == [1]
+    assert any("resumed after round 1" in line for line in lines)
+    again = torch.load(cell / "model.pt", weights_only=True)
+    assert all(torch.equal(model[k], again[k]) for k in model)
+
+    broken = out / first.ran[2]  # checkpoints unusable: the cell runs from the start
+    (broken / "summary.json").unlink()
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (broken / name).write_bytes(b"not a checkpoint")
+    lines = []
+    fourth = run_sweep("scenarios/quickstart.toml", TINY, out=out, progress=lines.append)
+    assert fourth.ran == [first.ran[2]]
+    assert "resumed_from" not in json.loads((broken / "summary.json").read_text())
+    assert any("could not resume" in line for line in lines)
 
     moved = tmp_path / "moved"  # a sweep folder can be moved and still resumes
     shutil.copytree(out, moved)

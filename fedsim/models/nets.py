@@ -53,21 +53,9 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` with identical outputs and gradients, pooled in channels-last layout
-    on the CPU, where PyTorch's NCHW kernel is 3–15× slower on small feature maps (it was the
-    largest single op in a small CNN's training step; benchmarks/RESULTS.md)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dim() == 4:
-            # a permuted copy, not ``contiguous(memory_format=...)``: that one fails under vmap
-            x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        return super().forward(x)
-
-
 def _stem_pool(image_size: int) -> nn.Module:
     """Halve 28×28 / 32×32 inputs right after the first layer; keep 8×8 at full resolution."""
-    return MaxPool2d(2) if image_size >= 16 else nn.Identity()
+    return nn.MaxPool2d(2) if image_size >= 16 else nn.Identity()
 
 
 @ARCHS.register("cnn")
@@ -92,7 +80,7 @@ class ConvNet(nn.Module):
             _conv3x3(width, 2 * width),
             norm_layer(2 * width),
             nn.ReLU(),
-            MaxPool2d(2),
+            nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(2),  # keeps coarse layout, makes the head size-independent
             nn.Flatten(),
         )

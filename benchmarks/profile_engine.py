@@ -1,0 +1,117 @@
+"""Where a round's time goes: the shares of training, data, aggregation, records and state.
+
+    python benchmarks/profile_engine.py                            # quickstart, sequential
+    python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \\
+        --set partition.num_clients=1000 --set engine.vectorize=true --rounds 10
+    python benchmarks/profile_engine.py --step                     # one local SGD step, by op
+
+Runs the scenario once to warm up (imports, first-touch data), then again under
+``cProfile`` and reports, for the training phase of every round, the cumulative time of
+the parts that matter, as shares of the whole. cProfile slows Python code more than it
+slows PyTorch kernels, so Python-side shares read a little high; ``py-spy record`` of
+``fedsim run`` gives unbiased shares (benchmarks/RESULTS.md, "What dominates").
+``--step`` prints ``torch.profiler``'s table for one client's local training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (label, function names as pstats keys end: "file:line(name)" -> matched on "(name)" and
+#: the file's tail) — the first match per label counts, cumulative time
+PARTS = [
+    ("train phase: sampling, messages, clients", "loop.py", "train_phase"),
+    ("aggregation (strategy.aggregate_train)", "loop.py", "strategy_hook"),
+    ("local SGD, sequential (train_local)", "train.py", "train_local"),
+    ("local SGD, vectorized cohorts (train_cohort)", "vectorized.py", "train_cohort"),
+    ("client data, first touch (generate / load)", "federated.py", "_materialize"),
+    ("reply arrays to Flower records (state_to_record)", "arrays.py", "state_to_record"),
+    ("global arrays into the model (load_record)", "arrays.py", "load_record"),
+    ("client state store: get", "store.py", "get"),
+    ("client state store: put", "store.py", "put"),
+    ("Flower Message construction", "message.py", "__init__"),
+    ("checkpoints", "checkpoint.py", "__call__"),
+]
+
+
+def profile_run(scenario: str, overrides: list[str]) -> None:
+    import fedsim
+
+    ov = [*overrides, "output.eval_every=1000000"]
+    with tempfile.TemporaryDirectory(prefix="fedsim-profile-") as tmp:
+        fedsim.run(scenario, ov, out=Path(tmp) / "warm", progress=lambda r: None)
+        rounds: list[dict] = []
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        fedsim.run(scenario, ov, out=Path(tmp) / "run", progress=rounds.append)
+        prof.disable()
+        wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    train = sum(r.get("train_seconds", 0.0) for r in rounds if r.get("round", 0) >= 1)
+    updates = sum(r.get("updates", 0) for r in rounds)
+    print(f"scenario {scenario} {' '.join(overrides)}")
+    print(f"profiled run: {wall:.1f} s wall, {train:.1f} s in training phases, {updates} "
+          f"updates ({updates / train:.1f}/s under the profiler)\n")
+    print(f"{'part':<52} {'seconds':>8} {'share':>7}")
+    for label, file_tail, name in PARTS:
+        cum = sum(v[3] for (f, _, n), v in stats.items() if n == name and f.endswith(file_tail))
+        if cum:
+            print(f"{label:<52} {cum:8.2f} {100 * cum / train:6.1f}%")
+    print("\nshares of the rounds' train_seconds (sampling, client training, aggregation); "
+          "checkpoints come after it.\nThe warm-up run leaves every client's data cached, "
+          "so first-touch data generation is not in these shares.")
+
+
+def profile_step(scenario: str, overrides: list[str]) -> None:
+    import torch
+    from torch.profiler import profile
+
+    from fedsim.client.runtime import client_runtime
+    from fedsim.client.train import train_local
+    from fedsim.config import load_scenario
+    from fedsim.rng import torch_generator
+
+    torch.set_num_threads(1)
+    sc = load_scenario(scenario, overrides)
+    rt = client_runtime(sc)
+    cid = rt.data.participating[0]
+    x, y = rt.data.client_train(cid)
+    for _ in range(5):  # warm-up
+        train_local(rt.model, x, y, sc.client, torch_generator(0, "profile", cid))
+    with profile() as prof:
+        for _ in range(10):
+            train_local(rt.model, x, y, sc.client, torch_generator(0, "profile", cid))
+    print(f"10 local updates of client {cid} ({len(x)} samples, {sc.client.epochs} epochs, "
+          f"batch {sc.client.batch_size}), one torch thread")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main() -> None:
+    # the repo root first: this folder holds strategies.py, which would shadow the
+    # ``strategies`` package that registers fedbn & co.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != here]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", default=str(ROOT / "scenarios" / "quickstart.toml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--step", action="store_true", help="profile one client's local steps")
+    args = p.parse_args()
+    overrides = list(args.overrides) + ([f"server.rounds={args.rounds}"] if args.rounds else [])
+    if args.step:
+        profile_step(args.scenario, overrides)
+    else:
+        profile_run(args.scenario, overrides)
+
+
+if __name__ == "__main__":
+    main()
