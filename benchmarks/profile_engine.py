@@ -5,10 +5,11 @@
         --set partition.num_clients=1000 --set engine.vectorize=true --rounds 10
     python benchmarks/profile_engine.py --step                     # one local SGD step, by op
 
-Runs the scenario once to warm up (imports, first-touch data), then again under
-``cProfile`` and reports, for the training phase of every round, the cumulative time of
-the parts that matter, as shares of the whole. cProfile slows Python code more than it
-slows PyTorch kernels, so Python-side shares read a little high; ``py-spy record`` of
+Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
+switched on only inside each round's training phase and aggregation, and reports the
+cumulative time of the parts that matter, as shares of the rounds' training time.
+cProfile slows Python code more than it slows PyTorch kernels, so Python-side shares read
+a little high; ``py-spy record`` of
 ``fedsim run`` gives unbiased shares (benchmarks/RESULTS.md, "What dominates").
 ``--step`` prints ``torch.profiler``'s table for one client's local training steps.
 """
@@ -38,8 +39,34 @@ PARTS = [
     ("client state store: get", "store.py", "get"),
     ("client state store: put", "store.py", "put"),
     ("Flower Message construction", "message.py", "__init__"),
-    ("checkpoints", "checkpoint.py", "__call__"),
 ]
+
+
+def _profiled_rounds(prof: cProfile.Profile) -> None:
+    """Profile only the rounds' training phases and aggregation (not evaluation, not
+    checkpoints), by wrapping the round loop's two entry points."""
+    import fedsim.server.loop as loop
+
+    train_phase, strategy_hook = loop.RoundRunner.train_phase, loop.strategy_hook
+
+    def profiled_train_phase(self, *args, **kwargs):
+        prof.enable()
+        try:
+            return train_phase(self, *args, **kwargs)
+        finally:
+            prof.disable()
+
+    def profiled_hook(strategy, hook, *args, **kwargs):
+        if hook != "aggregate_train":
+            return strategy_hook(strategy, hook, *args, **kwargs)
+        prof.enable()
+        try:
+            return strategy_hook(strategy, hook, *args, **kwargs)
+        finally:
+            prof.disable()
+
+    loop.RoundRunner.train_phase = profiled_train_phase
+    loop.strategy_hook = profiled_hook
 
 
 def profile_run(scenario: str, overrides: list[str]) -> None:
@@ -50,10 +77,9 @@ def profile_run(scenario: str, overrides: list[str]) -> None:
         fedsim.run(scenario, ov, out=Path(tmp) / "warm", progress=lambda r: None)
         rounds: list[dict] = []
         prof = cProfile.Profile()
+        _profiled_rounds(prof)
         t0 = time.perf_counter()
-        prof.enable()
         fedsim.run(scenario, ov, out=Path(tmp) / "run", progress=rounds.append)
-        prof.disable()
         wall = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
     train = sum(r.get("train_seconds", 0.0) for r in rounds if r.get("round", 0) >= 1)
@@ -66,9 +92,9 @@ def profile_run(scenario: str, overrides: list[str]) -> None:
         cum = sum(v[3] for (f, _, n), v in stats.items() if n == name and f.endswith(file_tail))
         if cum:
             print(f"{label:<52} {cum:8.2f} {100 * cum / train:6.1f}%")
-    print("\nshares of the rounds' train_seconds (sampling, client training, aggregation); "
-          "checkpoints come after it.\nThe warm-up run leaves every client's data cached, "
-          "so first-touch data generation is not in these shares.")
+    print("\nonly the training phases and aggregation are profiled (not evaluation or "
+          "checkpoints); shares are of the rounds' train_seconds.\nThe warm-up run leaves "
+          "every client's data cached, so first-touch data generation is not in these shares.")
 
 
 def profile_step(scenario: str, overrides: list[str]) -> None:
