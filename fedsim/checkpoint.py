@@ -43,6 +43,7 @@ from fedsim.config import Scenario
 from fedsim.errors import CheckpointError
 from fedsim.state_journal import (
     StateJournal,
+    fsync_dir,
     journal_generation,
     read_journal,
     remove_other_journals,
@@ -306,19 +307,6 @@ def encode_checkpoint(rnd: int, arrays: ArrayRecord, strategy: object,
             "sha256": _digest(text, blob)}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(folder: str | Path, payload: dict) -> Path:
     """Write ``payload`` atomically as ``folder/checkpoint.pt``; the old one becomes ``.prev``."""
     folder = Path(folder)
@@ -335,7 +323,7 @@ def write_checkpoint(folder: str | Path, payload: dict) -> Path:
     if latest.exists():
         os.replace(latest, folder / PREVIOUS)
     os.replace(tmp, latest)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return latest
 
 

@@ -39,7 +39,8 @@ def journal_generation(name: str) -> int:
     return int(m.group(1))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (where the OS allows it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -66,7 +67,7 @@ class StateJournal:
             self._fh = open(self.path, "wb")  # noqa: SIM115 (held open across appends)
             self._fh.write(MAGIC)
             self._sync()
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         else:
             if not self.path.exists() or self.path.stat().st_size < valid_bytes:
                 raise CheckpointError(f"{self.path}: missing or shorter than the {valid_bytes} "
