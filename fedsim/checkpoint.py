@@ -508,7 +508,7 @@ class Checkpointer:
         lines, size = self.sink.rounds_position()
         journal = None
         if self.changes is not None and self.export_raw is not None:
-            journal = self._journal_states()
+            journal = self._journal_states()  # None while no client holds state
             clients = None
         else:
             clients = self.export() if self.export is not None else None
@@ -537,10 +537,11 @@ class Checkpointer:
             self.sink.on_checkpoint(self.seconds[-1], self.bytes)
 
 
-    def _journal_states(self) -> dict[str, Any]:
+    def _journal_states(self) -> dict[str, Any] | None:
         """Append the client states changed since the last checkpoint (or, for the first one
         and when dead entries dominate, start a new generation with the live states only);
-        returns what the checkpoint records of the journal."""
+        returns what the checkpoint records of the journal (None, and no file, while no
+        client holds state)."""
         changes = self.changes()
         if self.journal is not None:
             self.journal.append(changes)
@@ -552,6 +553,8 @@ class Checkpointer:
         live = sum(self.live.values())
         if self.journal is None or self.journal.size > 2 * live + JOURNAL_SLACK:
             states = self.export_raw()
+            if self.journal is None and not states:
+                return None
             generation = 0 if self.journal is None else self.journal.generation + 1
             if self.journal is not None:
                 self.journal.close()

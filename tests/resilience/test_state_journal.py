@@ -57,7 +57,10 @@ def test_each_checkpoint_appends_only_the_clients_that_trained(tmp_path):
     def progress(rec):  # runs before round rec["round"]'s checkpoint: the previous one's state
         ckpt = tmp_path / "run" / "checkpoint.pt"
         if ckpt.exists():
-            meta = read_checkpoint(ckpt).meta["client_journal"]
+            meta = read_checkpoint(ckpt).meta.get("client_journal")
+            if meta is None:  # no client held state yet: no journal file either
+                assert not list(ckpt.parent.glob("client_states.*.log"))
+                meta = {"bytes": 0, "clients": 0}
             seen.append((rec["round"], ckpt.stat().st_size, meta["bytes"], meta["clients"]))
 
     fedsim.run("scenarios/quickstart.toml", MORE_ROUNDS, out=tmp_path / "run", progress=progress)
@@ -67,8 +70,8 @@ def test_each_checkpoint_appends_only_the_clients_that_trained(tmp_path):
     assert max(sizes) - min(sizes) < 512  # the checkpoint holds no client state itself
     state = read_journal(tmp_path / "run" / "client_states.0.log", seen[-1][2])
     per_client = max(len(v) for v in state.values()) + 16
-    growth = [b - a for (_, _, a, _), (_, _, b, _) in zip(seen, seen[1:])]
-    assert all(0 < g <= 3 * per_client for g in growth[1:])  # 3 clients per round
+    growth = [b - a for (_, _, a, _), (_, _, b, _) in zip(seen[1:], seen[2:])]
+    assert all(0 < g <= 3 * per_client for g in growth)  # 3 clients per round
     assert len(list((tmp_path / "run").glob("client_states.*.log"))) == 1
 
 
@@ -84,3 +87,10 @@ def test_a_new_generation_keeps_resume_exact_and_old_files_are_removed(tmp_path,
     resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
     assert_same_run(ref, resumed.path)
     assert torch.load(resumed.path / "model.pt", weights_only=True)
+
+
+def test_a_run_whose_clients_keep_no_state_writes_no_journal(tmp_path):
+    out = fedsim.run("scenarios/quickstart.toml", ["server.rounds=2"], out=tmp_path / "r").path
+    assert (out / "checkpoint.pt").exists()
+    assert not list(out.glob("client_states.*.log"))
+    assert "client_journal" not in read_checkpoint(out / "checkpoint.pt").meta
