@@ -4,6 +4,8 @@
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \\
         --set partition.num_clients=1000 --set engine.vectorize=true --rounds 10
     python benchmarks/profile_engine.py --step                     # one local SGD step, by op
+    python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
+        --cohort 100 --threads 2                                   # one vmap cohort, alone
 
 Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
 switched on only inside each round's training phase and aggregation, and reports the
@@ -121,6 +123,38 @@ def profile_step(scenario: str, overrides: list[str]) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int) -> None:
+    """Milliseconds per client-step of one vectorized cohort of ``clients`` clients (the
+    scenario's model; random data of each client's size; its batch size), on its own."""
+    import torch
+
+    from fedsim.client.runtime import client_runtime
+    from fedsim.config import load_scenario
+    from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
+    from fedsim.models.norm import uses_batch_statistics
+
+    torch.set_num_threads(threads)
+    sc = load_scenario(scenario, overrides)
+    rt = client_runtime(sc)
+    params = {k: v.detach().clone() for k, v in rt.model.named_parameters()}
+    bufs = {k: v.detach().clone() for k, v in rt.model.named_buffers()}
+    drop = uses_batch_statistics(sc.model.norm)
+    members = []
+    for i, cid in enumerate(rt.data.participating[:clients]):
+        x, y = rt.data.client_train(cid)
+        plan = plan_batches(len(x), sc.client, torch.Generator().manual_seed(i), drop)
+        members.append(CohortMember(params, x, y, plan, bufs))
+    steps = sum(len(m.batches) for m in members)
+    train_cohort(rt.model, members, sc.client)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(5):
+        train_cohort(rt.model, members, sc.client)
+    ms = 1e3 * (time.perf_counter() - t0) / 5
+    print(f"cohort of {len(members)} clients, {steps} client-steps, {threads} torch thread(s): "
+          f"{ms:.1f} ms per cohort, {ms / steps:.3f} ms per client-step, "
+          f"{ms / len(members):.2f} ms per client update")
+
+
 def main() -> None:
     # the repo root first: this folder holds strategies.py, which would shadow the
     # ``strategies`` package that registers fedbn & co.
@@ -131,9 +165,14 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rounds", type=int)
     p.add_argument("--step", action="store_true", help="profile one client's local steps")
+    p.add_argument("--cohort", type=int, metavar="K",
+                   help="time one vectorized cohort of K clients on its own")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --cohort")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"server.rounds={args.rounds}"] if args.rounds else [])
-    if args.step:
+    if args.cohort:
+        time_cohort(args.scenario, overrides, args.cohort, args.threads)
+    elif args.step:
         profile_step(args.scenario, overrides)
     else:
         profile_run(args.scenario, overrides)
