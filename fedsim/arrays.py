@@ -19,6 +19,8 @@ from torch import nn
 
 _NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: data holds an ``np.save`` file
 _flower_numpy = Array.numpy  # Flower's own parser (np.load), kept for any non-standard layout
+#: the base of Flower's records and RecordDict (flwr.app.message.typeddict.TypedDict)
+TypedDict = next(c for c in ArrayRecord.__mro__ if c.__name__ == "TypedDict")
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -74,8 +76,9 @@ def to_array(a: np.ndarray) -> Array:
     return new_array(name, shape, header + a.tobytes())
 
 
-def _decode(arr: Array) -> np.ndarray | None:
-    """The array in ``arr`` if its data is a standard ``.npy`` file, else None."""
+def _decode(arr: Array, copy: bool = True) -> np.ndarray | None:
+    """The array in ``arr`` if its data is a standard ``.npy`` file, else None (``copy=False``:
+    a read-only view of its bytes)."""
     if arr.stype != _NUMPY_STYPE:
         return None
     layout = _decode_layout(arr.dtype, tuple(arr.shape))
@@ -86,7 +89,8 @@ def _decode(arr: Array) -> np.ndarray | None:
     if len(data) != size or not data.startswith(header):
         return None
     flat = np.frombuffer(data, dtype=dtype, offset=len(header))
-    return flat.reshape(arr.shape).copy()
+    out = flat.reshape(arr.shape)
+    return out.copy() if copy else out
 
 
 def from_array(arr: Array) -> np.ndarray:
@@ -95,42 +99,79 @@ def from_array(arr: Array) -> np.ndarray:
     return out if out is not None else _flower_numpy(arr)
 
 
+def peek_array(arr: Array) -> np.ndarray:
+    """The values of ``arr`` to read, not keep: a read-only view of its bytes when they are
+    a standard ``.npy`` file (no copy), else Flower's parse."""
+    out = _decode(arr, copy=False)
+    return out if out is not None else _flower_numpy(arr)
+
+
 def _fast_numpy(self: Array) -> np.ndarray:
     return from_array(self)
 
 
 _fast_numpy.__doc__ = _flower_numpy.__doc__
+_flower_setitem = TypedDict.__setitem__
+
+
+def _fast_setitem(self: TypedDict, key: object, value: object) -> None:
+    d = self.__dict__
+    d["_check_key_fn"](key)
+    d["_check_value_fn"](value)
+    d["_data"][key] = value
+
+
+_fast_setitem.__doc__ = _flower_setitem.__doc__
 _patch_depth = 0
 
 
 @contextlib.contextmanager
-def fast_array_numpy() -> Iterator[None]:
-    """Let Flower's own code (strategies' aggregation) read arrays through :func:`from_array`.
+def fast_flower_records() -> Iterator[None]:
+    """Two of Flower's per-item costs, removed while the engine runs; restored on exit.
 
-    ``Array.numpy`` parses every ``.npy`` header with ``ast.literal_eval`` (~80 µs per array,
-    more than a small model's whole aggregation step); the fast path returns the identical
-    array and hands any other layout to Flower's parser. Restored on exit; re-entrant.
+    - ``Array.numpy`` parses every ``.npy`` header with ``ast.literal_eval`` (~80 µs per
+      array, more than a small model's whole aggregation step); :func:`from_array` returns
+      the identical array and hands any other layout to Flower's parser.
+    - ``TypedDict.__setitem__`` (every record and ``RecordDict`` item, and every view such
+      as ``content.array_records``) builds two ``typing`` aliases per call for a no-op
+      ``cast`` (~7 µs); the replacement runs the same key and value checks and stores the
+      same item.
+
+    Re-entrant; Flower's behaviour is unchanged (tests/test_arrays.py).
     """
     global _patch_depth
     _patch_depth += 1
     Array.numpy = _fast_numpy
+    TypedDict.__setitem__ = _fast_setitem
     try:
         yield
     finally:
         _patch_depth -= 1
         if _patch_depth == 0:
             Array.numpy = _flower_numpy
+            TypedDict.__setitem__ = _flower_setitem
+
+
+def array_record(arrays: dict[str, Array]) -> ArrayRecord:
+    """``ArrayRecord`` holding ``arrays`` (not copies), as setting them one by one would
+    (same items, same dirty flag; tests/test_arrays.py), at a fraction of Flower's per-item
+    cost. ``ArrayRecord(arrays)`` would copy every Array."""
+    for k, v in arrays.items():
+        if not isinstance(k, str) or not isinstance(v, Array):
+            raise TypeError(f"an ArrayRecord maps str to Array, got {type(k).__name__} -> "
+                            f"{type(v).__name__}")
+    record = ArrayRecord()
+    record.__dict__["_data"].update(arrays)
+    record.__dict__["_is_dirty"] = True
+    return record
 
 
 def state_to_record(
     state: dict[str, torch.Tensor], keys: Iterable[str] | None = None
 ) -> ArrayRecord:
     """Pack ``state`` (or only ``keys`` of it) into an ArrayRecord of numpy arrays."""
-    names = list(state) if keys is None else list(keys)
-    record = ArrayRecord()  # item by item: ArrayRecord(dict) would copy every Array again
-    for k in names:
-        record[k] = to_array(state[k].detach().cpu().numpy())
-    return record
+    names = state if keys is None else keys
+    return array_record({k: to_array(state[k].detach().cpu().numpy()) for k in names})
 
 
 def model_to_record(model: nn.Module, keys: Iterable[str] | None = None) -> ArrayRecord:

@@ -69,12 +69,12 @@ def test_record_to_state_copies():
     assert np.allclose(state["0.weight"].numpy(), rec["0.weight"].numpy())
 
 
-# -- the fast codec (fedsim.arrays.to_array / from_array / fast_array_numpy) -------------
+# -- the fast codec (fedsim.arrays.to_array / from_array / fast_flower_records) -------------
 
 import pytest  # noqa: E402
 from flwr.app import Array  # noqa: E402
 
-from fedsim.arrays import fast_array_numpy, from_array, to_array  # noqa: E402
+from fedsim.arrays import fast_flower_records, from_array, to_array  # noqa: E402
 
 LAYOUTS = [np.array(7, dtype=np.int64), np.arange(6, dtype=np.float32).reshape(2, 3),
            np.random.default_rng(0).standard_normal((4, 3, 2, 2)), np.array([True, False]),
@@ -103,10 +103,62 @@ def test_non_standard_layouts_go_to_flowers_parser():
 def test_fast_numpy_patch_is_exact_and_restored():
     original = Array.numpy
     arrays = [Array(a) for a in LAYOUTS]
-    with fast_array_numpy(), fast_array_numpy():
+    with fast_flower_records(), fast_flower_records():
         assert Array.numpy is not original
         fast = [a.numpy() for a in arrays]
     assert Array.numpy is original
     for f, a in zip(fast, arrays):
         ref = a.numpy()
         assert f.dtype == ref.dtype and f.tobytes() == ref.tobytes()
+
+
+# -- Flower's records without their per-item overheads ------------------------------------
+
+from flwr.app import ArrayRecord  # noqa: E402
+
+from fedsim.arrays import TypedDict, array_record, fast_flower_records, peek_array  # noqa: E402
+
+
+def test_array_record_equals_setting_items_one_by_one():
+    arrays = {f"k{i}": to_array(a) for i, a in enumerate(LAYOUTS)}
+    slow = ArrayRecord()
+    for k, v in arrays.items():
+        slow[k] = v
+    fast = array_record(arrays)
+    assert vars(fast) == vars(slow)  # same checks, items (the same Array objects), dirty flag
+    assert fast.object_id == slow.object_id
+    with pytest.raises(TypeError, match="str to Array"):
+        array_record({"w": np.zeros(2)})
+    with pytest.raises(TypeError, match="str to Array"):
+        array_record({1: to_array(np.zeros(2))})
+
+
+def test_fast_setitem_runs_flowers_checks_and_is_restored():
+    original = TypedDict.__setitem__
+    with fast_flower_records(), fast_flower_records():
+        assert TypedDict.__setitem__ is not original
+        rec = ArrayRecord()
+        rec["w"] = to_array(np.ones(3))
+        assert rec.is_dirty and list(rec.keys()) == ["w"]
+        with pytest.raises(TypeError, match="Value must be of type"):
+            rec["x"] = np.ones(3)
+        with pytest.raises(TypeError, match="Key must be of type"):
+            rec[3] = to_array(np.ones(3))
+        metrics = MetricRecord()
+        with pytest.raises(TypeError):
+            metrics["m"] = "not a number"
+        content = RecordDict({"arrays": rec, "metrics": MetricRecord({"n": 2})})
+        view = content.metric_records  # Flower's synced views still write through
+        view["more"] = MetricRecord({"a": 1.0})
+        assert isinstance(content["more"], MetricRecord)
+    assert TypedDict.__setitem__ is original
+
+
+def test_peek_array_is_a_read_only_view_with_the_same_values():
+    for a in LAYOUTS:
+        arr = to_array(a)
+        view = peek_array(arr)
+        assert view.dtype == a.dtype and view.shape == a.shape and np.array_equal(view, a)
+        assert not view.flags.writeable  # reads the message's bytes, cannot change them
+    fortran = Array(np.asfortranarray(np.arange(6.0).reshape(2, 3)))
+    assert np.array_equal(peek_array(fortran), np.arange(6.0).reshape(2, 3))

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.arrays import load_record, state_to_record
@@ -22,6 +22,7 @@ from fedsim.client.train import evaluate, train_local
 from fedsim.config import Scenario, load_scenario
 from fedsim.data.federated import FederatedData
 from fedsim.models.norm import uses_batch_statistics
+from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
 
 
@@ -39,8 +40,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
     model = rt.model
-    config = msg.content.config_records.get("config", ConfigRecord())
-    load_record(model, msg.content.array_records["arrays"])
+    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
+    load_record(model, require_record(msg.content, "arrays", ArrayRecord))
     import_strategy(scenario.server.strategy)
     hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content))
     for hook in hooks:
@@ -82,8 +83,8 @@ def handle_evaluate(msg: Message, context: Context, scenario: Scenario,
     """Evaluate the received global model (plus any local layers) on the local test split."""
     rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    load_record(rt.model, msg.content.array_records["arrays"])
+    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
+    load_record(rt.model, require_record(msg.content, "arrays", ArrayRecord))
     import_strategy(scenario.server.strategy)
     ctx = HookContext(cid, config, context.state, message=msg.content, mode="evaluate",
                       local_train=lambda: rt.data.client_train(cid))
@@ -117,7 +118,8 @@ def _guarded(handler: Callable[..., Message], get_scenario: Callable[[Context], 
             except Exception:
                 cid = None
             return error_reply(msg, exc, cid)
-        client = reply.content.config_records.get("client") if reply.has_content() else None
+        client = get_record(reply.content, "client", ConfigRecord) if reply.has_content() \
+            else None
         if client is not None and handler is handle_train:
             client["state-records"] = len(context.state)  # checkpoints need to know (Ray)
         return reply

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from fedsim.arrays import load_record, state_to_record
 from fedsim.models.norm import NORM_LAYER_TYPES
+from fedsim.records import get_record
 from fedsim.registry import Registry
 
 #: prefix of reply arrays that are not model arrays: ``hook/<hook name>/<array name>``
@@ -150,7 +151,8 @@ def _qualified(prefix: str, key: str) -> str:
 
 def norm_keys(model: nn.Module) -> list[str]:
     """State-dict keys of every normalization layer: affine parameters and buffers (FedBN)."""
-    return [_qualified(name, k) for name, m in norm_layers(model) for k in m.state_dict()]
+    return [_qualified(name, k) for name, m in norm_layers(model)
+            for k in m.state_dict(keep_vars=True)]  # keep_vars: keys only, no detach
 
 
 def norm_statistics_keys(model: nn.Module) -> list[str]:
@@ -243,7 +245,7 @@ class LocalArraysHook(ClientHook, abc.ABC):
         """Which state-dict keys stay on the client."""
 
     def on_receive(self, model: nn.Module) -> None:
-        saved = self.ctx.state.array_records.get(self.state_key)
+        saved = get_record(self.ctx.state, self.state_key, ArrayRecord)
         if saved is not None:
             load_record(model, saved)
         elif self.ctx.mode == "evaluate":

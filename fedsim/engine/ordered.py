@@ -16,6 +16,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedsim.records import require_record
+
 QUERY_TIMEOUT = 600.0
 POLL_INTERVAL = 0.05  # seconds between pulls while replies are outstanding (Flower: 0.1 s
 #                     in simulation, 3 s over the network)
@@ -57,7 +59,8 @@ class ClientOrderedGrid(Grid):
                 reason = bad[0].error.reason if bad else "missing replies"
                 raise RuntimeError(f"could not ask the client nodes for their ids: {reason}")
             self._client_of = {
-                r.metadata.src_node_id: int(r.content.config_records["client"]["client-id"])
+                r.metadata.src_node_id:
+                    int(require_record(r.content, "client", ConfigRecord)["client-id"])
                 for r in replies
             }
         return self._client_of

@@ -19,11 +19,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedsim.arrays import new_array
+from fedsim.arrays import array_record, new_array
 
 
 def encode_state(state: RecordDict) -> bytes:
@@ -44,11 +44,9 @@ def decode_state(data: bytes) -> RecordDict:
     out = RecordDict()
     for item in proto.items:
         if item.WhichOneof("value") == "array_record":
-            record = ArrayRecord()
-            for entry in item.array_record.items:
-                a = entry.value
-                record[entry.key] = new_array(a.dtype, tuple(a.shape), a.data, a.stype)
-            out[item.key] = record
+            out[item.key] = array_record({
+                e.key: new_array(e.value.dtype, tuple(e.value.shape), e.value.data,
+                                 e.value.stype) for e in item.array_record.items})
         else:  # metric and config records: Flower's own decoding
             out[item.key] = recorddict_from_proto(ProtoRecordDict(items=[item]))[item.key]
     return out

@@ -38,6 +38,7 @@ from fedsim.client.train import TrainResult, batches
 from fedsim.config import ClientConfig, Scenario
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
+from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
 
 
@@ -200,7 +201,6 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     mem = [members[i] for i in order]
     params = _stack([m.params for m in mem], device)
     buffers = _stack([m.buffers for m in mem], device)
-    names = list(params)
     mom: dict[str, torch.Tensor] = {}
     n_max = max(1, max(len(m.x) for m in mem))
     xs = torch.zeros((k_all, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
@@ -227,9 +227,9 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     finals: list[dict[str, torch.Tensor]] = [{}] * k_all
     results: list[TrainResult] = [TrainResult(float("nan"), float("nan"), 0, 0)] * k_all
     loss_cpu, correct_cpu = loss_sum.cpu(), correct.cpu()
+    rows = {n: t.unbind(0) for n, t in (*params.items(), *buffers.items())}  # views, 1 call
     for i, m in enumerate(mem):
-        finals[order[i]] = {**{n: params[n][i] for n in names},
-                            **{n: buffers[n][i] for n in buffers}}
+        finals[order[i]] = {n: r[i] for n, r in rows.items()}
         if seen[i]:
             results[order[i]] = TrainResult(loss_cpu[i].item() / seen[i],
                                             correct_cpu[i].item() / seen[i], len(m.x), steps[i])
@@ -329,8 +329,8 @@ class CohortTrainer:
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             try:
                 cid = rt.client_id(ctx)
-                config = msg.content.config_records.get("config", ConfigRecord())
-                record = msg.content.array_records["arrays"]
+                config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
+                record = require_record(msg.content, "arrays", ArrayRecord)
                 import_strategy(scenario.server.strategy)
                 hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content))
                 bad = step_hooks(hooks)
@@ -344,7 +344,7 @@ class CohortTrainer:
                                 {n: b.detach().clone() for n, b in model.named_buffers()})
                     start, bufs = base[1], base[2]
                     for hook in hooks:  # the client's saved arrays over the global ones
-                        saved = hook.ctx.state.array_records.get(hook.state_key)
+                        saved = get_record(hook.ctx.state, hook.state_key, ArrayRecord)
                         if saved is not None:
                             start, bufs = overlay(start, bufs, saved)
                 else:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
@@ -60,6 +60,7 @@ from fedsim.privacy.leakage import (
 )
 from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points
 from fedsim.privacy.mia import lira_scores, loss_attack, per_example_outputs, shadow_split
+from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng
 from fedsim.server.evaluate import distribution
@@ -339,8 +340,8 @@ class PrivacyAudit:
         self._sent = arrays
 
     def _client_update(self, msg: Message, global_after: ArrayRecord) -> None:
-        cid = int(msg.content.config_records["client"]["client-id"])
-        upload = msg.content.array_records["arrays"]
+        cid = int(require_record(msg.content, "client", ConfigRecord)["client-id"])
+        upload = require_record(msg.content, "arrays", ArrayRecord)
         if self.cfg.client_mia:
             x, y, is_member = self.pool.client_tensors(self.data, cid)
             x, y = x.to(self.device), y.to(self.device)

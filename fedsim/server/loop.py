@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.arrays import peek_array
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario
 from fedsim.errors import RunStopped
+from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
 
 log = logging.getLogger("fedsim")
@@ -62,7 +64,7 @@ def sampling_seed(seed: int, purpose: str, rnd: int, *more: str | int) -> Iterat
 def _client_record(msg: Message) -> ConfigRecord | None:
     if msg.has_error() or not msg.has_content():
         return None
-    return msg.content.config_records.get("client")
+    return get_record(msg.content, "client", ConfigRecord)
 
 
 def _client_id(msg: Message) -> int | None:
@@ -72,12 +74,12 @@ def _client_id(msg: Message) -> int | None:
 
 def _nonfinite(content: RecordDict) -> str | None:
     """Name the first NaN/Inf array or metric in a reply, or None if all are finite."""
-    for rec in content.array_records.values():
+    for _, rec in records_of(content, ArrayRecord):
         for key, array in rec.items():
-            x = array.numpy()
+            x = peek_array(array)
             if x.dtype.kind in "fc" and not np.isfinite(x).all():
                 return f"array {key!r} has NaN/Inf values"
-    for rec in content.metric_records.values():
+    for _, rec in records_of(content, MetricRecord):
         for key, value in rec.items():
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
@@ -87,7 +89,7 @@ def _nonfinite(content: RecordDict) -> str | None:
 
 def _arrays_finite(arrays: ArrayRecord) -> bool:
     for array in arrays.values():
-        x = array.numpy()
+        x = peek_array(array)
         if x.dtype.kind in "fc" and not np.isfinite(x).all():
             return False
     return True
@@ -96,7 +98,7 @@ def _arrays_finite(arrays: ArrayRecord) -> bool:
 def _with_config(msg: Message, extra: dict) -> Message:
     """Give one message its own train config with ``extra`` added (strategies share one)."""
     content = RecordDict(dict(msg.content.items()))
-    config = ConfigRecord(dict(msg.content.config_records.get("config", ConfigRecord())))
+    config = ConfigRecord(dict(get_record(msg.content, "config", ConfigRecord) or {}))
     config.update(extra)
     content["config"] = config
     msg.content = content
