@@ -71,9 +71,11 @@ def to_array(a: np.ndarray) -> Array:
     a = np.asarray(a, order="C")  # (np.ascontiguousarray would turn 0-d into shape (1,))
     if a.dtype.hasobject:
         raise TypeError("object arrays cannot be sent")
-    shape = tuple(a.shape)
-    name, header = _encode_layout(a.dtype, shape)
-    return new_array(name, shape, header + a.tobytes())
+    name, header = _encode_layout(a.dtype, a.shape)
+    arr = Array.__new__(Array)  # new_array, inlined: this runs for every array sent
+    arr.__dict__.update(dtype=name, shape=a.shape, stype=_NUMPY_STYPE,
+                        data=header + a.tobytes(), _is_dirty=True)
+    return arr
 
 
 def _decode(arr: Array, copy: bool = True) -> np.ndarray | None:
@@ -167,11 +169,13 @@ def array_record(arrays: dict[str, Array]) -> ArrayRecord:
 
 
 def state_to_record(
-    state: dict[str, torch.Tensor], keys: Iterable[str] | None = None
+    state: dict[str, torch.Tensor | np.ndarray], keys: Iterable[str] | None = None
 ) -> ArrayRecord:
-    """Pack ``state`` (or only ``keys`` of it) into an ArrayRecord of numpy arrays."""
+    """Pack ``state`` (or only ``keys`` of it) into an ArrayRecord of numpy arrays; values
+    are tensors (any device) or numpy arrays."""
     names = state if keys is None else keys
-    return array_record({k: to_array(state[k].detach().cpu().numpy()) for k in names})
+    return array_record({k: to_array(v if isinstance(v := state[k], np.ndarray)
+                                     else v.detach().cpu().numpy()) for k in names})
 
 
 def model_to_record(model: nn.Module, keys: Iterable[str] | None = None) -> ArrayRecord:

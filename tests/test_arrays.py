@@ -116,7 +116,7 @@ def test_fast_numpy_patch_is_exact_and_restored():
 
 from flwr.app import ArrayRecord  # noqa: E402
 
-from fedsim.arrays import TypedDict, array_record, fast_flower_records, peek_array  # noqa: E402
+from fedsim.arrays import TypedDict, array_record, peek_array  # noqa: E402
 
 
 def test_array_record_equals_setting_items_one_by_one():

@@ -239,6 +239,9 @@ class LocalArraysHook(ClientHook, abc.ABC):
 
     #: key of the saved arrays in the client state
     state_key: ClassVar[str] = "local-arrays"
+    #: True when ``local_keys`` depends on the model alone (not on the client or round):
+    #: a vectorized cohort then asks once for all its clients
+    keys_from_model_only: ClassVar[bool] = False
 
     @abc.abstractmethod
     def local_keys(self, model: nn.Module) -> list[str]:
@@ -265,7 +268,11 @@ class LocalArraysHook(ClientHook, abc.ABC):
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
-        keys = self.local_keys(model)
+        return self.keep_local(arrays, self.local_keys(model))
+
+    def keep_local(self, arrays: dict[str, torch.Tensor], keys: list[str]
+                   ) -> dict[str, torch.Tensor]:
+        """Save ``keys`` of ``arrays`` in the client state; return the others (the upload)."""
         self.ctx.state[self.state_key] = state_to_record(arrays, keys)
         local = set(keys)
         return {k: v for k, v in arrays.items() if k not in local}

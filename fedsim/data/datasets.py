@@ -324,11 +324,10 @@ class SyntheticDataset:
         size = self.cfg.image_size
         padded = self._padded
         shifts = rng.integers(0, 3, size=(n, 2))  # offset into the padded image: -1, 0, +1
-        x = np.empty((n, *self.input_shape), dtype=np.float32)
-        for dy in range(3):
-            for dx in range(3):
-                sel = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-                x[sel] = padded[labels[sel], :, dy:dy + size, dx:dx + size]
+        # (classes, C, 3, 3, S, S) views of every shifted window; one gather picks each
+        # sample's: x[i] = padded[labels[i], :, dy:dy + S, dx:dx + S]
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(2, 3))
+        x = windows[labels, :, shifts[:, 0], shifts[:, 1]]
         contrast = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1)).astype(np.float32)
         brightness = rng.normal(0.0, 0.1, size=(n, 1, 1, 1)).astype(np.float32)
         noise = rng.standard_normal(size=x.shape, dtype=np.float32)

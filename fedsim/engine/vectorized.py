@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -181,8 +182,9 @@ def _stack(dicts: list[dict[str, torch.Tensor]], device: torch.device) -> dict[s
         else {}
 
 
-def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientConfig
-                 ) -> tuple[list[dict[str, torch.Tensor]], list[TrainResult]]:
+def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientConfig,
+                 as_numpy: bool = False
+                 ) -> tuple[list[dict[str, torch.Tensor | np.ndarray]], list[TrainResult]]:
     """Local SGD for every member at once; returns final states and results, in order.
 
     At step ``t`` the members that still have a batch train together, grouped by batch
@@ -191,7 +193,7 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     buffers updated in place inside ``vmap``. The update is ``torch.optim.SGD`` (momentum,
     weight decay, no dampening or Nesterov) on stacked parameters, so each member's result
     equals ``train_local`` on its own within float tolerance. Returned states hold the
-    parameters and the buffers.
+    parameters and the buffers (``as_numpy``: as numpy views on the CPU, ready to encode).
     """
     k_all = len(members)
     if k_all == 0:
@@ -224,10 +226,15 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
         warnings.filterwarnings("ignore", message="There is a performance drop")
         _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, correct, seen,
                    cfg, device)
-    finals: list[dict[str, torch.Tensor]] = [{}] * k_all
+    finals: list[dict[str, torch.Tensor | np.ndarray]] = [{}] * k_all
     results: list[TrainResult] = [TrainResult(float("nan"), float("nan"), 0, 0)] * k_all
     loss_cpu, correct_cpu = loss_sum.cpu(), correct.cpu()
-    rows = {n: t.unbind(0) for n, t in (*params.items(), *buffers.items())}  # views, 1 call
+    stacks = (*params.items(), *buffers.items())
+    if as_numpy:  # row views of one CPU array per name (a[i, ...]: 0-d stays an array)
+        arrays = {n: t.detach().cpu().numpy() for n, t in stacks}
+        rows = {n: [a[i, ...] for i in range(k_all)] for n, a in arrays.items()}
+    else:
+        rows = {n: t.unbind(0) for n, t in stacks}  # views, one call per name
     for i, m in enumerate(mem):
         finals[order[i]] = {n: r[i] for n, r in rows.items()}
         if seen[i]:
@@ -300,7 +307,11 @@ def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
         t = torch.from_numpy(from_array(value))
         if not ref.dtype.is_floating_point:
             t = torch.round(t.double())
-        target[key] = t.reshape(ref.shape).to(device=ref.device, dtype=ref.dtype)
+        if t.shape != ref.shape:
+            t = t.reshape(ref.shape)
+        if t.dtype != ref.dtype or t.device != ref.device:  # (.to's argument parsing is
+            t = t.to(device=ref.device, dtype=ref.dtype)  # the costly part: skip a no-op)
+        target[key] = t
     return start, buffers
 
 
@@ -361,21 +372,29 @@ class CohortTrainer:
                 prepared.append((i, cid, hooks, member))
             except Exception as exc:
                 replies[i] = _error(msg, exc)
-        finals, results = train_cohort(model, [p[3] for p in prepared], scenario.client)
+        finals, results = train_cohort(model, [p[3] for p in prepared], scenario.client,
+                                       as_numpy=True)
         keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
+        local_keys: dict[type, list[str]] = {}  # per hook class, where keys_from_model_only
         for (i, cid, hooks, _), final, result in zip(prepared, finals, results):
             try:
                 if hooks and not swaps_arrays_only(hooks):  # hooks see the trained model
                     with torch.no_grad():
                         for name, t in (*model.named_parameters(), *model.named_buffers()):
-                            t.copy_(final[name])
+                            t.copy_(torch.from_numpy(final[name]))
                     arrays = model.state_dict()
                     for hook in hooks:
                         arrays = hook.on_reply(model, arrays)
-                else:
+                else:  # numpy views: LocalArraysHook.on_reply encodes them as it would tensors
                     arrays = {k: final[k] for k in keys}
                     for hook in hooks:  # saves its arrays, drops them from the upload
-                        arrays = hook.on_reply(model, arrays)
+                        cls = type(hook)
+                        if not cls.keys_from_model_only:
+                            arrays = hook.on_reply(model, arrays)
+                            continue
+                        if cls not in local_keys:
+                            local_keys[cls] = hook.local_keys(model)
+                        arrays = hook.keep_local(arrays, local_keys[cls])
                 replies[i] = _train_reply(msgs[i], cid, arrays, result)
             except Exception as exc:
                 replies[i] = _error(msgs[i], exc)

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 import fedsim
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
-from fedsim.client.hooks import CLIENT_HOOKS, ClientHook
+from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
@@ -225,3 +225,44 @@ def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
         for k in la:
             torch.testing.assert_close(la[k], lb[k], rtol=1e-4, atol=1e-5)
             assert la[k].dtype == lb[k].dtype
+
+
+@CLIENT_HOOKS.register("test-keys-by-client")
+class KeysByClient(LocalArraysHook):
+    """Local keys that depend on the client (odd ids keep the head's bias, even ids its
+    weight): ``keys_from_model_only`` stays False, so a cohort must ask every client."""
+
+    state_key = "by-client"
+
+    def local_keys(self, model):
+        return ["head.bias"] if self.ctx.client_id % 2 else ["head.weight"]
+
+
+def test_cohort_asks_each_client_for_its_local_keys_unless_they_depend_on_the_model_only():
+    from fedsim.client.hooks import HookContext, hooks_for
+    from fedsim.engine.vectorized import swaps_arrays_only
+
+    set_task_identity(1)
+    scenario = load_scenario("scenarios/quickstart.toml", [
+        "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
+        "server.clients_per_round=3", "client.epochs=1"])
+    from fedsim.client.runtime import client_runtime
+
+    rt = client_runtime(scenario)
+    arrays = model_to_record(rt.model)
+    config = ConfigRecord({"server-round": 2, "client-hooks": "test-keys-by-client"})
+    assert swaps_arrays_only(hooks_for(HookContext(0, config, RecordDict())))
+    nodes = (1, 2, 3, 4)
+    msgs = []
+    for node in nodes:
+        m = Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.TRAIN)
+        m.metadata.__dict__["_message_id"] = f"m{node}"
+        msgs.append(m)
+    ctxs = [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
+                    state=RecordDict(), run_config={}) for n in nodes]
+    replies = CohortTrainer(scenario)(msgs, ctxs)
+    for reply, ctx in zip(replies, ctxs):
+        cid = int(reply.content.config_records["client"]["client-id"])
+        kept = ["head.bias"] if cid % 2 else ["head.weight"]
+        assert list(ctx.state.array_records["by-client"].keys()) == kept
+        assert not set(kept) & set(reply.content.array_records["arrays"].keys())
