@@ -13,6 +13,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from fedsim.models.norm import NORMS, make_norm
+from fedsim.models.pool import FastMaxPool2d
 from fedsim.registry import Registry
 
 NormLayer = Callable[[int], nn.Module]
@@ -55,7 +56,7 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 def _stem_pool(image_size: int) -> nn.Module:
     """Halve 28×28 / 32×32 inputs right after the first layer; keep 8×8 at full resolution."""
-    return nn.MaxPool2d(2) if image_size >= 16 else nn.Identity()
+    return FastMaxPool2d(2) if image_size >= 16 else nn.Identity()
 
 
 @ARCHS.register("cnn")
@@ -80,7 +81,7 @@ class ConvNet(nn.Module):
             _conv3x3(width, 2 * width),
             norm_layer(2 * width),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            FastMaxPool2d(2),
             nn.AdaptiveAvgPool2d(2),  # keeps coarse layout, makes the head size-independent
             nn.Flatten(),
         )
