@@ -83,25 +83,30 @@ class LocalHead(ClientHook):
         return {k: v for k, v in arrays.items() if k != "head.bias"}
 
 
-def test_cohort_trainer_replies_like_handle_train_with_client_state():
+def small_quickstart(server_round: int, hooks: str):
+    """A 6-client quickstart (width 8), its global arrays and a train config naming
+    ``hooks``: the setting of the cohort-trainer tests below."""
+    from fedsim.client.runtime import client_runtime
+
     set_task_identity(1)
     scenario = load_scenario("scenarios/quickstart.toml", [
         "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
         "server.clients_per_round=3", "client.epochs=1"])
-    from fedsim.client.runtime import client_runtime
+    config = ConfigRecord({"server-round": server_round, "client-hooks": hooks})
+    return scenario, model_to_record(client_runtime(scenario).model), config
 
-    rt = client_runtime(scenario)
-    arrays = model_to_record(rt.model)
-    config = ConfigRecord({"server-round": 3, "client-hooks": "test-local-head"})
+
+def train_message(arrays, config, node: int) -> Message:
+    m = Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.TRAIN)
+    m.metadata.__dict__["_message_id"] = f"m{node}"
+    return m
+
+
+def test_cohort_trainer_replies_like_handle_train_with_client_state():
+    scenario, arrays, config = small_quickstart(3, "test-local-head")
 
     def messages():
-        out = []
-        for node in (1, 3, 5):
-            m = Message(RecordDict({"arrays": arrays, "config": config}), node,
-                        MessageType.TRAIN)
-            m.metadata.__dict__["_message_id"] = f"m{node}"
-            out.append(m)
-        return out
+        return [train_message(arrays, config, node) for node in (1, 3, 5)]
 
     def contexts():  # each client already holds a local head from an earlier round
         ctxs = []
@@ -242,22 +247,10 @@ def test_cohort_asks_each_client_for_its_local_keys_unless_they_depend_on_the_mo
     from fedsim.client.hooks import HookContext, hooks_for
     from fedsim.engine.vectorized import swaps_arrays_only
 
-    set_task_identity(1)
-    scenario = load_scenario("scenarios/quickstart.toml", [
-        "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
-        "server.clients_per_round=3", "client.epochs=1"])
-    from fedsim.client.runtime import client_runtime
-
-    rt = client_runtime(scenario)
-    arrays = model_to_record(rt.model)
-    config = ConfigRecord({"server-round": 2, "client-hooks": "test-keys-by-client"})
+    scenario, arrays, config = small_quickstart(2, "test-keys-by-client")
     assert swaps_arrays_only(hooks_for(HookContext(0, config, RecordDict())))
     nodes = (1, 2, 3, 4)
-    msgs = []
-    for node in nodes:
-        m = Message(RecordDict({"arrays": arrays, "config": config}), node, MessageType.TRAIN)
-        m.metadata.__dict__["_message_id"] = f"m{node}"
-        msgs.append(m)
+    msgs = [train_message(arrays, config, node) for node in nodes]
     ctxs = [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
                     state=RecordDict(), run_config={}) for n in nodes]
     replies = CohortTrainer(scenario)(msgs, ctxs)
