@@ -256,3 +256,31 @@ def test_synthetic_data_is_learnable_by_a_small_model():
     with torch.no_grad():
         accuracy = (model(test_x.flatten(1)).argmax(1) == test_y).float().mean().item()
     assert accuracy > 0.6  # chance is 0.1
+
+
+def test_synthetic_samples_are_shifted_prototype_windows_as_documented():
+    """``generate`` picks each sample's window with one gather: it must equal the plain
+    per-sample definition (the class prototype, edge-padded, shifted by -1/0/+1 pixels),
+    followed by the same contrast, brightness and noise draws."""
+    import math
+
+    from fedsim.config import DataConfig
+    from fedsim.data.datasets import SyntheticDataset
+
+    for size, channels in [(8, 1), (16, 3)]:
+        cfg = DataConfig(name="synthetic", num_classes=5, image_size=size, channels=channels,
+                         samples_per_client=40)
+        ds = SyntheticDataset(cfg, 3)
+        labels = np.random.default_rng(0).integers(0, 5, 37)
+        got = ds.generate(labels, np.random.default_rng(1))
+        rng = np.random.default_rng(1)  # the same draws, in the same order
+        shifts = rng.integers(0, 3, size=(len(labels), 2))
+        x = np.stack([ds._padded[c, :, dy:dy + size, dx:dx + size]
+                      for c, (dy, dx) in zip(labels, shifts)])
+        contrast = rng.uniform(0.8, 1.2, size=(len(labels), 1, 1, 1)).astype(np.float32)
+        brightness = rng.normal(0.0, 0.1, size=(len(labels), 1, 1, 1)).astype(np.float32)
+        noise = rng.standard_normal(size=x.shape, dtype=np.float32)
+        want = x * contrast + brightness + np.float32(cfg.noise) * noise
+        want /= np.float32(math.sqrt(1.0 + cfg.noise**2))
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert got.tobytes() == want.tobytes()
