@@ -72,10 +72,7 @@ def to_array(a: np.ndarray) -> Array:
     if a.dtype.hasobject:
         raise TypeError("object arrays cannot be sent")
     name, header = _encode_layout(a.dtype, a.shape)
-    arr = Array.__new__(Array)  # new_array, inlined: this runs for every array sent
-    arr.__dict__.update(dtype=name, shape=a.shape, stype=_NUMPY_STYPE,
-                        data=header + a.tobytes(), _is_dirty=True)
-    return arr
+    return new_array(name, a.shape, header + a.tobytes())
 
 
 def _decode(arr: Array, copy: bool = True) -> np.ndarray | None:
