@@ -3,7 +3,9 @@
 Every layer takes vector features ``(N, C)`` and conv features ``(N, C, H, W)``, so model code
 calls the factory and never branches on the norm type (the timm ``create_norm`` pattern). Which
 layers hold *batch* statistics matters twice in federated learning: they are what FedBN keeps
-local, and their running buffers leak information about a client's data.
+local, and their running buffers leak information about a client's data. Under
+``torch.func.vmap`` (vectorized cohorts) the layers fold the clients into channels and run
+native kernels (:mod:`fedsim.models.batched`); the results are the same within float rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fedsim.models.batched import batch_norm_train, group_norm, under_vmap
 from fedsim.registry import Registry
 
 NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
@@ -46,6 +49,15 @@ class BatchNorm(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         _check_features(input, type(self).__name__)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.training and self.momentum is not None and self.running_mean is not None
+                and self.weight is not None and under_vmap()):  # a vectorized cohort
+            self._check_input_dim(x)
+            self.num_batches_tracked.add_(1)
+            return batch_norm_train(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.momentum, self.eps)
+        return super().forward(x)
+
 
 @NORMS.register("in")
 class InstanceNorm(nn.Module):
@@ -67,6 +79,9 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, type(self).__name__)
+        if under_vmap():  # a vectorized cohort: group norm with one group per channel (4-D)
+            groups = 1 if x.dim() == 2 else self.num_channels  # or per sample (vectors)
+            return group_norm(x, groups, self.weight, self.bias, self.eps)
         if x.dim() == 2:
             return F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
@@ -103,6 +118,8 @@ class GroupNorm(nn.GroupNorm):
                 f"GroupNorm with {self.num_groups} groups of one feature on vector input "
                 f"(N, {self.num_channels}) outputs a constant; use fewer groups or more units"
             )
+        if under_vmap():  # a vectorized cohort
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 
@@ -118,6 +135,11 @@ class LayerNorm(nn.GroupNorm):
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__(1, num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if under_vmap():  # a vectorized cohort
+            return group_norm(x, 1, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"

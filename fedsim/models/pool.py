@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsim.models.batched import place, under_vmap
+
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
     """Non-overlapping ``k``×``k`` max pooling of a 4-D CPU tensor: (values, indices)."""
@@ -36,22 +38,65 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_idx: Tensor) -> tuple[Tensor, None]:
         x, idx = ctx.saved_tensors
-        k = [ctx.k, ctx.k]
+        if under_vmap():  # a vectorized cohort: fold clients into the batch, as forward does
+            return _MaxPoolBackward.apply(grad_y, x, idx, ctx.k), None
         # the op nn.MaxPool2d's backward runs (differentiable again: double backward works)
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_y, x, k, k, [0, 0], [1, 1], False, idx)
-        return grad_x, None
+        return _max_pool_backward(grad_y, x, idx, ctx.k), None
 
     @staticmethod
     def vmap(info, in_dims, x: Tensor, k: int):
         """Under ``torch.func.vmap``: fold the vmapped dimension into the batch."""
         if in_dims[0] is None:
             return _ChannelsLastMaxPool.apply(x, k), (None, None)
-        x = x.movedim(in_dims[0], 0)
-        outer, inner = x.shape[:2]
-        y, idx = _ChannelsLastMaxPool.apply(x.reshape(outer * inner, *x.shape[2:]), k)
-        return ((y.reshape(outer, inner, *y.shape[1:]), idx.reshape(outer, inner, *idx.shape[1:])),
-                (0, 0))
+        n, side = info.batch_size, _batch_side(in_dims[0])
+        y, idx = _ChannelsLastMaxPool.apply(_to_batch(x, in_dims[0], n, side), k)
+        return (_from_batch(y, n, side), _from_batch(idx, n, side)), (side, side)
+
+
+def _max_pool_backward(grad_y: Tensor, x: Tensor, idx: Tensor, k: int) -> Tensor:
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_y, x, [k, k], [k, k], [0, 0], [1, 1], False, idx)
+
+
+def _batch_side(bdim: int) -> int:
+    """Where to merge a vmapped dimension with the batch: after it (``(N, K, …)``, a view of
+    the layout conv and batch-norm rules leave) or before it (``(K, N, …)``)."""
+    return 1 if bdim == 1 else 0
+
+
+def _to_batch(t: Tensor, bdim: int | None, k: int, side: int) -> Tensor:
+    """``t`` (vmapped at ``bdim``) as ``(N·K, …)`` (``side`` 1) or ``(K·N, …)`` (``side`` 0)."""
+    return place(t, bdim, k, side).flatten(0, 1)
+
+
+def _from_batch(t: Tensor, k: int, side: int) -> Tensor:
+    """Inverse of :func:`_to_batch`: ``(N, K, …)`` (``side`` 1) or ``(K, N, …)``; a view."""
+    return t.unflatten(0, (-1, k) if side == 1 else (k, -1))
+
+
+class _MaxPoolBackward(torch.autograd.Function):
+    """``max_pool2d_with_indices_backward`` whose vmap rule folds clients into the batch."""
+
+    @staticmethod
+    def forward(grad_y: Tensor, x: Tensor, idx: Tensor, k: int) -> Tensor:
+        return _max_pool_backward(grad_y, x, idx, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("FastMaxPool2d's vmap rule has no double backward; run "
+                           "higher-order gradients outside vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y: Tensor, x: Tensor, idx: Tensor, k: int):
+        n = info.batch_size
+        side = _batch_side(in_dims[1] if in_dims[1] is not None else in_dims[0])
+        grad_x = _MaxPoolBackward.apply(*(_to_batch(t, d, n, side) for t, d in
+                                          zip((grad_y, x, idx), in_dims[:3])), k)
+        return _from_batch(grad_x, n, side), side
 
 
 class FastMaxPool2d(nn.MaxPool2d):
