@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedsim.models.batched import batch_norm_train, group_norm, under_vmap
+from fedsim.models.batched import batch_norm_train, fold_norm, group_norm
 from fedsim.registry import Registry
 
 NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
@@ -51,7 +51,7 @@ class BatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.training and self.momentum is not None and self.running_mean is not None
-                and self.weight is not None and under_vmap()):  # a vectorized cohort
+                and self.weight is not None and fold_norm(x)):  # a vectorized cohort
             self._check_input_dim(x)
             self.num_batches_tracked.add_(1)
             return batch_norm_train(x, self.weight, self.bias, self.running_mean,
@@ -79,7 +79,7 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, type(self).__name__)
-        if under_vmap():  # a vectorized cohort: group norm with one group per channel (4-D)
+        if fold_norm(x):  # a vectorized cohort: group norm with one group per channel (4-D)
             groups = 1 if x.dim() == 2 else self.num_channels  # or per sample (vectors)
             return group_norm(x, groups, self.weight, self.bias, self.eps)
         if x.dim() == 2:
@@ -118,7 +118,7 @@ class GroupNorm(nn.GroupNorm):
                 f"GroupNorm with {self.num_groups} groups of one feature on vector input "
                 f"(N, {self.num_channels}) outputs a constant; use fewer groups or more units"
             )
-        if under_vmap():  # a vectorized cohort
+        if fold_norm(x):  # a vectorized cohort
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
@@ -137,7 +137,7 @@ class LayerNorm(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        if under_vmap():  # a vectorized cohort
+        if fold_norm(x):  # a vectorized cohort
             return group_norm(x, 1, self.weight, self.bias, self.eps)
         return super().forward(x)
 

@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fedsim
+import fedsim.models.batched as batched
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
@@ -31,12 +32,15 @@ def clients(seed: int = 0, sizes=SIZES):
 NORMS = ["gn", "ln", "in", "none", "bn", "hybrid"]
 
 
+@pytest.mark.parametrize("fold", ["fold", "vmap-rule"])
 @pytest.mark.parametrize("arch,norm", [("cnn", n) for n in NORMS] + [("mlp", n) for n in NORMS
                                                                        if n != "gn"])
-def test_cohort_equals_sequential_training(arch, norm):
+def test_cohort_equals_sequential_training(arch, norm, fold, monkeypatch):
     """Every norm, clients of 13, 8, 21 and 1 samples (partial, exact, several batches,
     a lone sample), two epochs with momentum and weight decay: parameters, running
-    statistics and metrics equal ``train_local`` per client."""
+    statistics and metrics equal ``train_local`` per client, whether the norm layers fold
+    the cohort into channels (fedsim.models.batched) or keep vmap's own rules."""
+    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 0 if fold == "fold" else 2**62)
     torch.manual_seed(0)
     model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
                         groups=4)

@@ -8,12 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import fedsim.models.batched as batched
 import fedsim.models.norm as norm_module
 from fedsim.models.batched import fold, under_vmap, unfold
 from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from fedsim.models.pool import FastMaxPool2d
 
 K = 4  # clients in the cohort
+
+
+@pytest.fixture(autouse=True)
+def _fold_small_tensors(monkeypatch):
+    """Fold these tests' small activations too (the layers skip the fold below a size)."""
+    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 0)
 
 
 def conv_net(norm, pool) -> nn.Module:
@@ -107,7 +114,7 @@ def test_folded_rule_equals_functorchs_own_rule(monkeypatch, kind):
     x, y = data((5, 2, 8, 8))
     folded_bufs = {n: b.clone() for n, b in buffers.items()}
     folded = vmap(grad(loss_of(model)))(params, folded_bufs, x, y)
-    monkeypatch.setattr(norm_module, "under_vmap", lambda: False)
+    monkeypatch.setattr(norm_module, "fold_norm", lambda x: False)
     own_bufs = {n: b.clone() for n, b in buffers.items()}
     own = vmap(grad(loss_of(model)))(params, own_bufs, x, y)
     for n in own:
@@ -201,3 +208,17 @@ def test_under_vmap_only_inside_vmap():
     grad(grad(lambda x: probe(x) * x.sum()))(torch.ones(()))
     vmap(grad(grad(lambda x: probe(x) ** 2)))(torch.ones(3))
     assert seen == [False, False, True, True, False, False]
+
+
+def test_norm_layers_fold_only_large_activations(monkeypatch):
+    """Below FOLD_MIN_NUMEL elements per client, vmap's own (C++) rule is cheaper."""
+    calls = []
+    monkeypatch.setattr(norm_module, "batch_norm_train",
+                        lambda *a: calls.append(a[0].shape) or batched.batch_norm_train(*a))
+    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 6 * 8 * 8 * 2)
+    layer = BatchNorm(6)
+    for n in (1, 2):
+        x = torch.randn(K, n, 6, 8, 8)
+        buffers = {b: t.expand(K, *t.shape).clone() for b, t in layer.named_buffers()}
+        vmap(lambda b, xb: functional_call(layer, b, (xb,)))(buffers, x)
+    assert calls == [(2, 6, 8, 8)]
