@@ -6,6 +6,8 @@
     python benchmarks/profile_engine.py --step                     # one local SGD step, by op
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
         --cohort 100 --threads 2                                   # one vmap cohort, alone
+    python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
+        --cohort 100 --fold-ab              # folded norm rules vs vmap's own, interleaved
 
 Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
 switched on only inside each round's training phase and aggregation, and reports the
@@ -123,11 +125,16 @@ def profile_step(scenario: str, overrides: list[str]) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int) -> None:
+def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
+                fold_ab: bool = False) -> None:
     """Milliseconds per client-step of one vectorized cohort of ``clients`` clients (the
-    scenario's model; random data of each client's size; its batch size), on its own."""
+    scenario's model; random data of each client's size; its batch size), on its own.
+    ``fold_ab``: alternate the norm layers' folded vmap rules (fedsim.models.batched) with
+    vmap's own rules, 8 times each, and print both (this machine's speed drifts, so only
+    interleaved timings compare)."""
     import torch
 
+    import fedsim.models.batched as batched
     from fedsim.client.runtime import client_runtime
     from fedsim.config import load_scenario
     from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
@@ -145,14 +152,30 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int)
         plan = plan_batches(len(x), sc.client, torch.Generator().manual_seed(i), drop)
         members.append(CohortMember(params, x, y, plan, bufs))
     steps = sum(len(m.batches) for m in members)
-    train_cohort(rt.model, members, sc.client)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(5):
-        train_cohort(rt.model, members, sc.client)
-    ms = 1e3 * (time.perf_counter() - t0) / 5
-    print(f"cohort of {len(members)} clients, {steps} client-steps, {threads} torch thread(s): "
-          f"{ms:.1f} ms per cohort, {ms / steps:.3f} ms per client-step, "
-          f"{ms / len(members):.2f} ms per client update")
+
+    def ms_per_cohort(reps: int) -> float:
+        train_cohort(rt.model, members, sc.client)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            train_cohort(rt.model, members, sc.client)
+        return 1e3 * (time.perf_counter() - t0) / reps
+
+    head = f"cohort of {len(members)} clients, {steps} client-steps, {threads} torch thread(s)"
+    if not fold_ab:
+        ms = ms_per_cohort(5)
+        print(f"{head}: {ms:.1f} ms per cohort, {ms / steps:.3f} ms per client-step, "
+              f"{ms / len(members):.2f} ms per client update")
+        return
+    default = batched.FOLD_MIN_NUMEL
+    times: dict[str, list[float]] = {"folded norm rules": [], "vmap's own rules": []}
+    for _ in range(8):
+        for label in times:
+            batched.FOLD_MIN_NUMEL = default if label.startswith("folded") else 2**62
+            times[label].append(ms_per_cohort(3))
+    batched.FOLD_MIN_NUMEL = default
+    print(f"{head}, ms per cohort over 8 interleaved repeats:")
+    for label, ms in times.items():
+        print(f"  {label:18s} min {min(ms):7.1f}  median {sorted(ms)[4]:7.1f}")
 
 
 def main() -> None:
@@ -168,10 +191,12 @@ def main() -> None:
     p.add_argument("--cohort", type=int, metavar="K",
                    help="time one vectorized cohort of K clients on its own")
     p.add_argument("--threads", type=int, default=1, help="torch threads for --cohort")
+    p.add_argument("--fold-ab", action="store_true",
+                   help="with --cohort: folded norm rules vs vmap's own, interleaved")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"server.rounds={args.rounds}"] if args.rounds else [])
     if args.cohort:
-        time_cohort(args.scenario, overrides, args.cohort, args.threads)
+        time_cohort(args.scenario, overrides, args.cohort, args.threads, args.fold_ab)
     elif args.step:
         profile_step(args.scenario, overrides)
     else:
