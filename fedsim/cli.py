@@ -100,6 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{_num(timing['client_updates_per_s'], '.1f')} client updates/s, "
         f"{_num(timing['seconds'], '.1f')} s → {result.path}"
     )
+    spent = (summary.get("dp") or {}).get("privacy_spent")
+    if spent:
+        eps = "no finite ε (no noise)" if spent["epsilon"] is None else \
+            f"ε = {spent['epsilon']:.3g} at δ = {spent['delta']:g}"
+        print(f"DP: {eps} after {spent['rounds']} noised rounds (sampling rate "
+              f"{spent['sampling_rate']:.3g}, σ = {spent['noise_multiplier']:g}; covers the "
+              "noised arrays only)")
     return 0
 
 

@@ -138,6 +138,7 @@ class DPConfig:
     target_clipped_quantile: float = 0.5  # adaptive
     clip_norm_lr: float = 0.2  # adaptive
     clipped_count_stddev: float = 0.0  # adaptive; 0 = Flower's default, clients_per_round / 20
+    delta: float = 1e-5  # the δ of the (ε, δ) the accountant reports; keep it below 1/clients
 
     def __post_init__(self) -> None:
         _check(self.kind in DP_KINDS, "server.dp.kind", f"use one of {', '.join(DP_KINDS)}",
@@ -152,6 +153,8 @@ class DPConfig:
                self.clip_norm_lr)
         _check(self.clipped_count_stddev >= 0, "server.dp.clipped_count_stddev",
                "it must be >= 0 (0 = clients_per_round / 20)", self.clipped_count_stddev)
+        _check(0 < self.delta < 1, "server.dp.delta", "it must be in (0, 1), e.g. 1e-5",
+               self.delta)
 
 
 @dataclass(frozen=True)

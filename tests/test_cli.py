@@ -74,3 +74,13 @@ def test_partitions_json_and_heat_map(tmp_path, capsys):
     assert sum(r["holdout"] for r in rows) == 2
     assert sum(sum(r["train_counts"]) + sum(r["test_counts"]) for r in rows) == 1797 - 360
     assert png.stat().st_size > 1000
+
+
+def test_dp_run_prints_the_privacy_spent(tmp_path, capsys):
+    args = ["run", "scenarios/quickstart.toml", "--out", str(tmp_path / "r"), "--quiet", *TINY,
+            "--set", "server.dp.kind=fixed", "--set", "server.dp.noise_multiplier=1.5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    spent = json.loads((tmp_path / "r" / "summary.json").read_text())["dp"]["privacy_spent"]
+    assert f"DP: ε = {spent['epsilon']:.3g} at δ = 1e-05 after 1 noised rounds" in out
+    assert "sampling rate 0.5, σ = 1.5" in out

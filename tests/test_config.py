@@ -60,6 +60,7 @@ def test_parse_value_falls_back_to_string():
         ("[data]\nname='imagenet'", r"unknown dataset in data.name"),
         ("[server]\nstrategy='fedavgg'", r"unknown strategy.*did you mean 'fedavg'"),
         ("[engine]\nkind='spark'", r"unknown engine in engine.kind"),
+        ("[server.dp]\ndelta=1.0", r"server.dp.delta = 1.0 is out of range; it must be in"),
         ("[partition]\nkind='zipf'", r"unknown partition in partition.kind"),
         ("seed = [", r"not valid TOML"),
         ("data = 3", r"data must be a table"),

@@ -25,11 +25,17 @@ DP fedsim averages client updates with equal weights (``dp.client_weights = "uni
 when the wrapped strategy is a FedAvg subclass. Flower draws the noise from numpy's global
 generator; fedsim seeds it from ``(seed, "dp-noise", round)`` around each aggregation, so DP
 runs are reproducible.
+
+Each noised aggregation is counted; ``summary.json`` ``dp.privacy_spent`` gives the (ε, δ)
+they add up to (``fedsim.privacy.accountant``: Rényi DP of the subsampled Gaussian, with
+sampling rate clients_per_round / participating clients and the requested noise multiplier,
+which adaptive clipping splits between the update and the clipped count).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -46,6 +52,7 @@ from torch import nn
 
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
+from fedsim.privacy.accountant import privacy_spent
 from fedsim.rng import derive_seed
 
 COVERS = (
@@ -114,13 +121,16 @@ class _ParametersOnly:
     """Mixin for Flower's server-side DP wrappers: clip and noise the covered arrays only."""
 
     def _setup(self, strategy: Strategy, parameter_names: list[str] | None, seed: int,
-               kind: str, noise_multiplier: float) -> None:
+               kind: str, noise_multiplier: float, sampling_rate: float, delta: float) -> None:
         uniform = isinstance(strategy, FedAvg)
         self.strategy = _Rejoin(strategy, uniform)
         self.parameter_names = parameter_names
         self.seed = seed
         self.kind = kind
         self.requested_noise_multiplier = noise_multiplier
+        self.sampling_rate = sampling_rate
+        self.delta = delta
+        self.noised_rounds = 0  # aggregations released with noise: what the accountant composes
         self.noised: set[str] = set()
         self.excluded: set[str] = set()
         self.local: set[str] = set()
@@ -160,6 +170,7 @@ class _ParametersOnly:
         self.noise_stddev = compute_stdv(self.noise_multiplier, self.clipping_norm,
                                          self.num_sampled_clients)
         add_gaussian_noise_inplace(noisy, self.noise_stddev)
+        self.noised_rounds += 1
         self.noised.update(self._covered)
         out = dict(zip(self._covered, noisy, strict=True))
         return ArrayRecord({k: Array(np.asarray(out[k])) if k in out else aggregated[k]
@@ -183,7 +194,16 @@ class _ParametersOnly:
             "local_note": "kept on the clients, never uploaded",
             "client_weights": "uniform" if self.strategy.uniform_weights
             else "as the wrapped strategy weighs them",
+            "privacy_spent": self.privacy_spent(),
         }
+
+    def privacy_spent(self) -> dict:
+        """The (ε, δ) of the noised rounds so far (ε None: no noise, no finite bound)."""
+        spent = privacy_spent(self.sampling_rate, self.requested_noise_multiplier,
+                              self.noised_rounds, self.delta).as_dict()
+        if not math.isfinite(spent["epsilon"]):
+            spent["epsilon"] = None
+        return spent
 
     def fedsim_summary(self) -> dict:
         return {"dp": self.dp_report()}
@@ -193,9 +213,11 @@ class ParameterDPFixedClipping(_ParametersOnly, DifferentialPrivacyServerSideFix
     """Flower's server-side fixed clipping on the model's float parameters only."""
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, parameter_names: list[str] | None, seed: int) -> None:
+                 num_sampled_clients: int, parameter_names: list[str] | None, seed: int,
+                 sampling_rate: float = 1.0, delta: float = 1e-5) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self._setup(strategy, parameter_names, seed, "fixed", noise_multiplier)
+        self._setup(strategy, parameter_names, seed, "fixed", noise_multiplier, sampling_rate,
+                    delta)
 
 
 class ParameterDPAdaptiveClipping(_ParametersOnly, DifferentialPrivacyServerSideAdaptiveClipping):
@@ -204,10 +226,12 @@ class ParameterDPAdaptiveClipping(_ParametersOnly, DifferentialPrivacyServerSide
     def __init__(self, strategy: Strategy, noise_multiplier: float, num_sampled_clients: int,
                  initial_clipping_norm: float, target_clipped_quantile: float,
                  clip_norm_lr: float, clipped_count_stddev: float | None,
-                 parameter_names: list[str] | None, seed: int) -> None:
+                 parameter_names: list[str] | None, seed: int, sampling_rate: float = 1.0,
+                 delta: float = 1e-5) -> None:
         super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
                          target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
-        self._setup(strategy, parameter_names, seed, "adaptive", noise_multiplier)
+        self._setup(strategy, parameter_names, seed, "adaptive", noise_multiplier, sampling_rate,
+                    delta)
 
 
 def wrap_dp(strategy: Strategy, scenario: Scenario, model: nn.Module | None) -> Strategy:
@@ -215,15 +239,16 @@ def wrap_dp(strategy: Strategy, scenario: Scenario, model: nn.Module | None) -> 
     cfg = scenario.server.dp
     names = [n for n, _ in model.named_parameters()] if model is not None else None
     m = scenario.server.clients_per_round
+    rate = m / scenario.num_participating  # the pool clients are sampled from
     try:
         if cfg.kind == "fixed":
             return ParameterDPFixedClipping(strategy, cfg.noise_multiplier, cfg.clipping_norm,
-                                            m, names, scenario.seed)
+                                            m, names, scenario.seed, rate, cfg.delta)
         if cfg.kind == "adaptive":
             return ParameterDPAdaptiveClipping(
                 strategy, cfg.noise_multiplier, m, cfg.clipping_norm,
                 cfg.target_clipped_quantile, cfg.clip_norm_lr,
-                cfg.clipped_count_stddev or None, names, scenario.seed)
+                cfg.clipped_count_stddev or None, names, scenario.seed, rate, cfg.delta)
     except ValueError as exc:
         raise ScenarioError(f"[server.dp] kind = {cfg.kind!r}: {exc}") from None
     raise ScenarioError(f"server.dp.kind = {cfg.kind!r} is not a DP wrapper; use fixed or "

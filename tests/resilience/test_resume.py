@@ -119,3 +119,13 @@ def test_resume_keeps_the_privacy_audit_captures(tmp_path):
     assert [r["round"] for r in pb["mia_by_round"]] == [1, 2, 3]
     assert pb["client_mia"]["round"] == 1 and len(pb["client_mia"]["per_client"]) == 3
     assert pa == pb
+
+
+def test_resume_keeps_counting_dp_rounds(tmp_path):
+    """The DP accountant composes every noised round, those before the interruption too."""
+    dp = ["server.rounds=3", "server.dp.kind=fixed", "server.dp.noise_multiplier=0.8"]
+    ref = fedsim.run("scenarios/quickstart.toml", TINY + dp, out=tmp_path / "ref").path
+    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
+    assert resumed.summary["resumed_from"] == [2]
+    assert resumed.summary["dp"]["privacy_spent"]["rounds"] == 3
+    assert_same_run(ref, resumed.path)
