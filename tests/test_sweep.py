@@ -137,6 +137,22 @@ def test_cli_sweep_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "c" / "seed-1" / "summary.json").is_file()
 
 
+def test_dp_sweep_reports_the_privacy_spent_per_setting(tmp_path):
+    args = ["sweep", "scenarios/quickstart.toml", "--out", str(tmp_path / "dp"), "--quiet",
+            "--set", "server.rounds=1", "--set", "partition.num_clients=4", "--set",
+            "server.clients_per_round=2", "--set", "model.width=8", "--set",
+            "server.dp.kind=fixed", "--set", "sweep.server.dp.noise_multiplier=[0.5,2.0]"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "dp" / "report.json").read_text())
+    eps = {r["params"]["server.dp.noise_multiplier"]: r["dp.epsilon"] for r in report["rows"]}
+    for z, folder in ((0.5, "noise_multiplier-0.5"), (2.0, "noise_multiplier-2.0")):
+        summary = json.loads((tmp_path / "dp" / folder / "summary.json").read_text())
+        assert eps[z] == summary["dp"]["privacy_spent"]["epsilon"]
+    assert eps[0.5] > eps[2.0] > 0  # more noise, less privacy spent
+    text = (tmp_path / "dp" / "report.md").read_text()
+    assert text.count("DP ε (summary.json dp.privacy_spent)") == 2  # one table per setting
+
+
 # --------------------------------------------------------------------------- claims logic
 
 

@@ -94,6 +94,8 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
     rec = (leak or {}).get("data_mean_recovery") or {}
     row["leak.abs_error"] = rec.get("abs_error")
     row["leak.baseline"] = rec.get("baseline_abs_error")
+    spent = (summary.get("dp") or {}).get("privacy_spent") or {}
+    row["dp.epsilon"] = spent.get("epsilon")  # None without DP, or without noise
     row["alpha_drift"] = (row["alpha_final"] - row["alpha_init"]
                           if row["alpha_final"] is not None else None)
     return row
@@ -454,6 +456,8 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
                 ("participation gap", "participation_gap")]
         if _present(group, "alpha_final"):
             cols.append(("hybrid α (final, mean)", "alpha_final"))
+        if _present(group, "dp.epsilon"):
+            cols.append(("DP ε (summary.json dp.privacy_spent)", "dp.epsilon"))
         lines.append("**Generalization** (final round)")
         lines.append("")
         lines += _table(["norm", *[c[0] for c in cols]],
