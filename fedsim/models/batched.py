@@ -59,6 +59,20 @@ def unfold(t: Tensor, k: int, dim: int) -> Tensor:
     return t.unflatten(dim, (k, -1))
 
 
+class BackwardOp(torch.autograd.Function):
+    """Base of the folded rules' backward passes, as ops with their own ``vmap`` rule:
+    first order only (a cohort differentiates once; gradient inversion runs outside vmap)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fedsim's folded vmap rules (norm layers, FastMaxPool2d) have no "
+                           "double backward; run higher-order gradients outside vmap")
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode batch norm with the native kernels: (output, batch mean, inverse std).
     Updates ``running_mean``/``running_var`` in place, as ``F.batch_norm`` does."""
@@ -107,7 +121,7 @@ class _BatchNormTrain(torch.autograd.Function):
         return (unfold(y, k, 1), unfold(mean, k, 0), unfold(invstd, k, 0)), (1, 0, 0)
 
 
-class _BatchNormBackward(torch.autograd.Function):
+class _BatchNormBackward(BackwardOp):
     """The native batch-norm backward: gradients of input, weight and bias."""
 
     @staticmethod
@@ -115,15 +129,6 @@ class _BatchNormBackward(torch.autograd.Function):
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
         return torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("BatchNorm's folded vmap rule has no double backward; run "
-                           "higher-order gradients outside vmap")
 
     @staticmethod
     def vmap(info, in_dims, grad_y, x, weight, mean, invstd, eps):
@@ -177,7 +182,7 @@ class _GroupNorm(torch.autograd.Function):
         return (unfold(y, k, 1), unfold(mean, k, 1), unfold(rstd, k, 1)), (1, 1, 1)
 
 
-class _GroupNormBackward(torch.autograd.Function):
+class _GroupNormBackward(BackwardOp):
     """The native group-norm backward: gradients of input, weight and bias."""
 
     @staticmethod
@@ -186,15 +191,6 @@ class _GroupNormBackward(torch.autograd.Function):
         n, c = x.shape[:2]
         return torch.ops.aten.native_group_norm_backward(
             grad_y, x, mean, rstd, weight, n, c, x[0, 0].numel(), groups, [True, True, True])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("GroupNorm's folded vmap rule has no double backward; run "
-                           "higher-order gradients outside vmap")
 
     @staticmethod
     def vmap(info, in_dims, grad_y, x, mean, rstd, weight, groups):

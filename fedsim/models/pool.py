@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedsim.models.batched import place, under_vmap
+from fedsim.models.batched import BackwardOp, place, under_vmap
 
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
@@ -74,21 +74,12 @@ def _from_batch(t: Tensor, k: int, side: int) -> Tensor:
     return t.unflatten(0, (-1, k) if side == 1 else (k, -1))
 
 
-class _MaxPoolBackward(torch.autograd.Function):
+class _MaxPoolBackward(BackwardOp):
     """``max_pool2d_with_indices_backward`` whose vmap rule folds clients into the batch."""
 
     @staticmethod
     def forward(grad_y: Tensor, x: Tensor, idx: Tensor, k: int) -> Tensor:
         return _max_pool_backward(grad_y, x, idx, k)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("FastMaxPool2d's vmap rule has no double backward; run "
-                           "higher-order gradients outside vmap")
 
     @staticmethod
     def vmap(info, in_dims, grad_y: Tensor, x: Tensor, idx: Tensor, k: int):

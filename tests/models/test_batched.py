@@ -222,3 +222,15 @@ def test_norm_layers_fold_only_large_activations(monkeypatch):
         buffers = {b: t.expand(K, *t.shape).clone() for b, t in layer.named_buffers()}
         vmap(lambda b, xb: functional_call(layer, b, (xb,)))(buffers, x)
     assert calls == [(2, 6, 8, 8)]
+
+
+def test_folded_backward_ops_refuse_double_backward():
+    """A cohort differentiates once; a second derivative through a folded rule is an error
+    naming the fix, not a silently wrong number."""
+    g = torch.Generator().manual_seed(0)
+    grad_y = torch.randn(4, 3, generator=g, requires_grad=True)
+    x = torch.randn(4, 3, generator=g)
+    mean, invstd = x.mean(0), 1 / (x.var(0, correction=0) + 1e-5).sqrt()
+    grad_x, _, _ = batched._BatchNormBackward.apply(grad_y, x, torch.ones(3), mean, invstd, 1e-5)
+    with pytest.raises(RuntimeError, match="no double backward; run higher-order gradients"):
+        grad_x.sum().backward()
