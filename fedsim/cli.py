@@ -1,4 +1,5 @@
-"""Command line: ``fedsim run | sweep | partitions``. Bad input exits 2 with one ``error:`` line."""
+"""Command line: ``fedsim run | sweep | report | partitions``. Bad input exits 2 with one
+``error:`` line."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--overwrite", action="store_true",
                          help="delete the sweep folder and run every cell again")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_rep = sub.add_parser("report", help="rebuild a sweep's report.md, or compare finished "
+                           "run folders in one report")
+    p_rep.add_argument("folders", nargs="+", metavar="DIR",
+                       help="one sweep folder, or run folders written by fedsim run")
+    p_rep.add_argument("--out", help="where the comparison of run folders goes")
     p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map")
     _add_scenario_args(p_part)
     p_part.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -123,6 +129,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report.compare import report
+
+    print(f"report → {report(args.folders, out=args.out)}")
+    return 0
+
+
 def cmd_partitions(args: argparse.Namespace) -> int:
     from fedsim.data.federated import build_federated_data
     from fedsim.data.report import partition_table, plot_class_counts
@@ -144,7 +157,8 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "partitions": cmd_partitions}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+            "partitions": cmd_partitions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,11 +107,12 @@ def expand(base: Scenario, root: Path) -> list[Cell]:
     return cells
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested scenario dict as dotted keys (``{"model": {"norm": "bn"}}`` → ``model.norm``)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
-        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+        out.update(flat_keys(v, key) if isinstance(v, dict) else {key: v})
     return out
 
 
@@ -119,7 +120,7 @@ def _check_finished(cell: Cell, folder: Path) -> None:
     """A finished cell must have been run with this cell's scenario (where its folder lies,
     ``output.dir``, may differ: a sweep folder can be moved)."""
     stored = load_scenario(folder / "scenario.toml")
-    a, b = _flat(stored.to_dict()), _flat(cell.scenario.to_dict())
+    a, b = flat_keys(stored.to_dict()), flat_keys(cell.scenario.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output.dir")
     if not diff:
         return

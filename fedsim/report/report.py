@@ -610,18 +610,21 @@ def mia_vs_accuracy_plot(rows: list[dict], attack: str, path: Path, base) -> Pat
 
 
 def build_rows(root: Path, cells) -> list[dict]:
+    """Rows of the finished cells: each in ``root / cell.name``, or its own ``cell.path``."""
     rows = []
     for cell in cells:
-        folder = Path(root) / cell.name
+        folder = getattr(cell, "path", None) or Path(root) / cell.name
         if (folder / "summary.json").is_file():
-            rows.append(cell_row(folder, cell.params))
+            rows.append({**cell_row(folder, cell.params), "cell": cell.name})
     return rows
 
 
-def write_report(root: Path, base, cells, run_info: dict | None = None) -> Path:
+def write_report(root: Path, base, cells, run_info: dict | None = None,
+                 axes: dict | None = None, title: str = "Sweep report") -> Path:
     """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``.
 
-    ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load.
+    ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load;
+    ``axes`` (default: the base scenario's sweep grid) are what the cells vary.
     """
     root = Path(root)
     rows = build_rows(root, cells)
@@ -655,8 +658,9 @@ def write_report(root: Path, base, cells, run_info: dict | None = None) -> Path:
                                                     base) if attack else None,
     }
     name = base.name if base is not None else root.name
-    axes = (base.sweep.grid if base is not None else {})
-    lines = [f"# Sweep report: {name}", ""]
+    if axes is None:
+        axes = base.sweep.grid if base is not None else {}
+    lines = [f"# {title}: {name}", ""]
     lines.append(f"{len(rows)} of {len(cells)} cells finished. Axes: "
                  + ", ".join(f"`{k}` = {v}" for k, v in axes.items()) + ".")
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
