@@ -287,3 +287,15 @@ def test_hybrid_alphas_by_module_name():
 def test_scalar_input_is_refused(kind):
     with pytest.raises(ValueError):
         make_norm(kind, C)(torch.randn(C))
+
+
+@pytest.mark.parametrize("dims,keepdim", [([0, 2, 3], False), ([1, 2, 3], True), ([0], False)])
+def test_hybrid_two_pass_statistics_equal_torch_var_mean(dims, keepdim):
+    from fedsim.models.norm import _var_mean
+
+    x = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(0)) * 3 + 100
+    var, mean = _var_mean(x, dims, keepdim)
+    ref_var, ref_mean = torch.var_mean(x, dim=dims, correction=0, keepdim=keepdim)
+    assert var.shape == ref_var.shape and mean.shape == ref_mean.shape
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-5)
