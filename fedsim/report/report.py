@@ -661,8 +661,9 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     if axes is None:
         axes = base.sweep.grid if base is not None else {}
     lines = [f"# {title}: {name}", ""]
-    lines.append(f"{len(rows)} of {len(cells)} cells finished. Axes: "
-                 + ", ".join(f"`{k}` = {v}" for k, v in axes.items()) + ".")
+    lines.append(f"{len(rows)} of {len(cells)} cells finished. "
+                 + ("Axes: " + ", ".join(f"`{k}` = {v}" for k, v in axes.items()) + "."
+                    if axes else "No axes: the cells share every setting."))
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
     if secs:
         lines.append(f"Cell run time: {sum(secs):.0f} s in total ({min(secs):.0f}–"

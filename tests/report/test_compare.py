@@ -43,6 +43,12 @@ def test_runs_are_compared_by_what_varies_between_them(runs, tmp_path, capsys):
     assert [r["path"] for r in listed] == [str((runs / n).resolve()) for n in ("bn", "gn")]
 
 
+def test_a_single_run_reports_without_axes(runs, tmp_path):
+    assert main(["report", str(runs / "gn"), "--out", str(tmp_path / "one")]) == 0
+    text = (tmp_path / "one" / "report.md").read_text()
+    assert "1 of 1 cells finished. No axes: the cells share every setting." in text
+
+
 def test_same_named_run_folders_get_distinct_names(runs, tmp_path):
     shutil.copytree(runs / "gn", tmp_path / "other" / "bn")
     fedsim.report.compare.report([runs / "bn", tmp_path / "other" / "bn"], tmp_path / "cmp")
