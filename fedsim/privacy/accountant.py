@@ -82,7 +82,8 @@ class PrivacySpent:
         return {**asdict(self), "accountant": "RDP, subsampled Gaussian (Mironov et al. 2019)",
                 "assumes": "clients sampled by Poisson sampling at rate sampling_rate "
                            "(fedsim samples a fixed number without replacement: the usual "
-                           "DP-FedAvg approximation); covers the noised arrays only"}
+                           "DP-FedAvg approximation); covers the noised arrays only, not "
+                           "excluded arrays or the metrics clients report in the clear"}
 
 
 def privacy_spent(sampling_rate: float, noise_multiplier: float, rounds: int,
