@@ -41,9 +41,17 @@ def report_sweep(root: Path) -> Path:
     from fedsim.report.report import write_report
     from fedsim.sweep import SWEEP_JSON
 
-    info = json.loads((root / SWEEP_JSON).read_text())
+    try:
+        info = json.loads((root / SWEEP_JSON).read_text())
+        names = [(c["name"], c["params"]) for c in info["cells"]]
+    except (ValueError, KeyError, TypeError):
+        names = None
+    if names is None or not (root / "scenario.toml").is_file():
+        raise ScenarioError(f"{str(root)!r} has a {SWEEP_JSON} but is not a sweep folder "
+                            "written by fedsim sweep (no cell list, or no scenario.toml); "
+                            "run the sweep again: fedsim sweep FILE --out DIR")
     base = load_scenario(root / "scenario.toml")
-    cells = [RunCell(c["name"], c["params"], root / c["name"]) for c in info["cells"]]
+    cells = [RunCell(name, params, root / name) for name, params in names]
     runs = info.get("invocations") or []
     return write_report(root, base, cells, run_info=runs[-1] if runs else None)
 

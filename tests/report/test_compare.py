@@ -75,6 +75,7 @@ def test_a_sweeps_report_is_rebuilt_in_place(tmp_path):
     ("no-out", "comparing run folders needs --out DIR"),
     ("twice", "the same run folder is given twice"),
     ("sweep-and-run", "is a sweep folder: its report is rebuilt in place"),
+    ("broken-sweep", "is not a sweep folder written by fedsim sweep"),
 ])
 def test_bad_folders_exit_2_naming_the_fix(runs, tmp_path, capsys, case, pattern):
     empty = tmp_path / "empty"
@@ -94,6 +95,7 @@ def test_bad_folders_exit_2_naming_the_fix(runs, tmp_path, capsys, case, pattern
         "no-out": [str(runs / "bn"), str(runs / "gn")],
         "twice": [str(runs / "bn"), str(runs / "bn"), *out],
         "sweep-and-run": [str(sweep), str(runs / "bn")],
+        "broken-sweep": [str(sweep)],
     }[case]
     assert main(["report", *args]) == 2
     err = capsys.readouterr().err.strip()
