@@ -7,7 +7,7 @@
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
         --cohort 100 --threads 2                                   # one vmap cohort, alone
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
-        --cohort 100 --fold-ab              # folded norm rules vs vmap's own, interleaved
+        --cohort 100 --fold-ab              # folded layers vs vmap's own rules, interleaved
 
 Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
 switched on only inside each round's training phase and aggregation, and reports the
@@ -129,12 +129,13 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
                 fold_ab: bool = False) -> None:
     """Milliseconds per client-step of one vectorized cohort of ``clients`` clients (the
     scenario's model; random data of each client's size; its batch size), on its own.
-    ``fold_ab``: alternate the norm layers' folded vmap rules (fedsim.models.batched) with
-    vmap's own rules, 8 times each, and print both (this machine's speed drifts, so only
+    ``fold_ab``: alternate the norm and pooling layers' folded paths (fedsim.models.batched)
+    with vmap's own rules, 8 times each, and print both (this machine's speed drifts, so only
     interleaved timings compare)."""
     import torch
 
-    import fedsim.models.batched as batched
+    import fedsim.models.norm as norm_module
+    import fedsim.models.pool as pool_module
     from fedsim.client.runtime import client_runtime
     from fedsim.config import load_scenario
     from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
@@ -166,13 +167,15 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
         print(f"{head}: {ms:.1f} ms per cohort, {ms / steps:.3f} ms per client-step, "
               f"{ms / len(members):.2f} ms per client update")
         return
-    default = batched.FOLD_MIN_NUMEL
-    times: dict[str, list[float]] = {"folded norm rules": [], "vmap's own rules": []}
+    folding = (norm_module.folding_vmap, pool_module.folding_vmap)
+    times: dict[str, list[float]] = {"folded layers": [], "vmap's own rules": []}
     for _ in range(8):
         for label in times:
-            batched.FOLD_MIN_NUMEL = default if label.startswith("folded") else 2**62
+            fold = label.startswith("folded")
+            norm_module.folding_vmap = folding[0] if fold else (lambda: None)
+            pool_module.folding_vmap = folding[1] if fold else (lambda: None)
             times[label].append(ms_per_cohort(3))
-    batched.FOLD_MIN_NUMEL = default
+    norm_module.folding_vmap, pool_module.folding_vmap = folding
     print(f"{head}, ms per cohort over 8 interleaved repeats:")
     for label, ms in times.items():
         print(f"  {label:18s} min {min(ms):7.1f}  median {sorted(ms)[4]:7.1f}")
@@ -192,7 +195,7 @@ def main() -> None:
                    help="time one vectorized cohort of K clients on its own")
     p.add_argument("--threads", type=int, default=1, help="torch threads for --cohort")
     p.add_argument("--fold-ab", action="store_true",
-                   help="with --cohort: folded norm rules vs vmap's own, interleaved")
+                   help="with --cohort: folded layers vs vmap's own rules, interleaved")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"server.rounds={args.rounds}"] if args.rounds else [])
     if args.cohort:

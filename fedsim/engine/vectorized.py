@@ -4,17 +4,20 @@ With ``engine.vectorize = true`` the in-process grid hands the train messages of
 :class:`CohortTrainer` in cohorts of ``engine.cohort_size``. Each client still gets its own
 message, its own ``Context.state``, its own hooks (``on_receive``/``on_reply``) and its own
 reply; only the local SGD steps run together: the model is called functionally
-(``functional_call``) on per-client parameter stacks, and ``vmap(grad(...))`` computes every
+(``functional_call``) on per-client parameter stacks, and ``grad`` of the clients' summed
+losses over ``vmap`` (each client's parameters reach only its own loss) computes every
 client's gradient in one call.
 
 Clients of different sizes: each client draws exactly the batches the sequential path
 draws (same generator, same order). At step ``t`` only clients that still have a batch take
 part (the cohort is sorted by step count, so they are a prefix and the stacks are sliced,
-not copied), grouped by batch size, so a client's last, smaller batch runs in its own
-group: nothing is padded and every forward pass sees exactly the client's batch. That makes
-batch statistics exact too: BN and hybrid layers normalise with the client's own batch and
-update per-client running statistics, passed to ``functional_call`` as stacked buffers and
-updated in place under ``vmap``.
+not copied). Where no layer mixes the samples of a batch (GN, LN, IN, no norm), a step's
+batches are padded to the largest with masked samples (weight 0 in the loss), so the step
+is one ``vmap`` call. Where one does (BN, hybrid), the clients train in groups of equal
+batch size, so a client's last, smaller batch runs in its own group and every forward pass
+sees exactly the client's batch: BN and hybrid layers normalise with the client's own batch
+and update per-client running statistics, passed to ``functional_call`` as stacked buffers
+and updated in place under ``vmap``.
 """
 
 from __future__ import annotations
@@ -187,10 +190,11 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
                  ) -> tuple[list[dict[str, torch.Tensor | np.ndarray]], list[TrainResult]]:
     """Local SGD for every member at once; returns final states and results, in order.
 
-    At step ``t`` the members that still have a batch train together, grouped by batch
-    size, so every client's forward pass sees exactly its own batch (no padding): batch
-    statistics (BN, hybrid) are the client's own, and running statistics are per-client
-    buffers updated in place inside ``vmap``. The update is ``torch.optim.SGD`` (momentum,
+    At step ``t`` the members that still have a batch train together: in one call with
+    masked padding when no layer mixes samples, else grouped by batch size, so every
+    client's forward pass sees exactly its own batch: batch statistics (BN, hybrid) are the
+    client's own, and running statistics are per-client buffers updated in place inside
+    ``vmap``. The update is ``torch.optim.SGD`` (momentum,
     weight decay, no dampening or Nesterov) on stacked parameters, so each member's result
     equals ``train_local`` on its own within float tolerance. Returned states hold the
     parameters and the buffers (``as_numpy``: as numpy views on the CPU, ready to encode).
@@ -203,32 +207,21 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     mem = [members[i] for i in order]
     params = _stack([m.params for m in mem], device)
     buffers = _stack([m.buffers for m in mem], device)
-    mom: dict[str, torch.Tensor] = {}
     n_max = max(1, max(len(m.x) for m in mem))
     xs = torch.zeros((k_all, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
     ys = torch.zeros((k_all, n_max), dtype=torch.long, device=device)
     for i, m in enumerate(mem):
         xs[i, : len(m.x)] = m.x
         ys[i, : len(m.y)] = m.y
-    steps = [len(m.batches) for m in mem]
-    loss_sum = torch.zeros(k_all, dtype=torch.float64, device=device)
-    correct = torch.zeros(k_all, dtype=torch.int64, device=device)
-    seen = [0] * k_all
-
-    def loss_fn(p, b, xb, yb):
-        logits = functional_call(model, (p, b), (xb,))
-        loss = F.cross_entropy(logits, yb)
-        return loss, (loss.detach(), (logits.argmax(1) == yb).sum())
-
-    step_fn = vmap(grad(loss_fn, has_aux=True))
+    run = _CohortRun(model, mem, params, buffers, xs, ys, cfg, device,
+                     pad=not shares_batch_statistics(model))
     model.train()
     with warnings.catch_warnings():  # vmap's "no batching rule for lerp_" notice (hybrid)
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, correct, seen,
-                   cfg, device)
+        run.sgd_steps()
     finals: list[dict[str, torch.Tensor | np.ndarray]] = [{}] * k_all
     results: list[TrainResult] = [TrainResult(float("nan"), float("nan"), 0, 0)] * k_all
-    loss_cpu, correct_cpu = loss_sum.cpu(), correct.cpu()
+    loss_cpu, correct_cpu = run.loss_sum.cpu(), run.correct.cpu()
     stacks = (*params.items(), *buffers.items())
     if as_numpy:  # row views of one CPU array per name (a[i, ...]: 0-d stays an array)
         arrays = {n: t.detach().cpu().numpy() for n, t in stacks}
@@ -237,49 +230,137 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
         rows = {n: t.unbind(0) for n, t in stacks}  # views, one call per name
     for i, m in enumerate(mem):
         finals[order[i]] = {n: r[i] for n, r in rows.items()}
-        if seen[i]:
-            results[order[i]] = TrainResult(loss_cpu[i].item() / seen[i],
-                                            correct_cpu[i].item() / seen[i], len(m.x), steps[i])
+        if run.seen[i]:
+            results[order[i]] = TrainResult(loss_cpu[i].item() / run.seen[i],
+                                            correct_cpu[i].item() / run.seen[i], len(m.x),
+                                            run.steps[i])
     return finals, results
 
 
-def _sgd_steps(step_fn, mem, steps, params, buffers, mom, xs, ys, loss_sum, correct, seen,
-               cfg: ClientConfig, device: torch.device) -> None:
-    """The cohort's SGD steps, in place on the stacked ``params``/``buffers``/``mom``."""
-    names = list(params)
-    for t in range(max(steps)):
-        active = sum(s > t for s in steps)  # members 0..active-1 still have a batch
-        by_size: dict[int, list[int]] = {}
-        for i in range(active):
-            by_size.setdefault(len(mem[i].batches[t]), []).append(i)
-        for size, group in by_size.items():
-            whole = len(group) == active  # the usual case: one size, a prefix -> views
-            sel = slice(0, active) if whole else torch.tensor(group, device=device)
-            idx = torch.stack([mem[i].batches[t] for i in group]).to(device)
-            rows = torch.as_tensor(group, device=device)[:, None]
-            p_g = {n: params[n][sel] for n in names}
-            b_g = {n: buffers[n][sel] for n in buffers}
-            grads, (loss, hits) = step_fn(p_g, b_g, xs[rows, idx], ys[rows, idx])
-            with torch.no_grad():
-                loss_sum[sel] += loss.double() * size
-                correct[sel] += hits
-                for i in group:
-                    seen[i] += size
-                if not whole:  # gathered copies: write the updated statistics back
-                    for n in buffers:
-                        buffers[n][sel] = b_g[n]
-                for n in names:
-                    d_p = grads[n]
-                    if cfg.weight_decay:
-                        d_p = d_p.add(p_g[n], alpha=cfg.weight_decay)
-                    if cfg.momentum:
-                        if n not in mom:
-                            mom[n] = torch.zeros_like(params[n])
-                        # torch.optim.SGD: the first buffer is the gradient itself
-                        buf = d_p.clone() if t == 0 else mom[n][sel].mul(cfg.momentum).add(d_p)
-                        mom[n][sel] = buf
-                        d_p = buf
-                    params[n][sel] = p_g[n].add(d_p, alpha=-cfg.lr)
+def shares_batch_statistics(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` mixes the samples of a batch (BN, hybrid): then a
+    client's forward pass must see exactly its own batch, with no padding beside it."""
+    return any(getattr(m, "batch_statistics", False)
+               or isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _summed(per_client):
+    """``per_client`` returns (per-client losses, aux); ``grad`` differentiates their sum."""
+    def summed(*args):
+        losses, aux = per_client(*args)
+        return losses.sum(), aux
+    return summed
+
+
+class _CohortRun:
+    """One cohort's SGD steps, in place on its stacked parameters, buffers and momentum.
+
+    ``pad``: no layer mixes samples, so at each step every active member's batch is padded
+    to the step's largest with masked copies of its first sample (weight 0 in the loss):
+    one ``vmap`` call per step. Otherwise members train in groups of equal batch size.
+    """
+
+    def __init__(self, model: nn.Module, mem: Sequence[CohortMember],
+                 params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 xs: torch.Tensor, ys: torch.Tensor, cfg: ClientConfig, device: torch.device,
+                 pad: bool) -> None:
+        self.mem, self.params, self.buffers, self.xs, self.ys = mem, params, buffers, xs, ys
+        self.cfg, self.device, self.pad = cfg, device, pad
+        self.mom: dict[str, torch.Tensor] = {}
+        self.steps = [len(m.batches) for m in mem]
+        self.loss_sum = torch.zeros(len(mem), dtype=torch.float64, device=device)
+        self.correct = torch.zeros(len(mem), dtype=torch.int64, device=device)
+        self.seen = [0] * len(mem)
+
+        def loss_fn(p, b, xb, yb):
+            logits = functional_call(model, (p, b), (xb,))
+            loss = F.cross_entropy(logits, yb)
+            return loss, (loss.detach(), (logits.argmax(1) == yb).sum())
+
+        def masked_loss_fn(p, b, xb, yb, wb):  # the mean over the samples with weight 1
+            logits = functional_call(model, (p, b), (xb,))
+            loss = (F.cross_entropy(logits, yb, reduction="none") * wb).sum() / wb.sum()
+            return loss, (loss.detach(), ((logits.argmax(1) == yb) & (wb > 0)).sum())
+
+        # grad of the summed losses over vmap: each client's parameters reach only its own
+        # loss, so these are the per-client gradients; vmap innermost lets the norm and
+        # pooling layers fold the clients into one native call (fedsim.models.batched)
+        self.step_fn = grad(_summed(vmap(loss_fn)), has_aux=True)
+        self.masked_step_fn = grad(_summed(vmap(masked_loss_fn)), has_aux=True)
+
+    def sgd_steps(self) -> None:
+        for t in range(max(self.steps)):
+            active = sum(s > t for s in self.steps)  # members 0..active-1 still have a batch
+            sizes = [len(self.mem[i].batches[t]) for i in range(active)]
+            if len(set(sizes)) == 1:
+                self._step(t, list(range(active)), sizes[0])
+            elif self.pad:
+                self._padded_step(t, active, sizes)
+            else:
+                by_size: dict[int, list[int]] = {}
+                for i, size in enumerate(sizes):
+                    by_size.setdefault(size, []).append(i)
+                for size, group in by_size.items():
+                    self._step(t, group, size)
+
+    def _step(self, t: int, group: list[int], size: int) -> None:
+        """Members ``group`` (all with batches of ``size``) take step ``t``."""
+        whole = group[-1] == len(group) - 1  # a prefix: the stacks are sliced, not gathered
+        sel = slice(0, len(group)) if whole else torch.tensor(group, device=self.device)
+        idx = torch.stack([self.mem[i].batches[t] for i in group]).to(self.device)
+        rows = torch.as_tensor(group, device=self.device)[:, None]
+        p_g = {n: self.params[n][sel] for n in self.params}
+        b_g = {n: self.buffers[n][sel] for n in self.buffers}
+        grads, (loss, hits) = self.step_fn(p_g, b_g, self.xs[rows, idx], self.ys[rows, idx])
+        with torch.no_grad():
+            self.loss_sum[sel] += loss.double() * size
+            if not whole:  # gathered copies: write the updated statistics back
+                for n in self.buffers:
+                    self.buffers[n][sel] = b_g[n]
+        self._update(t, sel, p_g, grads, hits, group, [size] * len(group))
+
+    def _padded_step(self, t: int, active: int, sizes: list[int]) -> None:
+        """Members ``0..active-1`` take step ``t`` in one call, batches padded to the largest."""
+        width = max(sizes)
+        idx = torch.zeros((active, width), dtype=torch.long)
+        weight = torch.zeros((active, width), dtype=self.xs.dtype)
+        for i, size in enumerate(sizes):
+            batch = self.mem[i].batches[t]
+            idx[i, :size] = batch
+            idx[i, size:] = batch[0]
+            weight[i, :size] = 1
+        idx, weight = idx.to(self.device), weight.to(self.device)
+        sel = slice(0, active)
+        rows = torch.arange(active, device=self.device)[:, None]
+        p_g = {n: self.params[n][sel] for n in self.params}
+        b_g = {n: self.buffers[n][sel] for n in self.buffers}
+        grads, (loss, hits) = self.masked_step_fn(p_g, b_g, self.xs[rows, idx],
+                                                  self.ys[rows, idx], weight)
+        with torch.no_grad():
+            self.loss_sum[sel] += loss.double() * torch.tensor(sizes, dtype=torch.float64,
+                                                               device=self.device)
+        self._update(t, sel, p_g, grads, hits, list(range(active)), sizes)
+
+    def _update(self, t: int, sel, p_g: dict[str, torch.Tensor],
+                grads: dict[str, torch.Tensor], hits: torch.Tensor, group: list[int],
+                sizes: list[int]) -> None:
+        """``torch.optim.SGD``'s step (momentum, weight decay, no dampening or Nesterov)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            self.correct[sel] += hits
+            for i, size in zip(group, sizes):
+                self.seen[i] += size
+            for n, d_p in grads.items():
+                if cfg.weight_decay:
+                    d_p = d_p.add(p_g[n], alpha=cfg.weight_decay)
+                if cfg.momentum:
+                    if n not in self.mom:
+                        self.mom[n] = torch.zeros_like(self.params[n])
+                    # torch.optim.SGD: the first buffer is the gradient itself
+                    buf = d_p.clone() if t == 0 else self.mom[n][sel].mul(cfg.momentum).add(d_p)
+                    self.mom[n][sel] = buf
+                    d_p = buf
+                self.params[n][sel] = p_g[n].add(d_p, alpha=-cfg.lr)
 
 
 # --------------------------------------------------------------------------- the grid's side

@@ -4,8 +4,9 @@ Every layer takes vector features ``(N, C)`` and conv features ``(N, C, H, W)``,
 calls the factory and never branches on the norm type (the timm ``create_norm`` pattern). Which
 layers hold *batch* statistics matters twice in federated learning: they are what FedBN keeps
 local, and their running buffers leak information about a client's data. Under
-``torch.func.vmap`` (vectorized cohorts) the layers fold the clients into channels and run
-native kernels (:mod:`fedsim.models.batched`); the results are the same within float rounding.
+``torch.func.vmap`` as the innermost transform (vectorized cohorts) the layers fold the clients
+into channels and run native kernels once (:mod:`fedsim.models.batched`); the results are the
+same within float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedsim.models.batched import batch_norm_train, fold_norm, group_norm
+from fedsim.models.batched import batch_norm_train, folding_vmap, group_norm
 from fedsim.registry import Registry
 
 NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
@@ -51,7 +52,7 @@ class BatchNorm(_BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.training and self.momentum is not None and self.running_mean is not None
-                and self.weight is not None and fold_norm(x)):  # a vectorized cohort
+                and self.weight is not None and folding_vmap() is not None):  # a cohort
             self._check_input_dim(x)
             self.num_batches_tracked.add_(1)
             return batch_norm_train(x, self.weight, self.bias, self.running_mean,
@@ -79,7 +80,7 @@ class InstanceNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, type(self).__name__)
-        if fold_norm(x):  # a vectorized cohort: group norm with one group per channel (4-D)
+        if folding_vmap() is not None:  # a cohort: group norm, one group per channel (4-D)
             groups = 1 if x.dim() == 2 else self.num_channels  # or per sample (vectors)
             return group_norm(x, groups, self.weight, self.bias, self.eps)
         if x.dim() == 2:
@@ -118,7 +119,7 @@ class GroupNorm(nn.GroupNorm):
                 f"GroupNorm with {self.num_groups} groups of one feature on vector input "
                 f"(N, {self.num_channels}) outputs a constant; use fewer groups or more units"
             )
-        if fold_norm(x):  # a vectorized cohort
+        if folding_vmap() is not None:  # a vectorized cohort
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
@@ -137,7 +138,7 @@ class LayerNorm(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        if fold_norm(x):  # a vectorized cohort
+        if folding_vmap() is not None:  # a vectorized cohort
             return group_norm(x, 1, self.weight, self.bias, self.eps)
         return super().forward(x)
 

@@ -6,8 +6,8 @@ channels-last: 16.7 vs 6.1 ms (conversions included) on a vectorized cohort's
 the same order and pick the same element, so pooling in channels-last and converting back
 gives the same values *and* the same indices; the backward pass scatters the gradient with
 those indices in the default layout, as ``nn.MaxPool2d``'s own backward does. Results are
-bitwise equal (tests/models/test_pool.py), in plain autograd, under ``torch.func``
-(``vmap(grad(...))``, the vectorized cohorts) and in double backward (gradient inversion).
+bitwise equal (tests/models/test_pool.py), in plain autograd, in double backward (gradient
+inversion) and in vectorized cohorts (``grad(vmap(...))``: all clients pooled at once).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedsim.models.batched import BackwardOp, place, under_vmap
+from fedsim.models.batched import folding_vmap, is_batched, rewrap, under_vmap, unwrap
 
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
@@ -24,9 +24,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, k,
-                              return_indices=True)
-        return y.contiguous(), idx.contiguous()
+        return _pool_indices(x, k, with_values=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -38,56 +36,34 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_idx: Tensor) -> tuple[Tensor, None]:
         x, idx = ctx.saved_tensors
-        if under_vmap():  # a vectorized cohort: fold clients into the batch, as forward does
-            return _MaxPoolBackward.apply(grad_y, x, idx, ctx.k), None
         # the op nn.MaxPool2d's backward runs (differentiable again: double backward works)
-        return _max_pool_backward(grad_y, x, idx, ctx.k), None
-
-    @staticmethod
-    def vmap(info, in_dims, x: Tensor, k: int):
-        """Under ``torch.func.vmap``: fold the vmapped dimension into the batch."""
-        if in_dims[0] is None:
-            return _ChannelsLastMaxPool.apply(x, k), (None, None)
-        n, side = info.batch_size, _batch_side(in_dims[0])
-        y, idx = _ChannelsLastMaxPool.apply(_to_batch(x, in_dims[0], n, side), k)
-        return (_from_batch(y, n, side), _from_batch(idx, n, side)), (side, side)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_y, x, [ctx.k, ctx.k], [ctx.k, ctx.k], [0, 0], [1, 1], False, idx), None
 
 
-def _max_pool_backward(grad_y: Tensor, x: Tensor, idx: Tensor, k: int) -> Tensor:
-    return torch.ops.aten.max_pool2d_with_indices_backward(
-        grad_y, x, [k, k], [k, k], [0, 0], [1, 1], False, idx)
+def _pool_indices(x: Tensor, k: int, with_values: bool = False):
+    """The channels-last kernel's (values and) indices, back in ``x``'s layout."""
+    y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, k,
+                          return_indices=True)
+    return (y.contiguous(), idx.contiguous()) if with_values else idx.contiguous()
 
 
-def _batch_side(bdim: int) -> int:
-    """Where to merge a vmapped dimension with the batch: after it (``(N, K, …)``, a view of
-    the layout conv and batch-norm rules leave) or before it (``(K, N, …)``)."""
-    return 1 if bdim == 1 else 0
-
-
-def _to_batch(t: Tensor, bdim: int | None, k: int, side: int) -> Tensor:
-    """``t`` (vmapped at ``bdim``) as ``(N·K, …)`` (``side`` 1) or ``(K·N, …)`` (``side`` 0)."""
-    return place(t, bdim, k, side).flatten(0, 1)
-
-
-def _from_batch(t: Tensor, k: int, side: int) -> Tensor:
-    """Inverse of :func:`_to_batch`: ``(N, K, …)`` (``side`` 1) or ``(K, N, …)``; a view."""
-    return t.unflatten(0, (-1, k) if side == 1 else (k, -1))
-
-
-class _MaxPoolBackward(BackwardOp):
-    """``max_pool2d_with_indices_backward`` whose vmap rule folds clients into the batch."""
-
-    @staticmethod
-    def forward(grad_y: Tensor, x: Tensor, idx: Tensor, k: int) -> Tensor:
-        return _max_pool_backward(grad_y, x, idx, k)
-
-    @staticmethod
-    def vmap(info, in_dims, grad_y: Tensor, x: Tensor, idx: Tensor, k: int):
-        n = info.batch_size
-        side = _batch_side(in_dims[1] if in_dims[1] is not None else in_dims[0])
-        grad_x = _MaxPoolBackward.apply(*(_to_batch(t, d, n, side) for t, d in
-                                          zip((grad_y, x, idx), in_dims[:3])), k)
-        return _from_batch(grad_x, n, side), side
+def _folded_max_pool(x: Tensor, k: int) -> Tensor:
+    """Every client of a cohort at once (``vmap`` innermost, ``x`` batched there): the
+    clients fold into the batch next to where ``vmap`` keeps them, the channels-last kernel
+    finds each window's maximum, and a gather takes it, so the gradient goes to the same
+    element as ``nn.MaxPool2d``'s (ordinary ops: ``grad`` records them)."""
+    vm = folding_vmap()
+    level = vm.level()
+    stacked, bdim = unwrap(x, level)
+    side = 1 if bdim == 1 else 0  # (N, K, ...) is the layout conv and BN rules leave
+    n = stacked.shape[bdim]
+    with vm.lower():
+        flat = stacked.movedim(bdim, side).flatten(0, 1)
+        idx = _pool_indices(flat.detach(), k)
+        y = flat.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+        y = y.unflatten(0, (-1, n) if side == 1 else (n, -1))
+    return rewrap(y, side, level)
 
 
 class FastMaxPool2d(nn.MaxPool2d):
@@ -100,5 +76,9 @@ class FastMaxPool2d(nn.MaxPool2d):
         if (x.dim() == 4 and x.device.type == "cpu" and isinstance(k, int)
                 and self.stride == k and self.padding == 0 and self.dilation == 1
                 and not self.ceil_mode and not self.return_indices):
-            return _ChannelsLastMaxPool.apply(x, k)[0]
+            vm = folding_vmap()
+            if vm is not None and is_batched(x, vm.level()):  # a vectorized cohort
+                return _folded_max_pool(x, k)
+            if not under_vmap():
+                return _ChannelsLastMaxPool.apply(x, k)[0]
         return super().forward(x)

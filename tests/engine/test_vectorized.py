@@ -7,7 +7,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fedsim
-import fedsim.models.batched as batched
+import fedsim.models.norm as norm_module
+import fedsim.models.pool as pool_module
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
@@ -38,9 +39,11 @@ NORMS = ["gn", "ln", "in", "none", "bn", "hybrid"]
 def test_cohort_equals_sequential_training(arch, norm, fold, monkeypatch):
     """Every norm, clients of 13, 8, 21 and 1 samples (partial, exact, several batches,
     a lone sample), two epochs with momentum and weight decay: parameters, running
-    statistics and metrics equal ``train_local`` per client, whether the norm layers fold
-    the cohort into channels (fedsim.models.batched) or keep vmap's own rules."""
-    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 0 if fold == "fold" else 2**62)
+    statistics and metrics equal ``train_local`` per client, whether the norm and pooling
+    layers fold the cohort (fedsim.models.batched) or keep vmap's own rules."""
+    if fold == "vmap-rule":
+        monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
+        monkeypatch.setattr(pool_module, "folding_vmap", lambda: None)
     torch.manual_seed(0)
     model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
                         groups=4)
@@ -71,6 +74,58 @@ def test_cohort_equals_sequential_training(arch, norm, fold, monkeypatch):
         key = next(k for k in bufs if k.endswith("running_mean"))
         assert not torch.equal(finals[0][key], bufs[key])
         assert not torch.equal(finals[0][key], finals[2][key])
+
+
+@pytest.mark.parametrize("norm,fn", [("bn", "batch_norm_train"), ("gn", "group_norm")])
+def test_cohort_layers_take_the_folded_path(norm, fn, monkeypatch):
+    """A cohort runs its norm and pooling layers folded (one native call for all clients),
+    not through vmap's own rules: both are counted."""
+    calls = []
+    for module, name in ((norm_module, fn), (pool_module, "_folded_max_pool")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n)
+                            or _r(*a))
+    torch.manual_seed(0)
+    model = build_model("cnn", norm, in_channels=1, image_size=28, num_classes=10, width=8,
+                        groups=4)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
+    g = torch.Generator().manual_seed(0)
+    members = [CohortMember(start, torch.randn(8, 1, 28, 28, generator=g),
+                            torch.randint(0, 10, (8,), generator=g), [torch.arange(8)], bufs)
+               for _ in range(3)]
+    train_cohort(model, members, CFG)
+    # one step: two norm layers, two pooling layers (28x28 inputs: a stem pool)
+    assert sorted(calls) == sorted([fn, fn, "_folded_max_pool", "_folded_max_pool"])
+
+
+@pytest.mark.parametrize("norm,calls", [
+    # clients of 25, 13 and 8 samples, batch 8, 2 epochs: 8, 4 and 2 steps. Step sizes
+    # (8,8,8) (8,5,8) (8,8) (1,5) (8) (8) (8) (1): padded, one call per step (8); grouped by
+    # size, 10
+    ("gn", 8), ("ln", 8), ("in", 8), ("none", 8), ("bn", 10), ("hybrid", 10)])
+def test_per_sample_norms_pad_each_step_into_one_call(norm, calls, monkeypatch):
+    """Layers that never mix samples let a step's unequal batches run as one padded vmap
+    call; BN and hybrid keep one call per batch size (padding would change their batch
+    statistics)."""
+    import fedsim.engine.vectorized as vectorized
+
+    torch.manual_seed(0)
+    model = build_model("cnn", norm, in_channels=1, image_size=8, num_classes=10, width=8,
+                        groups=4)
+    assert vectorized.shares_batch_statistics(model) == uses_batch_statistics(norm)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
+    members = [CohortMember(start, x, y, plan_batches(len(x), CFG, torch_generator(0, "t", c),
+                                                      drop_singleton=False), bufs)
+               for c, (x, y) in enumerate(clients(sizes=(25, 13, 8)))]
+    counted = []
+    real = vectorized.functional_call
+    monkeypatch.setattr(vectorized, "functional_call",
+                        lambda *a, **k: counted.append(1) or real(*a, **k))
+    _, results = train_cohort(model, members, CFG)
+    assert len(counted) == calls
+    assert [r.steps for r in results] == [8, 4, 2]
 
 
 @CLIENT_HOOKS.register("test-local-head")

@@ -1,4 +1,4 @@
-"""Folded vmap rules (norm layers, FastMaxPool2d) equal per-client torch.nn, clients looped."""
+"""Folded layers under vmap (norm layers, FastMaxPool2d) equal per-client torch.nn, looped."""
 
 from __future__ import annotations
 
@@ -8,19 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import fedsim.models.batched as batched
 import fedsim.models.norm as norm_module
-from fedsim.models.batched import fold, under_vmap, unfold
+from fedsim.models.batched import folding_vmap
 from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from fedsim.models.pool import FastMaxPool2d
 
 K = 4  # clients in the cohort
-
-
-@pytest.fixture(autouse=True)
-def _fold_small_tensors(monkeypatch):
-    """Fold these tests' small activations too (the layers skip the fold below a size)."""
-    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 0)
 
 
 def conv_net(norm, pool) -> nn.Module:
@@ -57,6 +50,12 @@ def loss_of(model):
     return loss
 
 
+def cohort_grads(model, in_dims=0):
+    """Per-client gradients the way a cohort computes them: grad of the summed losses over
+    vmap (vmap innermost, so the layers fold)."""
+    return grad(lambda p, b, xb, yb: vmap(loss_of(model), in_dims=in_dims)(p, b, xb, yb).sum())
+
+
 def per_client(reference: nn.Module, params, buffers, x, y):
     """The reference: each client's gradients and updated buffers with torch.nn layers."""
     grads, bufs = [], []
@@ -81,9 +80,11 @@ REFERENCES = {
 }
 
 
+@pytest.mark.parametrize("order", ["grad(vmap)", "vmap(grad)"])
 @pytest.mark.parametrize("features", ["conv", "vector"])
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
-def test_vmap_grad_and_running_stats_equal_torch_nn_per_client(kind, features):
+def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features, order):
+    """grad(vmap): the layers fold (the cohorts' path); vmap(grad): vmap's own rules."""
     ours_norm, conv_ref, vector_ref = REFERENCES[kind]
     if features == "conv":
         ours, ref = conv_net(ours_norm, FastMaxPool2d(2)), conv_net(conv_ref, nn.MaxPool2d(2))
@@ -94,7 +95,10 @@ def test_vmap_grad_and_running_stats_equal_torch_nn_per_client(kind, features):
     params, buffers = stacked(ours)
     ref_grads, ref_bufs = per_client(ref, params, buffers, x, y)
     bufs = {n: b.clone() for n, b in buffers.items()}
-    grads = vmap(grad(loss_of(ours)))(params, bufs, x, y)
+    if order == "grad(vmap)":
+        grads = cohort_grads(ours)(params, bufs, x, y)
+    else:
+        grads = vmap(grad(loss_of(ours)))(params, bufs, x, y)
     assert set(grads) == set(ref_grads)
     # GN on vectors normalises groups of 2 features: ill-conditioned, so rounding shows at
     # ~5e-6 in the first layer's gradient (vmap's own rule is off by ~9e-6 there)
@@ -113,10 +117,10 @@ def test_folded_rule_equals_functorchs_own_rule(monkeypatch, kind):
     params, buffers = stacked(model)
     x, y = data((5, 2, 8, 8))
     folded_bufs = {n: b.clone() for n, b in buffers.items()}
-    folded = vmap(grad(loss_of(model)))(params, folded_bufs, x, y)
-    monkeypatch.setattr(norm_module, "fold_norm", lambda x: False)
+    folded = cohort_grads(model)(params, folded_bufs, x, y)
+    monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
     own_bufs = {n: b.clone() for n, b in buffers.items()}
-    own = vmap(grad(loss_of(model)))(params, own_bufs, x, y)
+    own = cohort_grads(model)(params, own_bufs, x, y)
     for n in own:
         torch.testing.assert_close(folded[n], own[n], rtol=1e-5, atol=1e-6, msg=n)
     for n in own_bufs:
@@ -132,7 +136,7 @@ def test_shared_input_with_per_client_parameters(kind):
     x, y = data((5, 2, 8, 8))
     x, y = x[0], y[0]
     ref_grads, _ = per_client(ref, params, buffers, x.expand(K, *x.shape), y.expand(K, 5))
-    grads = vmap(grad(loss_of(model)), in_dims=(0, 0, None, None))(params, dict(buffers), x, y)
+    grads = cohort_grads(model, in_dims=(0, 0, None, None))(params, dict(buffers), x, y)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
 
@@ -169,68 +173,55 @@ def test_vector_batch_of_one_is_refused_under_vmap_too():
 
 
 @pytest.mark.parametrize("bdim", [0, 1, 2])
-def test_maxpool_vmap_rule_on_any_vmapped_dimension(bdim):
+def test_maxpool_folds_on_any_vmapped_dimension(bdim):
     """Pooling and its gradient, bit for bit, wherever vmap's dimension sits."""
     g = torch.Generator().manual_seed(4)
     x = torch.relu(torch.randn(K, 3, 5, 8, 8, generator=g)).movedim(0, bdim)
     up = torch.randn(K, 3, 5, 4, 4, generator=g)
 
     def f(pool):
-        return lambda xb, ub: (pool(xb) * ub).sum()
+        return grad(lambda xb, ub: vmap(lambda a, b: (pool(a) * b).sum(),
+                                        in_dims=(bdim, 0))(xb, ub).sum())
 
-    ours = vmap(grad(f(FastMaxPool2d(2))), in_dims=(bdim, 0))(x, up)
-    ref = vmap(grad(f(nn.MaxPool2d(2))), in_dims=(bdim, 0))(x, up)
-    assert torch.equal(ours, ref)
+    assert torch.equal(f(FastMaxPool2d(2))(x, up), f(nn.MaxPool2d(2))(x, up))
     assert torch.equal(vmap(FastMaxPool2d(2), in_dims=bdim)(x),
                        vmap(nn.MaxPool2d(2), in_dims=bdim)(x))
+    ours = vmap(grad(lambda a, b: (FastMaxPool2d(2)(a) * b).sum()), in_dims=(bdim, 0))(x, up)
+    ref = vmap(grad(lambda a, b: (nn.MaxPool2d(2)(a) * b).sum()), in_dims=(bdim, 0))(x, up)
+    assert torch.equal(ours, ref)  # vmap(grad): nn.MaxPool2d's own path
 
 
-def test_fold_and_unfold():
-    t = torch.arange(2 * 3 * 4).reshape(2, 3, 4)  # vmapped dimension 0 (size 2)
-    folded = fold(t, 0, 2, 1)  # into logical dim 1 of (3, 4): (3, 2·4), clients outer
-    assert folded.shape == (3, 8)
-    assert torch.equal(folded[:, :4], t[0]) and torch.equal(folded[:, 4:], t[1])
-    assert torch.equal(unfold(folded, 2, 1).movedim(1, 0), t)
-    assert torch.equal(fold(t[0], None, 2, 1), torch.cat([t[0], t[0]], dim=1))
-
-
-def test_under_vmap_only_inside_vmap():
+def test_folding_only_where_vmap_is_innermost():
     seen = []
 
     def probe(x):
-        seen.append(under_vmap())
+        seen.append(folding_vmap() is not None)
         return x.sum()
 
     probe(torch.ones(2))
     grad(probe)(torch.ones(2))
     vmap(grad(probe))(torch.ones(3, 2))
     vmap(probe)(torch.ones(3, 2))
+    grad(lambda x: vmap(probe)(x).sum())(torch.ones(3, 2))
     grad(grad(lambda x: probe(x) * x.sum()))(torch.ones(()))
-    vmap(grad(grad(lambda x: probe(x) ** 2)))(torch.ones(3))
-    assert seen == [False, False, True, True, False, False]
+    assert seen == [False, False, False, True, True, False]
 
 
-def test_norm_layers_fold_only_large_activations(monkeypatch):
-    """Below FOLD_MIN_NUMEL elements per client, vmap's own (C++) rule is cheaper."""
-    calls = []
-    monkeypatch.setattr(norm_module, "batch_norm_train",
-                        lambda *a: calls.append(a[0].shape) or batched.batch_norm_train(*a))
-    monkeypatch.setattr(batched, "FOLD_MIN_NUMEL", 6 * 8 * 8 * 2)
-    layer = BatchNorm(6)
-    for n in (1, 2):
-        x = torch.randn(K, n, 6, 8, 8)
-        buffers = {b: t.expand(K, *t.shape).clone() for b, t in layer.named_buffers()}
-        vmap(lambda b, xb: functional_call(layer, b, (xb,)))(buffers, x)
-    assert calls == [(2, 6, 8, 8)]
+def test_second_derivatives_through_folded_layers():
+    """The folded layers are ordinary differentiable ops under grad: a Hessian-vector
+    product through them equals the one through vmap's own rules."""
+    model = conv_net(REFERENCES["bn"][0], FastMaxPool2d(2))
+    params, buffers = stacked(model)
+    x, y = data((5, 2, 8, 8))
+    v = {n: torch.ones_like(p) for n, p in params.items()}
 
+    def hvp(bufs):
+        g = cohort_grads(model)
+        return grad(lambda p, b: sum((g(p, b, x, y)[n] * v[n]).sum() for n in p))(params, bufs)
 
-def test_folded_backward_ops_refuse_double_backward():
-    """A cohort differentiates once; a second derivative through a folded rule is an error
-    naming the fix, not a silently wrong number."""
-    g = torch.Generator().manual_seed(0)
-    grad_y = torch.randn(4, 3, generator=g, requires_grad=True)
-    x = torch.randn(4, 3, generator=g)
-    mean, invstd = x.mean(0), 1 / (x.var(0, correction=0) + 1e-5).sqrt()
-    grad_x, _, _ = batched._BatchNormBackward.apply(grad_y, x, torch.ones(3), mean, invstd, 1e-5)
-    with pytest.raises(RuntimeError, match="no double backward; run higher-order gradients"):
-        grad_x.sum().backward()
+    folded = hvp({n: b.clone() for n, b in buffers.items()})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(norm_module, "folding_vmap", lambda: None)
+        own = hvp({n: b.clone() for n, b in buffers.items()})
+    for n in own:
+        torch.testing.assert_close(folded[n], own[n], rtol=1e-4, atol=1e-5, msg=n)
