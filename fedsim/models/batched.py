@@ -1,10 +1,11 @@
 """Folded layers for vectorized cohorts: ``vmap``'s dimension merged into channels or batch.
 
-A vectorized cohort (``engine.vectorize``) computes ``grad`` of the clients' summed losses
-over ``vmap`` (``grad(vmap(loss))``), so ``vmap`` is the innermost transform while the
-model runs. There a layer can take its input's physical tensor (all clients stacked), run
-PyTorch's ordinary ops on it, and hand the result back to ``vmap``; ``grad`` records those
-ops, so the backward pass is their native backward on the stacked tensors too.
+A vectorized cohort (``engine.vectorize``) runs the model under ``vmap`` and differentiates
+the clients' summed losses with ordinary autograd, so ``vmap`` is the innermost (here the
+only) transform while the model runs. There a layer can take its input's physical tensor
+(all clients stacked), run PyTorch's ordinary ops on it, and hand the result back to
+``vmap``; autograd (or an outer ``torch.func.grad``) records those ops, so the backward pass
+is their native backward on the stacked tensors too.
 
 - Batch norm of K clients' ``(N, C, ...)`` batches is batch norm of one ``(N, K·C, ...)``
   batch with K·C channels: per-client statistics and per-client running buffers (views of
@@ -29,7 +30,7 @@ from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_i
 
 def folding_vmap():
     """The ``vmap`` interpreter when ``vmap`` is the innermost transform and every other is
-    ``vmap`` or ``grad`` (``grad(vmap(f))``, the cohort's case, or a bare ``vmap``), else
+    ``vmap`` or ``grad`` (a bare ``vmap``, the cohort's case, or ``grad(vmap(f))``), else
     None: where the folded layers below apply."""
     interpreters = retrieve_all_functorch_interpreters()
     if not interpreters or interpreters[-1].key() != TransformType.Vmap:

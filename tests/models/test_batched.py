@@ -80,11 +80,12 @@ REFERENCES = {
 }
 
 
-@pytest.mark.parametrize("order", ["grad(vmap)", "vmap(grad)"])
+@pytest.mark.parametrize("order", ["autograd(vmap)", "grad(vmap)", "vmap(grad)"])
 @pytest.mark.parametrize("features", ["conv", "vector"])
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features, order):
-    """grad(vmap): the layers fold (the cohorts' path); vmap(grad): vmap's own rules."""
+    """autograd over vmap (the cohorts' path) and grad(vmap): the layers fold; vmap(grad):
+    vmap's own rules."""
     ours_norm, conv_ref, vector_ref = REFERENCES[kind]
     if features == "conv":
         ours, ref = conv_net(ours_norm, FastMaxPool2d(2)), conv_net(conv_ref, nn.MaxPool2d(2))
@@ -95,7 +96,11 @@ def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features
     params, buffers = stacked(ours)
     ref_grads, ref_bufs = per_client(ref, params, buffers, x, y)
     bufs = {n: b.clone() for n, b in buffers.items()}
-    if order == "grad(vmap)":
+    if order == "autograd(vmap)":
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        losses = vmap(loss_of(ours))(leaves, bufs, x, y)
+        grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+    elif order == "grad(vmap)":
         grads = cohort_grads(ours)(params, bufs, x, y)
     else:
         grads = vmap(grad(loss_of(ours)))(params, bufs, x, y)
