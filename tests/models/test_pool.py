@@ -51,8 +51,9 @@ def net(pool):
                          nn.Linear(6 * 4 * 4, 3))
 
 
-def test_vmap_grad_over_stacked_parameters_equals_nn_maxpool2d():
-    """The vectorized cohorts' path: functional_call under vmap(grad(...))."""
+def test_per_client_grads_over_stacked_parameters_equal_nn_maxpool2d():
+    """functional_call over stacked parameters, under vmap(grad(...)) (nn.MaxPool2d's own
+    path) and the cohorts' autograd over vmap (the folded path), bit for bit."""
     ref, fast = net(nn.MaxPool2d(2)), net(FastMaxPool2d(2))
     params = {n: p.detach().unsqueeze(0).repeat(5, *[1] * p.dim()) for n, p in
               ref.named_parameters()}
@@ -66,8 +67,11 @@ def test_vmap_grad_over_stacked_parameters_equals_nn_maxpool2d():
 
     ga = vmap(grad(loss(ref)))(params, x, y)
     gb = vmap(grad(loss(fast)))(params, x, y)
-    for n in ga:
+    leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+    gc = torch.autograd.grad(vmap(loss(fast))(leaves, x, y).sum(), list(leaves.values()))
+    for n, g in zip(leaves, gc):
         assert torch.equal(ga[n], gb[n]), n
+        torch.testing.assert_close(g, ga[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_double_backward_equals_nn_maxpool2d():
