@@ -16,8 +16,8 @@ is their native backward on the stacked tensors too.
   (``fedsim.models.pool``).
 
 ``vmap``'s own rules compute the same values, but a small CNN's cohort spends 10–28% less
-time with these folds for BN, GN and LN (benchmarks/RESULTS.md). Elsewhere (eager, ``vmap(grad(...))``, other
-transforms) the layers run ``torch.nn``'s code.
+time with these folds for BN, GN and LN (benchmarks/RESULTS.md). Elsewhere (eager,
+``vmap(grad(...))``, other transforms) the layers run ``torch.nn``'s code.
 """
 
 from __future__ import annotations
