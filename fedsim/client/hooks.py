@@ -175,6 +175,14 @@ def _statistics_layers(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]
     ]
 
 
+def statistics_parts(n: int, chunk: int = 256) -> int:
+    """Into how many near-equal chunks :func:`estimate_statistics` splits ``n`` samples."""
+    parts = max(1, -(-n // chunk))
+    if n // parts < 2:  # BN after a linear layer needs two samples per batch
+        parts = max(1, n // 2)
+    return parts
+
+
 @torch.no_grad()
 def estimate_statistics(model: nn.Module, x: torch.Tensor, layers: list[nn.Module],
                         chunk: int = 256) -> None:
@@ -191,11 +199,8 @@ def estimate_statistics(model: nn.Module, x: torch.Tensor, layers: list[nn.Modul
     model.eval()
     for m in layers:
         m.train()
-    parts = max(1, -(-len(x) // chunk))
-    if len(x) // parts < 2:  # BN after a linear layer needs two samples per batch
-        parts = max(1, len(x) // 2)
     try:
-        for k, xb in enumerate(torch.tensor_split(x, parts)):
+        for k, xb in enumerate(torch.tensor_split(x, statistics_parts(len(x), chunk))):
             for m in layers:
                 m.momentum = 1.0 / (k + 1)
             model(xb)
@@ -254,9 +259,14 @@ class LocalArraysHook(ClientHook, abc.ABC):
         elif self.ctx.mode == "evaluate":
             self.cold_start(model)
 
+    def statistics_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The local normalization layers with running statistics (what a cold start
+        re-estimates)."""
+        return _statistics_layers(model, self.local_keys(model))
+
     def cold_start(self, model: nn.Module) -> None:
         """Local arrays of a client evaluated before it ever trained (see class docstring)."""
-        layers = _statistics_layers(model, self.local_keys(model))
+        layers = self.statistics_layers(model)
         if not layers:
             return
         if self.ctx.local_train is None:

@@ -55,15 +55,16 @@ def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario)
 
     cfg = scenario.engine
     store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
-    trainer = None
+    trainer = evaluator = None
     if cfg.vectorize:
         from fedsim.engine.vectorized import CohortTrainer
+        from fedsim.engine.vectorized_eval import CohortEvaluator
 
-        trainer = CohortTrainer(scenario)
+        trainer, evaluator = CohortTrainer(scenario), CohortEvaluator(scenario)
     with torch_threads(cfg.threads), fast_flower_records(), frozen_gc():
         run_inprocess(server_app, client_app, scenario.num_participating, state_store=store,
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
-                      workers=cfg.workers)
+                      workers=cfg.workers, cohort_evaluator=evaluator)
 
 
 @ENGINES.register("ray")

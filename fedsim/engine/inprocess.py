@@ -8,7 +8,8 @@ identity set; that happens here and only here.
 Each node's ``Context.state`` lives in a :class:`ClientStateStore` between its messages
 (memory budget, spill to disk), so 10,000 stateful clients cost what their budget allows.
 With a ``cohort_trainer`` (``engine.vectorize``) the train messages pulled together are
-handed to it as one cohort, which still answers each message with its own reply. With
+handed to it as one cohort, which still answers each message with its own reply; a
+``cohort_evaluator`` does the same for evaluate messages. With
 ``workers`` > 1 the messages (or cohorts) of a pull run on that many threads, each with its
 own copy of the model; PyTorch releases the GIL inside its kernels, so compute-bound
 clients use several cores.
@@ -39,8 +40,8 @@ log = logging.getLogger("fedsim")
 #: Error code for a ClientApp that raised (Flower uses 0 for unknown errors)
 CLIENT_EXCEPTION = 1
 
-#: Trains several train messages at once: (messages, contexts) -> one reply per message
-CohortTrainer = Callable[[Sequence[Message], Sequence[Context]], list[Message]]
+#: Answers several messages at once: (messages, contexts) -> one reply per message
+CohortHandler = Callable[[Sequence[Message], Sequence[Context]], list[Message]]
 
 DEFAULT_STATE_MEMORY = 256 * 2**20
 
@@ -64,8 +65,9 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
                  run_config: dict[str, Any] | None = None,
                  state_store: ClientStateStore | None = None,
-                 cohort_trainer: CohortTrainer | None = None,
-                 cohort_size: int = 128, workers: int = 1) -> None:
+                 cohort_trainer: CohortHandler | None = None,
+                 cohort_size: int = 128, workers: int = 1,
+                 cohort_evaluator: CohortHandler | None = None) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self._num_nodes = num_nodes
@@ -73,6 +75,7 @@ class InProcessGrid(Grid):
         self.state_store = (ClientStateStore(DEFAULT_STATE_MEMORY) if state_store is None
                             else state_store)  # an empty store is falsy
         self.cohort_trainer = cohort_trainer
+        self.cohort_evaluator = cohort_evaluator
         self.cohort_size = cohort_size
         self.workers = max(1, int(workers))
         self._pending: dict[str, Message] = {}
@@ -180,21 +183,30 @@ class InProcessGrid(Grid):
         log.warning("%s\n%s", reason, traceback.format_exc(limit=3))
         return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
 
+    def _cohort_handler(self, message_type: str) -> CohortHandler | None:
+        return {MessageType.TRAIN: self.cohort_trainer,
+                MessageType.EVALUATE: self.cohort_evaluator}.get(message_type)
+
     def _jobs(self, message_ids: list[str]) -> list[list[tuple[str, Message]]]:
-        """Units of work, in message order: cohorts of train messages (with a cohort
-        trainer) and single messages."""
+        """Units of work, in message order within each kind: cohorts of the message types
+        with a cohort handler (train, evaluate), then single messages."""
         msgs = [(mid, self._pending.pop(mid)) for mid in message_ids]
-        if self.cohort_trainer is None:
-            return [[item] for item in msgs]
-        train = [item for item in msgs if item[1].metadata.message_type == MessageType.TRAIN]
-        other = [[item] for item in msgs if item[1].metadata.message_type != MessageType.TRAIN]
+        by_type: dict[str, list[tuple[str, Message]]] = {}
+        singles = []
+        for item in msgs:
+            kind = item[1].metadata.message_type
+            if self._cohort_handler(kind) is None:
+                singles.append([item])
+            else:
+                by_type.setdefault(kind, []).append(item)
         size = self.cohort_size
-        return [train[i : i + size] for i in range(0, len(train), size)] + other
+        return [items[i : i + size] for items in by_type.values()
+                for i in range(0, len(items), size)] + singles
 
     def _do(self, job: list[tuple[str, Message]]) -> dict[str, Message]:
-        if self.cohort_trainer is not None and job[0][1].metadata.message_type == \
-                MessageType.TRAIN:
-            return self._execute_cohort(job)
+        handler = self._cohort_handler(job[0][1].metadata.message_type)
+        if handler is not None:
+            return self._execute_cohort(job, handler)
         mid, msg = job[0]
         return {mid: self._execute(msg)}
 
@@ -226,12 +238,13 @@ class InProcessGrid(Grid):
             raise errors[0]
         return [r for lane_results in results for r in lane_results]
 
-    def _execute_cohort(self, job: list[tuple[str, Message]]) -> dict[str, Message]:
-        """Hand a cohort of train messages to the cohort trainer; one reply per message."""
+    def _execute_cohort(self, job: list[tuple[str, Message]], handler: CohortHandler
+                        ) -> dict[str, Message]:
+        """Hand a cohort of messages of one type to its handler; one reply per message."""
         msgs = [msg for _, msg in job]
         contexts = [self.context(m.metadata.dst_node_id) for m in msgs]
         try:
-            replies = self.cohort_trainer(msgs, contexts)
+            replies = handler(msgs, contexts)
             if len(replies) != len(msgs):
                 raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
         except Exception as exc:  # the whole cohort failed: every message says why
@@ -248,12 +261,12 @@ class InProcessGrid(Grid):
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   run_config: dict[str, Any] | None = None,
                   state_store: ClientStateStore | None = None,
-                  cohort_trainer: CohortTrainer | None = None, cohort_size: int = 128,
-                  workers: int = 1) -> None:
+                  cohort_trainer: CohortHandler | None = None, cohort_size: int = 128,
+                  workers: int = 1, cohort_evaluator: CohortHandler | None = None) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
                          cohort_trainer=cohort_trainer, cohort_size=cohort_size,
-                         workers=workers)
+                         workers=workers, cohort_evaluator=cohort_evaluator)
     server_context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                              state=RecordDict(), run_config=dict(run_config or {}))
     try:

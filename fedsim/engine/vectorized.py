@@ -47,7 +47,8 @@ from fedsim.rng import torch_generator
 
 
 def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> str | None:
-    """Why ``model`` cannot run as a vmap cohort (one dry step of two clients), or None.
+    """Why ``model`` cannot run as a vmap cohort (one dry step of two clients and one
+    evaluation), or None.
 
     A model whose forward pass uses something ``vmap`` cannot batch (``.item()``, data-
     dependent Python control flow) fails here, before training, instead of mid-run.
@@ -63,9 +64,22 @@ def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
     try:
         with torch.random.fork_rng(devices=[]):
             train_cohort(probe, members, ClientConfig(epochs=1, batch_size=4))
+            _trace_evaluation(probe, start, bufs, x, y)
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
+
+
+def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
+                      y: torch.Tensor) -> None:
+    """One cohort evaluation of two clients, one with a cold start of every layer with
+    running statistics (what personalized evaluation runs under ``engine.vectorize``)."""
+    from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
+
+    layers = tuple(n for n, m in model.named_modules()
+                   if getattr(m, "running_mean", None) is not None)
+    evaluate_cohort(model, [EvalMember(params, buffers, x, y),
+                            EvalMember(params, buffers, x[:3], y[:3], x, layers)])
 
 
 #: hook methods that act inside local training (per minibatch, or on the model's modes

@@ -46,7 +46,9 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     evaluate = evaluator
     personal = None
     if hooks := personal_hooks(strategy):  # clients keep local arrays: evaluate their own models
-        personal = PersonalizedEvaluator(hooks, grid, evaluator, data, model, device)
+        personal = PersonalizedEvaluator(
+            hooks, grid, evaluator, data, model, device,
+            cohort_size=scenario.engine.cohort_size if scenario.engine.vectorize else None)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
     audit = None

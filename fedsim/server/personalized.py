@@ -70,8 +70,10 @@ class PersonalizedEvaluator:
     """Per-client accuracy of each client's own model (global arrays + its local state)."""
 
     def __init__(self, hooks: tuple[str, ...], grid: ClientOrderedGrid, evaluator: Evaluator,
-                 data: FederatedData, model: nn.Module, device: torch.device) -> None:
+                 data: FederatedData, model: nn.Module, device: torch.device,
+                 cohort_size: int | None = None) -> None:
         self.hooks = hooks
+        self.cohort_size = cohort_size  # set (engine.vectorize): holdout clients as vmap cohorts
         self.grid = grid
         self.data = data
         self.model = copy.deepcopy(model)
@@ -98,6 +100,8 @@ class PersonalizedEvaluator:
         return acc, n
 
     def _holdout(self, arrays: ArrayRecord) -> list[float]:
+        if self.cohort_size is not None:
+            return self._holdout_cohorts(arrays)
         acc = []
         for cid in self.holdout:
             load_record(self.model, arrays)
@@ -107,6 +111,27 @@ class PersonalizedEvaluator:
                 hook.on_receive(self.model)
             x, y = self.data.client_test(cid)
             acc.append(evaluate(self.model, x.to(self.device), y.to(self.device))[1])
+        return acc
+
+    def _holdout_cohorts(self, arrays: ArrayRecord) -> list[float]:
+        """``_holdout`` with ``cohort_size`` clients at a time (same results within float
+        tolerance; fedsim.engine.vectorized_eval)."""
+        from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
+
+        build = MemberBuilder(self.model)
+        acc = []
+        for start in range(0, len(self.holdout), self.cohort_size):
+            members = []
+            for cid in self.holdout[start : start + self.cohort_size]:
+                def local_train(cid=cid):
+                    return self.data.client_train(cid)
+
+                ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
+                                  local_train=local_train)
+                x, y = self.data.client_test(cid)
+                members.append(build(arrays, hooks_for(ctx), x.to(self.device),
+                                     y.to(self.device), local_train))
+            acc += [a for _, a, _ in evaluate_cohort(self.model, members)]
         return acc
 
     def __call__(self, arrays: ArrayRecord) -> dict:

@@ -1,0 +1,284 @@
+"""Vectorized evaluation: many clients' own models tested at once with ``vmap``.
+
+Personalized evaluation (FedBN, SiloBN, a user's local layers) tests every evaluated client
+with its own model: the global arrays, its saved local arrays laid over them, or, for a
+client that never trained, BN running statistics re-estimated on its local train data (the
+hooks' cold start). Run one client at a time that is two small forward passes and a model
+load per client; here a cohort's clients run together. Arrays every client shares (the
+global conv weights under FedBN) enter ``vmap`` unbatched, so their layers run as one plain
+batched call; per-client arrays are stacked. Each client's loss and accuracy equal
+``fedsim.client.train.evaluate`` after the hooks' ``on_receive`` within float tolerance.
+
+Used by the in-process grid for evaluate messages (:class:`CohortEvaluator`, with
+``engine.vectorize``) and by the server for holdout clients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fedsim.arrays import load_record
+from fedsim.client.failures import error_reply
+from fedsim.client.hooks import (
+    ClientHook,
+    HookContext,
+    LocalArraysHook,
+    hooks_for,
+    statistics_parts,
+)
+from fedsim.config import Scenario
+from fedsim.engine.vectorized import overlay
+from fedsim.records import get_record, require_record
+
+#: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
+EvalResult = tuple[float, float, int]
+
+
+@dataclass
+class EvalMember:
+    """One client's model state and local test split.
+
+    Tensors that are the *same object* for every member of a cohort are passed to ``vmap``
+    once, unbatched. ``estimate_x`` and ``estimate_layers`` (module names): re-estimate those
+    layers' running statistics on ``estimate_x`` first, as
+    :func:`fedsim.client.hooks.estimate_statistics` does (a cold start).
+    """
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    x: torch.Tensor
+    y: torch.Tensor
+    estimate_x: torch.Tensor | None = None
+    estimate_layers: tuple[str, ...] = field(default_factory=tuple)
+
+
+#: input elements (samples × pixels) per ``vmap`` call, all clients together: bounds the
+#: activations of large cohorts (~2,700 MNIST images, ~33,000 8×8 ones)
+MAX_ELEMENTS = 2**21
+
+
+@torch.no_grad()
+def evaluate_cohort(model: nn.Module, members: Sequence[EvalMember]) -> list[EvalResult]:
+    """Each member's (loss, accuracy, n) on its test split, with cold starts done first."""
+    if not members:
+        return []
+    params = [dict(m.params) for m in members]
+    buffers = [dict(m.buffers) for m in members]
+    cold: dict[tuple, list[int]] = {}  # same layers and chunk sizes: one estimation group
+    for i, m in enumerate(members):
+        if m.estimate_x is not None and m.estimate_layers and len(m.estimate_x):
+            parts = torch.tensor_split(torch.arange(len(m.estimate_x)),
+                                       statistics_parts(len(m.estimate_x)))
+            cold.setdefault((m.estimate_layers, tuple(len(p) for p in parts)), []).append(i)
+    numel = max(1, math.prod(members[0].x.shape[1:]))  # elements per sample
+    with warnings.catch_warnings():  # vmap's "no batching rule for lerp_" notice (hybrid)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        was_training = model.training
+        try:
+            for (layers, sizes), group in cold.items():
+                per_call = max(1, MAX_ELEMENTS // (max(sizes) * numel))
+                for k in range(0, len(group), per_call):
+                    _estimate(model, layers, sizes, group[k : k + per_call], members, params,
+                              buffers)
+            width = max(1, max(len(m.y) for m in members))
+            per_call = max(1, MAX_ELEMENTS // (width * numel))
+            results = []
+            for k in range(0, len(members), per_call):
+                part = slice(k, k + per_call)
+                results += _evaluate(model, members[part], params[part], buffers[part],
+                                     max(1, MAX_ELEMENTS // numel))
+            return results
+        finally:
+            model.train(was_training)
+
+
+def _split_shared(dicts: list[dict[str, torch.Tensor]], stack: frozenset[str] = frozenset()
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(arrays every dict holds as the same object, the others and ``stack`` stacked along
+    dim 0)."""
+    first = dicts[0]
+    shared = {n: t for n, t in first.items()
+              if n not in stack and all(d[n] is t for d in dicts)}
+    stacked = {n: torch.stack([d[n] for d in dicts]) for n in first if n not in shared}
+    return shared, stacked
+
+
+def _forward(model: nn.Module, shared: dict, stacked: dict, x: torch.Tensor) -> torch.Tensor:
+    def call(stacked_arrays, xb):
+        return functional_call(model, (shared, stacked_arrays), (xb,))
+    return vmap(call)(stacked, x)
+
+
+def _estimate(model: nn.Module, layers: tuple[str, ...], sizes: tuple[int, ...],
+              group: list[int], members: Sequence[EvalMember], params: list[dict],
+              buffers: list[dict]) -> None:
+    """AdaBN over ``group``'s train data: chunk ``k`` in train mode with momentum 1/(k+1)."""
+    modules = [model.get_submodule(name) for name in layers]
+    prefixes = tuple(f"{name}." if name else "" for name in layers)
+    # the estimated buffers are per client and updated in place: always stacked
+    estimated = frozenset(n for n in buffers[group[0]] if n.startswith(prefixes))
+    shared, stacked = _split_shared([{**params[i], **buffers[i]} for i in group], estimated)
+    xs = torch.stack([members[i].estimate_x for i in group])
+    saved = [(m, m.momentum) for m in modules]
+    model.eval()
+    for m in modules:
+        m.train()
+    try:
+        start = 0
+        for k, size in enumerate(sizes):
+            for m in modules:
+                m.momentum = 1.0 / (k + 1)
+            _forward(model, shared, stacked, xs[:, start:start + size])
+            start += size
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+    for j, i in enumerate(group):
+        for n in buffers[i]:
+            if n in stacked:
+                buffers[i][n] = stacked[n][j]
+
+
+def _evaluate(model: nn.Module, members: Sequence[EvalMember], params: list[dict],
+              buffers: list[dict], max_samples: int) -> list[EvalResult]:
+    """Eval-mode forward of ``members``' test splits, padded to the longest (samples are
+    independent in eval mode, so padding is inert), at most ``max_samples`` per call."""
+    model.eval()
+    shared, stacked = _split_shared([{**p, **b} for p, b in zip(params, buffers)])
+    sizes = [len(m.y) for m in members]
+    width = max(1, max(sizes))
+    first = members[0].x
+    xs = first.new_zeros((len(members), width, *first.shape[1:]))
+    ys = torch.zeros((len(members), width), dtype=torch.long, device=first.device)
+    mask = torch.zeros((len(members), width), dtype=torch.bool, device=first.device)
+    for i, m in enumerate(members):
+        xs[i, : sizes[i]] = m.x
+        ys[i, : sizes[i]] = m.y
+        mask[i, : sizes[i]] = True
+    step = max(1, max_samples // len(members))  # a client larger than a call: split it
+    logits = torch.cat([_forward(model, shared, stacked, xs[:, j : j + step])
+                        for j in range(0, width, step)], dim=1)
+    loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none")
+    loss = (loss.view_as(mask).double() * mask).sum(1).cpu()
+    hits = ((logits.argmax(-1) == ys) & mask).sum(1).cpu()
+    return [(loss[i].item() / n, hits[i].item() / n, n) if n else (float("nan"), float("nan"), 0)
+            for i, n in enumerate(sizes)]
+
+
+# --------------------------------------------------------------------------- members
+
+
+def _array_hook(hook: ClientHook) -> bool:
+    """A plain :class:`LocalArraysHook` (FedBN, SiloBN): swaps saved arrays in, cold start
+    as the base class does it, so a cohort can apply it without loading the model."""
+    cls = type(hook)
+    return (isinstance(hook, LocalArraysHook) and cls.on_receive is LocalArraysHook.on_receive
+            and cls.cold_start is LocalArraysHook.cold_start)
+
+
+class MemberBuilder:
+    """Builds each client's :class:`EvalMember` from the global arrays and its hooks.
+
+    Plain array hooks lay the client's saved arrays over a shared copy of the global ones;
+    a single such hook without saved arrays becomes a cold start done in the cohort. Any
+    other hook runs eagerly (``load_record`` + ``on_receive`` on ``model``) and the result is
+    copied, so every hook gets exactly the model the sequential client would give it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._base: tuple | None = None  # (record, params, buffers): the global arrays, once
+
+    def _global(self, record: ArrayRecord) -> tuple[dict, dict]:
+        if self._base is None or self._base[0] is not record:
+            load_record(self.model, record)
+            self._base = (record,
+                          {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                          {n: b.detach().clone() for n, b in self.model.named_buffers()})
+        return self._base[1], self._base[2]
+
+    def __call__(self, record: ArrayRecord, hooks: list[ClientHook], x: torch.Tensor,
+                 y: torch.Tensor, local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> EvalMember:
+        saved = [get_record(h.ctx.state, h.state_key, ArrayRecord) if _array_hook(h) else None
+                 for h in hooks]
+        simple = all(_array_hook(h) for h in hooks)
+        cold = [h for h, s in zip(hooks, saved) if s is None] if simple else []
+        if simple and (not cold or len(hooks) == 1):
+            params, buffers = self._global(record)
+            for s in saved:
+                if s is not None:
+                    params, buffers = overlay(params, buffers, s)
+            member = EvalMember(params, buffers, x, y)
+            if cold:
+                layers = cold[0].statistics_layers(self.model)
+                if layers:
+                    names = {id(m): n for n, m in self.model.named_modules()}
+                    member.estimate_layers = tuple(names[id(m)] for m in layers)
+                    device = next(iter(params.values())).device
+                    member.estimate_x = local_train()[0].to(device)
+            return member
+        self._base = None  # the model is about to change
+        load_record(self.model, record)
+        for hook in hooks:
+            hook.on_receive(self.model)
+        return EvalMember({n: p.detach().clone() for n, p in self.model.named_parameters()},
+                          {n: b.detach().clone() for n, b in self.model.named_buffers()}, x, y)
+
+
+# --------------------------------------------------------------------------- the grid's side
+
+
+class CohortEvaluator:
+    """The in-process grid's ``cohort_evaluator``: evaluate messages in, one reply each.
+
+    Mirrors ``fedsim.client.app.handle_evaluate`` per client (global arrays, hooks'
+    ``on_receive`` in evaluate mode, the same metrics and ``client`` record); a client whose
+    preparation fails gets an error reply, the others are unaffected.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+
+    def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+        from fedsim.client.app import import_strategy
+        from fedsim.client.runtime import client_runtime
+
+        rt = client_runtime(self.scenario)
+        build = MemberBuilder(rt.model)
+        replies: list[Message | None] = [None] * len(msgs)
+        prepared: list[tuple[int, int, EvalMember]] = []
+        for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
+            cid = None
+            try:
+                cid = rt.client_id(ctx)
+                config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
+                record = require_record(msg.content, "arrays", ArrayRecord)
+                import_strategy(self.scenario.server.strategy)
+
+                def local_train(cid=cid):
+                    return rt.data.client_train(cid)
+
+                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content,
+                                              mode="evaluate", local_train=local_train))
+                x, y = rt.data.client_test(cid)
+                member = build(record, hooks, x.to(rt.device), y.to(rt.device), local_train)
+                prepared.append((i, cid, member))
+            except Exception as exc:
+                replies[i] = error_reply(msg, exc, cid)
+        results = evaluate_cohort(rt.model, [p[2] for p in prepared])
+        for (i, cid, _), (loss, acc, n) in zip(prepared, results):
+            metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_accuracy": acc})
+            content = RecordDict({"metrics": metrics,
+                                  "client": ConfigRecord({"client-id": cid})})
+            replies[i] = Message(content, reply_to=msgs[i])
+        return replies  # type: ignore[return-value]
