@@ -415,6 +415,25 @@ def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
     return start, buffers
 
 
+class GlobalArrays:
+    """The received global arrays as detached (parameters, buffers) copies, made once per
+    ``ArrayRecord`` (a cohort's messages share one) and shared by every client that starts
+    from them unchanged."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._held: tuple | None = None  # (record, params, buffers)
+
+    def __call__(self, record: ArrayRecord) -> tuple[dict[str, torch.Tensor],
+                                                    dict[str, torch.Tensor]]:
+        if self._held is None or self._held[0] is not record:
+            load_record(self.model, record)
+            self._held = (record,
+                          {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                          {n: b.detach().clone() for n, b in self.model.named_buffers()})
+        return self._held[1], self._held[2]
+
+
 class CohortTrainer:
     """The in-process grid's ``cohort_trainer``: train messages in, one reply per message.
 
@@ -436,7 +455,7 @@ class CohortTrainer:
         drop = uses_batch_statistics(scenario.model.norm)
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, int, list[ClientHook], CohortMember]] = []
-        base: tuple | None = None  # (arrays record, start, buffers): the global arrays, once
+        global_arrays = GlobalArrays(model)
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             try:
                 cid = rt.client_id(ctx)
@@ -448,12 +467,7 @@ class CohortTrainer:
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
                 if not hooks or swaps_arrays_only(hooks):
-                    if base is None or base[0] is not record:
-                        load_record(model, record)
-                        base = (record,
-                                {n: p.detach().clone() for n, p in model.named_parameters()},
-                                {n: b.detach().clone() for n, b in model.named_buffers()})
-                    start, bufs = base[1], base[2]
+                    start, bufs = global_arrays(record)
                     for hook in hooks:  # the client's saved arrays over the global ones
                         saved = get_record(hook.ctx.state, hook.state_key, ArrayRecord)
                         if saved is not None:

@@ -36,7 +36,7 @@ from fedsim.client.hooks import (
     statistics_parts,
 )
 from fedsim.config import Scenario
-from fedsim.engine.vectorized import overlay
+from fedsim.engine.vectorized import GlobalArrays, overlay
 from fedsim.records import get_record, require_record
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
@@ -196,15 +196,7 @@ class MemberBuilder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._base: tuple | None = None  # (record, params, buffers): the global arrays, once
-
-    def _global(self, record: ArrayRecord) -> tuple[dict, dict]:
-        if self._base is None or self._base[0] is not record:
-            load_record(self.model, record)
-            self._base = (record,
-                          {n: p.detach().clone() for n, p in self.model.named_parameters()},
-                          {n: b.detach().clone() for n, b in self.model.named_buffers()})
-        return self._base[1], self._base[2]
+        self.global_arrays = GlobalArrays(model)
 
     def __call__(self, record: ArrayRecord, hooks: list[ClientHook], x: torch.Tensor,
                  y: torch.Tensor, local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -214,7 +206,7 @@ class MemberBuilder:
         simple = all(_array_hook(h) for h in hooks)
         cold = [h for h, s in zip(hooks, saved) if s is None] if simple else []
         if simple and (not cold or len(hooks) == 1):
-            params, buffers = self._global(record)
+            params, buffers = self.global_arrays(record)
             for s in saved:
                 if s is not None:
                     params, buffers = overlay(params, buffers, s)
@@ -227,7 +219,6 @@ class MemberBuilder:
                     device = next(iter(params.values())).device
                     member.estimate_x = local_train()[0].to(device)
             return member
-        self._base = None  # the model is about to change
         load_record(self.model, record)
         for hook in hooks:
             hook.on_receive(self.model)

@@ -114,13 +114,14 @@ class OwnHead(ClientHook):
             model.head.bias.add_(float(self.ctx.client_id))
 
 
-def fedbn_setting():
+def fedbn_setting(clients: int = 8, holdout: float = 0.0):
+    """A small FedBN quickstart under feature skew: scenario, client runtime, BN keys."""
     import strategies  # noqa: F401  (registers the fedbn hook)
 
     set_task_identity(1)
     scenario = load_scenario("scenarios/quickstart.toml", [
-        "partition.num_clients=8", "partition.holdout_clients=0.0", "model.width=8",
-        "model.norm=bn", "server.strategy=fedbn", "partition.kind=feature",
+        f"partition.num_clients={clients}", f"partition.holdout_clients={holdout}",
+        "model.width=8", "model.norm=bn", "server.strategy=fedbn", "partition.kind=feature",
         "server.clients_per_round=3"])
     rt = client_runtime(scenario)
     norm = [k for k in rt.model.state_dict() if k.startswith(("features.1.", "features.5."))]
@@ -223,12 +224,7 @@ def test_holdout_cohorts_equal_the_sequential_holdout_evaluation():
     from fedsim.server.evaluate import Evaluator
     from fedsim.server.personalized import PersonalizedEvaluator
 
-    set_task_identity(1)
-    scenario = load_scenario("scenarios/quickstart.toml", [
-        "partition.num_clients=10", "partition.holdout_clients=0.5", "model.width=8",
-        "model.norm=bn", "server.strategy=fedbn", "partition.kind=feature",
-        "server.clients_per_round=3"])
-    rt = client_runtime(scenario)
+    scenario, rt, _ = fedbn_setting(clients=10, holdout=0.5)
     data = rt.data
     device = torch.device("cpu")
     evaluator = Evaluator(scenario, data, rt.model, device)
