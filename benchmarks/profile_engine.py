@@ -8,6 +8,8 @@
         --cohort 100 --threads 2                                   # one vmap cohort, alone
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
         --cohort 100 --fold-ab              # folded layers vs vmap's own rules, interleaved
+    python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
+        --evaluation                        # personalized evaluation: cohorts vs one by one
 
 Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
 switched on only inside each round's training phase and aggregation, and reports the
@@ -181,6 +183,61 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
         print(f"  {label:18s} min {min(ms):7.1f}  median {sorted(ms)[4]:7.1f}")
 
 
+def time_evaluation(scenario: str, overrides: list[str], repeats: int = 5) -> None:
+    """Seconds per personalized evaluation (participating clients through the in-process
+    grid, holdout clients on the server) of the scenario's initial model, the clients'
+    models built by its strategy's hooks (no client has trained, so every one is a cold
+    start): ``engine.vectorize``'s cohorts and the one-by-one path, interleaved."""
+    import torch
+
+    from fedsim.arrays import model_to_record
+    from fedsim.client.app import make_client_app
+    from fedsim.client.runtime import build_global_model
+    from fedsim.config import load_scenario
+    from fedsim.data.federated import build_federated_data
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+    from fedsim.engine.vectorized_eval import CohortEvaluator
+    from fedsim.server.evaluate import Evaluator
+    from fedsim.server.personalized import PersonalizedEvaluator, personal_hooks
+    from fedsim.server.strategies import make_strategy
+
+    sc = load_scenario(scenario, overrides)
+    torch.set_num_threads(sc.engine.threads)
+    data = build_federated_data(sc)
+    model = build_global_model(sc, data)
+    hooks = personal_hooks(make_strategy(sc, model))
+    if not hooks:
+        raise SystemExit(f"server.strategy = {sc.server.strategy!r} keeps no local arrays: "
+                         "there is no personalized evaluation to time")
+    arrays = model_to_record(model)
+    evaluator = Evaluator(sc, data, model, torch.device("cpu"))
+    paths = {}
+    for label, vectorized in (("cohorts", True), ("one by one", False)):
+        grid = InProcessGrid(make_client_app(sc), sc.num_participating,
+                             cohort_evaluator=CohortEvaluator(sc) if vectorized else None,
+                             cohort_size=sc.engine.cohort_size)
+        paths[label] = PersonalizedEvaluator(
+            hooks, ClientOrderedGrid(grid, expected_nodes=sc.num_participating), evaluator,
+            data, model, torch.device("cpu"),
+            cohort_size=sc.engine.cohort_size if vectorized else None)
+    results = {label: personal(arrays) for label, personal in paths.items()}  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in paths}
+    for _ in range(repeats):
+        for label, personal in paths.items():
+            t0 = time.perf_counter()
+            personal(arrays)
+            times[label].append(time.perf_counter() - t0)
+    n = len(paths["cohorts"].nodes) + len(paths["cohorts"].holdout)
+    print(f"{Path(scenario).name} {' '.join(overrides)}: personalized evaluation of {n} "
+          f"clients (hooks {', '.join(hooks)}), {sc.engine.threads} torch thread(s), "
+          f"seconds over {repeats} interleaved repeats:")
+    for label, sec in times.items():
+        print(f"  {label:12s} min {min(sec):6.3f}  median {sorted(sec)[len(sec) // 2]:6.3f}")
+    a, b = (results[k]["personalized_accuracy"]["mean"] for k in ("cohorts", "one by one"))
+    print(f"  mean personalized accuracy: cohorts {a:.4f}, one by one {b:.4f}")
+
+
 def main() -> None:
     # the repo root first: this folder holds strategies.py, which would shadow the
     # ``strategies`` package that registers fedbn & co.
@@ -196,9 +253,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for --cohort")
     p.add_argument("--fold-ab", action="store_true",
                    help="with --cohort: folded layers vs vmap's own rules, interleaved")
+    p.add_argument("--evaluation", action="store_true",
+                   help="time personalized evaluation: cohorts vs one client at a time")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"server.rounds={args.rounds}"] if args.rounds else [])
-    if args.cohort:
+    if args.evaluation:
+        time_evaluation(args.scenario, overrides)
+    elif args.cohort:
         time_cohort(args.scenario, overrides, args.cohort, args.threads, args.fold_ab)
     elif args.step:
         profile_step(args.scenario, overrides)
