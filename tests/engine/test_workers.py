@@ -28,3 +28,18 @@ def test_progress_line_does_not_grow_with_the_federation():
     assert "100 clients (1 failed)" in small and "3000.0 clients/s" in large
     assert "30,000 updates by 9,990 clients" in large and "acc 0.500" in large
     assert len(large) - len(small) <= 8  # digits and separators, nothing per client
+
+
+def test_vectorized_cohorts_on_two_workers_equal_one(tmp_path):
+    """Train and evaluate cohorts (FedBN: personalized evaluation with cold starts and
+    saved layers) split over two worker threads, each with its own model copy."""
+    tiny = TINY + ["model.norm=bn", "server.strategy=fedbn", "engine.vectorize=true",
+                   "engine.cohort_size=2", "output.eval_clients=6", "output.eval_every=1"]
+    one = fedsim.run("scenarios/quickstart.toml", tiny, out=tmp_path / "w1")
+    two = fedsim.run("scenarios/quickstart.toml", tiny + ["engine.workers=2"],
+                     out=tmp_path / "w2")
+    a = torch.load(one.path / "model.pt", weights_only=True)
+    b = torch.load(two.path / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert one.summary["final"]["personalized_accuracy"]["n"] == 6
+    assert one.summary["final"] == two.summary["final"]
