@@ -24,6 +24,8 @@ the overhead ratio against the bare loop is best read from that column.
 Fairness settings: the in-process engine and the bare loop use ``--threads`` torch threads
 (default 1); Ray gets ``--ray-cpus`` CPUs per client actor (default 1: one actor per
 core, each with one thread, its best setting on a 2-core machine; benchmarks/RESULTS.md).
+Every engine, the bare loop and Ray's workers included, runs with the scenario's
+``engine.reuse_memory`` malloc settings (fedsim.engine.memory).
 
 The bare loop is what a user would write by hand: for each sampled client, load the global
 state dict, run minibatch SGD over the same batches, add its state dict into a running
@@ -118,24 +120,20 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
 def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) -> dict:
     """The floor: the same local SGD and FedAvg as a plain PyTorch loop."""
     import torch
-    import torch.nn.functional as F
 
     from fedsim.client.hooks import norm_keys
     from fedsim.client.runtime import build_global_model
     from fedsim.config import load_scenario
     from fedsim.data.federated import build_federated_data
-    from fedsim.models.norm import uses_batch_statistics
-    from fedsim.rng import derive_seed, torch_generator
+    from fedsim.engine.memory import reused_memory
 
     torch.set_num_threads(threads)
     sc = load_scenario(scenario_path, overrides)
     if sc.server.strategy not in ("fedavg", "fedbn"):
         return {"updates_per_s": None,
                 "skipped": f"the bare loop implements fedavg and fedbn, not {sc.server.strategy}"}
-    cfg = sc.client
     data = build_federated_data(sc)
     model = build_global_model(sc, data)
-    drop_singleton = uses_batch_statistics(sc.model.norm)
     glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # FedBN (Li et al. 2021): norm layers stay with each client, the server averages the rest
     local_keys = set(norm_keys(model)) if sc.server.strategy == "fedbn" else set()
@@ -143,6 +141,22 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     ids = list(data.participating)
     rounds = []
     cpu = {}
+    with reused_memory(sc.engine.reuse_memory):  # the engines' malloc settings, for fairness
+        _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu)
+    torch.save(glob, out / "bare_model.pt")
+    return {**_steady(rounds, cpu), "model": str(out / "bare_model.pt")}
+
+
+def _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu) -> None:
+    """Every round of the bare loop, in place on ``glob``, ``local``, ``rounds`` and ``cpu``."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedsim.models.norm import uses_batch_statistics
+    from fedsim.rng import derive_seed, torch_generator
+
+    cfg = sc.client
+    drop_singleton = uses_batch_statistics(sc.model.norm)
     for rnd in range(1, sc.server.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
         random.seed(derive_seed(sc.seed, "sample-train", rnd))  # the engines' sampling
@@ -183,8 +197,6 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
         rounds.append({"round": rnd, "updates": len(chosen),
                        "train_seconds": time.perf_counter() - t0})
         cpu[rnd] = time.process_time() - c0
-    torch.save(glob, out / "bare_model.pt")
-    return {**_steady(rounds, cpu), "model": str(out / "bare_model.pt")}
 
 
 def worker(args: argparse.Namespace) -> None:

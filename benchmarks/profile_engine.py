@@ -9,6 +9,8 @@
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
         --cohort 100 --fold-ab              # folded layers vs vmap's own rules, interleaved
     python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
+        --cohort 100 --memory-ab            # engine.reuse_memory's malloc settings or not
+    python benchmarks/profile_engine.py --scenario scenarios/thousand_clients.toml \
         --evaluation                        # personalized evaluation: cohorts vs one by one
 
 Runs the scenario once to warm up (imports, first-touch data), then again with ``cProfile``
@@ -183,6 +185,29 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
         print(f"  {label:18s} min {min(ms):7.1f}  median {sorted(ms)[4]:7.1f}")
 
 
+def memory_ab(argv: list[str], pairs: int = 5) -> None:
+    """``--cohort`` timed in fresh processes, alternately with glibc's own malloc thresholds
+    and with ``engine.reuse_memory``'s (given to the child as fedsim.engine.memory's
+    ``MALLOC_ENV``: a process that has set them cannot go back, so each arm needs its own)."""
+    import os
+    import re
+    import subprocess
+
+    from fedsim.engine.memory import MALLOC_ENV
+
+    base = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    cmd = [sys.executable, __file__, *[a for a in argv if a != "--memory-ab"]]
+    times: dict[str, list[float]] = {"glibc's own": [], "reuse_memory": []}
+    for _ in range(pairs):
+        for label in times:
+            env = {**base, **(MALLOC_ENV if label == "reuse_memory" else {})}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            times[label].append(float(re.search(r"([\d.]+) ms per cohort", out.stdout)[1]))
+            print(f"  {label:14s} {times[label][-1]:7.1f} ms per cohort", flush=True)
+    for label, ms in times.items():
+        print(f"{label:14s} min {min(ms):7.1f}  median {sorted(ms)[len(ms) // 2]:7.1f}")
+
+
 def time_evaluation(scenario: str, overrides: list[str], repeats: int = 5) -> None:
     """Seconds per personalized evaluation (participating clients through the in-process
     grid, holdout clients on the server) of the scenario's initial model, the clients'
@@ -253,6 +278,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for --cohort")
     p.add_argument("--fold-ab", action="store_true",
                    help="with --cohort: folded layers vs vmap's own rules, interleaved")
+    p.add_argument("--memory-ab", action="store_true",
+                   help="with --cohort: engine.reuse_memory's malloc settings vs glibc's own, "
+                   "in fresh processes")
     p.add_argument("--evaluation", action="store_true",
                    help="time personalized evaluation: cohorts vs one client at a time")
     args = p.parse_args()
@@ -260,7 +288,10 @@ def main() -> None:
     if args.evaluation:
         time_evaluation(args.scenario, overrides)
     elif args.cohort:
-        time_cohort(args.scenario, overrides, args.cohort, args.threads, args.fold_ab)
+        if args.memory_ab:
+            memory_ab(sys.argv[1:])
+        else:
+            time_cohort(args.scenario, overrides, args.cohort, args.threads, args.fold_ab)
     elif args.step:
         profile_step(args.scenario, overrides)
     else:

@@ -191,6 +191,7 @@ class EngineConfig:
     cohort_size: int = 128  # inprocess + vectorize: clients trained at once
     state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
     state_dir: str = ""  # inprocess: folder for spilled client state ("" = system temp)
+    reuse_memory: bool = True  # glibc: keep freed memory for reuse during the run (fewer faults)
 
     def __post_init__(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")

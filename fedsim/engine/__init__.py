@@ -51,6 +51,7 @@ def frozen_gc() -> Iterator[None]:
 @ENGINES.register("inprocess")
 def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
     from fedsim.engine.inprocess import run_inprocess
+    from fedsim.engine.memory import reused_memory
     from fedsim.engine.store import ClientStateStore
 
     cfg = scenario.engine
@@ -61,7 +62,8 @@ def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario)
         from fedsim.engine.vectorized_eval import CohortEvaluator
 
         trainer, evaluator = CohortTrainer(scenario), CohortEvaluator(scenario)
-    with torch_threads(cfg.threads), fast_flower_records(), frozen_gc():
+    with torch_threads(cfg.threads), fast_flower_records(), frozen_gc(), \
+            reused_memory(cfg.reuse_memory):
         run_inprocess(server_app, client_app, scenario.num_participating, state_store=store,
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
                       workers=cfg.workers, cohort_evaluator=evaluator)
@@ -69,9 +71,11 @@ def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario)
 
 @ENGINES.register("ray")
 def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
+    from fedsim.engine.memory import reused_memory
     from fedsim.engine.ray import run_ray
 
-    with fast_flower_records(), frozen_gc():  # the ServerApp (aggregation) runs here
+    # the ServerApp (aggregation) runs here; Ray's local workers get the memory settings too
+    with fast_flower_records(), frozen_gc(), reused_memory(scenario.engine.reuse_memory):
         run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
 
 

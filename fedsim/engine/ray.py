@@ -27,11 +27,15 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     """``flwr.simulation.run_simulation`` with ``num_nodes`` virtual SuperNodes."""
     from flwr.simulation import run_simulation
 
+    from fedsim.engine.memory import child_environment
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_nodes,
-        backend_config=backend_config(cfg),
-    )
+    # workers that this call starts (a local Ray) inherit the environment
+    with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_nodes,
+            backend_config=backend_config(cfg),
+        )
