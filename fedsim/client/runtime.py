@@ -53,7 +53,9 @@ class ClientRuntime:
 
     ``model`` is the working model of the current worker slot: slot 0 is the model built
     here; other slots (concurrent in-process workers) get their own deep copies, so clients
-    trained at the same time never share parameters.
+    trained at the same time never share parameters. The copies for ``engine.workers`` are
+    made here, before any worker runs: copying a model while another thread calls it
+    functionally (a cohort swaps batched tensors into its modules) would copy those.
     """
 
     scenario: Scenario
@@ -62,6 +64,11 @@ class ClientRuntime:
     device: torch.device
     _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scenario.engine.kind == "inprocess":
+            for slot in range(1, self.scenario.engine.workers):
+                self._copies[slot] = copy.deepcopy(self.base_model)
 
     @property
     def model(self) -> nn.Module:

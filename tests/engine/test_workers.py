@@ -43,3 +43,39 @@ def test_vectorized_cohorts_on_two_workers_equal_one(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert one.summary["final"]["personalized_accuracy"]["n"] == 6
     assert one.summary["final"] == two.summary["final"]
+
+
+def test_worker_models_are_copied_before_any_worker_runs():
+    """Worker 1 asks for its model while worker 0's cohort is inside ``functional_call``
+    (batched tensors swapped into the shared base model): it must get a clean copy made
+    when the runtime was built, not a deep copy of the model in that state."""
+    from torch.func import functional_call, vmap
+
+    from fedsim.client.runtime import WORKER_SLOT, client_runtime
+    from fedsim.config import load_scenario
+
+    # (a seed no other test uses: a runtime of its own, not one that earlier runs trained)
+    scenario = load_scenario("scenarios/quickstart.toml", TINY + ["engine.workers=2",
+                                                                 "seed=8061"])
+    rt = client_runtime(scenario)
+    seen = []
+
+    def ask_as_worker_1(module, inputs):
+        token = WORKER_SLOT.set(1)
+        try:
+            seen.append(rt.model)
+        finally:
+            WORKER_SLOT.reset(token)
+
+    handle = rt.base_model.register_forward_pre_hook(ask_as_worker_1)
+    try:
+        params = {n: torch.stack([p.detach()] * 2) for n, p in rt.base_model.named_parameters()}
+        x = torch.zeros(2, 3, 1, 8, 8)
+        vmap(lambda p, xb: functional_call(rt.base_model, p, (xb,)))(params, x)
+    finally:
+        handle.remove()
+    copy_1 = seen[0]
+    assert copy_1 is not rt.base_model
+    for (name, a), b in zip(copy_1.named_parameters(), rt.base_model.parameters()):
+        assert a.detach().numpy().shape == tuple(b.shape), name  # real storage, not batched
+        assert torch.equal(a, b), name
