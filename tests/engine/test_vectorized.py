@@ -36,14 +36,13 @@ NORMS = ["gn", "ln", "in", "none", "bn", "hybrid"]
 @pytest.mark.parametrize("fold", ["fold", "vmap-rule"])
 @pytest.mark.parametrize("arch,norm", [("cnn", n) for n in NORMS] + [("mlp", n) for n in NORMS
                                                                        if n != "gn"])
-def test_cohort_equals_sequential_training(arch, norm, fold, monkeypatch):
+def test_cohort_equals_sequential_training(arch, norm, fold, vmap_rules):
     """Every norm, clients of 13, 8, 21 and 1 samples (partial, exact, several batches,
     a lone sample), two epochs with momentum and weight decay: parameters, running
     statistics and metrics equal ``train_local`` per client, whether the norm and pooling
     layers fold the cohort (fedsim.models.batched) or keep vmap's own rules."""
     if fold == "vmap-rule":
-        monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
-        monkeypatch.setattr(pool_module, "folding_vmap", lambda: None)
+        vmap_rules()
     torch.manual_seed(0)
     model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
                         groups=4)

@@ -7,8 +7,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fedsim.engine.vectorized_eval as vectorized_eval
-import fedsim.models.norm as norm_module
-import fedsim.models.pool as pool_module
 from fedsim.arrays import model_to_record, state_to_record
 from fedsim.client.app import handle_evaluate
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, estimate_statistics
@@ -43,7 +41,8 @@ def one_at_a_time(model, members):
 
 @pytest.mark.parametrize("fold", ["fold", "vmap-rule", "3 samples per call"])
 @pytest.mark.parametrize("arch,norm", [("cnn", n) for n in NORMS] + [("mlp", "bn")])
-def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypatch):
+def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypatch,
+                                                      vmap_rules):
     """Members with shared and per-client arrays, test splits of 5, 8, 1 and 0 samples, and
     cold starts over 40, 3 and 300 train samples (one, one and two AdaBN chunks): each
     member's loss, accuracy and count equal ``estimate_statistics`` + ``evaluate``; also
@@ -51,8 +50,7 @@ def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypa
     if fold == "3 samples per call":
         monkeypatch.setattr(vectorized_eval, "MAX_ELEMENTS", 3 * 64)
     if fold == "vmap-rule":
-        monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
-        monkeypatch.setattr(pool_module, "folding_vmap", lambda: None)
+        vmap_rules()
     torch.manual_seed(0)
     model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
                         groups=4)
