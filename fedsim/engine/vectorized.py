@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.arrays import from_array, load_record, state_to_record
+from fedsim.arrays import load_record, peek_array, state_to_record
 from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
 from fedsim.client.train import TrainResult, batches
 from fedsim.config import ClientConfig, Scenario
@@ -185,6 +185,9 @@ class CohortMember:
     y: torch.Tensor
     batches: list[torch.Tensor]  # index tensors, exactly those the sequential path draws
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. BN running stats
+    # the client's saved arrays (see ``saved_arrays``), laid over params/buffers when the
+    # cohort is stacked: one numpy row write each instead of a tensor per client and array
+    saved: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
@@ -194,9 +197,31 @@ def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
             for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
 
 
-def _stack(dicts: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    return {n: torch.stack([d[n] for d in dicts]).to(device) for n in dicts[0]} if dicts[0] \
-        else {}
+def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarray]],
+           device: torch.device) -> dict[str, torch.Tensor]:
+    """One stacked tensor per name, row ``i`` from ``dicts[i]`` or, where it has the name,
+    from ``saved[i]`` (converted as :func:`overlay` converts)."""
+    out = {}
+    for n, ref in dicts[0].items():
+        over = [s.get(n) for s in saved]
+        np_dtype = _NUMPY_DTYPES.get(ref.dtype)
+        if np_dtype is None or all(o is None for o in over):
+            rows = [d[n] if o is None else _overlay_one(o, ref) for d, o in zip(dicts, over)]
+            out[n] = torch.stack(rows).to(device)
+            continue
+        stacked = np.empty((len(dicts), *ref.shape), dtype=np_dtype)
+        for i, (d, o) in enumerate(zip(dicts, over)):
+            if o is None:
+                stacked[i] = d[n].detach().cpu().numpy()
+            else:
+                stacked[i] = (np.rint(o) if not ref.dtype.is_floating_point else o).reshape(
+                    ref.shape)
+        out[n] = torch.from_numpy(stacked).to(device)
+    return out
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+                 torch.int64: np.int64, torch.int32: np.int32}
 
 
 def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientConfig,
@@ -219,8 +244,9 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     device = members[0].x.device
     order = sorted(range(k_all), key=lambda i: -len(members[i].batches))  # active = a prefix
     mem = [members[i] for i in order]
-    params = _stack([m.params for m in mem], device)
-    buffers = _stack([m.buffers for m in mem], device)
+    saved = [m.saved for m in mem]
+    params = _stack([m.params for m in mem], saved, device)
+    buffers = _stack([m.buffers for m in mem], saved, device)
     n_max = max(1, max(len(m.x) for m in mem))
     xs = torch.zeros((k_all, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
     ys = torch.zeros((k_all, n_max), dtype=torch.long, device=device)
@@ -399,20 +425,34 @@ def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
     """``start``/``buffers`` with ``saved`` arrays in place of theirs, converted as
     :func:`fedsim.arrays.load_record` converts them (dtype, shape, integers rounded)."""
     start, buffers = dict(start), dict(buffers)
-    for key, value in saved.items():
+    for key, value in saved_arrays(saved, start, buffers).items():
         target = start if key in start else buffers
-        if key not in target:
-            raise KeyError(f"array {key!r} does not belong to this model")
-        ref = target[key]
-        t = torch.from_numpy(from_array(value))
-        if not ref.dtype.is_floating_point:
-            t = torch.round(t.double())
-        if t.shape != ref.shape:
-            t = t.reshape(ref.shape)
-        if t.dtype != ref.dtype or t.device != ref.device:  # (.to's argument parsing is
-            t = t.to(device=ref.device, dtype=ref.dtype)  # the costly part: skip a no-op)
-        target[key] = t
+        target[key] = _overlay_one(value, target[key])
     return start, buffers
+
+
+def saved_arrays(saved: ArrayRecord, start: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``saved``'s arrays by name, as read-only numpy views of their bytes; a name that is
+    not one of the model's parameters or buffers raises ``KeyError``."""
+    out = {}
+    for key, value in saved.items():
+        if key not in start and key not in buffers:
+            raise KeyError(f"array {key!r} does not belong to this model")
+        out[key] = peek_array(value)
+    return out
+
+
+def _overlay_one(value: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` as a tensor of ``ref``'s dtype, shape and device (integers rounded)."""
+    t = torch.from_numpy(np.array(value))  # a writable copy of the (read-only) view
+    if not ref.dtype.is_floating_point:
+        t = torch.round(t.double())
+    if t.shape != ref.shape:
+        t = t.reshape(ref.shape)
+    if t.dtype != ref.dtype or t.device != ref.device:  # (.to's argument parsing is
+        t = t.to(device=ref.device, dtype=ref.dtype)  # the costly part: skip a no-op)
+    return t
 
 
 class GlobalArrays:
@@ -466,12 +506,13 @@ class CohortTrainer:
                 bad = step_hooks(hooks)
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
+                saved: dict[str, np.ndarray] = {}
                 if not hooks or swaps_arrays_only(hooks):
                     start, bufs = global_arrays(record)
-                    for hook in hooks:  # the client's saved arrays over the global ones
-                        saved = get_record(hook.ctx.state, hook.state_key, ArrayRecord)
-                        if saved is not None:
-                            start, bufs = overlay(start, bufs, saved)
+                    for hook in hooks:  # the client's saved arrays, laid over the global ones
+                        rec = get_record(hook.ctx.state, hook.state_key, ArrayRecord)
+                        if rec is not None:  # when the cohort is stacked
+                            saved.update(saved_arrays(rec, start, bufs))
                 else:
                     load_record(model, record)
                     for hook in hooks:
@@ -482,7 +523,8 @@ class CohortTrainer:
                 rnd = int(config.get("server-round", 0))
                 gen = torch_generator(scenario.seed, "client-train", rnd, cid)
                 plan = plan_batches(len(x), scenario.client, gen, drop)
-                member = CohortMember(start, x.to(rt.device), y.to(rt.device), plan, bufs)
+                member = CohortMember(start, x.to(rt.device), y.to(rt.device), plan, bufs,
+                                      saved)
                 prepared.append((i, cid, hooks, member))
             except Exception as exc:
                 replies[i] = _error(msg, exc)

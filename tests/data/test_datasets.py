@@ -275,7 +275,8 @@ def test_synthetic_samples_are_shifted_prototype_windows_as_documented():
         got = ds.generate(labels, np.random.default_rng(1))
         rng = np.random.default_rng(1)  # the same draws, in the same order
         shifts = rng.integers(0, 3, size=(len(labels), 2))
-        x = np.stack([ds._padded[c, :, dy:dy + size, dx:dx + size]
+        padded = np.pad(ds.prototypes, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+        x = np.stack([padded[c, :, dy:dy + size, dx:dx + size]
                       for c, (dy, dx) in zip(labels, shifts)])
         contrast = rng.uniform(0.8, 1.2, size=(len(labels), 1, 1, 1)).astype(np.float32)
         brightness = rng.normal(0.0, 0.1, size=(len(labels), 1, 1, 1)).astype(np.float32)

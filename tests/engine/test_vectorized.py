@@ -317,3 +317,35 @@ def test_cohort_asks_each_client_for_its_local_keys_unless_they_depend_on_the_mo
         kept = ["head.bias"] if cid % 2 else ["head.weight"]
         assert list(ctx.state.array_records["by-client"].keys()) == kept
         assert not set(kept) & set(reply.content.array_records["arrays"].keys())
+
+
+def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
+    """A cohort of members with and without saved arrays stacks exactly what
+    ``overlay`` + ``torch.stack`` give: saved floats in place, saved integers rounded back,
+    flattened arrays reshaped, members without saved arrays on their own start."""
+    from fedsim.engine.vectorized import _stack, overlay, saved_arrays
+
+    torch.manual_seed(0)
+    model = build_model("cnn", "bn", in_channels=1, image_size=8, num_classes=10, width=4)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    records = [None,
+               state_to_record({"features.1.weight": torch.randn(4),
+                                "features.1.num_batches_tracked": torch.tensor(6.6)}),
+               None,
+               state_to_record({"features.5.running_var": torch.rand(8).double(),
+                                "head.bias": torch.randn(10).reshape(2, 5)})]
+    expected, members = [], []
+    for rec in records:
+        s, b = (start, bufs) if rec is None else overlay(start, bufs, rec)
+        expected.append((s, b))
+        members.append({} if rec is None else saved_arrays(rec, start, bufs))
+    params = _stack([start] * 4, members, torch.device("cpu"))
+    buffers = _stack([bufs] * 4, members, torch.device("cpu"))
+    for i, (s, b) in enumerate(expected):
+        for stacked, want in ((params, s), (buffers, b)):
+            for n, t in want.items():
+                assert stacked[n][i].dtype == t.dtype and torch.equal(stacked[n][i], t), n
+    assert buffers["features.1.num_batches_tracked"][1].item() == 7
+    with pytest.raises(KeyError, match="does not belong"):
+        saved_arrays(state_to_record({"nope": torch.zeros(1)}), start, bufs)

@@ -144,3 +144,31 @@ def test_cnn_learns_digits_quickly():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.9
 
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize("size", [8, 28])
+def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(norm, size):
+    """The CNN's stages pool before their ReLU; the canonical order (ReLU, then pool) gives
+    bit-identical outputs and gradients, so the reordering changes no result."""
+    torch.manual_seed(0)
+    model = _build("cnn", norm, size=size)
+    layers = list(model.features)
+    canonical = []
+    for layer in layers:  # move each ReLU back in front of the pooling layer before it
+        if isinstance(layer, nn.ReLU) and canonical and not isinstance(canonical[-1], nn.ReLU):
+            canonical.insert(len(canonical) - 1, layer)
+        else:
+            canonical.append(layer)
+    assert [type(m).__name__ for m in canonical[:4]] == [
+        "Conv2d", type(layers[1]).__name__, "ReLU", type(layers[2]).__name__]
+    reference = nn.Sequential(*canonical)
+    x = torch.randn(6, 1, size, size)
+    x[0, 0, :4, :4] = 0.0  # ties inside pooling windows (equal values, zeros after ReLU)
+    out = model.head(model.features(x))
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref = model.head(reference(x))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
