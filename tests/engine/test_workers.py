@@ -10,14 +10,21 @@ TINY = ["server.rounds=2", "partition.num_clients=8", "server.clients_per_round=
         "engine.threads=1"]
 
 
-def test_two_workers_give_the_same_model_as_one(tmp_path):
-    one = fedsim.run("scenarios/quickstart.toml", TINY, out=tmp_path / "w1")
-    two = fedsim.run("scenarios/quickstart.toml", TINY + ["engine.workers=2"],
+def one_and_two_workers(tmp_path, overrides):
+    """The same run on one worker and on two: (one, two), after checking that their global
+    models are equal bit for bit and their final metrics equal."""
+    one = fedsim.run("scenarios/quickstart.toml", overrides, out=tmp_path / "w1")
+    two = fedsim.run("scenarios/quickstart.toml", overrides + ["engine.workers=2"],
                      out=tmp_path / "w2")
     a = torch.load(one.path / "model.pt", weights_only=True)
     b = torch.load(two.path / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert one.summary["final"] == two.summary["final"]
+    return one, two
+
+
+def test_two_workers_give_the_same_model_as_one(tmp_path):
+    one_and_two_workers(tmp_path, TINY)
 
 
 def test_progress_line_does_not_grow_with_the_federation():
@@ -35,14 +42,8 @@ def test_vectorized_cohorts_on_two_workers_equal_one(tmp_path):
     saved layers) split over two worker threads, each with its own model copy."""
     tiny = TINY + ["model.norm=bn", "server.strategy=fedbn", "engine.vectorize=true",
                    "engine.cohort_size=2", "output.eval_clients=6", "output.eval_every=1"]
-    one = fedsim.run("scenarios/quickstart.toml", tiny, out=tmp_path / "w1")
-    two = fedsim.run("scenarios/quickstart.toml", tiny + ["engine.workers=2"],
-                     out=tmp_path / "w2")
-    a = torch.load(one.path / "model.pt", weights_only=True)
-    b = torch.load(two.path / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    one, _ = one_and_two_workers(tmp_path, tiny)
     assert one.summary["final"]["personalized_accuracy"]["n"] == 6
-    assert one.summary["final"] == two.summary["final"]
 
 
 def test_worker_models_are_copied_before_any_worker_runs():
