@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -347,5 +348,11 @@ def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
             for n, t in want.items():
                 assert stacked[n][i].dtype == t.dtype and torch.equal(stacked[n][i], t), n
     assert buffers["features.1.num_batches_tracked"][1].item() == 7
+    # a dtype numpy has no name for (bfloat16) takes the tensor path, with the same result
+    half = {"w": torch.zeros(3, dtype=torch.bfloat16)}
+    got = _stack([half, half], [{}, {"w": np.array([1.5, 2.0, 3.0], np.float32)}],
+                 torch.device("cpu"))["w"]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.tensor([[0.0, 0, 0], [1.5, 2, 3]], dtype=torch.bfloat16))
     with pytest.raises(KeyError, match="does not belong"):
         saved_arrays(state_to_record({"nope": torch.zeros(1)}), start, bufs)
