@@ -106,6 +106,7 @@ class ClientConfig:
     """Local training on each client (``[client]``)."""
 
     epochs: int = 1
+    local_steps: int = 0  # > 0: exactly this many SGD steps per round, cycling the data
     batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.0
@@ -113,6 +114,8 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "client.epochs", "it must be >= 1", self.epochs)
+        _check(self.local_steps >= 0, "client.local_steps",
+               "it must be >= 0 (0 = train client.epochs epochs)", self.local_steps)
         _check(self.batch_size >= 1, "client.batch_size", "it must be >= 1", self.batch_size)
         _check(self.lr > 0, "client.lr", "it must be > 0", self.lr)
         _check(0 <= self.momentum < 1, "client.momentum", "it must be in [0, 1)", self.momentum)

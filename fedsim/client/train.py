@@ -34,6 +34,29 @@ def batches(n: int, batch_size: int, generator: torch.Generator, drop_singleton:
         yield idx
 
 
+def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
+                 drop_singleton: bool = True) -> list[torch.Tensor]:
+    """The minibatch indices of one round of local training, in order.
+
+    ``cfg.local_steps > 0``: exactly that many batches, cycling through fresh shuffles of the
+    data (so batch sizes can be compared at a fixed number of steps, or of samples by scaling
+    the steps). Otherwise ``cfg.epochs`` shuffled passes. Every backend trains on this plan,
+    so a seed gives the same batches sequentially and in vectorized cohorts.
+    """
+    if n == 0:
+        return []
+    if cfg.local_steps <= 0:
+        return [idx for _ in range(cfg.epochs)
+                for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
+    plan: list[torch.Tensor] = []
+    while len(plan) < cfg.local_steps:
+        for idx in batches(n, cfg.batch_size, generator, drop_singleton):
+            plan.append(idx)
+            if len(plan) == cfg.local_steps:
+                break
+    return plan
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
@@ -43,7 +66,8 @@ def train_local(
     hooks: list[ClientHook] = (),
     drop_singleton: bool = True,
 ) -> TrainResult:
-    """Run ``cfg.epochs`` epochs of minibatch SGD on (x, y) in place; hooks shape the loss/step."""
+    """Minibatch SGD on (x, y) in place, over :func:`plan_batches`' batches (``cfg.epochs``
+    epochs, or exactly ``cfg.local_steps`` steps); hooks shape the loss and the step."""
     model.train()
     for hook in hooks:
         hook.before_train(model)
@@ -54,25 +78,24 @@ def train_local(
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     seen, steps = 0, 0
-    for _ in range(cfg.epochs):
-        for idx in batches(len(x), cfg.batch_size, generator, drop_singleton):
-            xb, yb = x[idx], y[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            full = loss
-            for hook in hooks:
-                extra = hook.extra_loss(model)
-                if extra is not None:
-                    full = full + extra
-            opt.zero_grad(set_to_none=True)
-            full.backward()
-            opt.step()
-            for hook in hooks:
-                hook.after_step(model, cfg.lr)
-            total_loss += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
-            steps += 1
+    for idx in plan_batches(len(x), cfg, generator, drop_singleton):
+        xb, yb = x[idx], y[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        full = loss
+        for hook in hooks:
+            extra = hook.extra_loss(model)
+            if extra is not None:
+                full = full + extra
+        opt.zero_grad(set_to_none=True)
+        full.backward()
+        opt.step()
+        for hook in hooks:
+            hook.after_step(model, cfg.lr)
+        total_loss += loss.detach().double() * len(idx)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(idx)
+        steps += 1
     if seen == 0:
         return TrainResult(float("nan"), float("nan"), 0, 0)
     return TrainResult(total_loss.item() / seen, correct.item() / seen, len(x), steps)

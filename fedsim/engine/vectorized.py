@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 
 from fedsim.arrays import load_record, peek_array, state_to_record
 from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
-from fedsim.client.train import TrainResult, batches
+from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
@@ -188,13 +188,6 @@ class CohortMember:
     # the client's saved arrays (see ``saved_arrays``), laid over params/buffers when the
     # cohort is stacked: one numpy row write each instead of a tensor per client and array
     saved: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
-                 drop_singleton: bool) -> list[torch.Tensor]:
-    """Every epoch's minibatch indices, drawn as ``train_local`` draws them."""
-    return [idx for _ in range(cfg.epochs)
-            for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
 
 
 def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarray]],

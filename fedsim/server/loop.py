@@ -281,6 +281,15 @@ def run_rounds(
     return arrays
 
 
+def _steps_taken(replies: list[Message]) -> dict | None:
+    """Local SGD steps of the accepted updates: min, mean, max over clients, and in total."""
+    steps = [int(rec.get("steps", 0)) for rec in map(_client_record, replies) if rec is not None]
+    if not steps:
+        return None
+    return {"min": min(steps), "mean": sum(steps) / len(steps), "max": max(steps),
+            "total": sum(steps)}
+
+
 def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict, t0: float,
                evaluate: Callable[[ArrayRecord], dict],
                on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
@@ -298,6 +307,7 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
         "updates": len(phase.accepted),
         "attempts": phase.attempts,
         "sim_seconds": phase.sim_seconds,
+        "local_steps": _steps_taken(phase.accepted),
     })
     with sampling_seed(scenario.seed, "aggregate-train", rnd):
         agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario, rnd,
