@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import gzip
 import math
-import pickle
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import DataConfig
+from fedsim.data.safe_pickle import load_restricted
 from fedsim.errors import DataFormatError
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
@@ -241,10 +241,12 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch as uint8 (N, 3, 32, 32) images and int64 labels."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            # The standard CIFAR-10 "python version" format is a pickle written by Python 2,
-            # hence encoding="bytes"; these are the user's own local files, never downloaded.
-            batch = pickle.load(fh, encoding="bytes")
+        # The standard CIFAR-10 "python version" format is a pickle written by Python 2,
+        # hence encoding="bytes". A plain pickle.load would run any code a tampered file
+        # names, so only the globals a batch holds (numpy arrays) are admitted.
+        batch = load_restricted(path, encoding="bytes")
+    except DataFormatError:
+        raise
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
         raise DataFormatError(f"{path}: cannot be unpickled ({type(exc).__name__}); "
                               f"expected {CIFAR_FORMAT}") from None
