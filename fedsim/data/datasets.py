@@ -1,5 +1,5 @@
 """Datasets by name: embedded digits and mnist5k, local MNIST / Fashion-MNIST / CIFAR-10 files,
-synthetic.
+synthetic (LEAF's FEMNIST lives in :mod:`fedsim.data.leaf`).
 
 Array datasets come back as :class:`ArrayDataset` (float32 NCHW, scaled to [0, 1], then
 standardized with the training split's global mean and std; int64 labels). Nothing is ever
@@ -46,6 +46,11 @@ class ArrayDataset:
     input_shape: tuple[int, int, int]
     mean: float = 0.0  # of the [0, 1]-scaled training pixels, subtracted before dividing by std
     std: float = 1.0
+    # Datasets with real writers (LEAF): per training sample, its writer's index into
+    # ``writers`` (sorted user ids). None when the data has no writers (the ``natural``
+    # partition then refuses it).
+    train_writers: np.ndarray | None = None
+    writers: tuple[str, ...] = ()
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> ArrayDataset | SyntheticDataset:

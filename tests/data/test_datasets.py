@@ -87,7 +87,8 @@ def test_stratified_test_indices_exact_quotas():
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ScenarioError, match="data.name = 'mnsit'.*did you mean 'mnist'"):
         load_dataset(DataConfig(name="mnsit"), seed=0)
-    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "mnist5k"} <= set(DATASETS)
+    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "mnist5k",
+            "femnist"} <= set(DATASETS)
 
 
 # --------------------------------------------------------------------------- mnist5k
