@@ -30,7 +30,8 @@ class DataConfig:
     """Which dataset feeds the federation (``[data]``)."""
 
     name: str = "digits"
-    root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10
+    root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10 /
+    # femnist (LEAF's train/ and test/ json folders)
     # synthetic only: class-conditional images generated per client from (seed, client id)
     num_classes: int = 10
     image_size: int = 8
@@ -63,6 +64,7 @@ class PartitionConfig:
     transforms: tuple[str, ...] = ("rotate", "contrast", "noise", "invert")  # feature
     test_fraction: float = 0.2  # each client's local test split
     holdout_clients: float = 0.0  # fraction of clients that never train
+    max_clients: int = 0  # natural: use at most this many writers (0 = all of them)
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "partition.num_clients", "it must be >= 1",
@@ -77,8 +79,11 @@ class PartitionConfig:
                "it must be in (0, 1)", self.test_fraction)
         _check(0 <= self.holdout_clients < 1, "partition.holdout_clients",
                "it must be in [0, 1)", self.holdout_clients)
-        _check(self.label_kind != "feature", "partition.label_kind",
-               "the label partition of 'feature' cannot itself be 'feature'", self.label_kind)
+        _check(self.max_clients >= 0, "partition.max_clients",
+               "it must be >= 0 (0 = every writer)", self.max_clients)
+        _check(self.label_kind not in ("feature", "natural"), "partition.label_kind",
+               "the label partition of 'feature' cannot be 'feature' or 'natural' (writers "
+               "bring their own style; use partition.kind = 'natural')", self.label_kind)
 
     @property
     def num_holdout(self) -> int:

@@ -1,5 +1,6 @@
 """Data: datasets by name, partitions among clients, feature-skew domains, FederatedData."""
 
+import fedsim.data.leaf  # noqa: F401  (registers "femnist" in DATASETS)
 from fedsim.data.datasets import (
     DATASETS,
     ArrayDataset,

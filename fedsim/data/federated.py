@@ -51,6 +51,12 @@ def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
         for name in partition.transforms:
             DOMAINS.get(name, key="partition.transforms")
     if data.name == "synthetic":
+        if partition.kind == "natural":
+            raise ScenarioError(
+                "partition.kind = 'natural' makes one client per writer, but data.name = "
+                "'synthetic' generates clients and has no writers; use data.name = 'femnist' "
+                "or another partition.kind"
+            )
         CLIENT_LABELS.get(partition.kind, key="partition.kind")
         CLIENT_LABELS.get(label_kind, key="partition.label_kind")
         if label_kind == "shards" and partition.shards_per_client > data.num_classes:
@@ -74,7 +80,8 @@ def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> Federated
         cache = synthetic_cache_clients(data, dataset.input_shape)
     else:
         parts = split_clients(dataset.train_y, partition, numpy_rng(seed, "partition"),
-                              what=f"the {dataset.name} training split")
+                              what=f"the {dataset.name} training split",
+                              writers=dataset.train_writers)
         source = _ArrayClients(dataset, parts)
         cache = ARRAY_CACHE_CLIENTS
     return FederatedData(source, partition, seed, cache_clients=cache)

