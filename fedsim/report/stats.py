@@ -42,9 +42,10 @@ def paired_t(diffs: Sequence[float], level: float = 0.95) -> PairedT:
     mean = float(d.mean())
     if n < 2:
         return PairedT(1, mean, None, level, None, None, None)
-    sd = float(d.std(ddof=1))
-    if sd == 0.0 or np.all(d == d[0]):
+    if np.all(d == d[0]):  # no spread: the difference is exact
+        mean = float(d[0])
         return PairedT(n, mean, 0.0, level, mean, mean, 1.0 if mean == 0.0 else 0.0)
+    sd = float(d.std(ddof=1))
     se = sd / math.sqrt(n)
     half = float(sps.t.ppf((1 + level) / 2, n - 1)) * se
     p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
