@@ -315,6 +315,8 @@ def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
         ax.set_ylabel("mean over seeds, 95% t-interval", fontsize=7)
         if key.endswith(".auc"):
             ax.axhline(0.5, color="gray", lw=1, ls="--", label="chance (0.5)")
+        elif key.endswith("gap"):
+            ax.axhline(0, color="gray", lw=0.8)  # no gap
         ax.grid(axis="y", lw=0.3)
     if len(groups) > 1 or any(k.endswith(".auc") for _, k in panels):
         axes.flat[0].legend(fontsize=6, loc="best")
