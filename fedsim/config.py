@@ -377,6 +377,72 @@ class SweepConfig:
                          for k, v in axes.items()}, workers=workers)
 
 
+CLAIM_EXPECT = ("a > b", "a < b")
+CLAIM_AT = ("final", "matched_accuracy")
+
+
+@dataclass(frozen=True)
+class ClaimConfig:
+    """One declared claim of a sweep (``[[claims]]``): arm ``a`` against arm ``b`` on a metric.
+
+    ``a`` and ``b`` fix sweep axes (dotted keys, e.g. ``{"model.norm" = "gn"}``); cells are
+    paired on every other axis (seed included). ``metric`` is a dotted path into each cell's
+    ``summary.json``; ``at`` reads it at the final round or at matched test accuracy. Whether
+    the axes, values and metric exist is checked against the sweep by
+    :func:`fedsim.report.claims.check_claims`, not here.
+    """
+
+    name: str = ""
+    metric: str = "final.global_test_accuracy"
+    a: dict[str, Any] = field(default_factory=dict)
+    b: dict[str, Any] = field(default_factory=dict)
+    expect: str = "a > b"
+    at: str = "final"
+
+    def __post_init__(self) -> None:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for arm, flat in _check_claim(fields, "claim").items():
+            object.__setattr__(self, arm, flat)
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], prefix: str) -> ClaimConfig:
+        """Parse one ``[[claims]]`` table; errors name ``claims[i].key``."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: getattr(cls(name="-", a={"x": 0}, b={"x": 1}), f.name)
+                  for f in dataclasses.fields(cls)}  # the defaults
+        for key, value in raw.items():
+            if key not in hints:
+                raise _unknown_key(cls, key, prefix)
+            fields[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+        fields.update(_check_claim(fields, prefix))
+        return cls(**fields)
+
+
+def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
+    """Validate a claim, naming ``k`` (e.g. ``claims[0]``); returns its arms as dotted keys."""
+    if not claim["name"].strip():
+        raise ScenarioError(f"{k}.name must be a non-empty string naming the claim")
+    if not claim["metric"].strip():
+        raise ScenarioError(f"{k}.metric must be a dotted path into summary.json, e.g. "
+                            "\"final.global_test_accuracy\"")
+    _check(claim["expect"] in CLAIM_EXPECT, f"{k}.expect", f"use one of {list(CLAIM_EXPECT)}",
+           claim["expect"])
+    _check(claim["at"] in CLAIM_AT, f"{k}.at", f"use one of {list(CLAIM_AT)}", claim["at"])
+    arms = {}
+    for arm in ("a", "b"):
+        flat = _flatten(claim[arm])  # a = { model = { norm = "gn" } } -> "model.norm"
+        if not flat:
+            raise ScenarioError(f"{k}.{arm} must fix at least one sweep axis, e.g. "
+                                f"{arm} = {{ \"model.norm\" = \"gn\" }}")
+        arms[arm] = flat
+    if set(arms["a"]) != set(arms["b"]):
+        raise ScenarioError(f"{k}: a and b must fix the same axes (a fixes {sorted(arms['a'])}, "
+                            f"b fixes {sorted(arms['b'])})")
+    if arms["a"] == arms["b"]:
+        raise ScenarioError(f"{k}: a and b select the same cells; make them differ")
+    return arms
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One federated experiment, fully resolved."""
@@ -393,6 +459,7 @@ class Scenario:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     failures: FailuresConfig = field(default_factory=FailuresConfig)
+    claims: tuple[ClaimConfig, ...] = ()  # declared claims of a sweep ([[claims]])
 
     def __post_init__(self) -> None:
         participating = self.partition.num_clients - self.partition.num_holdout

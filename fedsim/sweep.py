@@ -7,7 +7,8 @@ Each cell is an ordinary run with its own results folder under the sweep folder
 an error rather than mix results of two scenarios); an interrupted cell resumes from its
 last checkpoint (``fedsim.resume``), so it loses at most one round, and a cell never started
 (or whose checkpoints are unusable) runs from scratch. When all cells are done,
-``report.md`` is (re)written.
+``report.md`` is (re)written, testing the scenario's ``[[claims]]``
+(:mod:`fedsim.report.claims`); the claims stay with the sweep, cells carry none.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def expand(base: Scenario, root: Path) -> list[Cell]:
         name = cell_name(params)
         raw = base.to_dict()
         raw["sweep"] = {}
+        raw["claims"] = []  # claims belong to the sweep, not to a cell
         for key, value in params.items():
             try:
                 apply_override(raw, f"{key}={toml_literal(value)}")
@@ -185,8 +187,10 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
 
-    Every cell is validated (including its data and model) before any cell runs.
+    Every cell is validated (including its data and model), and the ``[[claims]]`` against
+    the grid, before any cell runs.
     """
+    from fedsim.report.claims import check_claims
     from fedsim.report.report import write_report
     from fedsim.run import preflight, resolve
 
@@ -194,6 +198,7 @@ def run_sweep(
     base = resolve(scenario, overrides)
     root = Path(out or base.output.dir)
     cells = expand(base, root)
+    check_claims(base, cells)
     for cell in cells:
         preflight(cell.scenario)
     if root.exists() and not root.is_dir():

@@ -89,3 +89,55 @@ def test_strategy_params_must_fit_the_constructor(tmp_path):
     path = write(tmp_path, "[server]\nstrategy='fedadam'\n[server.params]\netaa=0.1")
     with pytest.raises(ScenarioError, match=r"\[server.params\] do not fit FedAdam.*accepts:"):
         load_scenario(path)
+
+
+CLAIM = ('[[claims]]\nname = "GN beats BN"\na = { "model.norm" = "gn" }\n'
+         'b = { "model.norm" = "bn" }\n')
+
+
+def test_claims_parse_into_frozen_dataclasses_and_round_trip(tmp_path):
+    import tomli_w
+
+    from fedsim.config import ClaimConfig
+
+    text = CLAIM + ('[[claims]]\nname = "LN leaks less"\nmetric = "privacy.mia.loss.auc"\n'
+                    'a = { model.norm = "ln" }\nb = { model.norm = "bn" }\nexpect = "a < b"\n'
+                    'at = "matched_accuracy"\n')
+    scn = load_scenario(write(tmp_path, text))
+    assert scn.claims == (
+        ClaimConfig("GN beats BN", "final.global_test_accuracy", {"model.norm": "gn"},
+                    {"model.norm": "bn"}, "a > b", "final"),
+        ClaimConfig("LN leaks less", "privacy.mia.loss.auc", {"model.norm": "ln"},
+                    {"model.norm": "bn"}, "a < b", "matched_accuracy"))
+    with pytest.raises(AttributeError):
+        scn.claims[0].metric = "x"
+    again = load_scenario(write(tmp_path, tomli_w.dumps(scn.to_dict()), "again.toml"))
+    assert again == scn and load_scenario("scenarios/quickstart.toml").claims == ()
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [
+    ('expect = "a >= b"\n', r"claims\[0\].expect = 'a >= b' is out of range; use one of "
+                            r"\['a > b', 'a < b'\]"),
+    ('at = "best"\n', r"claims\[0\].at = 'best' is out of range"),
+    ("metric = 3\n", r"claims\[0\].metric must be a string, got 3"),
+    ('metrc = "x"\n', r"unknown key 'claims\[0\].metrc' \(did you mean 'metric'\?\)"),
+    ('name = ""\n', r"claims\[0\].name must be a non-empty string"),
+])
+def test_bad_claims_name_the_key(tmp_path, extra, pattern):
+    text = CLAIM.replace('name = "GN beats BN"\n', "") + extra
+    if "name" not in extra:
+        text += 'name = "x"\n'
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("a", "b", "pattern"), [
+    ('{ "model.norm" = "gn" }', '{ "client.batch_size" = 4 }', "a and b must fix the same axes"),
+    ('{ "model.norm" = "gn" }', '{ "model.norm" = "gn" }', "a and b select the same cells"),
+    ("{}", '{ "model.norm" = "gn" }', r"claims\[0\].a must fix at least one sweep axis"),
+    ('"gn"', '{ "model.norm" = "gn" }', r"claims\[0\].a must be a table"),
+])
+def test_claim_arms_are_checked(tmp_path, a, b, pattern):
+    text = f'[[claims]]\nname = "x"\na = {a}\nb = {b}\n'
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario(write(tmp_path, text))

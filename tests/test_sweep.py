@@ -1,4 +1,4 @@
-"""``fedsim sweep``: grid expansion, resumability, report.md, and the Claims logic."""
+"""``fedsim sweep``: grid expansion, resumability, claims checked up front, report.md."""
 
 import json
 import shutil
@@ -9,14 +9,7 @@ import torch
 from fedsim.cli import main
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
-from fedsim.report.report import (
-    add_matched_accuracy,
-    claim_hybrid_alpha,
-    claim_mia,
-    claim_non_iid,
-    claim_small_batches,
-    direction,
-)
+from fedsim.report.report import add_matched_accuracy
 from fedsim.sweep import cell_name, expand, run_sweep
 
 TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
@@ -76,12 +69,10 @@ def test_sweep_is_resumable_and_writes_a_report_with_claims(tmp_path):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["privacy"]["mia"]["loss"]["auc"] is not None
     report = first.report.read_text()
-    assert "## Claims" in report
-    for n in (1, 2, 3, 4):
-        assert f"\n{n}. **" in report
+    assert "## Claims" in report and "declares no claims" in report
     assert "| bn |" in report and "| ln |" in report
-    assert "not addressed" in report  # no batch-size axis: claims 1 and 3 say so
     assert (out / "accuracy.png").is_file() and (out / "mia.png").is_file()
+    assert not (out / "claims.png").exists()
 
     stamp = (out / first.ran[0] / "summary.json").stat().st_mtime_ns
     second = run_sweep("scenarios/quickstart.toml", TINY, out=out)
@@ -153,7 +144,7 @@ def test_dp_sweep_reports_the_privacy_spent_per_setting(tmp_path):
     assert text.count("DP ε (summary.json dp.privacy_spent)") == 2  # one table per setting
 
 
-# --------------------------------------------------------------------------- claims logic
+# --------------------------------------------------------------------------- matched accuracy
 
 
 def row(norm, seed, batch=32, alpha=0.1, **metrics):
@@ -162,83 +153,6 @@ def row(norm, seed, batch=32, alpha=0.1, **metrics):
     return {"params": params, "model.norm": norm, "seed": seed, "client.batch_size": batch,
             "partition.kind": "dirichlet", "partition.alpha": alpha, "mia_by_round": [],
             **metrics}
-
-
-def test_direction_needs_the_difference_to_exceed_its_spread():
-    assert direction([0.10, 0.12, 0.11]) == 1
-    assert direction([-0.10, -0.12, -0.11]) == -1
-    assert direction([0.10, -0.05, 0.02]) == 0
-    assert direction([0.5]) == 0  # one seed: no spread, no verdict
-
-
-def batch_rows(bn_small, gn_small):
-    """BN and GN at batch 4 and 32 over three seeds; accuracy at batch 32 is 0.9."""
-    rows = []
-    for s, noise in enumerate((-0.01, 0.0, 0.01)):
-        rows += [row("bn", s, 32, acc=0.9 + noise), row("gn", s, 32, acc=0.9 + noise),
-                 row("bn", s, 4, acc=bn_small + noise), row("gn", s, 4, acc=gn_small + noise)]
-    return rows
-
-
-def test_claim_1_supported_contradicted_inconclusive_and_not_addressed():
-    assert claim_small_batches(batch_rows(bn_small=0.7, gn_small=0.9)).verdict == "supported"
-    assert claim_small_batches(batch_rows(bn_small=0.9, gn_small=0.7)).verdict == "contradicted"
-    rows = batch_rows(bn_small=0.7, gn_small=0.9)
-    for r in rows:  # seed-dependent noise larger than the effect
-        if r["model.norm"] == "bn" and r["client.batch_size"] == 4:
-            r["acc"] += (-0.4, 0.3, 0.0)[r["seed"]]
-    assert claim_small_batches(rows).verdict == "inconclusive"
-    one_batch = [r for r in batch_rows(0.7, 0.9) if r["client.batch_size"] == 32]
-    claim = claim_small_batches(one_batch)
-    assert claim.verdict == "not addressed" and "batch_size" in claim.evidence[-1]
-
-
-def test_claim_2_uses_only_non_iid_settings():
-    def rows(gn_minus_bn, alpha):
-        return [r for s, e in enumerate((-0.01, 0.0, 0.01))
-                for r in (row("bn", s, alpha=alpha, acc=0.8 + e),
-                          row("gn", s, alpha=alpha, acc=0.8 + gn_minus_bn + 2 * e),
-                          row("in", s, alpha=alpha, acc=0.8 + gn_minus_bn - e))]
-    assert claim_non_iid(rows(+0.1, 0.1)).verdict == "supported"
-    assert claim_non_iid(rows(-0.1, 0.1)).verdict == "contradicted"
-    assert claim_non_iid(rows(+0.001, 0.1)).verdict == "inconclusive"
-    assert claim_non_iid(rows(+0.1, 100.0)).verdict == "not addressed"  # IID only
-    mixed = rows(+0.1, 0.1) + rows(-0.1, 0.5)
-    assert claim_non_iid(mixed).verdict == "inconclusive"  # settings disagree
-
-
-def test_claim_3_reads_alpha_drift_by_batch_size():
-    def rows(large, small):
-        return [r for s, e in enumerate((-0.002, 0.0, 0.002))
-                for r in (row("hybrid", s, 64, alpha_drift=large + e),
-                          row("hybrid", s, 2, alpha_drift=small + e))]
-    assert claim_hybrid_alpha(rows(0.05, -0.05)).verdict == "supported"
-    assert claim_hybrid_alpha(rows(-0.05, -0.05)).verdict == "contradicted"
-    assert claim_hybrid_alpha(rows(0.05, 0.0)).verdict == "inconclusive"
-    assert claim_hybrid_alpha([row("bn", 0, alpha_drift=None)]).verdict == "not addressed"
-
-
-def test_claim_4_compares_bn_and_ln_at_matched_rounds_and_accuracy():
-    def rows(bn_auc, ln_auc):
-        out = []
-        for s, e in enumerate((-0.002, 0.0, 0.002)):
-            for norm, auc in (("bn", bn_auc), ("ln", ln_auc)):
-                r = row(norm, s, **{"mia.loss.auc": auc + e})
-                r["mia_by_round"] = [
-                    {"round": 1, "global_test_accuracy": 0.5, "loss": {"auc": auc - 0.05 + e,
-                                                                       "tpr_at_fpr_1e-3": 0}},
-                    {"round": 2, "global_test_accuracy": 0.8, "loss": {"auc": auc + e,
-                                                                       "tpr_at_fpr_1e-3": 0}}]
-                out.append(r)
-        add_matched_accuracy(out)
-        return out
-    claim = claim_mia(rows(0.6, 0.55))
-    assert claim.verdict == "supported"
-    assert any("matched accuracy" in e for e in claim.evidence)
-    assert any("batch-size half cannot be addressed" in e for e in claim.evidence)
-    assert claim_mia(rows(0.55, 0.6)).verdict == "contradicted"
-    assert claim_mia(rows(0.6, 0.6)).verdict == "inconclusive"
-    assert claim_mia([row("bn", 0, acc=0.9)]).verdict == "not addressed"
 
 
 def test_matched_accuracy_reads_the_first_round_reaching_the_common_level():
@@ -254,3 +168,89 @@ def test_matched_accuracy_reads_the_first_round_reaching_the_common_level():
     assert list(levels.values()) == [0.75]
     assert (a["matched_round"], a["matched.loss.auc"]) == (3, 0.6)
     assert (b["matched_round"], b["matched.loss.auc"]) == (2, 0.53)
+
+
+# --------------------------------------------------------------------------- declared claims
+
+SMALL = """name = "small"
+[data]
+name = "digits"
+[partition]
+num_clients = 4
+holdout_clients = 0.0
+[model]
+width = 8
+[server]
+rounds = 1
+clients_per_round = 2
+[sweep]
+output.eval_clients = [100, 200]
+seed = [0, 1, 2]
+"""
+
+NOOP = """[[claims]]
+name = "evaluating up to 200 clients beats up to 100"
+metric = "{metric}"
+a = {{ "output.eval_clients" = {a} }}
+b = {{ "output.eval_clients" = 100 }}
+at = "{at}"
+"""
+
+
+@pytest.mark.parametrize(("claim", "pattern"), [
+    (dict(a='200, "model.norm" = "gn"', metric="final.global_test_accuracy", at="final"),
+     "a and b must fix the same axes"),
+    (dict(a=300, metric="final.global_test_accuracy", at="final"),
+     r"claims\[0\].a: output.eval_clients = 300 is not among the axis values \[100, 200\]"),
+    (dict(a=200, metric="final.global_test_acuracy", at="final"),
+     r"claims\[0\].metric 'final.global_test_acuracy' is not a number summary.json holds"),
+    (dict(a=200, metric="privacy.mia.loss.auc", at="final"),
+     r"sweep cell eval_clients-100__seed-0 does not measure it; set privacy.mia"),
+    (dict(a=200, metric="privacy.client_mia.auc.mean", at="matched_accuracy"),
+     "has no per-round record"),
+])
+def test_bad_claims_are_refused_before_any_cell_runs(tmp_path, claim, pattern):
+    path = tmp_path / "s.toml"
+    path.write_text(SMALL + NOOP.format(**claim))
+    with pytest.raises(ScenarioError, match=pattern):
+        run_sweep(path, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_claim_on_a_key_that_is_not_an_axis_is_an_error_at_the_cli(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(SMALL + '[[claims]]\nname = "x"\na = { "model.norm" = "gn" }\n'
+                    'b = { "model.norm" = "bn" }\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: claims[0].a: 'model.norm' is not a sweep axis (axes: "
+                   "output.eval_clients, seed); add it to [sweep] or fix the claim")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_claim_between_no_op_settings_is_inconclusive(tmp_path):
+    """eval_clients 100 vs 200 with 4 clients evaluates the same clients: identical metrics."""
+    path = tmp_path / "s.toml"
+    path.write_text(SMALL + NOOP.format(a=200, metric="final.global_test_accuracy", at="final")
+                    + NOOP.format(a=200, metric="final.client_accuracy.p10",
+                                  at="matched_accuracy"))
+    result = run_sweep(path, out=tmp_path / "out")
+    assert len(result.ran) == 6
+    cells = load_scenario(tmp_path / "out" / result.ran[0] / "scenario.toml")
+    assert cells.claims == ()  # the claims stay with the sweep
+    assert len(load_scenario(tmp_path / "out" / "scenario.toml").claims) == 2
+    claims = json.loads((tmp_path / "out" / "report.json").read_text())["claims"]
+    for c in claims:
+        assert {"name", "verdict", "diff_mean", "ci_low", "ci_high", "ci_level", "ci95",
+                "p_value", "p_holm", "n_pairs", "settings", "seeds_needed"} <= set(c)
+        assert c["verdict"] == "inconclusive" and c["n_pairs"] == 3
+        assert (c["diff_mean"], c["ci_low"], c["ci_high"], c["p_value"]) == (0, 0, 0, 1)
+        assert c["p_holm"] == 1 and c["seeds_needed"] is None and c["settings"] == []
+        assert [p["a"] for p in c["pairs"]] == [f"eval_clients-200__seed-{s}" for s in (0, 1, 2)]
+    assert claims[1]["pairs"][0]["a_round"] == claims[1]["pairs"][0]["b_round"] == 1
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert ("- **evaluating up to 200 clients beats up to 100** — inconclusive: a−b = +0.000 "
+            "[+0.000, +0.000] (95% CI; at the Holm-adjusted level 97.5%: [+0.000, +0.000]), "
+            "p = 1.000 (Holm 1.000), n = 3 pairs") in text
+    assert (tmp_path / "out" / "claims.png").is_file()
+    assert run_sweep(path, out=tmp_path / "out").ran == []  # finished cells still check out

@@ -3,8 +3,8 @@
 A sweep folder's report is rebuilt from the cells on disk (nothing is trained; unfinished
 cells are counted as missing). Run folders from separate ``fedsim run`` invocations are
 compared like sweep cells: what varies between them (their scenario keys that differ,
-execution and output settings aside) plays the sweep's axes, so the same tables, plots and
-claims come out.
+execution and output settings aside) plays the sweep's axes, so the same tables and plots
+come out (claims are declared by a sweep, so a comparison of runs has none).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from fedsim.errors import ScenarioError
 
 #: scenario keys that say how or where a run executed, not what it learned
-_NOT_AXES = ("name", "output.", "engine.", "sweep.")
+_NOT_AXES = ("name", "output.", "engine.", "sweep.", "claims")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A sweep's ``report.md``: tables (mean ± std over seeds), comparison plots and Claims.
+"""A sweep's ``report.md``: tables (mean ± std over seeds), plots, and the declared claims.
 
 Rows are built from each cell's ``summary.json`` and ``rounds.jsonl`` (:func:`cell_row`).
 Norms are compared at matched rounds (the final model) and at matched test accuracy: within a
@@ -6,11 +6,9 @@ setting (all axes but norm and seed), the level is the lowest of the cells' best
 accuracies, and each cell is read at the first audited round that reaches it
 (:func:`add_matched_accuracy`; needs ``privacy.audit_every``).
 
-The Claims section (:func:`evaluate_claims`) tests the four claims of RESEARCH.md on those
-rows. A difference counts only when it exceeds its spread over seeds: paired by seed, the
-mean difference must be larger in size than the sample standard deviation of the
-differences (and there must be at least two seeds). Otherwise the claim is inconclusive;
-a claim the grid cannot address (no batch-size axis, no BN cells, ...) says so.
+Comparison plots show each mean over seeds as a point with its 95% t-interval. The Claims
+section tests the sweep's ``[[claims]]`` (paired t intervals, Holm over the claims; see
+:mod:`fedsim.report.claims`) and draws them in ``claims.png``.
 """
 
 from __future__ import annotations
@@ -19,17 +17,18 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedsim.report.claims import claim_details, claim_line, evaluate_claims, forest_plot
+from fedsim.report.stats import t_interval
+
 NORM = "model.norm"
 SEED = "seed"
 BATCH = "client.batch_size"
 ATTACK_ORDER = ("loss", "lira_online", "lira_offline")
-NON_IID_ALPHA = 1.0  # dirichlet partitions with alpha <= this count as non-IID
 
 
 # --------------------------------------------------------------------------- rows
@@ -46,8 +45,9 @@ def _mean_alpha(alphas: dict | None) -> float | None:
 
 
 def cell_row(folder: Path, params: dict[str, Any]) -> dict:
-    """One flat row of a finished cell: its axis values, the resolved keys the claims need,
-    and its metrics (None where the run did not measure them)."""
+    """One flat row of a finished cell: its axis values, the resolved keys the tables need,
+    its metrics (None where the run did not measure them), and its whole ``summary`` and
+    ``rounds`` (for the claims)."""
     from fedsim.config import load_scenario
 
     summary = json.loads((folder / "summary.json").read_text())
@@ -59,6 +59,8 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
     row: dict[str, Any] = {
         "cell": folder.name,
         "params": dict(params),
+        "summary": summary,
+        "rounds": rounds,
         NORM: scn.model.norm,
         SEED: scn.seed,
         BATCH: scn.client.batch_size,
@@ -154,196 +156,11 @@ def fmt(values: Sequence[float | None], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def direction(diffs: Sequence[float]) -> int:
-    """+1 / −1 when the mean difference exceeds its spread over seeds, else 0."""
-    mean, std, n = stats(diffs)
-    if n < 2 or not np.isfinite(std) or abs(mean) <= std:
-        return 0
-    return 1 if mean > 0 else -1
-
-
-def paired_by(rows: list[dict], metric: str, a: Callable[[dict], bool],
-              b: Callable[[dict], bool], match: Sequence[str] = (SEED,)) -> dict[tuple, float]:
-    """metric(a) − metric(b) for rows of ``a`` and ``b`` that agree on ``match`` (seeds)."""
-    def index(pred):
-        return {tuple(r[k] for k in match): r[metric] for r in rows
-                if pred(r) and r.get(metric) is not None}
-    left, right = index(a), index(b)
-    return {k: left[k] - right[k] for k in sorted(left) if k in right}
-
-
-def paired(rows: list[dict], metric: str, a: Callable[[dict], bool],
-           b: Callable[[dict], bool], match: Sequence[str] = (SEED,)) -> list[float]:
-    """The values of :func:`paired_by`, in seed order."""
-    return list(paired_by(rows, metric, a, b, match).values())
-
-
-def select(norm: str | None = None, batch: int | None = None) -> Callable[[dict], bool]:
-    """A row predicate: this norm and/or this batch size."""
-    return lambda r: (norm is None or r[NORM] == norm) and (batch is None or r[BATCH] == batch)
-
-
-def norm_is(name: str) -> Callable[[dict], bool]:
-    return select(norm=name)
-
-
-def _diff_text(label: str, diffs: list[float], digits: int = 3) -> str:
-    mean, std, n = stats(diffs)
-    if n == 0:
-        return f"{label}: no paired cells"
-    spread = f" ± {std:.{digits}f}" if n > 1 else " (one seed: no spread)"
-    return f"{label}: {mean:+.{digits}f}{spread} (n={n})"
-
-
-# --------------------------------------------------------------------------- claims
-
-
-@dataclass
-class Claim:
-    number: int
-    text: str
-    verdict: str = "inconclusive"  # supported | contradicted | inconclusive | not addressed
-    evidence: list[str] = field(default_factory=list)
-
-
-CLAIM_TEXT = {
-    1: "BN degrades at small batch sizes; GN/LN/IN do not.",
-    2: "Under non-IID partitions, IN/GN fit federations better than BN.",
-    3: "A learnable BN↔LN mix (α) drifts toward BN with large batches and toward LN with "
-       "tiny ones.",
-    4: "BN's train/test discrepancy widens the confidence gap that membership inference "
-       "exploits; LN, or larger batches, reduce it.",
-}
-
-
-def _combine(verdicts: list[str]) -> str:
-    """One verdict over settings: unanimous, or inconclusive when they differ."""
-    if not verdicts:
-        return "not addressed"
-    if all(v == verdicts[0] for v in verdicts):
-        return verdicts[0]
-    return "inconclusive"
-
-
-def _from_directions(dirs: list[int]) -> str:
-    """Every item must point the claimed way (+1) to support; any −1 contradicts."""
-    if any(d < 0 for d in dirs):
-        return "contradicted"
-    if dirs and all(d > 0 for d in dirs):
-        return "supported"
-    return "inconclusive"
-
-
 def _groups(rows: list[dict], drop: Sequence[str]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         out[setting_key(r, drop)].append(r)
     return out
-
-
-def claim_small_batches(rows: list[dict]) -> Claim:
-    """BN's accuracy drop from the largest to the smallest batch, relative to each other
-    norm's drop (paired by seed): at fixed epochs a smaller batch also means more SGD steps,
-    which moves every norm, so the raw drops alone would confound the two."""
-    claim = Claim(1, CLAIM_TEXT[1])
-    verdicts = []
-    for key, group in _groups(rows, (NORM, SEED, BATCH)).items():
-        sizes = sorted({r[BATCH] for r in group})
-        norms = {r[NORM] for r in group}
-        others = [n for n in ("gn", "ln", "in") if n in norms]
-        if len(sizes) < 2 or "bn" not in norms or not others:
-            continue
-        small, large = sizes[0], sizes[-1]
-        claim.evidence.append(f"{setting_label(key)}: test accuracy at batch {large} minus at "
-                              f"batch {small} (+ = worse with small batches; at fixed epochs "
-                              "the small batch also takes more steps):")
-        drops = {n: paired_by(group, "acc", select(n, large), select(n, small))
-                 for n in ("bn", *others)}
-        for norm, d in drops.items():
-            claim.evidence.append("  - " + _diff_text(norm.upper(), list(d.values())))
-        dirs = []
-        for norm in others:
-            rel = [drops["bn"][k] - drops[norm][k] for k in drops["bn"] if k in drops[norm]]
-            claim.evidence.append("  - " + _diff_text(f"BN's drop minus {norm.upper()}'s", rel))
-            dirs.append(direction(rel))
-        verdict = _from_directions(dirs)
-        claim.evidence.append(f"  → {verdict} (BN must lose more than each of "
-                              f"{'/'.join(n.upper() for n in others)})")
-        verdicts.append(verdict)
-    if not verdicts:
-        claim.verdict = "not addressed"
-        claim.evidence.append("The grid cannot address it: it needs at least two "
-                              "client.batch_size values and BN plus one of GN/LN/IN.")
-    else:
-        claim.verdict = _combine(verdicts)
-    return claim
-
-
-def is_non_iid(row: dict) -> bool:
-    kind = row["partition.kind"]
-    if kind == "dirichlet":
-        return row["partition.alpha"] <= NON_IID_ALPHA
-    return kind in ("shards", "feature")
-
-
-def claim_non_iid(rows: list[dict]) -> Claim:
-    claim = Claim(2, CLAIM_TEXT[2])
-    verdicts = []
-    for key, group in _groups(rows, (NORM, SEED)).items():
-        norms = {r[NORM] for r in group}
-        if "bn" not in norms or not norms & {"in", "gn"}:
-            continue
-        non_iid = is_non_iid(group[0])
-        where = setting_label(key)
-        label = "non-IID" if non_iid else "IID (context only, not part of the verdict)"
-        dirs = []
-        claim.evidence.append(f"{where} [{label}]: global test accuracy minus BN's:")
-        for norm in ("in", "gn"):
-            if norm in norms:
-                d = paired(group, "acc", norm_is(norm), norm_is("bn"))
-                claim.evidence.append("  - " + _diff_text(norm.upper(), d))
-                dirs.append(direction(d))
-        if non_iid:
-            verdict = _from_directions(dirs)
-            claim.evidence.append(f"  → {verdict}")
-            verdicts.append(verdict)
-    if not verdicts:
-        claim.verdict = "not addressed"
-        claim.evidence.append("The grid cannot address it: it needs a non-IID partition "
-                              f"(dirichlet with alpha <= {NON_IID_ALPHA}, shards or feature) "
-                              "with BN and IN or GN cells.")
-    else:
-        claim.verdict = _combine(verdicts)
-    return claim
-
-
-def claim_hybrid_alpha(rows: list[dict]) -> Claim:
-    claim = Claim(3, CLAIM_TEXT[3])
-    hybrid = [r for r in rows if r[NORM] == "hybrid" and r.get("alpha_drift") is not None]
-    verdicts = []
-    for key, group in _groups(hybrid, (NORM, SEED, BATCH)).items():
-        sizes = sorted({r[BATCH] for r in group})
-        if len(sizes) < 2:
-            continue
-        small, large = sizes[0], sizes[-1]
-        drift = {b: [r["alpha_drift"] for r in group if r[BATCH] == b] for b in (small, large)}
-        where = setting_label(key)
-        claim.evidence.append(f"{where}: change of α (mean over layers, final − initial; "
-                              "+ = toward BN; at fixed epochs the small batch takes more steps):")
-        claim.evidence.append("  - " + _diff_text(f"batch {large}", drift[large]))
-        claim.evidence.append("  - " + _diff_text(f"batch {small}", drift[small]))
-        gap = paired(group, "alpha_drift", select(batch=large), select(batch=small))
-        claim.evidence.append("  - " + _diff_text(f"batch {large} minus batch {small}", gap))
-        verdict = _from_directions([direction(drift[large]), -direction(drift[small])])
-        claim.evidence.append(f"  → {verdict}")
-        verdicts.append(verdict)
-    if not verdicts:
-        claim.verdict = "not addressed"
-        claim.evidence.append("The grid cannot address it: it needs model.norm = \"hybrid\" "
-                              "cells at two or more client.batch_size values.")
-    else:
-        claim.verdict = _combine(verdicts)
-    return claim
 
 
 def mia_metric(rows: list[dict]) -> str | None:
@@ -353,67 +170,6 @@ def mia_metric(rows: list[dict]) -> str | None:
         if any(r.get(f"mia.{name}.auc") is not None for r in rows):
             return name
     return None
-
-
-def claim_mia(rows: list[dict]) -> Claim:
-    claim = Claim(4, CLAIM_TEXT[4])
-    attack = mia_metric(rows)
-    if attack is None:
-        claim.verdict = "not addressed"
-        claim.evidence.append("The grid cannot address it: no membership-inference audit "
-                              "(set privacy.mia).")
-        return claim
-    claim.evidence.append(f"Attack: {attack} (AUC; + = BN leaks more).")
-    verdicts = []
-    for key, group in _groups(rows, (NORM, SEED)).items():
-        norms = {r[NORM] for r in group}
-        if not {"bn", "ln"} <= norms:
-            continue
-        dirs = []
-        claim.evidence.append(f"{setting_label(key)}: BN minus LN")
-        for label, metric in (("final round", f"mia.{attack}.auc"),
-                              ("matched accuracy", f"matched.{attack}.auc")):
-            d = paired(group, metric, norm_is("bn"), norm_is("ln"))
-            if d:
-                claim.evidence.append("  - " + _diff_text(label, d))
-                dirs.append(direction(d))
-        verdict = _from_directions(dirs)
-        claim.evidence.append(f"  → {verdict}")
-        verdicts.append(verdict)
-    batch_verdicts = []
-    for key, group in _groups([r for r in rows if r[NORM] == "bn"], (NORM, SEED, BATCH)).items():
-        sizes = sorted({r[BATCH] for r in group})
-        if len(sizes) < 2:
-            continue
-        small, large = sizes[0], sizes[-1]
-        claim.evidence.append(f"{setting_label(key)}: BN at batch {small} minus at batch "
-                              f"{large}")
-        dirs = []
-        for label, metric in (("final round", f"mia.{attack}.auc"),
-                              ("matched accuracy", f"matched.{attack}.auc")):
-            d = paired(group, metric, select(batch=small), select(batch=large))
-            if d:
-                claim.evidence.append("  - " + _diff_text(label, d))
-                dirs.append(direction(d))
-        verdict = _from_directions(dirs)
-        claim.evidence.append(f"  → {verdict}")
-        batch_verdicts.append(verdict)
-    if not batch_verdicts:
-        claim.evidence.append("The batch-size half cannot be addressed: no BN cells at two "
-                              "or more client.batch_size values.")
-    if not verdicts and not batch_verdicts:
-        claim.verdict = "not addressed"
-        claim.evidence.append("The grid cannot address it: it needs BN and LN cells, or BN "
-                              "cells at two batch sizes.")
-    else:
-        claim.verdict = _combine(verdicts + batch_verdicts)
-    return claim
-
-
-def evaluate_claims(rows: list[dict]) -> list[Claim]:
-    """The four claims of RESEARCH.md, each with a verdict computed from ``rows``."""
-    return [claim_small_batches(rows), claim_non_iid(rows), claim_hybrid_alpha(rows),
-            claim_mia(rows)]
 
 
 # --------------------------------------------------------------------------- tables
@@ -520,8 +276,11 @@ def _pyplot():
     return plt
 
 
-def bar_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path, base) -> Path | None:
-    """Grouped bars (mean ± std over seeds): one group per norm, one bar per setting."""
+def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
+                  base) -> Path | None:
+    """Points = mean over seeds, bars = 95% t-interval of that mean, one point per norm and
+    setting. No bars of a length to misread: the axis may zoom in on the points, and AUC
+    panels draw the 0.5 chance line (dashed)."""
     panels = [(title, key) for title, key in panels if _present(rows, key)]
     if not panels:
         return None
@@ -533,23 +292,34 @@ def bar_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path, base) 
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    width = 0.8 / max(1, len(groups))
+    step = 0.6 / max(1, len(groups))
     for ax, (title, key) in zip(axes.flat, panels):
         for j, (setting, group) in enumerate(groups.items()):
-            means, stds = [], []
-            for n in norms:
-                m, s, _ = stats([r.get(key) for r in group if r[NORM] == n])
-                means.append(m)
-                stds.append(0.0 if not np.isfinite(s) else s)
-            xs = np.arange(len(norms)) + (j - (len(groups) - 1) / 2) * width
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=setting_label(setting))
+            xs, means, lows, highs = [], [], [], []
+            for i, n in enumerate(norms):
+                values = [r.get(key) for r in group if r[NORM] == n]
+                values = [v for v in values if v is not None and np.isfinite(v)]
+                if not values:
+                    continue
+                mean = float(np.mean(values))
+                ci = t_interval(values)
+                xs.append(i + (j - (len(groups) - 1) / 2) * step)
+                means.append(mean)
+                lows.append(mean - ci[0] if ci else 0.0)
+                highs.append(ci[1] - mean if ci else 0.0)
+            ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", ms=4, capsize=3,
+                        label=setting_label(setting))
         ax.set_xticks(np.arange(len(norms)), norms)
+        ax.set_xlim(-0.6, len(norms) - 0.4)
         ax.set_title(title, fontsize=9)
-        if key.endswith(".auc"):  # chance is 0.5: zoom in on the part that differs
-            ax.set_ylim(bottom=min(0.45, ax.get_ylim()[1] - 0.1))
-        ax.axhline(0, color="gray", lw=0.5)
-    if len(groups) > 1:
-        axes[0][0].legend(fontsize=6, loc="lower left")
+        ax.set_ylabel("mean over seeds, 95% t-interval", fontsize=7)
+        if key.endswith(".auc"):
+            ax.axhline(0.5, color="gray", lw=1, ls="--", label="chance (0.5)")
+        elif key.endswith("gap"):
+            ax.axhline(0, color="gray", lw=0.8)  # no gap
+        ax.grid(axis="y", lw=0.3)
+    if len(groups) > 1 or any(k.endswith(".auc") for _, k in panels):
+        axes.flat[0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -629,23 +399,23 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     root = Path(root)
     rows = build_rows(root, cells)
     levels = add_matched_accuracy(rows)
-    claims = evaluate_claims(rows)
+    claims = evaluate_claims(base.claims if base is not None else (), rows)
     attack = mia_metric(rows)
     plots = {
-        "accuracy.png": bar_plot(rows, [("global test accuracy", "acc"),
+        "accuracy.png": interval_plot(rows, [("global test accuracy", "acc"),
                                         ("client accuracy (mean)", "client_mean"),
                                         ("client accuracy (p10)", "client_p10")],
                                  root / "accuracy.png", base),
-        "gaps.png": bar_plot(rows, [("out-of-sample gap", "oos_gap"),
+        "gaps.png": interval_plot(rows, [("out-of-sample gap", "oos_gap"),
                                     ("participation gap", "participation_gap")],
                              root / "gaps.png", base),
-        "mia.png": bar_plot(rows, [(f"{a} {t}", f"{p}.{a}.{m}")
+        "mia.png": interval_plot(rows, [(f"{a} {t}", f"{p}.{a}.{m}")
                                    for a in ATTACK_ORDER
                                    for p, m, t in (("mia", "auc", "AUC"),
                                                    ("mia", "tpr_at_fpr_1e-3", "TPR@0.1%FPR"),
                                                    ("matched", "auc", "AUC, matched acc"))],
                             root / "mia.png", base),
-        "privacy_other.png": bar_plot(rows, [("inversion PSNR (dB)", "inversion.psnr_db"),
+        "privacy_other.png": interval_plot(rows, [("inversion PSNR (dB)", "inversion.psnr_db"),
                                              ("client-update MIA AUC", "client_mia.mean"),
                                              ("data-mean error (BN buffers)", "leak.abs_error")],
                                       root / "privacy_other.png", base),
@@ -656,6 +426,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
                                        only=lambda r: r[NORM] == "hybrid"),
         "mia_vs_accuracy.png": mia_vs_accuracy_plot(rows, attack, root / "mia_vs_accuracy.png",
                                                     base) if attack else None,
+        "claims.png": forest_plot(claims, root / "claims.png", _pyplot) if claims else None,
     }
     name = base.name if base is not None else root.name
     if axes is None:
@@ -685,26 +456,29 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     for file, made in plots.items():
         if made is not None:
             lines.append(f"![{file}]({file})")
-    lines += ["", "## Claims", "",
-              "Verdicts are computed from the rows above: a difference counts only when its "
-              "mean over seeds exceeds the sample std of the paired (same-seed) differences; "
-              "one seed, or a smaller difference, is inconclusive. Settings that disagree "
-              "make the claim inconclusive.", ""]
-    for c in claims:
-        lines.append(f"{c.number}. **{c.text}** — **{c.verdict}**")
-        for e in c.evidence:
-            if e.startswith("  "):  # detail of the setting above
-                body = e.strip()
-                lines.append("     " + (body if body.startswith("- ") else f"- {body}"))
-            else:
-                lines.append(f"   - {e}")
+    lines += ["", "## Claims", ""]
+    if not claims:
+        lines.append("The sweep declares no claims (add `[[claims]]` blocks to its scenario).")
+    else:
+        lines += ["Each claim compares arm a with arm b on one metric. Cells are paired on "
+                  "every other axis, seed included; the test is a two-sided paired t-test over "
+                  "all pairs pooled (per-setting intervals below a claim are for information). "
+                  "The claims are corrected together with Holm–Bonferroni at α = 0.05: the "
+                  "claim ranked k-th by p (of m) gets its interval at level 1 − α/(m − k), and "
+                  "a verdict is supported or contradicted only when Holm rejects (its interval "
+                  "then excludes zero); otherwise inconclusive, with the paired seeds that "
+                  "would detect the observed difference at 80% power.", ""]
+        for c in claims:
+            lines.append(f"- {claim_line(c)}")
+            lines += [f"  - {d}" for d in claim_details(c)]
         lines.append("")
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    slim = [{k: v for k, v in r.items() if k not in ("curve", "alpha_curve", "mia_by_round")}
+    slim = [{k: v for k, v in r.items()
+             if k not in ("curve", "alpha_curve", "mia_by_round", "summary", "rounds")}
             for r in rows]
     (root / "report.json").write_text(json.dumps(
-        {"rows": slim, "claims": [c.__dict__ for c in claims],
+        {"rows": slim, "claims": claims,
          "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()}},
         indent=2, default=str) + "\n")
     return path

@@ -1,0 +1,370 @@
+"""A sweep's declared claims (``[[claims]]``): checked before it runs, tested after.
+
+A claim compares arm ``a`` with arm ``b`` (cells fixing some sweep axes) on one metric of
+``summary.json``. Cells are **paired** on every other axis, seed included: each pair is a
+same-seed, same-setting difference a − b. The test runs on all pairs pooled (a paired t-test
+of mean(a − b) = 0, two-sided); when axes other than seed split the pairs into settings (a
+batch-size axis, say), each setting's own 95% interval is listed for information only.
+
+Multiplicity: the claims of a sweep are corrected together with Holm–Bonferroni (Holm 1979)
+at α = 0.05 over all m declared claims (one that cannot be evaluated counts, as p = 1). A
+claim ranked k-th (0-based) by raw p gets its interval at level 1 − α/(m − k); that interval
+excludes zero iff p < α/(m − k), Holm's threshold for its rank. The verdict is Holm's
+step-down decision (adjusted p ≤ α, which also requires every lower-ranked claim rejected):
+``supported`` when the difference has the expected sign, ``contradicted`` when the opposite,
+else ``inconclusive`` — with, where there is an effect to size, ``seeds_needed``: the paired
+seeds that would detect the observed mean difference with its observed spread at 80% power,
+by a two-sided paired t-test at the claim's Holm-adjusted level
+(:func:`fedsim.report.stats.seeds_needed`).
+
+``at = "matched_accuracy"`` reads each pair at matched test accuracy: the level is the lower
+of the two cells' best global test accuracies over the rounds that record the metric, and each
+cell is read at the first such round reaching it. Only metrics with a per-round record can be
+read there (:func:`per_round`): ``privacy.mia.<attack>.<metric>`` (``privacy.mia_by_round``,
+the audited rounds) and ``final.*``/``generalization.*`` (``rounds.jsonl``, the evaluated
+rounds); any other metric is refused before the sweep runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fedsim.config import ClaimConfig, Scenario
+from fedsim.errors import ScenarioError
+from fedsim.report.stats import holm, paired_t, seeds_needed
+
+ALPHA = 0.05
+SEED = "seed"
+
+_DIST = ("mean", "weighted_mean", "std", "median", "p10", "p90", "min", "max", "n")
+_MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
+
+#: the numbers a run can write to summary.json (``*`` = one name: an attack, a layer)
+SUMMARY_METRICS: tuple[str, ...] = (
+    "final.round", "final.global_test_accuracy", "final.global_test_loss",
+    *(f"final.{k}.{d}" for k in ("client_accuracy", "client_train_accuracy",
+                                 "personalized_accuracy", "personalized_holdout_accuracy")
+      for d in _DIST),
+    "final.personalized_participation_gap",
+    "generalization.out_of_sample_gap", "generalization.participation_gap",
+    *(f"generalization.holdout_accuracy.{d}" for d in _DIST),
+    "timing.seconds", "timing.train_seconds", "timing.client_updates",
+    "timing.client_updates_per_s", "failures", "hybrid_alpha.*",
+    *(f"privacy.mia.*.{m}" for m in _MIA),
+    *(f"privacy.client_mia.{k}.{d}" for k in ("auc", "global_model_auc") for d in _DIST),
+    *(f"privacy.leakage.data_mean_recovery.{k}"
+      for k in ("abs_error", "relative_error", "baseline_abs_error")),
+    *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
+                                         "objective")),
+    "dp.privacy_spent.epsilon", "dp.noise_multiplier", "dp.effective_noise_multiplier",
+    "dp.clipping_norm", "dp.noise_stddev",
+)
+
+#: metric prefix -> (does this cell measure it?, how to turn it on)
+_NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
+    "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
+    "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
+    "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
+    "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
+    "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
+    "hybrid_alpha.": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
+}
+
+
+def known_metric(metric: str) -> bool:
+    return any(fnmatch.fnmatchcase(metric, p) and metric.count(".") == p.count(".")
+               for p in SUMMARY_METRICS)
+
+
+def per_round(metric: str) -> tuple[str, list[str]] | None:
+    """Where ``metric`` is recorded per round: ``("mia", [attack, key])`` in
+    ``privacy.mia_by_round``, ``("rounds", path)`` in ``rounds.jsonl``, or None."""
+    parts = metric.split(".")
+    if parts[:2] == ["privacy", "mia"]:
+        return "mia", parts[2:]
+    if parts[0] == "final" and metric != "final.round":
+        return "rounds", parts[1:]
+    if parts[0] == "generalization":
+        return "rounds", parts
+    return None
+
+
+def check_claims(base: Scenario, cells: Sequence[Any]) -> None:
+    """Refuse, before anything runs, claims naming a non-axis key, a value the axis lacks, a
+    metric no run writes (or these cells do not measure), or a matched-accuracy read of a
+    metric without a per-round record. ``cells`` have ``params`` and ``scenario``."""
+    grid = base.sweep.grid
+    for i, claim in enumerate(base.claims):
+        k = f"claims[{i}]"
+        for arm in ("a", "b"):
+            for key, value in getattr(claim, arm).items():
+                if key not in grid:
+                    raise ScenarioError(
+                        f"{k}.{arm}: {key!r} is not a sweep axis (axes: {', '.join(grid)}); "
+                        f"add it to [sweep] or fix the claim")
+                if value not in grid[key]:
+                    raise ScenarioError(
+                        f"{k}.{arm}: {key} = {value!r} is not among the axis values "
+                        f"{grid[key]}; add it to sweep.{key} or fix the claim")
+        if not known_metric(claim.metric):
+            raise ScenarioError(
+                f"{k}.metric {claim.metric!r} is not a number summary.json holds; use e.g. "
+                "final.global_test_accuracy, final.client_accuracy.p10, "
+                "generalization.participation_gap, privacy.mia.loss.auc, "
+                "privacy.client_mia.auc.mean (the list: fedsim.report.claims.SUMMARY_METRICS)")
+        if claim.at == "matched_accuracy" and per_round(claim.metric) is None:
+            raise ScenarioError(
+                f"{k}.metric {claim.metric!r} has no per-round record, so it cannot be read "
+                "at matched accuracy; use at = \"final\", or a final.*, generalization.* or "
+                "privacy.mia.<attack>.* metric")
+        for prefix, (measured, fix) in _NEEDS.items():
+            if not claim.metric.startswith(prefix):
+                continue
+            for cell in cells:
+                in_arms = _in_arm(cell.params, claim.a) or _in_arm(cell.params, claim.b)
+                if in_arms and not measured(cell.scenario):
+                    raise ScenarioError(
+                        f"{k}.metric {claim.metric!r}: sweep cell {cell.name} does not "
+                        f"measure it; set {fix}")
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+def _in_arm(params: dict, arm: dict) -> bool:
+    return all(k in params and params[k] == v for k, v in arm.items())
+
+
+def _label(params: dict, drop: set[str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in drop) or "all cells"
+
+
+def pair_rows(claim: ClaimConfig, rows: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """(a row, b row) pairs that agree on every axis but the claim's keys.
+
+    Every cell of either arm must have exactly one partner; otherwise a ScenarioError names it.
+    """
+    fixed = set(claim.a)
+
+    def key(r: dict) -> str:
+        return json.dumps({k: v for k, v in r["params"].items() if k not in fixed},
+                          sort_keys=True, default=str)
+
+    arms = {}
+    for name in ("a", "b"):
+        index: dict[str, dict] = {}
+        for r in rows:
+            if _in_arm(r["params"], getattr(claim, name)):
+                if key(r) in index:
+                    raise ScenarioError(f"claim {claim.name!r}: cells {index[key(r)]['cell']} "
+                                        f"and {r['cell']} of arm {name} cannot be told apart")
+                index[key(r)] = r
+        arms[name] = index
+    for name, other in (("a", "b"), ("b", "a")):
+        for k, r in arms[name].items():
+            if k not in arms[other]:
+                raise ScenarioError(
+                    f"claim {claim.name!r}: cell {r['cell']} of arm {name} has no partner in arm "
+                    f"{other} (a finished cell with {_label(r['params'], fixed)}); finish or "
+                    "add that cell")
+    return [(arms["a"][k], arms["b"][k]) for k in arms["a"]]
+
+
+def dotted(tree: Any, path: Sequence[str]) -> float | None:
+    """The number at ``path`` in nested dicts, or None when absent or not a number."""
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    if isinstance(tree, bool) or not isinstance(tree, (int, float)):
+        return None
+    return float(tree)
+
+
+def _series(row: dict, metric: str) -> list[tuple[int, float, float | None]]:
+    """(round, global test accuracy, metric) at each round that records the metric."""
+    where, path = per_round(metric) or ("", [])
+    if where == "mia":
+        recs = (row["summary"].get("privacy") or {}).get("mia_by_round") or []
+    else:
+        recs = row.get("rounds") or []
+    return [(r["round"], r["global_test_accuracy"], dotted(r, path)) for r in recs
+            if r.get("global_test_accuracy") is not None]
+
+
+def read_pair(claim: ClaimConfig, a: dict, b: dict) -> dict:
+    """The pair's values (and, at matched accuracy, the level and the rounds read)."""
+    out: dict[str, Any] = {"a": a["cell"], "b": b["cell"]}
+    if claim.at == "final":
+        out["a_value"] = dotted(a["summary"], claim.metric.split("."))
+        out["b_value"] = dotted(b["summary"], claim.metric.split("."))
+        return out
+    sa, sb = _series(a, claim.metric), _series(b, claim.metric)
+    if not sa or not sb:
+        out["a_value"] = out["b_value"] = None
+        return out
+    level = min(max(acc for _, acc, _ in sa), max(acc for _, acc, _ in sb))
+    out["level"] = level
+    for name, series in (("a", sa), ("b", sb)):
+        rnd, _, value = next(x for x in series if x[1] >= level)
+        out[f"{name}_round"] = rnd
+        out[f"{name}_value"] = value
+    return out
+
+
+# --------------------------------------------------------------------------- testing
+
+
+def _test(diffs: list[float], level: float = 0.95) -> dict:
+    t = paired_t(diffs, level)
+    return {"n_pairs": t.n, "diff_mean": t.mean, "sd": t.sd, "ci_low": t.ci_low,
+            "ci_high": t.ci_high, "p_value": t.p_value}
+
+
+def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
+    """One claim's pairs, pooled test (95%) and per-setting tests, before Holm."""
+    result: dict[str, Any] = {
+        "name": claim.name, "metric": claim.metric, "at": claim.at, "expect": claim.expect,
+        "a": claim.a, "b": claim.b, "error": None, "missing": [], "pairs": [], "settings": [],
+    }
+    try:
+        pairs = pair_rows(claim, rows)
+    except ScenarioError as exc:
+        result["error"] = str(exc)
+        pairs = []
+    fixed = set(claim.a) | {SEED}
+    by_setting: dict[str, list[float]] = defaultdict(list)
+    for ra, rb in pairs:
+        p = read_pair(claim, ra, rb)
+        p["setting"] = _label(ra["params"], fixed)
+        for side, r in (("a", ra), ("b", rb)):
+            if p[f"{side}_value"] is None:
+                result["missing"].append(r["cell"])
+        if p["a_value"] is None or p["b_value"] is None:
+            continue
+        p["diff"] = p["a_value"] - p["b_value"]
+        result["pairs"].append(p)
+        by_setting[p["setting"]].append(p["diff"])
+    diffs = [p["diff"] for p in result["pairs"]]
+    result.update(_test(diffs))
+    result["ci95"] = [result["ci_low"], result["ci_high"]]
+    if len(by_setting) > 1:
+        result["settings"] = [{"setting": s, **_test(d)} for s, d in by_setting.items()]
+    return result
+
+
+def evaluate_claims(claims: Sequence[ClaimConfig], rows: Sequence[dict],
+                    alpha: float = ALPHA) -> list[dict]:
+    """Every claim's ``report.json`` entry: pooled paired test, Holm over all claims, verdict.
+
+    Fields: name, verdict, diff_mean, ci_low/ci_high (at ``ci_level``, Holm-adjusted), ci95,
+    p_value, p_holm, n_pairs, settings, seeds_needed, and pairs/missing/error for the record.
+    """
+    results = [evaluate_claim(c, rows) for c in claims]
+    adjusted, levels = holm([r["p_value"] for r in results], alpha)
+    for r, claim, p_holm, level in zip(results, claims, adjusted, levels):
+        diffs = [p["diff"] for p in r["pairs"]]
+        t = paired_t(diffs, level)
+        r.update(ci_low=t.ci_low, ci_high=t.ci_high, ci_level=level, p_holm=p_holm)
+        verdict = "inconclusive"
+        if p_holm is not None and p_holm <= alpha and t.mean != 0:
+            expected = 1 if claim.expect == "a > b" else -1
+            verdict = "supported" if (t.mean > 0) == (expected > 0) else "contradicted"
+        r["verdict"] = verdict
+        r["seeds_needed"] = (seeds_needed(t.mean, t.sd, 0.8, 1 - level)
+                             if verdict == "inconclusive" else None)
+    return results
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _num(x: float | None, sign: bool = True) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.3f}" if sign else f"{x:.3g}"
+
+
+def _p(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "< 0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def claim_line(r: dict) -> str:
+    """One claim as one line of report.md."""
+    head = f"**{r['name']}** — {r['verdict']}"
+    if r["error"]:
+        return f"{head}: not evaluated: {r['error']}"
+    if r["n_pairs"] == 0:
+        return f"{head}: no pair of finished cells records {r['metric']}"
+    text = f"{head}: a−b = {_num(r['diff_mean'])}"
+    if r["ci_low"] is None:
+        return text + f" (one pair: no interval), n = {r['n_pairs']} pair"
+    lo, hi = r["ci95"]
+    text += f" [{_num(lo)}, {_num(hi)}] (95% CI"
+    if abs(r["ci_level"] - 0.95) > 1e-9:
+        text += (f"; at the Holm-adjusted level {100 * r['ci_level']:.1f}%: "
+                 f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]")
+    text += (f"), p = {_p(r['p_value'])} (Holm {_p(r['p_holm'])}), "
+             f"n = {r['n_pairs']} pairs")
+    if r["seeds_needed"] is not None:
+        text += f"; ~{r['seeds_needed']} paired seeds would detect this effect at 80% power"
+    return text
+
+
+def claim_details(r: dict) -> list[str]:
+    """Sub-bullets: what is compared, per-setting intervals, cells missing the metric."""
+    arm = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+    where = "at the final round" if r["at"] == "final" else "at matched test accuracy"
+    lines = [f"`{r['metric']}` {where}; a = {arm(r['a'])}, b = {arm(r['b'])}; expected "
+             f"{r['expect']}"]
+    for s in r["settings"]:
+        ci = ("no interval" if s["ci_low"] is None
+              else f"95% CI [{_num(s['ci_low'])}, {_num(s['ci_high'])}]")
+        lines.append(f"{s['setting']}: a−b = {_num(s['diff_mean'])} {ci}, p = "
+                     f"{_p(s['p_value'])}, n = {s['n_pairs']} (for information; the verdict "
+                     "pools every pair)")
+    if r["missing"]:
+        lines.append(f"no {r['metric']} in: {', '.join(r['missing'])} (their pairs are left "
+                     "out)")
+    return lines
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
+    """One row per claim (its Holm-adjusted interval, black) and per setting (95%, grey),
+    against the zero line. Returns ``path``, or None without any interval to draw."""
+    items = []
+    for r in results:
+        items.append((f"{r['name']}\n({r['verdict']})", r["diff_mean"], r["ci_low"],
+                      r["ci_high"], "black"))
+        for s in r["settings"]:
+            items.append((f"  {s['setting']}", s["diff_mean"], s["ci_low"], s["ci_high"],
+                          "gray"))
+    if not any(m is not None for _, m, _, _, _ in items):
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(items)))
+    for y, (_, mean, lo, hi, color) in enumerate(items):
+        if mean is None:
+            continue
+        if lo is not None:
+            ax.plot([lo, hi], [y, y], color=color, lw=2.5 if color == "black" else 1.2)
+        ax.plot([mean], [y], "o", color=color, ms=6 if color == "black" else 4)
+    ax.axvline(0, color="tab:red", lw=1, ls="--")
+    ax.set_yticks(range(len(items)), [label for label, *_ in items], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("a − b in the claim's metric — black: Holm-adjusted CI over all pairs; "
+                  "gray: 95% CI per setting", fontsize=7)
+    ax.set_title("Claims: paired differences over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,122 @@
+"""Declared claims on hand-made rows: pairing, pooled and per-setting tests, Holm, verdicts."""
+
+import pytest
+from scipy import stats
+
+from fedsim.config import ClaimConfig
+from fedsim.errors import ScenarioError
+from fedsim.report.claims import claim_line, evaluate_claims, known_metric, pair_rows, per_round
+
+
+def row(norm, seed, acc, batch=None, rounds=None, mia=None):
+    params = {"model.norm": norm}
+    if batch is not None:
+        params["client.batch_size"] = batch
+    params["seed"] = seed
+    name = "__".join(f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in params.items())
+    summary = {"final": {"global_test_accuracy": acc}}
+    if mia is not None:
+        summary["privacy"] = {"mia_by_round": mia}
+    return {"cell": name, "params": params, "summary": summary, "rounds": rounds or []}
+
+
+def claim(metric="final.global_test_accuracy", expect="a > b", at="final", name="GN > BN"):
+    return ClaimConfig(name=name, metric=metric, a={"model.norm": "gn"},
+                       b={"model.norm": "bn"}, expect=expect, at=at)
+
+
+GN = [0.81, 0.79, 0.84, 0.80, 0.83]
+BN = [0.78, 0.77, 0.80, 0.79, 0.78]
+ROWS = [row("gn", s, a) for s, a in enumerate(GN)] + [row("bn", s, b) for s, b in enumerate(BN)]
+
+
+def test_one_claim_is_a_paired_t_test_over_seeds():
+    (r,) = evaluate_claims([claim()], ROWS)
+    ref = stats.ttest_rel(GN, BN)
+    assert r["n_pairs"] == 5 and r["p_value"] == pytest.approx(ref.pvalue)
+    assert r["ci95"] == pytest.approx(list(ref.confidence_interval(0.95)))
+    assert r["ci_level"] == 0.95 and r["p_holm"] == pytest.approx(ref.pvalue)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert r["verdict"] == "supported" and r["seeds_needed"] is None
+    (c,) = evaluate_claims([claim(expect="a < b")], ROWS)
+    assert c["verdict"] == "contradicted"
+    assert claim_line(r).startswith("**GN > BN** — supported: a−b = +0.030 [+0.010, +0.050] "
+                                    "(95% CI), p = 0.013 (Holm 0.013), n = 5 pairs")
+
+
+def test_holm_over_the_claims_of_a_sweep():
+    noisy = [row("gn", s, a + e) for s, (a, e) in enumerate(zip(GN, (0.05, -0.04, 0, -0.03,
+                                                                     0.04)))]
+    rows = ROWS + [dict(r, params={**r["params"], "model.norm": "ln"}, cell="ln" + r["cell"])
+                   for r in noisy]
+    ln = ClaimConfig(name="LN > BN", a={"model.norm": "ln"}, b={"model.norm": "bn"})
+    r_gn, r_ln = evaluate_claims([claim(), ln], rows)
+    p_gn, p_ln = r_gn["p_value"], r_ln["p_value"]
+    assert p_gn < p_ln
+    assert r_gn["p_holm"] == pytest.approx(2 * p_gn)
+    assert r_ln["p_holm"] == pytest.approx(max(2 * p_gn, p_ln))
+    assert r_gn["ci_level"] == pytest.approx(1 - 0.05 / 2) and r_ln["ci_level"] == 0.95
+    d = [g - b for g, b in zip(GN, BN)]
+    assert (r_gn["ci_low"], r_gn["ci_high"]) == pytest.approx(
+        tuple(stats.ttest_1samp(d, 0).confidence_interval(1 - 0.05 / 2)))
+    assert r_gn["verdict"] == "supported"  # p = 0.013 <= 0.025
+    assert r_ln["verdict"] == "inconclusive" and r_ln["seeds_needed"] > 5
+    assert f"~{r_ln['seeds_needed']} paired seeds would detect this effect" in claim_line(r_ln)
+
+
+def test_other_axes_pool_into_one_test_and_are_listed_per_setting():
+    rows = [row(n, s, acc + (0.1 if b == 32 else 0), batch=b)
+            for b in (4, 32) for n, accs in (("gn", GN[:3]), ("bn", BN[:3]))
+            for s, acc in enumerate(accs)]
+    (r,) = evaluate_claims([claim()], rows)
+    d = [g - b for g, b in zip(GN[:3], BN[:3])]
+    assert r["n_pairs"] == 6 and r["p_value"] == pytest.approx(stats.ttest_1samp(d * 2, 0).pvalue)
+    assert [s["setting"] for s in r["settings"]] == ["client.batch_size=4",
+                                                     "client.batch_size=32"]
+    for s in r["settings"]:
+        assert s["n_pairs"] == 3
+        assert s["p_value"] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+
+
+def test_a_cell_without_a_partner_is_an_error_naming_it():
+    rows = [r for r in ROWS if r["cell"] != "norm-bn__seed-3"]
+    with pytest.raises(ScenarioError, match="cell norm-gn__seed-3 of arm a has no partner in "
+                                            "arm b \\(a finished cell with seed=3\\)"):
+        pair_rows(claim(), rows)
+    (r,) = evaluate_claims([claim()], rows)
+    assert r["verdict"] == "inconclusive" and "norm-gn__seed-3" in r["error"]
+    assert "not evaluated" in claim_line(r)
+
+
+def test_a_metric_missing_in_a_finished_cell_is_reported_not_fatal():
+    rows = [dict(r) for r in ROWS]
+    rows[0]["summary"] = {"final": {}}
+    (r,) = evaluate_claims([claim()], rows)
+    assert r["missing"] == ["norm-gn__seed-0"] and r["n_pairs"] == 4
+
+
+def test_matched_accuracy_reads_each_pair_at_its_common_level():
+    def mia(*points):
+        return [{"round": i + 1, "global_test_accuracy": acc, "loss": {"auc": auc}}
+                for i, (acc, auc) in enumerate(points)]
+    rows = [row("gn", 0, 0.9, mia=mia((0.5, 0.51), (0.7, 0.52), (0.9, 0.60))),
+            row("bn", 0, 0.75, mia=mia((0.6, 0.50), (0.75, 0.53), (0.72, 0.54)))]
+    (r,) = evaluate_claims([claim("privacy.mia.loss.auc", "a < b", "matched_accuracy")], rows)
+    (p,) = r["pairs"]
+    assert p["level"] == 0.75 and (p["a_round"], p["b_round"]) == (3, 2)
+    assert (p["a_value"], p["b_value"]) == (0.60, 0.53)
+    assert r["n_pairs"] == 1 and r["p_value"] is None and r["verdict"] == "inconclusive"
+
+
+def test_metric_names():
+    for m in ("final.global_test_accuracy", "final.client_accuracy.p10",
+              "generalization.participation_gap", "privacy.mia.loss.auc",
+              "privacy.mia.lira_online.tpr_at_fpr_1e-3", "privacy.client_mia.auc.mean"):
+        assert known_metric(m)
+    for m in ("final.global_test_acc", "privacy.mia.auc", "privacy.mia.loss.auc.x"):
+        assert not known_metric(m)
+    assert per_round("privacy.mia.loss.auc") == ("mia", ["loss", "auc"])
+    assert per_round("final.client_accuracy.p10") == ("rounds", ["client_accuracy", "p10"])
+    assert per_round("generalization.participation_gap") == (
+        "rounds", ["generalization", "participation_gap"])
+    assert per_round("privacy.inversion.psnr_db") is None
