@@ -224,6 +224,12 @@ class OutputConfig:
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
     eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
     checkpoint_every: int = 1  # rounds between checkpoints (0 = none; the last round always)
+    # flatness of the global model's training loss at every evaluation (fedsim.models.flatness)
+    sharpness: bool = False  # record hessian_max_eig and sharpness
+    sharpness_samples: int = 512  # training examples (fixed by the seed) the loss is taken on
+    sharpness_iters: int = 20  # at most this many power-iteration steps (Hessian-vector products)
+    sharpness_radius: float = 0.05  # perturbation norm relative to each parameter tensor's norm
+    sharpness_draws: int = 5  # random perturbations averaged
 
     def __post_init__(self) -> None:
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
@@ -231,6 +237,12 @@ class OutputConfig:
                self.eval_clients)
         _check(self.checkpoint_every >= 0, "output.checkpoint_every",
                "it must be >= 0 (0 = no checkpoints, no --resume)", self.checkpoint_every)
+        for key in ("sharpness_samples", "sharpness_iters", "sharpness_draws"):
+            _check(getattr(self, key) >= 1, f"output.{key}", "it must be >= 1",
+                   getattr(self, key))
+        _check(0 < self.sharpness_radius <= 1, "output.sharpness_radius",
+               "it must be in (0, 1] (a fraction of each parameter tensor's norm)",
+               self.sharpness_radius)
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,14 @@ def test_claim_arms_are_checked(tmp_path, a, b, pattern):
     text = f'[[claims]]\nname = "x"\na = {a}\nb = {b}\n'
     with pytest.raises(ScenarioError, match=pattern):
         load_scenario(write(tmp_path, text))
+@pytest.mark.parametrize(("key", "value", "pattern"), [
+    ("sharpness_samples", 0, r"output.sharpness_samples = 0 is out of range; it must be >= 1"),
+    ("sharpness_iters", 0, r"output.sharpness_iters = 0 is out of range"),
+    ("sharpness_draws", -1, r"output.sharpness_draws = -1 is out of range"),
+    ("sharpness_radius", 0, r"output.sharpness_radius = 0.0 is out of range; it must be in"),
+    ("sharpness_radius", 1.5, r"output.sharpness_radius = 1.5 is out of range"),
+    ("sharpness", 1, r"output.sharpness must be true or false"),
+])
+def test_flatness_settings_are_checked(tmp_path, key, value, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario(write(tmp_path, f"[output]\n{key} = {value}"))

@@ -76,6 +76,9 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
                 "personalized_participation_gap"):
         if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
             summary["final"][key] = last[key]
+    for key in ("hessian_max_eig", "sharpness"):
+        if key in last:  # output.sharpness
+            summary["final"][key] = last[key]
     return summary
 
 

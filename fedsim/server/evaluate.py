@@ -1,5 +1,6 @@
 """Server-side evaluation of the global model: global test set, per-client distribution,
-and the generalization gaps of Yuan et al. (ICLR 2022).
+the generalization gaps of Yuan et al. (ICLR 2022) and, with ``output.sharpness``, the
+flatness of the training loss (:mod:`fedsim.models.flatness`).
 
 - out-of-sample gap: participating clients' local train accuracy − their local test accuracy;
 - participation gap: participating clients' local test accuracy − the local test accuracy
@@ -14,10 +15,12 @@ from torch import nn
 
 from fedsim.arrays import load_record
 from fedsim.client.train import evaluate_many
-from fedsim.config import Scenario
+from fedsim.config import OutputConfig, Scenario
 from fedsim.data.federated import FederatedData
+from fedsim.errors import ScenarioError
 from fedsim.models import hybrid_alphas
-from fedsim.rng import numpy_rng
+from fedsim.models.flatness import hessian_max_eig, model_loss, sharpness
+from fedsim.rng import numpy_rng, torch_generator
 
 
 def distribution(values: list[float], weights: list[int] | None = None) -> dict[str, float]:
@@ -50,6 +53,38 @@ def pick_clients(ids: tuple[int, ...], limit: int, seed: int, purpose: str) -> l
     return sorted(int(i) for i in rng.choice(np.asarray(ids), size=limit, replace=False))
 
 
+def flatness_sample(data: FederatedData, clients: list[int], size: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``size`` training examples pooled from ``clients``' train splits, fixed by the
+    seed (in pooled order), so every evaluation measures the loss on the same sample."""
+    xs, ys = zip(*(data.client_train(cid) for cid in clients)) if clients else ((), ())
+    if not ys or sum(len(y) for y in ys) == 0:
+        raise ScenarioError("output.sharpness: the evaluated participating clients have no "
+                            "training examples to measure the loss on")
+    x, y = torch.cat(xs), torch.cat(ys)
+    if len(y) > size:
+        rng = numpy_rng(seed, "flatness", "sample")
+        keep = torch.from_numpy(np.sort(rng.choice(len(y), size=size, replace=False)))
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputConfig,
+             seed: int) -> dict[str, float]:
+    """``hessian_max_eig`` and ``sharpness`` of the mean training loss on ``(x, y)``.
+
+    Both use the same derived directions at every evaluation (common random numbers), so
+    differences between rounds come from the model, not from the draws, and ``--resume``
+    reproduces them.
+    """
+    loss, params = model_loss(model, x, y)
+    eig = hessian_max_eig(loss, params, torch_generator(seed, "flatness", "power"),
+                          iters=output.sharpness_iters)
+    sharp = sharpness(loss, params, output.sharpness_radius, output.sharpness_draws,
+                      torch_generator(seed, "flatness", "perturb"))
+    return {"hessian_max_eig": eig, "sharpness": sharp}
+
+
 class Evaluator:
     """Evaluates global arrays on the global test set and on clients' local splits."""
 
@@ -62,6 +97,9 @@ class Evaluator:
         self.clients = pick_clients(data.participating, limit, scenario.seed, "participating")
         self.holdout = pick_clients(data.holdout, limit, scenario.seed, "holdout")
         self._splits: list | None = None  # every evaluated split, on the device, built once
+        self.output = scenario.output
+        self.seed = scenario.seed
+        self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:
         """Global test, then each client's test and train split, then holdout test splits."""
@@ -100,4 +138,10 @@ class Evaluator:
         alphas = hybrid_alphas(self.model)
         if alphas:
             result["hybrid_alpha"] = alphas
+        if self.output.sharpness:
+            if self._flat_sample is None:
+                x, y = flatness_sample(self.data, self.clients, self.output.sharpness_samples,
+                                       self.seed)
+                self._flat_sample = (x.to(self.device), y.to(self.device))
+            result.update(flatness(self.model, *self._flat_sample, self.output, self.seed))
         return result
