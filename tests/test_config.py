@@ -141,6 +141,8 @@ def test_claim_arms_are_checked(tmp_path, a, b, pattern):
     text = f'[[claims]]\nname = "x"\na = {a}\nb = {b}\n'
     with pytest.raises(ScenarioError, match=pattern):
         load_scenario(write(tmp_path, text))
+
+
 @pytest.mark.parametrize(("key", "value", "pattern"), [
     ("sharpness_samples", 0, r"output.sharpness_samples = 0 is out of range; it must be >= 1"),
     ("sharpness_iters", 0, r"output.sharpness_iters = 0 is out of range"),

@@ -40,8 +40,9 @@ def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
 
     ``cfg.local_steps > 0``: exactly that many batches, cycling through fresh shuffles of the
     data (so batch sizes can be compared at a fixed number of steps, or of samples by scaling
-    the steps). Otherwise ``cfg.epochs`` shuffled passes. Every backend trains on this plan,
-    so a seed gives the same batches sequentially and in vectorized cohorts.
+    the steps). Otherwise ``cfg.epochs`` shuffled passes. A model with batch statistics at
+    batch size 1 drops every batch, so it gets no step either way. Every backend trains on
+    this plan, so a seed gives the same batches sequentially and in vectorized cohorts.
     """
     if n == 0:
         return []
@@ -50,10 +51,13 @@ def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
                 for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
     plan: list[torch.Tensor] = []
     while len(plan) < cfg.local_steps:
+        before = len(plan)
         for idx in batches(n, cfg.batch_size, generator, drop_singleton):
             plan.append(idx)
             if len(plan) == cfg.local_steps:
                 break
+        if len(plan) == before:  # every batch is a dropped singleton: no step is possible
+            break
     return plan
 
 
