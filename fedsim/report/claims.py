@@ -47,8 +47,10 @@ _MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_a
 SUMMARY_METRICS: tuple[str, ...] = (
     "final.round", "final.global_test_accuracy", "final.global_test_loss",
     *(f"final.{k}.{d}" for k in ("client_accuracy", "client_train_accuracy",
-                                 "personalized_accuracy", "personalized_holdout_accuracy")
+                                 "personalized_accuracy", "personalized_holdout_accuracy",
+                                 "own_model_accuracy")
       for d in _DIST),
+    "final.hybrid_alpha_mean", "final.hessian_max_eig", "final.sharpness",
     "final.personalized_participation_gap",
     "generalization.out_of_sample_gap", "generalization.participation_gap",
     *(f"generalization.holdout_accuracy.{d}" for d in _DIST),
@@ -72,6 +74,9 @@ _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
     "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
     "hybrid_alpha.": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
+    "final.hybrid_alpha_mean": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
+    "final.hessian_max_eig": (lambda s: s.output.sharpness, "output.sharpness = true"),
+    "final.sharpness": (lambda s: s.output.sharpness, "output.sharpness = true"),
 }
 
 

@@ -42,6 +42,20 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+def with_derived(record: dict) -> dict:
+    """``record`` plus the scalars claims compare that a round's metrics imply:
+    ``own_model_accuracy`` (each client's accuracy with the model it uses: its personalized
+    one where it keeps local arrays, else the global one) and ``hybrid_alpha_mean``."""
+    out = dict(record)
+    own = record.get("personalized_accuracy") or record.get("client_accuracy")
+    if own is not None:
+        out["own_model_accuracy"] = own
+    alphas = record.get("hybrid_alpha")
+    if alphas:
+        out["hybrid_alpha_mean"] = sum(alphas.values()) / len(alphas)
+    return out
+
+
 def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
     """``summary.json``: final metrics, generalization gaps and throughput."""
     evaluated = [r for r in rounds if "global_test_accuracy" in r]
@@ -76,8 +90,8 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
                 "personalized_participation_gap"):
         if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
             summary["final"][key] = last[key]
-    for key in ("hessian_max_eig", "sharpness"):
-        if key in last:  # output.sharpness
+    for key in ("own_model_accuracy", "hybrid_alpha_mean", "hessian_max_eig", "sharpness"):
+        if key in last:  # derived (with_derived), hybrid norms, output.sharpness
             summary["final"][key] = last[key]
     return summary
 
@@ -131,7 +145,7 @@ class RunRecorder:
         (self.out / "rounds.jsonl").write_text("")
 
     def on_round(self, record: dict) -> None:
-        record = _finite(record)
+        record = _finite(with_derived(record))
         self.rounds.append(record)
         with open(self.out / "rounds.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
