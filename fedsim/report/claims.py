@@ -294,10 +294,11 @@ def _num(x: float | None, sign: bool = True) -> str:
     return f"{x:+.3f}" if sign else f"{x:.3g}"
 
 
-def _p(x: float | None) -> str:
+def _p(x: float | None, name: str = "p") -> str:
+    """``p = 0.012``, ``p < 0.001`` (or ``Holm ...`` with ``name``)."""
     if x is None:
-        return "–"
-    return "< 0.001" if x < 0.001 else f"{x:.3f}"
+        return f"{name} –"
+    return f"{name} < 0.001" if x < 0.001 else f"{name} = {x:.3f}"
 
 
 def claim_line(r: dict) -> str:
@@ -315,7 +316,7 @@ def claim_line(r: dict) -> str:
     if abs(r["ci_level"] - 0.95) > 1e-9:
         text += (f"; at the Holm-adjusted level {100 * r['ci_level']:.1f}%: "
                  f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]")
-    text += (f"), p = {_p(r['p_value'])} (Holm {_p(r['p_holm'])}), "
+    text += (f"), {_p(r['p_value'])} ({_p(r['p_holm'], 'Holm')}), "
              f"n = {r['n_pairs']} pairs")
     if r["seeds_needed"] is not None:
         text += f"; ~{r['seeds_needed']} paired seeds would detect this effect at 80% power"
@@ -331,7 +332,7 @@ def claim_details(r: dict) -> list[str]:
     for s in r["settings"]:
         ci = ("no interval" if s["ci_low"] is None
               else f"95% CI [{_num(s['ci_low'])}, {_num(s['ci_high'])}]")
-        lines.append(f"{s['setting']}: a−b = {_num(s['diff_mean'])} {ci}, p = "
+        lines.append(f"{s['setting']}: a−b = {_num(s['diff_mean'])} {ci}, "
                      f"{_p(s['p_value'])}, n = {s['n_pairs']} (for information; the verdict "
                      "pools every pair)")
     if r["missing"]:

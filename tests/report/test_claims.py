@@ -41,7 +41,7 @@ def test_one_claim_is_a_paired_t_test_over_seeds():
     (c,) = evaluate_claims([claim(expect="a < b")], ROWS)
     assert c["verdict"] == "contradicted"
     assert claim_line(r).startswith("**GN > BN** — supported: a−b = +0.030 [+0.010, +0.050] "
-                                    "(95% CI), p = 0.013 (Holm 0.013), n = 5 pairs")
+                                    "(95% CI), p = 0.013 (Holm = 0.013), n = 5 pairs")
 
 
 def test_holm_over_the_claims_of_a_sweep():
