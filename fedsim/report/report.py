@@ -44,6 +44,11 @@ def _mean_alpha(alphas: dict | None) -> float | None:
     return float(np.mean(list(alphas.values()))) if alphas else None
 
 
+def _own(final: dict) -> dict:
+    return (final.get("own_model_accuracy") or final.get("personalized_accuracy")
+            or final.get("client_accuracy") or {})
+
+
 def cell_row(folder: Path, params: dict[str, Any]) -> dict:
     """One flat row of a finished cell: its axis values, the resolved keys the tables need,
     its metrics (None where the run did not measure them), and its whole ``summary`` and
@@ -70,6 +75,11 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
         "acc": final.get("global_test_accuracy"),
         "client_mean": (final.get("client_accuracy") or {}).get("mean"),
         "client_p10": (final.get("client_accuracy") or {}).get("p10"),
+        # each client's accuracy with the model it uses: its personalized one under FedBN-like
+        # strategies, else the global one (summary.json final.own_model_accuracy)
+        "own_mean": _own(final).get("mean"),
+        "own_p10": _own(final).get("p10"),
+        "personalized": final.get("personalized_accuracy") is not None,
         "oos_gap": gen.get("out_of_sample_gap"),
         "participation_gap": gen.get("participation_gap"),
         "seconds": (summary.get("timing") or {}).get("seconds"),
@@ -210,6 +220,8 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
         cols = [("global test acc", "acc"), ("client acc mean", "client_mean"),
                 ("client acc p10", "client_p10"), ("out-of-sample gap", "oos_gap"),
                 ("participation gap", "participation_gap")]
+        if any(r["personalized"] for r in group):
+            cols[3:3] = [("own-model acc mean", "own_mean"), ("own-model acc p10", "own_p10")]
         if _present(group, "alpha_final"):
             cols.append(("hybrid α (final, mean)", "alpha_final"))
         if _present(group, "dp.epsilon"):
@@ -404,7 +416,9 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     plots = {
         "accuracy.png": interval_plot(rows, [("global test accuracy", "acc"),
                                         ("client accuracy (mean)", "client_mean"),
-                                        ("client accuracy (p10)", "client_p10")],
+                                        ("client accuracy (p10)", "client_p10"),
+                                        ("each client's own model (mean)", "own_mean"),
+                                        ("each client's own model (p10)", "own_p10")],
                                  root / "accuracy.png", base),
         "gaps.png": interval_plot(rows, [("out-of-sample gap", "oos_gap"),
                                     ("participation gap", "participation_gap")],

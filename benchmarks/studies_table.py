@@ -1,0 +1,63 @@
+"""Markdown claims tables of finished study sweeps, for benchmarks/RESULTS.md.
+
+    python benchmarks/studies_table.py results/studies/*/
+
+For each sweep folder: the claims of ``report.json`` (verdict, a − b with its 95% and
+Holm-level intervals, p, Holm p, pairs, seeds needed) and the wall time of the invocation
+that ran its cells (``sweep.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None else ("< 0.001" if x < 0.001 else f"{x:.3f}")
+
+
+def table(folder: Path) -> list[str]:
+    report = json.loads((folder / "report.json").read_text())
+    sweep = json.loads((folder / "sweep.json").read_text())
+    runs = sweep.get("invocations") or []
+    lines = [f"#### `{sweep['scenario']}`", ""]
+    if runs:
+        last = runs[-1]
+        lines.append(f"{len(sweep['cells'])} cells; the last invocation ran "
+                     f"{len(last['ran'])} cells in {last['wall_seconds'] / 60:.1f} min wall "
+                     f"time with {last['workers']} worker(s) on {last['cpus']} CPUs.")
+        lines.append("")
+    lines += ["| claim | verdict | a − b | 95% CI | Holm-level CI | p | Holm p | pairs | "
+              "seeds needed |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["claims"]:
+        if c.get("error"):
+            lines.append(f"| {c['name']} | {c['verdict']} (not evaluated: {c['error']}) "
+                         "| | | | | | | |")
+            continue
+        ci95 = c.get("ci95") or [None, None]
+        lines.append(
+            f"| {c['name']} | **{c['verdict']}** | {_num(c['diff_mean'])} | "
+            f"[{_num(ci95[0])}, {_num(ci95[1])}] | "
+            f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}] at "
+            f"{100 * c['ci_level']:.1f}% | {_p(c['p_value'])} | {_p(c['p_holm'])} | "
+            f"{c['n_pairs']} | {c['seeds_needed'] or '–'} |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", type=Path, help="finished sweep folders")
+    args = ap.parse_args(argv)
+    for folder in args.folders:
+        if (folder / "report.json").is_file():
+            print("\n".join(table(folder)))
+
+
+if __name__ == "__main__":
+    main()
