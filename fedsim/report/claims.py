@@ -357,7 +357,7 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
     if not any(m is not None for _, m, _, _, _ in items):
         return None
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(items)))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.45 * len(items)))
     for y, (_, mean, lo, hi, color) in enumerate(items):
         if mean is None:
             continue
@@ -371,6 +371,6 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
                   "gray: 95% CI per setting", fontsize=7)
     ax.set_title("Claims: paired differences over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long claim names stay whole
     plt.close(fig)
     return path
