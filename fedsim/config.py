@@ -288,10 +288,13 @@ class PrivacyConfig:
     Results go to ``summary.json`` under ``privacy`` (see :mod:`fedsim.privacy.audit`).
     """
 
-    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira"
-    shadows: int = 8  # LiRA: shadow federations, each on a random half of every client's pool
+    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira", "rmia"
+    shadows: int = 8  # LiRA/RMIA: shadow federations, each on a random half of every client's pool
     fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
     shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
+    rmia_a: float = 0.3  # RMIA offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
+    rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
+    audit_confidence: float = 0.95  # audited ε: one-sided Clopper–Pearson confidence
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
     leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
@@ -309,9 +312,14 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
-        if "lira" in self.mia:
+        if {"lira", "rmia"} & set(self.mia):
             _check(self.shadows >= 2, "privacy.shadows",
-                   "LiRA needs >= 2 shadows so every example has IN and OUT models", self.shadows)
+                   "LiRA and RMIA need >= 2 shadows so every example has IN and OUT models",
+                   self.shadows)
+        _check(0.0 <= self.rmia_a <= 1.0, "privacy.rmia_a", "it must be in [0, 1]", self.rmia_a)
+        _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
+        _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
+               "it must be in [0.5, 1)", self.audit_confidence)
         _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
                "name each attack once", list(self.mia))
         _check(self.audit_every >= 0, "privacy.audit_every", "it must be >= 0 (0: final only)",

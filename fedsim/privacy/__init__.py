@@ -1,13 +1,15 @@
 """Privacy attacks and leakage measures, as pure functions on torch models and numpy arrays.
 
 - :mod:`~fedsim.privacy.metrics`: AUC, balanced accuracy, TPR at low FPR, log-log ROC plots.
-- :mod:`~fedsim.privacy.mia`: membership inference (loss threshold, LiRA).
+- :mod:`~fedsim.privacy.mia`: membership inference (loss threshold, LiRA, RMIA).
+- :mod:`~fedsim.privacy.audit_epsilon`: audited ε, a lower bound on ε from an attack's ROC.
 - :mod:`~fedsim.privacy.inversion`: gradient inversion of a client update (iDLG labels,
   Inverting Gradients), PSNR / SSIM.
 - :mod:`~fedsim.privacy.leakage`: which uploaded arrays carry data statistics (BN buffers),
   and recovering those statistics.
 """
 
+from fedsim.privacy.audit_epsilon import empirical_epsilon
 from fedsim.privacy.inversion import (
     InversionResult,
     client_gradient,
@@ -32,6 +34,7 @@ from fedsim.privacy.mia import (
     lira_scores,
     loss_attack,
     per_example_outputs,
+    rmia_scores,
     shadow_split,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "LeakedStats",
     "attack_metrics",
     "client_gradient",
+    "empirical_epsilon",
     "has_running_stats",
     "image_metrics",
     "input_stats_from_bn",
@@ -52,6 +56,7 @@ __all__ = [
     "psnr",
     "recover_batch_stats",
     "recover_labels",
+    "rmia_scores",
     "roc_points",
     "save_image_grid",
     "shadow_split",

@@ -5,7 +5,10 @@ The server is the attacker throughout (the threat model of Nasr et al., IEEE S&P
 - ``mia``: membership inference on the global model, at the final round and every
   ``audit_every`` rounds (so norms can be compared at matched accuracy as well as at matched
   rounds). Attacks come from :data:`MIA_ATTACKS` (``loss``: Yeom et al. 2018; ``lira``:
-  Carlini et al. 2022, online and offline, with shadow *federations*).
+  Carlini et al. 2022, online and offline, with shadow *federations*; ``rmia``: Zarifzadeh
+  et al. 2024, offline, on the same shadows as reference models, with the global test set as
+  its population). Under DP the final attack scores also give an audited lower bound on ε
+  beside the accountant's (:mod:`fedsim.privacy.audit_epsilon`).
 - ``client_mia``: the loss attack on each client's own upload of one round.
 - ``leakage``: which arrays a client uploads, and how well its data mean is recovered from
   uploaded BatchNorm buffers (Huang et al. 2021; Hatamizadeh et al. 2023).
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from scipy.special import expit
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
@@ -43,6 +47,7 @@ from fedsim.client.runtime import build_global_model
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
 from fedsim.errors import ScenarioError
+from fedsim.privacy.audit_epsilon import AccountantClaim, audited_epsilon
 from fedsim.privacy.inversion import (
     client_gradient,
     image_metrics,
@@ -59,7 +64,13 @@ from fedsim.privacy.leakage import (
     uploaded_arrays,
 )
 from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points
-from fedsim.privacy.mia import lira_scores, loss_attack, per_example_outputs, shadow_split
+from fedsim.privacy.mia import (
+    lira_scores,
+    loss_attack,
+    per_example_outputs,
+    rmia_scores,
+    shadow_split,
+)
 from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng
@@ -68,6 +79,7 @@ from fedsim.server.evaluate import distribution
 ROC_PNG = "privacy_roc.png"
 INVERSION_PNG = "privacy_inversion.png"
 NONMEMBERS_FROM = "participating clients' local test splits"
+POPULATION_FROM = "the global test set (never trained on by the target or any shadow)"
 
 # --------------------------------------------------------------------------- attacks
 
@@ -75,13 +87,19 @@ NONMEMBERS_FROM = "participating clients' local test splits"
 @dataclass(frozen=True)
 class MiaInputs:
     """What a membership attack may use: the target's per-example outputs on the pool and,
-    for shadow-based attacks, the shadows' confidences and IN/OUT masks (k, n)."""
+    for shadow-based attacks, the shadows' confidences and IN/OUT masks (k, n); for attacks
+    that need a population (RMIA), the target's (m,) and shadows' (k, m) confidences on it.
+    Confidences are LiRA's φ = log p_y − log(1 − p_y), so p_y = sigmoid(φ)."""
 
     losses: np.ndarray
     confidences: np.ndarray
     shadow_conf: np.ndarray | None
     shadow_in: np.ndarray | None
     fix_variance: bool
+    pop_confidences: np.ndarray | None = None
+    pop_shadow_conf: np.ndarray | None = None
+    rmia_a: float = 0.3
+    rmia_gamma: float = 1.0
 
 
 MIA_ATTACKS: Registry[Callable[[MiaInputs], dict[str, np.ndarray]]] = Registry(
@@ -91,6 +109,11 @@ MIA_ATTACKS: Registry[Callable[[MiaInputs], dict[str, np.ndarray]]] = Registry(
 
 def _needs_shadows(fn: Callable) -> Callable:
     fn.needs_shadows = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _needs_population(fn: Callable) -> Callable:
+    fn.needs_population = True  # type: ignore[attr-defined]
     return fn
 
 
@@ -111,6 +134,18 @@ def _lira(inp: MiaInputs) -> dict[str, np.ndarray]:
         "lira_offline": lira_scores(inp.confidences, inp.shadow_conf, inp.shadow_in, False,
                                     **kw),
     }
+
+
+@MIA_ATTACKS.register("rmia")
+@_needs_shadows
+@_needs_population
+def _rmia(inp: MiaInputs) -> dict[str, np.ndarray]:
+    """Zarifzadeh et al. (ICML 2024): offline RMIA, the shadows as OUT reference models."""
+    assert inp.shadow_conf is not None and inp.shadow_in is not None
+    assert inp.pop_confidences is not None and inp.pop_shadow_conf is not None
+    return {"rmia": rmia_scores(expit(inp.confidences), expit(inp.shadow_conf), inp.shadow_in,
+                                expit(inp.pop_confidences), expit(inp.pop_shadow_conf),
+                                a=inp.rmia_a, gamma=inp.rmia_gamma)}
 
 
 def needs_shadows(name: str) -> bool:
@@ -288,6 +323,10 @@ class PrivacyAudit:
         xt, yt = data.global_test()
         self.test_xy = (xt.to(device), yt.to(device))
         self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.needs_population = any(getattr(a, "needs_population", False)
+                                    for a in self.attacks.values())
+        self.population: dict[int, np.ndarray] = {}  # round -> target's φ on the population
+        self.final_scores: dict[str, np.ndarray] = {}
         self.client_rows: list[dict] = []
         self.leak_rows: list[dict] = []
         self.inversion_state = record_to_state(initial) if self.cfg.inversion_round == 1 else None
@@ -299,13 +338,15 @@ class PrivacyAudit:
         """What the audit captured so far (per-round MIA outputs, client uploads' results,
         the inversion target, the last global arrays sent): checkpointed with the run, so a
         resumed run reports the same privacy results as an uninterrupted one."""
-        return {"target": self.target, "client_rows": self.client_rows,
+        return {"target": self.target, "population": self.population,
+                "client_rows": self.client_rows,
                 "leak_rows": self.leak_rows, "inversion_state": self.inversion_state,
                 "sent": self._sent}
 
     def restore_state(self, state: dict) -> None:
         """Put :meth:`checkpoint_state` back (after ``--resume``)."""
         self.target = {int(k): tuple(v) for k, v in state["target"].items()}
+        self.population = {int(k): v for k, v in state.get("population", {}).items()}
         self.client_rows = list(state["client_rows"])
         self.leak_rows = list(state["leak_rows"])
         self.inversion_state = state["inversion_state"]
@@ -331,6 +372,8 @@ class PrivacyAudit:
                 acc = float((self.model(self.test_xy[0]).argmax(1) == self.test_xy[1])
                             .float().mean())
             self.target[rnd] = (losses, conf, acc)
+            if self.needs_population:
+                self.population[rnd] = self._outputs(arrays, *self.test_xy)[1]
         if rnd == self.client_round and (self.cfg.client_mia or self.cfg.leakage):
             for msg in replies:
                 if not msg.has_error():
@@ -395,11 +438,18 @@ class PrivacyAudit:
         return next(n for n, m in self.model.named_modules() if not list(m.children()))
 
     # -- after training -------------------------------------------------------------
-    def finish(self, arrays: ArrayRecord) -> dict:
+    def finish(self, arrays: ArrayRecord, accountants: tuple[AccountantClaim, ...] = ()) -> dict:
+        """Run the audits after training. ``accountants``: the DP guarantees the run claims
+        (:func:`fedsim.privacy.audit_epsilon.accountant_claims`); with membership attacks, the
+        first one is audited against the final attack scores (``audited_epsilon``)."""
         t0 = time.perf_counter()
         result: dict = {}
         if self.attacks:
             result.update(self._membership())
+            if accountants:
+                result["audited_epsilon"] = audited_epsilon(
+                    self.final_scores, self.is_member, accountants[0],
+                    confidence=self.cfg.audit_confidence)
         if self.cfg.client_mia:
             aucs = [r["auc"] for r in self.client_rows]
             result["client_mia"] = {
@@ -417,22 +467,26 @@ class PrivacyAudit:
         return result
 
     def _membership(self) -> dict:
-        shadow_conf, shadow_in, shadow_seconds = None, None, 0.0
+        shadow_conf, shadow_in, pop_conf, shadow_seconds = None, None, None, 0.0
         if any(getattr(a, "needs_shadows", False) for a in self.attacks.values()):
             t0 = time.perf_counter()
-            shadow_conf, shadow_in = self._shadows()
+            shadow_conf, shadow_in, pop_conf = self._shadows()
             shadow_seconds = time.perf_counter() - t0
         by_round, final_scores = [], {}
         for rnd in sorted(self.target):
             losses, conf, acc = self.target[rnd]
             inp = MiaInputs(losses, conf, None if shadow_conf is None else shadow_conf[rnd],
-                            shadow_in, self.cfg.fix_variance)
+                            shadow_in, self.cfg.fix_variance,
+                            pop_confidences=self.population.get(rnd),
+                            pop_shadow_conf=None if pop_conf is None else pop_conf[rnd],
+                            rmia_a=self.cfg.rmia_a, rmia_gamma=self.cfg.rmia_gamma)
             scores: dict[str, np.ndarray] = {}
             for attack in self.attacks.values():
                 scores.update(attack(inp))
             by_round.append({"round": rnd, "global_test_accuracy": acc,
                              **{k: attack_metrics(s, self.is_member) for k, s in scores.items()}})
             final_scores = scores
+        self.final_scores = final_scores
         curves = {}
         for name, s in final_scores.items():
             fpr, tpr = roc_points(s, self.is_member)
@@ -449,6 +503,9 @@ class PrivacyAudit:
                 "nonmembers": int((~self.is_member).sum()),
                 "members_from": "participating clients' local training samples",
                 "nonmembers_from": NONMEMBERS_FROM,
+                **({"population": len(self.test_xy[1]), "population_from": POPULATION_FROM,
+                    "rmia_a": self.cfg.rmia_a, "rmia_gamma": self.cfg.rmia_gamma}
+                   if self.needs_population else {}),
             },
             "shadows": {"count": self.cfg.shadows, "fix_variance": self.cfg.fix_variance,
                         "reseed": self.cfg.shadow_reseed, "engine": "inprocess",
@@ -457,12 +514,15 @@ class PrivacyAudit:
             "roc_png": ROC_PNG,
         }
 
-    def _shadows(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Train the shadow federations; their pool confidences at every audited round."""
+    def _shadows(self) -> tuple[dict[int, np.ndarray], np.ndarray, dict[int, np.ndarray] | None]:
+        """Train the shadow federations; their pool confidences at every audited round (and
+        their population confidences, when an attack needs a population)."""
         k = self.cfg.shadows
         masks = self.pool.shadow_masks(k, self.scenario.seed)
         shadow_in = np.concatenate([masks[c] for c in self.pool.clients], axis=1)
         conf = {rnd: np.zeros((k, len(self.is_member))) for rnd in self.target}
+        pop = ({rnd: np.zeros((k, len(self.test_xy[1]))) for rnd in self.target}
+               if self.needs_population else None)
         for i in range(k):
             shadow = self.scenario
             if self.cfg.shadow_reseed:
@@ -473,9 +533,11 @@ class PrivacyAudit:
             def on_replies(rnd, _replies, arrays, i=i):
                 if rnd in conf:
                     conf[rnd][i] = self._outputs(arrays, *self.pool_xy)[1]
+                    if pop is not None:
+                        pop[rnd][i] = self._outputs(arrays, *self.test_xy)[1]
 
             train_federation(shadow, data, on_replies)
-        return conf, shadow_in
+        return conf, shadow_in, pop
 
     def _leakage_summary(self) -> dict:
         uploaded = self.leak_rows[0]["uploaded"] if self.leak_rows else {}

@@ -7,13 +7,19 @@ read off scikit-learn's ROC curve, plus a log-log ROC plot.
 Score convention everywhere in :mod:`fedsim.privacy`: a *higher* score means "more likely a
 member".
 
-TPR at FPR ``x`` is ``tpr[np.where(fpr <= x)[0][-1]]``: the TPR of the last (hence largest)
-ROC point whose FPR is at most ``x``. This is the rule of ML Privacy Meter's
+TPR at FPR ``x`` is ``max(tpr[fpr <= x])``: the largest TPR of an ROC point whose FPR is at most
+``x`` (on a non-decreasing ROC, the last such point). This is the rule of ML Privacy Meter's
 ``compute_attack_results`` (``privacytrustlab/ml_privacy_meter``, ``audit.py``), which also
 defines TPR at 0% FPR. LiRA's reference plotting code (``tensorflow/privacy``,
 ``research/mi_lira_2021/plot.py``) uses the strict ``fpr < x``; the two differ only when an ROC
 point lies exactly at FPR ``x`` (e.g. 0.01 with 100·k non-members), and the strict form has no
 answer at ``x = 0``.
+
+Ties: every ROC here is ``roc_curve(..., drop_intermediate=False)``, one point per distinct
+score. The default ``drop_intermediate=True`` drops points that are collinear with their
+neighbours; under tied scores (integer losses, saturated confidences) those are exactly the
+points just below a low-FPR target, so TPR at 1% FPR came out low (0.154 instead of 0.198 on
+one tied case). ML Privacy Meter and LiRA's plotting code keep the default and share the flaw.
 """
 
 from __future__ import annotations
@@ -45,21 +51,24 @@ def _check(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def roc_points(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ROC curve ``(fpr, tpr)`` of an attack (``sklearn.metrics.roc_curve``).
+    """Return the ROC curve ``(fpr, tpr)`` of an attack: one point per distinct score
+    (``sklearn.metrics.roc_curve`` with ``drop_intermediate=False``, see the module docstring).
 
     The first point is (0, 0); both arrays are non-decreasing.
     """
     s, m = _check(scores, is_member)
-    fpr, tpr, _ = roc_curve(m, s)
+    fpr, tpr, _ = roc_curve(m, s, drop_intermediate=False)
     return fpr, tpr
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
-    """TPR of the last ROC point with FPR ``<= max_fpr`` (ML Privacy Meter's rule).
+    """The largest TPR over ROC points with FPR ``<= max_fpr`` (ML Privacy Meter's rule).
 
     ``roc_curve`` always starts at (0, 0), so a point exists for every ``max_fpr >= 0``.
+    Pass every point (:func:`roc_points`); a curve with collinear points dropped reads low.
     """
-    return float(tpr[np.where(fpr <= max_fpr)[0][-1]])
+    fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+    return float(tpr[fpr <= max_fpr].max())
 
 
 def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
@@ -79,7 +88,7 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float
     ``tpr_at_fpr_0`` (see the module docstring for the rule).
     """
     s, m = _check(scores, is_member)
-    fpr, tpr, _ = roc_curve(m, s)
+    fpr, tpr, _ = roc_curve(m, s, drop_intermediate=False)
     out = {
         "auc": float(roc_auc_score(m, s)),
         "balanced_accuracy": float(np.max((tpr + 1.0 - fpr) / 2.0)),

@@ -76,8 +76,10 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     notes = strategy_summaries(strategy)
     if personal is not None:
         notes.update(personal.fedsim_summary())
-    if audit is not None:
-        notes["privacy"] = audit.finish(arrays)
+    if audit is not None:  # after the strategy's notes: the audit reads the DP accountants
+        from fedsim.privacy.audit_epsilon import accountant_claims
+
+        notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(notes))
     for key, value in notes.items():
         sink.note(key, value)
     sink.finish(arrays, model)

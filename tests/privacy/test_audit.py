@@ -14,7 +14,7 @@ from fedsim.privacy.audit import MembershipPool, ShadowData, train_federation
 TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=3",
         "partition.holdout_clients=0.2", "partition.test_fraction=0.5", "model.width=8",
         "client.epochs=1"]
-AUDIT = ['privacy.mia=["loss","lira"]', "privacy.shadows=2", "privacy.fix_variance=true",
+AUDIT = ['privacy.mia=["loss","lira","rmia"]', "privacy.shadows=2", "privacy.fix_variance=true",
          "privacy.audit_every=1", "privacy.client_mia=true", "privacy.leakage=true",
          "privacy.inversion=true", "privacy.inversion_steps=20", "privacy.inversion_batch=2"]
 
@@ -31,7 +31,7 @@ def in_unit(x):
 
 def test_summary_has_every_privacy_key_in_range(audited):
     p = json.loads((audited.path / "summary.json").read_text())["privacy"]
-    assert set(p["mia"]) == {"loss", "lira_online", "lira_offline"}
+    assert set(p["mia"]) == {"loss", "lira_online", "lira_offline", "rmia"}
     for metrics in p["mia"].values():
         for key in ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"):
             assert in_unit(metrics[key]), key
@@ -39,6 +39,8 @@ def test_summary_has_every_privacy_key_in_range(audited):
     assert [r["round"] for r in p["mia_by_round"]] == [1, 2] and p["mia_round"] == 2
     pool = p["mia_pool"]
     assert pool["members"] == pool["nonmembers"] > 0 and pool["clients"] == 5
+    assert pool["population"] > 0 and pool["rmia_a"] == 0.3 and pool["rmia_gamma"] == 1.0
+    assert "audited_epsilon" not in p  # no DP, no accountant to audit
     assert p["shadows"]["count"] == 2 and p["shadows"]["engine"] == "inprocess"
     cm = p["client_mia"]
     assert cm["round"] == 2 and cm["auc"]["n"] == 3 and len(cm["per_client"]) == 3
@@ -82,6 +84,10 @@ def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
     (["privacy.client_round=9", "privacy.client_mia=true"], "privacy.client_round = 9"),
     (['privacy.mia=["lira"]', "privacy.shadows=1"], "privacy.shadows"),
     (["privacy.bn_mode=test"], "privacy.bn_mode"),
+    (['privacy.mia=["rmia"]', "privacy.shadows=1"], "privacy.shadows"),
+    (["privacy.rmia_a=1.5"], "privacy.rmia_a"),
+    (["privacy.rmia_gamma=0"], "privacy.rmia_gamma"),
+    (["privacy.audit_confidence=1.0"], "privacy.audit_confidence"),
 ])
 def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
     with pytest.raises(ScenarioError, match=pattern):
@@ -134,3 +140,17 @@ def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
     train_federation(scn, shadow, on_replies)
     assert seen[0] == [] and len(seen[1]) == len(seen[2]) == 3
     assert not set(seen[1] + seen[2]) & set(data.holdout)
+
+
+def test_audited_epsilon_never_exceeds_the_accountants(tmp_path):
+    dp = ['privacy.mia=["loss"]', "server.dp.kind=fixed", "server.dp.noise_multiplier=1.0"]
+    result = fedsim.run("scenarios/quickstart.toml", TINY + dp, out=tmp_path / "dp")
+    summary = json.loads((result.path / "summary.json").read_text())
+    eps = summary["dp"]["privacy_spent"]["epsilon"]
+    audited = summary["privacy"]["audited_epsilon"]
+    assert audited["accountant_epsilon"] == eps and audited["accountant_unit"] == "client"
+    assert audited["unit"] == "sample" and audited["comparable_epsilon"] == 2 * eps
+    assert audited["accountant_delta"] == summary["dp"]["privacy_spent"]["delta"]
+    loss = audited["loss"]
+    assert 0.0 <= loss["epsilon_lower_bound"] <= eps
+    assert loss["n_members"] == summary["privacy"]["mia_pool"]["members"]

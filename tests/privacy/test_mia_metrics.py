@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from scipy.stats import norm
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points, tpr_at_fpr
 
@@ -93,3 +93,46 @@ def test_plot_roc_writes_a_png(tmp_path):
     fpr, tpr = roc_points(SCORES, IS_MEMBER)
     path = plot_roc({"loss": (fpr, tpr, 0.75)}, tmp_path / "sub" / "roc.png", title="demo")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- tied scores -------------------------------------------------------------------------
+
+
+def brute_force_tpr_at_fpr(scores, is_member, max_fpr):
+    """Every distinct threshold t: TPR = mean(member >= t), FPR = mean(non-member >= t)."""
+    s_in, s_out = scores[is_member], scores[~is_member]
+    best = 0.0
+    for t in np.unique(scores):
+        if np.mean(s_out >= t) <= max_fpr:
+            best = max(best, float(np.mean(s_in >= t)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tied_scores_match_a_brute_force_threshold_sweep(seed):
+    rng = np.random.default_rng(seed)
+    n = 1000
+    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    # Integer scores with many ties; members shifted up so low FPRs have something to find.
+    scores = np.r_[rng.binomial(12, 0.55, n), rng.binomial(12, 0.45, n)].astype(float)
+    fpr, tpr = roc_points(scores, is_member)
+    m = attack_metrics(scores, is_member)
+    for x in (1e-2, 5e-2, 0.1, 0.3, 1e-3, 0.0):
+        expected = brute_force_tpr_at_fpr(scores, is_member, x)
+        assert tpr_at_fpr(fpr, tpr, x) == pytest.approx(expected, abs=1e-12)
+    assert m["tpr_at_fpr_1e-2"] == pytest.approx(brute_force_tpr_at_fpr(scores, is_member, 1e-2))
+    assert m["auc"] == pytest.approx(roc_auc_score(is_member, scores), abs=1e-12)
+    # One point per distinct score, plus the origin.
+    assert len(fpr) == len(np.unique(scores)) + 1
+
+
+def test_dropping_collinear_points_would_read_low_on_ties():
+    """The default roc_curve loses the ROC point a low-FPR read needs (hence the fix)."""
+    # ROC (0,0) (.01,.05) (.02,.10) (.03,.15) (1,1): sklearn drops the collinear (.02,.10).
+    levels = np.array([4.0, 3.0, 2.0, 1.0])
+    scores = np.r_[np.repeat(levels, [5, 5, 5, 85]), np.repeat(levels, [1, 1, 1, 97])]
+    is_member = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    dropped_fpr, dropped_tpr, _ = roc_curve(is_member, scores)
+    fpr, tpr = roc_points(scores, is_member)
+    assert tpr_at_fpr(fpr, tpr, 0.02) == brute_force_tpr_at_fpr(scores, is_member, 0.02) == 0.1
+    assert tpr_at_fpr(dropped_fpr, dropped_tpr, 0.02) == 0.05
