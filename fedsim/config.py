@@ -407,7 +407,10 @@ class ClaimConfig:
 
     ``a`` and ``b`` fix sweep axes (dotted keys, e.g. ``{"model.norm" = "gn"}``); cells are
     paired on every other axis (seed included). ``metric`` is a dotted path into each cell's
-    ``summary.json``; ``at`` reads it at the final round or at matched test accuracy. Whether
+    ``summary.json``; ``at`` reads it at the final round or at matched test accuracy.
+    ``metric_b`` (default: ``metric``) is read from arm b instead, so two measurements of the
+    same cells compare too (``a = b = {}``: every cell paired with itself, e.g. LiRA's TPR
+    against the loss attack's). Whether
     the axes, values and metric exist is checked against the sweep by
     :func:`fedsim.report.claims.check_claims`, not here.
     """
@@ -418,6 +421,7 @@ class ClaimConfig:
     b: dict[str, Any] = field(default_factory=dict)
     expect: str = "a > b"
     at: str = "final"
+    metric_b: str = ""  # arm b's metric ("" = metric)
 
     def __post_init__(self) -> None:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -448,18 +452,21 @@ def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
     _check(claim["expect"] in CLAIM_EXPECT, f"{k}.expect", f"use one of {list(CLAIM_EXPECT)}",
            claim["expect"])
     _check(claim["at"] in CLAIM_AT, f"{k}.at", f"use one of {list(CLAIM_AT)}", claim["at"])
+    two_metrics = claim.get("metric_b", "") not in ("", claim["metric"])
     arms = {}
     for arm in ("a", "b"):
         flat = _flatten(claim[arm])  # a = { model = { norm = "gn" } } -> "model.norm"
-        if not flat:
+        if not flat and not two_metrics:
             raise ScenarioError(f"{k}.{arm} must fix at least one sweep axis, e.g. "
-                                f"{arm} = {{ \"model.norm\" = \"gn\" }}")
+                                f"{arm} = {{ \"model.norm\" = \"gn\" }} (or compare two "
+                                "metrics of the same cells with metric_b)")
         arms[arm] = flat
     if set(arms["a"]) != set(arms["b"]):
         raise ScenarioError(f"{k}: a and b must fix the same axes (a fixes {sorted(arms['a'])}, "
                             f"b fixes {sorted(arms['b'])})")
-    if arms["a"] == arms["b"]:
-        raise ScenarioError(f"{k}: a and b select the same cells; make them differ")
+    if arms["a"] == arms["b"] and not two_metrics:
+        raise ScenarioError(f"{k}: a and b select the same cells; make them differ, or set "
+                            "metric_b to compare two metrics of the same cells")
     return arms
 
 

@@ -115,26 +115,36 @@ def check_claims(base: Scenario, cells: Sequence[Any]) -> None:
                     raise ScenarioError(
                         f"{k}.{arm}: {key} = {value!r} is not among the axis values "
                         f"{grid[key]}; add it to sweep.{key} or fix the claim")
-        if not known_metric(claim.metric):
-            raise ScenarioError(
-                f"{k}.metric {claim.metric!r} is not a number summary.json holds; use e.g. "
-                "final.global_test_accuracy, final.client_accuracy.p10, "
-                "generalization.participation_gap, privacy.mia.loss.auc, "
-                "privacy.client_mia.auc.mean (the list: fedsim.report.claims.SUMMARY_METRICS)")
-        if claim.at == "matched_accuracy" and per_round(claim.metric) is None:
-            raise ScenarioError(
-                f"{k}.metric {claim.metric!r} has no per-round record, so it cannot be read "
-                "at matched accuracy; use at = \"final\", or a final.*, generalization.* or "
-                "privacy.mia.<attack>.* metric")
-        for prefix, (measured, fix) in _NEEDS.items():
-            if not claim.metric.startswith(prefix):
-                continue
-            for cell in cells:
-                in_arms = _in_arm(cell.params, claim.a) or _in_arm(cell.params, claim.b)
-                if in_arms and not measured(cell.scenario):
-                    raise ScenarioError(
-                        f"{k}.metric {claim.metric!r}: sweep cell {cell.name} does not "
-                        f"measure it; set {fix}")
+        for field, metric, arm in (("metric", claim.metric, claim.a),
+                                   ("metric_b", metric_of_b(claim), claim.b)):
+            _check_metric(f"{k}.{field}", metric, claim.at, arm, cells)
+
+
+def metric_of_b(claim: ClaimConfig) -> str:
+    """The metric read from arm b: ``metric_b`` when set, else ``metric``."""
+    return claim.metric_b or claim.metric
+
+
+def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any]) -> None:
+    if not known_metric(metric):
+        raise ScenarioError(
+            f"{where} {metric!r} is not a number summary.json holds; use e.g. "
+            "final.global_test_accuracy, final.client_accuracy.p10, "
+            "generalization.participation_gap, privacy.mia.loss.auc, "
+            "privacy.client_mia.auc.mean (the list: fedsim.report.claims.SUMMARY_METRICS)")
+    if at == "matched_accuracy" and per_round(metric) is None:
+        raise ScenarioError(
+            f"{where} {metric!r} has no per-round record, so it cannot be read "
+            "at matched accuracy; use at = \"final\", or a final.*, generalization.* or "
+            "privacy.mia.<attack>.* metric")
+    for prefix, (measured, fix) in _NEEDS.items():
+        if not metric.startswith(prefix):
+            continue
+        for cell in cells:
+            if _in_arm(cell.params, arm) and not measured(cell.scenario):
+                raise ScenarioError(
+                    f"{where} {metric!r}: sweep cell {cell.name} does not measure it; "
+                    f"set {fix}")
 
 
 # --------------------------------------------------------------------------- pairing
@@ -206,9 +216,9 @@ def read_pair(claim: ClaimConfig, a: dict, b: dict) -> dict:
     out: dict[str, Any] = {"a": a["cell"], "b": b["cell"]}
     if claim.at == "final":
         out["a_value"] = dotted(a["summary"], claim.metric.split("."))
-        out["b_value"] = dotted(b["summary"], claim.metric.split("."))
+        out["b_value"] = dotted(b["summary"], metric_of_b(claim).split("."))
         return out
-    sa, sb = _series(a, claim.metric), _series(b, claim.metric)
+    sa, sb = _series(a, claim.metric), _series(b, metric_of_b(claim))
     if not sa or not sb:
         out["a_value"] = out["b_value"] = None
         return out
@@ -233,7 +243,8 @@ def _test(diffs: list[float], level: float = 0.95) -> dict:
 def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
     """One claim's pairs, pooled test (95%) and per-setting tests, before Holm."""
     result: dict[str, Any] = {
-        "name": claim.name, "metric": claim.metric, "at": claim.at, "expect": claim.expect,
+        "name": claim.name, "metric": claim.metric, "metric_b": metric_of_b(claim),
+        "at": claim.at, "expect": claim.expect,
         "a": claim.a, "b": claim.b, "error": None, "missing": [], "pairs": [], "settings": [],
     }
     try:
@@ -327,8 +338,14 @@ def claim_details(r: dict) -> list[str]:
     """Sub-bullets: what is compared, per-setting intervals, cells missing the metric."""
     arm = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
     where = "at the final round" if r["at"] == "final" else "at matched test accuracy"
-    lines = [f"`{r['metric']}` {where}; a = {arm(r['a'])}, b = {arm(r['b'])}; expected "
-             f"{r['expect']}"]
+    if r.get("metric_b", r["metric"]) != r["metric"]:  # two metrics of the same cells
+        what = f"a = `{r['metric']}`, b = `{r['metric_b']}` {where}"
+        if r["a"] or r["b"]:
+            what += f"; a on {arm(r['a']) or 'all cells'}, b on {arm(r['b']) or 'all cells'}"
+        lines = [f"{what}; expected {r['expect']}"]
+    else:
+        lines = [f"`{r['metric']}` {where}; a = {arm(r['a'])}, b = {arm(r['b'])}; expected "
+                 f"{r['expect']}"]
     for s in r["settings"]:
         ci = ("no interval" if s["ci_low"] is None
               else f"95% CI [{_num(s['ci_low'])}, {_num(s['ci_high'])}]")

@@ -1,11 +1,19 @@
 """Declared claims on hand-made rows: pairing, pooled and per-setting tests, Holm, verdicts."""
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from fedsim.config import ClaimConfig
 from fedsim.errors import ScenarioError
-from fedsim.report.claims import claim_line, evaluate_claims, known_metric, pair_rows, per_round
+from fedsim.report.claims import (
+    claim_details,
+    claim_line,
+    evaluate_claims,
+    known_metric,
+    pair_rows,
+    per_round,
+)
 
 
 def row(norm, seed, acc, batch=None, rounds=None, mia=None):
@@ -120,3 +128,27 @@ def test_metric_names():
     assert per_round("generalization.participation_gap") == (
         "rounds", ["generalization", "participation_gap"])
     assert per_round("privacy.inversion.psnr_db") is None
+
+
+def test_metric_b_compares_two_measurements_of_the_same_cells():
+    """a = b = {} with metric_b: every cell is paired with itself, a's metric against b's."""
+    rows = [{"cell": f"seed-{s}", "params": {"seed": s},
+             "summary": {"privacy": {"mia": {"lira_offline": {"tpr_at_fpr_1e-2": 0.03 + e},
+                                             "loss": {"tpr_at_fpr_1e-2": 0.01}}}}}
+            for s, e in enumerate([0.0, 0.01, 0.02, 0.005])]
+    c = ClaimConfig(name="LiRA beats loss", metric="privacy.mia.lira_offline.tpr_at_fpr_1e-2",
+                    metric_b="privacy.mia.loss.tpr_at_fpr_1e-2")
+    (r,) = evaluate_claims([c], rows)
+    diffs = [0.02, 0.03, 0.04, 0.025]
+    assert [p["a"] for p in r["pairs"]] == [p["b"] for p in r["pairs"]]
+    assert r["n_pairs"] == 4 and r["diff_mean"] == pytest.approx(np.mean(diffs))
+    assert r["p_value"] == pytest.approx(stats.ttest_1samp(diffs, 0).pvalue)
+    assert r["verdict"] == "supported"
+    assert "b = `privacy.mia.loss.tpr_at_fpr_1e-2`" in claim_details(r)[0]
+
+
+def test_same_arms_need_a_second_metric():
+    with pytest.raises(ScenarioError, match="metric_b"):
+        ClaimConfig(name="x", a={}, b={})
+    with pytest.raises(ScenarioError, match="metric_b"):
+        ClaimConfig(name="x", a={"seed": 0}, b={"seed": 0})
