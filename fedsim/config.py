@@ -433,7 +433,8 @@ class ClaimConfig:
         """Parse one ``[[claims]]`` table; errors name ``claims[i].key``."""
         hints = typing.get_type_hints(cls)
         fields = {f.name: getattr(cls(name="-", a={"x": 0}, b={"x": 1}), f.name)
-                  for f in dataclasses.fields(cls)}  # the defaults
+                  for f in dataclasses.fields(cls)}  # the defaults ...
+        fields.update(a={}, b={})  # ... but arms are the claim's own
         for key, value in raw.items():
             if key not in hints:
                 raise _unknown_key(cls, key, prefix)

@@ -154,3 +154,13 @@ def test_claim_arms_are_checked(tmp_path, a, b, pattern):
 def test_flatness_settings_are_checked(tmp_path, key, value, pattern):
     with pytest.raises(ScenarioError, match=pattern):
         load_scenario(write(tmp_path, f"[output]\n{key} = {value}"))
+
+
+def test_a_claim_without_arms_compares_two_metrics_of_the_same_cells(tmp_path):
+    text = ('[[claims]]\nname = "LiRA beats loss"\n'
+            'metric = "privacy.mia.lira_offline.tpr_at_fpr_1e-2"\n'
+            'metric_b = "privacy.mia.loss.tpr_at_fpr_1e-2"\n')
+    (claim,) = load_scenario(write(tmp_path, text)).claims
+    assert (claim.a, claim.b, claim.metric_b) == ({}, {}, "privacy.mia.loss.tpr_at_fpr_1e-2")
+    with pytest.raises(ScenarioError, match=r"claims\[0\].a must fix at least one sweep axis"):
+        load_scenario(write(tmp_path, '[[claims]]\nname = "no arms, one metric"\n'))

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import load_scenario
+from fedsim.report.claims import check_claims
 from fedsim.run import preflight
 from fedsim.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.toml"))
+STUDIES = sorted((ROOT / "scenarios" / "studies").glob("*.toml"))
 
 
 def test_the_shipped_scenarios_are_all_here():
@@ -26,3 +28,20 @@ def test_shipped_scenario_passes_preflight(path, tmp_path):
             preflight(cell.scenario)
     else:
         preflight(scenario)
+
+
+def test_the_studies_are_all_here():
+    assert {p.stem for p in STUDIES} >= {"norms_label_skew", "norms_leakage", "bn_small_batch",
+                                         "hybrid_alpha"}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_study_cells_and_claims_pass_the_checks_a_sweep_makes_first(path, tmp_path):
+    """What ``fedsim sweep`` checks before any cell runs: every cell validates, and every
+    claim names axes, values and metrics the cells have (preflight of one cell per study
+    keeps this fast; the sweep preflights them all)."""
+    study = load_scenario(path)
+    assert study.claims, "a study states what it tests"
+    cells = expand(study, tmp_path)
+    check_claims(study, cells)
+    preflight(cells[0].scenario)
