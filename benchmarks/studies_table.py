@@ -3,7 +3,7 @@
     python benchmarks/studies_table.py results/studies/*/
 
 For each sweep folder: the claims of ``report.json`` (verdict, a − b with its 95% and
-Holm-level intervals, p, Holm p, pairs, seeds needed) and the wall time of the invocation
+Holm-level intervals, p, Holm p, pairs, seeds needed) and the wall time of the invocations
 that ran its cells (``sweep.json``).
 """
 
@@ -28,10 +28,12 @@ def table(folder: Path) -> list[str]:
     runs = sweep.get("invocations") or []
     lines = [f"#### `{sweep['scenario']}`", ""]
     if runs:
-        last = runs[-1]
-        lines.append(f"{len(sweep['cells'])} cells; the last invocation ran "
-                     f"{len(last['ran'])} cells in {last['wall_seconds'] / 60:.1f} min wall "
-                     f"time with {last['workers']} worker(s) on {last['cpus']} CPUs.")
+        total = sum(r["wall_seconds"] for r in runs)
+        parts = " + ".join(f"{len(r['ran'])} cells in {r['wall_seconds'] / 60:.1f} min"
+                           for r in runs)
+        lines.append(f"{len(sweep['cells'])} cells, {total / 60:.1f} min wall time in all "
+                     f"({parts}; {runs[-1]['workers']} worker processes on "
+                     f"{runs[-1]['cpus']} CPUs).")
         lines.append("")
     lines += ["| claim | verdict | a − b | 95% CI | Holm-level CI | p | Holm p | pairs | "
               "seeds needed |", "|---|---|---|---|---|---|---|---|---|"]
