@@ -13,6 +13,10 @@ import numpy as np
 from scipy import stats as sps
 
 
+#: above this many paired seeds, :func:`seeds_needed` says None: no practical study detects it
+MAX_SEEDS = 10**6
+
+
 @dataclass(frozen=True)
 class PairedT:
     """A paired t-test of mean(a − b) = 0 with its two-sided interval at ``level``.
@@ -88,14 +92,19 @@ def seeds_needed(mean: float | None, sd: float | None, power: float = 0.8,
     The textbook normal approximation is n ≈ ((z_{1−α/2} + z_{power}) · sd / |mean|)²; with a
     few seeds the t quantiles are much wider, so this returns the smallest n ≥ 2 with
     n ≥ ((t_{1−α/2, n−1} + t_{power, n−1}) · sd / |mean|)² (it tends to the normal one for
-    large n). None without an effect or a spread to size it by.
+    large n). None without an effect or a spread to size it by, or when more than
+    ``MAX_SEEDS`` would be needed (no practical study would detect it).
     """
-    if mean is None or sd is None or mean == 0.0 or not math.isfinite(sd):
+    if mean is None or sd is None or not math.isfinite(sd):
+        return None
+    if abs(mean) <= 1e-12 * max(1.0, sd):  # no effect (a difference of rounding residue)
         return None
     ratio = sd / abs(mean)
     z = float(sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power))
     n = max(2, math.ceil((z * ratio) ** 2))
-    while n < 10**7:
+    if n > MAX_SEEDS:  # no practical number of seeds would detect it
+        return None
+    while n < MAX_SEEDS:
         t = float(sps.t.ppf(1 - alpha / 2, n - 1) + sps.t.ppf(power, n - 1))
         if n >= (t * ratio) ** 2:
             return n

@@ -72,3 +72,6 @@ def test_seeds_needed_is_the_smallest_n_the_t_power_formula_allows():
     assert math.ceil(z**2) <= n <= math.ceil(z**2) + 3  # close to the normal approximation
     assert seeds_needed(1.0, 0.01) == 2  # at least two
     assert seeds_needed(0.0, 0.1) is None and seeds_needed(0.1, None) is None
+    # a mean of rounding residue is no effect, and an effect a million seeds could not
+    # detect gets no number either (it once printed a 33-digit count)
+    assert seeds_needed(1e-19, 0.003) is None and seeds_needed(1e-5, 1.0) is None
