@@ -100,13 +100,22 @@ def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor],
     return grads, losses, logits
 
 
+def per_sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sample's gradient norm over all parameters together, ``(B,)``."""
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1).norm(dim=1)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-sample factors ``min(1, C / (‖g‖ + 1e-6))``: ``factor·‖g‖ < C`` always."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+
+
 def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Clip each sample's gradient (over all parameters) to norm ≤ ``max_grad_norm`` and sum
     over samples; returns the sums and the per-sample norms before clipping."""
-    flat = [g.flatten(1) for g in grads.values()]
-    norms = torch.cat(flat, dim=1).norm(dim=1) if flat else torch.zeros(0)
-    factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    norms = per_sample_norms(grads)
+    factor = clip_factors(norms, max_grad_norm)
     summed = {k: torch.einsum("b,b...->...", factor.to(g.dtype), g) for k, g in grads.items()}
     return summed, norms
 
