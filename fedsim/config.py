@@ -107,8 +107,44 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ClientDPConfig:
+    """Sample-level DP-SGD on every client (``[client.dp]``; Abadi et al., CCS 2016).
+
+    Active when ``noise_multiplier > 0`` (a fixed σ) or ``target_epsilon > 0`` (σ calibrated
+    per client so that taking part in every one of ``server.rounds`` rounds spends exactly
+    ``target_epsilon``); set at most one. See :mod:`fedsim.client.dpsgd`.
+    """
+
+    noise_multiplier: float = 0.0  # σ: noise std / max_grad_norm on each step's clipped sum
+    max_grad_norm: float = 1.0  # C: each sample's whole gradient is clipped to this L2 norm
+    delta: float = 1e-5  # the δ of each client's (ε, δ); keep it below 1 / (client's samples)
+    target_epsilon: float = 0.0  # > 0: calibrate σ to this ε over server.rounds rounds
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "client.dp.noise_multiplier",
+               "it must be >= 0 (0 = off unless client.dp.target_epsilon is set)",
+               self.noise_multiplier)
+        _check(self.max_grad_norm > 0, "client.dp.max_grad_norm", "it must be > 0",
+               self.max_grad_norm)
+        _check(0 < self.delta < 1, "client.dp.delta", "it must be in (0, 1), e.g. 1e-5",
+               self.delta)
+        _check(self.target_epsilon >= 0, "client.dp.target_epsilon",
+               "it must be >= 0 (0 = use client.dp.noise_multiplier)", self.target_epsilon)
+        if self.noise_multiplier > 0 and self.target_epsilon > 0:
+            raise ScenarioError(
+                f"client.dp.noise_multiplier = {self.noise_multiplier!r} and "
+                f"client.dp.target_epsilon = {self.target_epsilon!r} are both set; set one "
+                "(target_epsilon calibrates the noise multiplier itself)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clients train with DP-SGD."""
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclass(frozen=True)
 class ClientConfig:
-    """Local training on each client (``[client]``)."""
+    """Local training on each client (``[client]``); ``[client.dp]``: DP-SGD."""
 
     epochs: int = 1
     local_steps: int = 0  # > 0: exactly this many SGD steps per round, cycling the data
@@ -116,6 +152,7 @@ class ClientConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    dp: ClientDPConfig = field(default_factory=ClientDPConfig)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "client.epochs", "it must be >= 1", self.epochs)

@@ -28,6 +28,24 @@ def check_names(scenario: Scenario) -> None:
     ENGINES.get(scenario.engine.kind, key="engine.kind")
     make_strategy(scenario)
     check_strategy_params(scenario)
+    check_client_dp(scenario)
+
+
+def check_client_dp(scenario: Scenario) -> None:
+    """Refuse ``[client.dp]`` (DP-SGD) with batch statistics or vectorized cohorts."""
+    if not scenario.client.dp.enabled:
+        return
+    from fedsim.client.dpsgd import BATCH_NORM_REFUSAL
+    from fedsim.models.norm import uses_batch_statistics
+
+    if uses_batch_statistics(scenario.model.norm):
+        raise ScenarioError(BATCH_NORM_REFUSAL.format(norm=scenario.model.norm))
+    if scenario.engine.vectorize:
+        raise ScenarioError(
+            "[client.dp] (DP-SGD) does not run in vectorized cohorts: engine.vectorize = true "
+            "trains clients with one vmap over the cohort, and per-sample gradients would need "
+            "a second vmap inside it, which fedsim's cohort trainer does not do; set "
+            "engine.vectorize = false")
 
 
 def check_strategy_params(scenario: Scenario) -> None:

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsim.arrays import load_record, state_to_record
+from fedsim.client import dpsgd
 from fedsim.client.failures import error_reply  # also registers the "crash" client hook
 from fedsim.client.hooks import HookContext, hooks_for
 from fedsim.client.runtime import client_runtime
@@ -49,15 +50,20 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     x, y = rt.data.client_train(cid)
     rnd = int(config.get("server-round", 0))
     gen = torch_generator(scenario.seed, "client-train", rnd, cid)
-    result = train_local(
-        model,
-        x.to(rt.device),
-        y.to(rt.device),
-        scenario.client,
-        gen,
-        hooks,
-        drop_singleton=uses_batch_statistics(scenario.model.norm),
-    )
+    dp_metrics = {}
+    if scenario.client.dp.enabled:
+        result, dp_metrics = _train_dpsgd(scenario, model, x.to(rt.device), y.to(rt.device),
+                                          gen, hooks, context)
+    else:
+        result = train_local(
+            model,
+            x.to(rt.device),
+            y.to(rt.device),
+            scenario.client,
+            gen,
+            hooks,
+            drop_singleton=uses_batch_statistics(scenario.model.norm),
+        )
     arrays = model.state_dict()
     for hook in hooks:
         arrays = hook.on_reply(model, arrays)
@@ -66,6 +72,7 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
+            **dp_metrics,
         }
     )
     content = RecordDict(
@@ -76,6 +83,27 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _train_dpsgd(scenario: Scenario, model, x, y, gen, hooks, context: Context):
+    """DP-SGD for one round (:mod:`fedsim.client.dpsgd`); the client's steps so far live in
+    its ``Context.state``. Returns the result and the reply's DP metrics (ε so far)."""
+    cfg = scenario.client
+    if uses_batch_statistics(scenario.model.norm):  # checked before training too (validate)
+        raise ValueError(dpsgd.BATCH_NORM_REFUSAL.format(norm=scenario.model.norm))
+    sigma = dpsgd.noise_multiplier_for(cfg, scenario.server.rounds, len(x))
+    result = dpsgd.train_dpsgd(model, x, y, cfg, sigma, gen, hooks)
+    state = get_record(context.state, dpsgd.STATE_KEY, ConfigRecord)
+    steps = int(state["steps"]) if state is not None else 0
+    steps += result.steps
+    context.state[dpsgd.STATE_KEY] = ConfigRecord({"steps": steps})
+    q = dpsgd.plan(len(x), cfg).sampling_rate
+    return result, {
+        dpsgd.EPSILON_METRIC: dpsgd.client_epsilon(sigma, q, steps, cfg.dp.delta),
+        dpsgd.NOISE_METRIC: float(sigma),
+        dpsgd.RATE_METRIC: float(q),
+        dpsgd.STEPS_METRIC: steps,
+    }
 
 
 def handle_evaluate(msg: Message, context: Context, scenario: Scenario,

@@ -18,6 +18,7 @@ from torch import nn
 from fedsim.arrays import load_record
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
+from fedsim.server.client_dp import summarize_client_dp
 
 
 def _finite(obj):
@@ -84,6 +85,9 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
             f.get("reason") for r in trained for f in r.get("failures", [])).items())),
         "engine": scenario.engine.kind,
     }
+    client_dp = summarize_client_dp(trained, scenario)
+    if client_dp is not None:  # [client.dp]: DP-SGD on the clients
+        summary["client_dp"] = client_dp
     if "hybrid_alpha" in last:
         summary["hybrid_alpha"] = last["hybrid_alpha"]
     for key in ("personalized_accuracy", "personalized_holdout_accuracy",

@@ -37,6 +37,7 @@ from fedsim.config import Scenario
 from fedsim.errors import RunStopped
 from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
+from fedsim.server.client_dp import round_client_dp
 
 log = logging.getLogger("fedsim")
 
@@ -308,6 +309,7 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
         "attempts": phase.attempts,
         "sim_seconds": phase.sim_seconds,
         "local_steps": _steps_taken(phase.accepted),
+        **round_client_dp(phase.accepted),
     })
     with sampling_seed(scenario.seed, "aggregate-train", rnd):
         agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario, rnd,

@@ -1,0 +1,221 @@
+"""Sample-level DP-SGD on one client (Abadi et al., CCS 2016), the mechanism Opacus implements.
+
+Each step of a round:
+
+1. **Poisson sampling**: every local sample joins the step's batch independently with
+   probability ``q = min(1, batch_size / n)`` (``n``: the client's training samples), drawn
+   from the client's derived generator. A batch may be empty; the step still adds noise
+   (that is the mechanism the accountant analyses).
+2. **Per-sample gradients** with ``torch.func``: ``vmap(grad(loss of one sample))`` over the
+   batch, through ``functional_call`` on the model's parameters and buffers. Each sample is
+   its own batch of one, which is exact for per-sample norms (GN, IN, LN, none); BatchNorm
+   is refused before training (a sample's output depends on its batch peers).
+3. **Clip** each sample's whole gradient (all parameters together) to L2 norm ≤ C
+   (``max_grad_norm``), with Opacus's factor ``min(1, C / (‖g‖ + 1e-6))``; **sum**.
+4. **Noise**: add N(0, σ²C²) to every coordinate of the sum and divide by the *expected*
+   batch size ``q·n`` (as Opacus does for Poisson batches), so the sensitivity stays C / (q·n).
+5. **Step**: ``torch.optim.SGD`` with the client's lr, momentum and weight decay (as
+   :func:`fedsim.client.train.train_local`). Client hooks' ``extra_loss`` terms (FedProx's
+   proximal term, SCAFFOLD's correction) see only the model, not the data: their gradient is
+   added to the privatized one, unclipped — post-processing, like every other hook method.
+
+A round takes ``client.local_steps`` steps if > 0, else ``client.epochs × ceil(n / batch_size)``.
+The client's ε composes the Poisson-subsampled Gaussian mechanism (rate q, σ) over all steps
+it has taken in the rounds it joined (:func:`client_epsilon`). Not covered: the metrics a
+client reports in the clear (training loss and accuracy, its number of samples).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedsim.client.hooks import ClientHook
+from fedsim.client.train import TrainResult
+from fedsim.config import ClientConfig
+
+#: Opacus's stabilizer in the clipping factor C / (‖g‖ + eps)
+CLIP_EPS = 1e-6
+
+#: why DP-SGD refuses a norm layer with batch statistics (``{norm}``: model.norm), as Opacus does
+BATCH_NORM_REFUSAL = (
+    "[client.dp] (DP-SGD) cannot train model.norm = {norm!r}: a sample's output depends on the "
+    "other samples in its batch through the batch statistics, so clipping each sample's "
+    "gradient does not bound its influence on the update; use model.norm = \"gn\" (or \"in\", "
+    "\"ln\")")
+
+#: the client-state key holding a client's DP-SGD steps so far
+STATE_KEY = "dpsgd"
+
+#: reply-metric keys (read by :mod:`fedsim.server.client_dp`)
+EPSILON_METRIC = "dp_epsilon"
+NOISE_METRIC = "dp_noise_multiplier"
+RATE_METRIC = "dp_sampling_rate"
+STEPS_METRIC = "dp_steps"
+
+
+@dataclass(frozen=True)
+class DPSGDPlan:
+    """The DP-SGD schedule of one client: sampling rate and steps per round."""
+
+    sampling_rate: float  # q = min(1, batch_size / n)
+    steps: int  # per round: local_steps, or epochs * ceil(n / batch_size)
+
+
+def plan(n: int, cfg: ClientConfig) -> DPSGDPlan:
+    """The Poisson rate and the steps per round of a client with ``n`` training samples."""
+    if n <= 0:
+        return DPSGDPlan(0.0, 0)
+    q = min(1.0, cfg.batch_size / n)
+    steps = cfg.local_steps if cfg.local_steps > 0 else cfg.epochs * math.ceil(n / cfg.batch_size)
+    return DPSGDPlan(q, steps)
+
+
+def poisson_batch(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson sample: each of ``n`` samples kept independently with prob. ``q``."""
+    keep = torch.rand(n, generator=generator, device=generator.device) < q
+    return keep.nonzero().squeeze(1)
+
+
+def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor],
+                     buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the cross-entropy, ``{name: (B, *shape)}``, with each sample's
+    loss ``(B,)`` and logits ``(B, classes)``. Each sample runs through the model alone."""
+
+    def loss_one(p, b, xi, yi):
+        logits = functional_call(model, (p, b), (xi.unsqueeze(0),))
+        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        return loss, (loss.detach(), logits.squeeze(0).detach())
+
+    grads, (losses, logits) = vmap(grad(loss_one, has_aux=True), in_dims=(None, None, 0, 0))(
+        params, buffers, x, y)
+    return grads, losses, logits
+
+
+def per_sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sample's gradient norm over all parameters together, ``(B,)``."""
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1).norm(dim=1)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-sample factors ``min(1, C / (‖g‖ + 1e-6))``: ``factor·‖g‖ < C`` always."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip each sample's gradient (over all parameters) to norm ≤ ``max_grad_norm`` and sum
+    over samples; returns the sums and the per-sample norms before clipping."""
+    norms = per_sample_norms(grads)
+    factor = clip_factors(norms, max_grad_norm)
+    summed = {k: torch.einsum("b,b...->...", factor.to(g.dtype), g) for k, g in grads.items()}
+    return summed, norms
+
+
+def privatize(summed: dict[str, torch.Tensor], noise_multiplier: float, max_grad_norm: float,
+              expected_batch: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``(sum + N(0, σ²C²)) / expected_batch`` per coordinate; noise from ``generator``."""
+    std = noise_multiplier * max_grad_norm
+    out = {}
+    for k, s in summed.items():
+        noise = torch.normal(0.0, std, s.shape, generator=generator, device=generator.device,
+                             dtype=s.dtype) if std > 0 else torch.zeros_like(s)
+        out[k] = (s + noise.to(s.device)) / expected_batch
+    return out
+
+
+def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,
+                noise_multiplier: float, generator: torch.Generator,
+                hooks: Sequence[ClientHook] = ()) -> TrainResult:
+    """One round of DP-SGD on (x, y) in place (see the module docstring); ``generator`` draws
+    the Poisson batches and the noise. Returns the mean loss / accuracy over sampled examples."""
+    model.train()
+    for hook in hooks:
+        hook.before_train(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    n = len(x)
+    schedule = plan(n, cfg)
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen = 0
+    for _ in range(schedule.steps):
+        idx = poisson_batch(n, schedule.sampling_rate, generator).to(x.device)
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        if len(idx):
+            grads, losses, logits = per_sample_grads(model, params, buffers, x[idx], y[idx])
+            summed, _ = clip_and_sum(grads, cfg.dp.max_grad_norm)
+            total_loss += losses.double().sum()
+            correct += (logits.argmax(1) == y[idx]).sum()
+            seen += len(idx)
+        else:  # an empty Poisson batch: the noise alone
+            summed = {k: torch.zeros_like(p) for k, p in params.items()}
+        noisy = privatize(summed, noise_multiplier, cfg.dp.max_grad_norm,
+                          schedule.sampling_rate * n, generator)
+        opt.zero_grad(set_to_none=True)
+        extra = [e for e in (h.extra_loss(model) for h in hooks) if e is not None]
+        if extra:  # data-independent terms (post-processing): their gradient, unclipped
+            sum(extra).backward()
+        for k, p in model.named_parameters():
+            if k in noisy:
+                p.grad = noisy[k] if p.grad is None else p.grad + noisy[k]
+        opt.step()
+        for hook in hooks:
+            hook.after_step(model, cfg.lr)
+    if seen == 0:  # every Poisson batch was empty (or no data): nothing to report on
+        nan = float("nan") if n == 0 else 0.0  # NaN would make the server reject the update
+        return TrainResult(nan, nan, n, schedule.steps)
+    return TrainResult(total_loss.item() / seen, correct.item() / seen, n, schedule.steps)
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@functools.lru_cache(maxsize=4096)
+def client_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
+                   delta: float) -> float:
+    """ε of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism at rate
+    ``sampling_rate`` and noise ``noise_multiplier``, at ``delta``."""
+    from fedsim.privacy.accountant import privacy_spent  # a pure-math leaf
+
+    return privacy_spent(sampling_rate, noise_multiplier, steps, delta).epsilon
+
+
+@functools.lru_cache(maxsize=1024)
+def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int,
+                    delta: float) -> float:
+    """The smallest σ (to 0.1%) whose ε after ``steps`` steps is ≤ ``target_epsilon``."""
+    if steps == 0 or sampling_rate == 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while client_epsilon(hi, sampling_rate, steps, delta) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches ε = {target_epsilon}")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        if client_epsilon(mid, sampling_rate, steps, delta) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def noise_multiplier_for(cfg: ClientConfig, rounds: int, n: int) -> float:
+    """σ of a client with ``n`` samples: ``client.dp.noise_multiplier``, or calibrated so that
+    joining all ``rounds`` rounds (an upper bound on its participation) spends
+    ``client.dp.target_epsilon``."""
+    if cfg.dp.target_epsilon <= 0:
+        return cfg.dp.noise_multiplier
+    schedule = plan(n, cfg)
+    return calibrate_noise(cfg.dp.target_epsilon, schedule.sampling_rate,
+                           schedule.steps * rounds, cfg.dp.delta)

@@ -1,0 +1,167 @@
+"""``[client.dp]``: DP-SGD's per-sample clipping, noise, refusals and per-client ε."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedsim
+from fedsim.client import dpsgd
+from fedsim.client.runtime import client_runtime
+from fedsim.config import ClientConfig, ClientDPConfig, ScenarioError, load_scenario
+from fedsim.models import build_model
+from fedsim.privacy.accountant import privacy_spent
+
+QUICKSTART = "scenarios/quickstart.toml"
+DP = ["client.dp.noise_multiplier=1.0", "client.dp.max_grad_norm=1.0"]
+
+
+def _model_and_batch(norm: str, n: int = 7, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("cnn", norm, in_channels=1, image_size=8, num_classes=10,
+                        width=8, groups=4).double().train()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (n,), generator=g)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    return model, params, x, y
+
+
+@pytest.mark.parametrize("norm", ["gn", "in", "ln", "none"])
+def test_no_clipped_per_sample_gradient_exceeds_the_bound(norm):
+    model, params, x, y = _model_and_batch(norm)
+    grads, _, _ = dpsgd.per_sample_grads(model, params, {}, x, y)
+    norms = dpsgd.per_sample_norms(grads)
+    for c in (1e-3, 0.5, 1e3):  # all clipped / some / none
+        clipped = dpsgd.clip_factors(norms, c) * norms
+        assert (clipped <= c).all()
+        small = norms < c  # a gradient already inside the ball is (nearly) untouched
+        assert torch.allclose(clipped[small], norms[small], rtol=c * 1e-6 / norms.min())
+    # the clipped norms are those of the clipped gradients themselves
+    factor = dpsgd.clip_factors(norms, 1e-3)
+    scaled = {k: g * factor.view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
+    assert (dpsgd.per_sample_norms(scaled) <= 1e-3).all()
+
+
+@pytest.mark.parametrize("norm", ["gn", "in", "ln"])
+def test_clipped_sum_equals_a_naive_per_sample_loop_without_noise(norm):
+    """σ = 0: vmap(grad) + clipping equals autograd on each sample alone (float64)."""
+    model, params, x, y = _model_and_batch(norm)
+    c = 0.5
+    grads, losses, _ = dpsgd.per_sample_grads(model, params, {}, x, y)
+    summed, _ = dpsgd.clip_and_sum(grads, c)
+    out = dpsgd.privatize(summed, 0.0, c, 3.5, torch.Generator().manual_seed(0))
+    want = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i in range(len(x)):
+        model.zero_grad()
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        assert loss.item() == pytest.approx(losses[i].item(), rel=1e-12)
+        loss.backward()
+        g = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        norm_i = math.sqrt(sum((v**2).sum().item() for v in g.values()))
+        factor = min(1.0, c / (norm_i + dpsgd.CLIP_EPS))
+        for k in want:
+            want[k] += factor * g[k]
+    for k in want:  # float64: a few ulps of the sums of ~100 products
+        torch.testing.assert_close(out[k], want[k] / 3.5, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_has_std_sigma_times_c_over_expected_batch():
+    sigma, c, expected = 1.3, 0.7, 4.0
+    n = 200_000
+    zero = {"a": torch.zeros(n // 2), "b": torch.zeros(n // 4, 2)}
+    out = dpsgd.privatize(zero, sigma, c, expected, torch.Generator().manual_seed(1))
+    noise = torch.cat([v.flatten() for v in out.values()]).double() * expected
+    std = sigma * c
+    # the sample std's standard error is std / sqrt(2n); the mean's is std / sqrt(n)
+    assert noise.std().item() == pytest.approx(std, abs=5 * std / math.sqrt(2 * n))
+    assert abs(noise.mean().item()) < 5 * std / math.sqrt(n)
+
+
+def test_poisson_plan_and_batches():
+    cfg = ClientConfig(batch_size=16, epochs=2)
+    assert dpsgd.plan(50, cfg) == dpsgd.DPSGDPlan(16 / 50, 2 * 4)  # 2 × ceil(50 / 16)
+    assert dpsgd.plan(10, cfg) == dpsgd.DPSGDPlan(1.0, 2)
+    assert dpsgd.plan(50, ClientConfig(batch_size=16, local_steps=5)).steps == 5
+    g = torch.Generator().manual_seed(0)
+    sizes = [len(dpsgd.poisson_batch(1000, 0.1, g)) for _ in range(200)]
+    mean = sum(sizes) / len(sizes)  # Binomial(1000, 0.1): mean 100, std 9.5
+    assert mean == pytest.approx(100, abs=5 * 9.5 / math.sqrt(200))
+
+
+def test_empty_poisson_batches_still_add_noise(monkeypatch):
+    model, _, x, y = _model_and_batch("gn", n=3)
+    cfg = ClientConfig(batch_size=1, local_steps=3, lr=0.1,
+                       dp=ClientDPConfig(noise_multiplier=1.0))
+    assert dpsgd.train_dpsgd(model, x[:0], y[:0], cfg, 1.0,
+                             torch.Generator().manual_seed(0)).steps == 0  # no data: no step
+    monkeypatch.setattr(dpsgd, "poisson_batch", lambda n, q, g: torch.zeros(0, dtype=torch.long))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = dpsgd.train_dpsgd(model, x, y, cfg, 1.0, torch.Generator().manual_seed(0))
+    assert result.steps == 3 and result.loss == 0.0  # finite: the server keeps the update
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("norm", ["bn", "hybrid"])
+def test_batch_statistics_are_refused_with_the_reason(norm):
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(QUICKSTART, [*DP, f"model.norm={norm}"])
+    msg = str(err.value)
+    assert "depends on the other samples in its batch" in msg
+    assert 'model.norm = "gn"' in msg
+
+
+def test_vectorized_cohorts_are_refused_naming_the_key():
+    with pytest.raises(ScenarioError, match=r"engine\.vectorize"):
+        load_scenario(QUICKSTART, [*DP, "engine.vectorize=true"])
+
+
+def test_config_needs_one_of_sigma_and_target():
+    assert not ClientDPConfig().enabled
+    assert ClientDPConfig(target_epsilon=2.0).enabled
+    with pytest.raises(ScenarioError, match="both set"):
+        ClientDPConfig(noise_multiplier=1.0, target_epsilon=2.0)
+    with pytest.raises(ScenarioError, match="max_grad_norm"):
+        ClientDPConfig(noise_multiplier=1.0, max_grad_norm=0.0)
+
+
+def test_calibrated_noise_spends_the_target():
+    q, steps, delta = 0.2, 40, 1e-5
+    sigma = dpsgd.calibrate_noise(3.0, q, steps, delta)
+    assert dpsgd.client_epsilon(sigma, q, steps, delta) <= 3.0
+    assert dpsgd.client_epsilon(sigma * 0.99, q, steps, delta) > 3.0
+
+
+def test_quickstart_with_dpsgd_reports_each_clients_epsilon(tmp_path):
+    """2 rounds, GN: each client's ε is the accountant's for the steps of the rounds it joined."""
+    out = tmp_path / "run"
+    scenario = load_scenario(QUICKSTART, [*DP, "server.rounds=2", "model.norm=gn"])
+    fedsim.run(scenario, out=out)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    trained = [r for r in rounds if r["round"] >= 1]
+    data = client_runtime(scenario).data
+    joined: dict[int, int] = {}
+    for r in trained:
+        for cid in r["clients"]:
+            joined[cid] = joined.get(cid, 0) + 1
+        eps = r["client_dp"]["epsilon"]
+        assert set(eps) == {str(c) for c in r["clients"]}
+        assert r["client_dp_epsilon_max"] == max(eps.values())
+        for cid in r["clients"]:
+            schedule = dpsgd.plan(len(data.client_train(cid)[1]), scenario.client)
+            want = privacy_spent(schedule.sampling_rate, 1.0, joined[cid] * schedule.steps,
+                                 1e-5).epsilon
+            assert eps[str(cid)] == pytest.approx(want, rel=1e-12)
+    assert max(joined.values()) == 2  # some client took part twice: composition is tested
+    summary = json.loads((out / "summary.json").read_text())["client_dp"]
+    latest = {}
+    for r in trained:
+        latest.update(r["client_dp"]["epsilon"])
+    assert summary["epsilon"]["max"] == pytest.approx(max(latest.values()))
+    assert summary["epsilon"]["mean"] == pytest.approx(sum(latest.values()) / len(latest))
+    assert summary["epsilon"]["clients"] == len(joined)
+    assert summary["noise_multiplier"] == {"min": 1.0, "max": 1.0}
+    assert summary["max_grad_norm"] == 1.0 and summary["delta"] == 1e-5
+    assert 0 < summary["sampling_rate"]["min"] <= summary["sampling_rate"]["max"] <= 1
