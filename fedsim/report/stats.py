@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-
 #: above this many paired seeds, :func:`seeds_needed` says None: no practical study detects it
 MAX_SEEDS = 10**6
 

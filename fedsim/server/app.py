@@ -22,6 +22,7 @@ from fedsim.data.federated import build_federated_data
 from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import RunStopped
+from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.loop import run_rounds
 from fedsim.server.personalized import (
@@ -79,7 +80,11 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     if audit is not None:  # after the strategy's notes: the audit reads the DP accountants
         from fedsim.privacy.audit_epsilon import accountant_claims
 
-        notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(notes))
+        dp_notes = dict(notes)  # sample-level DP-SGD's ε comes from the clients' replies
+        client_dp = summarize_client_dp(getattr(sink, "rounds", []), scenario)
+        if client_dp is not None:
+            dp_notes["client_dp"] = client_dp
+        notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(dp_notes))
     for key, value in notes.items():
         sink.note(key, value)
     sink.finish(arrays, model)

@@ -154,3 +154,15 @@ def test_audited_epsilon_never_exceeds_the_accountants(tmp_path):
     loss = audited["loss"]
     assert 0.0 <= loss["epsilon_lower_bound"] <= eps
     assert loss["n_members"] == summary["privacy"]["mia_pool"]["members"]
+
+
+def test_audited_epsilon_under_dp_sgd_reads_the_sample_level_accountant(tmp_path):
+    """[client.dp]: the accountant and the attack share the unit (a sample)."""
+    dp = ['privacy.mia=["loss"]', "client.dp.noise_multiplier=1.0", "model.norm=gn"]
+    result = fedsim.run("scenarios/quickstart.toml", TINY + dp, out=tmp_path / "dpsgd")
+    summary = json.loads((result.path / "summary.json").read_text())
+    eps = summary["client_dp"]["epsilon"]["max"]
+    audited = summary["privacy"]["audited_epsilon"]
+    assert audited["accountant_unit"] == "sample" and audited["comparable_epsilon"] == eps
+    assert audited["accountant_from"] == "client_dp.epsilon.max"
+    assert 0.0 <= audited["loss"]["epsilon_lower_bound"] <= eps
