@@ -27,9 +27,10 @@ generator; fedsim seeds it from ``(seed, "dp-noise", round)`` around each aggreg
 runs are reproducible.
 
 Each noised aggregation is counted; ``summary.json`` ``dp.privacy_spent`` gives the (ε, δ)
-they add up to (``fedsim.privacy.accountant``: Rényi DP of the subsampled Gaussian, with
-sampling rate clients_per_round / participating clients and the requested noise multiplier,
-which adaptive clipping splits between the update and the clipped count).
+they add up to (``fedsim.privacy.accountant``: dp_accounting's PLD and RDP accountants for
+the Poisson-subsampled Gaussian, with sampling rate clients_per_round / participating clients
+and the requested noise multiplier, which adaptive clipping splits between the update and the
+clipped count).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from torch import nn
 
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
-from fedsim.privacy.accountant import privacy_spent
+from fedsim.privacy.accountant import ACCOUNTANT, epsilon
 from fedsim.rng import derive_seed
 
 COVERS = (
@@ -198,12 +199,20 @@ class _ParametersOnly:
         }
 
     def privacy_spent(self) -> dict:
-        """The (ε, δ) of the noised rounds so far (ε None: no noise, no finite bound)."""
-        spent = privacy_spent(self.sampling_rate, self.requested_noise_multiplier,
-                              self.noised_rounds, self.delta).as_dict()
-        if not math.isfinite(spent["epsilon"]):
-            spent["epsilon"] = None
-        return spent
+        """The (ε, δ) of the noised rounds so far (ε None: no noise, no finite bound).
+
+        ``epsilon`` is the PLD accountant's (tighter); ``rdp`` and ``pld`` keep both.
+        """
+        spent = epsilon(self.requested_noise_multiplier, self.sampling_rate,
+                        self.noised_rounds, self.delta)
+        out = {**spent.as_dict(), "rounds": spent.steps, "accountant": ACCOUNTANT}
+        del out["steps"]  # called rounds here
+        out["covers"] = ("the noised arrays only, not excluded arrays or the metrics "
+                         "clients report in the clear")
+        for key in ("epsilon", "rdp", "pld"):
+            if not math.isfinite(out[key]):
+                out[key] = None
+        return out
 
     def fedsim_summary(self) -> dict:
         return {"dp": self.dp_report()}
