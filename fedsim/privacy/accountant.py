@@ -139,6 +139,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
                    sampling_rate=sampling_rate, steps=int(steps))
 
 
+@lru_cache(maxsize=256)
 def noise_for_epsilon(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
                       method: str = REPORTED, rtol: float = 1e-4) -> float:
     """The smallest σ (within ``rtol``) whose ε after ``steps`` rounds is at most the target.
