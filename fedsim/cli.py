@@ -91,6 +91,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if scenario.sweep.grid:
             print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
                   "use `fedsim sweep` to run the grid", file=sys.stderr)
+        if scenario.server.dp.kind != "none":
+            from fedsim.server.dp import start_lines
+
+            for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
+                print(line, file=sys.stderr)
         if args.quiet:
             result = run(scenario, out=args.out, overwrite=args.overwrite)
         else:
@@ -108,11 +113,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     spent = (summary.get("dp") or {}).get("privacy_spent")
     if spent:
-        eps = "no finite ε (no noise)" if spent["epsilon"] is None else \
-            f"ε = {spent['epsilon']:.3g} at δ = {spent['delta']:g}"
+        eps = (f"ε = {spent['epsilon']:.3g} at δ = {spent['delta']:g}"
+               if spent["epsilon"] is not None
+               else "no ε (the DP-FedAvg analysis does not hold)" if spent.get("why_not")
+               else "no finite ε (no noise)")
         print(f"DP: {eps} after {spent['rounds']} noised rounds (sampling rate "
               f"{spent['sampling_rate']:.3g}, σ = {spent['noise_multiplier']:g}; covers the "
               "noised arrays only)")
+    if stopped := (summary.get("dp") or {}).get("stopped"):
+        print(f"DP: the run stopped cleanly: {stopped}")
     return 0
 
 

@@ -184,6 +184,8 @@ class DPConfig:
     clip_norm_lr: float = 0.2  # adaptive
     clipped_count_stddev: float = 0.0  # adaptive; 0 = Flower's default, clients_per_round / 20
     delta: float = 1e-5  # the δ of the (ε, δ) the accountant reports; keep it below 1/clients
+    max_epsilon: float = 0.0  # stop cleanly before a round that would take ε above it; 0 = none
+    target_epsilon: float = 0.0  # calibrate noise_multiplier to reach it after server.rounds
 
     def __post_init__(self) -> None:
         _check(self.kind in DP_KINDS, "server.dp.kind", f"use one of {', '.join(DP_KINDS)}",
@@ -200,6 +202,15 @@ class DPConfig:
                "it must be >= 0 (0 = clients_per_round / 20)", self.clipped_count_stddev)
         _check(0 < self.delta < 1, "server.dp.delta", "it must be in (0, 1), e.g. 1e-5",
                self.delta)
+        for key in ("max_epsilon", "target_epsilon"):
+            value = getattr(self, key)
+            _check(0 <= value < math.inf, f"server.dp.{key}",
+                   "it must be a finite number >= 0 (0 = off)", value)
+        if self.target_epsilon > 0 and self.noise_multiplier != DPConfig.noise_multiplier:
+            raise ScenarioError(
+                f"server.dp.target_epsilon = {self.target_epsilon!r} calibrates the noise, so "
+                f"server.dp.noise_multiplier = {self.noise_multiplier!r} cannot be set too; "
+                "drop one of the two")
 
 
 @dataclass(frozen=True)

@@ -20,3 +20,8 @@ class RunStopped(ScenarioError):
     def __init__(self, message: str, round: int | None = None) -> None:  # noqa: A002
         super().__init__(message)
         self.round = round
+
+
+class PrivacyBudgetSpent(RunStopped):
+    """The next round would take ε above ``server.dp.max_epsilon``: a planned, clean end (the
+    run's results are complete up to here and the command exits 0)."""

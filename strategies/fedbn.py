@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, LocalArraysHook, norm_keys
+from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 from strategies.common import LocalArraysFedAvg
 
@@ -27,6 +28,7 @@ class FedBNHook(LocalArraysHook):
         return norm_keys(model)
 
 
+@dp_fedavg()  # the server averages the uploaded arrays; local layers never leave a client
 @STRATEGIES.register("fedbn")
 class FedBN(LocalArraysFedAvg):
     """FedAvg over everything but normalization layers, which each client keeps (FedBN)."""

@@ -24,6 +24,7 @@ from fedsim.client.hooks import (
     norm_statistics_keys,
     request_hooks,
 )
+from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 from strategies.common import keep_absent
 
@@ -43,6 +44,9 @@ class FixBNHook(ClientHook):
         return {k: v for k, v in arrays.items() if k not in frozen}
 
 
+@dp_fedavg(why_not="after warmup every client normalizes with the BN statistics averaged "
+           "without clipping or noise, so one client's data reaches the other clients' later "
+           "updates outside the noised model: the per-round sensitivity C/m does not hold")
 @STRATEGIES.register("fixbn")
 class FixBN(FedAvg):
     """FedAvg, then BN statistics frozen to the global ones after ``warmup`` rounds."""

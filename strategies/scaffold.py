@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, extra_key, request_hooks, split_extra
+from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 
 NAME = "scaffold"
@@ -81,6 +82,10 @@ class ScaffoldHook(ClientHook):
         return arrays
 
 
+@dp_fedavg(why_not="its server control variate c is built from the clients' unclipped, "
+           "un-noised control-variate deltas and sent to every client, so one client's data "
+           "steers the other clients' later updates outside the noised model: the per-round "
+           "sensitivity C/m does not hold (and c itself is released without noise)")
 @STRATEGIES.register(NAME)
 class Scaffold(FedAvg):
     """FedAvg plus server/client control variates (SCAFFOLD, option II, global lr 1)."""

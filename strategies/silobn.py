@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, LocalArraysHook, norm_statistics_keys
+from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 from strategies.common import LocalArraysFedAvg
 
@@ -27,6 +28,7 @@ class SiloBNHook(LocalArraysHook):
         return norm_statistics_keys(model)
 
 
+@dp_fedavg()  # the server averages the uploaded arrays; statistics stay on the clients
 @STRATEGIES.register("silobn")
 class SiloBN(LocalArraysFedAvg):
     """FedAvg that never sees BN running statistics; each client keeps its own (SiloBN)."""

@@ -180,34 +180,27 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
 # --------------------------------------------------------------------------- accounting
 
 
-@functools.lru_cache(maxsize=4096)
 def client_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
                    delta: float) -> float:
     """ε of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism at rate
-    ``sampling_rate`` and noise ``noise_multiplier``, at ``delta``."""
-    from fedsim.privacy.accountant import privacy_spent  # a pure-math leaf
+    ``sampling_rate`` and noise ``noise_multiplier``, at ``delta`` (the accountant's reported
+    method, PLD via dp-accounting)."""
+    from fedsim.privacy import accountant  # a pure-math leaf; privacy is a layer above
 
-    return privacy_spent(sampling_rate, noise_multiplier, steps, delta).epsilon
+    return accountant.epsilon_by(accountant.REPORTED, noise_multiplier, sampling_rate, steps,
+                                 delta)
 
 
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int,
                     delta: float) -> float:
-    """The smallest σ (to 0.1%) whose ε after ``steps`` steps is ≤ ``target_epsilon``."""
+    """The σ whose ε after ``steps`` steps is at most ``target_epsilon`` (dp-accounting's
+    calibration on the reported method, on the safe side)."""
     if steps == 0 or sampling_rate == 0:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while client_epsilon(hi, sampling_rate, steps, delta) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"no noise multiplier reaches ε = {target_epsilon}")
-    while hi - lo > 1e-3 * hi:
-        mid = (lo + hi) / 2
-        if client_epsilon(mid, sampling_rate, steps, delta) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    from fedsim.privacy import accountant  # a pure-math leaf; privacy is a layer above
+
+    return accountant.noise_for_epsilon(target_epsilon, sampling_rate, steps, delta)
 
 
 def noise_multiplier_for(cfg: ClientConfig, rounds: int, n: int) -> float:

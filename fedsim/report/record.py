@@ -197,8 +197,12 @@ class RunRecorder:
     def finish(self, arrays, model: nn.Module) -> None:
         self._write_results(arrays, model, {})
 
-    def stop(self, exc: Exception, arrays, model: nn.Module) -> None:
-        """The run stopped early (RunStopped): keep what it got, say why in summary.json."""
-        self.stopped = exc
+    def stop(self, exc: Exception, arrays, model: nn.Module, clean: bool = False) -> None:
+        """The run stopped early (RunStopped): keep what it got, say why in summary.json.
+
+        ``clean``: a planned end (the DP budget), not a failure; the caller does not re-raise.
+        """
+        if not clean:
+            self.stopped = exc
         self._write_results(arrays, model, {
             "stopped": {"round": getattr(exc, "round", None), "reason": str(exc)}})

@@ -21,7 +21,7 @@ from fedsim.config import Scenario
 from fedsim.data.federated import build_federated_data
 from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
-from fedsim.errors import RunStopped
+from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.loop import run_rounds
@@ -65,10 +65,13 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
         sink.on_round({"round": 0, **evaluate(arrays)})
         checkpoint(0, arrays)
         start = 1
+    budget_spent = None
     try:
         arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
                             start_round=start, checkpoint=checkpoint,
                             on_replies=audit.on_replies if audit else None)
+    except PrivacyBudgetSpent as exc:  # a planned end: finish as a complete run, say why
+        budget_spent, arrays = exc, exc.arrays
     except RunStopped as exc:  # results so far are kept; the caller re-raises
         sink.stop(exc, exc.arrays, model)
         return
@@ -87,7 +90,10 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
         notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(dp_notes))
     for key, value in notes.items():
         sink.note(key, value)
-    sink.finish(arrays, model)
+    if budget_spent is not None:
+        sink.stop(budget_spent, arrays, model, clean=True)
+    else:
+        sink.finish(arrays, model)
 
 
 def make_server_app(scenario: Scenario, sink) -> ServerApp:

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 
 from fedsim.client import dpsgd
 from fedsim.config import Scenario
+from fedsim.privacy.accountant import ACCOUNTANT
 from fedsim.records import get_record
 
 
@@ -66,7 +67,7 @@ def summarize_client_dp(rounds: list[dict], scenario: Scenario) -> dict | None:
         "delta": cfg.delta,
         "sampling_rate": _span(rate),
         "target_epsilon": cfg.target_epsilon or None,
-        "accountant": "RDP, Poisson-subsampled Gaussian per local step (Mironov et al. 2019)",
+        "accountant": f"{ACCOUNTANT}; one Poisson-subsampled Gaussian per local step",
         "assumes": "each local batch Poisson-sampled at sampling_rate; covers the uploaded "
                    "arrays, not the training loss/accuracy or the sample count clients report",
     }

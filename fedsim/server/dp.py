@@ -27,9 +27,10 @@ generator; fedsim seeds it from ``(seed, "dp-noise", round)`` around each aggreg
 runs are reproducible.
 
 Each noised aggregation is counted; ``summary.json`` ``dp.privacy_spent`` gives the (ε, δ)
-they add up to (``fedsim.privacy.accountant``: Rényi DP of the subsampled Gaussian, with
-sampling rate clients_per_round / participating clients and the requested noise multiplier,
-which adaptive clipping splits between the update and the clipped count).
+they add up to (``fedsim.privacy.accountant``: dp_accounting's PLD and RDP accountants for
+the Poisson-subsampled Gaussian, with sampling rate clients_per_round / participating clients
+and the requested noise multiplier, which adaptive clipping splits between the update and the
+clipped count).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from torch import nn
 
 from fedsim.config import Scenario
-from fedsim.errors import ScenarioError
-from fedsim.privacy.accountant import privacy_spent
+from fedsim.errors import PrivacyBudgetSpent, ScenarioError
+from fedsim.privacy.accountant import ACCOUNTANT, epsilon, noise_for_epsilon
 from fedsim.rng import derive_seed
+from fedsim.server.dp_analysis import why_not
 
 COVERS = (
     "the model's float parameters uploaded by clients: each client's update of them is "
@@ -121,8 +123,13 @@ class _ParametersOnly:
     """Mixin for Flower's server-side DP wrappers: clip and noise the covered arrays only."""
 
     def _setup(self, strategy: Strategy, parameter_names: list[str] | None, seed: int,
-               kind: str, noise_multiplier: float, sampling_rate: float, delta: float) -> None:
+               kind: str, noise_multiplier: float, sampling_rate: float, delta: float,
+               max_epsilon: float, calibrated_for: dict | None) -> None:
         uniform = isinstance(strategy, FedAvg)
+        self.why_not = why_not(type(strategy))  # None: the DP-FedAvg ε holds for it
+        self.max_epsilon = max_epsilon
+        self.calibrated_for = calibrated_for
+        self.stopped: str | None = None
         self.strategy = _Rejoin(strategy, uniform)
         self.parameter_names = parameter_names
         self.seed = seed
@@ -195,15 +202,40 @@ class _ParametersOnly:
             "client_weights": "uniform" if self.strategy.uniform_weights
             else "as the wrapped strategy weighs them",
             "privacy_spent": self.privacy_spent(),
+            "max_epsilon": self.max_epsilon or None,
+            "calibrated_for": self.calibrated_for,
+            "stopped": self.stopped,
         }
 
+    def stop_before_round(self, server_round: int) -> None:
+        """Raise PrivacyBudgetSpent if this round would take ε above ``max_epsilon``."""
+        if not self.max_epsilon:
+            return
+        eps = epsilon(self.requested_noise_multiplier, self.sampling_rate,
+                      self.noised_rounds + 1, self.delta).value
+        if eps > self.max_epsilon:
+            self.stopped = (f"round {server_round} would spend ε = {eps:.3g} > "
+                            f"server.dp.max_epsilon = {self.max_epsilon:g}")
+            raise PrivacyBudgetSpent(self.stopped, round=server_round)
+
     def privacy_spent(self) -> dict:
-        """The (ε, δ) of the noised rounds so far (ε None: no noise, no finite bound)."""
-        spent = privacy_spent(self.sampling_rate, self.requested_noise_multiplier,
-                              self.noised_rounds, self.delta).as_dict()
-        if not math.isfinite(spent["epsilon"]):
-            spent["epsilon"] = None
-        return spent
+        """The (ε, δ) of the noised rounds so far (ε None: no noise, no finite bound).
+
+        ``epsilon`` is the PLD accountant's (tighter); ``rdp`` and ``pld`` keep both.
+        """
+        spent = epsilon(self.requested_noise_multiplier, self.sampling_rate,
+                        self.noised_rounds, self.delta)
+        out = {**spent.as_dict(), "rounds": spent.steps, "accountant": ACCOUNTANT}
+        del out["steps"]  # called rounds here
+        out["covers"] = ("the noised arrays only, not excluded arrays or the metrics "
+                         "clients report in the clear")
+        for key in ("epsilon", "rdp", "pld"):
+            if not math.isfinite(out[key]):
+                out[key] = None
+        out["why_not"] = self.why_not
+        if self.why_not is not None:  # the numbers stay, for reference, but are no ε of this run
+            out["epsilon"] = None
+        return out
 
     def fedsim_summary(self) -> dict:
         return {"dp": self.dp_report()}
@@ -214,10 +246,11 @@ class ParameterDPFixedClipping(_ParametersOnly, DifferentialPrivacyServerSideFix
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
                  num_sampled_clients: int, parameter_names: list[str] | None, seed: int,
-                 sampling_rate: float = 1.0, delta: float = 1e-5) -> None:
+                 sampling_rate: float = 1.0, delta: float = 1e-5, max_epsilon: float = 0.0,
+                 calibrated_for: dict | None = None) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self._setup(strategy, parameter_names, seed, "fixed", noise_multiplier, sampling_rate,
-                    delta)
+                    delta, max_epsilon, calibrated_for)
 
 
 class ParameterDPAdaptiveClipping(_ParametersOnly, DifferentialPrivacyServerSideAdaptiveClipping):
@@ -227,11 +260,49 @@ class ParameterDPAdaptiveClipping(_ParametersOnly, DifferentialPrivacyServerSide
                  initial_clipping_norm: float, target_clipped_quantile: float,
                  clip_norm_lr: float, clipped_count_stddev: float | None,
                  parameter_names: list[str] | None, seed: int, sampling_rate: float = 1.0,
-                 delta: float = 1e-5) -> None:
+                 delta: float = 1e-5, max_epsilon: float = 0.0,
+                 calibrated_for: dict | None = None) -> None:
         super().__init__(strategy, noise_multiplier, num_sampled_clients, initial_clipping_norm,
                          target_clipped_quantile, clip_norm_lr, clipped_count_stddev)
         self._setup(strategy, parameter_names, seed, "adaptive", noise_multiplier, sampling_rate,
-                    delta)
+                    delta, max_epsilon, calibrated_for)
+
+
+def sampling_rate(scenario: Scenario) -> float:
+    """q: clients_per_round over the pool clients are sampled from (Poisson assumed)."""
+    return scenario.server.clients_per_round / scenario.num_participating
+
+
+def calibration(scenario: Scenario) -> dict | None:
+    """``server.dp.target_epsilon`` → ``{noise_multiplier, target_epsilon, rounds, delta,
+    sampling_rate}`` for the planned ``server.rounds`` (None when no target is set)."""
+    cfg = scenario.server.dp
+    if cfg.kind == "none" or not cfg.target_epsilon:
+        return None
+    rate, rounds = sampling_rate(scenario), scenario.server.rounds
+    try:
+        sigma = noise_for_epsilon(cfg.target_epsilon, rate, rounds, cfg.delta)
+    except ValueError as exc:
+        raise ScenarioError(f"server.dp.target_epsilon = {cfg.target_epsilon!r}: {exc}") from None
+    return {"noise_multiplier": sigma, "target_epsilon": cfg.target_epsilon, "rounds": rounds,
+            "delta": cfg.delta, "sampling_rate": rate}
+
+
+def start_lines(scenario: Scenario) -> list[str]:
+    """What a DP run says before it starts: a calibrated σ, or a ``warning:`` that no ε holds."""
+    from fedsim.server.strategies import strategy_class
+
+    if scenario.server.dp.kind == "none":
+        return []
+    lines = []
+    if (cal := calibration(scenario)) is not None:
+        lines.append(f"DP: noise_multiplier = {cal['noise_multiplier']:.4g}, calibrated for "
+                     f"ε = {cal['target_epsilon']:g} at δ = {cal['delta']:g} after "
+                     f"{cal['rounds']} rounds (sampling rate {cal['sampling_rate']:.3g})")
+    if (reason := why_not(strategy_class(scenario.server.strategy))) is not None:
+        lines.append(f"warning: server.dp: no ε is reported (dp.privacy_spent.epsilon = null): "
+                     f"{reason}")
+    return lines
 
 
 def wrap_dp(strategy: Strategy, scenario: Scenario, model: nn.Module | None) -> Strategy:
@@ -239,16 +310,21 @@ def wrap_dp(strategy: Strategy, scenario: Scenario, model: nn.Module | None) -> 
     cfg = scenario.server.dp
     names = [n for n, _ in model.named_parameters()] if model is not None else None
     m = scenario.server.clients_per_round
-    rate = m / scenario.num_participating  # the pool clients are sampled from
+    rate = sampling_rate(scenario)
+    cal = calibration(scenario)
+    sigma = cfg.noise_multiplier if cal is None else cal["noise_multiplier"]
+    calibrated_for = None if cal is None else {k: v for k, v in cal.items()
+                                               if k != "noise_multiplier"}
     try:
         if cfg.kind == "fixed":
-            return ParameterDPFixedClipping(strategy, cfg.noise_multiplier, cfg.clipping_norm,
-                                            m, names, scenario.seed, rate, cfg.delta)
+            return ParameterDPFixedClipping(strategy, sigma, cfg.clipping_norm, m, names,
+                                            scenario.seed, rate, cfg.delta, cfg.max_epsilon,
+                                            calibrated_for)
         if cfg.kind == "adaptive":
             return ParameterDPAdaptiveClipping(
-                strategy, cfg.noise_multiplier, m, cfg.clipping_norm,
-                cfg.target_clipped_quantile, cfg.clip_norm_lr,
-                cfg.clipped_count_stddev or None, names, scenario.seed, rate, cfg.delta)
+                strategy, sigma, m, cfg.clipping_norm, cfg.target_clipped_quantile,
+                cfg.clip_norm_lr, cfg.clipped_count_stddev or None, names, scenario.seed, rate,
+                cfg.delta, cfg.max_epsilon, calibrated_for)
     except ValueError as exc:
         raise ScenarioError(f"[server.dp] kind = {cfg.kind!r}: {exc}") from None
     raise ScenarioError(f"server.dp.kind = {cfg.kind!r} is not a DP wrapper; use fixed or "

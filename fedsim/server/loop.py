@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.arrays import peek_array
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario
-from fedsim.errors import RunStopped
+from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
 from fedsim.server.client_dp import round_client_dp
@@ -255,14 +255,22 @@ def run_rounds(
 
     ``checkpoint(round, arrays, stateful)`` is called after each round's record. A run that
     cannot go on records the round that stopped it (``"stopped"``) and raises
-    :class:`RunStopped`; its ``arrays`` attribute holds the last good global arrays.
+    :class:`RunStopped`; its ``arrays`` attribute holds the last good global arrays. A round
+    that would exceed the DP budget is not started: :class:`PrivacyBudgetSpent`.
     ``on_replies(round, replies, arrays)``, if given, sees each round's accepted client replies
     and the new global arrays right after aggregation (what a curious server sees; privacy
     audits).
     """
     total = scenario.server.rounds
     runner = RoundRunner(strategy, grid, scenario)
+    budget = getattr(strategy, "stop_before_round", None)  # the DP wrapper's max_epsilon
     for rnd in range(start_round, total + 1):
+        if budget is not None:
+            try:
+                budget(rnd)
+            except PrivacyBudgetSpent as exc:  # the round never starts: nothing to record
+                exc.arrays = arrays
+                raise
         t0 = time.perf_counter()
         record: dict = {"round": rnd, "failures": [], "updates": 0}
         try:

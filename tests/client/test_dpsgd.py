@@ -12,7 +12,7 @@ from fedsim.client import dpsgd
 from fedsim.client.runtime import client_runtime
 from fedsim.config import ClientConfig, ClientDPConfig, ScenarioError, load_scenario
 from fedsim.models import build_model
-from fedsim.privacy.accountant import privacy_spent
+from fedsim.privacy.accountant import epsilon
 
 QUICKSTART = "scenarios/quickstart.toml"
 DP = ["client.dp.noise_multiplier=1.0", "client.dp.max_grad_norm=1.0"]
@@ -151,8 +151,8 @@ def test_quickstart_with_dpsgd_reports_each_clients_epsilon(tmp_path):
         assert r["client_dp_epsilon_max"] == max(eps.values())
         for cid in r["clients"]:
             schedule = dpsgd.plan(len(data.client_train(cid)[1]), scenario.client)
-            want = privacy_spent(schedule.sampling_rate, 1.0, joined[cid] * schedule.steps,
-                                 1e-5).epsilon
+            want = epsilon(1.0, schedule.sampling_rate, joined[cid] * schedule.steps,
+                           1e-5).value
             assert eps[str(cid)] == pytest.approx(want, rel=1e-12)
     assert max(joined.values()) == 2  # some client took part twice: composition is tested
     summary = json.loads((out / "summary.json").read_text())["client_dp"]

@@ -1,0 +1,69 @@
+"""Which strategies the DP-FedAvg ε holds for, keyed by strategy class.
+
+Flower's DP wrappers add noise σ·C/m to the wrapped strategy's *output*. The DP-FedAvg
+analysis (McMahan et al., ICLR 2018: sensitivity C/m of the clipped mean, each round a
+subsampled Gaussian mechanism) holds only where that output is the uniformly weighted mean of
+the m clipped updates, and where no client's data reaches other clients' later updates except
+through the noised model. Each class is entered here with ``None`` (the analysis holds) or the
+reason it does not; fedsim's own strategies enter themselves with :func:`dp_fedavg`.
+
+A class holds only if it is itself entered: a subclass of a checked class may change
+``aggregate_train``, so it is unknown. A subclass of a class the analysis does *not* hold for
+inherits the reason (it keeps the server step that breaks it, unless it says otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.serverapp import strategy as flwr
+
+#: class -> None (the DP-FedAvg ε holds) or why it does not
+TABLE: dict[type, str | None] = {}
+
+ADAPTIVE = ("its adaptive server optimizer divides the update by a running second-moment "
+            "estimate, which rescales one client's influence beyond the C/m the noise is "
+            "calibrated to")
+MOMENTUM = ("its server momentum carries each round's noised update into every later round, "
+            "so a client's influence is not one Gaussian release per round")
+ROBUST = ("a robust aggregate (median, trimmed mean, Krum selection) is not the clipped mean: "
+          "its sensitivity to one client is not C/m")
+
+TABLE.update({
+    flwr.FedAvg: None,  # with uniform weights, which fedsim's DP wrapper sets
+    flwr.FedProx: None,  # FedAvg on the server; the proximal term is client-side
+    flwr.FedAdam: ADAPTIVE,
+    flwr.FedYogi: ADAPTIVE,
+    flwr.FedAdagrad: ADAPTIVE,
+    flwr.FedAvgM: MOMENTUM,
+    flwr.FedMedian: ROBUST,
+    flwr.FedTrimmedAvg: ROBUST,
+    flwr.Krum: ROBUST,
+    flwr.MultiKrum: ROBUST,
+    flwr.Bulyan: ROBUST,
+    flwr.QFedAvg: "q-FFL reweights clients by their loss, so the output is not the uniform "
+                  "mean of the clipped updates",
+})
+
+
+def dp_fedavg(why_not: str | None = None) -> Callable[[type], type]:
+    """Class decorator: enter a strategy in :data:`TABLE` (``why_not=None``: the ε holds)."""
+
+    def enter(cls: type) -> type:
+        TABLE[cls] = why_not
+        return cls
+
+    return enter
+
+
+def why_not(cls: type) -> str | None:
+    """Why the DP-FedAvg ε does not hold for strategy class ``cls`` (None: it holds)."""
+    if cls in TABLE:
+        reason = TABLE[cls]
+        return None if reason is None else f"{cls.__name__}: {reason}"
+    for base in cls.__mro__[1:]:
+        if TABLE.get(base) is not None:
+            return f"{cls.__name__} is a {base.__name__}: {TABLE[base]}"
+    return (f"{cls.__module__}.{cls.__qualname__} is a strategy fedsim has not checked: its "
+            "output need not be the uniformly weighted mean of the clipped updates that the "
+            "DP-FedAvg analysis (sensitivity C/m) assumes")
