@@ -83,6 +83,10 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
         "failure_reasons": dict(sorted(Counter(
             f.get("reason") for r in trained for f in r.get("failures", [])).items())),
         "engine": scenario.engine.kind,
+        "communication": {  # train messages' arrays, in bytes (fedsim.client.compress)
+            f"bytes_{way}": sum(r["communication"][way]["total"] for r in trained
+                                if "communication" in r)
+            for way in ("uploaded", "downloaded")},
     }
     if "hybrid_alpha" in last:
         summary["hybrid_alpha"] = last["hybrid_alpha"]
