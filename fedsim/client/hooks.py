@@ -10,6 +10,10 @@ as long as the client node), so a client that is not sampled for many rounds fin
 again. A hook that must upload something besides the model (SCAFFOLD's control-variate delta)
 adds it to the reply's arrays under :data:`EXTRA_PREFIX` (Flower replies carry exactly one
 ArrayRecord); the server strategy splits it off with :func:`split_extra` before averaging.
+
+Compressors (``client.compress``: ``qsgd``, ``topk``; :mod:`fedsim.client.compress`) are hooks
+the client's own settings switch on, run last, and report their arrays' encoded sizes
+(:meth:`ClientHook.encoded_sizes`).
 """
 
 from __future__ import annotations
