@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsim.errors import ScenarioError
 
@@ -153,8 +153,23 @@ class ClientConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+    #: client.compress values (compressors: fedsim.client.compress)
+    COMPRESSORS: ClassVar[tuple[str, ...]] = ("none", "qsgd", "topk")
+    # what a client uploads (fedsim.client.compress): the update of its float parameters,
+    # QSGD-quantized to compress_bits bits per coordinate or top-k sparsified with error
+    # feedback, keeping a fraction compress_ratio of each tensor's entries
+    compress: str = "none"  # none | qsgd | topk
+    compress_bits: int = 8  # qsgd: levels s = 2**bits - 1 (plus one sign bit per coordinate)
+    compress_ratio: float = 0.01  # topk: entries kept per tensor, ceil(ratio * numel)
 
     def __post_init__(self) -> None:
+        _check(self.compress in self.COMPRESSORS, "client.compress",
+               f"use one of {', '.join(self.COMPRESSORS)}", self.compress)
+        _check(1 <= self.compress_bits <= 16, "client.compress_bits",
+               "it must be in [1, 16] (QSGD levels s = 2**bits - 1)", self.compress_bits)
+        _check(0 < self.compress_ratio <= 1, "client.compress_ratio",
+               "it must be in (0, 1], the fraction of each tensor's entries top-k keeps",
+               self.compress_ratio)
         _check(self.epochs >= 1, "client.epochs", "it must be >= 1", self.epochs)
         _check(self.local_steps >= 0, "client.local_steps",
                "it must be >= 0 (0 = train client.epochs epochs)", self.local_steps)

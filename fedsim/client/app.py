@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedsim.arrays import load_record, state_to_record
 from fedsim.client import dpsgd
+from fedsim.client.compress import upload_bytes
 from fedsim.client.failures import error_reply  # also registers the "crash" client hook
 from fedsim.client.hooks import HookContext, hooks_for
 from fedsim.client.runtime import client_runtime
@@ -44,7 +45,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
     load_record(model, require_record(msg.content, "arrays", ArrayRecord))
     import_strategy(scenario.server.strategy)
-    hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content))
+    hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content,
+                                  client=scenario.client, seed=scenario.seed))
     for hook in hooks:
         hook.on_receive(model)
     x, y = rt.data.client_train(cid)
@@ -79,7 +81,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
         {
             "arrays": state_to_record(arrays),
             "metrics": metrics,
-            "client": ConfigRecord({"client-id": cid, "steps": result.steps}),
+            "client": ConfigRecord({"client-id": cid, "steps": result.steps,
+                                    "upload-bytes": upload_bytes(arrays, hooks)}),
         }
     )
     return Message(content, reply_to=msg)

@@ -10,6 +10,10 @@ as long as the client node), so a client that is not sampled for many rounds fin
 again. A hook that must upload something besides the model (SCAFFOLD's control-variate delta)
 adds it to the reply's arrays under :data:`EXTRA_PREFIX` (Flower replies carry exactly one
 ArrayRecord); the server strategy splits it off with :func:`split_extra` before averaging.
+
+Compressors (``client.compress``: ``qsgd``, ``topk``; :mod:`fedsim.client.compress`) are hooks
+the client's own settings switch on, run last, and report their arrays' encoded sizes
+(:meth:`ClientHook.encoded_sizes`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from fedsim.arrays import load_record, state_to_record
+from fedsim.config import ClientConfig
 from fedsim.models.norm import NORM_LAYER_TYPES
 from fedsim.records import get_record
 from fedsim.registry import Registry
@@ -47,6 +52,8 @@ class HookContext:
     ``config``, e.g. SCAFFOLD's server control variate); ``mode`` says whether the message
     trains or evaluates; ``local_train`` returns the client's local training data (used, for
     example, to estimate normalization statistics of a client that has never trained).
+    ``client`` and ``seed`` are the scenario's ``[client]`` settings and seed, where the
+    caller trains a client (they switch on the ``client.compress`` hook, which runs last).
     """
 
     client_id: int
@@ -55,6 +62,8 @@ class HookContext:
     message: RecordDict = field(default_factory=RecordDict)
     mode: str = "train"
     local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    client: ClientConfig | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,6 +103,11 @@ class ClientHook:
         """Edit the arrays the client uploads (e.g. drop local layers); returns them."""
         return arrays
 
+    def encoded_sizes(self) -> dict[str, int]:
+        """Bytes on the wire of the reply arrays this hook encoded (compression), by name;
+        every other array counts its raw size (:func:`fedsim.client.compress.raw_bytes`)."""
+        return {}
+
 
 CLIENT_HOOKS: Registry[type[ClientHook]] = Registry("client hook")
 
@@ -108,12 +122,17 @@ def request_hooks(config: ConfigRecord, *names: str) -> ConfigRecord:
 
 
 def hooks_for(ctx: HookContext) -> list[ClientHook]:
-    """Instantiate the hooks the config asks for, explicitly or through an activating key."""
+    """Instantiate the hooks the config asks for, explicitly or through an activating key,
+    then the compressor ``ctx.client.compress`` names (last: it encodes the final upload)."""
     names = [n.strip() for n in str(ctx.config.get("client-hooks", "")).split(",") if n.strip()]
     for name in CLIENT_HOOKS:
         cls = CLIENT_HOOKS.get(name)
         if cls.activated_by and cls.activated_by in ctx.config and name not in names:
             names.append(name)
+    if ctx.client is not None and ctx.client.compress != "none":
+        import fedsim.client.compress  # noqa: F401  (registers the compressors)
+
+        names = [n for n in names if n != ctx.client.compress] + [ctx.client.compress]
     return [CLIENT_HOOKS.get(n, key="client-hooks")(ctx) for n in names]
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedsim.arrays import load_record, peek_array, state_to_record
+from fedsim.client.compress import upload_bytes
 from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
 from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
@@ -495,7 +496,8 @@ class CohortTrainer:
                 config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
                 record = require_record(msg.content, "arrays", ArrayRecord)
                 import_strategy(scenario.server.strategy)
-                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content))
+                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content,
+                                              client=scenario.client, seed=scenario.seed))
                 bad = step_hooks(hooks)
                 if bad:
                     raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
@@ -544,20 +546,22 @@ class CohortTrainer:
                         if cls not in local_keys:
                             local_keys[cls] = hook.local_keys(model)
                         arrays = hook.keep_local(arrays, local_keys[cls])
-                replies[i] = _train_reply(msgs[i], cid, arrays, result)
+                replies[i] = _train_reply(msgs[i], cid, arrays, result,
+                                          upload_bytes(arrays, hooks))
             except Exception as exc:
                 replies[i] = _error(msgs[i], exc)
         return replies  # type: ignore[return-value]
 
 
 def _train_reply(msg: Message, cid: int, arrays: dict[str, torch.Tensor],
-                 result: TrainResult) -> Message:
+                 result: TrainResult, nbytes: int) -> Message:
     metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
                             "train_accuracy": result.accuracy})
     content = RecordDict({
         "arrays": state_to_record(arrays),
         "metrics": metrics,
-        "client": ConfigRecord({"client-id": cid, "steps": result.steps}),
+        "client": ConfigRecord({"client-id": cid, "steps": result.steps,
+                                "upload-bytes": nbytes}),
     })
     return Message(content, reply_to=msg)
 

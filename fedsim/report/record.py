@@ -84,6 +84,10 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
         "failure_reasons": dict(sorted(Counter(
             f.get("reason") for r in trained for f in r.get("failures", [])).items())),
         "engine": scenario.engine.kind,
+        "communication": {  # train messages' arrays, in bytes (fedsim.client.compress)
+            f"bytes_{way}": sum(r["communication"][way]["total"] for r in trained
+                                if "communication" in r)
+            for way in ("uploaded", "downloaded")},
     }
     client_dp = summarize_client_dp(trained, scenario)
     if client_dp is not None:  # [client.dp]: DP-SGD on the clients

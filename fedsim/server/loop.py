@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.arrays import peek_array
+from fedsim.client.compress import record_bytes
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
@@ -96,6 +97,26 @@ def _arrays_finite(arrays: ArrayRecord) -> bool:
     return True
 
 
+def _array_bytes(content: RecordDict) -> int:
+    """Raw payload (``itemsize * numel``) of every ArrayRecord in a message."""
+    return sum(record_bytes(rec) for _, rec in records_of(content, ArrayRecord))
+
+
+def _upload_bytes(reply: Message) -> int:
+    """Bytes a reply's arrays took on the wire: the size the client reports (compressed
+    arrays at their encoded size, ``fedsim.client.compress``), else their raw payload."""
+    rec = _client_record(reply)
+    if rec is not None and "upload-bytes" in rec:
+        return int(rec["upload-bytes"])
+    return _array_bytes(reply.content)
+
+
+def _bytes_stats(sizes: list[int]) -> dict:
+    if not sizes:
+        return {"mean": 0.0, "max": 0, "total": 0}
+    return {"mean": sum(sizes) / len(sizes), "max": max(sizes), "total": sum(sizes)}
+
+
 def _with_config(msg: Message, extra: dict) -> Message:
     """Give one message its own train config with ``extra`` added (strategies share one)."""
     content = RecordDict(dict(msg.content.items()))
@@ -122,6 +143,8 @@ class TrainPhase:
     sim_seconds: float = 0.0  # simulated duration: slowest accepted update (or the deadline
     # when a reply is missing), summed over attempts
     stateful: bool = False  # some client reported a non-empty Context.state
+    downloaded: list[int] = field(default_factory=list)  # bytes of each train message sent
+    uploaded: list[int] = field(default_factory=list)  # bytes of each reply with arrays
 
 
 class RoundRunner:
@@ -156,6 +179,7 @@ class RoundRunner:
                 phase.failures.append({"client": cid, "reason": "dropout", **note})
                 continue
             send.append(_with_config(msg, {CRASH_KEY: fate.crash_at}) if fate.crash_at else msg)
+        phase.downloaded += [_array_bytes(m.content) for m in send]
         replies = list(self.grid.send_and_receive(send, timeout=REPLY_TIMEOUT)) if send else []
         accepted = []
         longest = 0.0
@@ -169,6 +193,7 @@ class RoundRunner:
                                        "detail": reply.error.reason, **note})
                 continue
             rec = _client_record(reply) or ConfigRecord()
+            phase.uploaded.append(_upload_bytes(reply))  # rejected below or not, it was sent
             phase.stateful = phase.stateful or int(rec.get("state-records", 0)) > 0
             bad = _nonfinite(reply.content)
             if bad is not None:
@@ -318,6 +343,8 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
         "sim_seconds": phase.sim_seconds,
         "local_steps": _steps_taken(phase.accepted),
         **round_client_dp(phase.accepted),
+        "communication": {"uploaded": _bytes_stats(phase.uploaded),
+                          "downloaded": _bytes_stats(phase.downloaded)},
     })
     with sampling_seed(scenario.seed, "aggregate-train", rnd):
         agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario, rnd,
