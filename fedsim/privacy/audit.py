@@ -12,7 +12,9 @@ The server is the attacker throughout (the threat model of Nasr et al., IEEE S&P
 - ``client_mia``: the loss attack on each client's own upload of one round.
 - ``leakage``: which arrays a client uploads, and how well its data mean is recovered from
   uploaded BatchNorm buffers (Huang et al. 2021; Hatamizadeh et al. 2023).
-- ``inversion``: gradient inversion of one local step of one client (Geiping et al. 2020).
+- ``inversion``: gradient inversion of one client's local step, or of its whole multi-step
+  upload (``inversion_target = "update"``), best of ``inversion_restarts`` starts (Geiping
+  et al. 2020).
 
 Members and non-members (:class:`MembershipPool`): for every participating client, ``k`` of
 its local training samples (members) and ``k`` of its local *test* split (non-members: same
@@ -43,15 +45,19 @@ from scipy.special import expit
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
+from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import build_global_model
+from fedsim.client.train import plan_batches, train_local
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
 from fedsim.errors import ScenarioError
+from fedsim.models.norm import uses_batch_statistics
 from fedsim.privacy.audit_epsilon import AccountantClaim, audited_epsilon
 from fedsim.privacy.inversion import (
     client_gradient,
     image_metrics,
     invert_gradients,
+    invert_update,
     match_reconstructions,
     recover_labels,
     save_image_grid,
@@ -73,7 +79,7 @@ from fedsim.privacy.mia import (
 )
 from fedsim.records import require_record
 from fedsim.registry import Registry
-from fedsim.rng import derive_seed, numpy_rng
+from fedsim.rng import derive_seed, numpy_rng, torch_generator
 from fedsim.server.evaluate import distribution
 
 ROC_PNG = "privacy_roc.png"
@@ -294,6 +300,20 @@ def check_privacy(scenario: Scenario, data: FederatedData) -> None:
         if cfg.inversion_batch > n:
             raise ScenarioError(f"privacy.inversion_batch = {cfg.inversion_batch} exceeds the "
                                 f"{n} training samples of client {cid}; lower it")
+        if cfg.inversion_target == "update" and not _inversion_plan(scenario, cid):
+            raise ScenarioError(
+                f"privacy.inversion_target = 'update' leaves no local step: a model with batch "
+                f"statistics drops batches of one image (privacy.inversion_batch = "
+                f"{cfg.inversion_batch}, client.batch_size = {scenario.client.batch_size}); "
+                "raise them or use inversion_target = 'step'")
+
+
+def _inversion_plan(scenario: Scenario, cid: int) -> list[torch.Tensor]:
+    """The batches the attacked client trains on in ``inversion_target = "update"``: its
+    ``inversion_batch`` images, as the real client batches its data in that round."""
+    gen = torch_generator(scenario.seed, "client-train", scenario.privacy.inversion_round, cid)
+    return plan_batches(scenario.privacy.inversion_batch, scenario.client, gen,
+                        drop_singleton=uses_batch_statistics(scenario.model.norm))
 
 
 # --------------------------------------------------------------------------- the audit
@@ -577,25 +597,31 @@ class PrivacyAudit:
         rows = numpy_rng(self.scenario.seed, "privacy", "inversion-batch", cid).choice(
             len(y_all), size=cfg.inversion_batch, replace=False)
         x, y = x_all[np.sort(rows)].to(self.device), y_all[np.sort(rows)].to(self.device)
-        grads = client_gradient(model, x, y, bn_mode=cfg.bn_mode)
         head = getattr(model, "head", None)
         if not isinstance(head, nn.Linear):
             raise ScenarioError("privacy.inversion needs a model whose classifier is "
                                 "`model.head` (nn.Linear), as every fedsim arch has")
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        g_w = grads[names.index("head.weight")]
-        g_b = grads[names.index("head.bias")] if "head.bias" in names else None
-        labels = recover_labels(g_w, g_b, num_images=len(y))
-        bn_stats = (_uploaded_batch_stats(model, x)
-                    if cfg.bn_buffers_shared and cfg.bn_mode == "train" else {})
         lo = float(self.test_xy[0].min())
         hi = float(self.test_xy[0].max())
-        recon = invert_gradients(
-            model, grads, labels, tuple(self.data.input_shape), num_images=len(y),
-            steps=cfg.inversion_steps, lr=cfg.inversion_lr, tv_weight=cfg.inversion_tv,
-            seed=self.scenario.seed, bn_mode=cfg.bn_mode, bounds=(lo, hi),
-            bn_stats=bn_stats or None, bn_weight=cfg.bn_prior_weight,
-        )
+        common = dict(steps=cfg.inversion_steps, lr=cfg.inversion_lr,
+                      tv_weight=cfg.inversion_tv, seed=self.scenario.seed, bn_mode=cfg.bn_mode,
+                      bounds=(lo, hi), bn_weight=cfg.bn_prior_weight,
+                      restarts=cfg.inversion_restarts)
+        if cfg.inversion_target == "update":
+            x, y, labels, recon, extra = self._invert_update(model, cid, x, y, names, common)
+        else:
+            grads = client_gradient(model, x, y, bn_mode=cfg.bn_mode)
+            g_w = grads[names.index("head.weight")]
+            g_b = grads[names.index("head.bias")] if "head.bias" in names else None
+            labels = recover_labels(g_w, g_b, num_images=len(y))
+            bn_stats = (_uploaded_batch_stats(model, x)
+                        if cfg.bn_buffers_shared and cfg.bn_mode == "train" else {})
+            recon = invert_gradients(
+                model, grads, labels, tuple(self.data.input_shape), num_images=len(y),
+                bn_stats=bn_stats or None, **common)
+            extra = {"local_steps": 1, "bn_prior_layers": len(bn_stats),
+                     "attacker_knows": "the sent model and one batch's gradient (up to scale)"}
         metrics = image_metrics(x.cpu(), recon.x.cpu(), data_range=hi - lo)
         matched, _ = match_reconstructions(x.cpu(), recon.x.cpu())
         save_image_grid(x.cpu(), matched, self.out / INVERSION_PNG, bounds=(lo, hi))
@@ -604,18 +630,72 @@ class PrivacyAudit:
         return {
             "round": cfg.inversion_round,
             "client": cid,
+            "target": cfg.inversion_target,
             "batch_size": len(y),
+            "local_steps": extra["local_steps"],
             "bn_mode": cfg.bn_mode,
             "bn_buffers_shared": cfg.bn_buffers_shared,
-            "bn_prior_layers": len(bn_stats),
+            "bn_prior_layers": extra["bn_prior_layers"],
             "psnr_db": metrics["psnr"],
             "ssim": metrics["ssim"],
             "mse": metrics["mse"],
             "label_accuracy": float(np.minimum(true_counts, got_counts).sum() / len(y)),
             "steps": cfg.inversion_steps,
+            "restarts": cfg.inversion_restarts,
+            "restart_objectives": list(recon.losses),
+            "chosen_restart": recon.best,
             "objective": recon.loss,
+            "attacker_knows": extra["attacker_knows"],
             "png": INVERSION_PNG,
         }
+
+    def _invert_update(self, model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor,
+                       names: list[str], common: dict):
+        """Attack the real upload of ``τ`` local steps on the ``N = inversion_batch`` images.
+
+        The client trains for real (``train_local``, plain SGD without strategy hooks, BN in
+        ``privacy.bn_mode``) with the batches of :func:`_inversion_plan`. The attacker knows
+        the sent model, the client's lr, momentum and weight decay, N, and which images form
+        each batch in order (so τ and the batch size); it reads the labels off the update's
+        classifier rows and matches its simulated update (and, if shared, BN buffers).
+        """
+        cfg, client = self.cfg, self.scenario.client
+        # The local dataset lists its images by label, so the (sorted) recovered labels name
+        # the image at each position the batch plan refers to.
+        order = torch.argsort(y.cpu(), stable=True).to(self.device)
+        x, y = x[order], y[order]
+        plan = _inversion_plan(self.scenario, cid)
+        real = copy.deepcopy(model)
+        gen = torch_generator(self.scenario.seed, "client-train", cfg.inversion_round, cid)
+        train_local(real, x, y, client, gen, [_EvalBN()] if cfg.bn_mode == "eval" else [],
+                    drop_singleton=uses_batch_statistics(self.scenario.model.norm))
+        after = dict(real.named_parameters())
+        update = [(p - after[n]).detach() for n, p in model.named_parameters()
+                  if p.requires_grad]
+        u_b = update[names.index("head.bias")] if "head.bias" in names else None
+        labels = recover_labels(update[names.index("head.weight")], u_b, num_images=len(y))
+        buffers = ({n: (m.running_mean.detach(), m.running_var.detach())
+                    for n, m in real.named_modules() if n and has_running_stats(m)}
+                   if cfg.bn_buffers_shared and cfg.bn_mode == "train" else {})
+        recon = invert_update(model, update, labels, tuple(self.data.input_shape), plan,
+                              client.lr, client.momentum, client.weight_decay,
+                              bn_buffers=buffers or None, **common)
+        extra = {"local_steps": len(plan), "bn_prior_layers": len(buffers),
+                 "attacker_knows": "the sent model; the client's lr, momentum and weight decay; "
+                                   "its N images' batch assignment in order (tau steps); "
+                                   + ("its uploaded BN buffers" if buffers else "no BN buffers")}
+        return x, y, labels, recon, extra
+
+
+class _EvalBN(ClientHook):
+    """Keeps the attacked client's model in eval mode (``privacy.bn_mode = "eval"``: BN uses
+    its running statistics and leaves them unchanged)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def before_train(self, model: nn.Module) -> None:
+        model.eval()
 
 
 def _uploaded_batch_stats(model: nn.Module, x: torch.Tensor) -> dict:

@@ -6,6 +6,12 @@ last-layer gradient (:func:`recover_labels`, iDLG) and optimizes dummy images un
 gradient matches (:func:`invert_gradients`, Geiping et al. 2020); PSNR and SSIM after an
 optimal matching of images to reconstructions say how much leaked (:func:`image_metrics`).
 
+A FedAvg client uploads the result of many local steps, not one gradient: :func:`invert_update`
+attacks that upload (Geiping et al. §5, "inverting multiple local updates") by simulating the
+client's SGD steps on the candidate images (:func:`simulate_update`) and matching the simulated
+update to the observed one. Both attacks keep the best of ``restarts`` random starts by their
+own objective, as the reference implementation does.
+
 Image tensors are ``(B, C, H, W)``; ``data_range`` in the metrics is the width of the interval
 the pixel values live in (1.0 for images in [0, 1], 2.0 for [-1, 1], or ``hi - lo`` of the
 ``bounds`` given to the attack), as in scikit-image.
@@ -14,7 +20,8 @@ the pixel values live in (1.0 for images in [0, 1], 2.0 for [-1, 1], or ``hi - l
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.func import functional_call
 
 from fedsim.rng import torch_generator
 
@@ -131,10 +139,72 @@ def _cosine_distance(grads: list[torch.Tensor], target: list[torch.Tensor]) -> t
 
 
 class InversionResult(NamedTuple):
-    """Reconstructed images (detached, on the model's device) and the final objective."""
+    """Reconstructed images (detached, on the model's device) and the final objective of the
+    chosen restart; ``losses`` holds every restart's final objective, ``best`` the chosen one's
+    index (the lowest objective; the first on ties)."""
 
     x: torch.Tensor
     loss: float
+    losses: tuple[float, ...] = ()
+    best: int = 0
+
+
+def _init_generator(seed: int, restart: int) -> torch.Generator:
+    """The start point's generator: restart 0 keeps the single-restart stream, so adding
+    restarts never changes the first one."""
+    if restart == 0:
+        return torch_generator(seed, "privacy", "inversion-init")
+    return torch_generator(seed, "privacy", "inversion-init", restart)
+
+
+def _optimize(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    device: torch.device,
+    steps: int,
+    lr: float,
+    bounds: tuple[float, float] | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
+    """One restart of Geiping et al.'s optimizer: a standard-normal start clamped to
+    ``bounds``, Adam on the *signed* gradient, the step size divided by 10 at 3/8, 5/8 and 7/8
+    of ``steps``, a clamp after every step. Returns the images and the final objective."""
+    x = torch.randn(shape, generator=generator).to(device)
+    if bounds is not None:
+        x.clamp_(*bounds)
+    x.requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        cost = objective(x)
+        (x_grad,) = torch.autograd.grad(cost, [x])
+        x.grad = x_grad.sign_()
+        optimizer.step()
+        scheduler.step()
+        if bounds is not None:
+            with torch.no_grad():
+                x.clamp_(*bounds)
+    return x.detach(), float(objective(x).detach())
+
+
+def best_of_restarts(
+    run: Callable[[int], tuple[torch.Tensor, float]], restarts: int
+) -> InversionResult:
+    """Run ``run(restart)`` for ``restart = 0 .. restarts-1`` and keep the reconstruction with
+    the lowest objective — the attacker's own loss, since PSNR needs the true images. A NaN
+    objective never wins. Geiping et al.'s reference keeps the best of many trials likewise."""
+    if restarts < 1:
+        raise ValueError("restarts must be at least 1")
+    best_x, losses, best = None, [], 0
+    for restart in range(restarts):
+        x, loss = run(restart)
+        losses.append(loss)
+        key = math.inf if math.isnan(loss) else loss
+        if best_x is None or key < (math.inf if math.isnan(losses[best]) else losses[best]):
+            best_x, best = x, restart
+    return InversionResult(best_x, losses[best], tuple(losses), best)
 
 
 def invert_gradients(
@@ -151,6 +221,7 @@ def invert_gradients(
     bounds: tuple[float, float] | None = (0.0, 1.0),
     bn_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     bn_weight: float = 0.0,
+    restarts: int = 1,
 ) -> InversionResult:
     """Reconstruct a client's inputs from its gradient ("Inverting Gradients", Geiping et al.,
     NeurIPS 2020).
@@ -159,7 +230,9 @@ def invert_gradients(
     x̂, with Adam on the *signed* gradient of x̂, the learning rate divided by 10 at 3/8, 5/8 and
     7/8 of ``steps``, and x̂ clamped to ``bounds`` after every step. The start point is drawn
     from a standard normal with the generator ``fedsim.rng.torch_generator(seed, "privacy",
-    "inversion-init")``, so each seed gives one reproducible restart.
+    "inversion-init")`` (restart ``r > 0``: ``(seed, "privacy", "inversion-init", r)``); of
+    ``restarts`` independent runs the one with the lowest objective is kept
+    (:func:`best_of_restarts`).
 
     Parameters
     ----------
@@ -189,11 +262,14 @@ def invert_gradients(
         :func:`fedsim.privacy.leakage.recover_batch_stats`); adds ``bn_weight · Σ (‖μ̂ − μ‖ +
         ‖σ̂² − σ²‖)`` over those modules, the BN-statistics prior of Yin et al. (CVPR 2021,
         "See through Gradients") and Hatamizadeh et al. (IEEE TMI 2023).
+    restarts
+        Independent random starts; the lowest final objective wins.
 
     Returns
     -------
-    InversionResult ``(x, loss)``: the reconstruction, shape ``(num_images, *input_shape)``,
-    and the objective at it.
+    InversionResult ``(x, loss, losses, best)``: the reconstruction, shape
+    ``(num_images, *input_shape)``, the objective at it, every restart's objective and the
+    chosen restart.
     """
     if len(labels) != num_images:
         raise ValueError(f"{len(labels)} labels for {num_images} images")
@@ -212,15 +288,6 @@ def invert_gradients(
     if tv_weight > 0 and len(shape) != 4:
         raise ValueError("tv_weight > 0 needs image inputs (C, H, W); pass tv_weight=0")
 
-    gen = torch_generator(seed, "privacy", "inversion-init")
-    x = torch.randn(shape, generator=gen).to(device)
-    if bounds is not None:
-        x.clamp_(*bounds)
-    x.requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=lr)
-    milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     if bn_stats and bn_weight > 0:
@@ -233,7 +300,7 @@ def invert_gradients(
         stats = {k: (m.to(device).float(), v.to(device).float()) for k, (m, v) in
                  bn_stats.items()}
 
-    def objective() -> torch.Tensor:
+    def objective(x: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(clone(x), labels)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         cost = _cosine_distance(list(grads), target)
@@ -245,20 +312,180 @@ def invert_gradients(
             cost = cost + bn_weight * prior
         return cost
 
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        cost = objective()
-        (x_grad,) = torch.autograd.grad(cost, [x])
-        x.grad = x_grad.sign_()
-        optimizer.step()
-        scheduler.step()
-        if bounds is not None:
-            with torch.no_grad():
-                x.clamp_(*bounds)
-    final = float(objective().detach())
-    for handle in handles:
-        handle.remove()
-    return InversionResult(x.detach(), final)
+    try:
+        return best_of_restarts(
+            lambda r: _optimize(objective, shape, device, steps, lr, bounds,
+                                _init_generator(seed, r)),
+            restarts)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class SimulatedUpdate(NamedTuple):
+    """What :func:`simulate_update` returns: ``w_sent − w_after`` per trainable parameter (in
+    ``model.parameters()`` order) and, per named module, the running (mean, variance) its
+    BatchNorm buffers hold after the steps."""
+
+    update: list[torch.Tensor]
+    running: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def simulate_update(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: Sequence[torch.Tensor],
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    bn_mode: str = "train",
+    create_graph: bool = False,
+    running: Sequence[str] = (),
+) -> SimulatedUpdate:
+    """The upload of a client that runs minibatch SGD on ``(x, y)`` from ``model``, computed
+    functionally so that it is differentiable in ``x`` (``create_graph=True``).
+
+    One step per entry of ``plan`` (the indices of each batch, in order, as
+    :func:`fedsim.client.train.plan_batches` gives them), with torch's SGD rule: ``g + wd·w``,
+    momentum buffer ``b = g`` at the first step and ``μ·b + g`` after, ``w ← w − lr·b``. Modules
+    named in ``running`` (BatchNorm layers in train mode) get their running statistics folded
+    in as BatchNorm does, from each batch's mean and unbiased variance at their input, so the
+    uploaded buffers can be matched too. The caller's model is not changed.
+    """
+    return _simulate(_prepared_copy(model, bn_mode), x, y, plan, lr, momentum, weight_decay,
+                     create_graph, running)
+
+
+def _simulate(clone: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              plan: Sequence[torch.Tensor], lr: float, momentum: float, weight_decay: float,
+              create_graph: bool, running: Sequence[str]) -> SimulatedUpdate:
+    """:func:`simulate_update` on a prepared copy; the copy's buffers stay as they are
+    (each step works on fresh copies of them), so one copy serves many calls."""
+    names = [n for n, p in clone.named_parameters() if p.requires_grad]
+    params = {n: p.detach().requires_grad_(True) for n, p in clone.named_parameters()
+              if p.requires_grad}
+    start = [params[n] for n in names]
+    modules = dict(clone.named_modules())
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [modules[n].register_forward_hook(_batch_stats_hook(n, seen)) for n in running]
+    stats = {n: (modules[n].running_mean.detach().clone(), modules[n].running_var.detach().clone())
+             for n in running}
+    tracked = {n: int(modules[n].num_batches_tracked) for n in running}
+    buf: dict[str, torch.Tensor] = {}
+    y = y.long()
+    try:
+        for idx in plan:
+            state = {**{n: b.clone() for n, b in clone.named_buffers()}, **params}
+            loss = F.cross_entropy(functional_call(clone, state, (x[idx],)), y[idx])
+            grads = torch.autograd.grad(loss, [params[n] for n in names],
+                                        create_graph=create_graph)
+            new = {}
+            for n, g in zip(names, grads):
+                if weight_decay:
+                    g = g + weight_decay * params[n]
+                if momentum:
+                    g = buf[n] = g if n not in buf else momentum * buf[n] + g
+                new[n] = params[n] - lr * g
+            if not create_graph:
+                new = {n: p.detach().requires_grad_(True) for n, p in new.items()}
+                buf = {n: b.detach() for n, b in buf.items()}
+            params = new
+            for n in running:
+                tracked[n] += 1
+                m = modules[n].momentum
+                f = m if m is not None else 1.0 / tracked[n]
+                mean, var = seen[n]
+                stats[n] = ((1 - f) * stats[n][0] + f * mean, (1 - f) * stats[n][1] + f * var)
+    finally:
+        for handle in handles:
+            handle.remove()
+    update = [s - params[n] for n, s in zip(names, start)]
+    if not create_graph:
+        update = [u.detach() for u in update]
+        stats = {n: (m.detach(), v.detach()) for n, (m, v) in stats.items()}
+    return SimulatedUpdate(update, stats)
+
+
+def invert_update(
+    model: nn.Module,
+    target_update: list[torch.Tensor],
+    labels: torch.Tensor,
+    input_shape: tuple[int, ...],
+    plan: Sequence[torch.Tensor],
+    client_lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    steps: int = 2000,
+    lr: float = 0.1,
+    tv_weight: float = 1e-4,
+    seed: int = 0,
+    bn_mode: str = "train",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    bn_buffers: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_weight: float = 0.0,
+    restarts: int = 1,
+) -> InversionResult:
+    """Reconstruct a client's local dataset from its multi-step upload (Geiping et al.,
+    NeurIPS 2020, §5 "Inverting multiple local updates").
+
+    The attacker knows the model it sent, the client's SGD settings (``client_lr``,
+    ``momentum``, ``weight_decay``), the number of images ``len(labels)`` and which of them
+    form each local batch, in order (``plan``; so it knows τ = ``len(plan)`` and the batch
+    size). For candidate images x̂ it simulates the τ steps (:func:`simulate_update`) and
+    minimizes ``1 − cos(Δ̂(x̂), target_update) + tv_weight · TV(x̂)`` with the optimizer of
+    :func:`invert_gradients` (same start points per seed and restart). With ``bn_buffers``
+    (the running (mean, variance) the client uploaded, per BatchNorm module name) and
+    ``bn_weight > 0`` it adds ``bn_weight · Σ (‖μ̂ − μ‖ + ‖σ̂² − σ²‖) / momentum`` between the
+    simulated and uploaded buffers — for one step exactly the batch-statistics prior of
+    :func:`invert_gradients`.
+
+    ``target_update`` is ``w_sent − w_after`` per trainable parameter, in
+    ``model.parameters()`` order; image i of the reconstruction has label ``labels[i]``.
+    """
+    num_images = len(labels)
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if len(plan) == 0:
+        raise ValueError("plan has no local step to simulate")
+    if any(int(idx.max()) >= num_images or int(idx.min()) < 0 for idx in plan):
+        raise ValueError(f"plan indexes images beyond the {num_images} labelled ones")
+    probe = _prepared_copy(model, bn_mode)
+    params = _trainable(probe)
+    if len(params) != len(target_update) or any(
+        p.shape != g.shape for p, g in zip(params, target_update)
+    ):
+        raise ValueError("target_update does not match the model's trainable parameters")
+    device = params[0].device
+    target = [u.detach().to(device) for u in target_update]
+    labels = labels.to(device).long()
+    shape = (num_images, *input_shape)
+    if tv_weight > 0 and len(shape) != 4:
+        raise ValueError("tv_weight > 0 needs image inputs (C, H, W); pass tv_weight=0")
+    prior = dict(bn_buffers or {}) if bn_weight > 0 and bn_mode == "train" else {}
+    modules = dict(probe.named_modules())
+    missing = [name for name in prior if name not in modules]
+    if missing:
+        raise ValueError(f"bn_buffers name modules the model lacks: {', '.join(missing)}")
+    prior = {k: (m.to(device).float(), v.to(device).float()) for k, (m, v) in prior.items()}
+    scale = {k: modules[k].momentum or 1.0 for k in prior}
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        sim = _simulate(probe, x, labels, plan, client_lr, momentum, weight_decay,
+                        create_graph=True, running=tuple(prior))
+        cost = _cosine_distance(sim.update, target)
+        if tv_weight > 0:
+            cost = cost + tv_weight * total_variation(x)
+        if prior:
+            cost = cost + bn_weight * sum(
+                ((sim.running[k][0] - m).norm() + (sim.running[k][1] - v).norm()) / scale[k]
+                for k, (m, v) in prior.items())
+        return cost
+
+    return best_of_restarts(
+        lambda r: _optimize(objective, shape, device, steps, lr, bounds,
+                            _init_generator(seed, r)),
+        restarts)
 
 
 def _batch_stats_hook(name: str, seen: dict):

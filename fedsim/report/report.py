@@ -101,6 +101,10 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
     row["inversion.psnr_db"] = inv.get("psnr_db")
     row["inversion.ssim"] = inv.get("ssim")
     row["inversion.label_accuracy"] = inv.get("label_accuracy")
+    row["inversion.setting"] = (f"target {inv.get('target', 'step')}, "
+                                f"{inv.get('batch_size')} images, "
+                                f"{inv.get('local_steps', 1)} local steps, "
+                                f"best of {inv.get('restarts', 1)} restarts") if inv else None
     leak = priv.get("leakage")
     row["leak.running_stats"] = leak.get("running_stats_uploaded") if leak else None
     rec = (leak or {}).get("data_mean_recovery") or {}
@@ -268,6 +272,10 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
         extra = [c for c in extra if _present(group, c[1])]
         if extra or _present(group, "leak.running_stats"):
             lines += ["", "**Client updates, inversion and what leaves the client**", ""]
+            settings = sorted({r["inversion.setting"] for r in group
+                               if r.get("inversion.setting")})
+            if settings:
+                lines += [f"Inversion: {'; '.join(settings)}.", ""]
             head = ["norm", "uploads BN running stats", *[c[0] for c in extra]]
             body = [[n, _yes_no([r.get("leak.running_stats") for r in rs]),
                      *[fmt([r.get(k) for r in rs]) for _, k in extra]]

@@ -48,6 +48,8 @@ def test_summary_has_every_privacy_key_in_range(audited):
     inv = p["inversion"]
     assert inv["bn_mode"] == "train" and inv["bn_buffers_shared"] is True
     assert inv["bn_prior_layers"] == 2 and inv["batch_size"] == 2
+    assert inv["target"] == "step" and inv["local_steps"] == 1 and inv["restarts"] == 4
+    assert inv["objective"] == min(inv["restart_objectives"])
     assert np.isfinite(inv["psnr_db"]) and -1 <= inv["ssim"] <= 1 and in_unit(inv["label_accuracy"])
     leak = p["leakage"]
     assert leak["running_stats_uploaded"] is True
@@ -88,11 +90,29 @@ def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
     (["privacy.rmia_a=1.5"], "privacy.rmia_a"),
     (["privacy.rmia_gamma=0"], "privacy.rmia_gamma"),
     (["privacy.audit_confidence=1.0"], "privacy.audit_confidence"),
+    (["privacy.inversion_restarts=0"], "privacy.inversion_restarts"),
+    (["privacy.inversion_target=upload"], "privacy.inversion_target"),
+    (["privacy.inversion=true", "privacy.inversion_target=update", "model.norm=bn",
+      "privacy.inversion_batch=2", "client.batch_size=1"], "leaves no local step"),
 ])
 def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
     with pytest.raises(ScenarioError, match=pattern):
         fedsim.run("scenarios/quickstart.toml", TINY + extra, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_update_inversion_attacks_the_real_upload(tmp_path):
+    result = fedsim.run("scenarios/quickstart.toml",
+                        TINY + ["model.norm=bn", "client.batch_size=2", "client.epochs=2",
+                                "privacy.inversion=true", "privacy.inversion_target=update",
+                                "privacy.inversion_batch=3", "privacy.inversion_steps=10",
+                                "privacy.inversion_restarts=2"], out=tmp_path / "upd")
+    inv = result.summary["privacy"]["inversion"]
+    # 3 images in batches of 2: the trailing singleton is dropped, 1 step per epoch
+    assert inv["target"] == "update" and inv["local_steps"] == 2 and inv["batch_size"] == 3
+    assert inv["restarts"] == 2 and len(inv["restart_objectives"]) == 2
+    assert inv["objective"] == min(inv["restart_objectives"]) and inv["bn_prior_layers"] == 2
+    assert np.isfinite(inv["psnr_db"]) and "batch assignment" in inv["attacker_knows"]
 
 
 def test_holdout_inversion_client_is_refused(tmp_path):
