@@ -170,6 +170,28 @@ class TopKHook(CompressHook):
             self.ctx.state[RESIDUAL_KEY] = state_to_record(self.residual)
 
 
+#: client.compress -> the decoded upload of one update tensor at a client's first upload (no
+#: error-feedback residual yet), for attacks that simulate what a client sends
+DECODED_UPDATE: dict[str, object] = {
+    "none": lambda delta, cfg, gen: delta,
+    "qsgd": lambda delta, cfg, gen: qsgd_quantize(delta, cfg.compress_bits, gen),
+    "topk": lambda delta, cfg, gen: topk_sparsify(
+        delta, topk_count(delta.numel(), cfg.compress_ratio))[0],
+}
+
+
+def as_uploaded(deltas: list[torch.Tensor], cfg, seed: int, rnd: int, cid: int
+                ) -> list[torch.Tensor]:
+    """What client ``cid`` uploads in round ``rnd`` for the parameter updates ``deltas``
+    (``w_trained - w_received``, in parameter order) under ``cfg.compress`` (a
+    :class:`~fedsim.config.ClientConfig`): the same compressor and derived randomness as its
+    hook, at its first upload (top-k without a residual)."""
+    gen = torch_generator(seed, "compress", rnd, cid)
+    decode = DECODED_UPDATE[cfg.compress]
+    return [decode(d.detach().to("cpu", torch.float32), cfg, gen).to(d.device, d.dtype)
+            for d in deltas]
+
+
 def upload_bytes(arrays: dict[str, torch.Tensor | np.ndarray], hooks: list[ClientHook]) -> int:
     """Bytes a reply's arrays take on the wire: encoded sizes where a hook encoded an array,
     else ``itemsize * numel``."""

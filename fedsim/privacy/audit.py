@@ -45,6 +45,7 @@ from scipy.special import expit
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
+from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import build_global_model
 from fedsim.client.train import plan_batches, train_local
@@ -300,6 +301,11 @@ def check_privacy(scenario: Scenario, data: FederatedData) -> None:
         if cfg.inversion_batch > n:
             raise ScenarioError(f"privacy.inversion_batch = {cfg.inversion_batch} exceeds the "
                                 f"{n} training samples of client {cid}; lower it")
+        if cfg.inversion_target == "step" and scenario.client.compress != "none":
+            raise ScenarioError(
+                f"privacy.inversion_target = 'step' attacks one uncompressed gradient, not what "
+                f"a client with client.compress = {scenario.client.compress!r} uploads; use "
+                "privacy.inversion_target = 'update' (the attack on the compressed upload)")
         if cfg.inversion_target == "update" and not _inversion_plan(scenario, cid):
             raise ScenarioError(
                 f"privacy.inversion_target = 'update' leaves no local step: a model with batch "
@@ -672,6 +678,10 @@ class PrivacyAudit:
         after = dict(real.named_parameters())
         update = [(p - after[n]).detach() for n, p in model.named_parameters()
                   if p.requires_grad]
+        if client.compress != "none":  # the attacker sees what is uploaded: the decoded update
+            trained = as_uploaded([-u for u in update], client, self.scenario.seed,
+                                  cfg.inversion_round, cid)
+            update = [-d for d in trained]
         u_b = update[names.index("head.bias")] if "head.bias" in names else None
         labels = recover_labels(update[names.index("head.weight")], u_b, num_images=len(y))
         buffers = ({n: (m.running_mean.detach(), m.running_var.detach())
@@ -683,7 +693,9 @@ class PrivacyAudit:
         extra = {"local_steps": len(plan), "bn_prior_layers": len(buffers),
                  "attacker_knows": "the sent model; the client's lr, momentum and weight decay; "
                                    "its N images' batch assignment in order (tau steps); "
-                                   + ("its uploaded BN buffers" if buffers else "no BN buffers")}
+                                   + ("its uploaded BN buffers" if buffers else "no BN buffers")
+                                   + (f"; the update as uploaded ({client.compress}-compressed)"
+                                      if client.compress != "none" else "")}
         return x, y, labels, recon, extra
 
 

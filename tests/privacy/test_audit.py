@@ -94,6 +94,7 @@ def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
     (["privacy.inversion_target=upload"], "privacy.inversion_target"),
     (["privacy.inversion=true", "privacy.inversion_target=update", "model.norm=bn",
       "privacy.inversion_batch=2", "client.batch_size=1"], "leaves no local step"),
+    (["privacy.inversion=true", "client.compress=qsgd"], "uncompressed gradient"),
 ])
 def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
     with pytest.raises(ScenarioError, match=pattern):
@@ -113,6 +114,32 @@ def test_update_inversion_attacks_the_real_upload(tmp_path):
     assert inv["restarts"] == 2 and len(inv["restart_objectives"]) == 2
     assert inv["objective"] == min(inv["restart_objectives"]) and inv["bn_prior_layers"] == 2
     assert np.isfinite(inv["psnr_db"]) and "batch assignment" in inv["attacker_knows"]
+
+
+def test_update_inversion_attacks_the_compressed_upload(tmp_path, monkeypatch):
+    """With client.compress, the attacker's observed update is the decoded upload: the same
+    compressor and derived randomness as the client's hook (top-k keeps k entries)."""
+    import fedsim.privacy.audit as audit_module
+    from fedsim.client.compress import topk_count
+
+    seen = []
+    real = audit_module.invert_update
+
+    def spy(model, update, *args, **kwargs):
+        seen.append([u.clone() for u in update])
+        return real(model, update, *args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "invert_update", spy)
+    result = fedsim.run("scenarios/quickstart.toml",
+                        TINY + ["client.batch_size=2", "client.epochs=1",
+                                "client.compress=topk", "client.compress_ratio=0.1",
+                                "privacy.inversion=true", "privacy.inversion_target=update",
+                                "privacy.inversion_batch=2", "privacy.inversion_steps=5",
+                                "privacy.inversion_restarts=1"], out=tmp_path / "topk")
+    (update,) = seen
+    assert [int((u != 0).sum()) for u in update] == \
+        [min(u.numel(), topk_count(u.numel(), 0.1)) for u in update]
+    assert "topk-compressed" in result.summary["privacy"]["inversion"]["attacker_knows"]
 
 
 def test_holdout_inversion_client_is_refused(tmp_path):
