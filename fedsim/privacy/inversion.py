@@ -207,6 +207,23 @@ def best_of_restarts(
     return InversionResult(best_x, losses[best], tuple(losses), best)
 
 
+def _attack_setup(model: nn.Module, bn_mode: str, targets, what: str, labels: torch.Tensor,
+                  num_images: int, input_shape, tv_weight: float):
+    """The attacker's copy of the model (``bn_mode``), its trainable parameters, the observed
+    ``targets`` (gradients or an update, checked against those parameters) and labels on its
+    device, and the reconstruction's shape."""
+    clone = _prepared_copy(model, bn_mode)
+    params = _trainable(clone)
+    if len(params) != len(targets) or any(p.shape != g.shape for p, g in zip(params, targets)):
+        raise ValueError(f"{what}: one tensor per trainable parameter of the model, same shapes")
+    device = params[0].device
+    shape = (num_images, *input_shape)
+    if tv_weight > 0 and len(shape) != 4:
+        raise ValueError("tv_weight > 0 needs image inputs (C, H, W); pass tv_weight=0")
+    return (clone, params, [t.detach().to(device) for t in targets],
+            labels.to(device).long(), shape)
+
+
 def invert_gradients(
     model: nn.Module,
     target_grads: list[torch.Tensor],
@@ -275,18 +292,9 @@ def invert_gradients(
         raise ValueError(f"{len(labels)} labels for {num_images} images")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    clone = _prepared_copy(model, bn_mode)
-    params = _trainable(clone)
-    if len(params) != len(target_grads) or any(
-        p.shape != g.shape for p, g in zip(params, target_grads)
-    ):
-        raise ValueError("target_grads do not match the model's trainable parameters")
+    clone, params, target, labels, shape = _attack_setup(
+        model, bn_mode, target_grads, "target_grads", labels, num_images, input_shape, tv_weight)
     device = params[0].device
-    target = [g.detach().to(device) for g in target_grads]
-    labels = labels.to(device).long()
-    shape = (num_images, *input_shape)
-    if tv_weight > 0 and len(shape) != 4:
-        raise ValueError("tv_weight > 0 needs image inputs (C, H, W); pass tv_weight=0")
 
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
@@ -450,18 +458,10 @@ def invert_update(
         raise ValueError("plan has no local step to simulate")
     if any(int(idx.max()) >= num_images or int(idx.min()) < 0 for idx in plan):
         raise ValueError(f"plan indexes images beyond the {num_images} labelled ones")
-    probe = _prepared_copy(model, bn_mode)
-    params = _trainable(probe)
-    if len(params) != len(target_update) or any(
-        p.shape != g.shape for p, g in zip(params, target_update)
-    ):
-        raise ValueError("target_update does not match the model's trainable parameters")
+    probe, params, target, labels, shape = _attack_setup(
+        model, bn_mode, target_update, "target_update", labels, num_images, input_shape,
+        tv_weight)
     device = params[0].device
-    target = [u.detach().to(device) for u in target_update]
-    labels = labels.to(device).long()
-    shape = (num_images, *input_shape)
-    if tv_weight > 0 and len(shape) != 4:
-        raise ValueError("tv_weight > 0 needs image inputs (C, H, W); pass tv_weight=0")
     prior = dict(bn_buffers or {}) if bn_weight > 0 and bn_mode == "train" else {}
     modules = dict(probe.named_modules())
     missing = [name for name in prior if name not in modules]

@@ -189,27 +189,21 @@ def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
     assert not set(seen[1] + seen[2]) & set(data.holdout)
 
 
-def test_audited_epsilon_never_exceeds_the_accountants(tmp_path):
-    dp = ['privacy.mia=["loss"]', "server.dp.kind=fixed", "server.dp.noise_multiplier=1.0"]
-    result = fedsim.run("scenarios/quickstart.toml", TINY + dp, out=tmp_path / "dp")
+@pytest.mark.parametrize("dp,unit,eps_at,factor", [
+    (["server.dp.kind=fixed", "server.dp.noise_multiplier=1.0"], "client",
+     ("dp", "privacy_spent", "epsilon"), 2),  # group privacy: a sample changes one client
+    (["client.dp.noise_multiplier=1.0", "model.norm=gn"], "sample",  # DP-SGD: same unit
+     ("client_dp", "epsilon", "max"), 1),
+])
+def test_audited_epsilon_never_exceeds_the_accountants(tmp_path, dp, unit, eps_at, factor):
+    result = fedsim.run("scenarios/quickstart.toml", TINY + ['privacy.mia=["loss"]', *dp],
+                        out=tmp_path / "dp")
     summary = json.loads((result.path / "summary.json").read_text())
-    eps = summary["dp"]["privacy_spent"]["epsilon"]
+    eps = summary[eps_at[0]][eps_at[1]][eps_at[2]]
     audited = summary["privacy"]["audited_epsilon"]
-    assert audited["accountant_epsilon"] == eps and audited["accountant_unit"] == "client"
-    assert audited["unit"] == "sample" and audited["comparable_epsilon"] == 2 * eps
-    assert audited["accountant_delta"] == summary["dp"]["privacy_spent"]["delta"]
+    assert audited["accountant_epsilon"] == eps and audited["accountant_unit"] == unit
+    assert audited["accountant_from"] == ".".join(eps_at)
+    assert audited["unit"] == "sample" and audited["comparable_epsilon"] == factor * eps
     loss = audited["loss"]
     assert 0.0 <= loss["epsilon_lower_bound"] <= eps
     assert loss["n_members"] == summary["privacy"]["mia_pool"]["members"]
-
-
-def test_audited_epsilon_under_dp_sgd_reads_the_sample_level_accountant(tmp_path):
-    """[client.dp]: the accountant and the attack share the unit (a sample)."""
-    dp = ['privacy.mia=["loss"]', "client.dp.noise_multiplier=1.0", "model.norm=gn"]
-    result = fedsim.run("scenarios/quickstart.toml", TINY + dp, out=tmp_path / "dpsgd")
-    summary = json.loads((result.path / "summary.json").read_text())
-    eps = summary["client_dp"]["epsilon"]["max"]
-    audited = summary["privacy"]["audited_epsilon"]
-    assert audited["accountant_unit"] == "sample" and audited["comparable_epsilon"] == eps
-    assert audited["accountant_from"] == "client_dp.epsilon.max"
-    assert 0.0 <= audited["loss"]["epsilon_lower_bound"] <= eps
