@@ -193,14 +193,20 @@ def run_sweep(
     from fedsim.report.claims import check_claims
     from fedsim.report.report import write_report
     from fedsim.run import preflight, resolve
+    from fedsim.server.dp import start_lines
 
     say = progress or (lambda _msg: None)
     base = resolve(scenario, overrides)
     root = Path(out or base.output.dir)
     cells = expand(base, root)
     check_claims(base, cells)
+    said: set[str] = set()
     for cell in cells:
         preflight(cell.scenario)
+        for line in start_lines(cell.scenario):  # a DP warning once per distinct message
+            if line not in said:
+                said.add(line)
+                say(f"{cell.name}: {line}")
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     if overwrite and root.is_dir():

@@ -254,3 +254,17 @@ def test_a_claim_between_no_op_settings_is_inconclusive(tmp_path):
             "p = 1.000 (Holm = 1.000), n = 3 pairs") in text
     assert (tmp_path / "out" / "claims.png").is_file()
     assert run_sweep(path, out=tmp_path / "out").ran == []  # finished cells still check out
+
+
+def test_a_sweep_warns_once_when_a_dp_strategy_gets_no_epsilon(tmp_path):
+    """[server.dp] around FedAdam: no ε holds (why_not); the sweep says so once, up front."""
+    path = tmp_path / "s.toml"
+    path.write_text(SMALL.replace("[server]\n", "[server]\nstrategy = \"fedadam\"\n")
+                    + '[server.dp]\nkind = "fixed"\nnoise_multiplier = 1.0\n')
+    said = []
+    run_sweep(path, out=tmp_path / "out", progress=said.append)
+    warnings = [s for s in said if "warning: server.dp" in s]
+    assert len(warnings) == 1 and "no ε is reported" in warnings[0], said
+    for cell in (tmp_path / "out").glob("*/summary.json"):
+        spent = json.loads(cell.read_text())["dp"]["privacy_spent"]
+        assert spent["epsilon"] is None and spent["why_not"]

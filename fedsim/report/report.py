@@ -296,6 +296,11 @@ def _pyplot():
     return plt
 
 
+def _is_auc(title: str, key: str) -> bool:
+    """An attack's AUC panel (the final-round ``mia.*.auc`` or a per-upload AUC)."""
+    return key.endswith(".auc") or "AUC" in title
+
+
 def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
                   base) -> Path | None:
     """Points = mean over seeds, bars = 95% t-interval of that mean, one point per norm and
@@ -333,12 +338,12 @@ def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
         ax.set_xlim(-0.6, len(norms) - 0.4)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("mean over seeds, 95% t-interval", fontsize=7)
-        if key.endswith(".auc"):
+        if _is_auc(title, key):
             ax.axhline(0.5, color="gray", lw=1, ls="--", label="chance (0.5)")
         elif key.endswith("gap"):
             ax.axhline(0, color="gray", lw=0.8)  # no gap
         ax.grid(axis="y", lw=0.3)
-    if len(groups) > 1 or any(k.endswith(".auc") for _, k in panels):
+    if len(groups) > 1 or any(_is_auc(t, k) for t, k in panels):
         axes.flat[0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
