@@ -23,6 +23,7 @@ one; the ``.npy`` header (128 bytes per array) and the message framing are not c
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -94,7 +95,7 @@ def topk_sparsify(u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sent.reshape(u.shape), residual.reshape(u.shape)
 
 
-class CompressHook(ClientHook):
+class CompressHook(ClientHook, abc.ABC):
     """Base of the compressors: replaces each compressible upload by its decoded update on
     top of the received array and records its encoded size (see the module docstring)."""
 
@@ -114,9 +115,9 @@ class CompressHook(ClientHook):
         self.finish()
         return out
 
+    @abc.abstractmethod
     def encode(self, key: str, delta: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(decoded update, encoded bytes) of one tensor's update."""
-        raise NotImplementedError
 
     def finish(self) -> None:
         """Called after every array is encoded (e.g. to save state)."""
