@@ -49,3 +49,21 @@ def test_module_level_apps_read_the_scenario_from_the_run_config():
 
     data = build_federated_data(fedsim.load_scenario("scenarios/quickstart.toml"))
     assert data_client == data.participating[3]
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "0"), ("1", "1")])
+def test_flower_telemetry_is_off_for_fedsim_unless_the_user_set_it(preset, expected):
+    """Flower reads FLWR_TELEMETRY_ENABLED once, at import: importing fedsim first turns it
+    off, and a user's own setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    if preset is not None:
+        env["FLWR_TELEMETRY_ENABLED"] = preset
+    code = ("import fedsim, flwr.supercore.telemetry as t; "
+            "print(t.FLWR_TELEMETRY_ENABLED)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == expected
