@@ -206,7 +206,7 @@ class _Decoder:
             return Array(dtype=node["dtype"], shape=tuple(node["shape"]), stype=node["stype"],
                          data=bytes(self.raw(node["r"])))
         if kind in _RECORDS:
-            record = _RECORDS[kind]()  # item by item: 4x faster than from a dict for Arrays
+            record = _RECORDS[kind]()  # item by item: cheaper than from a dict for Arrays
             for k, x in node["items"]:
                 record[k] = self.value(x)
             return record

@@ -37,9 +37,9 @@ from dp_accounting.rdp import RdpAccountant
 #: the accountant whose ε is reported as "the" ε
 REPORTED = "pld"
 METHODS = ("pld", "rdp")
-#: PLD loss discretization: 10× dp_accounting's 1e-4 default, 10× faster (σ = 0.1: 1 s, not
-#: 13 s), and equal to it within 1e-5 relative on the cases in tests/privacy (pessimistic, so
-#: still an upper bound)
+#: PLD loss discretization: coarser than dp_accounting's 1e-4 default, so small noise
+#: multipliers stay quick, and pessimistic, so still an upper bound (tests/privacy check it
+#: against the default on a known case)
 PLD_DISCRETIZATION = 1e-3
 
 SAMPLING_ASSUMPTION = (
