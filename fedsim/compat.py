@@ -20,6 +20,7 @@ import torch._C._functorch as _functorch_c
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -213,6 +214,7 @@ def fast_records(numpy: Callable[[Array], Any]) -> Iterator[None]:
 
 __all__ = [
     "FLWR_WRITTEN_FOR",
+    "ProtoRecordDict",
     "SUPERLINK_NODE_ID",
     "TORCH_WRITTEN_FOR",
     "BatchNormBase",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedsim.compat import add_batch_dim, folding_vmap, is_batched, unwrap_batched
-from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, _check_features
+from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, check_features
 from fedsim.models.pool import FastMaxPool2d, pool_indices, pools_fast
 
 
@@ -159,7 +159,7 @@ class FoldedInstanceNorm(InstanceNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if (vm := folding_vmap()) is not None:
-            _check_features(x, type(self).__name__)
+            check_features(x, type(self).__name__)
             groups = 1 if x.dim() == 2 else self.num_channels
             return group_norm(vm, x, groups, self.weight, self.bias, self.eps)
         return super().forward(x)

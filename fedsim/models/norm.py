@@ -153,7 +153,8 @@ def statistics_layers(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]:
             if any(_qualified(name, k) in wanted for k in statistics_buffers(m))]
 
 
-def _check_features(x: Tensor, layer: str) -> None:
+def check_features(x: Tensor, layer: str) -> None:
+    """Refuse input that is neither ``(N, C)`` nor ``(N, C, ...)`` features."""
     if x.dim() < 2:
         raise ValueError(f"{layer} expects (N, C) or (N, C, H, W) input, got {tuple(x.shape)}")
 
@@ -172,7 +173,7 @@ class BatchNorm(BatchNormBase):
         super().__init__(num_channels, eps=eps, momentum=momentum)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _check_features(input, type(self).__name__)
+        check_features(input, type(self).__name__)
 
 
 @NORMS.register("in")
@@ -193,7 +194,7 @@ class InstanceNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_features(x, type(self).__name__)
+        check_features(x, type(self).__name__)
         if x.dim() == 2:
             return F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
@@ -303,7 +304,7 @@ class HybridNorm(nn.Module):
         return torch.sigmoid(self.theta.detach()).item()
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_features(x, type(self).__name__)
+        check_features(x, type(self).__name__)
         shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
         batch_dims = [0, *range(2, x.dim())]
         alpha = torch.sigmoid(self.theta)
