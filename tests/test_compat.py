@@ -273,3 +273,66 @@ def test_the_boundary_check_sees_each_kind_of_private_use():
             "from flwr.common.constant import X\nx = torch._C.foo\n"
             "m.metadata.__dict__['_message_id'] = 1\nfrom flwr.app import Array\n")
     assert {n for n, _ in _private_uses(ast.parse(code))} == {1, 2, 3, 4, 5}
+
+
+# -- fedsim's own grids take both pull_messages signatures --------------------------------
+
+
+def _query_app():
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.query()
+    def answer(msg, context):
+        cid = context.node_config["partition-id"]
+        return Message(RecordDict({"client": ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+    return app
+
+
+class _OldSignatureBase:
+    """A base grid with Flower 1.41/1.42's ``pull_messages(message_ids)`` only."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def pull_messages(self, message_ids):
+        return self.base.pull_messages(message_ids)
+
+
+@pytest.mark.parametrize("style", ["positional", "message_ids=", "reply_to_message_ids="])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["InProcessGrid", "ClientOrderedGrid"])
+def test_fedsim_grids_accept_both_pull_messages_signatures(style, wrapped):
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    with compat.task_identity_restored():
+        grid = InProcessGrid(_query_app(), 3)
+        if wrapped:
+            grid = ClientOrderedGrid(grid, 3)
+        msgs = [Message(RecordDict({"config": ConfigRecord({"want": "client-id"})}), node,
+                        MessageType.QUERY) for node in (1, 2, 3)]
+        ids = list(grid.push_messages(msgs))
+        if style == "positional":
+            replies = grid.pull_messages(ids)
+        elif style == "message_ids=":
+            replies = grid.pull_messages(message_ids=ids)
+        else:
+            replies = grid.pull_messages(reply_to_message_ids=ids)
+        assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(ids)
+        assert not any(r.has_error() for r in replies)
+
+
+@pytest.mark.parametrize("old_base", [False, True], ids=["base-1.43", "base-1.41"])
+def test_client_ordered_grid_pulls_from_either_base_signature(old_base):
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    with compat.task_identity_restored():
+        base = InProcessGrid(_query_app(), 3)
+        grid = ClientOrderedGrid(_OldSignatureBase(base) if old_base else base, 3)
+        assert list(grid.get_node_ids()) == [1, 2, 3]  # a query round trip through the base
