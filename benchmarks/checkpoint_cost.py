@@ -39,6 +39,7 @@ from fedsim.checkpoint import encode_checkpoint, read_checkpoint, write_checkpoi
 from fedsim.client.runtime import build_global_model  # noqa: E402
 from fedsim.data.federated import build_federated_data  # noqa: E402
 from fedsim.engine.store import encode_state  # noqa: E402
+from fedsim.models.norm import norm_keys  # noqa: E402
 from fedsim.state_journal import StateJournal  # noqa: E402
 
 THOUSANDS = ["name=ten_thousand_clients", "data.name=synthetic", "partition.kind=dirichlet",
@@ -63,9 +64,7 @@ def fedbn_state(num_clients: int, per_round: int, out: Path) -> dict:
     read-back a ``--resume`` does."""
     scn = fedsim.load_scenario("scenarios/quickstart.toml", THOUSANDS)
     model = build_global_model(scn, build_federated_data(scn))
-    bn_keys = [k for k, m in model.named_modules()
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    local = [k for k in model.state_dict() if any(k.startswith(p + ".") for p in bn_keys)]
+    local = norm_keys(model)  # model.norm=bn: the BN layers' parameters and buffers
     per_client = model_to_record(model, local)
     raw = {nid: encode_state(RecordDict({"fedbn": ArrayRecord(dict(per_client.items()))}))
            for nid in range(1, num_clients + 1)}

@@ -138,8 +138,7 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
     interleaved timings compare)."""
     import torch
 
-    import fedsim.models.norm as norm_module
-    import fedsim.models.pool as pool_module
+    import fedsim.models.batched as batched_module
     from fedsim.client.runtime import client_runtime
     from fedsim.config import load_scenario
     from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
@@ -158,11 +157,13 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
         members.append(CohortMember(params, x, y, plan, bufs))
     steps = sum(len(m.batches) for m in members)
 
+    model = batched_module.fold_for_cohort(rt.model)  # as the cohort backend builds it
+
     def ms_per_cohort(reps: int) -> float:
-        train_cohort(rt.model, members, sc.client)  # warm-up
+        train_cohort(model, members, sc.client)  # warm-up
         t0 = time.perf_counter()
         for _ in range(reps):
-            train_cohort(rt.model, members, sc.client)
+            train_cohort(model, members, sc.client)
         return 1e3 * (time.perf_counter() - t0) / reps
 
     head = f"cohort of {len(members)} clients, {steps} client-steps, {threads} torch thread(s)"
@@ -171,15 +172,14 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
         print(f"{head}: {ms:.1f} ms per cohort, {ms / steps:.3f} ms per client-step, "
               f"{ms / len(members):.2f} ms per client update")
         return
-    folding = (norm_module.folding_vmap, pool_module.folding_vmap)
+    folding = batched_module.folding_vmap
     times: dict[str, list[float]] = {"folded layers": [], "vmap's own rules": []}
     for _ in range(8):
         for label in times:
             fold = label.startswith("folded")
-            norm_module.folding_vmap = folding[0] if fold else (lambda: None)
-            pool_module.folding_vmap = folding[1] if fold else (lambda: None)
+            batched_module.folding_vmap = folding if fold else (lambda: None)
             times[label].append(ms_per_cohort(3))
-    norm_module.folding_vmap, pool_module.folding_vmap = folding
+    batched_module.folding_vmap = folding
     print(f"{head}, ms per cohort over 8 interleaved repeats:")
     for label, ms in times.items():
         print(f"  {label:18s} min {min(ms):7.1f}  median {sorted(ms)[4]:7.1f}")

@@ -7,20 +7,20 @@ explicitly) and, on loading, round integer buffers back to their integer dtype.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from fedsim import compat
+from fedsim.compat import TypedDict  # noqa: F401  (re-exported for tests/test_arrays.py)
+
 _NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: data holds an ``np.save`` file
-_flower_numpy = Array.numpy  # Flower's own parser (np.load), kept for any non-standard layout
-#: the base of Flower's records and RecordDict (flwr.app.message.typeddict.TypedDict)
-TypedDict = next(c for c in ArrayRecord.__mro__ if c.__name__ == "TypedDict")
+_flower_numpy = compat.flower_numpy  # Flower's own parser (np.load), for any other layout
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -53,13 +53,10 @@ def _decode_layout(dtype_name: str, shape: tuple[int, ...]) -> tuple[np.dtype, b
 
 def new_array(dtype_name: str, shape: tuple[int, ...], data: bytes,
                stype: str = _NUMPY_STYPE) -> Array:
-    """``Array(dtype=..., shape=..., stype=..., data=...)`` without its argument dispatch
-    (~20 µs per array): the same four fields and the same fresh-object dirty flag (checked
-    against Flower's constructor in tests/test_arrays.py)."""
-    arr = Array.__new__(Array)
-    arr.__dict__.update(dtype=dtype_name, shape=shape, stype=stype, data=data,
-                        _is_dirty=True)
-    return arr
+    """``Array(dtype=..., shape=..., stype=..., data=...)`` without its argument dispatch:
+    the same four fields and the same fresh-object dirty flag (checked against Flower's
+    constructor in tests/test_arrays.py)."""
+    return compat.new_array(dtype_name, shape, data, stype)
 
 
 def to_array(a: np.ndarray) -> Array:
@@ -109,46 +106,23 @@ def _fast_numpy(self: Array) -> np.ndarray:
     return from_array(self)
 
 
-_fast_numpy.__doc__ = _flower_numpy.__doc__
-_flower_setitem = TypedDict.__setitem__
+_fast_numpy.__doc__ = Array.numpy.__doc__
 
 
-def _fast_setitem(self: TypedDict, key: object, value: object) -> None:
-    d = self.__dict__
-    d["_check_key_fn"](key)
-    d["_check_value_fn"](value)
-    d["_data"][key] = value
-
-
-_fast_setitem.__doc__ = _flower_setitem.__doc__
-_patch_depth = 0
-
-
-@contextlib.contextmanager
-def fast_flower_records() -> Iterator[None]:
+def fast_flower_records():
     """Two of Flower's per-item costs, removed while the engine runs; restored on exit.
 
-    - ``Array.numpy`` parses every ``.npy`` header with ``ast.literal_eval`` (~80 µs per
-      array, more than a small model's whole aggregation step); :func:`from_array` returns
-      the identical array and hands any other layout to Flower's parser.
+    - ``Array.numpy`` parses every ``.npy`` header with ``ast.literal_eval``, costlier than a
+      small model's whole aggregation step; :func:`from_array` returns the identical array
+      and hands any other layout to Flower's parser.
     - ``TypedDict.__setitem__`` (every record and ``RecordDict`` item, and every view such
       as ``content.array_records``) builds two ``typing`` aliases per call for a no-op
-      ``cast`` (~7 µs); the replacement runs the same key and value checks and stores the
-      same item.
+      ``cast``; the replacement runs the same key and value checks and stores the same item.
 
-    Re-entrant; Flower's behaviour is unchanged (tests/test_arrays.py).
+    Installed through :func:`fedsim.compat.fast_records` (only on the Flower releases it
+    was checked against); re-entrant; Flower's results are unchanged (tests/test_arrays.py).
     """
-    global _patch_depth
-    _patch_depth += 1
-    Array.numpy = _fast_numpy
-    TypedDict.__setitem__ = _fast_setitem
-    try:
-        yield
-    finally:
-        _patch_depth -= 1
-        if _patch_depth == 0:
-            Array.numpy = _flower_numpy
-            TypedDict.__setitem__ = _flower_setitem
+    return compat.fast_records(_fast_numpy)
 
 
 def array_record(arrays: dict[str, Array]) -> ArrayRecord:
@@ -159,10 +133,7 @@ def array_record(arrays: dict[str, Array]) -> ArrayRecord:
         if not isinstance(k, str) or not isinstance(v, Array):
             raise TypeError(f"an ArrayRecord maps str to Array, got {type(k).__name__} -> "
                             f"{type(v).__name__}")
-    record = ArrayRecord()
-    record.__dict__["_data"].update(arrays)
-    record.__dict__["_is_dirty"] = True
-    return record
+    return compat.fill_record(ArrayRecord(), arrays)
 
 
 def state_to_record(

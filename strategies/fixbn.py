@@ -17,13 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.client.hooks import (
-    CLIENT_HOOKS,
-    ClientHook,
-    norm_layers,
-    norm_statistics_keys,
-    request_hooks,
-)
+from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, request_hooks
+from fedsim.models.norm import has_running_statistics, norm_layers, norm_statistics_keys
 from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 from strategies.common import keep_absent
@@ -35,7 +30,7 @@ class FixBNHook(ClientHook):
 
     def before_train(self, model: nn.Module) -> None:
         for _, layer in norm_layers(model):
-            if getattr(layer, "running_mean", None) is not None:
+            if has_running_statistics(layer):
                 layer.eval()  # normalise with running statistics, and leave them unchanged
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]

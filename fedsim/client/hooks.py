@@ -19,27 +19,25 @@ the client's own settings switch on, run last, and report their arrays' encoded 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from fedsim.arrays import load_record, state_to_record
 from fedsim.config import ClientConfig
-from fedsim.models.norm import NORM_LAYER_TYPES
+from fedsim.models.norm import norm_keys as norm_keys  # re-exported: strategies import
+from fedsim.models.norm import norm_layers as norm_layers  # these three from here
+from fedsim.models.norm import norm_statistics_keys as norm_statistics_keys
+from fedsim.models.norm import statistics_layers as _statistics_layers
 from fedsim.records import get_record
 from fedsim.registry import Registry
 
 #: prefix of reply arrays that are not model arrays: ``hook/<hook name>/<array name>``
 EXTRA_PREFIX = "hook/"
-
-#: module types treated as normalization layers: fedsim's own plus torch's (by type, never name)
-NORM_TYPES: tuple[type[nn.Module], ...] = (*NORM_LAYER_TYPES, _NormBase, nn.GroupNorm,
-                                           nn.LayerNorm)
 
 MODES = ("train", "evaluate")
 
@@ -157,41 +155,8 @@ def split_extra(record: ArrayRecord) -> tuple[ArrayRecord, dict[str, dict[str, A
 
 
 # --------------------------------------------------------------------------- norm layers
-
-
-def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Named normalization layers of ``model``, selected by module type (:data:`NORM_TYPES`)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, NORM_TYPES)]
-
-
-def _qualified(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def norm_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of every normalization layer: affine parameters and buffers (FedBN)."""
-    return [_qualified(name, k) for name, m in norm_layers(model)
-            for k in m.state_dict(keep_vars=True)]  # keep_vars: keys only, no detach
-
-
-def norm_statistics_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of normalization buffers: running mean/var and the batch counter."""
-    return [
-        _qualified(name, k)
-        for name, m in norm_layers(model)
-        for k, b in m.named_buffers(recurse=False)
-        if b is not None
-    ]
-
-
-def _statistics_layers(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]:
-    wanted = set(keys)
-    return [
-        m
-        for name, m in norm_layers(model)
-        if any(_qualified(name, k) in wanted for k, _ in m.named_buffers(recurse=False))
-        and getattr(m, "running_mean", None) is not None
-    ]
+# Which layers are norm layers, and which of their keys are statistics, is answered in
+# fedsim.models.norm (norm_layers, norm_keys, norm_statistics_keys, imported above).
 
 
 def statistics_parts(n: int, chunk: int = 256) -> int:

@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
+from fedsim import compat
 from fedsim.client.runtime import WORKER_SLOT
+from fedsim.compat import Run
 from fedsim.engine.store import ClientStateStore
 
 log = logging.getLogger("fedsim")
@@ -48,9 +47,7 @@ DEFAULT_STATE_MEMORY = 256 * 2**20
 
 def set_task_identity(run_id: int) -> None:
     """Flower's Message constructor reads the sender's identity from this process-wide slot."""
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    compat.set_task_identity(run_id)
 
 
 class InProcessGrid(Grid):
@@ -69,7 +66,7 @@ class InProcessGrid(Grid):
                  cohort_size: int = 128, workers: int = 1,
                  cohort_evaluator: CohortHandler | None = None) -> None:
         self.client_app = client_app
-        self._run = Run.create_empty(run_id)
+        self._run = compat.empty_run(run_id)
         self._num_nodes = num_nodes
         self._run_config = dict(run_config or {})
         self.state_store = (ClientStateStore(DEFAULT_STATE_MEMORY) if state_store is None
@@ -102,13 +99,17 @@ class InProcessGrid(Grid):
         for msg in messages:
             if not self._is_node(msg.metadata.dst_node_id):
                 raise ValueError(f"message for unknown node {msg.metadata.dst_node_id}")
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            compat.set_message_id(msg, uuid.uuid4().hex)
             self._pending[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        message_ids = list(message_ids)
+    def pull_messages(self, reply_to_message_ids: Iterable[str] | None = None, *,
+                      message_ids: Iterable[str] | None = None) -> Iterable[Message]:
+        """Replies to the pushed messages with these ids, under Flower 1.41/1.42's signature
+        ``pull_messages(message_ids)`` and 1.43's ``(reply_to_message_ids=None, *,
+        message_ids=None)`` alike."""
+        message_ids = compat.pulled_ids(reply_to_message_ids, message_ids)
         jobs = self._jobs([m for m in message_ids if m in self._pending])
         for replies in self._run_jobs(jobs):
             self._replies.update(replies)
@@ -175,7 +176,7 @@ class InProcessGrid(Grid):
             reply = self._error_reply(msg, exc)
         else:
             self.state_store.put(node_id, context.state)
-        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        compat.set_message_id(reply, uuid.uuid4().hex)
         return reply
 
     def _error_reply(self, msg: Message, exc: Exception) -> Message:
@@ -253,7 +254,7 @@ class InProcessGrid(Grid):
         for (mid, msg), ctx, reply in zip(job, contexts, replies):
             if not reply.has_error():
                 self.state_store.put(msg.metadata.dst_node_id, ctx.state)
-            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            compat.set_message_id(reply, uuid.uuid4().hex)
             out[mid] = reply
         return out
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from fedsim.compat import Run, pull_replies, pulled_ids
 from fedsim.records import require_record
 
 QUERY_TIMEOUT = 600.0
@@ -89,8 +89,11 @@ class ClientOrderedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.base.push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.base.pull_messages(message_ids)
+    def pull_messages(self, reply_to_message_ids: Iterable[str] | None = None, *,
+                      message_ids: Iterable[str] | None = None) -> Iterable[Message]:
+        """Flower 1.41/1.42's ``pull_messages(message_ids)`` and 1.43's
+        ``pull_messages(reply_to_message_ids=None, *, message_ids=None)`` alike."""
+        return pull_replies(self.base, pulled_ids(reply_to_message_ids, message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -108,7 +111,7 @@ class ClientOrderedGrid(Grid):
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
-            got = list(self.base.pull_messages([m for m in ids if m in pending]))
+            got = list(pull_replies(self.base, [m for m in ids if m in pending]))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (end is not None and time.monotonic() >= end):

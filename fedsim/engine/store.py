@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ArrayRecord, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedsim.arrays import array_record, new_array
+from fedsim.compat import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
 #: first bytes of the arrays-only encoding; a protobuf RecordDict never starts with a 0 byte
 #: (field number 0 is invalid), so the two encodings cannot be confused

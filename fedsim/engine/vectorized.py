@@ -42,7 +42,7 @@ from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_
 from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
 from fedsim.errors import ScenarioError
-from fedsim.models.norm import uses_batch_statistics
+from fedsim.models.norm import model_uses_batch_statistics, uses_batch_statistics
 from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
 
@@ -274,8 +274,7 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
 def shares_batch_statistics(model: nn.Module) -> bool:
     """Whether any layer of ``model`` mixes the samples of a batch (BN, hybrid): then a
     client's forward pass must see exactly its own batch, with no padding beside it."""
-    return any(getattr(m, "batch_statistics", False)
-               or isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return model_uses_batch_statistics(model)
 
 
 def _per_client_grads(per_client):

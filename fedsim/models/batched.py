@@ -15,48 +15,34 @@ is their native backward on the stacked tensors too.
 - Non-overlapping max pooling of K clients is pooling of one ``(K·N, ...)`` batch
   (``fedsim.models.pool``).
 
-``vmap``'s own rules compute the same values, but a small CNN's cohort spends 10–28% less
-time with these folds for BN, GN and LN (benchmarks/RESULTS.md). Elsewhere (eager,
-``vmap(grad(...))``, other transforms) the layers run ``torch.nn``'s code.
+``vmap``'s own rules compute the same values; the folds make a small CNN's cohort faster
+(benchmarks/RESULTS.md). The choice is made once, when the cohort's model is built:
+:func:`fold_for_cohort` returns a copy of a model whose fedsim layers are replaced by their
+folding variants (:data:`FOLDED`); the ordinary layers never look at functorch. A folding
+layer still runs ``torch.nn``'s computation wherever it is not under a folding ``vmap``
+(eager, ``vmap(grad(...))``, other transforms). functorch's internals are reached through
+:mod:`fedsim.compat` only.
 """
 
 from __future__ import annotations
 
-import torch._C._functorch as functorch_c
+import copy
+
 import torch.nn.functional as F
-from torch import Tensor
-from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+from torch import Tensor, nn
 
-
-def folding_vmap():
-    """The ``vmap`` interpreter when ``vmap`` is the innermost transform and every other is
-    ``vmap`` or ``grad`` (a bare ``vmap``, the cohort's case, or ``grad(vmap(f))``), else
-    None: where the folded layers below apply."""
-    interpreters = retrieve_all_functorch_interpreters()
-    if not interpreters or interpreters[-1].key() != TransformType.Vmap:
-        return None
-    if any(i.key() not in (TransformType.Vmap, TransformType.Grad) for i in interpreters):
-        return None
-    return interpreters[-1]
-
-
-def under_vmap() -> bool:
-    """Whether ``torch.func.vmap`` is active at any level."""
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+from fedsim.compat import add_batch_dim, folding_vmap, is_batched, unwrap_batched
+from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, check_features
+from fedsim.models.pool import FastMaxPool2d, pool_indices, pools_fast
 
 
 def physical(t: Tensor, level: int, k: int, dim: int) -> Tensor:
     """``t``'s stacked tensor with the clients' dimension (size ``k``) at ``dim``; a tensor
     not batched at ``level`` (shared by all clients) is expanded, as a view."""
-    if functorch_c.is_batchedtensor(t) and functorch_c.maybe_get_level(t) == level:
-        stacked, bdim = functorch_c._unwrap_batched(t, level)
+    if is_batched(t, level):
+        stacked, bdim = unwrap_batched(t, level)
         return stacked.movedim(bdim, dim)
     return t.unsqueeze(dim).expand(*t.shape[:dim], k, *t.shape[dim:])
-
-
-def is_batched(t: Tensor, level: int) -> bool:
-    """Whether ``t`` carries ``vmap``'s dimension at ``level``."""
-    return functorch_c.is_batchedtensor(t) and functorch_c.maybe_get_level(t) == level
 
 
 def cohort(level: int, *tensors: Tensor) -> int | None:
@@ -64,26 +50,15 @@ def cohort(level: int, *tensors: Tensor) -> int | None:
     carries it), or None when none does."""
     for t in tensors:
         if is_batched(t, level):
-            stacked, bdim = functorch_c._unwrap_batched(t, level)
+            stacked, bdim = unwrap_batched(t, level)
             return stacked.shape[bdim]
     return None
 
 
-def unwrap(t: Tensor, level: int) -> tuple[Tensor, int]:
-    """A tensor batched at ``level``: its stacked tensor and where the clients' dim sits."""
-    return functorch_c._unwrap_batched(t, level)
-
-
-def rewrap(t: Tensor, dim: int, level: int) -> Tensor:
-    """Stacked ``t`` handed back to ``vmap`` (at ``level``) with the clients' dim at ``dim``."""
-    return functorch_c._add_batch_dim(t, dim, level)
-
-
-def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,
+def batch_norm_train(vm, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,
                      running_var: Tensor, momentum: float, eps: float) -> Tensor:
     """Training-mode ``F.batch_norm`` of every client at once, folded into channels; each
-    client's running buffers are updated in place. Call where :func:`folding_vmap` is set."""
-    vm = folding_vmap()
+    client's running buffers are updated in place. ``vm``: the :func:`folding_vmap`."""
     level = vm.level()
     if cohort(level, x, weight, bias, running_mean, running_var) is None:
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
@@ -106,13 +81,12 @@ def batch_norm_train(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
             if not s.is_contiguous():  # a strided buffer was copied: write it back
                 s.copy_(f.view_as(s))
         y = y.unflatten(1, (k, -1))
-    return rewrap(y, 1, level)
+    return add_batch_dim(y, 1, level)
 
 
-def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """``F.group_norm`` of every client at once: K·C channels in K·``groups`` groups. Call
-    where :func:`folding_vmap` is set."""
-    vm = folding_vmap()
+def group_norm(vm, x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.group_norm`` of every client at once: K·C channels in K·``groups`` groups.
+    ``vm``: the :func:`folding_vmap`."""
     level = vm.level()
     k = cohort(level, x, weight, bias)
     if k is None:  # nothing here varies by client
@@ -122,4 +96,135 @@ def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float)
                          physical(weight, level, k, 0).reshape(-1),
                          physical(bias, level, k, 0).reshape(-1), eps)
         y = y.unflatten(1, (k, -1))
-    return rewrap(y, 1, level)
+    return add_batch_dim(y, 1, level)
+
+
+def max_pool(vm, x: Tensor, k: int) -> Tensor:
+    """Non-overlapping ``k``×``k`` max pooling of every client at once (``x`` batched at
+    ``vm``'s level): the clients fold into the batch next to where ``vmap`` keeps them, the
+    channels-last kernel finds each window's maximum, and a gather takes it, so the gradient
+    goes to the same element as ``nn.MaxPool2d``'s (ordinary ops: ``grad`` records them)."""
+    level = vm.level()
+    stacked, bdim = unwrap_batched(x, level)
+    side = 1 if bdim == 1 else 0  # (N, K, ...) is the layout conv and BN rules leave
+    n = stacked.shape[bdim]
+    with vm.lower():
+        flat = stacked.movedim(bdim, side).flatten(0, 1)
+        idx = pool_indices(flat.detach(), k)
+        y = flat.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+        y = y.unflatten(0, (-1, n) if side == 1 else (n, -1))
+    return add_batch_dim(y, side, level)
+
+
+# --------------------------------------------------------------------------- folding layers
+
+
+class FoldedBatchNorm(BatchNorm):
+    """:class:`~fedsim.models.norm.BatchNorm` that trains a folding ``vmap`` cohort as one
+    batch norm over K·C channels (per-client statistics and running buffers)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.training and self.momentum is not None and self.running_mean is not None
+                and self.weight is not None and (vm := folding_vmap()) is not None):
+            self._check_input_dim(x)
+            self.num_batches_tracked.add_(1)
+            return batch_norm_train(vm, x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.momentum, self.eps)
+        return super().forward(x)
+
+
+class FoldedGroupNorm(GroupNorm):
+    """:class:`~fedsim.models.norm.GroupNorm` that runs a folding ``vmap`` cohort as one group
+    norm over K·C channels in K·G groups."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (vm := folding_vmap()) is not None:
+            self._check_groups(x)
+            return group_norm(vm, x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class FoldedLayerNorm(LayerNorm):
+    """:class:`~fedsim.models.norm.LayerNorm` folded as group norm with one group per client."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (vm := folding_vmap()) is not None:
+            return group_norm(vm, x, 1, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class FoldedInstanceNorm(InstanceNorm):
+    """:class:`~fedsim.models.norm.InstanceNorm` folded as group norm: one group per channel
+    on conv features, one per sample on vectors (where instance norm is layer norm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (vm := folding_vmap()) is not None:
+            check_features(x, type(self).__name__)
+            groups = 1 if x.dim() == 2 else self.num_channels
+            return group_norm(vm, x, groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class FoldedMaxPool2d(FastMaxPool2d):
+    """:class:`~fedsim.models.pool.FastMaxPool2d` that pools a folding ``vmap`` cohort's
+    clients as one batch."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if pools_fast(self, x) and (vm := folding_vmap()) is not None and is_batched(
+                x, vm.level()):
+            return max_pool(vm, x, self.kernel_size)
+        return super().forward(x)
+
+
+#: layer type → its folding variant: a subclass that changes ``forward`` only (same
+#: constructor, parameters, buffers and settings), so a layer is folded by changing its class
+FOLDED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def register_fold(plain: type[nn.Module], folded: type[nn.Module]) -> None:
+    """Let :func:`fold_for_cohort` replace layers of exactly type ``plain`` by ``folded``."""
+    if not (isinstance(folded, type) and issubclass(folded, plain)):
+        raise TypeError(f"error: the folding variant of {plain.__name__} must subclass it, "
+                        f"got {folded!r}")
+    if folded.__init__ is not plain.__init__ or "__slots__" in vars(folded):
+        raise TypeError(f"error: {folded.__name__} may override forward only, so that a "
+                        f"{plain.__name__}'s state is already the folded layer's state")
+    FOLDED[plain] = folded
+
+
+for _plain, _folded in ((BatchNorm, FoldedBatchNorm), (GroupNorm, FoldedGroupNorm),
+                        (LayerNorm, FoldedLayerNorm), (InstanceNorm, FoldedInstanceNorm),
+                        (FastMaxPool2d, FoldedMaxPool2d)):
+    register_fold(_plain, _folded)
+del _plain, _folded
+
+
+def fold_for_cohort(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for running a cohort under ``vmap``: every layer whose exact type
+    has a folding variant (:data:`FOLDED`) becomes one, everything else is a deep copy.
+
+    The copy has the same parameter and buffer names, settings (eps, momentum, groups, mode)
+    and values, and shares no tensor with ``model``. Its folding layers compute what the
+    plain ones do (within float rounding) and take the fast path only where ``vmap`` is the
+    innermost transform; a subclass of a plain layer is left as it is (its ``forward`` may
+    differ). Folding a folded model changes nothing.
+    """
+    folded = copy.deepcopy(model)
+    for module in folded.modules():
+        variant = FOLDED.get(type(module))
+        if variant is not None:
+            module.__class__ = variant  # a subclass adding no state: only forward changes
+    return folded
+
+
+__all__ = [
+    "FOLDED",
+    "FoldedBatchNorm",
+    "FoldedGroupNorm",
+    "FoldedInstanceNorm",
+    "FoldedLayerNorm",
+    "FoldedMaxPool2d",
+    "fold_for_cohort",
+    "folding_vmap",
+    "register_fold",
+]

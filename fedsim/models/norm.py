@@ -1,12 +1,21 @@
-"""Normalization layers behind one channels-first factory, ``make_norm(kind, C, **options)``.
+"""Normalization layers: one channels-first factory and the one answer to "is it a norm layer".
 
 Every layer takes vector features ``(N, C)`` and conv features ``(N, C, H, W)``, so model code
-calls the factory and never branches on the norm type (the timm ``create_norm`` pattern). Which
-layers hold *batch* statistics matters twice in federated learning: they are what FedBN keeps
-local, and their running buffers leak information about a client's data. Under
-``torch.func.vmap`` as the innermost transform (vectorized cohorts) the layers fold the clients
-into channels and run native kernels once (:mod:`fedsim.models.batched`); the results are the
-same within float rounding.
+calls the factory ``make_norm(kind, C, **options)`` and never branches on the norm type (the
+timm ``create_norm`` pattern).
+
+Which layers are norm layers, which normalise with statistics shared across the batch, and
+which buffers hold the statistics of the data they saw matters in several places of federated
+learning: FedBN keeps norm layers local, FixBN and SiloBN treat their statistics apart, the
+vectorized cohort must not pad a batch that BN mixes, and running statistics leak a client's
+data. All of them ask the predicates here (:func:`is_norm_layer`,
+:func:`layer_uses_batch_statistics`, :func:`statistics_buffers`, :func:`norm_keys`, ...),
+which read one table, :data:`NORM_LAYERS`, keyed by layer type (never by name): fedsim's
+layers and torch.nn's public ones. A new norm type is one :func:`register_norm_layer` call.
+
+The layers here run torch.nn's computation; the variants that fold a ``vmap`` cohort into one
+native kernel call are built once per cohort model by
+:func:`fedsim.models.batched.fold_for_cohort`.
 """
 
 from __future__ import annotations
@@ -14,27 +23,145 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedsim.models.batched import batch_norm_train, folding_vmap, group_norm
+from fedsim.compat import BatchNormBase
 from fedsim.registry import Registry
 
 NORMS: Registry[Callable[..., nn.Module]] = Registry("norm")
 
+# --------------------------------------------------------------------------- the norm-layer table
 
-def _check_features(x: Tensor, layer: str) -> None:
+#: buffers of a layer that keeps running statistics as BatchNorm does
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What fedsim knows about one norm-layer type.
+
+    ``batch_statistics``: in training the layer normalises each sample with statistics of
+    the whole batch (it mixes samples: BN, HybridNorm). ``statistics``: names of its buffers
+    that summarise the data it saw (running mean/var and their counter); an instance may
+    lack some (``track_running_stats=False``), and only those present count.
+    """
+
+    batch_statistics: bool
+    statistics: tuple[str, ...] = ()
+
+
+#: norm-layer type → its spec; a subclass of a listed type is a norm layer of that spec
+NORM_LAYERS: dict[type[nn.Module], NormSpec] = {}
+
+M = TypeVar("M", bound=type[nn.Module])
+
+
+def register_norm_layer(cls: M, *, batch_statistics: bool,
+                        statistics: Iterable[str] = ()) -> M:
+    """Make ``cls`` (and its subclasses) a norm layer for every predicate of this module:
+    FedBN's local keys, FixBN's and SiloBN's statistics, leakage reports, the cohort's
+    no-padding rule. Returns ``cls``, so it also works as ``functools.partial`` decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"error: a norm layer type must be an nn.Module subclass, got {cls!r}")
+    if not isinstance(batch_statistics, bool):
+        raise TypeError(f"error: batch_statistics of {cls.__name__} must be True or False, "
+                        f"got {batch_statistics!r}")
+    names = tuple(statistics)
+    if not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise ValueError(f"error: statistics of {cls.__name__} must be buffer names, got {names}")
+    NORM_LAYERS[cls] = NormSpec(batch_statistics, names)
+    return cls
+
+
+def norm_layer(*, batch_statistics: bool, statistics: Iterable[str] = ()) -> Callable[[M], M]:
+    """Class decorator form of :func:`register_norm_layer`."""
+    return functools.partial(register_norm_layer, batch_statistics=batch_statistics,
+                             statistics=tuple(statistics))
+
+
+def norm_spec(module: nn.Module | type[nn.Module]) -> NormSpec | None:
+    """The spec of ``module``'s type (its nearest registered base class), or None."""
+    cls = module if isinstance(module, type) else type(module)
+    return next((NORM_LAYERS[c] for c in cls.__mro__ if c in NORM_LAYERS), None)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer (by type, see :data:`NORM_LAYERS`)."""
+    return norm_spec(module) is not None
+
+
+def layer_uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalises training batches with statistics shared across the batch
+    (so a sample's output depends on the others in its batch)."""
+    spec = norm_spec(module)
+    return spec is not None and spec.batch_statistics
+
+
+def model_uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` mixes the samples of a batch (BN, HybridNorm)."""
+    return any(layer_uses_batch_statistics(m) for m in model.modules())
+
+
+def statistics_buffers(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own buffers that hold statistics of the data it saw (empty for
+    anything but a norm layer with running statistics)."""
+    spec = norm_spec(module)
+    if spec is None:
+        return []
+    own = dict(module.named_buffers(recurse=False))  # None buffers are not listed
+    return [name for name in spec.statistics if name in own]
+
+
+def has_running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer whose buffers summarise the data it saw."""
+    return bool(statistics_buffers(module))
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The named normalization layers of ``model`` in module order, selected by type."""
+    return [(name, m) for name, m in model.named_modules() if is_norm_layer(m)]
+
+
+def _qualified(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every normalization layer: its parameters and buffers (what FedBN
+    keeps on the client)."""
+    return [_qualified(name, k) for name, m in norm_layers(model)
+            for k in m.state_dict(keep_vars=True)]  # keep_vars: keys only, no detach
+
+
+def norm_statistics_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the normalization layers' statistics buffers (running mean/var and
+    the batch counter: what FixBN freezes and SiloBN keeps local)."""
+    return [_qualified(name, k) for name, m in norm_layers(model) for k in statistics_buffers(m)]
+
+
+def statistics_layers(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]:
+    """The norm layers with running statistics that own any of ``keys`` (state-dict keys):
+    what re-estimating those keys' statistics must run in train mode."""
+    wanted = set(keys)
+    return [m for name, m in norm_layers(model)
+            if any(_qualified(name, k) in wanted for k in statistics_buffers(m))]
+
+
+def check_features(x: Tensor, layer: str) -> None:
+    """Refuse input that is neither ``(N, C)`` nor ``(N, C, ...)`` features."""
     if x.dim() < 2:
         raise ValueError(f"{layer} expects (N, C) or (N, C, H, W) input, got {tuple(x.shape)}")
 
 
 @NORMS.register("bn")
-class BatchNorm(_BatchNorm):
+@norm_layer(batch_statistics=True, statistics=RUNNING_STATISTICS)
+class BatchNorm(BatchNormBase):
     """Batch normalization (Ioffe & Szegedy 2015) for ``(N, C)`` and ``(N, C, H, W)`` input.
 
     Computes exactly what ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` compute, with the same
@@ -42,25 +169,15 @@ class BatchNorm(_BatchNorm):
     batch (torch raises otherwise); conv features normalise over N·H·W, so batch 1 works.
     """
 
-    batch_statistics: ClassVar[bool] = True
-
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_channels, eps=eps, momentum=momentum)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _check_features(input, type(self).__name__)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (self.training and self.momentum is not None and self.running_mean is not None
-                and self.weight is not None and folding_vmap() is not None):  # a cohort
-            self._check_input_dim(x)
-            self.num_batches_tracked.add_(1)
-            return batch_norm_train(x, self.weight, self.bias, self.running_mean,
-                                    self.running_var, self.momentum, self.eps)
-        return super().forward(x)
+        check_features(input, type(self).__name__)
 
 
 @NORMS.register("in")
+@norm_layer(batch_statistics=False)
 class InstanceNorm(nn.Module):
     """Instance normalization (Ulyanov et al. 2016) with per-channel affine, no running stats.
 
@@ -68,8 +185,6 @@ class InstanceNorm(nn.Module):
     ``nn.InstanceNorm2d(C, affine=True)``. Vector features ``(N, C)`` have no spatial extent,
     so there each sample is normalised over its C features (as ``nn.LayerNorm(C)``).
     """
-
-    batch_statistics: ClassVar[bool] = False
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -79,10 +194,7 @@ class InstanceNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_features(x, type(self).__name__)
-        if folding_vmap() is not None:  # a cohort: group norm, one group per channel (4-D)
-            groups = 1 if x.dim() == 2 else self.num_channels  # or per sample (vectors)
-            return group_norm(x, groups, self.weight, self.bias, self.eps)
+        check_features(x, type(self).__name__)
         if x.dim() == 2:
             return F.layer_norm(x, (self.num_channels,), self.weight, self.bias, self.eps)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
@@ -99,6 +211,7 @@ def group_count(num_channels: int, groups: int) -> int:
 
 
 @NORMS.register("gn")
+@norm_layer(batch_statistics=False)
 class GroupNorm(nn.GroupNorm):
     """Group normalization (Wu & He 2018); ``groups`` is cut to the largest divisor of C.
 
@@ -107,24 +220,24 @@ class GroupNorm(nn.GroupNorm):
     with one feature per group is refused: every value would normalise to zero.
     """
 
-    batch_statistics: ClassVar[bool] = False
-
     def __init__(self, num_channels: int, groups: int = 8, eps: float = 1e-5) -> None:
         super().__init__(group_count(num_channels, groups), num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_groups(x)
+        return super().forward(x)
+
+    def _check_groups(self, x: Tensor) -> None:
         if x.dim() == 2 and self.num_groups == self.num_channels:
             # each group would hold one value, normalised to 0: the layer would emit its bias
             raise ValueError(
                 f"GroupNorm with {self.num_groups} groups of one feature on vector input "
                 f"(N, {self.num_channels}) outputs a constant; use fewer groups or more units"
             )
-        if folding_vmap() is not None:  # a vectorized cohort
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x)
 
 
 @NORMS.register("ln")
+@norm_layer(batch_statistics=False)
 class LayerNorm(nn.GroupNorm):
     """Layer normalization (Ba et al. 2016) over (C, H, W) per sample, per-channel affine.
 
@@ -132,15 +245,8 @@ class LayerNorm(nn.GroupNorm):
     the affine weight has shape (C,) in both cases, unlike ``nn.LayerNorm([C, H, W])``.
     """
 
-    batch_statistics: ClassVar[bool] = False
-
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__(1, num_channels, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if folding_vmap() is not None:  # a vectorized cohort
-            return group_norm(x, 1, self.weight, self.bias, self.eps)
-        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
@@ -154,7 +260,7 @@ def no_norm(num_channels: int) -> nn.Module:
 
 def _var_mean(x: Tensor, dims: list[int], keepdim: bool) -> tuple[Tensor, Tensor]:
     """Biased variance and mean over ``dims`` in two passes (mean, then mean square of the
-    deviations): as accurate as ``torch.var_mean`` and ~3× faster on a cohort's stacked
+    deviations): as accurate as ``torch.var_mean`` and faster on a cohort's stacked
     activations, where ``var_mean``'s single-pass kernel dominated HybridNorm's cost."""
     mean = x.mean(dim=dims, keepdim=True)
     var = (x - mean).square().mean(dim=dims, keepdim=keepdim)
@@ -162,6 +268,7 @@ def _var_mean(x: Tensor, dims: list[int], keepdim: bool) -> tuple[Tensor, Tensor
 
 
 @NORMS.register("hybrid")
+@norm_layer(batch_statistics=True, statistics=RUNNING_STATISTICS)
 class HybridNorm(nn.Module):
     """A learnable mix of batch and layer statistics, ``alpha = sigmoid(theta)`` per layer.
 
@@ -172,8 +279,6 @@ class HybridNorm(nn.Module):
     ``theta`` lets each layer choose how much it relies on the (client-specific) batch; a
     two-way, one-scalar form of Switchable Normalization (Luo et al. 2019).
     """
-
-    batch_statistics: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -199,7 +304,7 @@ class HybridNorm(nn.Module):
         return torch.sigmoid(self.theta.detach()).item()
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_features(x, type(self).__name__)
+        check_features(x, type(self).__name__)
         shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
         batch_dims = [0, *range(2, x.dim())]
         alpha = torch.sigmoid(self.theta)
@@ -234,7 +339,19 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     LayerNorm,
     HybridNorm,
 )
-"""Classes ``make_norm`` returns (``none`` aside): select norm layers with ``isinstance``."""
+"""Classes ``make_norm`` returns (``none`` aside); :data:`NORM_LAYERS` lists them and torch's."""
+
+# torch.nn's public norm layers, by type: BatchNorm (and the lazy and synchronised forms)
+# mixes the batch; InstanceNorm does not, but keeps running statistics when asked to
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+             nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d):
+    register_norm_layer(_cls, batch_statistics=True, statistics=RUNNING_STATISTICS)
+for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+             nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d):
+    register_norm_layer(_cls, batch_statistics=False, statistics=RUNNING_STATISTICS)
+for _cls in (nn.GroupNorm, nn.LayerNorm):
+    register_norm_layer(_cls, batch_statistics=False)
+del _cls
 
 
 @functools.cache
@@ -267,12 +384,13 @@ def make_norm(kind: str, num_channels: int, **options: object) -> nn.Module:
 
 def uses_batch_statistics(kind: str) -> bool:
     """Whether the ``kind`` layer normalises with statistics shared across the batch."""
-    return bool(getattr(NORMS.get(kind, key="model.norm"), "batch_statistics", False))
+    ctor = NORMS.get(kind, key="model.norm")
+    spec = norm_spec(ctor) if isinstance(ctor, type) else None
+    return spec is not None and spec.batch_statistics
 
 
-def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The named norm layers of ``model`` (instances of NORM_LAYER_TYPES), in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, NORM_LAYER_TYPES)]
+#: the named norm layers of a model (:func:`norm_layers`; the name models/__init__ exports)
+norm_modules = norm_layers
 
 
 def theta_for_alpha(alpha: float) -> float:
@@ -289,16 +407,31 @@ def hybrid_alphas(model: nn.Module) -> dict[str, float]:
 
 __all__ = [
     "NORMS",
+    "NORM_LAYERS",
     "NORM_LAYER_TYPES",
+    "RUNNING_STATISTICS",
     "BatchNorm",
     "GroupNorm",
     "HybridNorm",
     "InstanceNorm",
     "LayerNorm",
+    "NormSpec",
     "group_count",
+    "has_running_statistics",
     "hybrid_alphas",
+    "is_norm_layer",
+    "layer_uses_batch_statistics",
     "make_norm",
+    "model_uses_batch_statistics",
+    "norm_keys",
+    "norm_layer",
+    "norm_layers",
     "norm_modules",
+    "norm_spec",
+    "norm_statistics_keys",
+    "register_norm_layer",
+    "statistics_buffers",
+    "statistics_layers",
     "theta_for_alpha",
     "uses_batch_statistics",
 ]

@@ -49,6 +49,7 @@ from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import build_global_model
 from fedsim.client.train import plan_batches, train_local
+from fedsim.compat import task_identity_restored
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
 from fedsim.errors import ScenarioError
@@ -248,18 +249,14 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     """
     import logging
 
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedsim.client.app import make_client_app
     from fedsim.engine.inprocess import InProcessGrid
     from fedsim.engine.ordered import ClientOrderedGrid
     from fedsim.server.loop import run_rounds
     from fedsim.server.strategies import make_strategy
 
-    fields = ("_task_id", "_run_id", "_node_id")  # raw slots: reading the properties raises
-    saved = {f: getattr(TaskIdentity, f) for f in fields}  # when no run has set them yet
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
-    try:
+    with task_identity_restored():
         nodes = len(data.participating)
         grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data), nodes), nodes)
         model = build_global_model(scenario, data)
@@ -267,9 +264,6 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
         on_replies(0, [], arrays)
         return run_rounds(make_strategy(scenario, model), grid, arrays, scenario,
                           lambda _arrays: {}, lambda _record: None, on_replies=on_replies)
-    finally:
-        for f, value in saved.items():
-            setattr(TaskIdentity, f, value)
 
 
 # --------------------------------------------------------------------------- checks

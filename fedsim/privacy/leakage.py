@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from fedsim.models.norm import has_running_statistics, is_norm_layer
 
 #: Kinds an uploaded array can have, see :func:`uploaded_arrays`.
 KINDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "other")
@@ -23,12 +24,14 @@ _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def has_running_stats(module: nn.Module) -> bool:
-    """True for BatchNorm layers and any other module that keeps a ``running_mean`` buffer
-    (e.g. a BN/LN mix), i.e. layers whose buffers summarize the data they saw."""
-    own_buffers = dict(module.named_buffers(recurse=False))
-    return isinstance(module, _BatchNorm) or isinstance(
-        own_buffers.get("running_mean"), torch.Tensor
-    )
+    """True for layers whose buffers summarize the data they saw: norm layers with running
+    statistics (BatchNorm, the BN/LN mix, any type registered so in :mod:`fedsim.models.norm`)
+    and, since a privacy report must not miss a channel, any unregistered module that keeps
+    torch's ``running_mean`` buffer."""
+    if is_norm_layer(module):
+        return has_running_statistics(module)
+    return isinstance(dict(module.named_buffers(recurse=False)).get("running_mean"),
+                      torch.Tensor)
 
 
 def uploaded_arrays(model: nn.Module, keys: Iterable[str] | None = None) -> list[dict[str, object]]:

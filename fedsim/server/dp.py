@@ -48,9 +48,9 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from torch import nn
 
+from fedsim.compat import add_gaussian_noise_inplace, compute_stdv
 from fedsim.config import Scenario
 from fedsim.errors import PrivacyBudgetSpent, ScenarioError
 from fedsim.privacy.accountant import ACCOUNTANT, epsilon, noise_for_epsilon

@@ -2,8 +2,7 @@
 
 import pytest
 
-import fedsim.models.norm as norm_module
-import fedsim.models.pool as pool_module
+import fedsim.models.batched as batched_module
 
 
 @pytest.fixture
@@ -11,6 +10,5 @@ def vmap_rules(monkeypatch):
     """Call it to make the norm and pooling layers keep ``vmap``'s own batching rules
     instead of folding a cohort into one native call (fedsim.models.batched)."""
     def use() -> None:
-        monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
-        monkeypatch.setattr(pool_module, "folding_vmap", lambda: None)
+        monkeypatch.setattr(batched_module, "folding_vmap", lambda: None)
     return use

@@ -8,8 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fedsim
-import fedsim.models.norm as norm_module
-import fedsim.models.pool as pool_module
+import fedsim.models.batched as batched_module
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
@@ -19,6 +18,7 @@ from fedsim.engine.inprocess import set_task_identity
 from fedsim.engine.vectorized import CohortMember, CohortTrainer, plan_batches, train_cohort
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, uses_batch_statistics
+from fedsim.models.batched import fold_for_cohort
 from fedsim.rng import torch_generator
 
 CFG = ClientConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -59,7 +59,7 @@ def test_cohort_equals_sequential_training(arch, norm, fold, vmap_rules):
         ref = copy.deepcopy(model)
         res = train_local(ref, x, y, CFG, torch_generator(0, "t", cid), drop_singleton=drop)
         expected.append((ref.state_dict(), res))
-    finals, results = train_cohort(model, members, CFG)
+    finals, results = train_cohort(fold_for_cohort(model), members, CFG)
     for (state, res), final, got in zip(expected, finals, results):
         assert got.steps == res.steps and got.num_examples == res.num_examples
         if res.steps == 0:
@@ -81,9 +81,9 @@ def test_cohort_layers_take_the_folded_path(norm, fn, monkeypatch):
     """A cohort runs its norm and pooling layers folded (one native call for all clients),
     not through vmap's own rules: both are counted."""
     calls = []
-    for module, name in ((norm_module, fn), (pool_module, "_folded_max_pool")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n)
+    for name in (fn, "max_pool"):
+        real = getattr(batched_module, name)
+        monkeypatch.setattr(batched_module, name, lambda *a, _r=real, _n=name: calls.append(_n)
                             or _r(*a))
     torch.manual_seed(0)
     model = build_model("cnn", norm, in_channels=1, image_size=28, num_classes=10, width=8,
@@ -94,9 +94,9 @@ def test_cohort_layers_take_the_folded_path(norm, fn, monkeypatch):
     members = [CohortMember(start, torch.randn(8, 1, 28, 28, generator=g),
                             torch.randint(0, 10, (8,), generator=g), [torch.arange(8)], bufs)
                for _ in range(3)]
-    train_cohort(model, members, CFG)
+    train_cohort(fold_for_cohort(model), members, CFG)
     # one step: two norm layers, two pooling layers (28x28 inputs: a stem pool)
-    assert sorted(calls) == sorted([fn, fn, "_folded_max_pool", "_folded_max_pool"])
+    assert sorted(calls) == sorted([fn, fn, "max_pool", "max_pool"])
 
 
 @pytest.mark.parametrize("norm,calls", [

@@ -16,6 +16,7 @@ from fedsim.config import load_scenario
 from fedsim.engine.inprocess import InProcessGrid, set_task_identity
 from fedsim.engine.vectorized_eval import CohortEvaluator, EvalMember, evaluate_cohort
 from fedsim.models import build_model
+from fedsim.models.batched import fold_for_cohort
 
 NORMS = ["bn", "hybrid", "gn", "ln", "in", "none"]
 
@@ -72,7 +73,7 @@ def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypa
         cold = i % 3 != 1 and stat_layers
         members.append(EvalMember(p, b, x, y, data(n_train, seed=100 + i)[0] if cold else None,
                                   stat_layers if cold else ()))
-    results = evaluate_cohort(model, members)
+    results = evaluate_cohort(fold_for_cohort(model), members)
     assert len(results) == len(members)
     for m, (loss, acc, n), (e_loss, e_acc, e_n) in zip(members, results,
                                                         one_at_a_time(model, members)):

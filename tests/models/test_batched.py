@@ -1,4 +1,5 @@
-"""Folded layers under vmap (norm layers, FastMaxPool2d) equal per-client torch.nn, looped."""
+"""Folding layers under vmap (``fold_for_cohort``'s norm layers and FastMaxPool2d) equal
+per-client torch.nn, looped; so do the plain layers under vmap's own rules."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import fedsim.models.norm as norm_module
-from fedsim.models.batched import folding_vmap
-from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+import fedsim.compat as compat
+import fedsim.models.batched as batched_module
+from fedsim.models.batched import (
+    FOLDED,
+    FoldedBatchNorm,
+    FoldedGroupNorm,
+    FoldedInstanceNorm,
+    FoldedLayerNorm,
+    FoldedMaxPool2d,
+    fold_for_cohort,
+    folding_vmap,
+)
+from fedsim.models.nets import ARCHS, build_model
+from fedsim.models.norm import NORMS, BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from fedsim.models.pool import FastMaxPool2d
 
 K = 4  # clients in the cohort
@@ -82,12 +94,15 @@ REFERENCES = {
 }
 
 
+@pytest.mark.parametrize("layers", ["folded", "plain"])
 @pytest.mark.parametrize("order", ["autograd(vmap)", "grad(vmap)", "vmap(grad)"])
 @pytest.mark.parametrize("features", ["conv", "vector"])
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
-def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features, order):
-    """autograd over vmap (the cohorts' path) and grad(vmap): the layers fold; vmap(grad):
-    vmap's own rules."""
+def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features, order,
+                                                                  layers):
+    """A ``fold_for_cohort`` model under autograd over vmap (the cohorts' path) and
+    grad(vmap) folds the clients; under vmap(grad), and the plain model everywhere, runs
+    vmap's own rules. Every way equals torch.nn run client by client."""
     ours_norm, conv_ref, vector_ref = REFERENCES[kind]
     if features == "conv":
         ours, ref = conv_net(ours_norm, FastMaxPool2d(2)), conv_net(conv_ref, nn.MaxPool2d(2))
@@ -95,6 +110,8 @@ def test_cohort_grads_and_running_stats_equal_torch_nn_per_client(kind, features
     else:
         ours, ref = vector_net(ours_norm), vector_net(vector_ref)
         x, y = data((5, 5))
+    if layers == "folded":
+        ours = fold_for_cohort(ours)
     params, buffers = stacked(ours)
     ref_grads, ref_bufs = per_client(ref, params, buffers, x, y)
     exact_grads, exact_bufs = per_client(copy.deepcopy(ref).double(), _double(params),
@@ -138,14 +155,13 @@ def assert_as_exact_as_torch_nn(ours, ref32, exact, name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
-def test_folded_rule_equals_functorchs_own_rule(monkeypatch, kind):
+def test_folded_rule_equals_functorchs_own_rule(kind):
     """The fold is a faster route to what vmap's built-in norm rules compute."""
     model = conv_net(REFERENCES[kind][0], FastMaxPool2d(2))
     params, buffers = stacked(model)
     x, y = data((5, 2, 8, 8))
     folded_bufs = {n: b.clone() for n, b in buffers.items()}
-    folded = cohort_grads(model)(params, folded_bufs, x, y)
-    monkeypatch.setattr(norm_module, "folding_vmap", lambda: None)
+    folded = cohort_grads(fold_for_cohort(model))(params, folded_bufs, x, y)
     own_bufs = {n: b.clone() for n, b in buffers.items()}
     own = cohort_grads(model)(params, own_bufs, x, y)
     for n in own:
@@ -163,14 +179,15 @@ def test_shared_input_with_per_client_parameters(kind):
     x, y = data((5, 2, 8, 8))
     x, y = x[0], y[0]
     ref_grads, _ = per_client(ref, params, buffers, x.expand(K, *x.shape), y.expand(K, 5))
-    grads = cohort_grads(model, in_dims=(0, 0, None, None))(params, dict(buffers), x, y)
+    grads = cohort_grads(fold_for_cohort(model), in_dims=(0, 0, None, None))(
+        params, dict(buffers), x, y)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_strided_running_buffers_are_written_back():
     """Buffers that are not contiguous stacks are updated in place all the same."""
-    layer = BatchNorm(3)
+    layer = fold_for_cohort(BatchNorm(3))
     x = torch.randn(K, 6, 3, generator=torch.Generator().manual_seed(0))
     params = {n: p.detach().expand(K, *p.shape) for n, p in layer.named_parameters()}
     mean_t = torch.zeros(3, K)  # .t() is a (K, 3) view with strides (1, K)
@@ -184,7 +201,7 @@ def test_strided_running_buffers_are_written_back():
 def test_unbatched_running_statistics_are_refused():
     """Training under vmap with one shared set of running buffers cannot update them per
     client; it fails naming the buffer instead of silently dropping the update."""
-    layer = BatchNorm(3)
+    layer = fold_for_cohort(BatchNorm(3))
     x = torch.randn(K, 6, 3)
     with pytest.raises(RuntimeError, match="unbatched running_mean"):
         vmap(layer)(x)
@@ -192,8 +209,9 @@ def test_unbatched_running_statistics_are_refused():
     torch.testing.assert_close(vmap(layer)(x), x / (1 + layer.eps) ** 0.5)
 
 
-def test_vector_batch_of_one_is_refused_under_vmap_too():
-    layer = BatchNorm(3)
+@pytest.mark.parametrize("fold", [True, False])
+def test_vector_batch_of_one_is_refused_under_vmap_too(fold):
+    layer = fold_for_cohort(BatchNorm(3)) if fold else BatchNorm(3)
     buffers = {n: b.expand(K, *b.shape).clone() for n, b in layer.named_buffers()}
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         vmap(lambda b, xb: functional_call(layer, b, (xb,)))(buffers, torch.randn(K, 1, 3))
@@ -210,7 +228,10 @@ def test_maxpool_folds_on_any_vmapped_dimension(bdim):
         return grad(lambda xb, ub: vmap(lambda a, b: (pool(a) * b).sum(),
                                         in_dims=(bdim, 0))(xb, ub).sum())
 
+    folded = fold_for_cohort(FastMaxPool2d(2))
+    assert torch.equal(f(folded)(x, up), f(nn.MaxPool2d(2))(x, up))
     assert torch.equal(f(FastMaxPool2d(2))(x, up), f(nn.MaxPool2d(2))(x, up))
+    assert torch.equal(vmap(folded, in_dims=bdim)(x), vmap(nn.MaxPool2d(2), in_dims=bdim)(x))
     assert torch.equal(vmap(FastMaxPool2d(2), in_dims=bdim)(x),
                        vmap(nn.MaxPool2d(2), in_dims=bdim)(x))
     ours = vmap(grad(lambda a, b: (FastMaxPool2d(2)(a) * b).sum()), in_dims=(bdim, 0))(x, up)
@@ -242,13 +263,104 @@ def test_second_derivatives_through_folded_layers():
     x, y = data((5, 2, 8, 8))
     v = {n: torch.ones_like(p) for n, p in params.items()}
 
-    def hvp(bufs):
-        g = cohort_grads(model)
+    def hvp(net, bufs):
+        g = cohort_grads(net)
         return grad(lambda p, b: sum((g(p, b, x, y)[n] * v[n]).sum() for n in p))(params, bufs)
 
-    folded = hvp({n: b.clone() for n, b in buffers.items()})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(norm_module, "folding_vmap", lambda: None)
-        own = hvp({n: b.clone() for n, b in buffers.items()})
+    folded = hvp(fold_for_cohort(model), {n: b.clone() for n, b in buffers.items()})
+    own = hvp(model, {n: b.clone() for n, b in buffers.items()})
     for n in own:
         torch.testing.assert_close(folded[n], own[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+# -- fold_for_cohort: the fast path chosen once, when the cohort's model is built ----------
+
+
+def _every_layer_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), BatchNorm(6, eps=1e-3, momentum=0.3),
+                         GroupNorm(6, groups=3, eps=1e-4), LayerNorm(6, eps=2e-5),
+                         InstanceNorm(6, eps=3e-5), FastMaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 4 * 4, 3))
+
+
+def test_fold_for_cohort_swaps_layer_types_and_keeps_everything_else():
+    model = _every_layer_net().eval()
+    model[2].train()  # modes are per layer: kept as they are
+    folded = fold_for_cohort(model)
+    assert [type(m) for m in folded] == [nn.Conv2d, FoldedBatchNorm, FoldedGroupNorm,
+                                         FoldedLayerNorm, FoldedInstanceNorm, FoldedMaxPool2d,
+                                         nn.ReLU, nn.Flatten, nn.Linear]
+    assert [type(m) for m in model][1:6] == [BatchNorm, GroupNorm, LayerNorm, InstanceNorm,
+                                             FastMaxPool2d]  # the original is untouched
+    for ours, theirs in zip(folded, model):
+        assert isinstance(ours, type(theirs))  # norm predicates see the same layers
+        assert ours.training == theirs.training
+    assert (folded[1].eps, folded[1].momentum) == (1e-3, 0.3)
+    assert (folded[2].num_groups, folded[2].eps, folded[3].eps, folded[4].eps) == (3, 1e-4,
+                                                                                  2e-5, 3e-5)
+    assert folded[5].kernel_size == 2
+    ours, theirs = folded.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+    assert list(ours) == list(theirs)
+    for name in theirs:  # equal values, no shared storage
+        assert torch.equal(ours[name], theirs[name]), name
+        assert ours[name].data_ptr() != theirs[name].data_ptr(), name
+    assert [type(m) for m in fold_for_cohort(folded)] == [type(m) for m in folded]  # idempotent
+
+
+def test_fold_for_cohort_leaves_subclasses_alone():
+    """A subclass of a plain layer may compute something else: it is never folded."""
+
+    class ScaledGroupNorm(GroupNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert type(fold_for_cohort(nn.Sequential(ScaledGroupNorm(6, 3)))[0]) is ScaledGroupNorm
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_folded_nets_compute_what_the_plain_ones_do_outside_vmap(arch, norm):
+    """Eager (no vmap), a folded fedsim net is the plain net: bitwise, train and eval."""
+    model = build_model(arch, norm, in_channels=1, image_size=16, num_classes=10, width=8,
+                        groups=2)
+    folded = fold_for_cohort(model)
+    assert sum(isinstance(m, tuple(FOLDED.values())) for m in folded.modules()) >= (
+        norm in ("bn", "gn", "ln", "in"))
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        model.train(train)
+        folded.train(train)
+        assert torch.equal(folded(x), model(x))
+    for (n, a), (_, b) in zip(folded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n  # running statistics updated alike
+
+
+def test_plain_layers_never_consult_functorch(monkeypatch):
+    """The plain layers' forward does not ask which transforms are active; only the folding
+    variants do (the fast path is chosen by building the model, not per call)."""
+    def refuse():
+        raise AssertionError("a plain layer consulted functorch")
+
+    monkeypatch.setattr(batched_module, "folding_vmap", refuse)
+    monkeypatch.setattr(compat, "folding_vmap", refuse)
+    model = conv_net(REFERENCES["bn"][0], FastMaxPool2d(2))
+    for kind in REFERENCES:
+        model[1] = REFERENCES[kind][0](6)
+        params, buffers = stacked(model)
+        x, y = data((5, 2, 8, 8))
+        cohort_grads(model)(params, buffers, x, y)  # plain layers under vmap: no probe
+        model(x[0])
+    with pytest.raises(AssertionError, match="consulted functorch"):
+        cohort_grads(fold_for_cohort(model))(*stacked(model), *data((5, 2, 8, 8)))
+
+
+def test_register_fold_refuses_variants_that_change_state():
+    class Wider(GroupNorm):
+        def __init__(self, num_channels: int) -> None:
+            super().__init__(num_channels, groups=1)
+
+    with pytest.raises(TypeError, match="forward only"):
+        batched_module.register_fold(GroupNorm, Wider)
+    with pytest.raises(TypeError, match="must subclass"):
+        batched_module.register_fold(GroupNorm, FoldedLayerNorm)

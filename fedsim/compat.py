@@ -1,0 +1,242 @@
+"""Every private torch and Flower name fedsim uses, in one place.
+
+fedsim leans on a few internals that have no public equivalent: functorch's batched tensors
+(to fold a ``vmap`` cohort into one native kernel call), torch's BatchNorm base class,
+Flower's message ids, task identity, record storage and serde. Any release may change them
+without notice, so nothing else in fedsim imports them: it imports this module, and
+tests/test_compat.py checks each use against the installed versions, failing with the
+version the use was written for (:data:`TORCH_WRITTEN_FOR`, :data:`FLWR_WRITTEN_FOR`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import flwr
+import torch._C._functorch as _functorch_c
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from torch import Tensor
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger("fedsim")
+
+#: the torch release the private uses below were written and tested for
+TORCH_WRITTEN_FOR = "2.13"
+#: the Flower releases the private uses below were written and tested for
+FLWR_WRITTEN_FOR = ("1.41", "1.42")
+
+
+def release(version: str) -> str:
+    """``"major.minor"`` of a version string (``"1.42.0"`` → ``"1.42"``)."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+# =========================================================================== torch
+
+#: torch's base of BatchNorm1d/2d/3d (running statistics, momentum, ``_check_input_dim``);
+#: fedsim's own BatchNorm takes any (N, C, ...) input, so it derives from the base
+BatchNormBase = _BatchNorm
+
+
+def folding_vmap() -> Any | None:
+    """The ``vmap`` interpreter when ``vmap`` is the innermost transform and every other is
+    ``vmap`` or ``grad`` (a bare ``vmap``, a cohort's case, or ``grad(vmap(f))``), else None:
+    where a layer may hand ``vmap``'s stacked tensor to one native kernel. The interpreter
+    has ``level()`` and ``lower()`` (a context in which ops see the stacked tensors)."""
+    interpreters = retrieve_all_functorch_interpreters()
+    if not interpreters or interpreters[-1].key() != TransformType.Vmap:
+        return None
+    if any(i.key() not in (TransformType.Vmap, TransformType.Grad) for i in interpreters):
+        return None
+    return interpreters[-1]
+
+
+def under_vmap() -> bool:
+    """Whether ``torch.func.vmap`` is active at any level."""
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def is_batched(t: Tensor, level: int) -> bool:
+    """Whether ``t`` carries ``vmap``'s dimension at ``level``."""
+    return _functorch_c.is_batchedtensor(t) and _functorch_c.maybe_get_level(t) == level
+
+
+def unwrap_batched(t: Tensor, level: int) -> tuple[Tensor, int]:
+    """A tensor batched at ``level``: its stacked tensor and where ``vmap``'s dim sits."""
+    return _functorch_c._unwrap_batched(t, level)
+
+
+def add_batch_dim(t: Tensor, dim: int, level: int) -> Tensor:
+    """Stacked ``t`` handed back to ``vmap`` (at ``level``) with its dim at ``dim``."""
+    return _functorch_c._add_batch_dim(t, dim, level)
+
+
+# =========================================================================== Flower
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give ``message`` an id, as a SuperLink does when it stores a pushed message (Flower's
+    ``Metadata.message_id`` has no setter)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def set_task_identity(run_id: int, task_id: int = 1, node_id: int = SUPERLINK_NODE_ID) -> None:
+    """Set the process-wide sender identity Flower's ``Message`` constructor reads (a
+    SuperLink's node id by default: the server side of a run)."""
+    TaskIdentity.task_id = task_id
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+
+
+_TASK_IDENTITY_SLOTS = ("_task_id", "_run_id", "_node_id")
+
+
+@contextlib.contextmanager
+def task_identity_restored() -> Iterator[None]:
+    """Restore Flower's process-wide task identity on exit, unset slots included (its
+    properties raise when a slot was never set, so the raw slots are saved)."""
+    saved = {f: getattr(TaskIdentity, f) for f in _TASK_IDENTITY_SLOTS}
+    try:
+        yield
+    finally:
+        for f, value in saved.items():
+            setattr(TaskIdentity, f, value)
+
+
+def task_identity() -> tuple[int | None, int | None, int | None]:
+    """The raw (task id, run id, node id) slots; None where unset (for tests)."""
+    return tuple(getattr(TaskIdentity, f) for f in _TASK_IDENTITY_SLOTS)
+
+
+def empty_run(run_id: int) -> Run:
+    """A ``Run`` with only its id set: what a Grid reports before ``set_run``."""
+    return Run.create_empty(run_id)
+
+
+def pulled_ids(reply_to_message_ids: Iterable[str] | None,
+               message_ids: Iterable[str] | None) -> list[str]:
+    """The ids a ``Grid.pull_messages`` call asks replies for, under either signature:
+    ``pull_messages(message_ids)`` (Flower 1.41/1.42, positional or keyword) or
+    ``pull_messages(reply_to_message_ids=None, *, message_ids=None)`` (Flower 1.43)."""
+    if reply_to_message_ids is not None and message_ids is not None:
+        raise TypeError("error: pull_messages got both reply_to_message_ids and message_ids; "
+                        "pass the pushed messages' ids once")
+    ids = reply_to_message_ids if reply_to_message_ids is not None else message_ids
+    if ids is None:
+        raise TypeError("error: pull_messages needs the ids of the pushed messages whose "
+                        "replies to pull (reply_to_message_ids)")
+    return list(ids)
+
+
+def pull_replies(grid: Any, message_ids: Iterable[str]) -> Iterable[Message]:
+    """``grid.pull_messages`` for the replies to ``message_ids``: positional, which both
+    Flower signatures read as the pushed messages' ids."""
+    return grid.pull_messages(list(message_ids))
+
+
+# -- records: the speed-ups fedsim.arrays installs ------------------------------------------
+
+#: the base of Flower's records and RecordDict (flwr.app.message.typeddict.TypedDict)
+TypedDict = next(c for c in ArrayRecord.__mro__ if c.__name__ == "TypedDict")
+_flower_numpy = Array.numpy
+_flower_setitem = TypedDict.__setitem__
+
+
+def flower_numpy(arr: Array):
+    """Flower's own ``Array.numpy`` (its ``.npy`` parser), whatever is installed."""
+    return _flower_numpy(arr)
+
+
+def new_array(dtype_name: str, shape: tuple[int, ...], data: bytes, stype: str) -> Array:
+    """``Array(dtype=..., shape=..., stype=..., data=...)`` without its argument dispatch:
+    the same four fields and the same fresh-object dirty flag."""
+    arr = Array.__new__(Array)
+    arr.__dict__.update(dtype=dtype_name, shape=shape, stype=stype, data=data, _is_dirty=True)
+    return arr
+
+
+def fill_record(record: ArrayRecord, arrays: dict[str, Array]) -> ArrayRecord:
+    """Put ``arrays`` (already type-checked, not copied) into the empty ``record`` as setting
+    them one by one would: same items, dirty flag set."""
+    record.__dict__["_data"].update(arrays)
+    record.__dict__["_is_dirty"] = True
+    return record
+
+
+def _fast_setitem(self, key: object, value: object) -> None:
+    d = self.__dict__
+    d["_check_key_fn"](key)
+    d["_check_value_fn"](value)
+    d["_data"][key] = value
+
+
+_fast_setitem.__doc__ = _flower_setitem.__doc__
+_patch_depth = 0
+
+
+def fast_records_supported() -> bool:
+    """Whether the installed Flower is one :func:`fast_records` was checked against."""
+    return release(flwr.__version__) in FLWR_WRITTEN_FOR
+
+
+@contextlib.contextmanager
+def fast_records(numpy: Callable[[Array], Any]) -> Iterator[None]:
+    """Replace Flower's ``Array.numpy`` by ``numpy`` and ``TypedDict.__setitem__`` by the same
+    key/value checks without ``typing`` casts, while the block runs; re-entrant, restored
+    on exit. On a Flower release not in :data:`FLWR_WRITTEN_FOR` nothing is replaced (the
+    results are Flower's own either way; only the speed differs), and a log line says so."""
+    global _patch_depth
+    if not fast_records_supported():
+        log.info("Flower %s is not one fedsim's record fast paths were checked against (%s): "
+                 "using Flower's own", flwr.__version__, ", ".join(FLWR_WRITTEN_FOR))
+        yield
+        return
+    _patch_depth += 1
+    Array.numpy = numpy
+    TypedDict.__setitem__ = _fast_setitem
+    try:
+        yield
+    finally:
+        _patch_depth -= 1
+        if _patch_depth == 0:
+            Array.numpy = _flower_numpy
+            TypedDict.__setitem__ = _flower_setitem
+
+
+__all__ = [
+    "FLWR_WRITTEN_FOR",
+    "ProtoRecordDict",
+    "SUPERLINK_NODE_ID",
+    "TORCH_WRITTEN_FOR",
+    "BatchNormBase",
+    "Run",
+    "TypedDict",
+    "add_batch_dim",
+    "add_gaussian_noise_inplace",
+    "compute_stdv",
+    "empty_run",
+    "fast_records",
+    "fill_record",
+    "flower_numpy",
+    "folding_vmap",
+    "is_batched",
+    "new_array",
+    "pull_replies",
+    "pulled_ids",
+    "recorddict_from_proto",
+    "recorddict_to_proto",
+    "set_message_id",
+    "set_task_identity",
+    "task_identity_restored",
+    "under_vmap",
+    "unwrap_batched",
+]
