@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim.arrays import load_record
-from fedsim.client.hooks import HookContext, hooks_for, request_hooks
+from fedsim.client.hooks import HookContext, hooks_for, receive, request_hooks
 from fedsim.client.train import evaluate
 from fedsim.data.federated import FederatedData
 from fedsim.engine.ordered import ClientOrderedGrid
@@ -107,8 +107,7 @@ class PersonalizedEvaluator:
             load_record(self.model, arrays)
             ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
                               local_train=lambda cid=cid: self.data.client_train(cid))
-            for hook in hooks_for(ctx):
-                hook.on_receive(self.model)
+            receive(self.model, hooks_for(ctx), ctx.local_train)
             x, y = self.data.client_test(cid)
             acc.append(evaluate(self.model, x.to(self.device), y.to(self.device))[1])
         return acc
