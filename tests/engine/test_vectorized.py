@@ -132,13 +132,13 @@ def test_per_sample_norms_pad_each_step_into_one_call(norm, calls, monkeypatch):
 class LocalHead(ClientHook):
     """A FedBN-like hook: ``head.bias`` stays on the client, in Context.state."""
 
-    def on_receive(self, model):
+    def on_receive(self, model, arrays):
         rec = self.ctx.state.array_records.get("local")
         if rec is not None:
-            model.head.bias.data.copy_(record_to_state(rec)["head.bias"])
+            arrays["head.bias"] = record_to_state(rec)["head.bias"]
 
     def on_reply(self, model, arrays):
-        self.ctx.state["local"] = state_to_record({"head.bias": model.head.bias})
+        self.ctx.state["local"] = state_to_record({"head.bias": arrays["head.bias"]})
         return {k: v for k, v in arrays.items() if k != "head.bias"}
 
 
@@ -218,10 +218,8 @@ def test_vectorized_run_matches_sequential_run(tmp_path, norm, strategy):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["server.strategy=fedprox", "server.params.proximal_mu=0.1"], "ProximalHook"),
-    (["server.strategy=fixbn", "server.params.warmup=1", "model.norm=bn"],
-     "FixBNHook.*in round 2"),
     (["engine.kind=ray"], "applies to the inprocess engine"),
+    (["client.dp.noise_multiplier=1.0", "model.norm=gn"], "does not run in vectorized"),
 ])
 def test_unsupported_combinations_are_refused_before_training(tmp_path, overrides, match):
     with pytest.raises(ScenarioError, match=match):
@@ -236,11 +234,9 @@ def test_empty_cohort_and_arrayrecord_passthrough():
 
 
 def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
-    """FedBN's hook takes the cohort's fast path (saved arrays laid over the stacked start,
-    no per-client model load); replies and saved states must equal ``handle_train``'s."""
+    """FedBN's hook lays saved arrays over the stacked start (no per-client model load);
+    replies and saved states must equal ``handle_train``'s."""
     import strategies  # noqa: F401  (registers the fedbn hook)
-    from fedsim.client.hooks import hooks_for
-    from fedsim.engine.vectorized import swaps_arrays_only
 
     set_task_identity(1)
     scenario = load_scenario("scenarios/quickstart.toml", [
@@ -274,9 +270,6 @@ def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
     seq, seq_ctx = run(lambda pairs: [handle_train(m, c, scenario) for m, c in pairs])
     vec, vec_ctx = run(lambda pairs: CohortTrainer(scenario)([m for m, _ in pairs],
                                                              [c for _, c in pairs]))
-    from fedsim.client.hooks import HookContext
-
-    assert swaps_arrays_only(hooks_for(HookContext(0, config, RecordDict())))
     for a, b, ca, cb in zip(seq, vec, seq_ctx, vec_ctx):
         assert not b.has_error()
         sa, sb = (record_to_state(r.content.array_records["arrays"]) for r in (a, b))
@@ -294,7 +287,7 @@ def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
 @CLIENT_HOOKS.register("test-keys-by-client")
 class KeysByClient(LocalArraysHook):
     """Local keys that depend on the client (odd ids keep the head's bias, even ids its
-    weight): ``keys_from_model_only`` stays False, so a cohort must ask every client."""
+    weight): a cohort must ask every client."""
 
     state_key = "by-client"
 
@@ -302,12 +295,8 @@ class KeysByClient(LocalArraysHook):
         return ["head.bias"] if self.ctx.client_id % 2 else ["head.weight"]
 
 
-def test_cohort_asks_each_client_for_its_local_keys_unless_they_depend_on_the_model_only():
-    from fedsim.client.hooks import HookContext, hooks_for
-    from fedsim.engine.vectorized import swaps_arrays_only
-
+def test_cohort_asks_each_client_for_its_local_keys():
     scenario, arrays, config = small_quickstart(2, "test-keys-by-client")
-    assert swaps_arrays_only(hooks_for(HookContext(0, config, RecordDict())))
     nodes = (1, 2, 3, 4)
     msgs = [train_message(arrays, config, node) for node in nodes]
     ctxs = [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
@@ -320,11 +309,12 @@ def test_cohort_asks_each_client_for_its_local_keys_unless_they_depend_on_the_mo
         assert not set(kept) & set(reply.content.array_records["arrays"].keys())
 
 
-def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
-    """A cohort of members with and without saved arrays stacks exactly what
-    ``overlay`` + ``torch.stack`` give: saved floats in place, saved integers rounded back,
-    flattened arrays reshaped, members without saved arrays on their own start."""
-    from fedsim.engine.vectorized import _stack, overlay, saved_arrays
+def test_saved_arrays_are_laid_over_the_stacks_as_client_arrays_read_them():
+    """A cohort of members with and without saved arrays stacks exactly what a client's
+    ``ClientArrays`` read: saved floats in place, saved integers rounded back, flattened
+    arrays reshaped, members without saved arrays on their own start."""
+    from fedsim.client.step import ClientArrays
+    from fedsim.engine.vectorized import _stack
 
     torch.manual_seed(0)
     model = build_model("cnn", "bn", in_channels=1, image_size=8, num_classes=10, width=4)
@@ -338,9 +328,11 @@ def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
                                 "head.bias": torch.randn(10).reshape(2, 5)})]
     expected, members = [], []
     for rec in records:
-        s, b = (start, bufs) if rec is None else overlay(start, bufs, rec)
-        expected.append((s, b))
-        members.append({} if rec is None else saved_arrays(rec, start, bufs))
+        arrays = ClientArrays({**start, **bufs})
+        if rec is not None:
+            arrays.load(rec)
+        expected.append(({n: arrays[n] for n in start}, {n: arrays[n] for n in bufs}))
+        members.append(arrays.overrides)
     params = _stack([start] * 4, members, torch.device("cpu"))
     buffers = _stack([bufs] * 4, members, torch.device("cpu"))
     for i, (s, b) in enumerate(expected):
@@ -355,4 +347,4 @@ def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, torch.tensor([[0.0, 0, 0], [1.5, 2, 3]], dtype=torch.bfloat16))
     with pytest.raises(KeyError, match="does not belong"):
-        saved_arrays(state_to_record({"nope": torch.zeros(1)}), start, bufs)
+        ClientArrays({**start, **bufs}).load(state_to_record({"nope": torch.zeros(1)}))
