@@ -1,10 +1,15 @@
 """Vectorized cohorts: many clients' local SGD at once with ``torch.func``.
 
-With ``engine.vectorize = true`` the in-process grid hands the train messages of a round to
-:class:`CohortTrainer` in cohorts of ``engine.cohort_size``. Each client still gets its own
-message, its own ``Context.state``, its own hooks (``on_receive``/``on_reply``) and its own
-reply; only the local SGD steps run together: the model is called functionally
-(``functional_call``) on per-client parameter stacks under ``vmap``, and autograd of the
+The cohort backend of the client computation (:mod:`fedsim.client.step`), whose sequential
+backend is :func:`fedsim.client.train.train_local`: the same loss, hook terms, gradient
+transforms and SGD update, run on per-client parameter stacks. With ``engine.vectorize =
+true`` the in-process grid hands the train messages of a round to :class:`CohortTrainer` in
+cohorts of ``engine.cohort_size``. Each client still gets its own message decoding and reply
+(:mod:`fedsim.client.messages`), its own ``Context.state`` and its own hooks, which act on
+arrays (``on_receive``/``on_reply``), on the template model's modes (``before_train``: clients
+with the same modes train together) and on the step (per-client state stacked over the
+cohort; a cap on the steps). Only the local SGD steps run together: the model is called
+functionally (``functional_call``) on the stacks under ``vmap``, and autograd of the
 clients' summed losses (each client's parameters reach only its own loss) computes every
 client's gradient in one call.
 

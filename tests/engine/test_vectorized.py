@@ -411,10 +411,11 @@ STEP_RUN = TINY + ["model.norm=ln", "server.rounds=3", "partition.kind=dirichlet
     ["server.strategy=fedprox", "server.params.proximal_mu=0.1"],
     ["server.strategy=scaffold"],
     ["failures.crash=0.3"],
-], ids=["fedprox", "scaffold", "crash"])
+    ["model.norm=bn", "server.strategy=fixbn", "server.params.warmup=1"],
+], ids=["fedprox", "scaffold", "crash", "fixbn"])
 def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrides):
-    """FedProx, SCAFFOLD (client control variates carried across rounds in client state)
-    and simulated crashes run vectorized: the same clients fail for the same reasons, and
+    """FedProx, SCAFFOLD (client control variates carried across rounds in client state),
+    simulated crashes and FixBN's frozen statistics (a mode change) run vectorized: the same clients fail for the same reasons, and
     the final model equals the sequential in-process engine's within float tolerance."""
     import json
 
