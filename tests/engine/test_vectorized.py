@@ -415,8 +415,9 @@ STEP_RUN = TINY + ["model.norm=ln", "server.rounds=3", "partition.kind=dirichlet
 ], ids=["fedprox", "scaffold", "crash", "fixbn"])
 def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrides):
     """FedProx, SCAFFOLD (client control variates carried across rounds in client state),
-    simulated crashes and FixBN's frozen statistics (a mode change) run vectorized: the same clients fail for the same reasons, and
-    the final model equals the sequential in-process engine's within float tolerance."""
+    simulated crashes and FixBN's frozen statistics (a mode change) run vectorized: the
+    same clients fail for the same reasons, and the final model equals the sequential
+    in-process engine's within float tolerance."""
     import json
 
     args = STEP_RUN + overrides
