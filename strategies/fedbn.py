@@ -22,8 +22,6 @@ class FedBNHook(LocalArraysHook):
 
     state_key = "fedbn.local"
 
-    keys_from_model_only = True
-
     def local_keys(self, model: nn.Module) -> list[str]:
         return norm_keys(model)
 

@@ -10,14 +10,15 @@ The server averages the models as FedAvg does (global learning rate 1) and sets
 Transport: ``c`` travels to the clients as a second ArrayRecord (``scaffold-c``) in the train
 message; a Flower reply must carry exactly one ArrayRecord, so ``Δc_i`` rides in it under
 ``hook/scaffold/<parameter>`` and is split off before averaging. ``c`` starts empty (zero)
-and takes the parameter names of the first replies. The correction enters the local loss as
-the linear term ``Σ ⟨w, c − c_i⟩``, whose gradient is exactly ``c − c_i``, so it composes
-with any optimizer setting (the paper uses plain SGD).
+and takes the parameter names of the first replies. The correction enters each local step
+as a gradient transform, ``g + c − c_i`` (the gradient of the linear term ``Σ ⟨w, c − c_i⟩``),
+so it composes with any optimizer setting (the paper uses plain SGD) and runs one client at
+a time or in vectorized cohorts alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, extra_key, request_hooks, split_extra
+from fedsim.client.step import Trained
 from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 
@@ -49,30 +51,34 @@ def _tensors(record: ArrayRecord | None, like: dict[str, torch.Tensor]) -> dict[
 
 @CLIENT_HOOKS.register(NAME)
 class ScaffoldHook(ClientHook):
-    """Client side of SCAFFOLD: corrected local steps, ``c_i`` kept in the client state."""
+    """Client side of SCAFFOLD: corrected local steps, ``c_i`` kept in the client state.
 
-    def on_receive(self, model: nn.Module) -> None:
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        self.c = _tensors(self.ctx.message.array_records.get(SERVER_RECORD), params)
-        self.c_i = _tensors(self.ctx.state.array_records.get(STATE_KEY), params)
-        self.correction = [self.c[n] - self.c_i[n] for n in params]
-        self.start = {n: p.clone() for n, p in params.items()}
-        self.steps, self.lr = 0, 0.0
+    The step state is the correction ``c − c_i`` (one tensor per parameter), added to each
+    step's gradients (``grad_transform``), so the corrected step runs the same one client at
+    a time or in a vectorized cohort."""
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        return sum((p * d).sum() for p, d in zip(model.parameters(), self.correction))
+    def step_state(self, start: Mapping[str, torch.Tensor]) -> object | None:
+        self.start = dict(start)
+        self.c = _tensors(self.ctx.message.array_records.get(SERVER_RECORD), self.start)
+        self.c_i = _tensors(self.ctx.state.array_records.get(STATE_KEY), self.start)
+        self.trained = Trained(0, 0.0)
+        return {n: self.c[n] - self.c_i[n] for n in self.start}
 
-    def after_step(self, model: nn.Module, lr: float) -> None:
-        self.steps += 1
-        self.lr = lr
+    def grad_transform(self, grads: dict[str, torch.Tensor], state) -> dict[str, torch.Tensor]:
+        return {n: g + state[n] for n, g in grads.items()}
+
+    def after_train(self, model: nn.Module, trained: Trained) -> None:
+        self.trained = trained
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
         arrays = dict(arrays)
+        steps, lr = self.trained.steps, self.trained.lr
         new_c_i = {}
-        for name, p in model.named_parameters():
-            if self.steps:
-                drift = (self.start[name] - p.detach()) / (self.steps * self.lr)
+        for name, start in self.start.items():
+            if steps:
+                final = torch.as_tensor(arrays[name]).to(start.device).reshape(start.shape)
+                drift = (start - final) / (steps * lr)
                 new_c_i[name] = self.c_i[name] - self.c[name] + drift
             else:  # no local step (empty data): nothing learned, c_i unchanged
                 new_c_i[name] = self.c_i[name]

@@ -22,8 +22,6 @@ class SiloBNHook(LocalArraysHook):
 
     state_key = "silobn.local"
 
-    keys_from_model_only = True
-
     def local_keys(self, model: nn.Module) -> list[str]:
         return norm_statistics_keys(model)
 

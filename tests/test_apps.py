@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fedsim
+from fedsim import compat
 from fedsim.errors import ScenarioError
 
 TINY = ["server.rounds=1", "partition.num_clients=4", "server.clients_per_round=2",
@@ -42,7 +43,7 @@ def test_module_level_apps_read_the_scenario_from_the_run_config():
     ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "num-partitions": 18},
                   state=RecordDict(), run_config={"scenario": "scenarios/quickstart.toml"})
     msg = Message(RecordDict({"config": ConfigRecord({})}), 5, MessageType.QUERY)
-    msg.metadata.__dict__["_message_id"] = "m1"
+    compat.set_message_id(msg, "m1")
     reply = client_app(msg, ctx)
     data_client = reply.content.config_records["client"]["client-id"]
     from fedsim.data.federated import build_federated_data

@@ -3,6 +3,11 @@
 ``make_client_app(scenario)`` builds an app bound to a scenario (in-process and Ray
 engines); the module-level ``app`` reads the scenario path from the run config
 (``flwr run .`` on Flower's Deployment Engine).
+
+The handlers run one client at a time: messages are decoded and answered by
+:mod:`fedsim.client.messages`, local training is the sequential backend of the client
+computation (:mod:`fedsim.client.step`, :func:`fedsim.client.train.train_local`), the same
+definitions the vectorized cohorts of :mod:`fedsim.engine.vectorized` run.
 """
 
 from __future__ import annotations
@@ -11,81 +16,49 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim.arrays import load_record, state_to_record
+from fedsim.arrays import load_record
 from fedsim.client import dpsgd
-from fedsim.client.compress import upload_bytes
-from fedsim.client.failures import error_reply  # also registers the "crash" client hook
-from fedsim.client.hooks import HookContext, hooks_for
+from fedsim.client.hooks import receive
+from fedsim.client.messages import (  # messages imports failures: the "crash" hook exists
+    decode,
+    error_reply,
+    evaluate_reply,
+    train_reply,
+)
 from fedsim.client.runtime import client_runtime
 from fedsim.client.train import evaluate, train_local
 from fedsim.config import Scenario, load_scenario
 from fedsim.data.federated import FederatedData
 from fedsim.models.norm import uses_batch_statistics
-from fedsim.records import get_record, require_record
+from fedsim.records import get_record
 from fedsim.rng import torch_generator
-
-
-@functools.lru_cache(maxsize=16)
-def import_strategy(name: str) -> None:
-    """Import the scenario's strategy here too, so client hooks its module registers exist."""
-    from fedsim.server.strategies import strategy_class
-
-    strategy_class(name)
 
 
 def handle_train(msg: Message, context: Context, scenario: Scenario,
                  data: FederatedData | None = None) -> Message:
-    """Load the global arrays, run the requested hooks and local SGD, reply with the update."""
+    """Decode the message, apply the hooks to the received arrays, train locally (the
+    sequential backend of :mod:`fedsim.client.step`), reply with the update."""
     rt = client_runtime(scenario, data)
-    cid = rt.client_id(context)
+    req = decode(msg, context, scenario, rt.client_id(context))
     model = rt.model
-    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
-    load_record(model, require_record(msg.content, "arrays", ArrayRecord))
-    import_strategy(scenario.server.strategy)
-    hooks = hooks_for(HookContext(cid, config, context.state, message=msg.content,
-                                  client=scenario.client, seed=scenario.seed))
-    for hook in hooks:
-        hook.on_receive(model)
-    x, y = rt.data.client_train(cid)
-    rnd = int(config.get("server-round", 0))
-    gen = torch_generator(scenario.seed, "client-train", rnd, cid)
+    load_record(model, req.arrays)
+    receive(model, req.hooks)
+    x, y = rt.data.client_train(req.client_id)
+    gen = torch_generator(scenario.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
     if scenario.client.dp.enabled:
         result, dp_metrics = _train_dpsgd(scenario, model, x.to(rt.device), y.to(rt.device),
-                                          gen, hooks, context)
+                                          gen, req.hooks, context)
     else:
-        result = train_local(
-            model,
-            x.to(rt.device),
-            y.to(rt.device),
-            scenario.client,
-            gen,
-            hooks,
-            drop_singleton=uses_batch_statistics(scenario.model.norm),
-        )
+        result = train_local(model, x.to(rt.device), y.to(rt.device), scenario.client, gen,
+                             req.hooks, drop_singleton=uses_batch_statistics(scenario.model.norm))
     arrays = model.state_dict()
-    for hook in hooks:
+    for hook in req.hooks:
         arrays = hook.on_reply(model, arrays)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train_loss": result.loss,
-            "train_accuracy": result.accuracy,
-            **dp_metrics,
-        }
-    )
-    content = RecordDict(
-        {
-            "arrays": state_to_record(arrays),
-            "metrics": metrics,
-            "client": ConfigRecord({"client-id": cid, "steps": result.steps,
-                                    "upload-bytes": upload_bytes(arrays, hooks)}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return train_reply(req, arrays, result, dp_metrics)
 
 
 def _train_dpsgd(scenario: Scenario, model, x, y, gen, hooks, context: Context):
@@ -111,21 +84,19 @@ def _train_dpsgd(scenario: Scenario, model, x, y, gen, hooks, context: Context):
 
 def handle_evaluate(msg: Message, context: Context, scenario: Scenario,
                     data: FederatedData | None = None) -> Message:
-    """Evaluate the received global model (plus any local layers) on the local test split."""
+    """Evaluate the received global model (with what the hooks lay over it, e.g. local
+    layers) on the local test split."""
     rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
-    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
-    load_record(rt.model, require_record(msg.content, "arrays", ArrayRecord))
-    import_strategy(scenario.server.strategy)
-    ctx = HookContext(cid, config, context.state, message=msg.content, mode="evaluate",
-                      local_train=lambda: rt.data.client_train(cid))
-    for hook in hooks_for(ctx):
-        hook.on_receive(rt.model)
+
+    def local_train():
+        return rt.data.client_train(cid)
+
+    req = decode(msg, context, scenario, cid, local_train)
+    load_record(rt.model, req.arrays)
+    receive(rt.model, req.hooks, local_train)
     x, y = rt.data.client_test(cid)
-    loss, acc, n = evaluate(rt.model, x.to(rt.device), y.to(rt.device))
-    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_accuracy": acc})
-    content = RecordDict({"metrics": metrics, "client": ConfigRecord({"client-id": cid})})
-    return Message(content, reply_to=msg)
+    return evaluate_reply(req, *evaluate(rt.model, x.to(rt.device), y.to(rt.device)))
 
 
 def handle_query(msg: Message, context: Context, scenario: Scenario,

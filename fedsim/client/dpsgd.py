@@ -14,10 +14,13 @@ Each step of a round:
    (``max_grad_norm``), with Opacus's factor ``min(1, C / (‖g‖ + 1e-6))``; **sum**.
 4. **Noise**: add N(0, σ²C²) to every coordinate of the sum and divide by the *expected*
    batch size ``q·n`` (as Opacus does for Poisson batches), so the sensitivity stays C / (q·n).
-5. **Step**: ``torch.optim.SGD`` with the client's lr, momentum and weight decay (as
-   :func:`fedsim.client.train.train_local`). Client hooks' ``extra_loss`` terms (FedProx's
-   proximal term, SCAFFOLD's correction) see only the model, not the data: their gradient is
-   added to the privatized one, unclipped — post-processing, like every other hook method.
+5. **Step**: the client computation's SGD update (:class:`fedsim.client.step.SGD`,
+   ``torch.optim.SGD``'s rule) with the client's lr, momentum and weight decay, as in
+   :func:`fedsim.client.train.train_local`. Client hooks' loss terms and gradient transforms
+   (FedProx's proximal term, SCAFFOLD's correction) see only the parameters, not the data:
+   their gradient is added to the privatized one, unclipped — post-processing, like every
+   other hook method. DP-SGD runs one client at a time only (``engine.vectorize`` refuses it
+   before training).
 
 A round takes ``client.local_steps`` steps if > 0, else ``client.epochs × ceil(n / batch_size)``.
 The client's ε composes the Poisson-subsampled Gaussian mechanism (rate q, σ) over all steps
@@ -38,6 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedsim.client.hooks import ClientHook
+from fedsim.client.step import SGD, HookTerms, Trained, hook_loss, set_modes, transform_grads
 from fedsim.client.train import TrainResult
 from fedsim.config import ClientConfig
 
@@ -136,21 +140,29 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
                 noise_multiplier: float, generator: torch.Generator,
                 hooks: Sequence[ClientHook] = ()) -> TrainResult:
     """One round of DP-SGD on (x, y) in place (see the module docstring); ``generator`` draws
-    the Poisson batches and the noise. Returns the mean loss / accuracy over sampled examples."""
-    model.train()
-    for hook in hooks:
-        hook.before_train(model)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    the Poisson batches and the noise. Returns the mean loss / accuracy over sampled examples.
+
+    The hooks' terms, transforms and step cap and the SGD update are those of
+    :mod:`fedsim.client.step`, as in :func:`fedsim.client.train.train_local`; only the
+    gradient of the data loss differs (clipped per sample, noised)."""
+    set_modes(model, hooks)
+    all_params = dict(model.named_parameters())
+    trainable = {k: p for k, p in all_params.items() if p.requires_grad}
+    terms = HookTerms(hooks, {k: p.detach().clone() for k, p in all_params.items()}) \
+        if hooks else None
+    sgd, momentum = SGD.of(cfg), {}
     n = len(x)
     schedule = plan(n, cfg)
+    steps = schedule.steps
+    if terms is not None and terms.max_steps is not None:
+        steps = min(steps, terms.max_steps)
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     seen = 0
-    for _ in range(schedule.steps):
+    for _ in range(steps):
         idx = poisson_batch(n, schedule.sampling_rate, generator).to(x.device)
-        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        params = {k: p.detach() for k, p in trainable.items()}
         if len(idx):
             grads, losses, logits = per_sample_grads(model, params, buffers, x[idx], y[idx])
             summed, _ = clip_and_sum(grads, cfg.dp.max_grad_norm)
@@ -159,22 +171,23 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
             seen += len(idx)
         else:  # an empty Poisson batch: the noise alone
             summed = {k: torch.zeros_like(p) for k, p in params.items()}
-        noisy = privatize(summed, noise_multiplier, cfg.dp.max_grad_norm,
+        grads = privatize(summed, noise_multiplier, cfg.dp.max_grad_norm,
                           schedule.sampling_rate * n, generator)
-        opt.zero_grad(set_to_none=True)
-        extra = [e for e in (h.extra_loss(model) for h in hooks) if e is not None]
-        if extra:  # data-independent terms (post-processing): their gradient, unclipped
-            sum(extra).backward()
-        for k, p in model.named_parameters():
-            if k in noisy:
-                p.grad = noisy[k] if p.grad is None else p.grad + noisy[k]
-        opt.step()
-        for hook in hooks:
-            hook.after_step(model, cfg.lr)
+        if terms:  # data-independent terms (post-processing): their gradient, unclipped
+            extra = hook_loss(terms.active_hooks, all_params, terms.active_states)
+            if extra is not None:
+                extra_grads = torch.autograd.grad(extra, list(trainable.values()),
+                                                  allow_unused=True)
+                grads = {k: grads[k] if g is None else g + grads[k]
+                         for k, g in zip(trainable, extra_grads)}
+            grads = transform_grads(terms.active_hooks, grads, terms.active_states)
+        sgd.update(trainable, grads, momentum, in_place=True)
+    for hook in hooks:
+        hook.after_train(model, Trained(steps, cfg.lr))
     if seen == 0:  # every Poisson batch was empty (or no data): nothing to report on
         nan = float("nan") if n == 0 else 0.0  # NaN would make the server reject the update
-        return TrainResult(nan, nan, n, schedule.steps)
-    return TrainResult(total_loss.item() / seen, correct.item() / seen, n, schedule.steps)
+        return TrainResult(nan, nan, n, steps)
+    return TrainResult(total_loss.item() / seen, correct.item() / seen, n, steps)
 
 
 # --------------------------------------------------------------------------- accounting

@@ -6,31 +6,25 @@ ones; Li et al., FedProx, MLSys 2020). The server decides every fate here from d
 randomness — ``(seed, "failures", round, client)`` — so failures are reproducible, the same
 on every engine and the same after ``--resume``. A crash is a real exception raised inside
 the ClientApp (the ``crash`` client hook), so it exercises the engines' error paths; the
-ClientApp turns any exception into an error reply (:func:`error_reply`) so a failing client
-never kills or hangs a run.
+ClientApp turns any exception into an error reply
+(:func:`fedsim.client.messages.error_reply`) so a failing client never kills or hangs a run.
 """
 
 from __future__ import annotations
 
-import logging
-import traceback
 from dataclasses import dataclass
 
-from flwr.app import Error, Message
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook
+from fedsim.client.step import Trained
 from fedsim.config import FailuresConfig
 from fedsim.rng import numpy_rng
-
-log = logging.getLogger("fedsim")
 
 #: train-config key that makes a client crash at that local step (set by the server)
 CRASH_KEY = "fedsim-crash-at"
 #: a crash happens after 1..CRASH_WINDOW local steps (or at the end of a shorter training)
 CRASH_WINDOW = 4
-#: Error code of a ClientApp that raised (Flower's own ``ErrorCode.UNKNOWN`` is 0)
-CLIENT_EXCEPTION = 1
 
 
 class SimulatedCrash(RuntimeError):
@@ -71,37 +65,18 @@ def simulated_seconds(cfg: FailuresConfig, seed: int, cid: int, steps: int) -> f
 
 @CLIENT_HOOKS.register("crash")
 class CrashHook(ClientHook):
-    """Raises :class:`SimulatedCrash` after the local step named by the ``fedsim-crash-at`` key."""
+    """Raises :class:`SimulatedCrash` after the local step named by the ``fedsim-crash-at`` key.
+
+    The client trains at most ``at`` steps (``max_steps``), then ``after_train`` raises: the
+    same step count and message whether it runs alone or in a vectorized cohort, where only
+    this client fails."""
 
     activated_by = CRASH_KEY
 
-    def on_receive(self, model: nn.Module) -> None:
-        self.at = int(self.ctx.config[CRASH_KEY])
-        self.steps = 0
+    def max_steps(self) -> int | None:
+        return int(self.ctx.config[CRASH_KEY])
 
-    def _crash(self) -> None:
+    def after_train(self, model: nn.Module, trained: Trained) -> None:
         raise SimulatedCrash(
-            f"client {self.ctx.client_id} crashed (simulated) after {self.steps} local steps"
+            f"client {self.ctx.client_id} crashed (simulated) after {trained.steps} local steps"
         )
-
-    def after_step(self, model: nn.Module, lr: float) -> None:
-        self.steps += 1
-        if self.steps >= self.at:
-            self._crash()
-
-    def on_reply(self, model, arrays):
-        self._crash()  # fewer local steps than ``at``: crash before answering
-
-
-def error_reply(msg: Message, exc: BaseException, client_id: int | None = None) -> Message:
-    """The error Message a ClientApp answers with when it raised (instead of propagating).
-
-    Flower's Ray engine wraps a raising ClientApp in Ray task errors with long tracebacks and
-    an unreadable reason; answering with an error Message keeps the run going on every engine
-    and the reason short: ``"<Type>: <message>"``.
-    """
-    who = f"client {client_id}" if client_id is not None else f"node {msg.metadata.dst_node_id}"
-    reason = f"{who} raised {type(exc).__name__}: {exc}"
-    if not isinstance(exc, SimulatedCrash):
-        log.warning("%s\n%s", reason, traceback.format_exc(limit=4))
-    return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)

@@ -11,6 +11,12 @@ again. A hook that must upload something besides the model (SCAFFOLD's control-v
 adds it to the reply's arrays under :data:`EXTRA_PREFIX` (Flower replies carry exactly one
 ArrayRecord); the server strategy splits it off with :func:`split_extra` before averaging.
 
+Hooks are terms of the one client computation (:mod:`fedsim.client.step`): array-level
+methods (``on_receive``/``on_reply``), module modes (``before_train``), per-client step state
+with pure loss terms and gradient transforms, and a cap on the local steps. Both backends —
+one client at a time and a ``vmap`` cohort — run every hook through these methods alone, so
+no backend knows a hook by its class.
+
 Compressors (``client.compress``: ``qsgd``, ``topk``; :mod:`fedsim.client.compress`) are hooks
 the client's own settings switch on, run last, and report their arrays' encoded sizes
 (:meth:`ClientHook.encoded_sizes`).
@@ -19,7 +25,7 @@ the client's own settings switch on, run last, and report their arrays' encoded 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -27,7 +33,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from fedsim.arrays import load_record, state_to_record
+from fedsim.arrays import state_to_record
+from fedsim.client.step import ClientArrays, Trained, as_tensor_like
 from fedsim.config import ClientConfig
 from fedsim.models.norm import norm_keys as norm_keys  # re-exported: strategies import
 from fedsim.models.norm import norm_layers as norm_layers  # these three from here
@@ -71,8 +78,24 @@ class HookContext:
 class ClientHook:
     """Base class: every method is optional; defaults do nothing.
 
-    Call order for a train message: ``on_receive`` (global arrays loaded) → ``before_train``
-    (model in train mode) → per minibatch ``extra_loss`` and ``after_step`` → ``on_reply``.
+    A hook is written once and runs on both backends (one client at a time, or a ``vmap``
+    cohort; :mod:`fedsim.client.step`), so it acts on arrays and on terms of the local step,
+    never on a particular model instance's values. Call order for a train message:
+
+    - ``on_receive(model, arrays)``: edit the arrays the client starts from (``arrays``: a
+      :class:`~fedsim.client.step.ClientArrays`; ``model`` gives the structure, module types
+      and names, not this client's values);
+    - ``before_train(model)``: change modules' train/eval modes only (e.g. frozen BN
+      statistics); clients whose hooks leave the same modes train together;
+    - ``step_state(start)`` once, with the client's start parameters (not modified later):
+      per-client tensors the step terms read (a cohort stacks them), or None;
+      ``max_steps()``: a cap on the number of local steps, or None;
+    - per local step ``loss_term(params, state)`` (added to the loss) and
+      ``grad_transform(grads, state)``: pure functions of their arguments (a cohort calls
+      one client's methods on every client's stacked state under ``vmap``);
+    - ``after_train(model, trained)`` once after the steps (before any ``on_reply``);
+    - ``on_reply(model, arrays)``: edit the arrays the client uploads (tensors by name).
+
     An evaluate message calls ``on_receive`` only, with ``ctx.mode == "evaluate"``.
     """
 
@@ -82,18 +105,31 @@ class ClientHook:
     def __init__(self, ctx: HookContext) -> None:
         self.ctx = ctx
 
-    def on_receive(self, model: nn.Module) -> None:
-        """Called after the global arrays are loaded, before local training or evaluation."""
+    def on_receive(self, model: nn.Module, arrays: ClientArrays) -> None:
+        """Called with the received arrays, before local training or evaluation."""
 
     def before_train(self, model: nn.Module) -> None:
-        """Called after ``model.train()``, before the first step (e.g. freeze BN statistics)."""
+        """Called after ``model.train()``, before the first step: set modules' modes."""
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+    def step_state(self, start: Mapping[str, torch.Tensor]) -> object | None:
+        """Per-client tensors (a tensor, or a dict/tuple of them) for the step terms."""
+        return None
+
+    def max_steps(self) -> int | None:
+        """At most this many local steps (e.g. a simulated crash), or None."""
+        return None
+
+    def loss_term(self, params: Mapping[str, torch.Tensor], state) -> torch.Tensor | None:
         """A term added to each minibatch's loss (e.g. FedProx's proximal term)."""
         return None
 
-    def after_step(self, model: nn.Module, lr: float) -> None:
-        """Called after each optimizer step (e.g. to count SCAFFOLD's local steps)."""
+    def grad_transform(self, grads: dict[str, torch.Tensor], state
+                       ) -> dict[str, torch.Tensor]:
+        """Each step's gradients, transformed (e.g. SCAFFOLD's control-variate correction)."""
+        return grads
+
+    def after_train(self, model: nn.Module, trained: Trained) -> None:
+        """Called once after the local steps (e.g. to raise a simulated crash)."""
 
     def on_reply(
         self, model: nn.Module, arrays: dict[str, torch.Tensor]
@@ -132,6 +168,37 @@ def hooks_for(ctx: HookContext) -> list[ClientHook]:
 
         names = [n for n in names if n != ctx.client.compress] + [ctx.client.compress]
     return [CLIENT_HOOKS.get(n, key="client-hooks")(ctx) for n in names]
+
+
+def receive(model: nn.Module, hooks: Sequence[ClientHook],
+            local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+            ) -> ClientArrays:
+    """The hooks' ``on_receive`` applied to ``model`` itself (the sequential backend): they
+    see its current arrays, then :func:`apply_received`."""
+    arrays = ClientArrays(model.state_dict())
+    for hook in hooks:
+        hook.on_receive(model, arrays)
+    apply_received(model, arrays, local_train)
+    return arrays
+
+
+def apply_received(model: nn.Module, arrays: ClientArrays,
+                   local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> None:
+    """Copy ``arrays``' overrides into ``model`` and re-estimate the statistics they ask for
+    on ``local_train()``'s inputs (a cold start)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in arrays.overrides.items():
+            state[key].copy_(as_tensor_like(value, state[key]))
+    if arrays.estimates:
+        if local_train is None:
+            raise ValueError("re-estimating normalization statistics (a client evaluated "
+                             "before it ever trained) needs its local training data: "
+                             "HookContext.local_train")
+        x = local_train()[0].to(next(iter(state.values())).device)
+        for layers in arrays.estimates:
+            estimate_statistics(model, x, [model.get_submodule(n) for n in layers])
 
 
 # --------------------------------------------------------------------------- extras
@@ -200,65 +267,60 @@ def estimate_statistics(model: nn.Module, x: torch.Tensor, layers: list[nn.Modul
 
 @CLIENT_HOOKS.register("proximal")
 class ProximalHook(ClientHook):
-    """FedProx (Li et al., MLSys 2020): add (mu/2)·||w − w_global||² to the local loss."""
+    """FedProx (Li et al., MLSys 2020): add (mu/2)·||w − w_global||² to the local loss.
+
+    The anchor ``w_global`` is the client's start (the received parameters), so the term is
+    a pure function of the parameters and the step state ``(anchor, mu)``."""
 
     activated_by = "proximal-mu"
 
-    def on_receive(self, model: nn.Module) -> None:
-        self.mu = float(self.ctx.config.get("proximal-mu", 0.0))
-        self.anchor = [p.detach().clone() for p in model.parameters()]
-
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        if self.mu == 0.0:
+    def step_state(self, start: Mapping[str, torch.Tensor]) -> object | None:
+        mu = float(self.ctx.config.get("proximal-mu", 0.0))
+        if mu == 0.0:
             return None
-        sq = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor))
-        return 0.5 * self.mu * sq
+        ref = next(iter(start.values()))
+        return {"anchor": dict(start), "mu": torch.tensor(mu, dtype=ref.dtype, device=ref.device)}
+
+    def loss_term(self, params: Mapping[str, torch.Tensor], state) -> torch.Tensor | None:
+        anchor = state["anchor"]
+        sq = sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
+        return 0.5 * state["mu"] * sq
 
 
 class LocalArraysHook(ClientHook, abc.ABC):
     """Keeps some of the model's arrays on the client across rounds (base of FedBN, SiloBN).
 
-    ``on_receive`` restores the client's saved arrays over the global ones; ``on_reply``
-    saves them in the client state and removes them from the upload, so the server never
-    sees them and aggregates the rest. A client with nothing saved yet (never trained)
-    trains from the global arrays; when it is *evaluated* it uses the global arrays with the
+    ``on_receive`` lays the client's saved arrays over the global ones; ``on_reply`` saves
+    them in the client state and removes them from the upload, so the server never sees
+    them and aggregates the rest. A client with nothing saved yet (never trained) trains
+    from the global arrays; when it is *evaluated* it uses the global arrays with the
     running statistics of its local normalization layers re-estimated on its local train
-    data (:func:`estimate_statistics`, no gradient steps).
+    data (:func:`estimate_statistics`, no gradient steps; the backend runs it).
     """
 
     #: key of the saved arrays in the client state
     state_key: ClassVar[str] = "local-arrays"
-    #: True when ``local_keys`` depends on the model alone (not on the client or round):
-    #: a vectorized cohort then asks once for all its clients
-    keys_from_model_only: ClassVar[bool] = False
 
     @abc.abstractmethod
     def local_keys(self, model: nn.Module) -> list[str]:
         """Which state-dict keys stay on the client."""
 
-    def on_receive(self, model: nn.Module) -> None:
+    def on_receive(self, model: nn.Module, arrays: ClientArrays) -> None:
         saved = get_record(self.ctx.state, self.state_key, ArrayRecord)
         if saved is not None:
-            load_record(model, saved)
+            arrays.load(saved)
         elif self.ctx.mode == "evaluate":
-            self.cold_start(model)
+            arrays.estimate_statistics(self.statistics_layer_names(model))
 
     def statistics_layers(self, model: nn.Module) -> list[nn.Module]:
         """The local normalization layers with running statistics (what a cold start
         re-estimates)."""
         return _statistics_layers(model, self.local_keys(model))
 
-    def cold_start(self, model: nn.Module) -> None:
-        """Local arrays of a client evaluated before it ever trained (see class docstring)."""
-        layers = self.statistics_layers(model)
-        if not layers:
-            return
-        if self.ctx.local_train is None:
-            raise ValueError(f"{type(self).__name__}: evaluating client {self.ctx.client_id} "
-                             "without saved local arrays needs HookContext.local_train")
-        x, _ = self.ctx.local_train()
-        device = next(model.parameters()).device
-        estimate_statistics(model, x.to(device), layers)
+    def statistics_layer_names(self, model: nn.Module) -> tuple[str, ...]:
+        """Module names of :meth:`statistics_layers` (what a cold start asks to re-estimate)."""
+        layers = {id(m) for m in self.statistics_layers(model)}
+        return tuple(n for n, m in model.named_modules() if id(m) in layers)
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:

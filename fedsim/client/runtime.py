@@ -21,6 +21,7 @@ from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.device import resolve_device
 from fedsim.models import build_model
+from fedsim.models.batched import fold_for_cohort
 
 
 def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
@@ -63,6 +64,7 @@ class ClientRuntime:
     base_model: nn.Module
     device: torch.device
     _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
+    _folded: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,18 @@ class ClientRuntime:
         if model is None:
             with self._lock:
                 model = self._copies.setdefault(slot, copy.deepcopy(self.base_model))
+        return model
+
+    @property
+    def cohort_model(self) -> nn.Module:
+        """The current worker slot's model for vmap cohorts: a copy whose norm and pooling
+        layers fold the cohort into channels (:func:`fedsim.models.batched.fold_for_cohort`),
+        made once per slot, so the fast path is chosen here and not on every call."""
+        slot = WORKER_SLOT.get()
+        model = self._folded.get(slot)
+        if model is None:
+            with self._lock:
+                model = self._folded.setdefault(slot, fold_for_cohort(self.model))
         return model
 
     def client_id(self, context: Context) -> int:

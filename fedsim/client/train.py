@@ -1,14 +1,27 @@
-"""The local training loop one client runs, and local evaluation."""
+"""One client at a time: the sequential backend of the client computation
+(:mod:`fedsim.client.step`), the batch plan every backend trains on, and local evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsim.client.hooks import ClientHook
+from fedsim.client.step import (
+    SGD,
+    HookTerms,
+    Trained,
+    cross_entropy,
+    eval_sums,
+    eval_terms,
+    hits,
+    hook_loss,
+    set_modes,
+    transform_grads,
+)
 from fedsim.config import ClientConfig
 
 
@@ -67,57 +80,72 @@ def train_local(
     y: torch.Tensor,
     cfg: ClientConfig,
     generator: torch.Generator,
-    hooks: list[ClientHook] = (),
+    hooks: Sequence[ClientHook] = (),
     drop_singleton: bool = True,
 ) -> TrainResult:
     """Minibatch SGD on (x, y) in place, over :func:`plan_batches`' batches (``cfg.epochs``
-    epochs, or exactly ``cfg.local_steps`` steps); hooks shape the loss and the step."""
-    model.train()
-    for hook in hooks:
-        hook.before_train(model)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    epochs, or exactly ``cfg.local_steps`` steps, at most what a hook caps): the sequential
+    backend of :mod:`fedsim.client.step`.
+
+    The module runs its own forward and backward pass (no functional call per step: this
+    path serves one client at a time, where that overhead would show); the loss, the hooks'
+    terms and transforms and the SGD update are the step module's, as in a cohort. Hooks'
+    ``before_train`` set the modes first; ``after_train`` runs after the last step.
+    """
+    set_modes(model, hooks)
+    params = dict(model.named_parameters())
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    leaves = list(trainable.values())
+    terms = HookTerms(hooks, {n: p.detach().clone() for n, p in params.items()}) if hooks \
+        else None
+    plan = plan_batches(len(x), cfg, generator, drop_singleton)
+    if terms is not None and terms.max_steps is not None:
+        plan = plan[: terms.max_steps]
+    sgd, momentum = SGD.of(cfg), {}
     # float64/int64 accumulators on the device: the same sums as Python floats, no sync per step
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    seen, steps = 0, 0
-    for idx in plan_batches(len(x), cfg, generator, drop_singleton):
+    seen = 0
+    for idx in plan:
         xb, yb = x[idx], y[idx]
         logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        loss = cross_entropy(logits, yb)
         full = loss
-        for hook in hooks:
-            extra = hook.extra_loss(model)
+        if terms:
+            extra = hook_loss(terms.active_hooks, params, terms.active_states)
             if extra is not None:
                 full = full + extra
-        opt.zero_grad(set_to_none=True)
-        full.backward()
-        opt.step()
-        for hook in hooks:
-            hook.after_step(model, cfg.lr)
+        grads = {n: g for n, g in zip(trainable, torch.autograd.grad(full, leaves,
+                                                                     allow_unused=True))
+                 if g is not None}
+        if terms:
+            grads = transform_grads(terms.active_hooks, grads, terms.active_states)
+        sgd.update(trainable, grads, momentum, in_place=True)
         total_loss += loss.detach().double() * len(idx)
-        correct += (logits.detach().argmax(1) == yb).sum()
+        correct += hits(logits.detach(), yb)
         seen += len(idx)
-        steps += 1
+    for hook in hooks:
+        hook.after_train(model, Trained(len(plan), cfg.lr))
     if seen == 0:
         return TrainResult(float("nan"), float("nan"), 0, 0)
-    return TrainResult(total_loss.item() / seen, correct.item() / seen, len(x), steps)
+    return TrainResult(total_loss.item() / seen, correct.item() / seen, len(x), len(plan))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024):
-    """(mean loss, accuracy, n) of ``model`` in eval mode on (x, y)."""
+    """(mean loss, accuracy, n) of ``model`` in eval mode on (x, y)
+    (:func:`fedsim.client.step.eval_sums`)."""
     model.eval()
     if len(x) == 0:
         return float("nan"), float("nan"), 0
-    loss, correct = 0.0, 0
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits = model(xb)
-        loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return loss / len(x), correct / len(x), len(x)
+        batch_loss, batch_hits = eval_sums(model(xb), yb)
+        loss += batch_loss
+        correct += batch_hits
+    return loss.item() / len(x), correct.item() / len(x), len(x)
 
 
 @torch.no_grad()
@@ -135,14 +163,14 @@ def evaluate_many(model: nn.Module, splits: list[tuple[torch.Tensor, torch.Tenso
         return [(float("nan"), float("nan"), 0) for _ in splits]
     x = torch.cat([s[0] for s in splits])
     y = torch.cat([s[1] for s in splits])
-    losses, hits = [], []
+    losses, rights = [], []
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
-        losses.append(F.cross_entropy(logits, yb, reduction="none").double())
-        hits.append(logits.argmax(1) == yb)
+        loss, right = eval_terms(model(x[start : start + batch_size]),
+                                 y[start : start + batch_size])
+        losses.append(loss)
+        rights.append(right)
     loss_all = torch.cat(losses).cpu()
-    hit_all = torch.cat(hits).cpu()
+    hit_all = torch.cat(rights).cpu()
     out, start = [], 0
     for n in sizes:
         if n == 0:

@@ -19,25 +19,22 @@ from __future__ import annotations
 
 import logging
 import threading
-import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim import compat
+from fedsim.client.messages import error_reply
 from fedsim.client.runtime import WORKER_SLOT
 from fedsim.compat import Run
 from fedsim.engine.store import ClientStateStore
 
 log = logging.getLogger("fedsim")
-
-#: Error code for a ClientApp that raised (Flower uses 0 for unknown errors)
-CLIENT_EXCEPTION = 1
 
 #: Answers several messages at once: (messages, contexts) -> one reply per message
 CohortHandler = Callable[[Sequence[Message], Sequence[Context]], list[Message]]
@@ -180,9 +177,7 @@ class InProcessGrid(Grid):
         return reply
 
     def _error_reply(self, msg: Message, exc: Exception) -> Message:
-        reason = f"client node {msg.metadata.dst_node_id} raised {type(exc).__name__}: {exc}"
-        log.warning("%s\n%s", reason, traceback.format_exc(limit=3))
-        return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
+        return error_reply(msg, exc)
 
     def _cohort_handler(self, message_type: str) -> CohortHandler | None:
         return {MessageType.TRAIN: self.cohort_trainer,

@@ -1,10 +1,15 @@
 """Vectorized cohorts: many clients' local SGD at once with ``torch.func``.
 
-With ``engine.vectorize = true`` the in-process grid hands the train messages of a round to
-:class:`CohortTrainer` in cohorts of ``engine.cohort_size``. Each client still gets its own
-message, its own ``Context.state``, its own hooks (``on_receive``/``on_reply``) and its own
-reply; only the local SGD steps run together: the model is called functionally
-(``functional_call``) on per-client parameter stacks under ``vmap``, and autograd of the
+The cohort backend of the client computation (:mod:`fedsim.client.step`), whose sequential
+backend is :func:`fedsim.client.train.train_local`: the same loss, hook terms, gradient
+transforms and SGD update, run on per-client parameter stacks. With ``engine.vectorize =
+true`` the in-process grid hands the train messages of a round to :class:`CohortTrainer` in
+cohorts of ``engine.cohort_size``. Each client still gets its own message decoding and reply
+(:mod:`fedsim.client.messages`), its own ``Context.state`` and its own hooks, which act on
+arrays (``on_receive``/``on_reply``), on the template model's modes (``before_train``: clients
+with the same modes train together) and on the step (per-client state stacked over the
+cohort; a cap on the steps). Only the local SGD steps run together: the model is called
+functionally (``functional_call``) on the stacks under ``vmap``, and autograd of the
 clients' summed losses (each client's parameters reach only its own loss) computes every
 client's gradient in one call.
 
@@ -22,28 +27,45 @@ and updated in place under ``vmap``.
 
 from __future__ import annotations
 
-import copy
-import logging
-import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.arrays import load_record, peek_array, state_to_record
-from fedsim.client.compress import upload_bytes
-from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
+from fedsim.arrays import load_record
+from fedsim.client.hooks import ClientHook, apply_received
+from fedsim.client.messages import ClientRequest, decode, error_reply, train_reply
+from fedsim.client.runtime import client_runtime
+from fedsim.client.step import (
+    SGD,
+    ClientArrays,
+    HookTerms,
+    Trained,
+    apply_modes,
+    as_tensor_like,
+    cross_entropy,
+    hits,
+    hook_loss,
+    select_state,
+    set_modes,
+    stack_states,
+    transform_grads,
+)
 from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
+from fedsim.data.federated import build_federated_data
 from fedsim.errors import ScenarioError
-from fedsim.models.norm import model_uses_batch_statistics, uses_batch_statistics
-from fedsim.records import get_record, require_record
+from fedsim.models.batched import fold_for_cohort
+from fedsim.models.norm import (
+    has_running_statistics,
+    model_uses_batch_statistics,
+    uses_batch_statistics,
+)
 from fedsim.rng import torch_generator
 
 
@@ -54,7 +76,7 @@ def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
     A model whose forward pass uses something ``vmap`` cannot batch (``.item()``, data-
     dependent Python control flow) fails here, before training, instead of mid-run.
     """
-    probe = copy.deepcopy(model)
+    probe = fold_for_cohort(model)  # the layers a cohort runs
     g = torch.Generator().manual_seed(0)
     x = torch.randn((4, *input_shape), generator=g)
     y = torch.randint(0, num_classes, (4,), generator=g)
@@ -77,31 +99,18 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
     running statistics (what personalized evaluation runs under ``engine.vectorize``)."""
     from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 
-    layers = tuple(n for n, m in model.named_modules()
-                   if getattr(m, "running_mean", None) is not None)
+    layers = tuple(n for n, m in model.named_modules() if has_running_statistics(m))
     evaluate_cohort(model, [EvalMember(params, buffers, x, y),
                             EvalMember(params, buffers, x[:3], y[:3], x, layers)])
 
 
-#: hook methods that act inside local training (per minibatch, or on the model's modes
-#: before it): a cohort trains every client in one call, so they cannot run per client
-_STEP_METHODS = ("before_train", "extra_loss", "after_step")
-
-
-def step_hooks(hooks: Sequence[ClientHook]) -> list[str]:
-    """Names of hooks that act inside local training (not vectorizable)."""
-    return [type(h).__name__ for h in hooks
-            if any(getattr(type(h), m, None) is not getattr(ClientHook, m, None)
-                   for m in _STEP_METHODS if hasattr(ClientHook, m))]
-
-
 def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
-    """Refuse ``engine.vectorize = true`` where a cohort could not equal the sequential path.
+    """Refuse ``engine.vectorize = true`` where a cohort cannot run, before training.
 
-    Checks the engine, the model (one dry cohort step must trace under ``vmap``) and the
-    client hooks the strategy asks for in its first train config (hooks that add a loss
-    term or change the step, such as FedProx's proximal term, run per minibatch and are
-    refused).
+    Checks the engine and the model: one dry cohort step must trace under ``vmap`` (a model
+    that calls ``.item()`` or branches on data cannot). Every client hook runs in a cohort
+    (its terms are part of the step), so hooks are not checked; DP-SGD is refused with the
+    other ``[client.dp]`` checks (:func:`fedsim.validate.check_client_dp`).
     """
     if not scenario.engine.vectorize:
         return
@@ -110,8 +119,6 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"engine.vectorize = true applies to the inprocess engine, not engine.kind = "
             f"{scenario.engine.kind!r}; set engine.vectorize = false or engine.kind = 'inprocess'"
         )
-    from fedsim.data.federated import build_federated_data
-
     data = build_federated_data(scenario)
     problem = trace_problem(model, data.input_shape, data.num_classes)
     if problem:
@@ -120,58 +127,6 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"with model.norm = {scenario.model.norm!r} as a vmap cohort ({problem}); "
             "set engine.vectorize = false"
         )
-    for rnd, config in enumerate(_train_configs(scenario, model), start=1):
-        names = step_hooks(hooks_for(HookContext(0, config, RecordDict())))
-        if names:
-            raise ScenarioError(
-                f"engine.vectorize = true cannot run the client hook(s) {', '.join(names)} "
-                f"that server.strategy = {scenario.server.strategy!r} asks for in round {rnd} "
-                "(they act inside local training: on every minibatch's loss or step, or on "
-                "the model before it); set engine.vectorize = false"
-            )
-
-
-class _NodeList:
-    """The minimum of a Grid that Flower's sampling needs, for a dry ``configure_train``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.n + 1))
-
-
-def _train_configs(scenario: Scenario, model: nn.Module) -> list[ConfigRecord]:
-    """The train config the strategy sends in each round, from a throwaway strategy.
-
-    Strategies that switch client behaviour by round (FixBN after its warm-up) are caught
-    before training; one that switched on aggregation results would be caught when its
-    cohort runs (every message of that cohort then fails, naming the hook).
-    """
-    from flwr.app import ArrayRecord
-
-    from fedsim.client.app import import_strategy
-    from fedsim.engine.inprocess import set_task_identity
-    from fedsim.server.strategies import make_strategy
-
-    import_strategy(scenario.server.strategy)  # registers the strategy's client hooks
-    saved = random.getstate()
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)  # no "configure_train: Sampled ..." lines for a dry run
-    set_task_identity(1)  # messages need a sender identity, as in the in-process grid
-    configs = []
-    try:
-        strategy = make_strategy(scenario, model)
-        nodes = _NodeList(scenario.num_participating)
-        for rnd in range(1, scenario.server.rounds + 1):
-            msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), nodes))
-            configs.append(msgs[0].content.config_records.get("config", ConfigRecord())
-                           if msgs else ConfigRecord())
-    finally:
-        random.setstate(saved)
-        flwr_log.setLevel(level)
-    return configs
 
 
 # --------------------------------------------------------------------------- training
@@ -179,28 +134,32 @@ def _train_configs(scenario: Scenario, model: nn.Module) -> list[ConfigRecord]:
 
 @dataclass
 class CohortMember:
-    """One client's inputs to a cohort: start state, data and its batch sequence."""
+    """One client's inputs to a cohort: start state, data, its batch sequence and the terms
+    its hooks add to the step (:class:`fedsim.client.step.HookTerms`; members of one
+    ``train_cohort`` call share the terms' ``key``)."""
 
     params: dict[str, torch.Tensor]
     x: torch.Tensor
     y: torch.Tensor
     batches: list[torch.Tensor]  # index tensors, exactly those the sequential path draws
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. BN running stats
-    # the client's saved arrays (see ``saved_arrays``), laid over params/buffers when the
-    # cohort is stacked: one numpy row write each instead of a tensor per client and array
-    saved: dict[str, np.ndarray] = field(default_factory=dict)
+    # arrays the client's hooks laid over params/buffers (ClientArrays.overrides), written
+    # into the stacks when the cohort is stacked: one numpy row write each instead of a
+    # tensor per client and array
+    saved: dict[str, np.ndarray | torch.Tensor] = field(default_factory=dict)
+    terms: HookTerms | None = None
 
 
 def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarray]],
            device: torch.device) -> dict[str, torch.Tensor]:
     """One stacked tensor per name, row ``i`` from ``dicts[i]`` or, where it has the name,
-    from ``saved[i]`` (converted as :func:`overlay` converts)."""
+    from ``saved[i]`` (converted as :func:`fedsim.client.step.as_tensor_like` converts)."""
     out = {}
     for n, ref in dicts[0].items():
         over = [s.get(n) for s in saved]
         np_dtype = _NUMPY_DTYPES.get(ref.dtype)
         if np_dtype is None or all(o is None for o in over):
-            rows = [d[n] if o is None else _overlay_one(o, ref) for d, o in zip(dicts, over)]
+            rows = [d[n] if o is None else as_tensor_like(o, ref) for d, o in zip(dicts, over)]
             out[n] = torch.stack(rows).to(device)
             continue
         stacked = np.empty((len(dicts), *ref.shape), dtype=np_dtype)
@@ -208,6 +167,8 @@ def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarra
             if o is None:
                 stacked[i] = d[n].detach().cpu().numpy()
             else:
+                if isinstance(o, torch.Tensor):
+                    o = o.detach().cpu().numpy()
                 stacked[i] = (np.rint(o) if not ref.dtype.is_floating_point else o).reshape(
                     ref.shape)
         out[n] = torch.from_numpy(stacked).to(device)
@@ -219,18 +180,20 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 
 
 def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientConfig,
-                 as_numpy: bool = False
+                 as_numpy: bool = False, modes: tuple[bool, ...] | None = None
                  ) -> tuple[list[dict[str, torch.Tensor | np.ndarray]], list[TrainResult]]:
     """Local SGD for every member at once; returns final states and results, in order.
 
-    At step ``t`` the members that still have a batch train together: in one call with
-    masked padding when no layer mixes samples, else grouped by batch size, so every
-    client's forward pass sees exactly its own batch: batch statistics (BN, hybrid) are the
-    client's own, and running statistics are per-client buffers updated in place inside
-    ``vmap``. The update is ``torch.optim.SGD`` (momentum,
-    weight decay, no dampening or Nesterov) on stacked parameters, so each member's result
-    equals ``train_local`` on its own within float tolerance. Returned states hold the
-    parameters and the buffers (``as_numpy``: as numpy views on the CPU, ready to encode).
+    The cohort backend of :mod:`fedsim.client.step`: the same loss, hook terms, gradient
+    transforms and :class:`~fedsim.client.step.SGD` update as ``train_local``, on stacked
+    parameters. At step ``t`` the members that still have a batch train together: in one
+    call with masked padding when no layer mixes samples, else grouped by batch size, so
+    every client's forward pass sees exactly its own batch: batch statistics (BN, hybrid)
+    are the client's own, and running statistics are per-client buffers updated in place
+    inside ``vmap``. Each member's result equals ``train_local`` on its own within float
+    tolerance. ``modes``: the modules' train/eval modes (:func:`fedsim.client.step.mode_key`;
+    default all training). Returned states hold the parameters and the buffers
+    (``as_numpy``: as numpy views on the CPU, ready to encode).
     """
     k_all = len(members)
     if k_all == 0:
@@ -249,7 +212,10 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
         ys[i, : len(m.y)] = m.y
     run = _CohortRun(model, mem, params, buffers, xs, ys, cfg, device,
                      pad=not shares_batch_statistics(model))
-    model.train()
+    if modes is None:
+        model.train()
+    else:
+        apply_modes(model, modes)
     with warnings.catch_warnings():  # vmap's "no batching rule for lerp_" notice (hybrid)
         warnings.filterwarnings("ignore", message="There is a performance drop")
         run.sgd_steps()
@@ -283,7 +249,7 @@ def _per_client_grads(per_client):
     reach only its own loss, so these are the per-client gradients; with ``vmap`` the only
     transform, the norm and pooling layers fold the clients into one native call
     (fedsim.models.batched), and there is no ``torch.func.grad`` level to dispatch through
-    (~12% of a small-CNN cohort) or to import ``torch._dynamo`` for (~3 s, once)."""
+    or to import ``torch._dynamo`` for."""
     def step(params, *rest):
         leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
         with torch.enable_grad():
@@ -298,7 +264,9 @@ class _CohortRun:
 
     ``pad``: no layer mixes samples, so at each step every active member's batch is padded
     to the step's largest with masked copies of its first sample (weight 0 in the loss):
-    one ``vmap`` call per step. Otherwise members train in groups of equal batch size.
+    one ``vmap`` call per step. Otherwise members train in groups of equal batch size. The
+    members' hook terms (one client's hooks, every client's stacked step state) join the
+    loss inside ``vmap`` and transform the per-client gradients.
     """
 
     def __init__(self, model: nn.Module, mem: Sequence[CohortMember],
@@ -306,25 +274,31 @@ class _CohortRun:
                  xs: torch.Tensor, ys: torch.Tensor, cfg: ClientConfig, device: torch.device,
                  pad: bool) -> None:
         self.mem, self.params, self.buffers, self.xs, self.ys = mem, params, buffers, xs, ys
-        self.cfg, self.device, self.pad = cfg, device, pad
+        self.device, self.pad = device, pad
+        self.sgd = SGD.of(cfg)
         self.mom: dict[str, torch.Tensor] = {}
         self.steps = [len(m.batches) for m in mem]
         self.loss_sum = torch.zeros(len(mem), dtype=torch.float64, device=device)
         self.correct = torch.zeros(len(mem), dtype=torch.int64, device=device)
         self.seen = [0] * len(mem)
+        terms = mem[0].terms
+        hooks = terms.active_hooks if terms else []
+        self.hooks = hooks
+        self.states = ([stack_states([m.terms.active_states[j] for m in mem])
+                        for j in range(len(hooks))] if hooks else [])
 
-        def loss_fn(p, b, xb, yb):
+        def loss_fn(p, b, xb, yb, states, wb=None):
             logits = functional_call(model, (p, b), (xb,))
-            loss = F.cross_entropy(logits, yb)
-            return loss, (loss.detach(), (logits.argmax(1) == yb).sum())
-
-        def masked_loss_fn(p, b, xb, yb, wb):  # the mean over the samples with weight 1
-            logits = functional_call(model, (p, b), (xb,))
-            loss = (F.cross_entropy(logits, yb, reduction="none") * wb).sum() / wb.sum()
-            return loss, (loss.detach(), ((logits.argmax(1) == yb) & (wb > 0)).sum())
+            loss = cross_entropy(logits, yb, wb)
+            full = loss
+            if hooks:
+                extra = hook_loss(hooks, p, states)
+                if extra is not None:
+                    full = full + extra
+            return full, (loss.detach(), hits(logits, yb, wb))
 
         self.step_fn = _per_client_grads(vmap(loss_fn))
-        self.masked_step_fn = _per_client_grads(vmap(masked_loss_fn))
+        self.transform = vmap(lambda g, st: transform_grads(hooks, g, st)) if hooks else None
 
     def sgd_steps(self) -> None:
         for t in range(max(self.steps)):
@@ -349,13 +323,15 @@ class _CohortRun:
         rows = torch.as_tensor(group, device=self.device)[:, None]
         p_g = {n: self.params[n][sel] for n in self.params}
         b_g = {n: self.buffers[n][sel] for n in self.buffers}
-        grads, (loss, hits) = self.step_fn(p_g, b_g, self.xs[rows, idx], self.ys[rows, idx])
+        states = [select_state(st, sel) for st in self.states]
+        grads, (loss, hit) = self.step_fn(p_g, b_g, self.xs[rows, idx], self.ys[rows, idx],
+                                          states)
         with torch.no_grad():
             self.loss_sum[sel] += loss.double() * size
             if not whole:  # gathered copies: write the updated statistics back
                 for n in self.buffers:
                     self.buffers[n][sel] = b_g[n]
-        self._update(t, sel, p_g, grads, hits, group, [size] * len(group))
+        self._update(t, sel, p_g, grads, states, hit, group, [size] * len(group))
 
     def _padded_step(self, t: int, active: int, sizes: list[int]) -> None:
         """Members ``0..active-1`` take step ``t`` in one call, batches padded to the largest."""
@@ -372,80 +348,36 @@ class _CohortRun:
         rows = torch.arange(active, device=self.device)[:, None]
         p_g = {n: self.params[n][sel] for n in self.params}
         b_g = {n: self.buffers[n][sel] for n in self.buffers}
-        grads, (loss, hits) = self.masked_step_fn(p_g, b_g, self.xs[rows, idx],
-                                                  self.ys[rows, idx], weight)
+        states = [select_state(st, sel) for st in self.states]
+        grads, (loss, hit) = self.step_fn(p_g, b_g, self.xs[rows, idx], self.ys[rows, idx],
+                                          states, weight)
         with torch.no_grad():
             self.loss_sum[sel] += loss.double() * torch.tensor(sizes, dtype=torch.float64,
                                                                device=self.device)
-        self._update(t, sel, p_g, grads, hits, list(range(active)), sizes)
+        self._update(t, sel, p_g, grads, states, hit, list(range(active)), sizes)
 
     def _update(self, t: int, sel, p_g: dict[str, torch.Tensor],
-                grads: dict[str, torch.Tensor], hits: torch.Tensor, group: list[int],
-                sizes: list[int]) -> None:
-        """``torch.optim.SGD``'s step (momentum, weight decay, no dampening or Nesterov)."""
-        cfg = self.cfg
+                grads: dict[str, torch.Tensor], states: list, hit: torch.Tensor,
+                group: list[int], sizes: list[int]) -> None:
+        """The hooks' gradient transforms, then the step's SGD update on the stacks."""
         with torch.no_grad():
-            self.correct[sel] += hits
+            self.correct[sel] += hit
             for i, size in zip(group, sizes):
                 self.seen[i] += size
-            for n, d_p in grads.items():
-                if cfg.weight_decay:
-                    d_p = d_p.add(p_g[n], alpha=cfg.weight_decay)
-                if cfg.momentum:
-                    if n not in self.mom:
-                        self.mom[n] = torch.zeros_like(self.params[n])
-                    # torch.optim.SGD: the first buffer is the gradient itself
-                    buf = d_p.clone() if t == 0 else self.mom[n][sel].mul(cfg.momentum).add(d_p)
-                    self.mom[n][sel] = buf
-                    d_p = buf
-                self.params[n][sel] = p_g[n].add(d_p, alpha=-cfg.lr)
+            if self.transform is not None:
+                grads = self.transform(grads, states)
+            # torch.optim.SGD: the first momentum buffer is the gradient itself (t == 0)
+            mom = {n: self.mom[n][sel] for n in self.mom} if t else {}
+            new = self.sgd.update(p_g, grads, mom)
+            for n, p in new.items():
+                self.params[n][sel] = p
+            for n, buf in mom.items():
+                if n not in self.mom:
+                    self.mom[n] = torch.zeros_like(self.params[n])
+                self.mom[n][sel] = buf
 
 
 # --------------------------------------------------------------------------- the grid's side
-
-
-def swaps_arrays_only(hooks: Sequence[ClientHook]) -> bool:
-    """True when every hook is a plain :class:`LocalArraysHook` (FedBN, SiloBN): it only swaps
-    the client's saved arrays in and out, so a cohort applies it to the start state and the
-    trained arrays directly instead of loading each client's model (same values)."""
-    return all(isinstance(h, LocalArraysHook)
-               and type(h).on_receive is LocalArraysHook.on_receive
-               and type(h).on_reply is LocalArraysHook.on_reply for h in hooks)
-
-
-def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-            saved: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``start``/``buffers`` with ``saved`` arrays in place of theirs, converted as
-    :func:`fedsim.arrays.load_record` converts them (dtype, shape, integers rounded)."""
-    start, buffers = dict(start), dict(buffers)
-    for key, value in saved_arrays(saved, start, buffers).items():
-        target = start if key in start else buffers
-        target[key] = _overlay_one(value, target[key])
-    return start, buffers
-
-
-def saved_arrays(saved: ArrayRecord, start: dict[str, torch.Tensor],
-                 buffers: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """``saved``'s arrays by name, as read-only numpy views of their bytes; a name that is
-    not one of the model's parameters or buffers raises ``KeyError``."""
-    out = {}
-    for key, value in saved.items():
-        if key not in start and key not in buffers:
-            raise KeyError(f"array {key!r} does not belong to this model")
-        out[key] = peek_array(value)
-    return out
-
-
-def _overlay_one(value: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
-    """``value`` as a tensor of ``ref``'s dtype, shape and device (integers rounded)."""
-    t = torch.from_numpy(np.array(value))  # a writable copy of the (read-only) view
-    if not ref.dtype.is_floating_point:
-        t = torch.round(t.double())
-    if t.shape != ref.shape:
-        t = t.reshape(ref.shape)
-    if t.dtype != ref.dtype or t.device != ref.device:  # (.to's argument parsing is
-        t = t.to(device=ref.device, dtype=ref.dtype)  # the costly part: skip a no-op)
-    return t
 
 
 class GlobalArrays:
@@ -467,108 +399,92 @@ class GlobalArrays:
         return self._held[1], self._held[2]
 
 
+def client_start(model: nn.Module, params: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], hooks: Sequence[ClientHook],
+                 local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+                 ) -> ClientArrays:
+    """The hooks' ``on_receive`` on a client that starts from the shared ``params`` and
+    ``buffers`` (not copied: overrides stay in the returned arrays' ``overrides``); a cold
+    start they ask for is served eagerly (:func:`serve_eagerly`)."""
+    arrays = ClientArrays({**params, **buffers})
+    for hook in hooks:
+        hook.on_receive(model, arrays)
+    if arrays.estimates:
+        serve_eagerly(model, params, buffers, arrays, local_train)
+    return arrays
+
+
+def serve_eagerly(model: nn.Module, params: dict[str, torch.Tensor],
+                  buffers: dict[str, torch.Tensor], arrays: ClientArrays,
+                  local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Apply ``arrays`` (overrides, then statistics re-estimations) on ``model`` as the
+    sequential backend does, and keep the result as the client's overrides."""
+    load_record(model, {**params, **buffers})
+    apply_received(model, arrays, local_train)
+    arrays.overrides = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    arrays.estimates = []
+
+
 class CohortTrainer:
     """The in-process grid's ``cohort_trainer``: train messages in, one reply per message.
 
-    Mirrors ``fedsim.client.app.handle_train`` per client (global arrays, hooks' ``on_receive``
-    and ``on_reply``, the same metrics and ``client`` record); a client whose own preparation
-    or reply fails gets an error reply, the others are unaffected.
+    Runs what ``fedsim.client.app.handle_train`` runs per client — the same decoding and
+    replies (:mod:`fedsim.client.messages`), the hooks' ``on_receive``/``before_train``/
+    ``after_train``/``on_reply`` on arrays and on the template model's modes, their terms
+    inside the step — with the local steps of clients whose hooks agree on the modes and
+    the terms in one cohort. A client whose preparation or reply fails (or whose hook
+    raises, such as a simulated crash) gets an error reply; the others are unaffected.
     """
 
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        from fedsim.client.app import import_strategy
-        from fedsim.client.runtime import client_runtime
-
         scenario = self.scenario
         rt = client_runtime(scenario)
-        model = rt.model
+        model = rt.cohort_model
         drop = uses_batch_statistics(scenario.model.norm)
         replies: list[Message | None] = [None] * len(msgs)
-        prepared: list[tuple[int, int, list[ClientHook], CohortMember]] = []
+        prepared: list[tuple[int, ClientRequest, CohortMember]] = []
+        groups: dict[tuple, list[int]] = {}  # (modes, terms) -> indices into prepared
         global_arrays = GlobalArrays(model)
+        all_train = set_modes(model, ())
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
+            cid = None
             try:
                 cid = rt.client_id(ctx)
-                config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
-                record = require_record(msg.content, "arrays", ArrayRecord)
-                import_strategy(scenario.server.strategy)
-                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content,
-                                              client=scenario.client, seed=scenario.seed))
-                bad = step_hooks(hooks)
-                if bad:
-                    raise ScenarioError(f"engine.vectorize cannot run client hook(s) {bad}")
-                saved: dict[str, np.ndarray] = {}
-                if not hooks or swaps_arrays_only(hooks):
-                    start, bufs = global_arrays(record)
-                    for hook in hooks:  # the client's saved arrays, laid over the global ones
-                        rec = get_record(hook.ctx.state, hook.state_key, ArrayRecord)
-                        if rec is not None:  # when the cohort is stacked
-                            saved.update(saved_arrays(rec, start, bufs))
-                else:
-                    load_record(model, record)
-                    for hook in hooks:
-                        hook.on_receive(model)
-                    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-                    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+                req = decode(msg, ctx, scenario, cid)
+                params, bufs = global_arrays(req.arrays)
+                arrays = client_start(model, params, bufs, req.hooks,
+                                      lambda cid=cid: rt.data.client_train(cid))
+                modes = set_modes(model, req.hooks) if req.hooks else all_train
+                terms = HookTerms(req.hooks, {n: arrays[n] for n in params})
                 x, y = rt.data.client_train(cid)
-                rnd = int(config.get("server-round", 0))
-                gen = torch_generator(scenario.seed, "client-train", rnd, cid)
+                gen = torch_generator(scenario.seed, "client-train", req.server_round, cid)
                 plan = plan_batches(len(x), scenario.client, gen, drop)
-                member = CohortMember(start, x.to(rt.device), y.to(rt.device), plan, bufs,
-                                      saved)
-                prepared.append((i, cid, hooks, member))
+                if terms.max_steps is not None:
+                    plan = plan[: terms.max_steps]
+                member = CohortMember(params, x.to(rt.device), y.to(rt.device), plan, bufs,
+                                      arrays.overrides, terms)
+                groups.setdefault((modes, terms.key), []).append(len(prepared))
+                prepared.append((i, req, member))
             except Exception as exc:
-                replies[i] = _error(msg, exc)
-        finals, results = train_cohort(model, [p[3] for p in prepared], scenario.client,
-                                       as_numpy=True)
+                replies[i] = error_reply(msg, exc, cid)
         keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
-        local_keys: dict[type, list[str]] = {}  # per hook class, where keys_from_model_only
-        for (i, cid, hooks, _), final, result in zip(prepared, finals, results):
-            try:
-                if hooks and not swaps_arrays_only(hooks):  # hooks see the trained model
-                    with torch.no_grad():
-                        for name, t in (*model.named_parameters(), *model.named_buffers()):
-                            t.copy_(torch.from_numpy(final[name]))
-                    arrays = model.state_dict()
-                    for hook in hooks:
+        for (modes, _), group in groups.items():
+            finals, results = train_cohort(model, [prepared[j][2] for j in group],
+                                           scenario.client, as_numpy=True, modes=modes)
+            for j, final, result in zip(group, finals, results):
+                i, req, member = prepared[j]
+                try:
+                    trained = Trained(len(member.batches), scenario.client.lr)
+                    for hook in req.hooks:
+                        hook.after_train(model, trained)
+                    arrays = {k: torch.from_numpy(final[k]) for k in keys}
+                    for hook in req.hooks:
                         arrays = hook.on_reply(model, arrays)
-                else:  # numpy views: LocalArraysHook.on_reply encodes them as it would tensors
-                    arrays = {k: final[k] for k in keys}
-                    for hook in hooks:  # saves its arrays, drops them from the upload
-                        cls = type(hook)
-                        if not cls.keys_from_model_only:
-                            arrays = hook.on_reply(model, arrays)
-                            continue
-                        if cls not in local_keys:
-                            local_keys[cls] = hook.local_keys(model)
-                        arrays = hook.keep_local(arrays, local_keys[cls])
-                replies[i] = _train_reply(msgs[i], cid, arrays, result,
-                                          upload_bytes(arrays, hooks))
-            except Exception as exc:
-                replies[i] = _error(msgs[i], exc)
+                    replies[i] = train_reply(req, arrays, result)
+                except Exception as exc:
+                    replies[i] = error_reply(msgs[i], exc, req.client_id)
+        model.train()
         return replies  # type: ignore[return-value]
-
-
-def _train_reply(msg: Message, cid: int, arrays: dict[str, torch.Tensor],
-                 result: TrainResult, nbytes: int) -> Message:
-    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
-                            "train_accuracy": result.accuracy})
-    content = RecordDict({
-        "arrays": state_to_record(arrays),
-        "metrics": metrics,
-        "client": ConfigRecord({"client-id": cid, "steps": result.steps,
-                                "upload-bytes": nbytes}),
-    })
-    return Message(content, reply_to=msg)
-
-
-def _error(msg: Message, exc: Exception) -> Message:
-    from flwr.app import Error
-
-    from fedsim.engine.inprocess import CLIENT_EXCEPTION
-
-    reason = f"client node {msg.metadata.dst_node_id} raised {type(exc).__name__}: {exc}"
-    return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)

@@ -6,8 +6,10 @@ client that never trained, BN running statistics re-estimated on its local train
 hooks' cold start). Run one client at a time that is two small forward passes and a model
 load per client; here a cohort's clients run together. Arrays every client shares (the
 global conv weights under FedBN) enter ``vmap`` unbatched, so their layers run as one plain
-batched call; per-client arrays are stacked. Each client's loss and accuracy equal
-``fedsim.client.train.evaluate`` after the hooks' ``on_receive`` within float tolerance.
+batched call; per-client arrays are stacked. The hooks act on arrays (``on_receive``) and
+the loss and accuracy are the client computation's (:func:`fedsim.client.step.eval_sums`),
+so each client's results equal ``fedsim.client.app.handle_evaluate``'s within float
+tolerance.
 
 Used by the in-process grid for evaluate messages (:class:`CohortEvaluator`, with
 ``engine.vectorize``) and by the server for holdout clients.
@@ -21,23 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.arrays import load_record
-from fedsim.client.failures import error_reply
-from fedsim.client.hooks import (
-    ClientHook,
-    HookContext,
-    LocalArraysHook,
-    hooks_for,
-    statistics_parts,
-)
+from fedsim.client.hooks import ClientHook, statistics_parts
+from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_reply
+from fedsim.client.runtime import client_runtime
+from fedsim.client.step import ClientArrays, eval_sums
 from fedsim.config import Scenario
-from fedsim.engine.vectorized import GlobalArrays, overlay
-from fedsim.records import get_record, require_record
+from fedsim.engine.vectorized import GlobalArrays, serve_eagerly
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
 EvalResult = tuple[float, float, int]
@@ -167,9 +162,8 @@ def _evaluate(model: nn.Module, members: Sequence[EvalMember], params: list[dict
     step = max(1, max_samples // len(members))  # a client larger than a call: split it
     logits = torch.cat([_forward(model, shared, stacked, xs[:, j : j + step])
                         for j in range(0, width, step)], dim=1)
-    loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none")
-    loss = (loss.view_as(mask).double() * mask).sum(1).cpu()
-    hits = ((logits.argmax(-1) == ys) & mask).sum(1).cpu()
+    loss, hits = eval_sums(logits, ys, mask)
+    loss, hits = loss.cpu(), hits.cpu()
     return [(loss[i].item() / n, hits[i].item() / n, n) if n else (float("nan"), float("nan"), 0)
             for i, n in enumerate(sizes)]
 
@@ -177,21 +171,13 @@ def _evaluate(model: nn.Module, members: Sequence[EvalMember], params: list[dict
 # --------------------------------------------------------------------------- members
 
 
-def _array_hook(hook: ClientHook) -> bool:
-    """A plain :class:`LocalArraysHook` (FedBN, SiloBN): swaps saved arrays in, cold start
-    as the base class does it, so a cohort can apply it without loading the model."""
-    cls = type(hook)
-    return (isinstance(hook, LocalArraysHook) and cls.on_receive is LocalArraysHook.on_receive
-            and cls.cold_start is LocalArraysHook.cold_start)
-
-
 class MemberBuilder:
     """Builds each client's :class:`EvalMember` from the global arrays and its hooks.
 
-    Plain array hooks lay the client's saved arrays over a shared copy of the global ones;
-    a single such hook without saved arrays becomes a cold start done in the cohort. Any
-    other hook runs eagerly (``load_record`` + ``on_receive`` on ``model``) and the result is
-    copied, so every hook gets exactly the model the sequential client would give it.
+    Every hook acts on arrays (``on_receive``), so the client's arrays are a shared copy of
+    the global ones with its overrides laid over them (no model load), and a cold start the
+    hooks ask for becomes an estimation done in the cohort. Several cold starts in a row
+    are served eagerly on the model, as one client at a time would.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -201,29 +187,19 @@ class MemberBuilder:
     def __call__(self, record: ArrayRecord, hooks: list[ClientHook], x: torch.Tensor,
                  y: torch.Tensor, local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                  ) -> EvalMember:
-        saved = [get_record(h.ctx.state, h.state_key, ArrayRecord) if _array_hook(h) else None
-                 for h in hooks]
-        simple = all(_array_hook(h) for h in hooks)
-        cold = [h for h, s in zip(hooks, saved) if s is None] if simple else []
-        if simple and (not cold or len(hooks) == 1):
-            params, buffers = self.global_arrays(record)
-            for s in saved:
-                if s is not None:
-                    params, buffers = overlay(params, buffers, s)
-            member = EvalMember(params, buffers, x, y)
-            if cold:
-                layers = cold[0].statistics_layers(self.model)
-                if layers:
-                    names = {id(m): n for n, m in self.model.named_modules()}
-                    member.estimate_layers = tuple(names[id(m)] for m in layers)
-                    device = next(iter(params.values())).device
-                    member.estimate_x = local_train()[0].to(device)
-            return member
-        load_record(self.model, record)
+        params, buffers = self.global_arrays(record)
+        arrays = ClientArrays({**params, **buffers})
         for hook in hooks:
-            hook.on_receive(self.model)
-        return EvalMember({n: p.detach().clone() for n, p in self.model.named_parameters()},
-                          {n: b.detach().clone() for n, b in self.model.named_buffers()}, x, y)
+            hook.on_receive(self.model, arrays)
+        if len(arrays.estimates) > 1:  # in a row: each sees the previous one's statistics
+            serve_eagerly(self.model, params, buffers, arrays, local_train)
+        member = EvalMember({n: arrays[n] for n in params}, {n: arrays[n] for n in buffers},
+                            x, y)
+        if arrays.estimates:
+            member.estimate_layers = arrays.estimates[0]
+            device = next(iter(params.values())).device
+            member.estimate_x = local_train()[0].to(device)
+        return member
 
 
 # --------------------------------------------------------------------------- the grid's side
@@ -232,44 +208,37 @@ class MemberBuilder:
 class CohortEvaluator:
     """The in-process grid's ``cohort_evaluator``: evaluate messages in, one reply each.
 
-    Mirrors ``fedsim.client.app.handle_evaluate`` per client (global arrays, hooks'
-    ``on_receive`` in evaluate mode, the same metrics and ``client`` record); a client whose
-    preparation fails gets an error reply, the others are unaffected.
+    Runs what ``fedsim.client.app.handle_evaluate`` runs per client — the same decoding and
+    replies (:mod:`fedsim.client.messages`), the hooks' ``on_receive`` in evaluate mode, the
+    same loss and accuracy (:func:`fedsim.client.step.eval_sums`) — with the clients'
+    forward passes in one ``vmap`` cohort; a client whose preparation fails gets an error
+    reply, the others are unaffected.
     """
 
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        from fedsim.client.app import import_strategy
-        from fedsim.client.runtime import client_runtime
-
         rt = client_runtime(self.scenario)
-        build = MemberBuilder(rt.model)
+        build = MemberBuilder(rt.cohort_model)
         replies: list[Message | None] = [None] * len(msgs)
-        prepared: list[tuple[int, int, EvalMember]] = []
+        prepared: list[tuple[int, ClientRequest, EvalMember]] = []
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             cid = None
             try:
                 cid = rt.client_id(ctx)
-                config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
-                record = require_record(msg.content, "arrays", ArrayRecord)
-                import_strategy(self.scenario.server.strategy)
 
                 def local_train(cid=cid):
                     return rt.data.client_train(cid)
 
-                hooks = hooks_for(HookContext(cid, config, ctx.state, message=msg.content,
-                                              mode="evaluate", local_train=local_train))
+                req = decode(msg, ctx, self.scenario, cid, local_train)
                 x, y = rt.data.client_test(cid)
-                member = build(record, hooks, x.to(rt.device), y.to(rt.device), local_train)
-                prepared.append((i, cid, member))
+                member = build(req.arrays, req.hooks, x.to(rt.device), y.to(rt.device),
+                               local_train)
+                prepared.append((i, req, member))
             except Exception as exc:
                 replies[i] = error_reply(msg, exc, cid)
-        results = evaluate_cohort(rt.model, [p[2] for p in prepared])
-        for (i, cid, _), (loss, acc, n) in zip(prepared, results):
-            metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_accuracy": acc})
-            content = RecordDict({"metrics": metrics,
-                                  "client": ConfigRecord({"client-id": cid})})
-            replies[i] = Message(content, reply_to=msgs[i])
+        results = evaluate_cohort(rt.cohort_model, [p[2] for p in prepared])
+        for (i, req, _), (loss, acc, n) in zip(prepared, results):
+            replies[i] = evaluate_reply(req, loss, acc, n)
         return replies  # type: ignore[return-value]

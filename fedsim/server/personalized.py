@@ -22,10 +22,11 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim.arrays import load_record
-from fedsim.client.hooks import HookContext, hooks_for, request_hooks
+from fedsim.client.hooks import HookContext, hooks_for, receive, request_hooks
 from fedsim.client.train import evaluate
 from fedsim.data.federated import FederatedData
 from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.models.batched import fold_for_cohort
 from fedsim.server.evaluate import Evaluator, distribution
 
 #: seconds to wait for personalized-evaluation replies
@@ -77,6 +78,7 @@ class PersonalizedEvaluator:
         self.grid = grid
         self.data = data
         self.model = copy.deepcopy(model)
+        self._cohort_model: nn.Module | None = None
         self.device = device
         wanted = set(evaluator.clients)
         self.nodes = [n for n in grid.get_node_ids() if grid.client_id(n) in wanted]
@@ -107,8 +109,7 @@ class PersonalizedEvaluator:
             load_record(self.model, arrays)
             ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
                               local_train=lambda cid=cid: self.data.client_train(cid))
-            for hook in hooks_for(ctx):
-                hook.on_receive(self.model)
+            receive(self.model, hooks_for(ctx), ctx.local_train)
             x, y = self.data.client_test(cid)
             acc.append(evaluate(self.model, x.to(self.device), y.to(self.device))[1])
         return acc
@@ -118,7 +119,9 @@ class PersonalizedEvaluator:
         tolerance; fedsim.engine.vectorized_eval)."""
         from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
 
-        build = MemberBuilder(self.model)
+        if self._cohort_model is None:  # folding layers, chosen once (fold_for_cohort)
+            self._cohort_model = fold_for_cohort(self.model)
+        build = MemberBuilder(self._cohort_model)
         acc = []
         for start in range(0, len(self.holdout), self.cohort_size):
             members = []
@@ -131,7 +134,7 @@ class PersonalizedEvaluator:
                 x, y = self.data.client_test(cid)
                 members.append(build(arrays, hooks_for(ctx), x.to(self.device),
                                      y.to(self.device), local_train))
-            acc += [a for _, a, _ in evaluate_cohort(self.model, members)]
+            acc += [a for _, a, _ in evaluate_cohort(self._cohort_model, members)]
         return acc
 
     def __call__(self, arrays: ArrayRecord) -> dict:

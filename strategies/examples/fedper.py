@@ -19,6 +19,9 @@ What it shows:
 - a client hook registered by name in this module and requested through the train config
   (``client-hooks``), with a setting sent alongside (``local-head-layers``);
 - client state kept across rounds in ``ctx.state`` (Flower's ``Context.state``);
+- a hook that acts on arrays only (``on_receive`` lays the saved head over the received
+  arrays, ``on_reply`` edits the upload), so it runs one client at a time and in
+  vectorized cohorts (``engine.vectorize``) alike;
 - ``personal_hooks``: fedsim then evaluates each client's own model (global body + its head)
   and records ``final.personalized_accuracy`` in ``summary.json``.
 """
@@ -33,8 +36,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.arrays import load_record, state_to_record
+from fedsim.arrays import state_to_record
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, request_hooks
+from fedsim.client.step import ClientArrays
 
 HOOK = "example-local-head"  # user hooks share one registry: prefix the name to avoid clashes
 STATE_KEY = "example-local-head.arrays"
@@ -49,10 +53,10 @@ class LocalHeadHook(ClientHook):
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return [f"{n}.{k}" for n, m in linears[-layers:] for k in m.state_dict()]
 
-    def on_receive(self, model: nn.Module) -> None:
+    def on_receive(self, model: nn.Module, arrays: ClientArrays) -> None:
         saved = self.ctx.state.array_records.get(STATE_KEY)
         if saved is not None:  # this client trained before: put its own head back
-            load_record(model, saved)
+            arrays.load(saved)
         # else: a client that never trained (e.g. a holdout client) uses the global head
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]

@@ -106,11 +106,11 @@ def test_cohort_evaluation_leaves_module_settings_as_it_found_them():
 
 @CLIENT_HOOKS.register("test-eval-head")
 class OwnHead(ClientHook):
-    """Not an array hook: it edits the model itself, so the evaluator must run it eagerly."""
+    """A hook that shifts the received head bias by the client id (on top of FedBN's
+    layers): the evaluator must give it the client's arrays, as handle_evaluate does."""
 
-    def on_receive(self, model):
-        with torch.no_grad():
-            model.head.bias.add_(float(self.ctx.client_id))
+    def on_receive(self, model, arrays):
+        arrays["head.bias"] = arrays["head.bias"] + float(self.ctx.client_id)
 
 
 def fedbn_setting(clients: int = 8, holdout: float = 0.0):

@@ -19,10 +19,10 @@ class CounterHook(ClientHook):
 
     activated_by = "test-counter"
 
-    def on_receive(self, model):
+    def on_receive(self, model, arrays):
         state = self.ctx.state
         self.count = int(state["counter"]["n"]) if "counter" in state else 0
-        first = next(iter(model.state_dict()))
+        first = next(iter(arrays))
         state["counter"] = ConfigRecord({"n": self.count + 1, "tag": b"\x00\xff"})
         state["memory"] = ArrayRecord({first: Array(np.full(3, self.count, dtype=np.float32))})
         state["stats"] = MetricRecord({"seen": [float(self.count), 0.5]})

@@ -16,6 +16,7 @@ from fedsim.server.strategies import strategy_class
 SMALL = ["model.norm=bn", "model.width=16", "partition.holdout_clients=0", "client.lr=0.1"]
 
 PROBE = '''
+from fedsim.arrays import record_to_state
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, norm_keys
 from strategies.fedbn import FedBN
 
@@ -24,18 +25,18 @@ LOG = []
 
 @CLIENT_HOOKS.register("{hook}")
 class Probe(ClientHook):
-    """Records the model's norm layers after FedBN restored them, and what is uploaded."""
+    """Records the client's norm layers after FedBN restored them, the trained ones FedBN
+    kept, and what is uploaded."""
 
-    def on_receive(self, model):
+    def on_receive(self, model, arrays):
         if self.ctx.mode == "train":
-            state = model.state_dict()
             LOG.append(("receive", self.ctx.client_id, int(self.ctx.config["server-round"]),
-                        {{k: state[k].clone() for k in norm_keys(model)}}, None))
+                        {{k: arrays[k].clone() for k in norm_keys(model)}}, None))
 
     def on_reply(self, model, arrays):
-        state = model.state_dict()
+        kept = record_to_state(self.ctx.state.array_records["fedbn.local"])
         LOG.append(("reply", self.ctx.client_id, int(self.ctx.config["server-round"]),
-                    {{k: state[k].clone() for k in norm_keys(model)}}, sorted(arrays)))
+                    {{k: kept[k].clone() for k in norm_keys(model)}}, sorted(arrays)))
         return arrays
 
 

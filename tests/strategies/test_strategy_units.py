@@ -14,6 +14,7 @@ from flwr.app import (
 )
 from torch import nn
 
+from fedsim import compat
 from fedsim.arrays import model_to_record
 from fedsim.client.hooks import (
     CLIENT_HOOKS,
@@ -23,6 +24,7 @@ from fedsim.client.hooks import (
     hooks_for,
     norm_keys,
     norm_statistics_keys,
+    receive,
     request_hooks,
     split_extra,
 )
@@ -53,7 +55,7 @@ def reply(arrays: ArrayRecord, n: int, node: int = 1) -> Message:
     """A train reply as a client would send it (Flower needs a task identity to build one)."""
     set_task_identity(1)
     instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    instruction.metadata.__dict__["_message_id"] = f"m{node}"
+    compat.set_message_id(instruction, f"m{node}")
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
     return Message(content, reply_to=instruction)
 
@@ -127,13 +129,13 @@ def test_local_arrays_hook_saves_strips_and_restores_exactly():
     x, y = data()
     state = RecordDict()
     hook = FedBNHook(HookContext(0, ConfigRecord(), state))
-    hook.on_receive(m)  # nothing saved: trains from the global layers
+    receive(m, [hook])  # nothing saved: trains from the global layers
     train_local(m, x, y, ClientConfig(lr=0.1), torch.Generator().manual_seed(0), [hook])
     trained = {k: v.clone() for k, v in m.state_dict().items()}
     upload = hook.on_reply(m, m.state_dict())
     assert not set(upload) & set(norm_keys(m)) and set(upload) | set(norm_keys(m)) == set(trained)
     fresh = model("bn", seed=5)  # another client's layers in the shared model object
-    FedBNHook(HookContext(0, ConfigRecord(), state)).on_receive(fresh)
+    receive(fresh, [FedBNHook(HookContext(0, ConfigRecord(), state))])
     for key in norm_keys(m):
         assert torch.equal(fresh.state_dict()[key], trained[key]), key
     silo = SiloBNHook(HookContext(0, ConfigRecord(), RecordDict()))
@@ -146,13 +148,13 @@ def test_cold_start_reestimates_bn_statistics_on_local_data():
     x, _ = data(n=40)
     ctx = HookContext(3, ConfigRecord(), RecordDict(), mode="evaluate",
                       local_train=lambda: (x, None))
-    FedBNHook(ctx).on_receive(m)
+    receive(m, [FedBNHook(ctx)], ctx.local_train)
     first = m.features[0](x)  # the input of the first BN layer
     var, mean = torch.var_mean(first, dim=(0, 2, 3), correction=1)
     torch.testing.assert_close(m.features[1].running_mean, mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.features[1].running_var, var, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="local_train"):
-        FedBNHook(HookContext(3, ConfigRecord(), RecordDict(), mode="evaluate")).on_receive(m)
+        receive(m, [FedBNHook(HookContext(3, ConfigRecord(), RecordDict(), mode="evaluate"))])
 
 
 def test_fedprox_mu_pulls_the_client_towards_the_global_model():
@@ -163,8 +165,7 @@ def test_fedprox_mu_pulls_the_client_towards_the_global_model():
         start = [p.detach().clone() for p in m.parameters()]
         hooks = hooks_for(HookContext(0, ConfigRecord({"proximal-mu": mu}), RecordDict()))
         assert [type(h) for h in hooks] == [ProximalHook]  # activated by Flower's key alone
-        for h in hooks:
-            h.on_receive(m)
+        receive(m, hooks)
         train_local(m, x, y, ClientConfig(lr=0.1, epochs=3), torch.Generator().manual_seed(0),
                     hooks)
         drift[mu] = torch.sqrt(sum(((p - s) ** 2).sum() for p, s in zip(m.parameters(), start)))
@@ -203,7 +204,7 @@ def test_scaffold_client_control_variate_follows_option_ii():
     state = RecordDict()
     lr = 0.1
     hook = ScaffoldHook(HookContext(0, ConfigRecord(), state, message=RecordDict()))
-    hook.on_receive(m)  # no server c yet, no c_i: both zero, so plain SGD
+    receive(m, [hook])  # no server c yet, no c_i: both zero, so plain SGD
     start = {n: p.detach().clone() for n, p in m.named_parameters()}
     res = train_local(m, x, y, ClientConfig(lr=lr), torch.Generator().manual_seed(0), [hook])
     upload = hook.on_reply(m, m.state_dict())
@@ -215,12 +216,12 @@ def test_scaffold_client_control_variate_follows_option_ii():
     c = {n: np.full(tuple(p.shape), 0.01, np.float32) for n, p in m.named_parameters()}
     message = RecordDict({SERVER_RECORD: ArrayRecord({n: Array(v) for n, v in c.items()})})
     nxt = ScaffoldHook(HookContext(0, ConfigRecord(), state, message=message))
-    nxt.on_receive(m)
-    m.zero_grad()
-    nxt.extra_loss(m).backward()
-    name, p = next(iter(m.named_parameters()))
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    correction = nxt.step_state(params)
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    name = next(iter(params))
     expected_grad = torch.from_numpy(c[name] - state[STATE_KEY][name].numpy())
-    torch.testing.assert_close(p.grad, expected_grad)
+    torch.testing.assert_close(nxt.grad_transform(zeros, correction)[name], expected_grad)
 
 
 def test_scaffold_server_splits_deltas_and_updates_c():

@@ -1,0 +1,124 @@
+"""Client messages in one place: a train/evaluate message decoded into a typed request, and
+the train reply, the evaluate reply and the error reply built from results.
+
+Every way of running clients — the ClientApp one message at a time (:mod:`fedsim.client.app`,
+on every engine), the vectorized cohorts (:mod:`fedsim.engine.vectorized`,
+:mod:`fedsim.engine.vectorized_eval`) and the in-process grid's own failures
+(:mod:`fedsim.engine.inprocess`) — reads and answers messages through these functions, so a
+reply has the same records whichever backend computed it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedsim.arrays import state_to_record
+from fedsim.client.compress import upload_bytes
+from fedsim.client.failures import SimulatedCrash
+from fedsim.client.hooks import ClientHook, HookContext, hooks_for
+from fedsim.client.train import TrainResult
+from fedsim.config import Scenario
+from fedsim.records import get_record, require_record
+
+log = logging.getLogger("fedsim")
+
+#: Error code of a ClientApp that raised (Flower's own ``ErrorCode.UNKNOWN`` is 0)
+CLIENT_EXCEPTION = 1
+
+
+@functools.lru_cache(maxsize=16)
+def import_strategy(name: str) -> None:
+    """Import the scenario's strategy here too, so client hooks its module registers exist."""
+    from fedsim.server.strategies import strategy_class  # the server layer sits above
+
+    strategy_class(name)
+
+
+@dataclass
+class ClientRequest:
+    """One decoded train or evaluate message: who, what it starts from, and its hooks."""
+
+    msg: Message
+    client_id: int
+    config: ConfigRecord
+    arrays: ArrayRecord  # the received global arrays
+    server_round: int
+    hooks: list[ClientHook]
+
+
+def decode(msg: Message, context: Context, scenario: Scenario, client_id: int,
+           local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+           ) -> ClientRequest:
+    """Read a train or evaluate message (``msg.metadata.message_type``) of client
+    ``client_id`` and instantiate the hooks its config asks for.
+
+    Train messages get the scenario's ``[client]`` settings and seed (they switch on the
+    compressor); evaluate messages get ``local_train`` (cold starts of local layers).
+    """
+    config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
+    arrays = require_record(msg.content, "arrays", ArrayRecord)
+    import_strategy(scenario.server.strategy)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        ctx = HookContext(client_id, config, context.state, message=msg.content,
+                          client=scenario.client, seed=scenario.seed)
+    else:
+        ctx = HookContext(client_id, config, context.state, message=msg.content,
+                          mode="evaluate", local_train=local_train)
+    return ClientRequest(msg, client_id, config, arrays, int(config.get("server-round", 0)),
+                         hooks_for(ctx))
+
+
+def train_reply(req: ClientRequest, arrays: Mapping[str, torch.Tensor | np.ndarray],
+                result: TrainResult, extra_metrics: Mapping[str, float] | None = None
+                ) -> Message:
+    """The reply to a train message: the uploaded arrays, the training metrics and the
+    ``client`` record (client id, local steps, bytes on the wire)."""
+    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
+                            "train_accuracy": result.accuracy, **(extra_metrics or {})})
+    content = RecordDict({
+        "arrays": state_to_record(dict(arrays)),
+        "metrics": metrics,
+        "client": ConfigRecord({"client-id": req.client_id, "steps": result.steps,
+                                "upload-bytes": upload_bytes(dict(arrays), req.hooks)}),
+    })
+    return Message(content, reply_to=req.msg)
+
+
+def evaluate_reply(req: ClientRequest, loss: float, accuracy: float, n: int) -> Message:
+    """The reply to an evaluate message: loss, accuracy and number of test samples."""
+    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_accuracy": accuracy})
+    content = RecordDict({"metrics": metrics,
+                          "client": ConfigRecord({"client-id": req.client_id})})
+    return Message(content, reply_to=req.msg)
+
+
+def error_reply(msg: Message, exc: BaseException, client_id: int | None = None) -> Message:
+    """The error Message a client answers with when it raised (instead of propagating).
+
+    Flower's Ray engine wraps a raising ClientApp in Ray task errors with long tracebacks and
+    an unreadable reason; answering with an error Message keeps the run going on every engine
+    and the reason short: ``"<who> raised <Type>: <message>"``. A simulated crash is
+    expected, so only other exceptions log their traceback.
+    """
+    who = f"client {client_id}" if client_id is not None else f"node {msg.metadata.dst_node_id}"
+    reason = f"{who} raised {type(exc).__name__}: {exc}"
+    if not isinstance(exc, SimulatedCrash):
+        log.warning("%s\n%s", reason, traceback.format_exc(limit=4))
+    return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)
