@@ -48,6 +48,15 @@ EXTRA_PREFIX = "hook/"
 
 MODES = ("train", "evaluate")
 
+#: methods of the earlier hook API → what replaces them (a hook defining one is refused)
+LEGACY_HOOK_METHODS = {
+    "extra_loss": "return the term from loss_term(self, params, state) instead, with the "
+                  "per-client tensors it reads from step_state(self, start)",
+    "after_step": "count steps in after_train(self, model, trained) (trained.steps, "
+                  "trained.lr), or cap them with max_steps(self)",
+    "keys_from_model_only": "remove it; every hook's on_reply runs per client on both backends",
+}
+
 
 @dataclass
 class HookContext:
@@ -104,6 +113,22 @@ class ClientHook:
 
     def __init__(self, ctx: HookContext) -> None:
         self.ctx = ctx
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Refuse a hook written for the earlier, model-mutating API when it is defined,
+        with what to write instead (it would otherwise be silently skipped or fail mid-run)."""
+        super().__init_subclass__(**kwargs)
+        for old, new in LEGACY_HOOK_METHODS.items():
+            if old in vars(cls):
+                raise TypeError(f"client hook {cls.__qualname__} defines {old}, which fedsim "
+                                f"no longer calls: {new} (see README, 'Write your own "
+                                "strategy')")
+        receive_fn = vars(cls).get("on_receive")
+        if callable(receive_fn) and receive_fn.__code__.co_argcount == 2:
+            raise TypeError(f"client hook {cls.__qualname__} defines on_receive(self, model): "
+                            "it is now on_receive(self, model, arrays) and edits the arrays the "
+                            "client starts from (arrays[name] = tensor), not the model (see "
+                            "README, 'Write your own strategy')")
 
     def on_receive(self, model: nn.Module, arrays: ClientArrays) -> None:
         """Called with the received arrays, before local training or evaluation."""
