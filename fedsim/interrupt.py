@@ -106,13 +106,13 @@ def command(argv: Sequence[str]) -> str:
 
 
 def run_line(folder: str | Path, total_rounds: int, started: bool, checkpoint_every: int,
-             restart: Sequence[str]) -> str:
+             restart: Sequence[str], overwrite: str | None = "--overwrite") -> str:
     """The one line an interrupted ``fedsim run`` (or deployed run) ends with.
 
     ``started``: the run recorded a round in ``folder`` or is a resume of it (a checkpoint
     found otherwise belongs to an older run); ``restart``: the command that starts it again
-    when there is nothing to resume (``--overwrite`` is added where the interrupted run left
-    its unfinished folder behind).
+    when there is nothing to resume (with the ``overwrite`` flag added where the interrupted
+    run left its unfinished folder behind; None: the command overwrites anyway).
     """
     folder = Path(folder)
     k = checkpoint_round(folder) if started else None
@@ -121,8 +121,8 @@ def run_line(folder: str | Path, total_rounds: int, started: bool, checkpoint_ev
                 f"resume with: {command(['fedsim', 'run', '--resume', folder])}")
     again = list(restart)
     unfinished = (folder / "scenario.toml").is_file() and not (folder / "summary.json").exists()
-    if unfinished and "--overwrite" not in again:
-        again.append("--overwrite")
+    if unfinished and overwrite is not None and overwrite not in again:
+        again.append(overwrite)
     if not started:
         return f"interrupted before the first round; start it again with: {command(again)}"
     why = ("output.checkpoint_every = 0" if checkpoint_every == 0

@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             except ScenarioError:
                 return exit_code(exc, "interrupted before the run started")
             return exit_code(exc, run_line(args.out, scenario.server.rounds, rounds.any,
-                                           scenario.output.checkpoint_every, restart))
+                                           scenario.output.checkpoint_every, restart,
+                                           overwrite=None))  # a deployed run always does
     print(f"results → {path}")
     return 0
 

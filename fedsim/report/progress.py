@@ -1,5 +1,6 @@
-"""Live progress for ``fedsim run``: one updating line with rounds, clients/s, loss, accuracy
-and ETA, as informative at 10,000 clients as at 10."""
+"""Live progress for ``fedsim run`` (and a deployed run, whose records are read from its
+``rounds.jsonl``): one updating line with rounds, clients/s, loss, accuracy and ETA, as
+informative at 10,000 clients as at 10."""
 
 from __future__ import annotations
 
