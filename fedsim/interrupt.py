@@ -12,6 +12,7 @@ newest checkpoint and the command that resumes it) and exits with 128 + the sign
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -81,9 +82,7 @@ def checkpoint_round(folder: str | Path) -> int | None:
     Only the checkpoint's metadata is read (memory-mapped; its digest is checked by the
     resume itself, which falls back to the previous checkpoint as this does).
     """
-    import json
-
-    import torch  # heavy: only needed once a run was interrupted
+    import torch  # heavy (as is fedsim.checkpoint): only needed once a run was interrupted
 
     from fedsim.checkpoint import FORMAT, LATEST, PREVIOUS
 
