@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fedsim.errors import ScenarioError
+from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
 
 
 def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def _resume(args: argparse.Namespace):
+def _resume(args: argparse.Namespace, seen: RoundsSeen):
     """``fedsim run --resume DIR``: the folder's own scenario, nothing else may change it."""
     from fedsim.config import load_scenario
     from fedsim.report.progress import round_progress
@@ -68,10 +69,28 @@ def _resume(args: argparse.Namespace):
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
     toml = Path(args.resume) / "scenario.toml"
     if args.quiet or not toml.is_file():
-        return resume(args.resume, warn=warn)
+        return resume(args.resume, warn=warn, progress=seen)
     scenario = load_scenario(toml)
     with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)") as on_round:
-        return resume(args.resume, progress=on_round, warn=warn)
+        return resume(args.resume, progress=seen.then(on_round), warn=warn)
+
+
+class RoundsSeen:
+    """A progress callback that notes whether the run recorded a round (so an interrupted
+    run knows it wrote to its folder), passing each record on to ``then``'s callback."""
+
+    def __init__(self) -> None:
+        self.any = False
+        self._next = None
+
+    def then(self, on_round) -> RoundsSeen:
+        self._next = on_round
+        return self
+
+    def __call__(self, record: dict) -> None:
+        self.any = True
+        if self._next is not None:
+            self._next(record)
 
 
 def _num(value, spec: str = ".4f") -> str:
@@ -79,29 +98,59 @@ def _num(value, spec: str = ".4f") -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    seen = RoundsSeen()
+    try:
+        result = _run_or_resume(args, seen)
+    except Interrupted as exc:
+        return exit_code(exc, _run_interrupted(args, seen))
+    _print_summary(result)
+    return 0
+
+
+def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
     from fedsim.report.progress import round_progress
     from fedsim.run import resolve, run
 
     if args.resume:
-        result = _resume(args)
-    elif args.scenario is None:
+        return _resume(args, seen)
+    if args.scenario is None:
         raise ScenarioError("fedsim run needs a scenario FILE (or --resume DIR)")
-    else:
-        scenario = resolve(args.scenario, args.overrides)
-        if scenario.sweep.grid:
-            print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
-                  "use `fedsim sweep` to run the grid", file=sys.stderr)
-        if scenario.server.dp.kind != "none":
-            from fedsim.server.dp import start_lines
+    scenario = resolve(args.scenario, args.overrides)
+    if scenario.sweep.grid:
+        print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
+              "use `fedsim sweep` to run the grid", file=sys.stderr)
+    if scenario.server.dp.kind != "none":
+        from fedsim.server.dp import start_lines
 
-            for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
-                print(line, file=sys.stderr)
-        if args.quiet:
-            result = run(scenario, out=args.out, overwrite=args.overwrite)
+        for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
+            print(line, file=sys.stderr)
+    if args.quiet:
+        return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
+    with round_progress(scenario.server.rounds, scenario.name) as on_round:
+        return run(scenario, out=args.out, overwrite=args.overwrite,
+                   progress=seen.then(on_round))
+
+
+def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
+    """The ``interrupted:`` line of ``fedsim run``, read from the run's folder."""
+    from fedsim.config import load_scenario
+    from fedsim.run import resolve
+
+    try:
+        if args.resume:
+            folder = Path(args.resume)
+            scenario = load_scenario(folder / "scenario.toml")
         else:
-            with round_progress(scenario.server.rounds, scenario.name) as on_round:
-                result = run(scenario, out=args.out, overwrite=args.overwrite,
-                             progress=on_round)
+            scenario = resolve(args.scenario, args.overrides)
+            folder = Path(args.out or scenario.output.dir)
+    except (ScenarioError, OSError):  # interrupted while the scenario was still being read
+        return "interrupted before the run started"
+    return run_line(folder, scenario.server.rounds, started=seen.any or bool(args.resume),
+                    checkpoint_every=scenario.output.checkpoint_every,
+                    restart=["fedsim", *args.argv])
+
+
+def _print_summary(result) -> None:
     summary = result.summary
     final, timing = summary["final"], summary["timing"]
     clients = final.get("client_accuracy") or {}
@@ -122,17 +171,20 @@ def cmd_run(args: argparse.Namespace) -> int:
               "noised arrays only)")
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
-    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import run_sweep
+    from fedsim.sweep import interrupted_line, run_sweep
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
-                       overwrite=args.overwrite, progress=say)
+    try:
+        result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
+                           overwrite=args.overwrite, progress=say)
+    except Interrupted as exc:
+        return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
+                                               args.argv))
     print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
           f"({result.seconds:.0f} s) → {result.report}")
     return 0
@@ -171,12 +223,17 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args.argv = argv  # an interrupted run prints the command that starts it again
+    with signals_interrupt():  # Ctrl-C / SIGTERM: one line, exit 130 / 143 (fedsim.interrupt)
+        try:
+            return COMMANDS[args.command](args)
+        except ScenarioError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Interrupted as exc:  # report / partitions: nothing to resume
+            return exit_code(exc, f"interrupted: fedsim {args.command} stopped")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,17 @@ last checkpoint (``fedsim.resume``), so it loses at most one round, and a cell n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,6 +33,7 @@ import tomli_w
 
 from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
 from fedsim.errors import ScenarioError
+from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 
 SWEEP_JSON = "sweep.json"
 
@@ -167,6 +171,72 @@ def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, st
     return result.summary, time.perf_counter() - t0, not_resumed
 
 
+def _worker_init() -> None:
+    """A sweep worker ignores Ctrl-C (the terminal sends it to every process of the group):
+    the sweep process decides, and stops the cells it runs with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_cell_in_worker(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+    """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
+    state store closes; its checkpoints stay) and the worker takes the next message."""
+    with signals_interrupt((signal.SIGTERM,)):
+        return _run_cell(raw, out, threads)
+
+
+def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
+    """Cancel the cells not started and SIGTERM the worker processes until every cell has
+    ended (a worker may pick up one more queued cell before it sees the stop)."""
+    for future in futures:
+        future.cancel()
+    deadline = time.monotonic() + grace
+    while not all(f.done() for f in futures) and time.monotonic() < deadline:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+        wait(list(futures), timeout=0.1)
+    for child in multiprocessing.active_children():  # past the grace period
+        child.kill()
+
+
+def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
+                     out: str | Path | None = None,
+                     argv: Sequence[str] = ()) -> str:
+    """The one line an interrupted ``fedsim sweep`` ends with: which cells are done, where
+    the unfinished ones stopped, and the command that resumes the sweep (the same command,
+    without ``--overwrite``: finished cells are skipped, interrupted ones resume from their
+    checkpoints)."""
+    from fedsim.run import resolve
+
+    resume = ["fedsim", *(a for a in argv if a != "--overwrite")]
+    try:
+        base = resolve(scenario, overrides)
+        root = Path(out or base.output.dir)
+        cells = expand(base, root)
+    except (ScenarioError, OSError):
+        return f"interrupted before the sweep started; start it again with: {command(resume)}"
+    done, partial, fresh = 0, [], 0
+    for cell in cells:
+        folder = root / cell.name
+        if (folder / "summary.json").is_file():
+            done += 1
+        elif (folder / "scenario.toml").is_file():
+            k = checkpoint_round(folder)
+            total = cell.scenario.server.rounds
+            partial.append(f"{cell.name} at round {k} of {total}" if k is not None
+                           else f"{cell.name} before its first checkpoint")
+        else:
+            fresh += 1
+    parts = [f"{done} of {len(cells)} cells done"]
+    if partial:
+        shown = ", ".join(partial[:3]) + (f" and {len(partial) - 3} more" if len(partial) > 3
+                                          else "")
+        parts.append(f"stopped: {shown}")
+    if fresh:
+        parts.append(f"{fresh} not started")
+    return (f"interrupted: {'; '.join(parts)} (in {root}); resume with: {command(resume)}")
+
+
 def _describe(summary: dict) -> str:
     parts = []
     acc = (summary.get("final") or {}).get("global_test_accuracy")
@@ -249,11 +319,17 @@ def run_sweep(
             report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None))
     else:
         ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_cell, c.scenario.to_dict(), str(root / c.name), 1): c
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
+                                   str(root / c.name), 1): c
                        for c in todo}
-            for future in as_completed(futures):
-                report_cell(futures[future], *future.result())
+            try:
+                for future in as_completed(futures):
+                    report_cell(futures[future], *future.result())
+            except Interrupted:
+                _stop_workers(futures)
+                raise
     wall = time.perf_counter() - t0
     previous = {}
     if (root / SWEEP_JSON).is_file():

@@ -9,26 +9,32 @@ app with the scenario and results folder in its run config. Flower starts one
 
     python -m fedsim.engine.deploy SCENARIO.toml --out DIR [--set KEY=VALUE]...
 
-Every process is started in its own session and stopped (with its children) on exit, also
-after an error or a timeout. Flower's CLI state goes to a private ``FLWR_HOME``.
+Every process is started in its own session; on exit, also after an error, a timeout, Ctrl-C
+or SIGTERM, it is stopped together with everything below it, the processes Flower starts in
+sessions of their own included (:mod:`fedsim.engine.processes`). While the run goes, the
+command shows the same progress line as ``fedsim run`` (read from the results folder's
+``rounds.jsonl``); an interrupted run ends with one line naming its last checkpointed round
+and ``fedsim run --resume DIR``, which finishes it in-process (exit 130 / 143). Flower's CLI
+state goes to a private ``FLWR_HOME``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedsim.engine.processes import Proc, find_proc, stop_tree
 from fedsim.errors import ScenarioError
+from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.report.progress import RoundsFollower, round_progress
 
 CONNECTION = "fedsim-local"
 
@@ -80,6 +86,7 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
+        self._started: list[Proc] = []  # the same processes, named by pid and start time
         self._logs: list = []
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
                     "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
@@ -92,10 +99,12 @@ class LocalDeployment:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
         self._logs.append(log)
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.workdir, start_new_session=True)
-        self.procs.append(proc)
-        return proc
+        child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                 cwd=self.workdir, start_new_session=True)
+        self.procs.append(child)
+        if (named := find_proc(child.pid)) is not None:
+            self._started.append(named)
+        return child
 
     def _wait_port(self, port: int, proc: subprocess.Popen, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -129,28 +138,45 @@ class LocalDeployment:
             self._wait_port(node_port, node, f"flower-supernode {i}", timeout)
         return self
 
-    def run(self, app_dir: str | Path, run_config: dict[str, str],
-            timeout: float = 600.0) -> subprocess.CompletedProcess:
-        """``flwr run APP_DIR <connection> --run-config ... --stream``; waits for the run."""
+    def run(self, app_dir: str | Path, run_config: dict[str, str], timeout: float = 600.0,
+            on_round: Callable[[dict], None] | None = None) -> subprocess.CompletedProcess:
+        """``flwr run APP_DIR <connection> --run-config ... --stream``; waits for the run.
+
+        ``on_round`` hears every record the run appends to ``rounds.jsonl`` in its results
+        folder (run config ``out``), as it appears.
+        """
         pairs = " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items())
         args = [_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION,
                 "--run-config", pairs, "--stream"]
-        with open(self.workdir / "flwr-run.log", "wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.workdir, start_new_session=True)
+        follower = RoundsFollower(Path(run_config.get("out", ".")) / "rounds.jsonl")
+        child = self._spawn("flwr-run", args)  # stopped with the rest by stop()
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                code = proc.wait(timeout=timeout)
+                code = child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                _kill_groups([proc])
+                code = None
+            for record in follower.poll() if on_round is not None else ():
+                on_round(record)
+            if code is not None:
+                break
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"flwr run did not finish within {timeout} s; logs in "
-                                   f"{self.workdir}") from None
+                                   f"{self.workdir}")
         output = (self.workdir / "flwr-run.log").read_text(errors="replace")
         return subprocess.CompletedProcess(args, code, output)
 
-    def stop(self) -> None:
-        """Stop every process this deployment started (SuperNodes first), with its children."""
-        _kill_groups(list(reversed(self.procs)))
+    def stop(self, grace: float = 3.0) -> None:
+        """Stop every process this deployment started, everything below them and every
+        process of the sessions they lead: SIGTERM, then SIGKILL after ``grace`` s."""
+        stop_tree(self._started, grace)
+        for child in self.procs:  # reap them (they are gone: this returns at once)
+            try:
+                child.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                child.kill()
         self.procs.clear()
+        self._started.clear()
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -164,7 +190,11 @@ class LocalDeployment:
         return "\n".join(parts)
 
     def __enter__(self) -> LocalDeployment:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a failed or interrupted start leaves nothing running
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -177,35 +207,16 @@ def _toml_str(value: str) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _kill_groups(procs: list[subprocess.Popen], grace: float = 3.0) -> None:
-    """SIGTERM the process groups ``procs`` lead, SIGKILL what is left after ``grace`` s.
-
-    Each process was started in its own session, so its group holds exactly it and the
-    children it spawned (SuperExec, ServerApp/ClientApp processes) and nothing else.
-    """
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-
-
 def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence[str] = (),
                  app_dir: str | Path = ".", timeout: float = 600.0,
-                 workdir: str | Path | None = None) -> Path:
+                 workdir: str | Path | None = None,
+                 on_round: Callable[[dict], None] | None = None) -> Path:
     """Run a scenario on a local Deployment Engine; returns the results folder.
 
     Starts one SuperNode per participating client, submits the app with ``flwr run`` and
-    stops everything afterwards. Raises RuntimeError (with the processes' logs) if the run
-    does not produce ``summary.json``.
+    stops everything afterwards (also on an error or an interrupt). ``on_round`` hears each
+    round's record. Raises RuntimeError (with the processes' logs) if the run does not
+    produce ``summary.json``.
     """
     from fedsim.config import load_scenario
 
@@ -216,14 +227,29 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
     if overrides:
         config["set"] = ";".join(overrides)
     with LocalDeployment(scenario.num_participating, workdir) as dep:
-        result = dep.run(app_dir, config, timeout=timeout)
+        result = dep.run(app_dir, config, timeout=timeout, on_round=on_round)
         if result.returncode != 0 or not (out / "summary.json").is_file():
             raise RuntimeError(f"the deployed run failed (flwr run exit {result.returncode});"
                                f"\n{dep.logs()}")
     return out
 
 
+class _Rounds:
+    """Notes that a round was recorded, then passes the record on (an interrupted run says
+    whether it has anything to resume)."""
+
+    def __init__(self, then: Callable[[dict], None] | None) -> None:
+        self.any = False
+        self.then = then
+
+    def __call__(self, record: dict) -> None:
+        self.any = True
+        if self.then is not None:
+            self.then(record)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m fedsim.engine.deploy",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario")
@@ -232,12 +258,34 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE")
     parser.add_argument("--app-dir", default=".", help="the fedsim project (pyproject.toml)")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
-    try:
-        path = run_deployed(args.scenario, args.out, args.overrides, args.app_dir, args.timeout)
-    except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from fedsim.config import load_scenario
+
+    with signals_interrupt():  # Ctrl-C / SIGTERM: everything stopped, one line, 130 / 143
+        rounds = _Rounds(None)
+        try:
+            scenario = load_scenario(args.scenario, args.overrides)
+            run = lambda: run_deployed(args.scenario, args.out, args.overrides,  # noqa: E731
+                                       args.app_dir, args.timeout, on_round=rounds)
+            if args.quiet:
+                path = run()
+            else:
+                with round_progress(scenario.server.rounds, scenario.name) as on_round:
+                    rounds.then = on_round
+                    path = run()
+        except ScenarioError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Interrupted as exc:
+            restart = ["python", "-m", "fedsim.engine.deploy", *argv]
+            try:
+                scenario = load_scenario(args.scenario, args.overrides)
+            except ScenarioError:
+                return exit_code(exc, "interrupted before the run started")
+            return exit_code(exc, run_line(args.out, scenario.server.rounds, rounds.any,
+                                           scenario.output.checkpoint_every, restart,
+                                           overwrite=None))  # a deployed run always does
     print(f"results → {path}")
     return 0
 

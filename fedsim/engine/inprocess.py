@@ -215,12 +215,16 @@ class InProcessGrid(Grid):
         results: list[list] = [[] for _ in lanes]
         errors: list[BaseException] = []
         threads_per_worker = torch.get_num_threads()  # OpenMP settings are per thread
+        stop = threading.Event()
 
         def lane(k: int) -> None:
             WORKER_SLOT.set(k)  # this thread trains on worker k's copy of the model
             torch.set_num_threads(threads_per_worker)
             try:
-                results[k] = [self._do(job) for job in lanes[k]]
+                for job in lanes[k]:
+                    if stop.is_set():
+                        return
+                    results[k].append(self._do(job))
             except BaseException as exc:  # a bug, not a client failure: re-raised below
                 errors.append(exc)
 
@@ -228,8 +232,14 @@ class InProcessGrid(Grid):
                    for k in range(len(lanes)) if lanes[k]]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # Ctrl-C / SIGTERM: the workers end their current job, so
+            stop.set()  # none uses the state store after the grid closes it
+            for t in threads:
+                t.join()
+            raise
         if errors:
             raise errors[0]
         return [r for lane_results in results for r in lane_results]

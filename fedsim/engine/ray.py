@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedsim.config import EngineConfig
+from fedsim.engine.processes import TreeWatch
 
 
 def backend_config(cfg: EngineConfig) -> dict:
@@ -32,10 +33,25 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice
     # workers that this call starts (a local Ray) inherit the environment
-    with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_nodes,
-            backend_config=backend_config(cfg),
-        )
+    with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ), \
+            TreeWatch() as started:
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_nodes,
+                backend_config=backend_config(cfg),
+            )
+        finally:  # also on Ctrl-C / SIGTERM (fedsim.interrupt) and on errors
+            shutdown_ray(started)
+
+
+def shutdown_ray(started: TreeWatch) -> None:
+    """Disconnect from Ray (Flower does on a normal end; an interrupt can skip it) and stop
+    the local Ray processes this run started that are still there: ``ray.shutdown`` leaves
+    its workers to exit on their own, some seconds later."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    started.stop()

@@ -1,10 +1,14 @@
-"""Live progress for ``fedsim run``: one updating line with rounds, clients/s, loss, accuracy
-and ETA, as informative at 10,000 clients as at 10."""
+"""Live progress for ``fedsim run`` (and a deployed run, whose records are read from its
+``rounds.jsonl``): one updating line with rounds, clients/s, loss, accuracy and ETA, as
+informative at 10,000 clients as at 10."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -70,3 +74,44 @@ def round_stats(rec: dict, updates: int, train_seconds: float, distinct: int,
     if train_seconds > 0:
         parts.append(f"{updates / train_seconds:.1f} clients/s")
     return "  ".join(parts)
+
+
+class RoundsFollower:
+    """Reads the records a run appends to ``rounds.jsonl`` in another process (a deployed
+    ServerApp), for the same progress line as the in-process engines.
+
+    A file already there when the follower is made belongs to an earlier run and is skipped
+    until it is rewritten; a file that shrinks (rewritten, or truncated by a resume) is read
+    again from its start. Only complete lines are returned.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stale = self._identity()
+        self._offset = 0
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def poll(self) -> list[dict]:
+        """The records appended since the last call."""
+        identity = self._identity()
+        if identity is None or identity == self._stale:
+            return []
+        self._stale = None
+        if identity[2] < self._offset:
+            self._offset = 0
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        records = []
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.engine.deploy import LocalDeployment
+from fedsim.engine.processes import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 TWO_CLIENTS = """name = "deploy-two"
@@ -29,14 +30,18 @@ def test_two_rounds_through_superlink_and_two_supernodes(tmp_path):
     scenario.write_text(TWO_CLIENTS)
     out = tmp_path / "results"
     dep = LocalDeployment(num_nodes=2, workdir=tmp_path / "deploy")
+    seen = []
     try:
         dep.start(timeout=60)
-        result = dep.run(ROOT, {"scenario": str(scenario), "out": str(out)}, timeout=240)
+        result = dep.run(ROOT, {"scenario": str(scenario), "out": str(out)}, timeout=240,
+                         on_round=seen.append)
         assert result.returncode == 0, dep.logs()
         assert (out / "summary.json").is_file(), dep.logs()
+        tree = descendants([p.pid for p in dep.procs])  # SuperExecs in sessions of their own
     finally:
         dep.stop()
-    assert all(p.poll() is not None for p in dep.procs) and not dep.procs
+    assert not dep.procs and not [p for p in tree if alive(p)]
+    assert [r["round"] for r in seen] == [0, 1, 2]  # the progress line saw every round
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["updates"] == 2 and r["clients"] == [0, 1] for r in rounds[1:])

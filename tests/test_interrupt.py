@@ -1,0 +1,282 @@
+"""Ctrl-C / SIGTERM: one ``interrupted:`` line with the resume command, exit 130 / 143, no
+traceback, nothing left running; the printed resume command finishes the run exactly."""
+
+import contextlib
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedsim
+from fedsim.cli import main
+from fedsim.engine.processes import alive, descendants, find_proc, stop_tree
+from fedsim.interrupt import Interrupted, run_line
+from fedsim.report.progress import RoundsFollower
+
+ROOT = Path(__file__).resolve().parents[1]
+# long enough that the run cannot end before the signal lands, short enough to run twice
+SMALL = ["server.rounds=16", "partition.num_clients=12", "server.clients_per_round=3",
+         "partition.holdout_clients=0.0", "client.epochs=1", "model.width=8",
+         "server.strategy=fedadam", "server.params.eta=0.01"]
+TIMING = {"seconds", "train_seconds"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one torch thread, as
+# in this process (tests/conftest.py): the resumed run's float reductions then agree bitwise
+
+
+def sets(overrides):
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``path`` holds ``n`` complete lines (a run's rounds.jsonl)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} did not reach {n} lines (exit {proc.poll()})")
+
+
+def interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+    """Send ``signum`` to ``proc``; its exit code and stderr."""
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def the_line(stderr: str) -> str:
+    """The one ``interrupted:`` line, which ends stderr; no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def left_running(tree) -> list:
+    """The processes of ``tree`` still running after a short wait for them to exit."""
+    deadline = time.monotonic() + 10
+    while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def records(path):
+    lines = (path / "rounds.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def assert_same_run(ref: Path, other: Path):
+    a = torch.load(ref / "model.pt", weights_only=True)
+    b = torch.load(other / "model.pt", weights_only=True)
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert records(ref) == records(other)
+    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, other))
+    for s in (sa, sb):
+        s.pop("timing")
+        s.pop("resumed_from", None)
+    assert sa == sb
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_signal_to_fedsim_run_prints_the_resume_command_which_finishes_it_exactly(
+        tmp_path, signum, code):
+    ref = fedsim.run("scenarios/quickstart.toml", SMALL, out=tmp_path / "ref").path
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", "run", "scenarios/quickstart.toml", *sets(SMALL),
+         "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_lines(out / "rounds.jsonl", 3, proc)  # rounds 0, 1 and 2 recorded
+    tree = descendants([proc.pid])
+    rc, err = interrupt(proc, signum)
+    assert rc == code, err
+    line = the_line(err)
+    assert line.startswith("interrupted: round ") and " of 16 complete" in line, line
+    assert not (out / "summary.json").exists()
+    assert not left_running(tree)
+
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command == ["fedsim", "run", "--resume", str(out)]
+    k = int(line.split("round ", 1)[1].split()[0])
+    assert main([*command[1:], "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == [k]  # the round the line named: nothing else lost
+    assert_same_run(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigint_to_a_sweep_with_worker_processes_names_the_cells_and_the_resume_command(
+        tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "scenarios/quickstart.toml", *sets(SMALL[:-2]), "--set",
+            "sweep.seed=[0,1,2]", "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 100
+    while proc.poll() is None and time.monotonic() < deadline:  # a cell recorded round 1
+        if any(p.read_text().count("\n") >= 2 for p in out.glob("*/rounds.jsonl")):
+            break
+        time.sleep(0.02)
+    tree = descendants([proc.pid])
+    assert len(tree) >= 2  # the two sweep workers (and multiprocessing's helper)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    line = the_line(err)
+    assert line.startswith("interrupted: 0 of 3 cells done; stopped: seed-"), line
+    assert line.endswith("resume with: " + shlex.join(["fedsim", *argv])), line
+    assert not left_running(tree)
+    for cell in out.glob("seed-*"):  # a stopped cell keeps its checkpoints, and no result
+        assert not (cell / "summary.json").exists()
+
+
+FLOWER_CLI = pytest.mark.skipif(
+    sys.platform != "linux" or not (Path(sys.executable).parent / "flower-superlink").exists(),
+    reason="needs the flwr CLI next to this Python and /proc")
+DEPLOY = """name = "deploy-stop"
+seed = 0
+[partition]
+kind = "dirichlet"
+num_clients = 2
+[model]
+width = 8
+[server]
+rounds = 20
+clients_per_round = 2
+"""
+
+
+def listening_ports(pids=None) -> set[int]:
+    """TCP ports in LISTEN state (of the processes ``pids`` only, if given), from /proc."""
+    inodes = None
+    if pids is not None:
+        inodes = set()
+        for pid in pids:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for row in fh.read().splitlines()[1:]:
+                parts = row.split()
+                if parts[3] == "0A" and (inodes is None or parts[9] in inodes):
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@FLOWER_CLI
+def test_sigterm_to_the_deployment_engine_stops_every_process_it_started(tmp_path):
+    scenario = tmp_path / "deploy.toml"
+    scenario.write_text(DEPLOY)
+    out = tmp_path / "results"
+    argv = [str(scenario), "--out", str(out), "--app-dir", str(ROOT), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.engine.deploy", *argv],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    tree = set()
+    while proc.poll() is None and time.monotonic() < deadline:  # every process is up: the
+        tree = descendants([proc.pid])  # SuperLink has started the ServerApp
+        cmds = []
+        for p in tree:
+            with contextlib.suppress(OSError):
+                cmds.append(Path(f"/proc/{p.pid}/cmdline").read_bytes())
+        if any(b"flwr-serverapp" in c for c in cmds) and sum(b"flower-supernode" in c
+                                                               for c in cmds) == 2:
+            break
+        time.sleep(0.1)
+    ports = listening_ports(p.pid for p in tree)
+    assert len(tree) >= 6 and len(ports) >= 3, (tree, ports)  # link, 2 nodes, their SuperExecs
+    rc, err = interrupt(proc, signal.SIGTERM)
+    assert rc == 143, err
+    line = the_line(err)
+    assert line.startswith("interrupted"), line
+    assert line.endswith(shlex.join(["python", "-m", "fedsim.engine.deploy", *argv])) or \
+        "resume with: fedsim run --resume" in line, line
+    assert not left_running(tree)
+    tree_after = descendants([proc.pid])  # the child is gone: nothing may hang below it
+    assert not tree_after
+    assert not ports & listening_ports()
+
+
+# ---------------------------------------------------------------- the parts, fast
+
+
+def test_interrupted_names_its_signal_and_exit_code_and_crosses_processes():
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        exc = pickle.loads(pickle.dumps(Interrupted(signum)))
+        assert isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Exception)
+        assert (exc.signum, exc.exit_code) == (signum, code)
+
+
+def test_run_line_without_a_checkpoint_says_how_to_start_again(tmp_path):
+    cmd = ["fedsim", "run", "s.toml", "--out", str(tmp_path / "r")]
+    line = run_line(tmp_path / "r", 10, started=False, checkpoint_every=1, restart=cmd)
+    assert line == f"interrupted before the first round; start it again with: {shlex.join(cmd)}"
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "scenario.toml").write_text("")  # the run's unfinished folder
+    line = run_line(tmp_path / "r", 10, started=True, checkpoint_every=0, restart=cmd)
+    assert "(output.checkpoint_every = 0), nothing to resume" in line
+    assert line.endswith(shlex.join([*cmd, "--overwrite"]))
+
+
+def test_rounds_follower_skips_an_earlier_runs_file_and_returns_complete_lines(tmp_path):
+    path = tmp_path / "rounds.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n')  # an earlier run's
+    follow = RoundsFollower(path)
+    assert follow.poll() == []
+    path.write_text('{"round": 0}\n{"rou')  # the new run rewrote it; half a line so far
+    assert follow.poll() == [{"round": 0}]
+    with open(path, "a") as fh:
+        fh.write('nd": 1}\n')
+    assert follow.poll() == [{"round": 1}]
+    path.write_text('{"round": 0}\n')  # truncated (a resume): read again from the start
+    assert follow.poll() == [{"round": 0}]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_stop_tree_stops_children_that_left_for_a_session_of_their_own():
+    # the leader's child starts its own session (as Flower's SuperLink starts its SuperExec),
+    # and that one has a child of its own
+    leader = subprocess.Popen(
+        ["sh", "-c", "setsid sh -c 'sleep 60 & sleep 60' & sleep 60"],
+        start_new_session=True)
+    root = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        root = find_proc(leader.pid)
+        if root and len(descendants([leader.pid])) >= 4:
+            break
+        time.sleep(0.05)
+    tree = descendants([leader.pid])
+    assert len(tree) >= 4, tree
+    assert stop_tree([root], grace=2.0) == []
+    leader.wait(timeout=5)
+    assert not [p for p in tree if alive(p)]
