@@ -11,6 +11,22 @@ from pathlib import Path
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
 
+DESCRIPTION = """\
+fedsim: a federated-learning simulator on Flower and PyTorch. A scenario is one TOML
+file; the normalization layer (bn, in, gn, ln, none, hybrid) is one switch."""
+
+EPILOG = """\
+examples:
+  fedsim run scenarios/quickstart.toml                 train, write results/quickstart/
+  fedsim run scenarios/quickstart.toml --set model.norm=bn --out results/bn
+  fedsim run --resume results/bn                       finish an interrupted run
+  fedsim sweep scenarios/norm_sweep.toml               every cell of a [sweep], report.md
+  fedsim report results/a results/b                    compare finished runs
+  fedsim partitions scenarios/quickstart.toml          per-client class counts
+
+Bad input exits with code 2 and one "error:" line; Ctrl-C exits 130 (SIGTERM 143) with
+the command that resumes the run. Run "fedsim COMMAND --help" for a command's options."""
+
 
 def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("scenario", help="scenario TOML file", nargs="?" if optional else None)
@@ -19,7 +35,9 @@ def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedsim", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one federation and write a results folder")
     _add_scenario_args(p_run, optional=True)

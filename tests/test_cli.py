@@ -84,3 +84,20 @@ def test_dp_run_prints_the_privacy_spent(tmp_path, capsys):
     spent = json.loads((tmp_path / "r" / "summary.json").read_text())["dp"]["privacy_spent"]
     assert f"DP: ε = {spent['epsilon']:.3g} at δ = 1e-05 after 1 noised rounds" in out
     assert "sampling rate 0.5, σ = 1.5" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["run"], ["sweep"], ["report"], ["partitions"]])
+def test_help_reads_as_plain_text(argv, capsys):
+    """``fedsim --help`` and every command's help are plain text, with examples: no
+    reStructuredText markup leaking from docstrings."""
+    from fedsim.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*argv, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", ":func:", ":class:", ":mod:", ":data:"):
+        assert markup not in text
+    if not argv:
+        assert "fedsim run scenarios/quickstart.toml" in text and "error:" in text

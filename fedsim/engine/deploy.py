@@ -251,13 +251,17 @@ class _Rounds:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m fedsim.engine.deploy",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario")
+                                     description="Run a scenario on Flower's Deployment "
+                                     "Engine on this machine: a SuperLink, one SuperNode per "
+                                     "participating client, and flwr run; every process is "
+                                     "stopped at the end, on error, Ctrl-C or SIGTERM.")
+    parser.add_argument("scenario", help="scenario TOML file")
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
+                        metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     parser.add_argument("--app-dir", default=".", help="the fedsim project (pyproject.toml)")
-    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="seconds before the run is stopped (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
     from fedsim.config import load_scenario
