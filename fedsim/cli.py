@@ -8,7 +8,13 @@ import json
 import sys
 from pathlib import Path
 
+from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
+from fedsim.report.progress import round_progress
+from fedsim.run import resolve, resume, run
+
+# The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
+# inside the command that needs them, so `fedsim --help` and bad arguments answer at once.
 
 
 def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -54,10 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resume(args: argparse.Namespace):
     """``fedsim run --resume DIR``: the folder's own scenario, nothing else may change it."""
-    from fedsim.config import load_scenario
-    from fedsim.report.progress import round_progress
-    from fedsim.run import resume
-
     extra = [name for name, given in (("FILE", args.scenario), ("--set", args.overrides),
                                       ("--out", args.out), ("--overwrite", args.overwrite))
              if given]
@@ -79,9 +81,6 @@ def _num(value, spec: str = ".4f") -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.report.progress import round_progress
-    from fedsim.run import resolve, run
-
     if args.resume:
         result = _resume(args)
     elif args.scenario is None:
@@ -92,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
                   "use `fedsim sweep` to run the grid", file=sys.stderr)
         if scenario.server.dp.kind != "none":
-            from fedsim.server.dp import start_lines
+            from fedsim.server.dp import start_lines  # late: Flower and torch (see imports)
 
             for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
                 print(line, file=sys.stderr)
@@ -126,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import run_sweep
+    from fedsim.sweep import run_sweep  # late: torch and Flower (see the imports above)
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
@@ -139,16 +138,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report.compare import report
+    from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
     print(f"report → {report(args.folders, out=args.out)}")
     return 0
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from fedsim.data.federated import build_federated_data
-    from fedsim.data.report import partition_table, plot_class_counts
-    from fedsim.run import resolve
+    # late: torch (see the imports above)
+    from fedsim.data import build_federated_data, partition_table, plot_class_counts
 
     scenario = resolve(args.scenario, args.overrides)
     data = build_federated_data(scenario)

@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import fedsim.plugins  # noqa: F401  strategies and client hooks register (own process)
 from fedsim.arrays import load_record, state_to_record
 from fedsim.client import dpsgd
 from fedsim.client.compress import upload_bytes
@@ -26,13 +27,12 @@ from fedsim.data.federated import FederatedData
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
+from fedsim.server.strategies import strategy_class
 
 
 @functools.lru_cache(maxsize=16)
 def import_strategy(name: str) -> None:
     """Import the scenario's strategy here too, so client hooks its module registers exist."""
-    from fedsim.server.strategies import strategy_class
-
     strategy_class(name)
 
 

@@ -28,7 +28,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
+from fedsim.run import check
 
 CONNECTION = "fedsim-local"
 
@@ -207,11 +209,9 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
     stops everything afterwards. Raises RuntimeError (with the processes' logs) if the run
     does not produce ``summary.json``.
     """
-    from fedsim.config import load_scenario
-
     scenario_path = Path(scenario_path).resolve()
     out = Path(out).resolve()
-    scenario = load_scenario(scenario_path, list(overrides))  # bad input fails here, first
+    scenario = check(load_scenario(scenario_path, list(overrides)))  # bad input fails here
     config = {"scenario": str(scenario_path), "out": str(out)}
     if overrides:
         config["set"] = ";".join(overrides)

@@ -36,15 +36,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.arrays import load_record, peek_array, state_to_record
+from fedsim.arrays import load_record, state_to_record
+from fedsim.client.app import import_strategy
 from fedsim.client.compress import upload_bytes
 from fedsim.client.hooks import ClientHook, HookContext, LocalArraysHook, hooks_for
+from fedsim.client.runtime import client_runtime
 from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
+from fedsim.data.federated import build_federated_data
+from fedsim.engine.cohort_arrays import GlobalArrays, overlay_one, saved_arrays
+from fedsim.engine.inprocess import CLIENT_EXCEPTION, set_task_identity
+from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
+from fedsim.server.factory import make_strategy
 
 
 def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> str | None:
@@ -75,8 +82,6 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
                       y: torch.Tensor) -> None:
     """One cohort evaluation of two clients, one with a cold start of every layer with
     running statistics (what personalized evaluation runs under ``engine.vectorize``)."""
-    from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
-
     layers = tuple(n for n, m in model.named_modules()
                    if getattr(m, "running_mean", None) is not None)
     evaluate_cohort(model, [EvalMember(params, buffers, x, y),
@@ -110,8 +115,6 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"engine.vectorize = true applies to the inprocess engine, not engine.kind = "
             f"{scenario.engine.kind!r}; set engine.vectorize = false or engine.kind = 'inprocess'"
         )
-    from fedsim.data.federated import build_federated_data
-
     data = build_federated_data(scenario)
     problem = trace_problem(model, data.input_shape, data.num_classes)
     if problem:
@@ -149,10 +152,6 @@ def _train_configs(scenario: Scenario, model: nn.Module) -> list[ConfigRecord]:
     cohort runs (every message of that cohort then fails, naming the hook).
     """
     from flwr.app import ArrayRecord
-
-    from fedsim.client.app import import_strategy
-    from fedsim.engine.inprocess import set_task_identity
-    from fedsim.server.strategies import make_strategy
 
     import_strategy(scenario.server.strategy)  # registers the strategy's client hooks
     saved = random.getstate()
@@ -200,7 +199,7 @@ def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarra
         over = [s.get(n) for s in saved]
         np_dtype = _NUMPY_DTYPES.get(ref.dtype)
         if np_dtype is None or all(o is None for o in over):
-            rows = [d[n] if o is None else _overlay_one(o, ref) for d, o in zip(dicts, over)]
+            rows = [d[n] if o is None else overlay_one(o, ref) for d, o in zip(dicts, over)]
             out[n] = torch.stack(rows).to(device)
             continue
         stacked = np.empty((len(dicts), *ref.shape), dtype=np_dtype)
@@ -414,60 +413,6 @@ def swaps_arrays_only(hooks: Sequence[ClientHook]) -> bool:
                and type(h).on_reply is LocalArraysHook.on_reply for h in hooks)
 
 
-def overlay(start: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-            saved: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``start``/``buffers`` with ``saved`` arrays in place of theirs, converted as
-    :func:`fedsim.arrays.load_record` converts them (dtype, shape, integers rounded)."""
-    start, buffers = dict(start), dict(buffers)
-    for key, value in saved_arrays(saved, start, buffers).items():
-        target = start if key in start else buffers
-        target[key] = _overlay_one(value, target[key])
-    return start, buffers
-
-
-def saved_arrays(saved: ArrayRecord, start: dict[str, torch.Tensor],
-                 buffers: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """``saved``'s arrays by name, as read-only numpy views of their bytes; a name that is
-    not one of the model's parameters or buffers raises ``KeyError``."""
-    out = {}
-    for key, value in saved.items():
-        if key not in start and key not in buffers:
-            raise KeyError(f"array {key!r} does not belong to this model")
-        out[key] = peek_array(value)
-    return out
-
-
-def _overlay_one(value: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
-    """``value`` as a tensor of ``ref``'s dtype, shape and device (integers rounded)."""
-    t = torch.from_numpy(np.array(value))  # a writable copy of the (read-only) view
-    if not ref.dtype.is_floating_point:
-        t = torch.round(t.double())
-    if t.shape != ref.shape:
-        t = t.reshape(ref.shape)
-    if t.dtype != ref.dtype or t.device != ref.device:  # (.to's argument parsing is
-        t = t.to(device=ref.device, dtype=ref.dtype)  # the costly part: skip a no-op)
-    return t
-
-
-class GlobalArrays:
-    """The received global arrays as detached (parameters, buffers) copies, made once per
-    ``ArrayRecord`` (a cohort's messages share one) and shared by every client that starts
-    from them unchanged."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._held: tuple | None = None  # (record, params, buffers)
-
-    def __call__(self, record: ArrayRecord) -> tuple[dict[str, torch.Tensor],
-                                                    dict[str, torch.Tensor]]:
-        if self._held is None or self._held[0] is not record:
-            load_record(self.model, record)
-            self._held = (record,
-                          {n: p.detach().clone() for n, p in self.model.named_parameters()},
-                          {n: b.detach().clone() for n, b in self.model.named_buffers()})
-        return self._held[1], self._held[2]
-
-
 class CohortTrainer:
     """The in-process grid's ``cohort_trainer``: train messages in, one reply per message.
 
@@ -480,9 +425,6 @@ class CohortTrainer:
         self.scenario = scenario
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        from fedsim.client.app import import_strategy
-        from fedsim.client.runtime import client_runtime
-
         scenario = self.scenario
         rt = client_runtime(scenario)
         model = rt.model
@@ -568,8 +510,6 @@ def _train_reply(msg: Message, cid: int, arrays: dict[str, torch.Tensor],
 
 def _error(msg: Message, exc: Exception) -> Message:
     from flwr.app import Error
-
-    from fedsim.engine.inprocess import CLIENT_EXCEPTION
 
     reason = f"client node {msg.metadata.dst_node_id} raised {type(exc).__name__}: {exc}"
     return Message(Error(code=CLIENT_EXCEPTION, reason=reason), reply_to=msg)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedsim.arrays import load_record
+from fedsim.client.app import import_strategy
 from fedsim.client.failures import error_reply
 from fedsim.client.hooks import (
     ClientHook,
@@ -35,8 +36,9 @@ from fedsim.client.hooks import (
     hooks_for,
     statistics_parts,
 )
+from fedsim.client.runtime import client_runtime
 from fedsim.config import Scenario
-from fedsim.engine.vectorized import GlobalArrays, overlay
+from fedsim.engine.cohort_arrays import GlobalArrays, overlay
 from fedsim.records import get_record, require_record
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
@@ -241,9 +243,6 @@ class CohortEvaluator:
         self.scenario = scenario
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        from fedsim.client.app import import_strategy
-        from fedsim.client.runtime import client_runtime
-
         rt = client_runtime(self.scenario)
         build = MemberBuilder(rt.model)
         replies: list[Message | None] = [None] * len(msgs)

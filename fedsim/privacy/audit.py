@@ -45,12 +45,15 @@ from scipy.special import expit
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
+from fedsim.client.app import make_client_app
 from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import build_global_model
 from fedsim.client.train import plan_batches, train_local
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
+from fedsim.engine.inprocess import InProcessGrid
+from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.privacy.audit_epsilon import AccountantClaim, audited_epsilon
@@ -82,6 +85,8 @@ from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
 from fedsim.server.evaluate import distribution
+from fedsim.server.factory import make_strategy
+from fedsim.server.loop import run_rounds
 
 ROC_PNG = "privacy_roc.png"
 INVERSION_PNG = "privacy_inversion.png"
@@ -249,12 +254,6 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     import logging
 
     from flwr.supercore.task_identity import TaskIdentity
-
-    from fedsim.client.app import make_client_app
-    from fedsim.engine.inprocess import InProcessGrid
-    from fedsim.engine.ordered import ClientOrderedGrid
-    from fedsim.server.loop import run_rounds
-    from fedsim.server.strategies import make_strategy
 
     fields = ("_task_id", "_run_id", "_node_id")  # raw slots: reading the properties raises
     saved = {f: getattr(TaskIdentity, f) for f in fields}  # when no run has set them yet

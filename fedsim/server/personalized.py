@@ -26,6 +26,7 @@ from fedsim.client.hooks import HookContext, hooks_for, request_hooks
 from fedsim.client.train import evaluate
 from fedsim.data.federated import FederatedData
 from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
 from fedsim.server.evaluate import Evaluator, distribution
 
 #: seconds to wait for personalized-evaluation replies
@@ -116,8 +117,6 @@ class PersonalizedEvaluator:
     def _holdout_cohorts(self, arrays: ArrayRecord) -> list[float]:
         """``_holdout`` with ``cohort_size`` clients at a time (same results within float
         tolerance; fedsim.engine.vectorized_eval)."""
-        from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
-
         build = MemberBuilder(self.model)
         acc = []
         for start in range(0, len(self.holdout), self.cohort_size):

@@ -324,7 +324,8 @@ def test_saved_arrays_are_laid_over_the_stacks_as_overlay_lays_them():
     """A cohort of members with and without saved arrays stacks exactly what
     ``overlay`` + ``torch.stack`` give: saved floats in place, saved integers rounded back,
     flattened arrays reshaped, members without saved arrays on their own start."""
-    from fedsim.engine.vectorized import _stack, overlay, saved_arrays
+    from fedsim.engine.cohort_arrays import overlay, saved_arrays
+    from fedsim.engine.vectorized import _stack
 
     torch.manual_seed(0)
     model = build_model("cnn", "bn", in_channels=1, image_size=8, num_classes=10, width=4)
