@@ -224,8 +224,8 @@ def time_evaluation(scenario: str, overrides: list[str], repeats: int = 5) -> No
     from fedsim.engine.ordered import ClientOrderedGrid
     from fedsim.engine.vectorized_eval import CohortEvaluator
     from fedsim.server.evaluate import Evaluator
+    from fedsim.server.factory import make_strategy
     from fedsim.server.personalized import PersonalizedEvaluator, personal_hooks
-    from fedsim.server.strategies import make_strategy
 
     sc = load_scenario(scenario, overrides)
     torch.set_num_threads(sc.engine.threads)

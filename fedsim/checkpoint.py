@@ -40,6 +40,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.config import Scenario
+from fedsim.engine.store import decode_state
 from fedsim.errors import CheckpointError
 from fedsim.state_journal import (
     StateJournal,
@@ -360,8 +361,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         sizes: dict[int, int] = {}
         journal = data["meta"].get("client_journal")
         if journal is not None:  # the states live in the journal beside the checkpoint
-            from fedsim.engine.store import decode_state
-
             raw = read_journal(path.parent / journal["file"], int(journal["bytes"]))
             clients = {k: decode_state(v) for k, v in sorted(raw.items())}
             sizes = {k: len(v) for k, v in raw.items()}

@@ -8,8 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.report.progress import round_progress
+from fedsim.run import resolve, resume, run
+
+# The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
+# inside the command that needs them, so `fedsim --help` and bad arguments answer at once.
 
 DESCRIPTION = """\
 fedsim: a federated-learning simulator on Flower and PyTorch. A scenario is one TOML
@@ -69,14 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def _resume(args: argparse.Namespace, seen: RoundsSeen):
     """``fedsim run --resume DIR``: the folder's own scenario, nothing else may change it."""
-    from fedsim.config import load_scenario
-    from fedsim.report.progress import round_progress
-    from fedsim.run import resume
-
     extra = [name for name, given in (("FILE", args.scenario), ("--set", args.overrides),
                                       ("--out", args.out), ("--overwrite", args.overwrite))
              if given]
@@ -126,9 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
-    from fedsim.report.progress import round_progress
-    from fedsim.run import resolve, run
-
     if args.resume:
         return _resume(args, seen)
     if args.scenario is None:
@@ -138,7 +135,7 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
         print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
               "use `fedsim sweep` to run the grid", file=sys.stderr)
     if scenario.server.dp.kind != "none":
-        from fedsim.server.dp import start_lines
+        from fedsim.server.dp import start_lines  # late: Flower and torch (see imports)
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
             print(line, file=sys.stderr)
@@ -151,9 +148,6 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
 
 def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
     """The ``interrupted:`` line of ``fedsim run``, read from the run's folder."""
-    from fedsim.config import load_scenario
-    from fedsim.run import resolve
-
     try:
         if args.resume:
             folder = Path(args.resume)
@@ -192,7 +186,7 @@ def _print_summary(result) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import interrupted_line, run_sweep
+    from fedsim.sweep import interrupted_line, run_sweep  # late: torch and Flower (see imports)
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
@@ -209,16 +203,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report.compare import report
+    from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
     print(f"report → {report(args.folders, out=args.out)}")
     return 0
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
-    from fedsim.data.federated import build_federated_data
-    from fedsim.data.report import partition_table, plot_class_counts
-    from fedsim.run import resolve
+    # late: torch (see the imports above)
+    from fedsim.data import build_federated_data, partition_table, plot_class_counts
 
     scenario = resolve(args.scenario, args.overrides)
     data = build_federated_data(scenario)

@@ -1,11 +1,17 @@
-"""Python API: ``fedsim.run(scenario)`` for notebooks and scripts."""
+"""Python API: ``fedsim.run(scenario)`` for notebooks and scripts, and the edge check.
+
+A scenario is parsed by :mod:`fedsim.config` (keys, types, ranges); its registry names are
+checked here, by :func:`check` (``resolve`` and ``resume`` call it), before anything trains.
+This module stays light — ``import fedsim`` loads neither torch nor Flower nor any
+registry — and hands the work to :mod:`fedsim.runner`, imported on first use.
+"""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from fedsim.config import Scenario, load_scenario, replace
 from fedsim.errors import ScenarioError
@@ -17,32 +23,31 @@ class RunResult:
     path: Path
 
 
+def _runner() -> ModuleType:
+    # late binding: fedsim.runner imports torch, Flower and every registry (seconds), which
+    # `import fedsim`, `import fedsim.config` and `fedsim --help` must not pay for
+    from fedsim import runner
+
+    return runner
+
+
+def check(scenario: Scenario) -> Scenario:
+    """``scenario`` once its registry names (dataset, partition, arch, norm, strategy,
+    engine, ...) and the combinations they allow are checked; ScenarioError otherwise."""
+    _runner().check(scenario)
+    return scenario
+
+
 def resolve(scenario: Scenario | str | Path, overrides: Sequence[str] = ()) -> Scenario:
-    """A validated Scenario from a path or an existing Scenario, with overrides applied."""
+    """A checked Scenario from a path or an existing Scenario, with overrides applied."""
     if isinstance(scenario, Scenario):
-        return replace(scenario, list(overrides)) if overrides else scenario
-    return load_scenario(scenario, list(overrides))
+        return check(replace(scenario, list(overrides)) if overrides else scenario)
+    return check(load_scenario(scenario, list(overrides)))
 
 
 def preflight(scenario: Scenario) -> None:
     """Everything that can fail on bad input, done before anything is written or trained."""
-    from fedsim.client.runtime import build_global_model
-    from fedsim.data.federated import build_federated_data
-    from fedsim.device import resolve_device
-    from fedsim.validate import check_batch_statistics, check_forward
-
-    resolve_device(scenario.engine.device)
-    data = build_federated_data(scenario)
-    model = build_global_model(scenario, data)
-    check_forward(scenario, copy.deepcopy(model), data.input_shape)
-    check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
-    from fedsim.engine import check_engine
-
-    check_engine(scenario, model)
-    if scenario.privacy.enabled:
-        from fedsim.privacy.audit import check_privacy
-
-        check_privacy(scenario, data)
+    _runner().preflight(scenario)
 
 
 def run(
@@ -56,27 +61,8 @@ def run(
 
     Raises :class:`fedsim.errors.ScenarioError` for bad input before anything is written.
     """
-    from fedsim.report.record import RunRecorder
-
     scn = resolve(scenario, overrides)
-    preflight(scn)
-    recorder = RunRecorder(Path(out or scn.output.dir), overwrite=overwrite, progress=progress)
-    recorder.prepare()
-    return _execute(scn, recorder)
-
-
-def _execute(scn: Scenario, recorder) -> RunResult:
-    from fedsim.client.app import make_client_app
-    from fedsim.engine import ENGINES
-    from fedsim.server.app import make_server_app
-
-    engine = ENGINES.get(scn.engine.kind, key="engine.kind")
-    engine(make_server_app(scn, recorder), make_client_app(scn), scn)
-    if recorder.stopped is not None:  # diverged / too few replies: results so far are kept
-        raise recorder.stopped
-    if recorder.summary is None:
-        raise ScenarioError(f"the {scn.engine.kind} engine finished without a result")
-    return RunResult(recorder.summary, recorder.out)
+    return RunResult(*_runner().start(scn, Path(out or scn.output.dir), overwrite, progress))
 
 
 def resume(
@@ -90,9 +76,6 @@ def resume(
     uninterrupted run (bitwise on CPU). ``warn`` hears about a damaged newest checkpoint
     when an older one is used instead.
     """
-    from fedsim.checkpoint import load_checkpoint
-    from fedsim.report.record import RunRecorder
-
     folder = Path(folder)
     toml = folder / "scenario.toml"
     if not toml.is_file():
@@ -102,7 +85,5 @@ def resume(
         raise ScenarioError(
             f"--resume {str(folder)!r}: this run already finished (summary.json exists); "
             "nothing to resume")
-    scn = load_scenario(toml)
-    ckpt = load_checkpoint(folder, scn, warn=warn)
-    preflight(scn)
-    return _execute(scn, RunRecorder(folder, progress=progress, resume=ckpt))
+    scn = check(load_scenario(toml))
+    return RunResult(*_runner().resume(folder, scn, progress, warn))

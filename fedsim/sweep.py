@@ -32,8 +32,12 @@ from typing import Any
 import tomli_w
 
 from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
-from fedsim.errors import ScenarioError
+from fedsim.errors import CheckpointError, ScenarioError
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
+from fedsim.report.claims import check_claims
+from fedsim.report.report import write_report
+from fedsim.run import check, preflight, resolve, resume, run
+from fedsim.server.dp import start_lines
 
 SWEEP_JSON = "sweep.json"
 
@@ -102,7 +106,7 @@ def expand(base: Scenario, root: Path) -> list[Cell]:
         raw["name"] = f"{base.name}/{name}"
         raw.setdefault("output", {})["dir"] = str(root / name)
         try:
-            scenario = scenario_from_dict(raw)
+            scenario = check(scenario_from_dict(raw))
         except ScenarioError as exc:
             raise ScenarioError(f"sweep cell {name}: {exc}") from None
         cells.append(Cell(name, params, scenario))
@@ -156,9 +160,6 @@ def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, st
         import torch
 
         torch.set_num_threads(threads)
-    from fedsim.errors import CheckpointError
-    from fedsim.run import resume, run
-
     t0 = time.perf_counter()
     scenario = scenario_from_dict(raw)
     not_resumed = ""
@@ -206,8 +207,6 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
     the unfinished ones stopped, and the command that resumes the sweep (the same command,
     without ``--overwrite``: finished cells are skipped, interrupted ones resume from their
     checkpoints)."""
-    from fedsim.run import resolve
-
     resume = ["fedsim", *(a for a in argv if a != "--overwrite")]
     try:
         base = resolve(scenario, overrides)
@@ -260,11 +259,6 @@ def run_sweep(
     Every cell is validated (including its data and model), and the ``[[claims]]`` against
     the grid, before any cell runs.
     """
-    from fedsim.report.claims import check_claims
-    from fedsim.report.report import write_report
-    from fedsim.run import preflight, resolve
-    from fedsim.server.dp import start_lines
-
     say = progress or (lambda _msg: None)
     base = resolve(scenario, overrides)
     root = Path(out or base.output.dir)

@@ -1,22 +1,35 @@
-"""Checks that need the registries: every name in a scenario exists, and combinations work."""
+"""Edge checks: every name in a parsed scenario exists in its registry, and combinations work.
+
+Parsing (:mod:`fedsim.config`) checks keys, types and ranges only; these checks need the
+registries (and so torch and Flower) and run at the edge — ``fedsim.run``, the CLI, the
+sweep, the Deployment Engine launcher — before anything trains. Importing this module
+imports :mod:`fedsim.plugins`, so the registries are full when names are looked up.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
+import fedsim.plugins  # noqa: F401  fedsim's strategies, compressors, crash hook register
+from fedsim.client.dpsgd import BATCH_NORM_REFUSAL
 from fedsim.config import Scenario
+from fedsim.data.datasets import DATASETS
+from fedsim.data.domains import DOMAINS
+from fedsim.data.partition import PARTITIONS
+from fedsim.engine import ENGINES
 from fedsim.errors import ScenarioError
+from fedsim.models import ARCHS, NORMS
+from fedsim.models.norm import uses_batch_statistics
+from fedsim.server.factory import make_strategy
+from fedsim.server.strategies import strategy_class
 
 
 def check_names(scenario: Scenario) -> None:
-    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy or engine."""
-    from fedsim.data.datasets import DATASETS
-    from fedsim.data.domains import DOMAINS
-    from fedsim.data.partition import PARTITIONS
-    from fedsim.engine import ENGINES
-    from fedsim.models import ARCHS, NORMS
-    from fedsim.server.strategies import make_strategy
-
+    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy or engine,
+    ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot run."""
     DATASETS.get(scenario.data.name, key="data.name")
     PARTITIONS.get(scenario.partition.kind, key="partition.kind")
     if scenario.partition.kind == "feature":
@@ -35,9 +48,6 @@ def check_client_dp(scenario: Scenario) -> None:
     """Refuse ``[client.dp]`` (DP-SGD) with batch statistics or vectorized cohorts."""
     if not scenario.client.dp.enabled:
         return
-    from fedsim.client.dpsgd import BATCH_NORM_REFUSAL
-    from fedsim.models.norm import uses_batch_statistics
-
     if uses_batch_statistics(scenario.model.norm):
         raise ScenarioError(BATCH_NORM_REFUSAL.format(norm=scenario.model.norm))
     if scenario.engine.vectorize:
@@ -54,11 +64,6 @@ def check_strategy_params(scenario: Scenario) -> None:
     Flower's strategies do not check their arguments: ``eta = "x"`` would only fail mid-run,
     inside ``aggregate_train``. Parameters without a default (or a ``None`` one) are not checked.
     """
-    import inspect
-    import math
-
-    from fedsim.server.strategies import strategy_class
-
     cls = strategy_class(scenario.server.strategy)
     params = inspect.signature(cls.__init__).parameters
     for key, value in scenario.server.params.items():

@@ -1,7 +1,7 @@
 """fedsim's own strategies: each module registers a Flower strategy and the client hook it asks for.
 
-Importing this package (``fedsim.server.strategies`` does so on the first name look-up, and
-every client process does so before running hooks) fills ``STRATEGIES`` and ``CLIENT_HOOKS``.
+Importing this package fills ``STRATEGIES`` and ``CLIENT_HOOKS``; :mod:`fedsim.plugins` does
+so for every run (and for every Flower app process), the registries themselves never do.
 """
 
 from strategies import fedbn, fixbn, scaffold, silobn  # noqa: F401  (registration)

@@ -1,9 +1,14 @@
-"""Scenario parsing: defaults, overrides, and one clear error per kind of bad input."""
+"""Scenario parsing: defaults, overrides, and one clear error per kind of bad input.
+
+Parsing checks keys, types and ranges; registry names are checked at the edge
+(:func:`fedsim.run.check`), so the bad-input tests load and then check, as ``fedsim run`` does.
+"""
 
 import pytest
 
 from fedsim.config import Scenario, apply_override, load_scenario, parse_value, replace
 from fedsim.errors import ScenarioError
+from fedsim.run import check
 
 
 def write(tmp_path, text, name="s.toml"):
@@ -68,7 +73,7 @@ def test_parse_value_falls_back_to_string():
 )
 def test_bad_scenarios_raise_one_clear_error(tmp_path, text, pattern):
     with pytest.raises(ScenarioError, match=pattern):
-        load_scenario(write(tmp_path, text))
+        check(load_scenario(write(tmp_path, text)))
 
 
 def test_set_of_unknown_key_is_refused():
@@ -88,7 +93,7 @@ def test_missing_file():
 def test_strategy_params_must_fit_the_constructor(tmp_path):
     path = write(tmp_path, "[server]\nstrategy='fedadam'\n[server.params]\netaa=0.1")
     with pytest.raises(ScenarioError, match=r"\[server.params\] do not fit FedAdam.*accepts:"):
-        load_scenario(path)
+        check(load_scenario(path))
 
 
 CLAIM = ('[[claims]]\nname = "GN beats BN"\na = { "model.norm" = "gn" }\n'

@@ -19,6 +19,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+import fedsim.plugins  # noqa: F401  strategies and client hooks register (own process)
 from fedsim.arrays import load_record
 from fedsim.client import dpsgd
 from fedsim.client.hooks import receive

@@ -198,7 +198,7 @@ def client_epsilon(noise_multiplier: float, sampling_rate: float, steps: int,
     """ε of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism at rate
     ``sampling_rate`` and noise ``noise_multiplier``, at ``delta`` (the accountant's reported
     method, PLD via dp-accounting)."""
-    from fedsim.privacy import accountant  # a pure-math leaf; privacy is a layer above
+    from fedsim.privacy import accountant  # late: dp_accounting loads only for DP-SGD runs
 
     return accountant.epsilon_by(accountant.REPORTED, noise_multiplier, sampling_rate, steps,
                                  delta)
@@ -211,7 +211,7 @@ def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int,
     calibration on the reported method, on the safe side)."""
     if steps == 0 or sampling_rate == 0:
         return 0.0
-    from fedsim.privacy import accountant  # a pure-math leaf; privacy is a layer above
+    from fedsim.privacy import accountant  # late: dp_accounting loads only for DP-SGD runs
 
     return accountant.noise_for_epsilon(target_epsilon, sampling_rate, steps, delta)
 

@@ -188,9 +188,7 @@ def hooks_for(ctx: HookContext) -> list[ClientHook]:
         cls = CLIENT_HOOKS.get(name)
         if cls.activated_by and cls.activated_by in ctx.config and name not in names:
             names.append(name)
-    if ctx.client is not None and ctx.client.compress != "none":
-        import fedsim.client.compress  # noqa: F401  (registers the compressors)
-
+    if ctx.client is not None and ctx.client.compress != "none":  # registered by fedsim.plugins
         names = [n for n in names if n != ctx.client.compress] + [ctx.client.compress]
     return [CLIENT_HOOKS.get(n, key="client-hooks")(ctx) for n in names]
 

@@ -36,6 +36,7 @@ from fedsim.client.hooks import ClientHook, HookContext, hooks_for
 from fedsim.client.train import TrainResult
 from fedsim.config import Scenario
 from fedsim.records import get_record, require_record
+from fedsim.server.strategies import strategy_class
 
 log = logging.getLogger("fedsim")
 
@@ -46,8 +47,6 @@ CLIENT_EXCEPTION = 1
 @functools.lru_cache(maxsize=16)
 def import_strategy(name: str) -> None:
     """Import the scenario's strategy here too, so client hooks its module registers exist."""
-    from fedsim.server.strategies import strategy_class  # the server layer sits above
-
     strategy_class(name)
 
 

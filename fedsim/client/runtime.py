@@ -17,17 +17,16 @@ import torch
 from flwr.app import Context
 from torch import nn
 
-from fedsim.config import Scenario
+from fedsim.config import Scenario, scenario_from_dict
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.device import resolve_device
 from fedsim.models import build_model
 from fedsim.models.batched import fold_for_cohort
+from fedsim.rng import derive_seed
 
 
 def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
     """The scenario's model, initialised from the seed (forked RNG: no global side effect)."""
-    from fedsim.rng import derive_seed
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(scenario.seed, "init"))
         c, h, _ = fd.input_shape
@@ -112,8 +111,6 @@ def scenario_key(scenario: Scenario) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _runtime(key: str) -> ClientRuntime:
-    from fedsim.config import scenario_from_dict
-
     scenario = scenario_from_dict(json.loads(key))
     fd = build_federated_data(scenario)
     device = resolve_device(scenario.engine.device)

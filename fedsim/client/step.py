@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,8 +36,22 @@ from torch import nn
 from fedsim.arrays import peek_array
 from fedsim.config import ClientConfig
 
-if TYPE_CHECKING:  # hooks.py imports this module; the annotation only names the class
-    from fedsim.client.hooks import ClientHook
+
+class StepHook(Protocol):
+    """What the step reads of a client hook (:class:`fedsim.client.hooks.ClientHook`, which
+    builds on this module): its modes, per-client state, terms and step cap."""
+
+    def before_train(self, model: nn.Module) -> None: ...
+
+    def step_state(self, start: Mapping[str, torch.Tensor]) -> object | None: ...
+
+    def max_steps(self) -> int | None: ...
+
+    def loss_term(self, params: Mapping[str, torch.Tensor], state) -> torch.Tensor | None: ...
+
+    def grad_transform(self, grads: dict[str, torch.Tensor], state
+                       ) -> dict[str, torch.Tensor]: ...
+
 
 Tensors = dict[str, torch.Tensor]
 
@@ -144,7 +158,7 @@ class HookTerms:
     same terms (the hooks' types, in order).
     """
 
-    def __init__(self, hooks: Sequence[ClientHook], start: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, hooks: Sequence[StepHook], start: Mapping[str, torch.Tensor]) -> None:
         self.hooks = [h for h in hooks]
         self.states = [h.step_state(start) for h in self.hooks]
         active = [(h, s) for h, s in zip(self.hooks, self.states) if s is not None]
@@ -158,7 +172,7 @@ class HookTerms:
         return bool(self.active_hooks)
 
 
-def hook_loss(hooks: Sequence[ClientHook], params: Mapping[str, torch.Tensor],
+def hook_loss(hooks: Sequence[StepHook], params: Mapping[str, torch.Tensor],
               states: Sequence[object]) -> torch.Tensor | None:
     """The sum of the hooks' loss terms (None: no hook adds one)."""
     total = None
@@ -169,7 +183,7 @@ def hook_loss(hooks: Sequence[ClientHook], params: Mapping[str, torch.Tensor],
     return total
 
 
-def transform_grads(hooks: Sequence[ClientHook], grads: Tensors, states: Sequence[object]
+def transform_grads(hooks: Sequence[StepHook], grads: Tensors, states: Sequence[object]
                     ) -> Tensors:
     """The gradients after every hook's ``grad_transform``, in hook order."""
     for hook, state in zip(hooks, states):
@@ -269,7 +283,7 @@ def mode_key(model: nn.Module) -> tuple[bool, ...]:
     return tuple(m.training for m in model.modules())
 
 
-def set_modes(model: nn.Module, hooks: Sequence[ClientHook]) -> tuple[bool, ...]:
+def set_modes(model: nn.Module, hooks: Sequence[StepHook]) -> tuple[bool, ...]:
     """``model.train()``, then each hook's ``before_train`` (mode changes such as frozen
     BN statistics); returns the resulting :func:`mode_key`."""
     model.train()

@@ -1,4 +1,8 @@
-"""Engines execute client updates: in-process (default) or Flower's Ray simulation."""
+"""Engines execute client updates: in-process (default) or Flower's Ray simulation.
+
+``ENGINES`` maps ``engine.kind`` to a function that runs a ServerApp and a ClientApp; Ray
+itself is imported only when the ``ray`` engine runs (:func:`fedsim.engine.ray.run_ray`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ from torch import nn
 
 from fedsim.arrays import fast_flower_records
 from fedsim.config import Scenario
+from fedsim.engine.inprocess import run_inprocess
+from fedsim.engine.memory import reused_memory
+from fedsim.engine.ray import run_ray
+from fedsim.engine.store import ClientStateStore
+from fedsim.engine.vectorized import CohortTrainer, check_vectorize
+from fedsim.engine.vectorized_eval import CohortEvaluator
 from fedsim.registry import Registry
 
 ENGINES: Registry = Registry("engine")
@@ -50,17 +60,10 @@ def frozen_gc() -> Iterator[None]:
 
 @ENGINES.register("inprocess")
 def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
-    from fedsim.engine.inprocess import run_inprocess
-    from fedsim.engine.memory import reused_memory
-    from fedsim.engine.store import ClientStateStore
-
     cfg = scenario.engine
     store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
     trainer = evaluator = None
     if cfg.vectorize:
-        from fedsim.engine.vectorized import CohortTrainer
-        from fedsim.engine.vectorized_eval import CohortEvaluator
-
         trainer, evaluator = CohortTrainer(scenario), CohortEvaluator(scenario)
     with torch_threads(cfg.threads), fast_flower_records(), frozen_gc(), \
             reused_memory(cfg.reuse_memory):
@@ -71,9 +74,6 @@ def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario)
 
 @ENGINES.register("ray")
 def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
-    from fedsim.engine.memory import reused_memory
-    from fedsim.engine.ray import run_ray
-
     # the ServerApp (aggregation) runs here; Ray's local workers get the memory settings too
     with fast_flower_records(), frozen_gc(), reused_memory(scenario.engine.reuse_memory):
         run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
@@ -81,6 +81,4 @@ def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> No
 
 def check_engine(scenario: Scenario, model: nn.Module) -> None:
     """Engine settings that can only be checked against the model and strategy (preflight)."""
-    from fedsim.engine.vectorized import check_vectorize
-
     check_vectorize(scenario, model)

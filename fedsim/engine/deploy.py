@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedsim.config import load_scenario
 from fedsim.engine.processes import Proc, find_proc, stop_tree
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
 from fedsim.report.progress import RoundsFollower, round_progress
+from fedsim.run import check
 
 CONNECTION = "fedsim-local"
 
@@ -218,11 +220,9 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
     round's record. Raises RuntimeError (with the processes' logs) if the run does not
     produce ``summary.json``.
     """
-    from fedsim.config import load_scenario
-
     scenario_path = Path(scenario_path).resolve()
     out = Path(out).resolve()
-    scenario = load_scenario(scenario_path, list(overrides))  # bad input fails here, first
+    scenario = check(load_scenario(scenario_path, list(overrides)))  # bad input fails here
     config = {"scenario": str(scenario_path), "out": str(out)}
     if overrides:
         config["set"] = ";".join(overrides)
@@ -264,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds before the run is stopped (default 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
-    from fedsim.config import load_scenario
-
     with signals_interrupt():  # Ctrl-C / SIGTERM: everything stopped, one line, 130 / 143
         rounds = _Rounds(None)
         try:

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedsim.config import EngineConfig
+from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
 
 
@@ -26,9 +27,7 @@ def backend_config(cfg: EngineConfig) -> dict:
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
             cfg: EngineConfig) -> None:
     """``flwr.simulation.run_simulation`` with ``num_nodes`` virtual SuperNodes."""
-    from flwr.simulation import run_simulation
-
-    from fedsim.engine.memory import child_environment
+    from flwr.simulation import run_simulation  # imports Ray: only when this engine runs
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice

@@ -28,22 +28,19 @@ and updated in place under ``vmap``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fedsim.arrays import load_record
-from fedsim.client.hooks import ClientHook, apply_received
 from fedsim.client.messages import ClientRequest, decode, error_reply, train_reply
 from fedsim.client.runtime import client_runtime
 from fedsim.client.step import (
     SGD,
-    ClientArrays,
     HookTerms,
     Trained,
     apply_modes,
@@ -59,6 +56,8 @@ from fedsim.client.step import (
 from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig, Scenario
 from fedsim.data.federated import build_federated_data
+from fedsim.engine.cohort_arrays import GlobalArrays, client_start
+from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 from fedsim.errors import ScenarioError
 from fedsim.models.batched import fold_for_cohort
 from fedsim.models.norm import (
@@ -97,8 +96,6 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
                       y: torch.Tensor) -> None:
     """One cohort evaluation of two clients, one with a cold start of every layer with
     running statistics (what personalized evaluation runs under ``engine.vectorize``)."""
-    from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
-
     layers = tuple(n for n, m in model.named_modules() if has_running_statistics(m))
     evaluate_cohort(model, [EvalMember(params, buffers, x, y),
                             EvalMember(params, buffers, x[:3], y[:3], x, layers)])
@@ -380,49 +377,6 @@ class _CohortRun:
 # --------------------------------------------------------------------------- the grid's side
 
 
-class GlobalArrays:
-    """The received global arrays as detached (parameters, buffers) copies, made once per
-    ``ArrayRecord`` (a cohort's messages share one) and shared by every client that starts
-    from them unchanged."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._held: tuple | None = None  # (record, params, buffers)
-
-    def __call__(self, record: ArrayRecord) -> tuple[dict[str, torch.Tensor],
-                                                    dict[str, torch.Tensor]]:
-        if self._held is None or self._held[0] is not record:
-            load_record(self.model, record)
-            self._held = (record,
-                          {n: p.detach().clone() for n, p in self.model.named_parameters()},
-                          {n: b.detach().clone() for n, b in self.model.named_buffers()})
-        return self._held[1], self._held[2]
-
-
-def client_start(model: nn.Module, params: dict[str, torch.Tensor],
-                 buffers: dict[str, torch.Tensor], hooks: Sequence[ClientHook],
-                 local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
-                 ) -> ClientArrays:
-    """The hooks' ``on_receive`` on a client that starts from the shared ``params`` and
-    ``buffers`` (not copied: overrides stay in the returned arrays' ``overrides``); a cold
-    start they ask for is served eagerly (:func:`serve_eagerly`)."""
-    arrays = ClientArrays({**params, **buffers})
-    for hook in hooks:
-        hook.on_receive(model, arrays)
-    if arrays.estimates:
-        serve_eagerly(model, params, buffers, arrays, local_train)
-    return arrays
-
-
-def serve_eagerly(model: nn.Module, params: dict[str, torch.Tensor],
-                  buffers: dict[str, torch.Tensor], arrays: ClientArrays,
-                  local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-    """Apply ``arrays`` (overrides, then statistics re-estimations) on ``model`` as the
-    sequential backend does, and keep the result as the client's overrides."""
-    load_record(model, {**params, **buffers})
-    apply_received(model, arrays, local_train)
-    arrays.overrides = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    arrays.estimates = []
 
 
 class CohortTrainer:

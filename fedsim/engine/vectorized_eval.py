@@ -32,7 +32,7 @@ from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_
 from fedsim.client.runtime import client_runtime
 from fedsim.client.step import ClientArrays, eval_sums
 from fedsim.config import Scenario
-from fedsim.engine.vectorized import GlobalArrays, serve_eagerly
+from fedsim.engine.cohort_arrays import GlobalArrays, serve_eagerly
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
 EvalResult = tuple[float, float, int]

@@ -45,6 +45,7 @@ from scipy.special import expit
 from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
+from fedsim.client.app import make_client_app
 from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import build_global_model
@@ -52,6 +53,8 @@ from fedsim.client.train import plan_batches, train_local
 from fedsim.compat import task_identity_restored
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData
+from fedsim.engine.inprocess import InProcessGrid
+from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.privacy.audit_epsilon import AccountantClaim, audited_epsilon
@@ -83,6 +86,8 @@ from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
 from fedsim.server.evaluate import distribution
+from fedsim.server.factory import make_strategy
+from fedsim.server.loop import run_rounds
 
 ROC_PNG = "privacy_roc.png"
 INVERSION_PNG = "privacy_inversion.png"
@@ -248,12 +253,6 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
     Flower's process-wide task identity is restored afterwards.
     """
     import logging
-
-    from fedsim.client.app import make_client_app
-    from fedsim.engine.inprocess import InProcessGrid
-    from fedsim.engine.ordered import ClientOrderedGrid
-    from fedsim.server.loop import run_rounds
-    from fedsim.server.strategies import make_strategy
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
     with task_identity_restored():

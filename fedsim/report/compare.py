@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
+from fedsim.report.report import write_report
+from fedsim.sweep import SWEEP_JSON, flat_keys
 
 #: scenario keys that say how or where a run executed, not what it learned
 _NOT_AXES = ("name", "output.", "engine.", "sweep.", "claims")
@@ -30,17 +33,11 @@ class RunCell:
 
 
 def is_sweep(folder: Path) -> bool:
-    from fedsim.sweep import SWEEP_JSON
-
     return (folder / SWEEP_JSON).is_file()
 
 
 def report_sweep(root: Path) -> Path:
     """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells."""
-    from fedsim.config import load_scenario
-    from fedsim.report.report import write_report
-    from fedsim.sweep import SWEEP_JSON
-
     try:
         info = json.loads((root / SWEEP_JSON).read_text())
         names = [(c["name"], c["params"]) for c in info["cells"]]
@@ -58,10 +55,6 @@ def report_sweep(root: Path) -> Path:
 
 def report_runs(folders: list[Path], out: Path) -> Path:
     """Compare finished run folders in one report written to ``out``."""
-    from fedsim.config import load_scenario
-    from fedsim.report.report import write_report
-    from fedsim.sweep import flat_keys
-
     for folder in folders:
         if not (folder / "summary.json").is_file() or not (folder / "scenario.toml").is_file():
             hint = (f"finish it with: fedsim run --resume {folder}"

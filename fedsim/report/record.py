@@ -18,6 +18,7 @@ from torch import nn
 from fedsim.arrays import load_record
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
+from fedsim.report.plots import plot_learning_curves
 from fedsim.server.client_dp import summarize_client_dp
 
 
@@ -193,8 +194,6 @@ class RunRecorder:
         self.summary = _finite({**summary, **self.notes, **extra})
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
-            from fedsim.report.plots import plot_learning_curves
-
             plot_learning_curves(self.rounds, self.out / "learning_curves.png",
                                  title=self.scenario.name)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.config import load_scenario
 from fedsim.report.claims import claim_details, claim_line, evaluate_claims, forest_plot
 from fedsim.report.stats import t_interval
 
@@ -53,8 +54,6 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
     """One flat row of a finished cell: its axis values, the resolved keys the tables need,
     its metrics (None where the run did not measure them), and its whole ``summary`` and
     ``rounds`` (for the claims)."""
-    from fedsim.config import load_scenario
-
     summary = json.loads((folder / "summary.json").read_text())
     rounds = _read_rounds(folder / "rounds.jsonl")
     scn = load_scenario(folder / "scenario.toml")

@@ -14,23 +14,29 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+import fedsim.plugins  # noqa: F401  strategies and client hooks register (own process)
 from fedsim.arrays import model_to_record
 from fedsim.checkpoint import Checkpointer, resume_state
+from fedsim.client.app import scenario_from_context
 from fedsim.client.runtime import build_global_model
 from fedsim.config import Scenario
 from fedsim.data.federated import build_federated_data
 from fedsim.device import resolve_device
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
+from fedsim.privacy.audit import PrivacyAudit
+from fedsim.privacy.audit_epsilon import accountant_claims
+from fedsim.report.record import RunRecorder
 from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.evaluate import Evaluator
+from fedsim.server.factory import make_strategy
 from fedsim.server.loop import run_rounds
 from fedsim.server.personalized import (
     PersonalizedEvaluator,
     personal_hooks,
     strategy_summaries,
 )
-from fedsim.server.strategies import make_strategy
+from fedsim.validate import check_names
 
 
 def server_main(grid: Grid, scenario: Scenario, sink) -> None:
@@ -54,8 +60,6 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     sink.start(scenario)
     audit = None
     if scenario.privacy.enabled:
-        from fedsim.privacy.audit import PrivacyAudit
-
         audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
     resumed = getattr(sink, "checkpoint", None)  # set by --resume
     checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed, audit=audit)
@@ -81,8 +85,6 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     if personal is not None:
         notes.update(personal.fedsim_summary())
     if audit is not None:  # after the strategy's notes: the audit reads the DP accountants
-        from fedsim.privacy.audit_epsilon import accountant_claims
-
         dp_notes = dict(notes)  # sample-level DP-SGD's ε comes from the clients' replies
         client_dp = summarize_client_dp(getattr(sink, "rounds", []), scenario)
         if client_dp is not None:
@@ -108,10 +110,8 @@ def make_server_app(scenario: Scenario, sink) -> ServerApp:
 
 
 def _from_run_config(context: Context) -> tuple[Scenario, Callable]:
-    from fedsim.client.app import scenario_from_context
-    from fedsim.report.record import RunRecorder
-
     scenario = scenario_from_context(context)
+    check_names(scenario)  # the edge of `flwr run .`: registry names, before anything trains
     out = Path(str(context.run_config.get("out", scenario.output.dir)))
     return scenario, RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True)))
 

@@ -56,6 +56,7 @@ from fedsim.errors import PrivacyBudgetSpent, ScenarioError
 from fedsim.privacy.accountant import ACCOUNTANT, epsilon, noise_for_epsilon
 from fedsim.rng import derive_seed
 from fedsim.server.dp_analysis import why_not
+from fedsim.server.strategies import strategy_class
 
 COVERS = (
     "the model's float parameters uploaded by clients: each client's update of them is "
@@ -154,7 +155,7 @@ class _ParametersOnly:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.parameter_names is None:
             raise RuntimeError("the DP wrapper was built without the model's parameter names; "
-                               "pass the model to fedsim.server.strategies.make_strategy")
+                               "pass the model to fedsim.server.factory.make_strategy")
         replies = list(replies)
         valid = [r for r in replies if not r.has_error()]
         params = set(self.parameter_names)
@@ -290,8 +291,6 @@ def calibration(scenario: Scenario) -> dict | None:
 
 def start_lines(scenario: Scenario) -> list[str]:
     """What a DP run says before it starts: a calibrated σ, or a ``warning:`` that no ε holds."""
-    from fedsim.server.strategies import strategy_class
-
     if scenario.server.dp.kind == "none":
         return []
     lines = []

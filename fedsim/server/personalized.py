@@ -26,6 +26,7 @@ from fedsim.client.hooks import HookContext, hooks_for, receive, request_hooks
 from fedsim.client.train import evaluate
 from fedsim.data.federated import FederatedData
 from fedsim.engine.ordered import ClientOrderedGrid
+from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
 from fedsim.models.batched import fold_for_cohort
 from fedsim.server.evaluate import Evaluator, distribution
 
@@ -117,8 +118,6 @@ class PersonalizedEvaluator:
     def _holdout_cohorts(self, arrays: ArrayRecord) -> list[float]:
         """``_holdout`` with ``cohort_size`` clients at a time (same results within float
         tolerance; fedsim.engine.vectorized_eval)."""
-        from fedsim.engine.vectorized_eval import MemberBuilder, evaluate_cohort
-
         if self._cohort_model is None:  # folding layers, chosen once (fold_for_cohort)
             self._cohort_model = fold_for_cohort(self.model)
         build = MemberBuilder(self._cohort_model)

@@ -1,10 +1,11 @@
 """Server strategies by name (Flower's built-ins, ours) or by import path (a user's class).
 
-``make_strategy`` instantiates the scenario's strategy with ``[server.params]`` and, when
-``[server.dp]`` asks for it, wraps it in Flower's central-DP wrapper (``fedsim.server.dp``).
-Every failure — a path that does not import, a class that is not a Strategy, constructor
-arguments it does not take — is a ScenarioError raised while the scenario is validated,
-before anything trains.
+``STRATEGIES`` holds Flower's built-ins; fedsim's own strategies (the top-level
+``strategies`` package) register themselves when :mod:`fedsim.plugins` imports them, so
+this registry imports no plugin. :func:`fedsim.server.factory.make_strategy` builds the
+scenario's strategy from what is looked up here. Every failure — a path that does not
+import, a class that is not a Strategy, an unknown name — is a ScenarioError raised by the
+edge check (:func:`fedsim.run.check`), before anything trains.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
@@ -24,9 +24,6 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
-
-if TYPE_CHECKING:
-    from torch.nn import Module
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
@@ -43,11 +40,6 @@ _FLOWER_BUILTINS = {
 }
 for _name, _cls in _FLOWER_BUILTINS.items():
     STRATEGIES.register(_name)(getattr(flwr_strategy, _cls))
-
-
-def _load_ours() -> None:
-    """Import the ``strategies`` package so its strategies register themselves."""
-    importlib.import_module("strategies")
 
 
 def _import_path(spec: str) -> type:
@@ -86,11 +78,8 @@ def _import_path(spec: str) -> type:
 
 def strategy_class(name: str) -> type[Strategy]:
     """The Strategy subclass named by ``server.strategy`` (registry name or import path)."""
-    if ":" in name:
-        cls = _import_path(name)
-    else:
-        _load_ours()
-        cls = STRATEGIES.get(name, key="server.strategy")
+    # a registry name: Flower's, or fedsim's own once fedsim.plugins has registered them
+    cls = _import_path(name) if ":" in name else STRATEGIES.get(name, key="server.strategy")
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise ScenarioError(
             f"server.strategy = {name!r} is not a subclass of flwr.serverapp.strategy.Strategy"
@@ -141,43 +130,3 @@ def strategy_kwargs(scenario: Scenario, cls: type[Strategy]) -> dict[str, Any]:
     kwargs = {key: v for key, v in standard.items() if _accepts(cls, key)}
     kwargs.update(scenario.server.params)
     return kwargs
-
-
-def make_strategy(scenario: Scenario, model: Module | None = None) -> Strategy:
-    """Instantiate the scenario's strategy (DP-wrapped if ``[server.dp]`` asks for it).
-
-    ``model`` (the global model) tells the DP wrapper which arrays are parameters; without
-    it the strategy is built only to validate the scenario. Bad constructor arguments are a
-    ScenarioError.
-    """
-    cls = strategy_class(scenario.server.strategy)
-    kwargs = strategy_kwargs(scenario, cls)
-    accepted = accepted_params(cls)
-    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
-    try:
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
-        inspect.signature(cls.__init__).bind(None, **kwargs)
-    except TypeError as exc:
-        allowed = sorted(accepted) if accepted is not None else [
-            p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise ScenarioError(
-            f"[server.params] do not fit {cls.__name__}: {exc}; it accepts: {', '.join(allowed)}"
-        ) from None
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # FedAvg warns on fraction_evaluate = 0, our default
-    try:
-        strategy = cls(**kwargs)
-    except Exception as exc:
-        raise ScenarioError(
-            f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
-    finally:
-        flwr_log.setLevel(level)
-    if scenario.server.dp.kind != "none":
-        from fedsim.server.dp import wrap_dp
-
-        strategy = wrap_dp(strategy, scenario, model)
-    return strategy

@@ -13,6 +13,7 @@ from fedsim.client.runtime import client_runtime
 from fedsim.config import ClientConfig, ClientDPConfig, ScenarioError, load_scenario
 from fedsim.models import build_model
 from fedsim.privacy.accountant import epsilon
+from fedsim.run import check
 
 QUICKSTART = "scenarios/quickstart.toml"
 DP = ["client.dp.noise_multiplier=1.0", "client.dp.max_grad_norm=1.0"]
@@ -107,7 +108,7 @@ def test_empty_poisson_batches_still_add_noise(monkeypatch):
 @pytest.mark.parametrize("norm", ["bn", "hybrid"])
 def test_batch_statistics_are_refused_with_the_reason(norm):
     with pytest.raises(ScenarioError) as err:
-        load_scenario(QUICKSTART, [*DP, f"model.norm={norm}"])
+        check(load_scenario(QUICKSTART, [*DP, f"model.norm={norm}"]))
     msg = str(err.value)
     assert "depends on the other samples in its batch" in msg
     assert 'model.norm = "gn"' in msg
@@ -115,7 +116,7 @@ def test_batch_statistics_are_refused_with_the_reason(norm):
 
 def test_vectorized_cohorts_are_refused_naming_the_key():
     with pytest.raises(ScenarioError, match=r"engine\.vectorize"):
-        load_scenario(QUICKSTART, [*DP, "engine.vectorize=true"])
+        check(load_scenario(QUICKSTART, [*DP, "engine.vectorize=true"]))
 
 
 def test_config_needs_one_of_sigma_and_target():

@@ -6,13 +6,15 @@ import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, Krum
 
 import fedsim
+import fedsim.plugins  # noqa: F401  fedsim's own strategies register (fedbn, scaffold, ...)
 from fedsim.cli import main
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.privacy.accountant import epsilon
 from fedsim.server.dp import calibration, start_lines
 from fedsim.server.dp_analysis import why_not
-from fedsim.server.strategies import make_strategy, strategy_class
+from fedsim.server.factory import make_strategy
+from fedsim.server.strategies import strategy_class
 
 QUICK = "scenarios/quickstart.toml"
 # 4 clients, 2 a round: sampling rate 0.5

@@ -1,0 +1,158 @@
+"""The import graph of ``fedsim`` and ``strategies``: no cycles, few imports hidden in
+functions, and a scenario parsed without torch, Flower or any registry.
+
+The graph is read from the source (module-level and function-level ``import`` statements,
+as /work/shared/tools/import_graph.py reads it), so a cycle through a function-level import
+counts: hiding an import inside a function does not remove the dependency.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import load_scenario
+from fedsim.errors import ScenarioError
+from fedsim.run import check
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedsim", "strategies")
+#: imports of project modules inside functions, each with a reason at the import (a heavy
+#: optional dependency, or the light CLI / ``import fedsim``); raise only with a reason
+MAX_FUNCTION_LEVEL = 10
+
+
+def project_modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = f
+    return mods
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Edges module -> project modules it imports, and ``file:line -> target`` of every
+    function-level import of a project module."""
+    mods = project_modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    local: list[str] = []
+    for mod, f in mods.items():
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        in_function = {id(sub) for node in ast.walk(tree)
+                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for sub in ast.walk(node) if sub is not node}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    prefix = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    prefix = node.module or ""
+                targets = [f"{prefix}.{a.name}" for a in node.names] + [prefix]
+            else:
+                continue
+            hits = {resolve(t) for t in targets} - {None, mod}
+            # "from pkg import sub" names the package too: keep the most specific hits
+            hits = {h for h in hits if not any(o != h and o.startswith(h + ".") for o in hits)}
+            if hits and id(node) in in_function:
+                local.append(f"{f.relative_to(ROOT)}:{node.lineno} -> {', '.join(sorted(hits))}")
+            edges[mod] |= hits
+    return edges, local
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle_through_three_modules():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_fedsim_and_strategies():
+    edges, _ = import_graph()
+    assert "fedsim.config" in edges and "strategies" in edges  # the walk found the packages
+    assert cycles(edges) == []
+
+
+def test_few_project_imports_inside_functions():
+    _, local = import_graph()
+    assert len(local) <= MAX_FUNCTION_LEVEL, "\n".join(local)
+
+
+def test_registries_do_not_import_plugins():
+    edges, _ = import_graph()
+    assert "strategies" not in edges["fedsim.server.strategies"]
+    assert "fedsim.client.compress" not in edges["fedsim.client.hooks"]
+    assert {"fedsim.client.compress", "fedsim.client.failures", "strategies"} <= edges[
+        "fedsim.plugins"]
+
+
+def test_parsing_a_scenario_imports_no_torch_flower_or_registry():
+    code = ("import sys, fedsim.config\n"
+            "fedsim.config.load_scenario('scenarios/quickstart.toml')\n"
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
+    assert [m for m in out if m.split(".")[0] in ("torch", "flwr", "strategies")] == []
+    # config, the leaves it may use, and fedsim.run (``import fedsim`` exports run)
+    allowed = {"fedsim.config", "fedsim.errors", "fedsim.registry", "fedsim.run"}
+    assert "fedsim.config" in out and {m for m in out if m.startswith("fedsim.")} <= allowed
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("model.norm=batch", r"unknown norm in model.norm = 'batch'"),
+    ("server.strategy=fedbnn", r"unknown strategy.*did you mean 'fedbn'"),
+    ("data.name=imagenet", r"unknown dataset in data.name"),
+])
+def test_names_are_checked_at_the_edge_not_when_parsing(override, pattern):
+    scenario = load_scenario("scenarios/quickstart.toml", [override])  # parses
+    with pytest.raises(ScenarioError, match=pattern):
+        check(scenario)
