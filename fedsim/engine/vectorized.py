@@ -388,6 +388,8 @@ class CohortTrainer:
     inside the step — with the local steps of clients whose hooks agree on the modes and
     the terms in one cohort. A client whose preparation or reply fails (or whose hook
     raises, such as a simulated crash) gets an error reply; the others are unaffected.
+    ``runtime`` is the run's client runtime, shared with the ClientApp (settings, data,
+    each worker's folded cohort model).
     """
 
     def __init__(self, runtime: ClientRuntime) -> None:

@@ -211,7 +211,8 @@ class CohortEvaluator:
     replies (:mod:`fedsim.client.messages`), the hooks' ``on_receive`` in evaluate mode, the
     same loss and accuracy (:func:`fedsim.client.step.eval_sums`) — with the clients'
     forward passes in one ``vmap`` cohort; a client whose preparation fails gets an error
-    reply, the others are unaffected.
+    reply, the others are unaffected. ``runtime`` is the run's client runtime, shared with
+    the ClientApp.
     """
 
     def __init__(self, runtime: ClientRuntime) -> None:
