@@ -122,8 +122,8 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     import torch
 
     from fedsim.client.hooks import norm_keys
-    from fedsim.client.runtime import build_global_model
     from fedsim.config import load_scenario
+    from fedsim.context import build_global_model
     from fedsim.data.federated import build_federated_data
     from fedsim.engine.memory import reused_memory
 
