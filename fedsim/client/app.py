@@ -45,7 +45,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     req = decode(msg, context, scenario, rt.client_id(context))
     model = rt.model
     load_record(model, req.arrays)
-    receive(model, req.hooks)
+    if req.hooks:  # (no hook: nothing to lay over the received arrays)
+        receive(model, req.hooks)
     x, y = rt.data.client_train(req.client_id)
     gen = torch_generator(scenario.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
