@@ -44,7 +44,8 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     rt = client_runtime(scenario, data)
     req = decode(msg, context, scenario, rt.client_id(context))
     model = rt.model
-    load_record(model, req.arrays)
+    state = model.state_dict(keep_vars=True)  # the module's own tensors, updated in place
+    load_record(model, req.arrays, state)
     if req.hooks:  # (no hook: nothing to lay over the received arrays)
         receive(model, req.hooks)
     x, y = rt.data.client_train(req.client_id)
@@ -56,7 +57,9 @@ def handle_train(msg: Message, context: Context, scenario: Scenario,
     else:
         result = train_local(model, x.to(rt.device), y.to(rt.device), scenario.client, gen,
                              req.hooks, drop_singleton=uses_batch_statistics(scenario.model.norm))
-    arrays = model.state_dict()
+    # training updates the module's tensors in place, so ``state`` holds the trained arrays;
+    # hooks may restructure the module (or need detached tensors): a fresh state dict then
+    arrays = model.state_dict() if req.hooks else state
     for hook in req.hooks:
         arrays = hook.on_reply(model, arrays)
     return train_reply(req, arrays, result, dp_metrics)
