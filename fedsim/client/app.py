@@ -43,8 +43,10 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     cfg = rt.settings
     req = decode(msg, context, cfg, rt.client_id(context))
     model = rt.model
-    load_record(model, req.arrays)
-    receive(model, req.hooks)
+    state = model.state_dict(keep_vars=True)  # the module's own tensors, updated in place
+    load_record(model, req.arrays, state)
+    if req.hooks:  # (no hook: nothing to lay over the received arrays)
+        receive(model, req.hooks)
     x, y = rt.data.client_train(req.client_id)
     gen = torch_generator(cfg.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
@@ -54,7 +56,9 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     else:
         result = train_local(model, x.to(rt.device), y.to(rt.device), cfg.client, gen,
                              req.hooks, drop_singleton=cfg.batch_statistics)
-    arrays = model.state_dict()
+    # training updates the module's tensors in place, so ``state`` holds the trained arrays;
+    # hooks may restructure the module (or need detached tensors): a fresh state dict then
+    arrays = model.state_dict() if req.hooks else state
     for hook in req.hooks:
         arrays = hook.on_reply(model, arrays)
     return train_reply(req, arrays, result, dp_metrics)
