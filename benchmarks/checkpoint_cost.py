@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import fedsim  # noqa: E402
 from fedsim.arrays import model_to_record  # noqa: E402
 from fedsim.checkpoint import encode_checkpoint, read_checkpoint, write_checkpoint  # noqa: E402
-from fedsim.client.runtime import build_global_model  # noqa: E402
+from fedsim.context import build_global_model  # noqa: E402
 from fedsim.data.federated import build_federated_data  # noqa: E402
 from fedsim.engine.store import encode_state  # noqa: E402
 from fedsim.models.norm import norm_keys  # noqa: E402

@@ -4,9 +4,11 @@
     python benchmarks/engine_throughput.py                       # scenarios/quickstart.toml
     python benchmarks/engine_throughput.py --scenario scenarios/thousand_clients.toml \\
         --set partition.num_clients=1000 --rounds 6 --repeat 3
+    python benchmarks/engine_throughput.py --threads 1,2 --engines inprocess,bare,vectorized
     python benchmarks/engine_throughput.py --json  # {"ray": …, "inprocess": …, "vectorized": …,
                                                    #  "bare": …, "inprocess_parallel": …,
-                                                   #  "vectorized_parallel": …}
+                                                   #  "vectorized_parallel": …,
+                                                   #  "threads": {engine: best count}}
 
 ``inprocess`` trains one client at a time on one core; ``inprocess_parallel`` uses
 ``--workers`` threads (default: one per core), the same cores Ray's actors get;
@@ -19,11 +21,19 @@ of training-phase time (sampling, local training, aggregation; no evaluation) ov
 engines alike; the first round is reported separately. For the engines that run in one
 process (in-process, vectorized, bare) it also reports process CPU milliseconds per update
 (rounds 2..N-1), which other jobs on a shared machine disturb far less than wall time:
-the overhead ratio against the bare loop is best read from that column.
+the overhead ratio against the bare loop is best read from that column; its "best round"
+(the least CPU per update of any one round, over the repeats) is the least disturbed of all,
+since other jobs only ever add CPU time. The CPU columns include what a run does between
+rounds (checkpoints), which the bare loop does not do.
 
 Fairness settings: the in-process engine and the bare loop use ``--threads`` torch threads
-(default 1); Ray gets ``--ray-cpus`` CPUs per client actor (default 1: one actor per
-core, each with one thread, its best setting on a 2-core machine; benchmarks/RESULTS.md).
+(default 1). Several counts (``--threads 1,2``) run every engine at every count, interleaved;
+the report gives the ratios between engines at the same count (what an engine adds to the
+same work) and each engine at its best count (the fastest way to run it here; ``--json``
+reports each engine's median at that count, and the counts). Ray gets ``--ray-cpus`` CPUs
+per client actor (default 1: one actor per core, each with one thread, its best setting on
+a 2-core machine; benchmarks/RESULTS.md) and ``vectorized_parallel`` ``--workers`` threads,
+whatever ``--threads`` says: they run once, at the first count.
 Every engine, the bare loop and Ray's workers included, runs with the scenario's
 ``engine.reuse_memory`` malloc settings (fedsim.engine.memory).
 
@@ -51,6 +61,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "vectorized_parallel", "bare")
+#: engines whose thread count is their own setting (``--ray-cpus``, ``--workers``), not
+#: ``--threads``: measured once, at the first count
+OWN_THREADS = ("ray", "vectorized_parallel")
+
+
+def _counts(text: str) -> list[int]:
+    """``--threads``: one count or several, comma-separated (``1,2``)."""
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a thread count: give positive integers, e.g. 2 or 1,2")
+    return list(dict.fromkeys(counts))
 
 
 # --------------------------------------------------------------------------- workers
@@ -70,10 +95,13 @@ def _steady(rounds: list[dict], cpu: dict[int, float] | None = None) -> dict:
         "first_round_seconds": trained[0]["train_seconds"] if trained else None,
         "round_seconds": [r["train_seconds"] for r in trained],
     }
-    middle = [r for r in trained[1:-1] if cpu and r["round"] in cpu]
+    middle = [r for r in trained[1:-1] if cpu and r["round"] in cpu and r["updates"]]
     if middle:
         out["cpu_ms_per_update"] = 1e3 * sum(cpu[r["round"]] for r in middle) / sum(
             r["updates"] for r in middle)
+        # the least disturbed round: other jobs only ever add CPU time (cache, SMT sharing)
+        out["cpu_ms_per_update_best"] = min(1e3 * cpu[r["round"]] / r["updates"]
+                                            for r in middle)
     return out
 
 
@@ -122,8 +150,8 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     import torch
 
     from fedsim.client.hooks import norm_keys
-    from fedsim.client.runtime import build_global_model
     from fedsim.config import load_scenario
+    from fedsim.context import build_global_model
     from fedsim.data.federated import build_federated_data
     from fedsim.engine.memory import reused_memory
 
@@ -206,10 +234,11 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
+    threads = args.threads[0]  # the driver passes one count per run
     if args.engine == "bare":
-        res = run_bare(args.scenario, overrides, args.threads, out)
+        res = run_bare(args.scenario, overrides, threads, out)
     else:
-        res = run_fedsim(args.engine, args.scenario, overrides, args.threads, args.ray_cpus,
+        res = run_fedsim(args.engine, args.scenario, overrides, threads, args.ray_cpus,
                          args.workers, out / args.engine)
     print("RESULT " + json.dumps(res))
 
@@ -234,9 +263,10 @@ def machine() -> dict:
             "cuda": torch.cuda.is_available()}
 
 
-def measure(engine: str, args: argparse.Namespace, overrides: list[str], tmp: Path) -> dict:
+def measure(engine: str, threads: int, args: argparse.Namespace, overrides: list[str],
+            tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--scenario", args.scenario,
-           "--out", str(tmp), "--threads", str(args.threads), "--ray-cpus", str(args.ray_cpus),
+           "--out", str(tmp), "--threads", str(threads), "--ray-cpus", str(args.ray_cpus),
            "--workers", str(args.workers)]
     for o in overrides:
         cmd += ["--set", o]
@@ -266,7 +296,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, help="server.rounds (default: the scenario's)")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--repeat", type=int, default=1, help="interleaved repetitions")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (in-process, bare)")
+    p.add_argument("--threads", type=_counts, default=[1], metavar="T[,T...]",
+                   help="torch threads (in-process, bare); several: each engine at each count")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray client actor")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="engine.workers for inprocess_parallel (default: one per core)")
@@ -287,17 +318,20 @@ def main() -> None:
     if args.rounds:
         overrides.append(f"server.rounds={args.rounds}")
     overrides.append("output.eval_every=1000000")  # evaluate once, at the end, everywhere
-    runs: list[dict[str, dict]] = []
+    runs: list[dict[tuple[str, int], dict]] = []
     load = [os.getloadavg()[0]]
+    units = [(e, t) for t in args.threads for e in engines
+             if not (e in OWN_THREADS and t != args.threads[0])]
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
-        for rep in range(args.repeat):
+        for rep in range(args.repeat):  # interleaved: every (engine, threads) once per repeat
             got = {}
-            for engine in engines:
-                got[engine] = measure(engine, args, overrides, Path(tmp) / f"{rep}")
+            for engine, t in units:
+                got[engine, t] = measure(engine, t, args, overrides, Path(tmp) / f"{rep}-{t}")
                 load.append(os.getloadavg()[0])
-            if "inprocess" in got and "bare" in got:
-                got["bare"]["max_param_diff_vs_inprocess"] = max_diff(
-                    got["inprocess"].get("model"), got["bare"].get("model"))
+            for t in args.threads:
+                if ("inprocess", t) in got and ("bare", t) in got:
+                    got["bare", t]["max_param_diff_vs_inprocess"] = max_diff(
+                        got["inprocess", t].get("model"), got["bare", t].get("model"))
             runs.append(got)
     report(args, engines, runs, load)
 
@@ -306,13 +340,39 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
+def _median(values: list) -> float | None:
+    values = [v for v in values if v]
+    return statistics.median(values) if values else None
+
+
+def _per_run(runs, a, b, key) -> list[float]:
+    """``a``'s ``key`` over ``b``'s in each run (interleaved repeats), where both have it."""
+    out = []
+    for r in runs:
+        if a in r and b in r:
+            x = _ratio(r[a].get(key), r[b].get(key))
+            if x:
+                out.append(x)
+    return out
+
+
+def best_threads(runs, units) -> dict[str, int]:
+    """Each engine's thread count with the highest median updates/s."""
+    best: dict[str, tuple[float, int]] = {}
+    for e, t in units:
+        m = _median([r[e, t].get("updates_per_s") for r in runs if (e, t) in r])
+        if m and (e not in best or m > best[e][0]):
+            best[e] = (m, t)
+    return {e: t for e, (_, t) in best.items()}
+
+
 def report(args, engines, runs, load) -> None:
-    med = {}
-    for e in engines:
-        vals = [r[e]["updates_per_s"] for r in runs if r[e].get("updates_per_s")]
-        med[e] = statistics.median(vals) if vals else None
+    units = [u for u in runs[0]] if runs else []
+    best = best_threads(runs, units)
     if args.json:
-        print(json.dumps({e: med.get(e) for e in ENGINES}))
+        print(json.dumps({**{e: _median([r[e, best[e]].get("updates_per_s") for r in runs])
+                             if e in best else None for e in ENGINES},
+                          "threads": best}))
         return
     info = machine()
     print(f"scenario {args.scenario} {' '.join(args.overrides)}"
@@ -320,45 +380,65 @@ def report(args, engines, runs, load) -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
           f"torch {info['torch']}, flwr {info['flwr']}, CUDA {info['cuda']}; "
           f"load average during the runs {min(load):.1f}–{max(load):.1f}")
-    print(f"torch threads {args.threads} (in-process, bare); inprocess_parallel: "
-          f"{args.workers} workers; Ray: {args.ray_cpus} CPU per client actor; "
-          "updates/s over rounds 2..N\n")
-    print(f"{'engine':<19} {'updates/s':>10} {'runs':>24} {'1st round s':>12} "
-          f"{'CPU ms/update':>14}")
-    for e in engines:
-        vals = [r[e].get("updates_per_s") for r in runs]
-        first = [r[e].get("first_round_seconds") for r in runs]
-        cpus = [r[e]["cpu_ms_per_update"] for r in runs if r[e].get("cpu_ms_per_update")]
+    print(f"torch threads {','.join(map(str, args.threads))} (in-process, bare); "
+          f"inprocess_parallel: {args.workers} workers; vectorized_parallel: {args.workers} "
+          f"threads; Ray: {args.ray_cpus} CPU per client actor; updates/s over rounds 2..N; "
+          f"{len(runs)} interleaved repeat(s)\n")
+    print(f"{'engine':<19} {'threads':>7} {'updates/s':>10} {'runs':>24} {'1st round s':>12} "
+          f"{'CPU ms/update':>14} {'best round':>10}")
+    for e, t in units:
+        got = [r[e, t] for r in runs]
+        vals = [g.get("updates_per_s") for g in got]
+        med = _median(vals)
+        f1 = _median([g.get("first_round_seconds") for g in got])
+        c = _median([g.get("cpu_ms_per_update") for g in got])
+        cb = min((g["cpu_ms_per_update_best"] for g in got if g.get("cpu_ms_per_update_best")),
+                 default=None)
         shown = " ".join(f"{v:.1f}" if v else "–" for v in vals)
-        m = f"{med[e]:.1f}" if med[e] else "n/a"
-        f1 = statistics.median([f for f in first if f]) if any(first) else None
-        c = f"{statistics.median(cpus):.1f}" if cpus else "–"
-        print(f"{e:<19} {m:>10} {shown:>24} {f1 if f1 is None else round(f1, 2)!s:>12} "
-              f"{c:>14}")
-        for r in runs:
-            if r[e].get("skipped"):
-                print(f"  {e}: not applicable: {r[e]['skipped']}")
+        tt = args.workers if e == "vectorized_parallel" else t
+        print(f"{e:<19} {tt!s:>7} {f'{med:.1f}' if med else 'n/a':>10} {shown:>24} "
+              f"{'–' if f1 is None else round(f1, 2)!s:>12} {f'{c:.1f}' if c else '–':>14} "
+              f"{f'{cb:.1f}' if cb else '–':>10}")
+        for g in got:
+            if g.get("skipped"):
+                print(f"  {e}: not applicable: {g['skipped']}")
                 break
-    print()
     pairs = [("inprocess", "ray", "in-process / Ray"),
              ("inprocess_parallel", "ray", "in-process parallel / Ray (same cores)"),
              ("vectorized", "ray", "vectorized / Ray"),
              ("vectorized_parallel", "ray", "vectorized parallel / Ray (same cores)"),
-             ("bare", "inprocess", "bare / in-process (overhead, one core)"),
-             ("bare", "vectorized", "bare / vectorized")]
-    for a, b, label in pairs:
-        if a in engines and b in engines:
-            per_run = [_ratio(r[a].get("updates_per_s"), r[b].get("updates_per_s")) for r in runs]
-            shown = " ".join(f"{x:.2f}" for x in per_run if x)
-            print(f"{label:<38} per run: {shown or 'n/a'}")
-    for a, b, label in [("inprocess", "bare", "in-process / bare, CPU per update"),
-                        ("vectorized", "bare", "vectorized / bare, CPU per update")]:
-        if a in engines and b in engines:
-            per_run = [_ratio(r[a].get("cpu_ms_per_update"), r[b].get("cpu_ms_per_update"))
-                       for r in runs]
-            shown = " ".join(f"{x:.2f}" for x in per_run if x)
-            print(f"{label:<38} per run: {shown or 'n/a'}  (insensitive to other load)")
-    diffs = [r["bare"].get("max_param_diff_vs_inprocess") for r in runs if "bare" in r]
+             ("inprocess", "bare", "in-process / bare"),
+             ("vectorized", "bare", "vectorized / bare")]
+    cpu_pairs = [("inprocess", "bare", "in-process / bare, CPU per update"),
+                 ("vectorized", "bare", "vectorized / bare, CPU per update")]
+    for t in args.threads:  # same thread count: what the engine adds to the same work
+        print(f"\nratios at {t} torch thread(s), per run (updates/s; CPU ms per update, "
+              "less sensitive to other load: 1.11 there is 0.9 in updates/s)")
+        for a, b, label in pairs:
+            ua = (a, args.threads[0] if a in OWN_THREADS else t)
+            ub = (b, args.threads[0] if b in OWN_THREADS else t)
+            got = _per_run(runs, ua, ub, "updates_per_s")
+            if ua in units and ub in units:
+                print(f"  {label:<40} {' '.join(f'{x:.2f}' for x in got) or 'n/a'}")
+        for a, b, label in cpu_pairs:
+            if (a, t) in units and (b, t) in units:
+                got = _per_run(runs, (a, t), (b, t), "cpu_ms_per_update")
+                best_round = _per_run(runs, (a, t), (b, t), "cpu_ms_per_update_best")
+                print(f"  {label:<40} {' '.join(f'{x:.2f}' for x in got) or 'n/a'}"
+                      f"  (best rounds: {' '.join(f'{x:.2f}' for x in best_round) or 'n/a'})")
+    if len(args.threads) > 1 and best:
+        print("\neach engine at its best thread count (highest median updates/s):")
+        for e in engines:
+            if e in best:
+                med = _median([r[e, best[e]].get("updates_per_s") for r in runs])
+                print(f"  {e:<19} {best[e]} thread(s)  {med:.1f} updates/s")
+        if "bare" in best:
+            for e in engines:
+                if e != "bare" and e in best:
+                    got = _per_run(runs, (e, best[e]), ("bare", best["bare"]), "updates_per_s")
+                    print(f"  {e} @{best[e]} / bare @{best['bare']}: "
+                          f"{' '.join(f'{x:.2f}' for x in got) or 'n/a'} per run")
+    diffs = [r[u].get("max_param_diff_vs_inprocess") for r in runs for u in r if u[0] == "bare"]
     if any(d is not None for d in diffs):
         print(f"\nbare vs in-process final model, max |Δ|: "
               f"{max(d for d in diffs if d is not None):.2e} (same clients, batches, FedAvg)")

@@ -109,14 +109,14 @@ def profile_step(scenario: str, overrides: list[str]) -> None:
     import torch
     from torch.profiler import profile
 
-    from fedsim.client.runtime import client_runtime
+    from fedsim.client.runtime import shared_runtime
     from fedsim.client.train import train_local
     from fedsim.config import load_scenario
     from fedsim.rng import torch_generator
 
     torch.set_num_threads(1)
     sc = load_scenario(scenario, overrides)
-    rt = client_runtime(sc)
+    rt = shared_runtime(sc)
     cid = rt.data.participating[0]
     x, y = rt.data.client_train(cid)
     for _ in range(5):  # warm-up
@@ -139,14 +139,14 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
     import torch
 
     import fedsim.models.batched as batched_module
-    from fedsim.client.runtime import client_runtime
+    from fedsim.client.runtime import shared_runtime
     from fedsim.config import load_scenario
     from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
     from fedsim.models.norm import uses_batch_statistics
 
     torch.set_num_threads(threads)
     sc = load_scenario(scenario, overrides)
-    rt = client_runtime(sc)
+    rt = shared_runtime(sc)
     params = {k: v.detach().clone() for k, v in rt.model.named_parameters()}
     bufs = {k: v.detach().clone() for k, v in rt.model.named_buffers()}
     drop = uses_batch_statistics(sc.model.norm)
@@ -217,9 +217,9 @@ def time_evaluation(scenario: str, overrides: list[str], repeats: int = 5) -> No
 
     from fedsim.arrays import model_to_record
     from fedsim.client.app import make_client_app
-    from fedsim.client.runtime import build_global_model
+    from fedsim.client.runtime import ClientRuntime
     from fedsim.config import load_scenario
-    from fedsim.data.federated import build_federated_data
+    from fedsim.context import RunContext
     from fedsim.engine.inprocess import InProcessGrid
     from fedsim.engine.ordered import ClientOrderedGrid
     from fedsim.engine.vectorized_eval import CohortEvaluator
@@ -229,18 +229,19 @@ def time_evaluation(scenario: str, overrides: list[str], repeats: int = 5) -> No
 
     sc = load_scenario(scenario, overrides)
     torch.set_num_threads(sc.engine.threads)
-    data = build_federated_data(sc)
-    model = build_global_model(sc, data)
+    run = RunContext.build(sc)
+    data, model = run.data, run.new_model()
     hooks = personal_hooks(make_strategy(sc, model))
     if not hooks:
         raise SystemExit(f"server.strategy = {sc.server.strategy!r} keeps no local arrays: "
                          "there is no personalized evaluation to time")
     arrays = model_to_record(model)
-    evaluator = Evaluator(sc, data, model, torch.device("cpu"))
+    evaluator = Evaluator(sc.output, sc.seed, data, model, torch.device("cpu"))
     paths = {}
     for label, vectorized in (("cohorts", True), ("one by one", False)):
-        grid = InProcessGrid(make_client_app(sc), sc.num_participating,
-                             cohort_evaluator=CohortEvaluator(sc) if vectorized else None,
+        clients = ClientRuntime.for_run(run)
+        grid = InProcessGrid(make_client_app(clients), sc.num_participating,
+                             cohort_evaluator=CohortEvaluator(clients) if vectorized else None,
                              cohort_size=sc.engine.cohort_size)
         paths[label] = PersonalizedEvaluator(
             hooks, ClientOrderedGrid(grid, expected_nodes=sc.num_participating), evaluator,

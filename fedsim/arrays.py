@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -178,21 +178,26 @@ class _DecodeCache:
 _decoded = _DecodeCache()
 
 
-def load_record(model: nn.Module, record: ArrayRecord | dict[str, torch.Tensor]) -> None:
+def load_record(model: nn.Module, record: ArrayRecord | dict[str, torch.Tensor],
+                targets: Mapping[str, torch.Tensor] | None = None) -> None:
     """Copy arrays into ``model`` in place; entries absent from ``record`` stay as they are.
 
     Integer buffers (``num_batches_tracked``) are rounded back to integers, since Flower's
-    weighted averaging turns them into floats. Unknown names raise KeyError.
+    weighted averaging turns them into floats. Unknown names raise KeyError. ``targets``:
+    the model's ``state_dict(keep_vars=True)`` if the caller already holds it.
     """
-    targets = model.state_dict(keep_vars=True)
+    if targets is None:
+        targets = model.state_dict(keep_vars=True)
     if isinstance(record, ArrayRecord):
         record = _decoded.tensors(record)
     with torch.no_grad():
         for key, value in record.items():
-            if key not in targets:
+            dst = targets.get(key)
+            if dst is None:
                 raise KeyError(f"array {key!r} does not belong to this model")
             src = value if isinstance(value, torch.Tensor) else torch.from_numpy(from_array(value))
-            dst = targets[key]
             if not dst.dtype.is_floating_point:
                 src = torch.round(src.double())
-            dst.data.copy_(src.reshape(dst.shape))  # copy_ converts the dtype
+            if src.shape != dst.shape:
+                src = src.reshape(dst.shape)
+            dst.data.copy_(src)  # copy_ converts the dtype

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from same_run import assert_same_run  # tests/same_run.py
 
 import fedsim
 from fedsim.cli import main
@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["server.rounds=16", "partition.num_clients=12", "server.clients_per_round=3",
          "partition.holdout_clients=0.0", "client.epochs=1", "model.width=8",
          "server.strategy=fedadam", "server.params.eta=0.01"]
-TIMING = {"seconds", "train_seconds"}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one torch thread, as
 # in this process (tests/conftest.py): the resumed run's float reductions then agree bitwise
 
@@ -67,25 +66,6 @@ def left_running(tree) -> list:
     while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
-
-
-def records(path):
-    lines = (path / "rounds.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
-
-
-def assert_same_run(ref: Path, other: Path):
-    a = torch.load(ref / "model.pt", weights_only=True)
-    b = torch.load(other / "model.pt", weights_only=True)
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert records(ref) == records(other)
-    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, other))
-    for s in (sa, sb):
-        s.pop("timing")
-        s.pop("resumed_from", None)
-    assert sa == sb
 
 
 @pytest.mark.slow

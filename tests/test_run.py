@@ -55,7 +55,7 @@ def test_results_folder_is_complete(tiny_run):
 def test_model_pt_loads_without_pickles(tiny_run):
     state = torch.load(tiny_run.path / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    from fedsim.client.runtime import build_global_model
+    from fedsim.context import build_global_model
     from fedsim.data.federated import build_federated_data
 
     scn = fedsim.load_scenario(tiny_run.path / "scenario.toml")
@@ -77,14 +77,14 @@ def test_holdout_clients_never_train(tiny_run):
 
 
 def test_participation_gap_is_measured_on_the_clients_that_never_trained(tiny_run):
-    from fedsim.client.runtime import build_global_model
+    from fedsim.context import build_global_model
     from fedsim.data.federated import build_federated_data
     from fedsim.server.evaluate import Evaluator
 
     scn = fedsim.load_scenario(tiny_run.path / "scenario.toml")
     data = build_federated_data(scn)
     model = build_global_model(scn, data)
-    evaluator = Evaluator(scn, data, model, torch.device("cpu"))
+    evaluator = Evaluator(scn.output, scn.seed, data, model, torch.device("cpu"))
     assert evaluator.holdout == list(data.holdout)
     assert not set(evaluator.holdout) & set(evaluator.clients)
     trained = {c for r in rounds_of(tiny_run.path) for c in r.get("clients", [])}

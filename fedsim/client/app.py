@@ -1,18 +1,19 @@
 """The fedsim ClientApp (Flower Message API): local training and local evaluation.
 
-``make_client_app(scenario)`` builds an app bound to a scenario (in-process and Ray
-engines); the module-level ``app`` reads the scenario path from the run config
-(``flwr run .`` on Flower's Deployment Engine).
+``make_client_app(runtime)`` builds an app bound to a run's client runtime
+(:class:`fedsim.client.runtime.ClientRuntime`, made once per run from its
+:class:`fedsim.context.RunContext`; in-process and Ray engines); the module-level ``app``
+finds the run named by the run config (``flwr run .`` on Flower's Deployment Engine).
 
 The handlers run one client at a time: messages are decoded and answered by
 :mod:`fedsim.client.messages`, local training is the sequential backend of the client
 computation (:mod:`fedsim.client.step`, :func:`fedsim.client.train.train_local`), the same
-definitions the vectorized cohorts of :mod:`fedsim.engine.vectorized` run.
+definitions the vectorized cohorts of :mod:`fedsim.engine.vectorized` run. They read the
+run's client settings (:class:`fedsim.client.runtime.ClientSettings`), not the Scenario.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,46 +30,47 @@ from fedsim.client.messages import (  # messages imports failures: the "crash" h
     evaluate_reply,
     train_reply,
 )
-from fedsim.client.runtime import client_runtime
+from fedsim.client.runtime import ClientRuntime, ClientSettings, shared_runtime
 from fedsim.client.train import evaluate, train_local
 from fedsim.config import Scenario, load_scenario
-from fedsim.data.federated import FederatedData
-from fedsim.models.norm import uses_batch_statistics
 from fedsim.records import get_record
 from fedsim.rng import torch_generator
 
 
-def handle_train(msg: Message, context: Context, scenario: Scenario,
-                 data: FederatedData | None = None) -> Message:
+def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     """Decode the message, apply the hooks to the received arrays, train locally (the
     sequential backend of :mod:`fedsim.client.step`), reply with the update."""
-    rt = client_runtime(scenario, data)
-    req = decode(msg, context, scenario, rt.client_id(context))
+    cfg = rt.settings
+    req = decode(msg, context, cfg, rt.client_id(context))
     model = rt.model
-    load_record(model, req.arrays)
-    receive(model, req.hooks)
+    state = model.state_dict(keep_vars=True)  # the module's own tensors, updated in place
+    load_record(model, req.arrays, state)
+    if req.hooks:  # (no hook: nothing to lay over the received arrays)
+        receive(model, req.hooks)
     x, y = rt.data.client_train(req.client_id)
-    gen = torch_generator(scenario.seed, "client-train", req.server_round, req.client_id)
+    gen = torch_generator(cfg.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
-    if scenario.client.dp.enabled:
-        result, dp_metrics = _train_dpsgd(scenario, model, x.to(rt.device), y.to(rt.device),
+    if cfg.client.dp.enabled:
+        result, dp_metrics = _train_dpsgd(cfg, model, x.to(rt.device), y.to(rt.device),
                                           gen, req.hooks, context)
     else:
-        result = train_local(model, x.to(rt.device), y.to(rt.device), scenario.client, gen,
-                             req.hooks, drop_singleton=uses_batch_statistics(scenario.model.norm))
-    arrays = model.state_dict()
+        result = train_local(model, x.to(rt.device), y.to(rt.device), cfg.client, gen,
+                             req.hooks, drop_singleton=cfg.batch_statistics)
+    # training updates the module's tensors in place, so ``state`` holds the trained arrays;
+    # hooks may restructure the module (or need detached tensors): a fresh state dict then
+    arrays = model.state_dict() if req.hooks else state
     for hook in req.hooks:
         arrays = hook.on_reply(model, arrays)
     return train_reply(req, arrays, result, dp_metrics)
 
 
-def _train_dpsgd(scenario: Scenario, model, x, y, gen, hooks, context: Context):
+def _train_dpsgd(settings: ClientSettings, model, x, y, gen, hooks, context: Context):
     """DP-SGD for one round (:mod:`fedsim.client.dpsgd`); the client's steps so far live in
     its ``Context.state``. Returns the result and the reply's DP metrics (ε so far)."""
-    cfg = scenario.client
-    if uses_batch_statistics(scenario.model.norm):  # checked before training too (validate)
-        raise ValueError(dpsgd.BATCH_NORM_REFUSAL.format(norm=scenario.model.norm))
-    sigma = dpsgd.noise_multiplier_for(cfg, scenario.server.rounds, len(x))
+    cfg = settings.client
+    if settings.batch_statistics:  # checked before training too (validate)
+        raise ValueError(dpsgd.BATCH_NORM_REFUSAL.format(norm=settings.norm))
+    sigma = dpsgd.noise_multiplier_for(cfg, settings.rounds, len(x))
     result = dpsgd.train_dpsgd(model, x, y, cfg, sigma, gen, hooks)
     state = get_record(context.state, dpsgd.STATE_KEY, ConfigRecord)
     steps = int(state["steps"]) if state is not None else 0
@@ -83,41 +85,38 @@ def _train_dpsgd(scenario: Scenario, model, x, y, gen, hooks, context: Context):
     }
 
 
-def handle_evaluate(msg: Message, context: Context, scenario: Scenario,
-                    data: FederatedData | None = None) -> Message:
+def handle_evaluate(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     """Evaluate the received global model (with what the hooks lay over it, e.g. local
     layers) on the local test split."""
-    rt = client_runtime(scenario, data)
     cid = rt.client_id(context)
 
     def local_train():
         return rt.data.client_train(cid)
 
-    req = decode(msg, context, scenario, cid, local_train)
+    req = decode(msg, context, rt.settings, cid, local_train)
     load_record(rt.model, req.arrays)
     receive(rt.model, req.hooks, local_train)
     x, y = rt.data.client_test(cid)
     return evaluate_reply(req, *evaluate(rt.model, x.to(rt.device), y.to(rt.device)))
 
 
-def handle_query(msg: Message, context: Context, scenario: Scenario,
-                 data: FederatedData | None = None) -> Message:
+def handle_query(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     """Tell the server which fedsim client this node is (for engine-independent sampling)."""
-    cid = client_runtime(scenario, data).client_id(context)
+    cid = rt.client_id(context)
     return Message(RecordDict({"client": ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
-def _guarded(handler: Callable[..., Message], get_scenario: Callable[[Context], Scenario],
-             data: FederatedData | None = None) -> Callable[[Message, Context], Message]:
+def _guarded(handler: Callable[..., Message], get_runtime: Callable[[Context], ClientRuntime]
+             ) -> Callable[[Message, Context], Message]:
     """Run a handler; an exception becomes an error reply, so a failing client never kills or
     hangs a run on any engine. Train replies also report whether the node keeps state."""
 
     def run(msg: Message, context: Context) -> Message:
         try:
-            reply = handler(msg, context, get_scenario(context), data)
+            reply = handler(msg, context, get_runtime(context))
         except Exception as exc:  # reported to the server and recorded per round
             try:  # name the client, not the engine's (random) node id
-                cid = client_runtime(get_scenario(context)).client_id(context)
+                cid = get_runtime(context).client_id(context)
             except Exception:
                 cid = None
             return error_reply(msg, exc, cid)
@@ -130,31 +129,27 @@ def _guarded(handler: Callable[..., Message], get_scenario: Callable[[Context], 
     return run
 
 
-def _register(app: ClientApp, get_scenario: Callable[[Context], Scenario],
-              data: FederatedData | None = None) -> ClientApp:
-    app.train()(_guarded(handle_train, get_scenario, data))
-    app.evaluate()(_guarded(handle_evaluate, get_scenario, data))
-    app.query()(_guarded(handle_query, get_scenario, data))
+def _register(app: ClientApp, get_runtime: Callable[[Context], ClientRuntime]) -> ClientApp:
+    app.train()(_guarded(handle_train, get_runtime))
+    app.evaluate()(_guarded(handle_evaluate, get_runtime))
+    app.query()(_guarded(handle_query, get_runtime))
     return app
 
 
-def make_client_app(scenario: Scenario, data: FederatedData | None = None) -> ClientApp:
-    """A ClientApp bound to ``scenario`` (pickles to Ray workers with it).
+def make_client_app(runtime: ClientRuntime) -> ClientApp:
+    """A ClientApp bound to a run's client runtime (``ClientRuntime.for_run(run)``).
 
-    ``data`` overrides the clients' data (same client ids), e.g. for shadow federations.
+    On Ray the app pickles with the runtime, which travels as its run's scenario and is
+    built once per worker process (:func:`fedsim.client.runtime.shared_runtime`).
     """
-    return _register(ClientApp(), lambda _context: scenario, data)
-
-
-@functools.lru_cache(maxsize=8)
-def _scenario_from_run_config(path: str, overrides: str) -> Scenario:
-    return load_scenario(Path(path), [o for o in overrides.split(";") if o.strip()])
+    return _register(ClientApp(), lambda _context: runtime)
 
 
 def scenario_from_context(context: Context) -> Scenario:
     """The scenario named by the run config (``scenario`` path, optional ``set`` a=b;c=d)."""
     path = str(context.run_config.get("scenario", "scenarios/quickstart.toml"))
-    return _scenario_from_run_config(path, str(context.run_config.get("set", "")))
+    overrides = str(context.run_config.get("set", ""))
+    return load_scenario(Path(path), [o for o in overrides.split(";") if o.strip()])
 
 
-app = _register(ClientApp(), scenario_from_context)
+app = _register(ClientApp(), lambda context: shared_runtime(scenario_from_context(context)))

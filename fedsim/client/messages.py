@@ -33,8 +33,8 @@ from fedsim.arrays import state_to_record
 from fedsim.client.compress import upload_bytes
 from fedsim.client.failures import SimulatedCrash
 from fedsim.client.hooks import ClientHook, HookContext, hooks_for
+from fedsim.client.runtime import ClientSettings
 from fedsim.client.train import TrainResult
-from fedsim.config import Scenario
 from fedsim.records import get_record, require_record
 from fedsim.server.strategies import strategy_class
 
@@ -62,21 +62,21 @@ class ClientRequest:
     hooks: list[ClientHook]
 
 
-def decode(msg: Message, context: Context, scenario: Scenario, client_id: int,
+def decode(msg: Message, context: Context, settings: ClientSettings, client_id: int,
            local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
            ) -> ClientRequest:
     """Read a train or evaluate message (``msg.metadata.message_type``) of client
     ``client_id`` and instantiate the hooks its config asks for.
 
-    Train messages get the scenario's ``[client]`` settings and seed (they switch on the
+    Train messages get the run's ``[client]`` settings and seed (they switch on the
     compressor); evaluate messages get ``local_train`` (cold starts of local layers).
     """
     config = get_record(msg.content, "config", ConfigRecord) or ConfigRecord()
     arrays = require_record(msg.content, "arrays", ArrayRecord)
-    import_strategy(scenario.server.strategy)
+    import_strategy(settings.strategy)
     if msg.metadata.message_type == MessageType.TRAIN:
         ctx = HookContext(client_id, config, context.state, message=msg.content,
-                          client=scenario.client, seed=scenario.seed)
+                          client=settings.client, seed=settings.seed)
     else:
         ctx = HookContext(client_id, config, context.state, message=msg.content,
                           mode="evaluate", local_train=local_train)

@@ -1,75 +1,108 @@
-"""Per-process client runtime: data, model and device built once and reused per message.
+"""The client side of a run: its settings, data, working models and device, built once.
 
-Flower rebuilds a ClientApp's handlers for every message; rebuilding the dataset and the
-model each time would dominate small simulations, so they are cached per scenario.
+A :class:`ClientRuntime` is made from the run's :class:`fedsim.context.RunContext` and
+handed to everything that runs clients — the ClientApp's handlers (one client at a time)
+and the cohort backends (:mod:`fedsim.engine.vectorized`,
+:mod:`fedsim.engine.vectorized_eval`) — which read only their own section of the scenario
+(:class:`ClientSettings`), never the whole Scenario.
+
+Flower rebuilds the ClientApp for every message where it runs in other processes: Ray
+unpickles the app for each task, and the Deployment Engine loads it from the run config.
+There a runtime is found again through :func:`shared_runtime`, this module's one
+per-process cache, keyed by the run's scenario.
 """
 
 from __future__ import annotations
 
 import contextvars
 import copy
-import functools
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Context
 from torch import nn
 
-from fedsim.config import Scenario, scenario_from_dict
+from fedsim.config import ClientConfig, Scenario
+from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData, build_federated_data
-from fedsim.device import resolve_device
-from fedsim.models import build_model
 from fedsim.models.batched import fold_for_cohort
-from fedsim.rng import derive_seed
-
-
-def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
-    """The scenario's model, initialised from the seed (forked RNG: no global side effect)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(scenario.seed, "init"))
-        c, h, _ = fd.input_shape
-        return build_model(
-            scenario.model.arch,
-            scenario.model.norm,
-            in_channels=c,
-            image_size=h,
-            num_classes=fd.num_classes,
-            width=scenario.model.width,
-            groups=scenario.model.groups,
-            hybrid_init=scenario.model.hybrid_init,
-        )
-
+from fedsim.models.norm import uses_batch_statistics
 
 #: Which worker's model copy the current thread uses (set by the in-process engine's
 #: parallel workers; 0, the original model, everywhere else).
 WORKER_SLOT: contextvars.ContextVar[int] = contextvars.ContextVar("fedsim_worker", default=0)
 
 
-@dataclass
-class ClientRuntime:
-    """What every client message in this process shares: scenario, data, model, device.
+@dataclass(frozen=True)
+class ClientSettings:
+    """The part of a scenario the client computation reads.
 
-    ``model`` is the working model of the current worker slot: slot 0 is the model built
-    here; other slots (concurrent in-process workers) get their own deep copies, so clients
-    trained at the same time never share parameters. The copies for ``engine.workers`` are
-    made here, before any worker runs: copying a model while another thread calls it
-    functionally (a cohort swaps batched tensors into its modules) would copy those.
+    ``batch_statistics``: the norm normalises with batch statistics (local training drops
+    batches of one sample; DP-SGD is refused). ``rounds``: DP-SGD calibrates its noise to the
+    run's length. ``strategy``: its module registers the client hooks train configs name.
+    Failures are decided by the server (:mod:`fedsim.client.failures`): a client only sees
+    the crash its train config asks for, so ``[failures]`` is not part of this section.
     """
 
-    scenario: Scenario
+    client: ClientConfig
+    seed: int
+    rounds: int
+    norm: str
+    batch_statistics: bool
+    strategy: str
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> ClientSettings:
+        return cls(scenario.client, scenario.seed, scenario.server.rounds, scenario.model.norm,
+                   uses_batch_statistics(scenario.model.norm), scenario.server.strategy)
+
+
+@dataclass
+class ClientRuntime:
+    """What every client message of a run shares in this process: settings, data, models.
+
+    ``model`` is the working model of the current worker slot: slot 0 is ``base_model``;
+    other slots (concurrent in-process workers, ``workers`` > 1) get their own deep copies,
+    so clients trained at the same time never share parameters. The copies are made here,
+    before any worker runs: copying a model while another thread calls it functionally (a
+    cohort swaps batched tensors into its modules) would copy those.
+
+    A runtime pickles as its run's scenario and is found again (or built once) in the
+    receiving process by :func:`shared_runtime`; one over substituted data (a shadow
+    federation) runs in-process only.
+    """
+
+    settings: ClientSettings
     data: FederatedData
     base_model: nn.Module
     device: torch.device
+    workers: int = 1
+    origin: Scenario | None = field(default=None, repr=False)  # what a pickle carries
     _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _folded: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        if self.scenario.engine.kind == "inprocess":
-            for slot in range(1, self.scenario.engine.workers):
-                self._copies[slot] = copy.deepcopy(self.base_model)
+        for slot in range(1, self.workers):
+            self._copies[slot] = copy.deepcopy(self.base_model)
+
+    @classmethod
+    def for_run(cls, run: RunContext) -> ClientRuntime:
+        """The client runtime of ``run``: a fresh initial model on the run's device, and a
+        copy per in-process worker (``engine.workers``)."""
+        engine = run.scenario.engine
+        workers = engine.workers if engine.kind == "inprocess" else 1
+        return cls(ClientSettings.of(run.scenario), run.data, run.new_model().to(run.device),
+                   run.device, workers, origin=run.scenario)
+
+    def __reduce__(self):
+        if self.origin is None or self.data is not build_federated_data(self.origin):
+            raise TypeError("a client runtime over substituted data (a shadow federation) "
+                            "runs in-process only; it cannot be sent to another process")
+        return shared_runtime, (self.origin,)
 
     @property
     def model(self) -> nn.Module:
@@ -105,46 +138,25 @@ class ClientRuntime:
         return self.data.participating[pid]
 
 
-def scenario_key(scenario: Scenario) -> str:
-    return json.dumps(scenario.to_dict(), sort_keys=True, default=str)
+_SHARED: OrderedDict[str, ClientRuntime] = OrderedDict()
+_SHARED_MAX = 4  # runs whose runtimes a process keeps (a sweep on Ray moves on run by run)
+_SHARED_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=4)
-def _runtime(key: str) -> ClientRuntime:
-    scenario = scenario_from_dict(json.loads(key))
-    fd = build_federated_data(scenario)
-    device = resolve_device(scenario.engine.device)
-    model = build_global_model(scenario, fd).to(device)
-    return ClientRuntime(scenario, fd, model, device)
+def shared_runtime(scenario: Scenario) -> ClientRuntime:
+    """This process's client runtime of ``scenario``'s run, built on first use.
 
-
-_last: tuple[Scenario | None, ClientRuntime | None] = (None, None)
-_build_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=4)
-def _runtime_with(key: str, data: FederatedData) -> ClientRuntime:
-    base = _runtime(key)
-    model = build_global_model(base.scenario, data).to(base.device)
-    return ClientRuntime(base.scenario, data, model, base.device)
-
-
-def client_runtime(scenario: Scenario, data: FederatedData | None = None) -> ClientRuntime:
-    """The cached runtime for ``scenario`` in this process.
-
-    Every message of a run carries the same Scenario object, so the last one is recognised
-    by identity; only a new object pays for the JSON key (Scenario holds a dict, so it is not
-    hashable), which also finds runtimes of equal scenarios built elsewhere. ``data``
-    replaces the scenario's own FederatedData (same client ids; e.g. the shadow federations
-    of a membership audit train each client on a subset of its pool).
+    The one per-process cache of a run's parts, for where Flower rebuilds the ClientApp per
+    message in another process (Ray workers, the Deployment Engine's app processes):
+    rebuilding the data and model per message would dominate small runs. Keyed by the
+    scenario's content (a Scenario holds dicts, so it is not hashable); the in-process
+    engine never needs it (the runner's one RunContext reaches the ClientApp directly).
     """
-    global _last
-    if data is not None:
-        with _build_lock:
-            return _runtime_with(scenario_key(scenario), data)
-    cached, rt = _last
-    if cached is not scenario or rt is None:
-        with _build_lock:  # concurrent workers must not build two runtimes for one scenario
-            rt = _runtime(scenario_key(scenario))
-            _last = (scenario, rt)
-    return rt
+    key = json.dumps(scenario.to_dict(), sort_keys=True, default=str)
+    with _SHARED_LOCK:  # concurrent workers must not build two runtimes for one run
+        rt = _SHARED.get(key)
+        if rt is None:
+            rt = _SHARED[key] = ClientRuntime.for_run(RunContext.build(scenario))
+            while len(_SHARED) > _SHARED_MAX:
+                _SHARED.popitem(last=False)
+        return rt

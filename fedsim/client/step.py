@@ -80,19 +80,26 @@ class SGD:
         ``momentum`` holds the momentum buffers by name; a name without one starts with the
         gradient itself (torch's first step) and the new buffers are written back to it.
         ``in_place``: update ``params``' tensors themselves (the module's parameters in the
-        sequential backend) and return them; else return new tensors.
+        sequential backend) and the momentum buffers (the caller's own, as
+        ``torch.optim.SGD``'s state), and return the parameters; else return new tensors and
+        leave the buffers that came in untouched. The arithmetic is the same either way.
         """
         out = {}
+        lr, mu, wd = self.lr, self.momentum, self.weight_decay
         for name, d_p in grads.items():
             p = params[name]
-            if self.weight_decay:
-                d_p = d_p.add(p, alpha=self.weight_decay)
-            if self.momentum:
+            if wd:
+                d_p = d_p.add(p, alpha=wd)
+            if mu:
                 buf = momentum.get(name)
-                buf = d_p.clone() if buf is None else buf.mul(self.momentum).add_(d_p)
-                momentum[name] = buf
+                if buf is None:
+                    buf = momentum[name] = d_p.clone()
+                elif in_place:
+                    buf.mul_(mu).add_(d_p)
+                else:
+                    buf = momentum[name] = buf.mul(mu).add_(d_p)
                 d_p = buf
-            out[name] = p.add_(d_p, alpha=-self.lr) if in_place else p.add(d_p, alpha=-self.lr)
+            out[name] = p.add_(d_p, alpha=-lr) if in_place else p.add(d_p, alpha=-lr)
         return out
 
 
@@ -283,12 +290,17 @@ def mode_key(model: nn.Module) -> tuple[bool, ...]:
     return tuple(m.training for m in model.modules())
 
 
-def set_modes(model: nn.Module, hooks: Sequence[StepHook]) -> tuple[bool, ...]:
+def train_modes(model: nn.Module, hooks: Sequence[StepHook]) -> None:
     """``model.train()``, then each hook's ``before_train`` (mode changes such as frozen
-    BN statistics); returns the resulting :func:`mode_key`."""
+    BN statistics)."""
     model.train()
     for hook in hooks:
         hook.before_train(model)
+
+
+def set_modes(model: nn.Module, hooks: Sequence[StepHook]) -> tuple[bool, ...]:
+    """:func:`train_modes`; returns the resulting :func:`mode_key` (for grouping a cohort)."""
+    train_modes(model, hooks)
     return mode_key(model)
 
 

@@ -19,7 +19,7 @@ from fedsim.client.step import (
     eval_terms,
     hits,
     hook_loss,
-    set_modes,
+    train_modes,
     transform_grads,
 )
 from fedsim.config import ClientConfig
@@ -92,7 +92,7 @@ def train_local(
     terms and transforms and the SGD update are the step module's, as in a cohort. Hooks'
     ``before_train`` set the modes first; ``after_train`` runs after the last step.
     """
-    set_modes(model, hooks)
+    train_modes(model, hooks)
     params = dict(model.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     leaves = list(trainable.values())
@@ -102,13 +102,12 @@ def train_local(
     if terms is not None and terms.max_steps is not None:
         plan = plan[: terms.max_steps]
     sgd, momentum = SGD.of(cfg), {}
-    # float64/int64 accumulators on the device: the same sums as Python floats, no sync per step
-    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    seen = 0
+    # per-step loss and hits stay on the device (no sync per step) and are summed once, below
+    losses: list[torch.Tensor] = []
+    right: list[torch.Tensor] = []
     for idx in plan:
-        xb, yb = x[idx], y[idx]
-        logits = model(xb)
+        yb = y[idx]
+        logits = model(x[idx])
         loss = cross_entropy(logits, yb)
         full = loss
         if terms:
@@ -121,14 +120,26 @@ def train_local(
         if terms:
             grads = transform_grads(terms.active_hooks, grads, terms.active_states)
         sgd.update(trainable, grads, momentum, in_place=True)
-        total_loss += loss.detach().double() * len(idx)
-        correct += hits(logits.detach(), yb)
-        seen += len(idx)
+        losses.append(loss.detach())
+        right.append(hits(logits.detach(), yb))
     for hook in hooks:
         hook.after_train(model, Trained(len(plan), cfg.lr))
-    if seen == 0:
+    if not plan:
         return TrainResult(float("nan"), float("nan"), 0, 0)
-    return TrainResult(total_loss.item() / seen, correct.item() / seen, len(x), len(plan))
+    return TrainResult(*batch_means(losses, right, [len(idx) for idx in plan]), len(x),
+                       len(plan))
+
+
+def batch_means(losses: Sequence[torch.Tensor], right: Sequence[torch.Tensor],
+                sizes: Sequence[int]) -> tuple[float, float]:
+    """(mean loss, accuracy) over the samples of batches with mean losses ``losses``, hit
+    counts ``right`` and ``sizes``: the loss summed in float64 batch by batch, in order
+    (the same sum as accumulating a float64 tensor step by step, one transfer at the end)."""
+    total = 0.0
+    for value, n in zip(torch.stack(list(losses)).double().tolist(), sizes):
+        total += value * n
+    seen = sum(sizes)
+    return total / seen, int(torch.stack(list(right)).sum().item()) / seen
 
 
 @torch.no_grad()

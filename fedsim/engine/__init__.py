@@ -1,7 +1,10 @@
 """Engines execute client updates: in-process (default) or Flower's Ray simulation.
 
-``ENGINES`` maps ``engine.kind`` to a function that runs a ServerApp and a ClientApp; Ray
-itself is imported only when the ``ray`` engine runs (:func:`fedsim.engine.ray.run_ray`).
+``ENGINES`` maps ``engine.kind`` to a function that runs a ServerApp against the clients of
+a run (:class:`fedsim.context.RunContext`): it makes the run's client runtime and ClientApp
+(and, in-process, the cohort backends sharing that runtime) and reads its ``[engine]``
+section. Ray itself is imported only when the ``ray`` engine runs
+(:func:`fedsim.engine.ray.run_ray`).
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from torch import nn
 
 from fedsim.arrays import fast_flower_records
-from fedsim.config import Scenario
+from fedsim.client.app import make_client_app
+from fedsim.client.runtime import ClientRuntime
+from fedsim.context import RunContext
 from fedsim.engine.inprocess import run_inprocess
 from fedsim.engine.memory import reused_memory
 from fedsim.engine.ray import run_ray
@@ -59,26 +63,32 @@ def frozen_gc() -> Iterator[None]:
 
 
 @ENGINES.register("inprocess")
-def _inprocess(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
-    cfg = scenario.engine
+def _inprocess(server_app: ServerApp, run: RunContext) -> None:
+    cfg = run.scenario.engine
+    clients = ClientRuntime.for_run(run)  # one per run: the ClientApp and cohorts share it
     store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
     trainer = evaluator = None
     if cfg.vectorize:
-        trainer, evaluator = CohortTrainer(scenario), CohortEvaluator(scenario)
+        trainer, evaluator = CohortTrainer(clients), CohortEvaluator(clients)
     with torch_threads(cfg.threads), fast_flower_records(), frozen_gc(), \
             reused_memory(cfg.reuse_memory):
-        run_inprocess(server_app, client_app, scenario.num_participating, state_store=store,
+        run_inprocess(server_app, make_client_app(clients), run.scenario.num_participating,
+                      state_store=store,
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
                       workers=cfg.workers, cohort_evaluator=evaluator)
 
 
 @ENGINES.register("ray")
-def _ray(server_app: ServerApp, client_app: ClientApp, scenario: Scenario) -> None:
-    # the ServerApp (aggregation) runs here; Ray's local workers get the memory settings too
-    with fast_flower_records(), frozen_gc(), reused_memory(scenario.engine.reuse_memory):
-        run_ray(server_app, client_app, scenario.num_participating, scenario.engine)
+def _ray(server_app: ServerApp, run: RunContext) -> None:
+    # the ServerApp (aggregation) runs here; Ray's local workers get the memory settings too,
+    # and the ClientApp, whose runtime each worker process builds once (shared_runtime)
+    cfg = run.scenario.engine
+    with fast_flower_records(), frozen_gc(), reused_memory(cfg.reuse_memory):
+        run_ray(server_app, make_client_app(ClientRuntime.for_run(run)),
+                run.scenario.num_participating, cfg)
 
 
-def check_engine(scenario: Scenario, model: nn.Module) -> None:
-    """Engine settings that can only be checked against the model and strategy (preflight)."""
-    check_vectorize(scenario, model)
+def check_engine(run: RunContext, model: nn.Module) -> None:
+    """Engine settings that can only be checked against the model (preflight); ``model`` is
+    one of ``run``'s."""
+    check_vectorize(run, model)

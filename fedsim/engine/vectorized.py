@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedsim.client.messages import ClientRequest, decode, error_reply, train_reply
-from fedsim.client.runtime import client_runtime
+from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import (
     SGD,
     HookTerms,
@@ -54,8 +54,8 @@ from fedsim.client.step import (
     transform_grads,
 )
 from fedsim.client.train import TrainResult, plan_batches
-from fedsim.config import ClientConfig, Scenario
-from fedsim.data.federated import build_federated_data
+from fedsim.config import ClientConfig
+from fedsim.context import RunContext
 from fedsim.engine.cohort_arrays import GlobalArrays, client_start
 from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 from fedsim.errors import ScenarioError
@@ -63,7 +63,6 @@ from fedsim.models.batched import fold_for_cohort
 from fedsim.models.norm import (
     has_running_statistics,
     model_uses_batch_statistics,
-    uses_batch_statistics,
 )
 from fedsim.rng import torch_generator
 
@@ -101,14 +100,16 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
                             EvalMember(params, buffers, x[:3], y[:3], x, layers)])
 
 
-def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
+def check_vectorize(run: RunContext, model: nn.Module) -> None:
     """Refuse ``engine.vectorize = true`` where a cohort cannot run, before training.
 
     Checks the engine and the model: one dry cohort step must trace under ``vmap`` (a model
     that calls ``.item()`` or branches on data cannot). Every client hook runs in a cohort
     (its terms are part of the step), so hooks are not checked; DP-SGD is refused with the
-    other ``[client.dp]`` checks (:func:`fedsim.validate.check_client_dp`).
+    other ``[client.dp]`` checks (:func:`fedsim.validate.check_client_dp`). ``model`` is
+    one of ``run``'s, whose data gives the input shape.
     """
+    scenario = run.scenario
     if not scenario.engine.vectorize:
         return
     if scenario.engine.kind != "inprocess":
@@ -116,8 +117,7 @@ def check_vectorize(scenario: Scenario, model: nn.Module) -> None:
             f"engine.vectorize = true applies to the inprocess engine, not engine.kind = "
             f"{scenario.engine.kind!r}; set engine.vectorize = false or engine.kind = 'inprocess'"
         )
-    data = build_federated_data(scenario)
-    problem = trace_problem(model, data.input_shape, data.num_classes)
+    problem = trace_problem(model, run.data.input_shape, run.data.num_classes)
     if problem:
         raise ScenarioError(
             f"engine.vectorize = true cannot train model.arch = {scenario.model.arch!r} "
@@ -388,16 +388,18 @@ class CohortTrainer:
     inside the step — with the local steps of clients whose hooks agree on the modes and
     the terms in one cohort. A client whose preparation or reply fails (or whose hook
     raises, such as a simulated crash) gets an error reply; the others are unaffected.
+    ``runtime`` is the run's client runtime, shared with the ClientApp (settings, data,
+    each worker's folded cohort model).
     """
 
-    def __init__(self, scenario: Scenario) -> None:
-        self.scenario = scenario
+    def __init__(self, runtime: ClientRuntime) -> None:
+        self.runtime = runtime
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        scenario = self.scenario
-        rt = client_runtime(scenario)
+        rt = self.runtime
+        cfg = rt.settings
         model = rt.cohort_model
-        drop = uses_batch_statistics(scenario.model.norm)
+        drop = cfg.batch_statistics
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, ClientRequest, CohortMember]] = []
         groups: dict[tuple, list[int]] = {}  # (modes, terms) -> indices into prepared
@@ -407,15 +409,15 @@ class CohortTrainer:
             cid = None
             try:
                 cid = rt.client_id(ctx)
-                req = decode(msg, ctx, scenario, cid)
+                req = decode(msg, ctx, cfg, cid)
                 params, bufs = global_arrays(req.arrays)
                 arrays = client_start(model, params, bufs, req.hooks,
                                       lambda cid=cid: rt.data.client_train(cid))
                 modes = set_modes(model, req.hooks) if req.hooks else all_train
                 terms = HookTerms(req.hooks, {n: arrays[n] for n in params})
                 x, y = rt.data.client_train(cid)
-                gen = torch_generator(scenario.seed, "client-train", req.server_round, cid)
-                plan = plan_batches(len(x), scenario.client, gen, drop)
+                gen = torch_generator(cfg.seed, "client-train", req.server_round, cid)
+                plan = plan_batches(len(x), cfg.client, gen, drop)
                 if terms.max_steps is not None:
                     plan = plan[: terms.max_steps]
                 member = CohortMember(params, x.to(rt.device), y.to(rt.device), plan, bufs,
@@ -427,11 +429,11 @@ class CohortTrainer:
         keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
         for (modes, _), group in groups.items():
             finals, results = train_cohort(model, [prepared[j][2] for j in group],
-                                           scenario.client, as_numpy=True, modes=modes)
+                                           cfg.client, as_numpy=True, modes=modes)
             for j, final, result in zip(group, finals, results):
                 i, req, member = prepared[j]
                 try:
-                    trained = Trained(len(member.batches), scenario.client.lr)
+                    trained = Trained(len(member.batches), cfg.client.lr)
                     for hook in req.hooks:
                         hook.after_train(model, trained)
                     arrays = {k: torch.from_numpy(final[k]) for k in keys}

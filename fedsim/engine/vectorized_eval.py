@@ -29,9 +29,8 @@ from torch.func import functional_call, vmap
 
 from fedsim.client.hooks import ClientHook, statistics_parts
 from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_reply
-from fedsim.client.runtime import client_runtime
+from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import ClientArrays, eval_sums
-from fedsim.config import Scenario
 from fedsim.engine.cohort_arrays import GlobalArrays, serve_eagerly
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
@@ -212,14 +211,15 @@ class CohortEvaluator:
     replies (:mod:`fedsim.client.messages`), the hooks' ``on_receive`` in evaluate mode, the
     same loss and accuracy (:func:`fedsim.client.step.eval_sums`) — with the clients'
     forward passes in one ``vmap`` cohort; a client whose preparation fails gets an error
-    reply, the others are unaffected.
+    reply, the others are unaffected. ``runtime`` is the run's client runtime, shared with
+    the ClientApp.
     """
 
-    def __init__(self, scenario: Scenario) -> None:
-        self.scenario = scenario
+    def __init__(self, runtime: ClientRuntime) -> None:
+        self.runtime = runtime
 
     def __call__(self, msgs: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
-        rt = client_runtime(self.scenario)
+        rt = self.runtime
         build = MemberBuilder(rt.cohort_model)
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, ClientRequest, EvalMember]] = []
@@ -231,7 +231,7 @@ class CohortEvaluator:
                 def local_train(cid=cid):
                     return rt.data.client_train(cid)
 
-                req = decode(msg, ctx, self.scenario, cid, local_train)
+                req = decode(msg, ctx, rt.settings, cid, local_train)
                 x, y = rt.data.client_test(cid)
                 member = build(req.arrays, req.hooks, x.to(rt.device), y.to(rt.device),
                                local_train)

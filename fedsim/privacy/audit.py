@@ -48,10 +48,11 @@ from fedsim.arrays import load_record, model_to_record, record_to_state
 from fedsim.client.app import make_client_app
 from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
-from fedsim.client.runtime import build_global_model
+from fedsim.client.runtime import ClientRuntime
 from fedsim.client.train import plan_batches, train_local
 from fedsim.compat import task_identity_restored
 from fedsim.config import Scenario
+from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData
 from fedsim.engine.inprocess import InProcessGrid
 from fedsim.engine.ordered import ClientOrderedGrid
@@ -245,9 +246,10 @@ class ShadowData:
         return cls(base, rows)
 
 
-def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRecord:
-    """Train ``scenario``'s federation on ``data`` with the in-process engine and the usual
-    round loop (strategy hooks, seeded sampling), without server-side evaluation.
+def train_federation(run: RunContext, on_replies: Callable) -> ArrayRecord:
+    """Train ``run``'s federation (its scenario on its data, e.g. a shadow federation's) with
+    the in-process engine and the usual round loop (strategy hooks, seeded sampling),
+    without server-side evaluation.
 
     ``on_replies(round, replies, arrays)`` sees every round, and round 0 (no replies) first.
     Flower's process-wide task identity is restored afterwards.
@@ -256,12 +258,13 @@ def train_federation(scenario: Scenario, data, on_replies: Callable) -> ArrayRec
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # as the ServerApp does
     with task_identity_restored():
-        nodes = len(data.participating)
-        grid = ClientOrderedGrid(InProcessGrid(make_client_app(scenario, data), nodes), nodes)
-        model = build_global_model(scenario, data)
+        nodes = len(run.data.participating)
+        client_app = make_client_app(ClientRuntime.for_run(run))
+        grid = ClientOrderedGrid(InProcessGrid(client_app, nodes), nodes)
+        model = run.new_model()
         arrays = model_to_record(model)
         on_replies(0, [], arrays)
-        return run_rounds(make_strategy(scenario, model), grid, arrays, scenario,
+        return run_rounds(make_strategy(run.scenario, model), grid, arrays, run.scenario,
                           lambda _arrays: {}, lambda _record: None, on_replies=on_replies)
 
 
@@ -273,8 +276,9 @@ def first_client(scenario: Scenario, data: FederatedData) -> int:
     return data.participating[0] if cid < 0 else cid
 
 
-def check_privacy(scenario: Scenario, data: FederatedData) -> None:
+def check_privacy(run: RunContext) -> None:
     """Bad ``[privacy]`` input raises ScenarioError before anything trains."""
+    scenario, data = run.scenario, run.data
     cfg, rounds = scenario.privacy, scenario.server.rounds
     for name in cfg.mia:
         MIA_ATTACKS.get(name, key="privacy.mia")
@@ -325,9 +329,9 @@ class PrivacyAudit:
     ``privacy`` section of summary.json and writes the PNGs into ``out``.
     """
 
-    def __init__(self, scenario: Scenario, data: FederatedData, device: torch.device,
-                 out: Path, initial: ArrayRecord) -> None:
-        check_privacy(scenario, data)
+    def __init__(self, run: RunContext, out: Path, initial: ArrayRecord) -> None:
+        check_privacy(run)
+        scenario, data, device = run.scenario, run.data, run.device
         self.scenario, self.cfg, self.data, self.device = scenario, scenario.privacy, data, device
         self.out = Path(out)
         total = scenario.server.rounds
@@ -335,7 +339,7 @@ class PrivacyAudit:
         every = self.cfg.audit_every
         self.audit_rounds = (set(range(every, total + 1, every)) if every else set()) | {total}
         self.client_round = self.cfg.client_round or total
-        self.model = build_global_model(scenario, data).to(device)  # scratch copy for probes
+        self.model = run.new_model().to(device)  # scratch copy for probes
         self.pool = MembershipPool.build(data, scenario.seed)
         x, y, self.is_member = self.pool.tensors(data)
         self.pool_xy = (x.to(device), y.to(device))
@@ -555,7 +559,7 @@ class PrivacyAudit:
                     if pop is not None:
                         pop[rnd][i] = self._outputs(arrays, *self.test_xy)[1]
 
-            train_federation(shadow, data, on_replies)
+            train_federation(RunContext(shadow, data, self.device), on_replies)
         return conf, shadow_in, pop
 
     def _leakage_summary(self) -> dict:

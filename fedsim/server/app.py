@@ -1,8 +1,9 @@
-"""The fedsim ServerApp: builds the model, data and strategy from a scenario and runs rounds.
+"""The fedsim ServerApp: makes the strategy from a run's context and runs rounds.
 
-``make_server_app(scenario, sink)`` binds an app to a scenario and a result sink (in-process
-and Ray engines, which run the ServerApp in this process); the module-level ``app`` reads
-the scenario path and output folder from the run config (``flwr run .``).
+``make_server_app(run, sink)`` binds an app to a run's :class:`fedsim.context.RunContext`
+(data, device, model factory) and a result sink (in-process and Ray engines, which run the
+ServerApp in this process); the module-level ``app`` reads the scenario path and output
+folder from the run config (``flwr run .``) and builds the context there.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ import fedsim.plugins  # noqa: F401  strategies and client hooks register (own p
 from fedsim.arrays import model_to_record
 from fedsim.checkpoint import Checkpointer, resume_state
 from fedsim.client.app import scenario_from_context
-from fedsim.client.runtime import build_global_model
-from fedsim.config import Scenario
-from fedsim.data.federated import build_federated_data
-from fedsim.device import resolve_device
+from fedsim.context import RunContext
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.privacy.audit import PrivacyAudit
@@ -39,15 +37,14 @@ from fedsim.server.personalized import (
 from fedsim.validate import check_names
 
 
-def server_main(grid: Grid, scenario: Scenario, sink) -> None:
-    """Train ``scenario`` through ``grid``; rounds and the final model go to ``sink``."""
+def server_main(grid: Grid, run: RunContext, sink) -> None:
+    """Train ``run``'s federation through ``grid``; rounds and the final model go to ``sink``."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    data = build_federated_data(scenario)
-    device = resolve_device(scenario.engine.device)
-    model = build_global_model(scenario, data).to(device)
+    scenario, data, device = run.scenario, run.data, run.device
+    model = run.new_model().to(device)
     arrays = model_to_record(model)
     strategy = make_strategy(scenario, model)
-    evaluator = Evaluator(scenario, data, model, device)
+    evaluator = Evaluator(scenario.output, scenario.seed, data, model, device)
     grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     evaluate = evaluator
@@ -60,7 +57,7 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
     sink.start(scenario)
     audit = None
     if scenario.privacy.enabled:
-        audit = PrivacyAudit(scenario, data, device, sink.out, arrays)
+        audit = PrivacyAudit(run, sink.out, arrays)
     resumed = getattr(sink, "checkpoint", None)  # set by --resume
     checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed, audit=audit)
     if resumed is not None:
@@ -98,22 +95,23 @@ def server_main(grid: Grid, scenario: Scenario, sink) -> None:
         sink.finish(arrays, model)
 
 
-def make_server_app(scenario: Scenario, sink) -> ServerApp:
-    """A ServerApp bound to ``scenario`` that reports to ``sink``."""
+def make_server_app(run: RunContext, sink) -> ServerApp:
+    """A ServerApp bound to ``run`` that reports to ``sink``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(grid, scenario, sink)
+        server_main(grid, run, sink)
 
     return app
 
 
-def _from_run_config(context: Context) -> tuple[Scenario, Callable]:
+def _from_run_config(context: Context) -> tuple[RunContext, Callable]:
     scenario = scenario_from_context(context)
     check_names(scenario)  # the edge of `flwr run .`: registry names, before anything trains
     out = Path(str(context.run_config.get("out", scenario.output.dir)))
-    return scenario, RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True)))
+    return (RunContext.build(scenario),
+            RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True))))
 
 
 app = ServerApp()
@@ -121,8 +119,8 @@ app = ServerApp()
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    scenario, sink = _from_run_config(context)
+    run, sink = _from_run_config(context)
     sink.prepare()
-    server_main(grid, scenario, sink)
+    server_main(grid, run, sink)
     if sink.stopped is not None:
         raise sink.stopped

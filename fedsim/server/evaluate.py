@@ -15,7 +15,7 @@ from torch import nn
 
 from fedsim.arrays import load_record
 from fedsim.client.train import evaluate_many
-from fedsim.config import OutputConfig, Scenario
+from fedsim.config import OutputConfig
 from fedsim.data.federated import FederatedData
 from fedsim.errors import ScenarioError
 from fedsim.models import hybrid_alphas
@@ -88,17 +88,17 @@ def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputC
 class Evaluator:
     """Evaluates global arrays on the global test set and on clients' local splits."""
 
-    def __init__(self, scenario: Scenario, data: FederatedData, model: nn.Module,
+    def __init__(self, output: OutputConfig, seed: int, data: FederatedData, model: nn.Module,
                  device: torch.device) -> None:
         self.data = data
         self.model = model
         self.device = device
-        limit = scenario.output.eval_clients
-        self.clients = pick_clients(data.participating, limit, scenario.seed, "participating")
-        self.holdout = pick_clients(data.holdout, limit, scenario.seed, "holdout")
+        limit = output.eval_clients
+        self.clients = pick_clients(data.participating, limit, seed, "participating")
+        self.holdout = pick_clients(data.holdout, limit, seed, "holdout")
         self._splits: list | None = None  # every evaluated split, on the device, built once
-        self.output = scenario.output
-        self.seed = scenario.seed
+        self.output = output
+        self.seed = seed
         self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.arrays import peek_array
 from fedsim.client.compress import record_bytes
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
-from fedsim.config import Scenario
+from fedsim.config import Scenario, ServerConfig
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
@@ -127,8 +127,7 @@ def _with_config(msg: Message, extra: dict) -> Message:
     return msg
 
 
-def _lr_hint(scenario: Scenario) -> str:
-    lr = scenario.client.lr
+def _lr_hint(lr: float) -> str:
     return (f"likely cause: the learning rate is too high — client.lr = {lr:g} (try "
             f"{lr / 10:g}) or a server learning rate in [server.params]")
 
@@ -167,8 +166,9 @@ class RoundRunner:
         seed = self.scenario.seed
         retry = ("retry", attempt) if attempt else ()
         with sampling_seed(seed, "sample-train", rnd, *retry):
-            messages = list(strategy_hook(self.strategy, "configure_train", rnd, self.scenario,
-                                          rnd, arrays, ConfigRecord(), self.grid))
+            messages = list(strategy_hook(self.strategy, "configure_train", rnd,
+                                          self.scenario.server, rnd, arrays, ConfigRecord(),
+                                          self.grid))
         note = {"attempt": attempt} if attempt else {}
         send = []
         for msg in messages:
@@ -238,7 +238,7 @@ class RoundRunner:
                f"attempt(s) (failures: {summary})")
         if counts and set(counts) == {"non-finite"}:
             msg += "; every update was NaN/Inf, the local training diverged — "
-            msg += _lr_hint(self.scenario)
+            msg += _lr_hint(self.scenario.client.lr)
         else:
             if detail:
                 msg += f"; first error: {detail}"
@@ -249,7 +249,7 @@ class RoundRunner:
         return exc
 
 
-def strategy_hook(strategy: Strategy, hook: str, rnd: int, scenario: Scenario, *args):
+def strategy_hook(strategy: Strategy, hook: str, rnd: int, server: ServerConfig, *args):
     """Call one strategy hook; an exception in it (a user's strategy, a bad [server.params]
     value) stops the run with a message naming the strategy and the hook."""
     try:
@@ -258,10 +258,10 @@ def strategy_hook(strategy: Strategy, hook: str, rnd: int, scenario: Scenario, *
         raise
     except Exception as exc:
         log.debug("strategy hook failed", exc_info=True)
-        params = ", ".join(f"{k} = {v!r}" for k, v in scenario.server.params.items())
+        params = ", ".join(f"{k} = {v!r}" for k, v in server.params.items())
         raise RunStopped(
             f"round {rnd}: {type(strategy).__name__}.{hook} raised {type(exc).__name__}: "
-            f"{exc}; check server.strategy = {scenario.server.strategy!r} and [server.params]"
+            f"{exc}; check server.strategy = {server.strategy!r} and [server.params]"
             f" ({params or 'none'})", round=rnd) from exc
 
 
@@ -347,31 +347,31 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
                           "downloaded": _bytes_stats(phase.downloaded)},
     })
     with sampling_seed(scenario.seed, "aggregate-train", rnd):
-        agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario, rnd,
+        agg, metrics = strategy_hook(strategy, "aggregate_train", rnd, scenario.server, rnd,
                                      phase.accepted)
     for key in ("train_loss", "train_accuracy"):
         record[key] = float(metrics[key]) if metrics and key in metrics else None
     if agg is not None and not _arrays_finite(agg):
         raise RunStopped(f"round {rnd}: the aggregated global model has NaN/Inf values (the "
-                         f"run diverged); {_lr_hint(scenario)}", round=rnd)
+                         f"run diverged); {_lr_hint(scenario.client.lr)}", round=rnd)
     if agg is not None:
         arrays = agg
     record["train_seconds"] = time.perf_counter() - t0
     if on_replies is not None:
         on_replies(rnd, phase.accepted, arrays)
     with sampling_seed(scenario.seed, "sample-evaluate", rnd):
-        ev_messages = list(strategy_hook(strategy, "configure_evaluate", rnd, scenario, rnd,
+        ev_messages = list(strategy_hook(strategy, "configure_evaluate", rnd, scenario.server, rnd,
                                          arrays, ConfigRecord(), grid))
     if ev_messages:
         replies = list(grid.send_and_receive(ev_messages, timeout=REPLY_TIMEOUT))
         replies.sort(key=lambda m: (_client_id(m) is None, _client_id(m) or 0))
         with sampling_seed(scenario.seed, "aggregate-evaluate", rnd):
-            ev = strategy_hook(strategy, "aggregate_evaluate", rnd, scenario, rnd, replies)
+            ev = strategy_hook(strategy, "aggregate_evaluate", rnd, scenario.server, rnd, replies)
         record["federated_evaluation"] = dict(ev) if ev is not None else None
     if rnd % scenario.output.eval_every == 0 or rnd == scenario.server.rounds:
         record.update(evaluate(arrays))
         loss = record.get("global_test_loss")
         if isinstance(loss, float) and not math.isfinite(loss):
             raise RunStopped(f"round {rnd}: the global test loss is {loss} (the run "
-                             f"diverged); {_lr_hint(scenario)}", round=rnd)
+                             f"diverged); {_lr_hint(scenario.client.lr)}", round=rnd)
     return arrays, phase.stateful

@@ -157,9 +157,9 @@ def _shapes(path):
 
 
 def fedsim_model_params(path):
-    from fedsim.client.runtime import client_runtime
+    from fedsim.client.runtime import shared_runtime
 
-    return list(client_runtime(load_scenario(path / "scenario.toml")).model.named_parameters())
+    return list(shared_runtime(load_scenario(path / "scenario.toml")).model.named_parameters())
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import fedsim
 from fedsim.client import dpsgd
-from fedsim.client.runtime import client_runtime
 from fedsim.config import ClientConfig, ClientDPConfig, ScenarioError, load_scenario
+from fedsim.data.federated import build_federated_data
 from fedsim.models import build_model
 from fedsim.privacy.accountant import epsilon
 from fedsim.run import check
@@ -142,7 +142,7 @@ def test_quickstart_with_dpsgd_reports_each_clients_epsilon(tmp_path):
     fedsim.run(scenario, out=out)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     trained = [r for r in rounds if r["round"] >= 1]
-    data = client_runtime(scenario).data
+    data = build_federated_data(scenario)
     joined: dict[int, int] = {}
     for r in trained:
         for cid in r["clients"]:

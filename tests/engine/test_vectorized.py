@@ -13,6 +13,7 @@ from fedsim import compat
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
+from fedsim.client.runtime import shared_runtime
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
@@ -146,14 +147,12 @@ class LocalHead(ClientHook):
 def small_quickstart(server_round: int, hooks: str):
     """A 6-client quickstart (width 8), its global arrays and a train config naming
     ``hooks``: the setting of the cohort-trainer tests below."""
-    from fedsim.client.runtime import client_runtime
-
     set_task_identity(1)
     scenario = load_scenario("scenarios/quickstart.toml", [
         "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
         "server.clients_per_round=3", "client.epochs=1"])
     config = ConfigRecord({"server-round": server_round, "client-hooks": hooks})
-    return scenario, model_to_record(client_runtime(scenario).model), config
+    return scenario, model_to_record(shared_runtime(scenario).model), config
 
 
 def train_message(arrays, config, node: int) -> Message:
@@ -177,9 +176,10 @@ def test_cohort_trainer_replies_like_handle_train_with_client_state():
         return ctxs
 
     seq_ctx = contexts()
-    sequential = [handle_train(m, c, scenario) for m, c in zip(messages(), seq_ctx)]
+    rt = shared_runtime(scenario)
+    sequential = [handle_train(m, c, rt) for m, c in zip(messages(), seq_ctx)]
     vec_ctx = contexts()
-    vectorized = CohortTrainer(scenario)(messages(), vec_ctx)
+    vectorized = CohortTrainer(rt)(messages(), vec_ctx)
     for a, b, ca, cb in zip(sequential, vectorized, seq_ctx, vec_ctx):
         assert not b.has_error()
         assert dict(a.content.config_records["client"]) == dict(b.content.config_records["client"])
@@ -200,7 +200,6 @@ def test_cohort_trainer_and_evaluator_run_the_folded_layers(monkeypatch):
     """The engine's cohort backends fold the model themselves (the folded path is chosen
     once, when the runtime first builds its cohort model): their GN and pooling layers run
     as one native call per cohort, counted here."""
-    from fedsim.client.runtime import client_runtime
     from fedsim.engine.vectorized_eval import CohortEvaluator
 
     calls = []
@@ -215,18 +214,18 @@ def test_cohort_trainer_and_evaluator_run_the_folded_layers(monkeypatch):
         return [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
                         state=RecordDict(), run_config={}) for n in nodes]
 
-    replies = CohortTrainer(scenario)([train_message(arrays, config, n) for n in nodes],
-                                      contexts())
+    replies = CohortTrainer(shared_runtime(scenario))(
+        [train_message(arrays, config, n) for n in nodes], contexts())
     assert not any(r.has_error() for r in replies)
     assert calls.count("group_norm") > 0 and calls.count("max_pool") > 0
-    assert client_runtime(scenario).cohort_model is client_runtime(scenario).cohort_model
+    assert shared_runtime(scenario).cohort_model is shared_runtime(scenario).cohort_model
     calls.clear()
     evals = []
     for n in nodes:
         m = Message(RecordDict({"arrays": arrays, "config": config}), n, MessageType.EVALUATE)
         compat.set_message_id(m, f"e{n}")
         evals.append(m)
-    replies = CohortEvaluator(scenario)(evals, contexts())
+    replies = CohortEvaluator(shared_runtime(scenario))(evals, contexts())
     assert not any(r.has_error() for r in replies)
     assert calls.count("group_norm") > 0
 
@@ -279,9 +278,7 @@ def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
         "partition.num_clients=6", "partition.holdout_clients=0.0", "model.width=8",
         "model.norm=bn", "server.strategy=fedbn", "client.epochs=1",
         "server.clients_per_round=3"])
-    from fedsim.client.runtime import client_runtime
-
-    rt = client_runtime(scenario)
+    rt = shared_runtime(scenario)
     arrays = model_to_record(rt.model)
     config = ConfigRecord({"server-round": 3, "client-hooks": "fedbn"})
     norm_keys = [k for k in rt.model.state_dict() if k.startswith("features.1.")
@@ -303,9 +300,9 @@ def test_fedbn_cohort_swaps_saved_arrays_like_the_sequential_client():
             states.append(ctx)
         return trainer(replies), states
 
-    seq, seq_ctx = run(lambda pairs: [handle_train(m, c, scenario) for m, c in pairs])
-    vec, vec_ctx = run(lambda pairs: CohortTrainer(scenario)([m for m, _ in pairs],
-                                                             [c for _, c in pairs]))
+    seq, seq_ctx = run(lambda pairs: [handle_train(m, c, rt) for m, c in pairs])
+    vec, vec_ctx = run(lambda pairs: CohortTrainer(rt)([m for m, _ in pairs],
+                                                       [c for _, c in pairs]))
     for a, b, ca, cb in zip(seq, vec, seq_ctx, vec_ctx):
         assert not b.has_error()
         sa, sb = (record_to_state(r.content.array_records["arrays"]) for r in (a, b))
@@ -337,7 +334,7 @@ def test_cohort_asks_each_client_for_its_local_keys():
     msgs = [train_message(arrays, config, node) for node in nodes]
     ctxs = [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
                     state=RecordDict(), run_config={}) for n in nodes]
-    replies = CohortTrainer(scenario)(msgs, ctxs)
+    replies = CohortTrainer(shared_runtime(scenario))(msgs, ctxs)
     for reply, ctx in zip(replies, ctxs):
         cid = int(reply.content.config_records["client"]["client-id"])
         kept = ["head.bias"] if cid % 2 else ["head.weight"]

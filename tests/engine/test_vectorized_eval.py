@@ -10,7 +10,7 @@ import fedsim.engine.vectorized_eval as vectorized_eval
 from fedsim.arrays import model_to_record, state_to_record
 from fedsim.client.app import handle_evaluate
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, estimate_statistics
-from fedsim.client.runtime import client_runtime
+from fedsim.client.runtime import shared_runtime
 from fedsim.client.train import evaluate
 from fedsim.config import load_scenario
 from fedsim.engine.inprocess import InProcessGrid, set_task_identity
@@ -122,7 +122,7 @@ def fedbn_setting(clients: int = 8, holdout: float = 0.0):
         f"partition.num_clients={clients}", f"partition.holdout_clients={holdout}",
         "model.width=8", "model.norm=bn", "server.strategy=fedbn", "partition.kind=feature",
         "server.clients_per_round=3"])
-    rt = client_runtime(scenario)
+    rt = shared_runtime(scenario)
     norm = [k for k in rt.model.state_dict() if k.startswith(("features.1.", "features.5."))]
     return scenario, rt, norm
 
@@ -156,10 +156,10 @@ def test_cohort_evaluator_replies_like_handle_evaluate(hooks):
             pairs.append((msg, ctx))
         return pairs
 
-    sequential = [handle_evaluate(m, c, scenario) if c.node_id != 99 else None
+    sequential = [handle_evaluate(m, c, rt) if c.node_id != 99 else None
                   for m, c in messages_and_contexts()]
     pairs = messages_and_contexts()
-    vectorized = CohortEvaluator(scenario)([m for m, _ in pairs], [c for _, c in pairs])
+    vectorized = CohortEvaluator(rt)([m for m, _ in pairs], [c for _, c in pairs])
     for node, a, b in zip(nodes, sequential, vectorized):
         if node == 99:
             assert b.has_error() and "partition-id 98 is outside" in b.error.reason
@@ -186,7 +186,7 @@ def test_a_cold_start_really_reestimates_the_statistics():
         {"client-hooks": "fedbn"})}), 2, MessageType.EVALUATE)
     without = Message(RecordDict({"arrays": arrays, "config": ConfigRecord()}), 2,
                       MessageType.EVALUATE)
-    a, b = CohortEvaluator(scenario)([with_hook, without], [ctx, ctx])
+    a, b = CohortEvaluator(rt)([with_hook, without], [ctx, ctx])
     la = a.content.metric_records["metrics"]["eval_loss"]
     lb = b.content.metric_records["metrics"]["eval_loss"]
     assert abs(la - lb) > 1e-3
@@ -201,9 +201,9 @@ def test_grid_hands_evaluate_messages_to_the_cohort_evaluator_in_cohorts():
 
     def evaluator(msgs, contexts):
         seen.append([m.metadata.dst_node_id for m in msgs])
-        return CohortEvaluator(scenario)(msgs, contexts)
+        return CohortEvaluator(rt)(msgs, contexts)
 
-    grid = InProcessGrid(make_client_app(scenario), 8, cohort_evaluator=evaluator,
+    grid = InProcessGrid(make_client_app(rt), 8, cohort_evaluator=evaluator,
                          cohort_size=3)
     arrays = model_to_record(rt.model)
     config = ConfigRecord({"client-hooks": "fedbn"})
@@ -212,7 +212,7 @@ def test_grid_hands_evaluate_messages_to_the_cohort_evaluator_in_cohorts():
     replies = list(grid.send_and_receive(msgs))
     assert seen == [[1, 2, 3], [4, 5, 6], [7]]
     assert [r.metadata.src_node_id for r in replies] == list(range(1, 8))
-    sequential = [handle_evaluate(m, grid.context(m.metadata.dst_node_id), scenario)
+    sequential = [handle_evaluate(m, grid.context(m.metadata.dst_node_id), rt)
                   for m in msgs]
     for a, b in zip(sequential, replies):
         assert a.content.metric_records["metrics"]["eval_accuracy"] == \
@@ -226,7 +226,7 @@ def test_holdout_cohorts_equal_the_sequential_holdout_evaluation():
     scenario, rt, _ = fedbn_setting(clients=10, holdout=0.5)
     data = rt.data
     device = torch.device("cpu")
-    evaluator = Evaluator(scenario, data, rt.model, device)
+    evaluator = Evaluator(scenario.output, scenario.seed, data, rt.model, device)
 
     class NoGrid:
         def get_node_ids(self):

@@ -52,13 +52,13 @@ def test_worker_models_are_copied_before_any_worker_runs():
     when the runtime was built, not a deep copy of the model in that state."""
     from torch.func import functional_call, vmap
 
-    from fedsim.client.runtime import WORKER_SLOT, client_runtime
+    from fedsim.client.runtime import WORKER_SLOT, shared_runtime
     from fedsim.config import load_scenario
 
     # (a seed no other test uses: a runtime of its own, not one that earlier runs trained)
     scenario = load_scenario("scenarios/quickstart.toml", TINY + ["engine.workers=2",
                                                                  "seed=8061"])
-    rt = client_runtime(scenario)
+    rt = shared_runtime(scenario)
     seen = []
 
     def ask_as_worker_1(module, inputs):

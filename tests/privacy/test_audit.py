@@ -7,6 +7,7 @@ import pytest
 
 import fedsim
 from fedsim.config import load_scenario
+from fedsim.context import RunContext
 from fedsim.data.federated import build_federated_data
 from fedsim.errors import ScenarioError
 from fedsim.privacy.audit import MembershipPool, ShadowData, train_federation
@@ -184,7 +185,7 @@ def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
     def on_replies(rnd, replies, _arrays):
         seen[rnd] = [int(m.content.config_records["client"]["client-id"]) for m in replies]
 
-    train_federation(scn, shadow, on_replies)
+    train_federation(RunContext.build(scn, shadow), on_replies)
     assert seen[0] == [] and len(seen[1]) == len(seen[2]) == 3
     assert not set(seen[1] + seen[2]) & set(data.holdout)
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from same_run import assert_same_run  # tests/same_run.py
 
 import fedsim
 from fedsim.cli import main
@@ -21,26 +22,6 @@ FEDADAM = TINY + ["server.strategy=fedadam", "server.params.eta=0.01"]
 STATEFUL = ["server.rounds=3", "partition.num_clients=8", "server.clients_per_round=3",
             "partition.holdout_clients=0.0", "model.width=8",
             "server.strategy=tests/resilience/stateful_strategy.py:StatefulFedAvg"]
-TIMING = {"seconds", "train_seconds"}
-
-
-def records(path):
-    lines = (path / "rounds.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
-
-
-def assert_same_run(ref: Path, other: Path):
-    a = torch.load(ref / "model.pt", weights_only=True)
-    b = torch.load(other / "model.pt", weights_only=True)
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert records(ref) == records(other)
-    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, other))
-    for s in (sa, sb):
-        s.pop("timing")
-        s.pop("resumed_from", None)
-    assert sa == sb
 
 
 def test_sigkill_after_round_k_then_resume_equals_the_uninterrupted_run(tmp_path):

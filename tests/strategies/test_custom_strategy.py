@@ -89,7 +89,7 @@ def test_example_fedper_scenario_keeps_heads_local(tmp_path):
     scn = fedsim.load_scenario("scenarios/custom_strategy.toml")
     assert scn.server.strategy == "strategies/examples/fedper.py:FedPer"
     result = fedsim.run(scn, TINY + ["server.rounds=2"], out=tmp_path / "r")
-    from fedsim.client.runtime import build_global_model
+    from fedsim.context import build_global_model
 
     scn = fedsim.load_scenario(result.path / "scenario.toml")
     init = build_global_model(scn, build_federated_data(scn)).state_dict()

@@ -9,7 +9,7 @@ import torch
 
 import fedsim
 from fedsim.client.hooks import norm_keys
-from fedsim.client.runtime import build_global_model
+from fedsim.context import build_global_model
 from fedsim.data.federated import build_federated_data
 from fedsim.server.strategies import strategy_class
 

@@ -5,7 +5,7 @@ import torch
 
 import fedsim
 from fedsim.client.hooks import norm_keys, norm_statistics_keys
-from fedsim.client.runtime import build_global_model
+from fedsim.context import build_global_model
 from fedsim.data.federated import build_federated_data
 from fedsim.privacy.accountant import epsilon
 

@@ -1,0 +1,66 @@
+"""The run context: what one run builds once and every part of it shares.
+
+A scenario is parsed once (:mod:`fedsim.config`) and its names checked at the edge
+(:mod:`fedsim.run`); the runner then builds one :class:`RunContext` — the checked Scenario,
+its FederatedData, the device and the seeded model factory — and hands it to the server
+(which makes the strategy from the scenario and a model of the factory), the engine and the
+client runtime (:class:`fedsim.client.runtime.ClientRuntime`). Nothing downstream rebuilds
+data or models from a Scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedsim.config import Scenario
+from fedsim.data.federated import FederatedData, build_federated_data
+from fedsim.device import resolve_device
+from fedsim.models import build_model
+from fedsim.rng import derive_seed
+
+
+def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
+    """The scenario's model, initialised from the seed (forked RNG: no global side effect)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(scenario.seed, "init"))
+        c, h, _ = fd.input_shape
+        return build_model(
+            scenario.model.arch,
+            scenario.model.norm,
+            in_channels=c,
+            image_size=h,
+            num_classes=fd.num_classes,
+            width=scenario.model.width,
+            groups=scenario.model.groups,
+            hybrid_init=scenario.model.hybrid_init,
+        )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run's shared parts, built once per run (per process on Ray and the Deployment
+    Engine, see :func:`fedsim.client.runtime.shared_runtime`).
+
+    ``scenario`` is the checked Scenario (for the parts that legitimately read all of it:
+    the server loop, checkpoints, the report); ``data`` its federation — or another one with
+    the same client ids, such as a membership audit's shadow federation; ``device`` where
+    models train. :meth:`new_model` is the model factory: every call returns a fresh copy of
+    the same seeded initial model, on the CPU.
+    """
+
+    scenario: Scenario
+    data: FederatedData
+    device: torch.device
+
+    @classmethod
+    def build(cls, scenario: Scenario, data: FederatedData | None = None) -> RunContext:
+        """The context of ``scenario`` (its own data unless ``data`` is given)."""
+        device = resolve_device(scenario.engine.device)
+        return cls(scenario, build_federated_data(scenario) if data is None else data, device)
+
+    def new_model(self) -> nn.Module:
+        """A fresh seeded initial model (the global model of round 0), on the CPU."""
+        return build_global_model(self.scenario, self.data)
