@@ -153,6 +153,7 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     from fedsim.config import load_scenario
     from fedsim.context import build_global_model
     from fedsim.data.federated import build_federated_data
+    from fedsim.device import resolve_device
     from fedsim.engine.memory import reused_memory
 
     torch.set_num_threads(threads)
@@ -161,7 +162,8 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
         return {"updates_per_s": None,
                 "skipped": f"the bare loop implements fedavg and fedbn, not {sc.server.strategy}"}
     data = build_federated_data(sc)
-    model = build_global_model(sc, data)
+    device = resolve_device(sc.engine.device)  # the engines' device (CUDA under engine.device)
+    model = build_global_model(sc, data).to(device)
     glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # FedBN (Li et al. 2021): norm layers stay with each client, the server averages the rest
     local_keys = set(norm_keys(model)) if sc.server.strategy == "fedbn" else set()
@@ -171,7 +173,7 @@ def run_bare(scenario_path: str, overrides: list[str], threads: int, out: Path) 
     cpu = {}
     with reused_memory(sc.engine.reuse_memory):  # the engines' malloc settings, for fairness
         _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu)
-    torch.save(glob, out / "bare_model.pt")
+    torch.save({k: v.cpu() for k, v in glob.items()}, out / "bare_model.pt")
     return {**_steady(rounds, cpu), "model": str(out / "bare_model.pt")}
 
 
@@ -184,6 +186,7 @@ def _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu) -> 
     from fedsim.rng import derive_seed, torch_generator
 
     cfg = sc.client
+    device = next(model.parameters()).device
     drop_singleton = uses_batch_statistics(sc.model.norm)
     for rnd in range(1, sc.server.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -195,13 +198,16 @@ def _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu) -> 
         for cid, n in zip(chosen, sizes):
             model.load_state_dict({**glob, **local.get(cid, {})})
             x, y = data.client_train(cid)
+            x, y = x.to(device), y.to(device)
             gen = torch_generator(sc.seed, "client-train", rnd, cid)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay)
             model.train()
-            loss_sum, correct = 0.0, 0
+            # device accumulators: no synchronisation per step (as the engines)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
             for _ in range(cfg.epochs):
-                order = torch.randperm(len(x), generator=gen)
+                order = torch.randperm(len(x), generator=gen).to(device)  # CPU draw
                 for start in range(0, len(x), cfg.batch_size):
                     idx = order[start : start + cfg.batch_size]
                     if drop_singleton and len(idx) == 1 and len(x) > 1:
@@ -211,8 +217,8 @@ def _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu) -> 
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    loss_sum += loss.item() * len(idx)
-                    correct += (logits.argmax(1) == y[idx]).sum().item()
+                    loss_sum += loss.detach().double() * len(idx)
+                    correct += (logits.detach().argmax(1) == y[idx]).sum()
             w = n / total  # running weighted sum, as Flower's FedAvg weights (float32 arrays)
             for k, v in model.state_dict().items():
                 if k in local_keys:
@@ -222,6 +228,8 @@ def _bare_rounds(sc, data, model, glob, local_keys, local, ids, rounds, cpu) -> 
                 acc[k] = term if k not in acc else acc[k] + term
         glob.update({k: (v.round().to(glob[k].dtype) if not glob[k].is_floating_point() else v)
                      for k, v in acc.items()})
+        if device.type == "cuda":  # the round's kernels finish inside its time
+            torch.cuda.synchronize(device)
         rounds.append({"round": rnd, "updates": len(chosen),
                        "train_seconds": time.perf_counter() - t0})
         cpu[rnd] = time.process_time() - c0

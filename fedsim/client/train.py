@@ -101,6 +101,8 @@ def train_local(
     plan = plan_batches(len(x), cfg, generator, drop_singleton)
     if terms is not None and terms.max_steps is not None:
         plan = plan[: terms.max_steps]
+    if plan and x.device.type != "cpu":  # drawn on a CPU generator: one copy to the device
+        plan = list(torch.cat(plan).to(x.device).split([len(i) for i in plan]))
     sgd, momentum = SGD.of(cfg), {}
     # per-step loss and hits stay on the device (no sync per step) and are summed once, below
     losses: list[torch.Tensor] = []
