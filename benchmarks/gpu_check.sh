@@ -224,9 +224,11 @@ for name in ("quickstart", "thousand_clients", "cifar_like"):
     path = tables / f"{name}.txt"
     for line in path.read_text().splitlines() if path.exists() else []:
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("inprocess", "vectorized", "bare"):
+        if len(parts) >= 3 and parts[0] in ("inprocess", "vectorized", "bare"):
+            # "engine threads updates/s ..." (a threads column) or "engine updates/s ..."
+            value = parts[2] if parts[1].isdigit() and "." in parts[2] else parts[1]
             try:
-                rates[parts[0]] = float(parts[1])
+                rates.setdefault(parts[0], float(value))
             except ValueError:
                 pass
     def cell(e):
