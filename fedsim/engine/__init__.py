@@ -75,7 +75,8 @@ def _inprocess(server_app: ServerApp, run: RunContext) -> None:
         run_inprocess(server_app, make_client_app(clients), run.scenario.num_participating,
                       state_store=store,
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
-                      workers=cfg.workers, cohort_evaluator=evaluator)
+                      workers=cfg.workers, cohort_evaluator=evaluator,
+                      client_ids=run.data.participating)  # no query message per node
 
 
 @ENGINES.register("ray")

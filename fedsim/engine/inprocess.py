@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any
 
 import torch
@@ -53,7 +53,12 @@ class InProcessGrid(Grid):
     Each node ``i`` (node id ``i + 1``) has ``partition-id = i`` and its own persistent
     ``Context.state`` (it survives between rounds, as on a real SuperNode), kept in
     ``state_store``. A Context is built for each message and its state written back after a
-    successful reply; a client that raises leaves its previous state unchanged.
+    successful reply; a client that raises leaves its previous state unchanged, and a node
+    that no message reaches costs nothing.
+
+    ``client_ids`` (optional), the fedsim client id behind each partition id (the ClientApp's
+    own mapping), lets :meth:`client_ids` tell a :class:`~fedsim.engine.ordered.ClientOrderedGrid`
+    which node is which client without asking every node.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
@@ -61,10 +66,15 @@ class InProcessGrid(Grid):
                  state_store: ClientStateStore | None = None,
                  cohort_trainer: CohortHandler | None = None,
                  cohort_size: int = 128, workers: int = 1,
-                 cohort_evaluator: CohortHandler | None = None) -> None:
+                 cohort_evaluator: CohortHandler | None = None,
+                 client_ids: Sequence[int] | None = None) -> None:
+        if client_ids is not None and len(client_ids) != num_nodes:
+            raise ValueError(f"error: {len(client_ids)} client ids for {num_nodes} nodes; pass "
+                             "one client id per node (partition id)")
         self.client_app = client_app
         self._run = compat.empty_run(run_id)
         self._num_nodes = num_nodes
+        self._client_ids = client_ids
         self._run_config = dict(run_config or {})
         self.state_store = (ClientStateStore(DEFAULT_STATE_MEMORY) if state_store is None
                             else state_store)  # an empty store is falsy
@@ -89,7 +99,13 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(range(1, self._num_nodes + 1))
+        """Node ids ``1..num_nodes``, as a ``range``: no list of the population per call."""
+        return range(1, self._num_nodes + 1)
+
+    def client_ids(self) -> Mapping[int, int] | None:
+        """Node id → fedsim client id, when the grid was given the clients' ids (else None:
+        a :class:`~fedsim.engine.ordered.ClientOrderedGrid` then asks the nodes)."""
+        return None if self._client_ids is None else NodeClients(self._client_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -264,15 +280,46 @@ class InProcessGrid(Grid):
         return out
 
 
+class NodeClients(Mapping[int, int]):
+    """Node id ``i + 1`` → ``client_ids[i]``, read from the sequence (no dict of the
+    population)."""
+
+    def __init__(self, client_ids: Sequence[int]) -> None:
+        self._ids = client_ids
+
+    def __getitem__(self, node_id: int) -> int:
+        if not isinstance(node_id, int) or not 1 <= node_id <= len(self._ids):
+            raise KeyError(node_id)
+        return int(self._ids[node_id - 1])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1, len(self._ids) + 1))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def values(self) -> ValuesView[int]:
+        """The client ids in node order, read straight from the sequence."""
+        return _SequenceValues(self)
+
+
+class _SequenceValues(ValuesView):
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._mapping._ids)
+
+
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   run_config: dict[str, Any] | None = None,
                   state_store: ClientStateStore | None = None,
                   cohort_trainer: CohortHandler | None = None, cohort_size: int = 128,
-                  workers: int = 1, cohort_evaluator: CohortHandler | None = None) -> None:
-    """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes."""
+                  workers: int = 1, cohort_evaluator: CohortHandler | None = None,
+                  client_ids: Sequence[int] | None = None) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes; ``client_ids``:
+    the fedsim client id of each partition id, when known (see :class:`InProcessGrid`)."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
                          cohort_trainer=cohort_trainer, cohort_size=cohort_size,
-                         workers=workers, cohort_evaluator=cohort_evaluator)
+                         workers=workers, cohort_evaluator=cohort_evaluator,
+                         client_ids=client_ids)
     server_context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                              state=RecordDict(), run_config=dict(run_config or {}))
     try:

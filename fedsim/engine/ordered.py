@@ -2,15 +2,21 @@
 
 Flower samples ``random.sample(grid.get_node_ids(), k)``. Node ids are arbitrary (random on
 Flower's engines), so the same seed would pick different clients on different engines — or
-on two Ray runs. This wrapper asks every node once for its fedsim client id (a ``query``
-message) and lists nodes sorted by it; with the seeded ``random``, every engine then trains
-the same clients in the same rounds.
+on two Ray runs. This wrapper learns every node's fedsim client id and lists nodes sorted by
+it; with the seeded ``random``, every engine then trains the same clients in the same rounds.
+
+A grid that creates its nodes itself (the in-process engine) knows the mapping and hands it
+over through an optional ``client_ids()`` method (node id → client id, or None when it does
+not know); no message is sent. Other grids (Ray, the Deployment Engine, whose node ids are
+random) are asked: one ``query`` message per node, once.
 """
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,15 +32,16 @@ CONNECT_TIMEOUT = 300.0
 
 
 class ClientOrderedGrid(Grid):
-    """Delegates to ``base``; ``get_node_ids`` is sorted by the client id each node reports."""
+    """Delegates to ``base``; ``get_node_ids`` is sorted by each node's client id, which
+    ``base.client_ids()`` gives where the base has it, else each node reports."""
 
     def __init__(self, base: Grid, expected_nodes: int,
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.base = base
         self.expected_nodes = expected_nodes
         self.connect_timeout = connect_timeout
-        self._client_of: dict[int, int] | None = None
-        self._sorted: list[int] | None = None
+        self._client_of: Mapping[int, int] | None = None
+        self._sorted: Sequence[int] | None = None
 
     def _wait_for_nodes(self) -> list[int]:
         """All ``expected_nodes`` node ids, waiting while the engine registers them."""
@@ -48,32 +55,52 @@ class ClientOrderedGrid(Grid):
             time.sleep(0.05)
         return nodes
 
-    def _discover(self) -> dict[int, int]:
+    def _discover(self) -> Mapping[int, int]:
         if self._client_of is None:
-            nodes = self._wait_for_nodes()
-            msgs = [Message(RecordDict({"config": ConfigRecord({"want": "client-id"})}),
-                            node, MessageType.QUERY) for node in nodes]
-            replies = list(self.base.send_and_receive(msgs, timeout=QUERY_TIMEOUT))
-            bad = [r for r in replies if r.has_error()]
-            if bad or len(replies) != len(nodes):
-                reason = bad[0].error.reason if bad else "missing replies"
-                raise RuntimeError(f"could not ask the client nodes for their ids: {reason}")
-            self._client_of = {
-                r.metadata.src_node_id:
-                    int(require_record(r.content, "client", ConfigRecord)["client-id"])
-                for r in replies
-            }
+            known = self._known()
+            self._client_of = self._query() if known is None else known
         return self._client_of
+
+    def _known(self) -> Mapping[int, int] | None:
+        """The base grid's own node → client id mapping, if it has one."""
+        client_ids = getattr(self.base, "client_ids", None)
+        mapping = client_ids() if callable(client_ids) else None
+        if mapping is not None and len(mapping) != self.expected_nodes:
+            raise RuntimeError(f"the grid knows {len(mapping)} client nodes, the federation "
+                               f"has {self.expected_nodes}")
+        return mapping
+
+    def _query(self) -> dict[int, int]:
+        """Ask every node for its client id (one ``query`` message each)."""
+        nodes = self._wait_for_nodes()
+        msgs = [Message(RecordDict({"config": ConfigRecord({"want": "client-id"})}),
+                        node, MessageType.QUERY) for node in nodes]
+        replies = list(self.base.send_and_receive(msgs, timeout=QUERY_TIMEOUT))
+        bad = [r for r in replies if r.has_error()]
+        if bad or len(replies) != len(nodes):
+            reason = bad[0].error.reason if bad else "missing replies"
+            raise RuntimeError(f"could not ask the client nodes for their ids: {reason}")
+        return {
+            r.metadata.src_node_id:
+                int(require_record(r.content, "client", ConfigRecord)["client-id"])
+            for r in replies
+        }
 
     def client_id(self, node_id: int) -> int | None:
         """The fedsim client id behind ``node_id``."""
         return self._discover().get(node_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Node ids in increasing client id order (an immutable sequence, built once)."""
         if self._sorted is None:
             mapping = self._discover()
-            self._sorted = sorted(mapping, key=mapping.__getitem__)
-        return list(self._sorted)
+            nodes = list(mapping)
+            clients = list(mapping.values())
+            if all(map(operator.lt, clients, islice(clients, 1, None))):
+                self._sorted = tuple(nodes)  # already in client order (in-process): no sort
+            else:
+                self._sorted = tuple(n for _, n in sorted(zip(clients, nodes)))
+        return self._sorted
 
     # -- plain delegation ----------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -107,13 +134,14 @@ class ClientOrderedGrid(Grid):
         """
         ids = list(self.base.push_messages(messages))
         position = {mid: i for i, mid in enumerate(ids)}
-        pending = set(ids)
+        pending = dict.fromkeys(ids)  # still unanswered, in push order (which each pull keeps)
         end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending:
-            got = list(pull_replies(self.base, [m for m in ids if m in pending]))
+        while pending:  # a poll costs what it asks for and gets, not all ``ids`` again
+            got = list(pull_replies(self.base, pending))
+            for reply in got:
+                pending.pop(reply.metadata.reply_to_message_id, None)
             replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(POLL_INTERVAL)
