@@ -89,7 +89,8 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
     if args.quiet or not toml.is_file():
         return resume(args.resume, warn=warn, progress=seen)
     scenario = load_scenario(toml)
-    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)") as on_round:
+    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
+                        scenario.partition.num_clients) as on_round:
         return resume(args.resume, progress=seen.then(on_round), warn=warn)
 
 
@@ -141,7 +142,8 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
             print(line, file=sys.stderr)
     if args.quiet:
         return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with round_progress(scenario.server.rounds, scenario.name) as on_round:
+    with round_progress(scenario.server.rounds, scenario.name,
+                        scenario.partition.num_clients) as on_round:
         return run(scenario, out=args.out, overwrite=args.overwrite,
                    progress=seen.then(on_round))
 

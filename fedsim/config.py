@@ -577,7 +577,10 @@ class Scenario:
             raise ScenarioError(
                 f"server.clients_per_round = {self.server.clients_per_round} exceeds the "
                 f"{participating} participating clients (partition.num_clients = "
-                f"{self.partition.num_clients} minus holdout); lower it or add clients"
+                f"{self.partition.num_clients} minus {self.partition.num_holdout} held out by "
+                f"partition.holdout_clients = {self.partition.holdout_clients}); lower "
+                "server.clients_per_round, raise partition.num_clients or lower "
+                "partition.holdout_clients"
             )
         if self.failures.min_replies > self.server.clients_per_round:
             raise ScenarioError(

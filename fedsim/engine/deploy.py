@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet:
                 path = run()
             else:
-                with round_progress(scenario.server.rounds, scenario.name) as on_round:
+                with round_progress(scenario.server.rounds, scenario.name,
+                                    scenario.partition.num_clients) as on_round:
                     rounds.then = on_round
                     path = run()
         except ScenarioError as exc:

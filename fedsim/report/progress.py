@@ -22,8 +22,12 @@ from rich.progress import (
 
 
 @contextlib.contextmanager
-def round_progress(total_rounds: int, label: str) -> Iterator:
-    """Yield an ``on_round(record)`` callback that advances a one-line progress bar on stderr."""
+def round_progress(total_rounds: int, label: str, population: int | None = None) -> Iterator:
+    """Yield an ``on_round(record)`` callback that advances a one-line progress bar on stderr.
+
+    ``population`` (``partition.num_clients``), when given, is shown beside each round's
+    clients ("100 of 1,000,000 clients"), so a large federation's line says how large it is.
+    """
     console = Console(stderr=True)
     columns = (  # most important first: a narrow terminal cuts the line from the right
         TextColumn("[bold]{task.description}"),
@@ -48,21 +52,26 @@ def round_progress(total_rounds: int, label: str) -> Iterator:
                 last_acc[:] = [rec["global_test_accuracy"]]
             # completed = the round number, so a resumed run's bar starts where it stopped
             bar.update(task, completed=rec.get("round", 0),
-                       stats=round_stats(rec, updates[0], updates[1], len(seen), last_acc))
+                       stats=round_stats(rec, updates[0], updates[1], len(seen), last_acc,
+                                             population))
 
         yield on_round
 
 
 def round_stats(rec: dict, updates: int, train_seconds: float, distinct: int,
-                last_acc: list[float]) -> str:
-    """One short line: clients this round, updates so far, clients/s, loss, accuracy.
+                last_acc: list[float], population: int | None = None) -> str:
+    """One short line: clients this round (of the ``population``, when given), updates so
+    far, clients/s, loss, accuracy.
 
-    Its length does not grow with the federation (10,000 clients print like 10), and the
-    accuracy of the last evaluated round stays shown between evaluations.
+    Its length does not grow with the federation (10,000 clients print like 10, the
+    population as one number), and the accuracy of the last evaluated round stays shown
+    between evaluations.
     """
     parts = []
     if rec.get("round", 0) >= 1:
         part = f"{rec.get('updates', 0)} clients"
+        if population is not None:
+            part = f"{rec.get('updates', 0)} of {population:,} clients"
         if rec.get("failures"):
             part += f" ({len(rec['failures'])} failed)"
         parts.append(part)

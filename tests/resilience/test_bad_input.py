@@ -246,3 +246,38 @@ def test_broken_dataset_files_name_the_file_and_the_format(tmp_path):
     assert_clean_error(code, err)
     assert "t10k-labels-idx1-ubyte" in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- population sizes
+
+def test_bad_population_sizes_are_refused_before_any_work_naming_the_keys(tmp_path):
+    """0 clients, more clients per round than participating clients, and more clients than a
+    dataset can split: one ``error:`` line naming the keys, and no results folder."""
+    cases = [
+        (["partition.num_clients=0"],
+         "error: partition.num_clients = 0 is out of range; it must be >= 1"),
+        (["server.clients_per_round=0"],
+         "error: server.clients_per_round = 0 is out of range; it must be >= 1"),
+        (["partition.num_clients=50", "server.clients_per_round=60",
+          "partition.holdout_clients=0.1"],
+         "error: server.clients_per_round = 60 exceeds the 45 participating clients "
+         "(partition.num_clients = 50 minus 5 held out by partition.holdout_clients = 0.1)"),
+        (["partition.num_clients=1000000", "server.clients_per_round=1000000",
+          "partition.holdout_clients=0.01"],
+         "error: server.clients_per_round = 1000000 exceeds the 990000 participating clients"),
+        (["partition.num_clients=2", "partition.holdout_clients=0.75",
+          "server.clients_per_round=1"],
+         "error: partition.holdout_clients = 0.75 is out of range; at least one client must "
+         "train"),
+        (["data.name=digits", "partition.num_clients=1000000", "server.clients_per_round=10"],
+         "error: partition.num_clients = 1000000 but the digits training split has only 1437 "
+         "samples; every client needs at least 2 (one to train, one to test): set "
+         "partition.num_clients <= 718"),
+    ]
+    for i, (sets, message) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        argv = ["run", "scenarios/quickstart.toml", "--quiet", "--out", str(out)]
+        code, err = run_cli(argv + [a for s in sets for a in ("--set", s)])
+        assert_clean_error(code, err)
+        assert message in err, (sets, err)
+        assert not out.exists(), sets
