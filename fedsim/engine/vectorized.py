@@ -324,14 +324,14 @@ class _CohortRun:
         self.step_sizes = [[len(m.batches[t]) for m in mem[: sum(s > t for s in self.steps)]]
                            for t in range(steps)]
         width = max((max(sz) for sz in self.step_sizes), default=0)
-        plan = torch.zeros((steps, len(mem), width), dtype=torch.long)
+        plan = np.zeros((steps, len(mem), width), dtype=np.int64)  # numpy: cheap row writes
+        sizes = np.zeros((steps, len(mem)), dtype=np.int64)
         for i, m in enumerate(mem):
             for t, batch in enumerate(m.batches):
-                plan[t, i, : len(batch)] = batch
-                plan[t, i, len(batch):] = batch[0]
-        sizes = torch.zeros((steps, len(mem)), dtype=torch.long)
-        for t, sz in enumerate(self.step_sizes):
-            sizes[t, : len(sz)] = torch.tensor(sz, dtype=torch.long)
+                b = batch.cpu().numpy()
+                plan[t, i, : len(b)] = b
+                plan[t, i, len(b):] = b[0]
+                sizes[t, i] = len(b)
         self.groups: list[list[tuple[list[int], int, object]]] = []  # per step: group, size, sel
         offsets: list[tuple[int, int]] = []
         flat: list[int] = []
@@ -351,8 +351,8 @@ class _CohortRun:
                     offsets.append((len(flat), len(flat) + len(group)))
                     flat.extend(group)
             self.groups.append(step)
-        self.plan = plan.to(self.device)
-        self.sizes = sizes.to(self.device)
+        self.plan = torch.from_numpy(plan).to(self.device)
+        self.sizes = torch.from_numpy(sizes).to(self.device)
         self.positions = torch.arange(len(mem), device=self.device)
         chosen = torch.tensor(flat, dtype=torch.long).to(self.device)
         for t, step in enumerate(self.groups):
