@@ -468,12 +468,12 @@ class CohortTrainer:
                                       lambda cid=cid: rt.data.client_train(cid))
                 modes = set_modes(model, req.hooks) if req.hooks else all_train
                 terms = HookTerms(req.hooks, {n: arrays[n] for n in params})
-                x, y = rt.data.client_train(cid)
+                x, y = rt.client_train(cid)  # on the run's device, kept there for the run
                 gen = torch_generator(cfg.seed, "client-train", req.server_round, cid)
                 plan = plan_batches(len(x), cfg.client, gen, drop)
                 if terms.max_steps is not None:
                     plan = plan[: terms.max_steps]
-                member = CohortMember(params, x.to(rt.device), y.to(rt.device), plan, bufs,
+                member = CohortMember(params, x, y, plan, bufs,
                                       arrays.overrides, terms)
                 groups.setdefault((modes, terms.key), []).append(len(prepared))
                 prepared.append((i, req, member))
