@@ -47,15 +47,14 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     load_record(model, req.arrays, state)
     if req.hooks:  # (no hook: nothing to lay over the received arrays)
         receive(model, req.hooks)
-    x, y = rt.data.client_train(req.client_id)
+    x, y = rt.client_train(req.client_id)  # on the run's device, kept there for the run
     gen = torch_generator(cfg.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
     if cfg.client.dp.enabled:
-        result, dp_metrics = _train_dpsgd(cfg, model, x.to(rt.device), y.to(rt.device),
-                                          gen, req.hooks, context)
+        result, dp_metrics = _train_dpsgd(cfg, model, x, y, gen, req.hooks, context)
     else:
-        result = train_local(model, x.to(rt.device), y.to(rt.device), cfg.client, gen,
-                             req.hooks, drop_singleton=cfg.batch_statistics)
+        result = train_local(model, x, y, cfg.client, gen, req.hooks,
+                             drop_singleton=cfg.batch_statistics)
     # training updates the module's tensors in place, so ``state`` holds the trained arrays;
     # hooks may restructure the module (or need detached tensors): a fresh state dict then
     arrays = model.state_dict() if req.hooks else state
@@ -96,8 +95,8 @@ def handle_evaluate(msg: Message, context: Context, rt: ClientRuntime) -> Messag
     req = decode(msg, context, rt.settings, cid, local_train)
     load_record(rt.model, req.arrays)
     receive(rt.model, req.hooks, local_train)
-    x, y = rt.data.client_test(cid)
-    return evaluate_reply(req, *evaluate(rt.model, x.to(rt.device), y.to(rt.device)))
+    x, y = rt.client_test(cid)
+    return evaluate_reply(req, *evaluate(rt.model, x, y))
 
 
 def handle_query(msg: Message, context: Context, rt: ClientRuntime) -> Message:

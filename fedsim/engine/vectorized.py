@@ -150,8 +150,14 @@ class CohortMember:
 def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarray]],
            device: torch.device) -> dict[str, torch.Tensor]:
     """One stacked tensor per name, row ``i`` from ``dicts[i]`` or, where it has the name,
-    from ``saved[i]`` (converted as :func:`fedsim.client.step.as_tensor_like` converts)."""
+    from ``saved[i]`` (converted as :func:`fedsim.client.step.as_tensor_like` converts).
+
+    Built on ``device``: rows shared by every member (a cohort's clients start from one
+    received global tensor) are expanded there, and only the overridden rows are stacked
+    on the host and copied, in one transfer per name.
+    """
     out = {}
+    where: dict[tuple[int, ...], torch.Tensor] = {}  # overridden rows -> their index tensor
     for n, ref in dicts[0].items():
         over = [s.get(n) for s in saved]
         np_dtype = _NUMPY_DTYPES.get(ref.dtype)
@@ -159,16 +165,26 @@ def _stack(dicts: list[dict[str, torch.Tensor]], saved: list[dict[str, np.ndarra
             rows = [d[n] if o is None else as_tensor_like(o, ref) for d, o in zip(dicts, over)]
             out[n] = torch.stack(rows).to(device)
             continue
-        stacked = np.empty((len(dicts), *ref.shape), dtype=np_dtype)
-        for i, (d, o) in enumerate(zip(dicts, over)):
-            if o is None:
-                stacked[i] = d[n].detach().cpu().numpy()
-            else:
-                if isinstance(o, torch.Tensor):
-                    o = o.detach().cpu().numpy()
-                stacked[i] = (np.rint(o) if not ref.dtype.is_floating_point else o).reshape(
-                    ref.shape)
-        out[n] = torch.from_numpy(stacked).to(device)
+        rows_over = tuple(i for i, o in enumerate(over) if o is not None)
+        stacked = np.empty((len(rows_over), *ref.shape), dtype=np_dtype)
+        for j, i in enumerate(rows_over):
+            o = over[i]
+            if isinstance(o, torch.Tensor):
+                o = o.detach().cpu().numpy()
+            stacked[j] = (np.rint(o) if not ref.dtype.is_floating_point else o).reshape(
+                ref.shape)
+        written = torch.from_numpy(stacked).to(device)
+        if len(rows_over) == len(dicts):
+            out[n] = written
+            continue
+        if all(d[n] is ref for d, o in zip(dicts, over) if o is None):
+            base = ref.detach().to(device).expand(len(dicts), *ref.shape).clone()
+        else:
+            base = torch.stack([d[n].detach().to(device, ref.dtype) for d in dicts])
+        if rows_over not in where:
+            where[rows_over] = torch.tensor(rows_over, dtype=torch.long).to(device)
+        base[where[rows_over]] = written
+        out[n] = base
     return out
 
 
@@ -297,27 +313,69 @@ class _CohortRun:
         self.step_fn = _per_client_grads(vmap(loss_fn))
         self.transform = vmap(lambda g, st: transform_grads(hooks, g, st)) if hooks else None
 
-    def sgd_steps(self) -> None:
-        for t in range(max(self.steps)):
-            active = sum(s > t for s in self.steps)  # members 0..active-1 still have a batch
-            sizes = [len(self.mem[i].batches[t]) for i in range(active)]
-            if len(set(sizes)) == 1:
-                self._step(t, list(range(active)), sizes[0])
-            elif self.pad:
-                self._padded_step(t, active, sizes)
+    def _plan(self) -> None:
+        """Every member's batch sequence as device tensors, made once per cohort: ``plan[t,
+        i, :size]`` is member ``i``'s batch ``t`` (padded with its first sample), ``sizes[t,
+        i]`` its size (0 once it has no batch left), and the index of every group of
+        members that is not a prefix of the cohort. One host-to-device copy each; the steps
+        slice them."""
+        mem = self.mem
+        steps = max(self.steps)
+        self.step_sizes = [[len(m.batches[t]) for m in mem[: sum(s > t for s in self.steps)]]
+                           for t in range(steps)]
+        width = max((max(sz) for sz in self.step_sizes), default=0)
+        plan = np.zeros((steps, len(mem), width), dtype=np.int64)  # numpy: cheap row writes
+        sizes = np.zeros((steps, len(mem)), dtype=np.int64)
+        for i, m in enumerate(mem):
+            for t, batch in enumerate(m.batches):
+                b = batch.cpu().numpy()
+                plan[t, i, : len(b)] = b
+                plan[t, i, len(b):] = b[0]
+                sizes[t, i] = len(b)
+        self.groups: list[list[tuple[list[int], int, object]]] = []  # per step: group, size, sel
+        offsets: list[tuple[int, int]] = []
+        flat: list[int] = []
+        for sz in self.step_sizes:
+            by_size: dict[int, list[int]] = {}
+            if len(set(sz)) == 1 or self.pad:
+                by_size[sz[0]] = list(range(len(sz)))
             else:
-                by_size: dict[int, list[int]] = {}
-                for i, size in enumerate(sizes):
+                for i, size in enumerate(sz):
                     by_size.setdefault(size, []).append(i)
-                for size, group in by_size.items():
-                    self._step(t, group, size)
+            step = []
+            for size, group in by_size.items():
+                if group[-1] == len(group) - 1:  # a prefix: the stacks are sliced
+                    step.append((group, size, slice(0, len(group))))
+                else:
+                    step.append((group, size, len(offsets)))
+                    offsets.append((len(flat), len(flat) + len(group)))
+                    flat.extend(group)
+            self.groups.append(step)
+        self.plan = torch.from_numpy(plan).to(self.device)
+        self.sizes = torch.from_numpy(sizes).to(self.device)
+        self.positions = torch.arange(len(mem), device=self.device)
+        chosen = torch.tensor(flat, dtype=torch.long).to(self.device)
+        for t, step in enumerate(self.groups):
+            self.groups[t] = [(g, size, sel if isinstance(sel, slice)
+                               else chosen[offsets[sel][0]:offsets[sel][1]])
+                              for g, size, sel in step]
 
-    def _step(self, t: int, group: list[int], size: int) -> None:
-        """Members ``group`` (all with batches of ``size``) take step ``t``."""
-        whole = group[-1] == len(group) - 1  # a prefix: the stacks are sliced, not gathered
-        sel = slice(0, len(group)) if whole else torch.tensor(group, device=self.device)
-        idx = torch.stack([self.mem[i].batches[t] for i in group]).to(self.device)
-        rows = torch.as_tensor(group, device=self.device)[:, None]
+    def sgd_steps(self) -> None:
+        self._plan()
+        for t, step in enumerate(self.groups):
+            sizes = self.step_sizes[t]
+            if self.pad and len(set(sizes)) > 1:
+                self._padded_step(t, len(sizes), sizes)
+                continue
+            for group, size, sel in step:
+                self._step(t, group, size, sel)
+
+    def _step(self, t: int, group: list[int], size: int, sel) -> None:
+        """Members ``group`` (all with batches of ``size``) take step ``t``; ``sel`` selects
+        them from the stacks (a slice for a prefix, else their index on the device)."""
+        whole = isinstance(sel, slice)
+        rows = (self.positions[sel] if whole else sel)[:, None]
+        idx = self.plan[t, sel, :size]
         p_g = {n: self.params[n][sel] for n in self.params}
         b_g = {n: self.buffers[n][sel] for n in self.buffers}
         states = [select_state(st, sel) for st in self.states]
@@ -331,26 +389,21 @@ class _CohortRun:
         self._update(t, sel, p_g, grads, states, hit, group, [size] * len(group))
 
     def _padded_step(self, t: int, active: int, sizes: list[int]) -> None:
-        """Members ``0..active-1`` take step ``t`` in one call, batches padded to the largest."""
+        """Members ``0..active-1`` take step ``t`` in one call, batches padded to the largest
+        (the padding has weight 0 in the loss)."""
         width = max(sizes)
-        idx = torch.zeros((active, width), dtype=torch.long)
-        weight = torch.zeros((active, width), dtype=self.xs.dtype)
-        for i, size in enumerate(sizes):
-            batch = self.mem[i].batches[t]
-            idx[i, :size] = batch
-            idx[i, size:] = batch[0]
-            weight[i, :size] = 1
-        idx, weight = idx.to(self.device), weight.to(self.device)
         sel = slice(0, active)
-        rows = torch.arange(active, device=self.device)[:, None]
+        idx = self.plan[t, sel, :width]
+        size = self.sizes[t, sel]
+        weight = (torch.arange(width, device=self.device) < size[:, None]).to(self.xs.dtype)
+        rows = self.positions[sel][:, None]
         p_g = {n: self.params[n][sel] for n in self.params}
         b_g = {n: self.buffers[n][sel] for n in self.buffers}
         states = [select_state(st, sel) for st in self.states]
         grads, (loss, hit) = self.step_fn(p_g, b_g, self.xs[rows, idx], self.ys[rows, idx],
                                           states, weight)
         with torch.no_grad():
-            self.loss_sum[sel] += loss.double() * torch.tensor(sizes, dtype=torch.float64,
-                                                               device=self.device)
+            self.loss_sum[sel] += loss.double() * size.double()
         self._update(t, sel, p_g, grads, states, hit, list(range(active)), sizes)
 
     def _update(self, t: int, sel, p_g: dict[str, torch.Tensor],
@@ -415,12 +468,12 @@ class CohortTrainer:
                                       lambda cid=cid: rt.data.client_train(cid))
                 modes = set_modes(model, req.hooks) if req.hooks else all_train
                 terms = HookTerms(req.hooks, {n: arrays[n] for n in params})
-                x, y = rt.data.client_train(cid)
+                x, y = rt.client_train(cid)  # on the run's device, kept there for the run
                 gen = torch_generator(cfg.seed, "client-train", req.server_round, cid)
                 plan = plan_batches(len(x), cfg.client, gen, drop)
                 if terms.max_steps is not None:
                     plan = plan[: terms.max_steps]
-                member = CohortMember(params, x.to(rt.device), y.to(rt.device), plan, bufs,
+                member = CohortMember(params, x, y, plan, bufs,
                                       arrays.overrides, terms)
                 groups.setdefault((modes, terms.key), []).append(len(prepared))
                 prepared.append((i, req, member))
