@@ -16,8 +16,8 @@ def records(path: Path) -> list[dict]:
 
 
 def assert_same_run(ref: Path, other: Path) -> None:
-    a = torch.load(ref / "model.pt", weights_only=True)
-    b = torch.load(other / "model.pt", weights_only=True)
+    a = torch.load(ref / "model.pt", weights_only=True, map_location="cpu")
+    b = torch.load(other / "model.pt", weights_only=True, map_location="cpu")
     assert list(a) == list(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

@@ -2,11 +2,10 @@
 resumed equals the uninterrupted one, bit for bit (as tests/resilience/test_resume.py checks
 on the CPU)."""
 
-import json
 import signal
 
 import pytest
-import torch
+from same_run import assert_same_run  # tests/same_run.py
 
 import fedsim
 from fedsim.interrupt import Interrupted
@@ -17,27 +16,7 @@ K = 2  # interrupted once round K+1 is recorded, before its checkpoint: resumes 
 RUN = ["server.rounds=4", "partition.num_clients=8", "server.clients_per_round=3",
        "partition.holdout_clients=0.0", "model.width=8", "client.epochs=1", "model.norm=bn",
        "server.strategy=fedbn"]
-TIMING = {"seconds", "train_seconds"}
 ENGINES = {"sequential": [], "vectorized": ["engine.vectorize=true", "engine.cohort_size=2"]}
-
-
-def records(path):
-    lines = (path / "rounds.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
-
-
-def assert_same_run(ref, other):
-    a = torch.load(ref / "model.pt", weights_only=True, map_location="cpu")
-    b = torch.load(other / "model.pt", weights_only=True, map_location="cpu")
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert records(ref) == records(other)
-    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (ref, other))
-    for s in (sa, sb):
-        s.pop("timing")
-        s.pop("resumed_from", None)
-    assert sa == sb
 
 
 @pytest.mark.parametrize("engine", ENGINES)
