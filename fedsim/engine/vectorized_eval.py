@@ -232,9 +232,8 @@ class CohortEvaluator:
                     return rt.data.client_train(cid)
 
                 req = decode(msg, ctx, rt.settings, cid, local_train)
-                x, y = rt.data.client_test(cid)
-                member = build(req.arrays, req.hooks, x.to(rt.device), y.to(rt.device),
-                               local_train)
+                x, y = rt.client_test(cid)  # on the run's device, copied once per run
+                member = build(req.arrays, req.hooks, x, y, local_train)
                 prepared.append((i, req, member))
             except Exception as exc:
                 replies[i] = error_reply(msg, exc, cid)
