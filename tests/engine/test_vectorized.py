@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from cohort_setup import seeded_model  # tests/cohort_setup.py
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fedsim
@@ -46,12 +47,8 @@ def test_cohort_equals_sequential_training(arch, norm, fold, vmap_rules):
     layers fold the cohort (fedsim.models.batched) or keep vmap's own rules."""
     if fold == "vmap-rule":
         vmap_rules()
-    torch.manual_seed(0)
-    model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
-                        groups=4)
+    model, start, bufs = seeded_model(arch, norm)
     drop = uses_batch_statistics(norm)
-    start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
     members, expected = [], []
     # BN after a linear layer cannot train on a lone sample (sequentially neither)
     sizes = (13, 8, 21, 3) if arch == "mlp" and drop else SIZES
@@ -87,11 +84,7 @@ def test_cohort_layers_take_the_folded_path(norm, fn, monkeypatch):
         real = getattr(batched_module, name)
         monkeypatch.setattr(batched_module, name, lambda *a, _r=real, _n=name: calls.append(_n)
                             or _r(*a))
-    torch.manual_seed(0)
-    model = build_model("cnn", norm, in_channels=1, image_size=28, num_classes=10, width=8,
-                        groups=4)
-    start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
+    model, start, bufs = seeded_model("cnn", norm, image_size=28)
     g = torch.Generator().manual_seed(0)
     members = [CohortMember(start, torch.randn(8, 1, 28, 28, generator=g),
                             torch.randint(0, 10, (8,), generator=g), [torch.arange(8)], bufs)
@@ -112,12 +105,8 @@ def test_per_sample_norms_pad_each_step_into_one_call(norm, calls, monkeypatch):
     statistics)."""
     import fedsim.engine.vectorized as vectorized
 
-    torch.manual_seed(0)
-    model = build_model("cnn", norm, in_channels=1, image_size=8, num_classes=10, width=8,
-                        groups=4)
+    model, start, bufs = seeded_model("cnn", norm)
     assert vectorized.shares_batch_statistics(model) == uses_batch_statistics(norm)
-    start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
     members = [CohortMember(start, x, y, plan_batches(len(x), CFG, torch_generator(0, "t", c),
                                                       drop_singleton=False), bufs)
                for c, (x, y) in enumerate(clients(sizes=(25, 13, 8)))]
@@ -409,12 +398,8 @@ def test_cohort_with_step_hooks_equals_sequential_within_float64_derived_toleran
     itself is from a float64 run of the same computation."""
     from fedsim.client.step import HookTerms
 
-    torch.manual_seed(0)
-    model = build_model("cnn", norm, in_channels=1, image_size=8, num_classes=10, width=8,
-                        groups=4)
+    model, start, bufs = seeded_model("cnn", norm)
     drop = uses_batch_statistics(norm)
-    start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
     members, expected = [], []
     for cid, (x, y) in enumerate(clients(sizes=(13, 8, 21, 3))):
         plan = plan_batches(len(x), CFG, torch_generator(0, "t", cid), drop_singleton=drop)

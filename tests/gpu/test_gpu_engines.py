@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from cohort_setup import seeded_model  # tests/cohort_setup.py
 
 import fedsim
 from fedsim.client.train import plan_batches, train_local
 from fedsim.config import ClientConfig
 from fedsim.engine.vectorized import CohortMember, train_cohort
-from fedsim.models import build_model, uses_batch_statistics
+from fedsim.models import uses_batch_statistics
 from fedsim.models.batched import fold_for_cohort
 from fedsim.rng import torch_generator
 
@@ -44,12 +45,8 @@ def test_both_backends_on_device_are_as_close_to_float64_as_float32_is_on_the_cp
     statistic the sequential and the cohort backend reach on the device is within a small
     multiple of float32 rounding, as measured on the CPU (float32 vs float64 run of the same
     training), of the float64 CPU result."""
-    torch.manual_seed(0)
-    model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
-                        groups=4)
+    model, start, bufs = seeded_model(arch, norm)
     drop = uses_batch_statistics(norm)
-    start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    bufs = {k: v.detach().clone() for k, v in model.named_buffers()}
     members, refs = [], []
     for cid, (x, y) in enumerate(clients()):
         plan = plan_batches(len(x), CFG, torch_generator(0, "t", cid), drop_singleton=drop)
