@@ -174,8 +174,32 @@ def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, st
 
 def _worker_init() -> None:
     """A sweep worker ignores Ctrl-C (the terminal sends it to every process of the group):
-    the sweep process decides, and stops the cells it runs with SIGTERM."""
+    the sweep process decides, and stops the cells it runs with SIGTERM.
+
+    The worker started with SIGINT blocked (see :func:`_sigint_blocked`), so a Ctrl-C that
+    arrived while it was still importing is pending; ignoring it first, then unblocking,
+    discards it.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread for the block: the worker processes started inside it
+    inherit the blocked signal through exec, so a Ctrl-C before their initializer runs (while
+    they import torch) cannot raise KeyboardInterrupt there and print a traceback. Here it is
+    only deferred: it is delivered when the block ends (as multiprocessing's resource tracker
+    is started)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _run_cell_in_worker(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
@@ -315,10 +339,12 @@ def run_sweep(
         ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                  initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                   str(root / c.name), 1): c
-                       for c in todo}
+            futures: dict[Future, Cell] = {}
             try:
+                with _sigint_blocked():  # submit starts the worker processes
+                    for c in todo:
+                        futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
+                                            str(root / c.name), 1)] = c
                 for future in as_completed(futures):
                     report_cell(futures[future], *future.result())
             except Interrupted:

@@ -126,6 +126,40 @@ def test_sigint_to_a_sweep_with_worker_processes_names_the_cells_and_the_resume_
         assert not (cell / "summary.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigint_while_sweep_workers_are_still_starting_prints_no_traceback(tmp_path):
+    """Ctrl-C while the spawned workers still import fedsim (before their initializer runs):
+    they start with SIGINT blocked, so none of them prints a KeyboardInterrupt traceback."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "scenarios/quickstart.toml", *sets(SMALL[:-2]), "--set",
+            "sweep.seed=[0,1,2]", "--out", str(out), "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 100
+    tree = set()
+    while proc.poll() is None and time.monotonic() < deadline:  # both workers spawned
+        tree = descendants([proc.pid])
+        spawned = [p for p in tree if b"spawn_main" in _cmdline(p.pid)]
+        if len(spawned) >= 2:
+            break
+        time.sleep(0.005)
+    assert not any(out.glob("*/rounds.jsonl"))  # no cell has started: the workers import
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    line = the_line(err)
+    assert line.startswith("interrupted: 0 of 3 cells done"), line
+    assert not left_running(tree)
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
+
+
 FLOWER_CLI = pytest.mark.skipif(
     sys.platform != "linux" or not (Path(sys.executable).parent / "flower-superlink").exists(),
     reason="needs the flwr CLI next to this Python and /proc")
