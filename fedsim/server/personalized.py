@@ -81,8 +81,7 @@ class PersonalizedEvaluator:
         self.model = copy.deepcopy(model)
         self._cohort_model: nn.Module | None = None
         self.device = device
-        wanted = set(evaluator.clients)
-        self.nodes = [n for n in grid.get_node_ids() if grid.client_id(n) in wanted]
+        self.nodes = grid.nodes_of(evaluator.clients)  # O(evaluated clients), not O(nodes)
         self.holdout = list(evaluator.holdout)
         self.failures = 0
 
