@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -143,6 +144,74 @@ def pull_replies(grid: Any, message_ids: Iterable[str]) -> Iterable[Message]:
     return grid.pull_messages(list(message_ids))
 
 
+# -- the simulation engine's node registration ---------------------------------------------
+
+
+class SimulationNodes:
+    """The node id → partition id mapping Flower's simulation engine (Ray) makes when it
+    registers its virtual SuperNodes, handed from the thread that registers them to the
+    ServerApp thread.
+
+    Flower gives a ServerApp no way to learn which node has which ``partition-id``: node ids
+    are random (``LinkState.create_node``), the partition id lives only in each node's
+    ``node_config`` on the client side, and ``run_simulation`` keeps the mapping
+    (``vce_api._register_nodes``' result) to itself. :func:`recorded_simulation_nodes`
+    copies that result here instead of the ServerApp asking every node.
+    """
+
+    def __init__(self) -> None:
+        self._mapping: dict[int, int] | None = None
+        self._ready = threading.Event()
+
+    def record(self, mapping: dict[int, int]) -> None:
+        self._mapping = dict(mapping)
+        self._ready.set()
+
+    def wait(self, timeout: float | None) -> dict[int, int] | None:
+        """The recorded mapping, waiting up to ``timeout`` s for the engine to register its
+        nodes; None if it did not within that time."""
+        return self._mapping if self._ready.wait(timeout) else None
+
+
+_register_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recorded_simulation_nodes() -> Iterator[SimulationNodes | None]:
+    """While the block runs, record the mapping of the nodes Flower's simulation engine
+    registers (it wraps ``flwr.server.superlink.fleet.vce.vce_api._register_nodes``, which
+    ``start_vce`` calls by its module name; restored on exit). One simulation at a time per
+    process (Ray's own limit): a second, concurrent one is refused.
+
+    Yields None, with a log line, where the installed Flower has no such function (the
+    ServerApp then asks every node, as before).
+    """
+    from flwr.server.superlink.fleet.vce import vce_api  # late: the simulation engine
+
+    original = getattr(vce_api, "_register_nodes", None)
+    if original is None:
+        log.warning("Flower %s has no vce_api._register_nodes: the ServerApp asks each node "
+                    "for its client id (one query message per node)", flwr.__version__)
+        yield None
+        return
+    if not _register_lock.acquire(blocking=False):
+        raise RuntimeError("error: a Flower simulation is already running in this process; "
+                           "run one simulation at a time (Ray allows one per process)")
+    nodes = SimulationNodes()
+
+    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
+        mapping = original(*args, **kwargs)
+        nodes.record(mapping)
+        return mapping
+
+    vce_api._register_nodes = register
+    try:
+        yield nodes
+    finally:
+        vce_api._register_nodes = original
+        _register_lock.release()
+
+
 # -- records: the speed-ups fedsim.arrays installs ------------------------------------------
 
 #: the base of Flower's records and RecordDict (flwr.app.message.typeddict.TypedDict)
@@ -219,6 +288,7 @@ __all__ = [
     "TORCH_WRITTEN_FOR",
     "BatchNormBase",
     "Run",
+    "SimulationNodes",
     "TypedDict",
     "add_batch_dim",
     "add_gaussian_noise_inplace",
@@ -232,6 +302,7 @@ __all__ = [
     "new_array",
     "pull_replies",
     "pulled_ids",
+    "recorded_simulation_nodes",
     "recorddict_from_proto",
     "recorddict_to_proto",
     "set_message_id",

@@ -336,3 +336,28 @@ def test_client_ordered_grid_pulls_from_either_base_signature(old_base):
         base = InProcessGrid(_query_app(), 3)
         grid = ClientOrderedGrid(_OldSignatureBase(base) if old_base else base, 3)
         assert list(grid.get_node_ids()) == [1, 2, 3]  # a query round trip through the base
+
+
+def test_recorded_simulation_nodes_sees_flowers_registration():
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    assert "_register_nodes(" in inspect.getsource(vce_api.start_vce), \
+        flower_use("start_vce registers its nodes through vce_api._register_nodes")
+    original = vce_api._register_nodes
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    with compat.recorded_simulation_nodes() as nodes:
+        assert nodes.wait(0) is None  # nothing registered yet
+        made = vce_api._register_nodes(num_nodes=3, state_factory=factory)
+        with pytest.raises(RuntimeError, match="already running"), \
+                compat.recorded_simulation_nodes():
+            pass
+    assert vce_api._register_nodes is original
+    assert nodes.wait(0) == made and sorted(made.values()) == [0, 1, 2], \
+        flower_use("_register_nodes returns {node id: partition id}")

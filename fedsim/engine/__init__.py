@@ -86,7 +86,8 @@ def _ray(server_app: ServerApp, run: RunContext) -> None:
     cfg = run.scenario.engine
     with fast_flower_records(), frozen_gc(), reused_memory(cfg.reuse_memory):
         run_ray(server_app, make_client_app(ClientRuntime.for_run(run)),
-                run.scenario.num_participating, cfg)
+                run.scenario.num_participating, cfg,
+                client_ids=run.data.participating)  # no query message per node
 
 
 def check_engine(run: RunContext, model: nn.Module) -> None:

@@ -5,10 +5,15 @@ Flower's engines), so the same seed would pick different clients on different en
 on two Ray runs. This wrapper learns every node's fedsim client id and lists nodes sorted by
 it; with the seeded ``random``, every engine then trains the same clients in the same rounds.
 
-A grid that creates its nodes itself (the in-process engine) knows the mapping and hands it
-over through an optional ``client_ids()`` method (node id → client id, or None when it does
-not know); no message is sent. Other grids (Ray, the Deployment Engine, whose node ids are
-random) are asked: one ``query`` message per node, once.
+A grid that knows the mapping hands it over through an optional ``client_ids()`` method
+(node id → client id, or None when it does not know); no message is sent. The in-process
+engine creates its nodes, so it knows; on Ray, the engine records the node registration
+Flower makes (:class:`fedsim.engine.ray.RecordedNodesGrid`). Other grids are asked: one
+``query`` message per node, once. That fallback is what the Deployment Engine gets: there
+the SuperLink gives each SuperNode a random node id when it connects, the ``partition-id``
+stays in the SuperNode's ``--node-config``, and Flower's Grid API offers the ServerApp no
+node attribute to read it from; a node is a process there, so one message each is small
+beside it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,30 @@
-"""Flower's own simulation engine (Ray) running the same ServerApp and ClientApp."""
+"""Flower's own simulation engine (Ray) running the same ServerApp and ClientApp.
+
+Sampling by client id needs to know which node is which client. Flower's simulation engine
+gives node ``i`` (a random node id) ``partition-id = i`` and the ClientApp maps partition ids
+to client ids, but Flower tells the ServerApp neither. Asking every node (one ``query``
+message each, what :class:`~fedsim.engine.ordered.ClientOrderedGrid` does for a grid that
+does not know) costs a Ray task per node, and Flower's message loop scans every pending
+message for every node, so that is quadratic: at 100,000 clients it never finished. Instead
+:func:`run_ray` records the mapping Flower makes when it registers the nodes
+(:func:`fedsim.compat.recorded_simulation_nodes`) and hands it, as client ids, to the grid
+the ServerApp gets (:class:`RecordedNodesGrid`): no message before training.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 
+from fedsim.compat import Run, SimulationNodes, recorded_simulation_nodes
 from fedsim.config import EngineConfig
 from fedsim.engine.memory import child_environment
+from fedsim.engine.ordered import CONNECT_TIMEOUT
 from fedsim.engine.processes import TreeWatch
 
 
@@ -25,15 +40,22 @@ def backend_config(cfg: EngineConfig) -> dict:
 
 
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
-            cfg: EngineConfig) -> None:
-    """``flwr.simulation.run_simulation`` with ``num_nodes`` virtual SuperNodes."""
+            cfg: EngineConfig, client_ids: Sequence[int] | None = None) -> None:
+    """``flwr.simulation.run_simulation`` with ``num_nodes`` virtual SuperNodes.
+
+    ``client_ids`` (optional), the fedsim client id behind each partition id (the ClientApp's
+    own mapping), lets the ServerApp's grid tell which node is which client from the
+    registration Flower makes (no query message per node); without it, the nodes are asked.
+    """
     from flwr.simulation import run_simulation  # imports Ray: only when this engine runs
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice
     # workers that this call starts (a local Ray) inherit the environment
     with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ), \
-            TreeWatch() as started:
+            TreeWatch() as started, recorded_simulation_nodes() as nodes:
+        if nodes is not None and client_ids is not None:
+            server_app = with_recorded_nodes(server_app, nodes, client_ids)
         try:
             run_simulation(
                 server_app=server_app,
@@ -54,3 +76,64 @@ def shutdown_ray(started: TreeWatch) -> None:
     if ray.is_initialized():
         ray.shutdown()
     started.stop()
+
+
+def with_recorded_nodes(server_app: ServerApp, nodes: SimulationNodes,
+                        client_ids: Sequence[int]) -> ServerApp:
+    """``server_app`` run on a :class:`RecordedNodesGrid` over the grid Flower gives it."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_app(RecordedNodesGrid(grid, nodes, client_ids), context)
+
+    return app
+
+
+class RecordedNodesGrid(Grid):
+    """Flower's simulation grid, plus :meth:`client_ids` from the node registration the
+    engine recorded (``partition-id`` → ``client_ids[partition-id]``), which a
+    :class:`~fedsim.engine.ordered.ClientOrderedGrid` reads instead of asking every node."""
+
+    def __init__(self, base: Grid, nodes: SimulationNodes, client_ids: Sequence[int],
+                 timeout: float = CONNECT_TIMEOUT) -> None:
+        self.base = base
+        self.nodes = nodes
+        self._client_ids = client_ids
+        self.timeout = timeout
+
+    def client_ids(self) -> Mapping[int, int] | None:
+        """Node id → fedsim client id, once Flower has registered the nodes (it does so while
+        the ServerApp starts); None if it did not within ``timeout`` s (then the nodes are
+        asked)."""
+        partitions = self.nodes.wait(self.timeout)
+        if partitions is None:
+            return None
+        if len(partitions) != len(self._client_ids):
+            raise RuntimeError(f"Flower registered {len(partitions)} nodes for "
+                               f"{len(self._client_ids)} participating clients")
+        return {node: int(self._client_ids[p]) for node, p in partitions.items()}
+
+    # -- plain delegation ----------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.base.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.base.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.base.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.base.push_messages(messages)
+
+    def pull_messages(self, *args, **kwargs) -> Iterable[Message]:
+        return self.base.pull_messages(*args, **kwargs)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.base.send_and_receive(messages, timeout=timeout)
