@@ -14,14 +14,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fedsim.engine.processes
 
-from fedsim.engine.processes import descendants  # noqa: E402
+def descendants(root: int) -> set[int]:
+    """Pids below ``root`` (children, their children, ...), from /proc (no imports of fedsim,
+    whose torch would add its own memory and CPU to the machine being measured)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                raw = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def rss_kb(pid: int) -> int:
@@ -47,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     child = subprocess.Popen(command)
     peak_kb = peak_n = 0
     while child.poll() is None:
-        pids = {child.pid} | {p.pid for p in descendants([child.pid])}
+        pids = {child.pid} | descendants(child.pid)
         total = sum(rss_kb(pid) for pid in pids)
         if total > peak_kb:
             peak_kb, peak_n = total, len(pids)

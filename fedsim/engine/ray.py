@@ -8,7 +8,9 @@ does not know) costs a Ray task per node, and Flower's message loop scans every 
 message for every node, so that is quadratic: at 100,000 clients it never finished. Instead
 :func:`run_ray` records the mapping Flower makes when it registers the nodes
 (:func:`fedsim.compat.recorded_simulation_nodes`) and hands it, as client ids, to the grid
-the ServerApp gets (:class:`RecordedNodesGrid`): no message before training.
+the ServerApp gets (:class:`RecordedNodesGrid`): no message before training. Flower's
+message loop also visits every node every 0.1 s for its next message;
+:func:`fedsim.compat.simulation_delivery_by_message` makes it visit the nodes that have one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.compat import Run, SimulationNodes, recorded_simulation_nodes
+from fedsim.compat import (
+    Run,
+    SimulationNodes,
+    recorded_simulation_nodes,
+    simulation_delivery_by_message,
+)
 from fedsim.config import EngineConfig
 from fedsim.engine.memory import child_environment
 from fedsim.engine.ordered import CONNECT_TIMEOUT
@@ -53,7 +60,8 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice
     # workers that this call starts (a local Ray) inherit the environment
     with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ), \
-            TreeWatch() as started, recorded_simulation_nodes() as nodes:
+            TreeWatch() as started, recorded_simulation_nodes() as nodes, \
+            simulation_delivery_by_message():
         if nodes is not None and client_ids is not None:
             server_app = with_recorded_nodes(server_app, nodes, client_ids)
         try:
