@@ -147,10 +147,10 @@ def pull_replies(grid: Any, message_ids: Iterable[str]) -> Iterable[Message]:
 # -- the simulation engine's node registration ---------------------------------------------
 
 
-class SimulationNodes:
-    """The node id → partition id mapping Flower's simulation engine (Ray) makes when it
-    registers its virtual SuperNodes, handed from the thread that registers them to the
-    ServerApp thread.
+class RegisteredNodes:
+    """The node id → partition id mapping of an engine's registered nodes, handed from where
+    the engine learns it (the thread that registers Ray's virtual SuperNodes, the Deployment
+    Engine's launcher) to the ServerApp, which waits for it.
 
     Flower gives a ServerApp no way to learn which node has which ``partition-id``: node ids
     are random (``LinkState.create_node``), the partition id lives only in each node's
@@ -177,7 +177,7 @@ _register_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def recorded_simulation_nodes() -> Iterator[SimulationNodes | None]:
+def recorded_simulation_nodes() -> Iterator[RegisteredNodes | None]:
     """While the block runs, record the mapping of the nodes Flower's simulation engine
     registers (it wraps ``flwr.server.superlink.fleet.vce.vce_api._register_nodes``, which
     ``start_vce`` calls by its module name; restored on exit). One simulation at a time per
@@ -197,7 +197,7 @@ def recorded_simulation_nodes() -> Iterator[SimulationNodes | None]:
     if not _register_lock.acquire(blocking=False):
         raise RuntimeError("error: a Flower simulation is already running in this process; "
                            "run one simulation at a time (Ray allows one per process)")
-    nodes = SimulationNodes()
+    nodes = RegisteredNodes()
 
     def register(*args: Any, **kwargs: Any) -> dict[int, int]:
         mapping = original(*args, **kwargs)
@@ -346,7 +346,7 @@ __all__ = [
     "TORCH_WRITTEN_FOR",
     "BatchNormBase",
     "Run",
-    "SimulationNodes",
+    "RegisteredNodes",
     "TypedDict",
     "add_batch_dim",
     "add_gaussian_noise_inplace",

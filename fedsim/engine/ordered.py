@@ -9,11 +9,12 @@ A grid that knows the mapping hands it over through an optional ``client_ids()``
 (node id → client id, or None when it does not know); no message is sent. The in-process
 engine creates its nodes, so it knows; on Ray, the engine records the node registration
 Flower makes (:class:`fedsim.engine.ray.RecordedNodesGrid`). Other grids are asked: one
-``query`` message per node, once. That fallback is what the Deployment Engine gets: there
-the SuperLink gives each SuperNode a random node id when it connects, the ``partition-id``
-stays in the SuperNode's ``--node-config``, and Flower's Grid API offers the ServerApp no
-node attribute to read it from; a node is a process there, so one message each is small
-beside it.
+``query`` message per node, once. On the Deployment Engine the SuperLink gives each
+SuperNode a random node id when it registers, the ``partition-id`` stays in the SuperNode's
+``--node-config``, and Flower's Grid API offers the ServerApp no node attribute to read it
+from; fedsim's local deployment reads each SuperNode's id from its log instead
+(:meth:`fedsim.engine.deploy.LocalDeployment.node_partitions`), and SuperNodes started any
+other way are asked.
 """
 
 from __future__ import annotations

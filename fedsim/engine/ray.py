@@ -8,8 +8,8 @@ does not know) costs a Ray task per node, and Flower's message loop scans every 
 message for every node, so that is quadratic: at 100,000 clients it never finished. Instead
 :func:`run_ray` records the mapping Flower makes when it registers the nodes
 (:func:`fedsim.compat.recorded_simulation_nodes`) and hands it, as client ids, to the grid
-the ServerApp gets (:class:`RecordedNodesGrid`): no message before training. Flower's
-message loop also visits every node every 0.1 s for its next message;
+the ServerApp gets (:class:`fedsim.engine.known_nodes.KnownNodesGrid`): no message before
+training. Flower's message loop also visits every node every 0.1 s for its next message;
 :func:`fedsim.compat.simulation_delivery_by_message` makes it visit the nodes that have one.
 """
 
@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.compat import (
-    Run,
-    SimulationNodes,
+    RegisteredNodes,
     recorded_simulation_nodes,
     simulation_delivery_by_message,
 )
 from fedsim.config import EngineConfig
+from fedsim.engine.known_nodes import KnownNodesGrid
 from fedsim.engine.memory import child_environment
-from fedsim.engine.ordered import CONNECT_TIMEOUT
 from fedsim.engine.processes import TreeWatch
 
 
@@ -86,62 +85,13 @@ def shutdown_ray(started: TreeWatch) -> None:
     started.stop()
 
 
-def with_recorded_nodes(server_app: ServerApp, nodes: SimulationNodes,
+def with_recorded_nodes(server_app: ServerApp, nodes: RegisteredNodes,
                         client_ids: Sequence[int]) -> ServerApp:
-    """``server_app`` run on a :class:`RecordedNodesGrid` over the grid Flower gives it."""
+    """``server_app`` run on a :class:`KnownNodesGrid` over the grid Flower gives it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_app(RecordedNodesGrid(grid, nodes, client_ids), context)
+        server_app(KnownNodesGrid(grid, nodes, client_ids), context)
 
     return app
-
-
-class RecordedNodesGrid(Grid):
-    """Flower's simulation grid, plus :meth:`client_ids` from the node registration the
-    engine recorded (``partition-id`` → ``client_ids[partition-id]``), which a
-    :class:`~fedsim.engine.ordered.ClientOrderedGrid` reads instead of asking every node."""
-
-    def __init__(self, base: Grid, nodes: SimulationNodes, client_ids: Sequence[int],
-                 timeout: float = CONNECT_TIMEOUT) -> None:
-        self.base = base
-        self.nodes = nodes
-        self._client_ids = client_ids
-        self.timeout = timeout
-
-    def client_ids(self) -> Mapping[int, int] | None:
-        """Node id → fedsim client id, once Flower has registered the nodes (it does so while
-        the ServerApp starts); None if it did not within ``timeout`` s (then the nodes are
-        asked)."""
-        partitions = self.nodes.wait(self.timeout)
-        if partitions is None:
-            return None
-        if len(partitions) != len(self._client_ids):
-            raise RuntimeError(f"Flower registered {len(partitions)} nodes for "
-                               f"{len(self._client_ids)} participating clients")
-        return {node: int(self._client_ids[p]) for node, p in partitions.items()}
-
-    # -- plain delegation ----------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self.base.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.base.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.base.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.base.push_messages(messages)
-
-    def pull_messages(self, *args, **kwargs) -> Iterable[Message]:
-        return self.base.pull_messages(*args, **kwargs)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self.base.send_and_receive(messages, timeout=timeout)
