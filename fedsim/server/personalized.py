@@ -81,8 +81,9 @@ class PersonalizedEvaluator:
         self.model = copy.deepcopy(model)
         self._cohort_model: nn.Module | None = None
         self.device = device
-        wanted = set(evaluator.clients)
-        self.nodes = [n for n in grid.get_node_ids() if grid.client_id(n) in wanted]
+        # the evaluated clients' nodes in client order, found per client (not per node)
+        self.nodes = [n for n in map(grid.node_id, sorted(set(evaluator.clients)))
+                      if n is not None]
         self.holdout = list(evaluator.holdout)
         self.failures = 0
 
