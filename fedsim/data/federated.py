@@ -4,7 +4,9 @@ This is what the client app trains on, the server evaluates on and the privacy a
 probe. Everything is derived from ``(seed, data, partition)``: the partition, each client's
 local train/test split, the holdout clients and (for ``feature``) each client's domain.
 Client tensors are built on first use and kept in a bounded LRU, so memory follows the
-clients in use, not the size of the federation.
+clients in use, not the size of the federation. Which clients are held out is a rule, not
+a list (``data/population.py``): per client from ``(seed, cid)`` for generated populations,
+the original seeded permutation for dataset-backed ones (so their runs are unchanged).
 """
 
 from __future__ import annotations
