@@ -282,7 +282,12 @@ class InProcessGrid(Grid):
 
 class NodeClients(Mapping[int, int]):
     """Node id ``i + 1`` → ``client_ids[i]``, read from the sequence (no dict of the
-    population)."""
+    population).
+
+    ``in_client_order`` says, without reading every id, that node order is client order
+    (the sequence declares ``ascending``, as a population's participating clients do), and
+    :meth:`node_of` finds a client's node through the sequence's own ``index``.
+    """
 
     def __init__(self, client_ids: Sequence[int]) -> None:
         self._ids = client_ids
@@ -301,6 +306,20 @@ class NodeClients(Mapping[int, int]):
     def values(self) -> ValuesView[int]:
         """The client ids in node order, read straight from the sequence."""
         return _SequenceValues(self)
+
+    @property
+    def in_client_order(self) -> bool:
+        """Whether node ids increase with client ids, known without reading the ids."""
+        ids = self._ids
+        return bool(getattr(ids, "ascending", False)) or (isinstance(ids, range)
+                                                          and ids.step > 0)
+
+    def node_of(self, client_id: int) -> int | None:
+        """The node behind fedsim client ``client_id`` (None: no node trains it)."""
+        try:
+            return self._ids.index(client_id) + 1
+        except ValueError:
+            return None
 
 
 class _SequenceValues(ValuesView):

@@ -19,7 +19,6 @@ other way are asked.
 
 from __future__ import annotations
 
-import bisect
 import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +48,7 @@ class ClientOrderedGrid(Grid):
         self.connect_timeout = connect_timeout
         self._client_of: Mapping[int, int] | None = None
         self._sorted: Sequence[int] | None = None
+        self._node_of: dict[int, int] | None = None  # client id → node id, when queried
 
     def _wait_for_nodes(self) -> list[int]:
         """All ``expected_nodes`` node ids, waiting while the engine registers them."""
@@ -98,21 +98,33 @@ class ClientOrderedGrid(Grid):
         return self._discover().get(node_id)
 
     def nodes_of(self, clients: Iterable[int]) -> list[int]:
-        """The node ids of ``clients`` (in their order; clients without a node are left out),
-        by binary search over :meth:`get_node_ids`: O(log N) lookups per client, so a sample
-        costs no pass over the population."""
-        nodes = self.get_node_ids()
-        found = []
-        for cid in clients:
-            i = bisect.bisect_left(nodes, cid, key=self.client_id)
-            if i < len(nodes) and self.client_id(nodes[i]) == cid:
-                found.append(nodes[i])
-        return found
+        """The node ids of ``clients``, in their order (clients without a node are left
+        out): :meth:`node_id` per client, so a sample costs no pass over the population."""
+        return [n for n in map(self.node_id, clients) if n is not None]
+
+    def node_id(self, client_id: int) -> int | None:
+        """The node behind fedsim client ``client_id`` (None: no node is that client).
+
+        A mapping that can answer itself (the in-process engine's, O(log N)) does; the
+        mapping learned by asking the nodes is inverted once."""
+        mapping = self._discover()
+        node_of = getattr(mapping, "node_of", None)
+        if callable(node_of):
+            return node_of(client_id)
+        if self._node_of is None:
+            self._node_of = {c: n for n, c in mapping.items()}
+        return self._node_of.get(client_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        """Node ids in increasing client id order (an immutable sequence, built once)."""
+        """Node ids in increasing client id order (an immutable sequence, built once).
+
+        A tuple: Flower copies the node list with ``list()`` every round, and copying a
+        tuple of ints is a memory copy, ~4x faster than materializing a ``range``."""
         if self._sorted is None:
             mapping = self._discover()
+            if getattr(mapping, "in_client_order", False):  # in-process: no id is read
+                self._sorted = tuple(mapping)
+                return self._sorted
             nodes = list(mapping)
             clients = list(mapping.values())
             if all(map(operator.lt, clients, islice(clients, 1, None))):

@@ -81,7 +81,8 @@ class PersonalizedEvaluator:
         self.model = copy.deepcopy(model)
         self._cohort_model: nn.Module | None = None
         self.device = device
-        self.nodes = grid.nodes_of(evaluator.clients)  # O(evaluated clients), not O(nodes)
+        # the evaluated clients' nodes in client order, found per client (not per node)
+        self.nodes = grid.nodes_of(sorted(set(evaluator.clients)))
         self.holdout = list(evaluator.holdout)
         self.failures = 0
 
