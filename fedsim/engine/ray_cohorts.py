@@ -36,6 +36,7 @@ Ray is imported only when this engine runs.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import gc
 import logging
@@ -67,7 +68,7 @@ log = logging.getLogger("fedsim")
 
 #: seconds to wait for the actors to start (they build the run's data and model)
 START_TIMEOUT = 600.0
-#: seconds between checks while replies are outstanding (signals are handled in between)
+#: seconds per wait for replies (a wait in Python: signals are handled at once anyway)
 WAIT_SLICE = 0.2
 COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
 
@@ -171,6 +172,24 @@ class CohortWorker:
 # --------------------------------------------------------------------------- driver side
 
 
+def _wait(futures, timeout: float, until: str) -> tuple[set, set]:
+    """``concurrent.futures.wait`` on Ray results (``ObjectRef.future()``), in slices.
+
+    Waiting in Python, not in ``ray.wait``, keeps Ctrl-C and SIGTERM fedsim's: ``ray.wait``
+    runs signal handlers inside its C++ loop and replaces the :class:`fedsim.interrupt.
+    Interrupted` they raise by a bare ``KeyboardInterrupt`` (no signal, no exit code).
+    """
+    deadline = time.monotonic() + timeout
+    waiting = set(futures)
+    done: set = set()
+    while waiting:
+        got, waiting = cf.wait(waiting, timeout=min(WAIT_SLICE, timeout), return_when=until)
+        done |= got
+        if (got and until == cf.FIRST_COMPLETED) or time.monotonic() > deadline:
+            break
+    return done, waiting
+
+
 class ActorLost(RuntimeError):
     """A Ray actor died while it held a client's cohort (the client's error reply says so)."""
 
@@ -232,21 +251,18 @@ class CohortPool:
     def _wait_ready(self, actors: list) -> list[int]:
         import ray
 
-        refs = [a.pid.remote() for a in actors]
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=WAIT_SLICE)
-            if len(ready) == len(refs):
-                try:
-                    return ray.get(refs)
-                except ray.exceptions.RayError as exc:
-                    raise ScenarioError(f"error: a Ray cohort actor failed while building the "
-                                        f"run's clients: {exc}") from exc
-            if time.monotonic() > deadline:
-                raise ScenarioError(
-                    f"error: {len(refs) - len(ready)} of {len(refs)} Ray cohort actors did not "
-                    f"start within {START_TIMEOUT:g} s (engine.ray_workers = "
-                    f"{self.cfg.ray_workers}); check that Ray can place them")
+        futures = [a.pid.remote().future() for a in actors]
+        _, waiting = _wait(futures, START_TIMEOUT, cf.ALL_COMPLETED)
+        if waiting:
+            raise ScenarioError(
+                f"error: {len(waiting)} of {len(futures)} Ray cohort actors did not start "
+                f"within {START_TIMEOUT:g} s (engine.ray_workers = {self.cfg.ray_workers}); "
+                "check that Ray can place them")
+        try:
+            return [f.result() for f in futures]
+        except ray.exceptions.RayError as exc:
+            raise ScenarioError(f"error: a Ray cohort actor failed while building the run's "
+                                f"clients: {exc}") from exc
 
     def close(self) -> None:
         """Stop the actors, and Ray itself where this pool started it."""
@@ -274,16 +290,17 @@ class CohortPool:
         sent = []
         for i, task in enumerate(tasks):
             k = (i + offset) % n
-            sent.append((k, self.generation[k], self._submit(k, task)))
+            sent.append((k, self.generation[k], self._submit(k, task).future()))
         results: list = [None] * len(tasks)
-        waiting = {ref: i for i, (_, _, ref) in enumerate(sent)}
+        index = {future: i for i, (_, _, future) in enumerate(sent)}
+        waiting = set(index)
         while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1, timeout=WAIT_SLICE)
-            for ref in done:
-                i = waiting.pop(ref)
+            done, waiting = _wait(waiting, WAIT_SLICE, cf.FIRST_COMPLETED)
+            for future in sorted(done, key=index.__getitem__):
+                i = index[future]
                 k, gen, _ = sent[i]
                 try:
-                    results[i] = ray.get(ref)
+                    results[i] = future.result()
                 except ray.exceptions.RayActorError as exc:
                     results[i] = self._lost(k, gen, tasks[i], exc)
                 except ray.exceptions.RayError as exc:  # e.g. a task that could not unpickle
