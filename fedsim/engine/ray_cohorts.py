@@ -44,7 +44,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,10 @@ START_TIMEOUT = 600.0
 #: seconds per wait for replies (a wait in Python: signals are handled at once anyway)
 WAIT_SLICE = 0.2
 COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
+#: a local Ray starts its workers at nice 15, so they never starve its own daemons; here the
+#: actors do the run's computation, so they run at the driver's priority (as the in-process
+#: engine does): on a busy machine nice-15 actors get a fraction of a core each
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -387,8 +391,9 @@ def run_ray_cohorts(server_app: ServerApp, client_app: ClientApp, run: RunContex
     cfg: EngineConfig = run.scenario.engine
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray notice
     pool = CohortPool(run.scenario)
-    with child_environment(cfg.reuse_memory and not cfg.ray_address, os.environ), \
-            TreeWatch() as started:
+    local = not cfg.ray_address
+    with child_environment(cfg.reuse_memory and local, os.environ), \
+            _environment(LOCAL_RAY_ENV if local else {}), TreeWatch() as started:
         try:
             pool.start()
             grid = RayCohortGrid(client_app, run.scenario.num_participating, pool, state_store,
@@ -398,3 +403,16 @@ def run_ray_cohorts(server_app: ServerApp, client_app: ClientApp, run: RunContex
             pool.close()
             if pool.started_ray:  # a local Ray's workers outlive ray.shutdown for a while
                 started.stop()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` where not already set (a local Ray's processes inherit
+    them when they start), removed again afterwards."""
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
