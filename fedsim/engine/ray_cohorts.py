@@ -214,7 +214,6 @@ class CohortPool:
         self.actors: list[Any] = []
         self.pids: list[int] = []
         self.generation: list[int] = []  # actor k's restarts so far
-        self.assigned: list[tuple[int, int]] = []  # (node id, actor) of every task sent
         self.started_ray = False
 
     # -- life cycle ------------------------------------------------------------------
@@ -281,7 +280,7 @@ class CohortPool:
 
     # -- cohorts ---------------------------------------------------------------------
     def _submit(self, k: int, task: CohortTask) -> Any:
-        self.assigned += [(node, k) for node in task.nodes]
+        """Hand ``task`` to actor ``k``; its result's Ray object reference."""
         return self.actors[k].run.remote(task)
 
     def run(self, tasks: Sequence[CohortTask], offset: int = 0

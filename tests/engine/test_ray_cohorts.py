@@ -116,6 +116,7 @@ def assert_same_as_inprocess(ref: Path, other: Path) -> None:
     assert (sa.pop("engine"), sb.pop("engine")) == ("inprocess", "ray")
     for s in (sa, sb):
         s.pop("timing")
+        s.pop("resumed_from", None)
     assert sa == sb
 
 
@@ -193,11 +194,15 @@ def test_a_killed_actor_is_restarted_and_its_round_retried(ray_cluster, monkeypa
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_sigint_ends_with_the_interrupted_line_and_no_process_left(tmp_path):
+def test_sigint_ends_with_the_interrupted_line_and_resumes_exactly(ray_cluster, tmp_path):
     """Ctrl-C while actors train: one ``interrupted:`` line, exit 130, no traceback, and no
-    process of the run (driver, a local Ray, the actors) left running."""
+    process of the run (driver, its local Ray, the actors) left running. The resume command
+    it prints finishes the run exactly: the in-process vectorized run, bit for bit (client
+    state is checkpointed from the driver's store as in-process)."""
+    sc = SMALL + ["server.strategy=scaffold", "server.rounds=20", "model.width=8"]
+    ref = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "inprocess")
     out = tmp_path / "stopped"
-    sets = [a for s in SMALL + RAY + ["server.rounds=200"] for a in ("--set", s)]
+    sets = [a for s in sc + RAY for a in ("--set", s)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run",
                              "scenarios/quickstart.toml", *sets, "--out", str(out)],
@@ -227,5 +232,8 @@ def test_sigint_ends_with_the_interrupted_line_and_no_process_left(tmp_path):
     while (left := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, left
-    assert json.loads(rounds.read_text().splitlines()[1])["round"] == 1
+    k = int(lines[0].split("round ", 1)[1].split()[0])
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == [k]
+    assert_same_as_inprocess(ref.path, out)
 
