@@ -165,6 +165,24 @@ def test_state_follows_a_client_to_another_actor(ray_cluster, assignments, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_ray_address_joins_a_running_cluster_and_leaves_it_running(ray_cluster, tmp_path):
+    """A run in another process with engine.ray_address set connects to this module's Ray
+    (instead of starting its own), gives the in-process model, and stops only its actors."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    sc = SMALL + ["server.rounds=2"]
+    ref = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "inprocess")
+    sets = [a for s in sc + RAY + [f"engine.ray_address={address}"] for a in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "scenarios/quickstart.toml",
+                           *sets, "--out", str(tmp_path / "joined"), "--quiet"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert_same_as_inprocess(ref.path, tmp_path / "joined")
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources()["CPU"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_killed_actor_is_restarted_and_its_round_retried(ray_cluster, monkeypatch, tmp_path,
                                                            caplog):
     """SIGKILL an actor right after it was handed the first train cohort: its clients get
