@@ -258,13 +258,13 @@ class CohortPool:
         _, waiting = _wait(futures, START_TIMEOUT, cf.ALL_COMPLETED)
         if waiting:
             raise ScenarioError(
-                f"error: {len(waiting)} of {len(futures)} Ray cohort actors did not start "
+                f"{len(waiting)} of {len(futures)} Ray cohort actors did not start "
                 f"within {START_TIMEOUT:g} s (engine.ray_workers = {self.cfg.ray_workers}); "
                 "check that Ray can place them")
         try:
             return [f.result() for f in futures]
         except ray.exceptions.RayError as exc:
-            raise ScenarioError(f"error: a Ray cohort actor failed while building the run's "
+            raise ScenarioError(f"a Ray cohort actor failed while building the run's "
                                 f"clients: {exc}") from exc
 
     def close(self) -> None:
