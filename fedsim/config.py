@@ -262,8 +262,8 @@ class EngineConfig:
     workers: int = 1  # inprocess: clients (or cohorts) trained concurrently, one thread each
     vectorize: bool = False  # inprocess or ray: train each round's clients as vmap cohorts
     cohort_size: int = 128  # vectorize: clients trained at once (at most)
-    state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
-    state_dir: str = ""  # inprocess: folder for spilled client state ("" = system temp)
+    state_memory_mb: float = 256.0  # inprocess, ray+vectorize: client state kept in memory
+    state_dir: str = ""  # inprocess, ray+vectorize: folder for spilled state ("" = system temp)
     reuse_memory: bool = True  # glibc: keep freed memory for reuse during the run (fewer faults)
 
     def __post_init__(self) -> None:
