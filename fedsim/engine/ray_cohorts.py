@@ -56,12 +56,16 @@ from flwr.serverapp import ServerApp
 from fedsim import compat
 from fedsim.arrays import fast_flower_records
 from fedsim.client.messages import error_reply
+from fedsim.client.runtime import ClientRuntime
 from fedsim.config import EngineConfig, Scenario, scenario_from_dict
 from fedsim.context import RunContext
 from fedsim.engine.inprocess import InProcessGrid, serve
 from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
+from fedsim.engine.ray import backend_config
 from fedsim.engine.store import ClientStateStore, decode_state, encode_state
+from fedsim.engine.vectorized import CohortTrainer
+from fedsim.engine.vectorized_eval import CohortEvaluator
 from fedsim.errors import ScenarioError
 
 log = logging.getLogger("fedsim")
@@ -139,10 +143,6 @@ class CohortWorker:
     """
 
     def __init__(self, scenario: dict, threads: int) -> None:
-        from fedsim.client.runtime import ClientRuntime
-        from fedsim.engine.vectorized import CohortTrainer
-        from fedsim.engine.vectorized_eval import CohortEvaluator
-
         torch.set_num_threads(max(1, threads))
         logging.getLogger("flwr").setLevel(logging.WARNING)
         runtime = ClientRuntime.for_run(RunContext.build(scenario_from_dict(scenario)))
@@ -221,8 +221,6 @@ class CohortPool:
         """Start (or join, with ``engine.ray_address``) Ray and the actors; wait until every
         actor has built its runtime."""
         import ray
-
-        from fedsim.engine.ray import backend_config
 
         if not ray.is_initialized():
             ray.init(**backend_config(self.cfg)["init_args"], log_to_driver=False,
