@@ -124,16 +124,44 @@ def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float
     return summed, norms
 
 
+def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator
+                   ) -> dict[str, torch.Tensor]:
+    """N(0, std²) for every coordinate of ``like``'s tensors, drawn on ``generator``'s device
+    (the CPU: a seed gives the same noise on every device) and moved to the tensors' device
+    in one copy per dtype, not one per tensor.
+
+    The draws are one per tensor, in ``like``'s order, into slices of one buffer: bitwise
+    the noise of ``torch.normal`` per tensor. One draw for all tensors would change the
+    stream: the CPU kernel turns uniforms into normals in blocks of 16 and redraws the last
+    16 of a tensor whose size is not a multiple of 16 (below 16, one value at a time), so
+    the values depend on where each tensor starts and ends.
+    """
+    host = generator.device
+    groups: dict[tuple, list[str]] = {}  # one buffer per (dtype, device) of the tensors
+    for k, t in like.items():
+        groups.setdefault((t.dtype, t.device), []).append(k)
+    flats = {g: torch.empty(sum(like[k].numel() for k in keys), dtype=g[0], device=host)
+             for g, keys in groups.items()}
+    slices, offsets = {}, dict.fromkeys(groups, 0)
+    for k, t in like.items():  # the draws in like's order, as one torch.normal per tensor did
+        g = (t.dtype, t.device)
+        slices[k] = (g, offsets[g], offsets[g] + t.numel())
+        flats[g][offsets[g] : offsets[g] + t.numel()].normal_(0.0, std, generator=generator)
+        offsets[g] += t.numel()
+    moved = {g: flat.to(g[1]) for g, flat in flats.items()}  # one copy per buffer
+    return {k: moved[g][a:b].view(like[k].shape) for k, (g, a, b) in slices.items()}
+
+
 def privatize(summed: dict[str, torch.Tensor], noise_multiplier: float, max_grad_norm: float,
               expected_batch: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``(sum + N(0, σ²C²)) / expected_batch`` per coordinate; noise from ``generator``."""
+    """``(sum + N(0, σ²C²)) / expected_batch`` per coordinate; noise from ``generator``
+    (:func:`gaussian_noise`)."""
     std = noise_multiplier * max_grad_norm
-    out = {}
-    for k, s in summed.items():
-        noise = torch.normal(0.0, std, s.shape, generator=generator, device=generator.device,
-                             dtype=s.dtype) if std > 0 else torch.zeros_like(s)
-        out[k] = (s + noise.to(s.device)) / expected_batch
-    return out
+    if std > 0:
+        noise = gaussian_noise(summed, std, generator)
+    else:
+        noise = {k: torch.zeros_like(s) for k, s in summed.items()}
+    return {k: (s + noise[k]) / expected_batch for k, s in summed.items()}
 
 
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,

@@ -81,6 +81,28 @@ def test_noise_has_std_sigma_times_c_over_expected_batch():
     assert abs(noise.mean().item()) < 5 * std / math.sqrt(n)
 
 
+@pytest.mark.parametrize("std", [0.9, 0.0])
+def test_noise_is_one_torch_normal_per_tensor_in_order(std):
+    """The noise of one buffer and one copy is bitwise the stream of one ``torch.normal``
+    per tensor (what a seed gave before): tensors below 16 values, not multiples of 16
+    (the CPU kernel's tail), 0-d and another dtype in between, and the generator ends in
+    the same state."""
+    shapes = [(8, 1, 3, 3), (8,), (), (16,), (17,), (5, 7), (32, 33), (10,), (1,), (48,)]
+    g = torch.Generator().manual_seed(3)
+    like = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    like["f64"] = torch.randn(7, 3, dtype=torch.float64, generator=g)
+    like["last"] = torch.randn(20, generator=g)
+    mine, ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(2):  # the second step continues the stream
+        out = dpsgd.privatize(like, std, 1.5, 4.0, mine)
+        for k, s in like.items():
+            noise = (torch.normal(0.0, std * 1.5, s.shape, generator=ref, dtype=s.dtype)
+                     if std > 0 else torch.zeros_like(s))
+            want = (s + noise) / 4.0
+            assert out[k].dtype == want.dtype and torch.equal(out[k], want), k
+    assert torch.equal(mine.get_state(), ref.get_state())
+
+
 def test_poisson_plan_and_batches():
     cfg = ClientConfig(batch_size=16, epochs=2)
     assert dpsgd.plan(50, cfg) == dpsgd.DPSGDPlan(16 / 50, 2 * 4)  # 2 × ceil(50 / 16)
