@@ -128,28 +128,25 @@ def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.G
                    ) -> dict[str, torch.Tensor]:
     """N(0, std²) for every coordinate of ``like``'s tensors, drawn on ``generator``'s device
     (the CPU: a seed gives the same noise on every device) and moved to the tensors' device
-    in one copy per dtype, not one per tensor.
+    in one copy per dtype, not one per tensor (on the CPU nothing moves).
 
-    The draws are one per tensor, in ``like``'s order, into slices of one buffer: bitwise
-    the noise of ``torch.normal`` per tensor. One draw for all tensors would change the
-    stream: the CPU kernel turns uniforms into normals in blocks of 16 and redraws the last
-    16 of a tensor whose size is not a multiple of 16 (below 16, one value at a time), so
-    the values depend on where each tensor starts and ends.
+    The draws stay one ``torch.normal`` per tensor, in ``like``'s order: one draw for all
+    tensors would change the stream, since the CPU kernel turns uniforms into normals in
+    blocks of 16 and redraws the last 16 of a tensor whose size is not a multiple of 16
+    (below 16, one value at a time), so the values depend on where each tensor ends.
     """
     host = generator.device
-    groups: dict[tuple, list[str]] = {}  # one buffer per (dtype, device) of the tensors
+    noise = {k: torch.normal(0.0, std, t.shape, generator=generator, device=host,
+                             dtype=t.dtype) for k, t in like.items()}
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for k, t in like.items():
-        groups.setdefault((t.dtype, t.device), []).append(k)
-    flats = {g: torch.empty(sum(like[k].numel() for k in keys), dtype=g[0], device=host)
-             for g, keys in groups.items()}
-    slices, offsets = {}, dict.fromkeys(groups, 0)
-    for k, t in like.items():  # the draws in like's order, as one torch.normal per tensor did
-        g = (t.dtype, t.device)
-        slices[k] = (g, offsets[g], offsets[g] + t.numel())
-        flats[g][offsets[g] : offsets[g] + t.numel()].normal_(0.0, std, generator=generator)
-        offsets[g] += t.numel()
-    moved = {g: flat.to(g[1]) for g, flat in flats.items()}  # one copy per buffer
-    return {k: moved[g][a:b].view(like[k].shape) for k, (g, a, b) in slices.items()}
+        if t.device != host:
+            groups.setdefault((t.dtype, t.device), []).append(k)
+    for (_, device), keys in groups.items():  # one host-to-device copy per group
+        flat = torch.cat([noise[k].flatten() for k in keys]).to(device)
+        for k, part in zip(keys, flat.split([noise[k].numel() for k in keys])):
+            noise[k] = part.view(like[k].shape)
+    return noise
 
 
 def privatize(summed: dict[str, torch.Tensor], noise_multiplier: float, max_grad_norm: float,

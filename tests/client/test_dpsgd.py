@@ -103,6 +103,33 @@ def test_noise_is_one_torch_normal_per_tensor_in_order(std):
     assert torch.equal(mine.get_state(), ref.get_state())
 
 
+def test_noise_reaches_another_device_in_one_copy_per_dtype(monkeypatch):
+    """Tensors on another device than the generator's ("meta" stands in for an accelerator)
+    get their noise in one host-to-device copy per dtype, in their shapes and dtypes, from
+    the same draws (the generator advances as one draw per tensor does)."""
+    like = {"w": torch.zeros(3, 4, device="meta"), "b": torch.zeros(5, device="meta"),
+            "d": torch.zeros(2, dtype=torch.float64, device="meta"),
+            "s": torch.zeros((), device="meta")}
+    copies = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.device != self.device:
+            copies.append(self.dtype)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    mine, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = dpsgd.gaussian_noise(like, 1.0, mine)
+    for k, t in like.items():
+        torch.normal(0.0, 1.0, t.shape, generator=ref, dtype=t.dtype)
+        assert noise[k].device == t.device and noise[k].shape == t.shape
+        assert noise[k].dtype == t.dtype
+    assert sorted(copies, key=str) == [torch.float32, torch.float64]
+    assert torch.equal(mine.get_state(), ref.get_state())
+
+
 def test_poisson_plan_and_batches():
     cfg = ClientConfig(batch_size=16, epochs=2)
     assert dpsgd.plan(50, cfg) == dpsgd.DPSGDPlan(16 / 50, 2 * 4)  # 2 × ceil(50 / 16)
