@@ -19,7 +19,8 @@ import fedsim
 from fedsim.data.federated import FederatedData
 from fedsim.device import DeviceData
 
-RUN = ["server.rounds=3", "partition.num_clients=8", "server.clients_per_round=4",
+RUN = ["server.rounds=2", "partition.num_clients=8",  # evaluated at rounds 0, 1 and 2
+       "server.clients_per_round=4",
        "partition.holdout_clients=0.25", "partition.test_fraction=0.5", "model.width=8",
        "model.norm=bn", "client.epochs=1", "server.strategy=fedbn",
        "server.fraction_evaluate=0.5",  # federated evaluation: cold starts on the clients
