@@ -13,7 +13,10 @@
 ``inprocess`` trains one client at a time on one core; ``inprocess_parallel`` uses
 ``--workers`` threads (default: one per core), the same cores Ray's actors get;
 ``vectorized`` trains each round's clients as ``vmap`` cohorts on ``--threads`` torch
-threads, ``vectorized_parallel`` the same with one torch thread per core (``--workers``).
+threads, ``vectorized_parallel`` the same with one torch thread per core (``--workers``);
+``ray_cohorts`` runs the same cohorts on ``--ray-workers`` Ray actors (``engine.kind = "ray"``
+with ``engine.vectorize``), ``--ray-cpus`` CPUs each. Every engine's peak resident memory is
+reported, summed over all of its processes (a local Ray's daemons and actors included).
 Every engine runs the same scenario in its own subprocess with the same seed, so the same
 clients train on the same batches in every round. Throughput is client updates per second
 of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
@@ -60,10 +63,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "vectorized_parallel", "bare")
+ENGINES = ("ray", "inprocess", "inprocess_parallel", "vectorized", "vectorized_parallel",
+           "ray_cohorts", "bare")
 #: engines whose thread count is their own setting (``--ray-cpus``, ``--workers``), not
 #: ``--threads``: measured once, at the first count
-OWN_THREADS = ("ray", "vectorized_parallel")
+OWN_THREADS = ("ray", "vectorized_parallel", "ray_cohorts")
 
 
 def _counts(text: str) -> list[int]:
@@ -116,7 +120,7 @@ def _per_round(marks: list[tuple[int, float]]) -> dict[int, float]:
 
 
 def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: int,
-               ray_cpus: float, workers: int, out: Path) -> dict:
+               ray_cpus: float, workers: int, out: Path, ray_workers: int = 2) -> dict:
     """One fedsim run on ``engine``; throughput from its rounds.jsonl."""
     import fedsim
     from fedsim.errors import ScenarioError
@@ -132,6 +136,10 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
         "vectorized_parallel": ["engine.kind=inprocess", f"engine.threads={workers}",
                                 "engine.vectorize=true", "engine.workers=1"],
         "ray": ["engine.kind=ray", f"engine.ray_num_cpus={ray_cpus}", "engine.vectorize=false"],
+        # vectorized cohorts on --ray-workers actors, --ray-cpus each; the driver (grid,
+        # strategy, state store) keeps the scenario's engine.threads
+        "ray_cohorts": ["engine.kind=ray", "engine.vectorize=true",
+                        f"engine.ray_num_cpus={ray_cpus}", f"engine.ray_workers={ray_workers}"],
     }[engine]
     marks, progress = _cpu_marks()
     try:
@@ -140,7 +148,8 @@ def run_fedsim(engine: str, scenario_path: str, overrides: list[str], threads: i
     except ScenarioError as exc:
         return {"updates_per_s": None, "skipped": str(exc)}
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    cpu = _per_round(marks) if engine != "ray" else None  # Ray's work is in other processes
+    # Ray's work is in other processes
+    cpu = _per_round(marks) if engine not in ("ray", "ray_cohorts") else None
     return {**_steady(rounds, cpu), "model": str(out / "model.pt"),
             "accuracy": result.summary["final"]["global_test_accuracy"]}
 
@@ -243,12 +252,59 @@ def worker(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
     threads = args.threads[0]  # the driver passes one count per run
-    if args.engine == "bare":
-        res = run_bare(args.scenario, overrides, threads, out)
-    else:
-        res = run_fedsim(args.engine, args.scenario, overrides, threads, args.ray_cpus,
-                         args.workers, out / args.engine)
+    with PeakMemory() as peak:
+        if args.engine == "bare":
+            res = run_bare(args.scenario, overrides, threads, out)
+        else:
+            res = run_fedsim(args.engine, args.scenario, overrides, threads, args.ray_cpus,
+                             args.workers, out / args.engine, args.ray_workers)
+    res.update(peak.result())
     print("RESULT " + json.dumps(res))
+
+
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak resident memory of this process and of every process below it (Ray's own
+    processes and its workers), sampled every ``interval`` seconds: the largest sum seen,
+    and this process's own peak (``VmHWM``). Linux only (/proc); elsewhere, zeros."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak_kib = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        from fedsim.engine.processes import descendants
+
+        while True:
+            pids = [os.getpid()] + [p.pid for p in descendants([os.getpid()])]
+            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def result(self) -> dict:
+        return {"peak_rss_mb_all": self.peak_kib / 1024,
+                "peak_rss_mb_driver": _rss_kib(os.getpid(), "VmHWM") / 1024}
 
 
 # --------------------------------------------------------------------------- driver
@@ -275,7 +331,7 @@ def measure(engine: str, threads: int, args: argparse.Namespace, overrides: list
             tmp: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--scenario", args.scenario,
            "--out", str(tmp), "--threads", str(threads), "--ray-cpus", str(args.ray_cpus),
-           "--workers", str(args.workers)]
+           "--workers", str(args.workers), "--ray-workers", str(args.ray_workers)]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -307,6 +363,8 @@ def main() -> None:
     p.add_argument("--threads", type=_counts, default=[1], metavar="T[,T...]",
                    help="torch threads (in-process, bare); several: each engine at each count")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray client actor")
+    p.add_argument("--ray-workers", type=int, default=2,
+                   help="engine.ray_workers for ray_cohorts (vectorized cohorts on Ray actors)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="engine.workers for inprocess_parallel (default: one per core)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine run")
@@ -416,7 +474,9 @@ def report(args, engines, runs, load) -> None:
              ("vectorized", "ray", "vectorized / Ray"),
              ("vectorized_parallel", "ray", "vectorized parallel / Ray (same cores)"),
              ("inprocess", "bare", "in-process / bare"),
-             ("vectorized", "bare", "vectorized / bare")]
+             ("vectorized", "bare", "vectorized / bare"),
+             ("ray_cohorts", "vectorized", "Ray cohorts / vectorized"),
+             ("ray_cohorts", "bare", "Ray cohorts / bare")]
     cpu_pairs = [("inprocess", "bare", "in-process / bare, CPU per update"),
                  ("vectorized", "bare", "vectorized / bare, CPU per update")]
     for t in args.threads:  # same thread count: what the engine adds to the same work
@@ -446,6 +506,14 @@ def report(args, engines, runs, load) -> None:
                     got = _per_run(runs, (e, best[e]), ("bare", best["bare"]), "updates_per_s")
                     print(f"  {e} @{best[e]} / bare @{best['bare']}: "
                           f"{' '.join(f'{x:.2f}' for x in got) or 'n/a'} per run")
+    print("\npeak resident memory, MB (median over runs): all processes of the run (this "
+          "process and every one below it: a local Ray's daemons and actors), and the driver")
+    for e, t in units:
+        got = [r[e, t] for r in runs]
+        every = _median([g.get("peak_rss_mb_all") for g in got])
+        driver = _median([g.get("peak_rss_mb_driver") for g in got])
+        if every:
+            print(f"  {e:<19} {t!s:>3} thread(s)  all {every:7.0f}  driver {driver:7.0f}")
     diffs = [r[u].get("max_param_diff_vs_inprocess") for r in runs for u in r if u[0] == "bare"]
     if any(d is not None for d in diffs):
         print(f"\nbare vs in-process final model, max |Δ|: "

@@ -68,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
                        help="one sweep folder, or run folders written by fedsim run")
     p_rep.add_argument("--out", help="where the comparison of run folders goes")
-    p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map")
+    p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
+                            "(of a seeded sample of clients when there are many)")
     _add_scenario_args(p_part)
-    p_part.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p_part.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table: a list of per-client rows, or, for "
+                        "a population too large to list, an object whose rows are a seeded "
+                        "sample of clients (keys population, sampled, note, sizes, rows)")
     p_part.add_argument("--png", help="heat-map path (default: <scenario stem>_partitions.png)")
     return parser
 
@@ -213,22 +217,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_partitions(args: argparse.Namespace) -> int:
     # late: torch (see the imports above)
-    from fedsim.data import build_federated_data, partition_table, plot_class_counts
+    from fedsim.data import build_federated_data, describe_partition, plot_class_counts
 
     scenario = resolve(args.scenario, args.overrides)
     data = build_federated_data(scenario)
-    table = partition_table(data)
+    report = describe_partition(data)  # every client, or a seeded sample of a large population
     png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
     plot_class_counts(data, png)
     if args.json:
-        print(json.dumps(table))
+        print(json.dumps(report.to_json()))
     else:
+        if report.sampled:
+            print(f"{report.scope}:")
         print(f"{'client':>6} {'holdout':>7} {'train':>6} {'test':>5}  train counts per class")
-        for row in table:
+        for row in report.rows:
             print(f"{row['client']:>6} {str(row['holdout']):>7} {sum(row['train_counts']):>6} "
                   f"{sum(row['test_counts']):>5}  {row['train_counts']}")
+        print(_sizes_line(report.sizes()))
     print(f"heat map → {png}", file=sys.stderr)
     return 0
+
+
+def _sizes_line(sizes: dict) -> str:
+    """One line of training-sample quantiles per client, naming what they are over."""
+    q = sizes["train_samples"]
+    if not q:
+        return f"no clients ({sizes['over']})"
+    return (f"train samples per client over {sizes['over']}: min {q['min']:g}, "
+            f"p10 {q['p10']:g}, median {q['median']:g}, p90 {q['p90']:g}, max {q['max']:g}; "
+            f"median classes present {sizes['classes_present']['median']:g}")
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -143,6 +144,132 @@ def pull_replies(grid: Any, message_ids: Iterable[str]) -> Iterable[Message]:
     return grid.pull_messages(list(message_ids))
 
 
+# -- the simulation engine's node registration ---------------------------------------------
+
+
+class RegisteredNodes:
+    """The node id → partition id mapping of an engine's registered nodes, handed from where
+    the engine learns it (the thread that registers Ray's virtual SuperNodes, the Deployment
+    Engine's launcher) to the ServerApp, which waits for it.
+
+    Flower gives a ServerApp no way to learn which node has which ``partition-id``: node ids
+    are random (``LinkState.create_node``), the partition id lives only in each node's
+    ``node_config`` on the client side, and ``run_simulation`` keeps the mapping
+    (``vce_api._register_nodes``' result) to itself. :func:`recorded_simulation_nodes`
+    copies that result here instead of the ServerApp asking every node.
+    """
+
+    def __init__(self) -> None:
+        self._mapping: dict[int, int] | None = None
+        self._ready = threading.Event()
+
+    def record(self, mapping: dict[int, int]) -> None:
+        self._mapping = dict(mapping)
+        self._ready.set()
+
+    def wait(self, timeout: float | None) -> dict[int, int] | None:
+        """The recorded mapping, waiting up to ``timeout`` s for the engine to register its
+        nodes; None if it did not within that time."""
+        return self._mapping if self._ready.wait(timeout) else None
+
+
+_register_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recorded_simulation_nodes() -> Iterator[RegisteredNodes | None]:
+    """While the block runs, record the mapping of the nodes Flower's simulation engine
+    registers (it wraps ``flwr.server.superlink.fleet.vce.vce_api._register_nodes``, which
+    ``start_vce`` calls by its module name; restored on exit). One simulation at a time per
+    process (Ray's own limit): a second, concurrent one is refused.
+
+    Yields None, with a log line, where the installed Flower has no such function (the
+    ServerApp then asks every node, as before).
+    """
+    from flwr.server.superlink.fleet.vce import vce_api  # late: the simulation engine
+
+    original = getattr(vce_api, "_register_nodes", None)
+    if original is None:
+        log.warning("Flower %s has no vce_api._register_nodes: the ServerApp asks each node "
+                    "for its client id (one query message per node)", flwr.__version__)
+        yield None
+        return
+    if not _register_lock.acquire(blocking=False):
+        raise RuntimeError("error: a Flower simulation is already running in this process; "
+                           "run one simulation at a time (Ray allows one per process)")
+    nodes = RegisteredNodes()
+
+    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
+        mapping = original(*args, **kwargs)
+        nodes.record(mapping)
+        return mapping
+
+    vce_api._register_nodes = register
+    try:
+        yield nodes
+    finally:
+        vce_api._register_nodes = original
+        _register_lock.release()
+
+
+def undelivered_nodes(state: Any, nodes: Any) -> list[int]:
+    """The nodes (of ``nodes``) that have an undelivered message in an in-memory LinkState,
+    in the order their first such message was stored: one pass over the stored messages
+    (``InMemoryLinkState.message_ins_store``, under its lock)."""
+    with state.lock:
+        waiting = [m.metadata.dst_node_id for m in state.message_ins_store.values()
+                   if m.metadata.delivered_at == ""]
+    return [node for node in dict.fromkeys(waiting) if node in nodes]
+
+
+_delivery_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def simulation_delivery_by_message() -> Iterator[None]:
+    """While the block runs, Flower's simulation engine hands messages to its workers by
+    visiting the nodes that have one, not every node.
+
+    Flower's ``vce_api.add_messages_to_queue`` asks the LinkState, every 0.1 s, for each
+    registered node's next message, and the in-memory LinkState answers each by scanning
+    every stored message: O(nodes × messages) per sweep, which made a round at 100,000
+    clients ten times one at 10,000. The replacement first finds the nodes with an
+    undelivered message (:func:`undelivered_nodes`) and asks only those, the same way (at
+    most one message per node per sweep, Flower's expiry checks included). Where the state
+    is not an in-memory LinkState it does what Flower does. Restored on exit; one simulation
+    at a time per process.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api  # late: the simulation engine
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+
+    original = getattr(vce_api, "add_messages_to_queue", None)
+    if original is None:
+        log.warning("Flower %s has no vce_api.add_messages_to_queue: its own message loop "
+                    "runs (it visits every node every 0.1 s)", flwr.__version__)
+        yield
+        return
+    if not _delivery_lock.acquire(blocking=False):
+        raise RuntimeError("error: a Flower simulation is already running in this process; "
+                           "run one simulation at a time (Ray allows one per process)")
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        if not isinstance(state, InMemoryLinkState):
+            return original(state, queue, nodes_mapping, f_stop)
+        while not f_stop.is_set():
+            for node_id in undelivered_nodes(state, nodes_mapping):
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(0.1)
+        return None
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+        _delivery_lock.release()
+
+
 # -- records: the speed-ups fedsim.arrays installs ------------------------------------------
 
 #: the base of Flower's records and RecordDict (flwr.app.message.typeddict.TypedDict)
@@ -219,6 +346,7 @@ __all__ = [
     "TORCH_WRITTEN_FOR",
     "BatchNormBase",
     "Run",
+    "RegisteredNodes",
     "TypedDict",
     "add_batch_dim",
     "add_gaussian_noise_inplace",
@@ -232,11 +360,14 @@ __all__ = [
     "new_array",
     "pull_replies",
     "pulled_ids",
+    "recorded_simulation_nodes",
     "recorddict_from_proto",
     "recorddict_to_proto",
     "set_message_id",
     "set_task_identity",
+    "simulation_delivery_by_message",
     "task_identity_restored",
+    "undelivered_nodes",
     "under_vmap",
     "unwrap_batched",
 ]

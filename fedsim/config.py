@@ -257,12 +257,13 @@ class EngineConfig:
     ray_num_cpus: float = 1.0  # Ray engine: CPUs per client actor
     client_gpus: float = 0.0  # Ray engine: GPU fraction per client actor
     ray_address: str = ""  # Ray engine: address of an existing Ray cluster ("" = start locally)
+    ray_workers: int = 2  # Ray + vectorize: cohort actors (each ray_num_cpus CPUs, client_gpus)
     threads: int = 0  # inprocess: torch intra-op threads while clients train (0 = torch default)
     workers: int = 1  # inprocess: clients (or cohorts) trained concurrently, one thread each
-    vectorize: bool = False  # inprocess: train each round's clients as vmap cohorts
-    cohort_size: int = 128  # inprocess + vectorize: clients trained at once
-    state_memory_mb: float = 256.0  # inprocess: client state kept in memory; the rest spills
-    state_dir: str = ""  # inprocess: folder for spilled client state ("" = system temp)
+    vectorize: bool = False  # inprocess or ray: train each round's clients as vmap cohorts
+    cohort_size: int = 128  # vectorize: clients trained at once (at most)
+    state_memory_mb: float = 256.0  # inprocess, ray+vectorize: client state kept in memory
+    state_dir: str = ""  # inprocess, ray+vectorize: folder for spilled state ("" = system temp)
     reuse_memory: bool = True  # glibc: keep freed memory for reuse during the run (fewer faults)
 
     def __post_init__(self) -> None:
@@ -276,6 +277,9 @@ class EngineConfig:
                self.state_memory_mb)
         _check(self.ray_num_cpus > 0, "engine.ray_num_cpus", "it must be > 0",
                self.ray_num_cpus)
+        _check(isinstance(self.ray_workers, int) and self.ray_workers >= 1, "engine.ray_workers",
+               "it must be an integer >= 1 (Ray cohort actors, with engine.vectorize = true)",
+               self.ray_workers)
         _check(0 <= self.client_gpus <= 1, "engine.client_gpus", "it must be in [0, 1]",
                self.client_gpus)
 

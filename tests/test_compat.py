@@ -336,3 +336,67 @@ def test_client_ordered_grid_pulls_from_either_base_signature(old_base):
         base = InProcessGrid(_query_app(), 3)
         grid = ClientOrderedGrid(_OldSignatureBase(base) if old_base else base, 3)
         assert list(grid.get_node_ids()) == [1, 2, 3]  # a query round trip through the base
+
+
+def test_recorded_simulation_nodes_sees_flowers_registration():
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    assert "_register_nodes(" in inspect.getsource(vce_api.start_vce), \
+        flower_use("start_vce registers its nodes through vce_api._register_nodes")
+    original = vce_api._register_nodes
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                               ObjectStoreFactory())
+    with compat.recorded_simulation_nodes() as nodes:
+        assert nodes.wait(0) is None  # nothing registered yet
+        made = vce_api._register_nodes(num_nodes=3, state_factory=factory)
+        with pytest.raises(RuntimeError, match="already running"), \
+                compat.recorded_simulation_nodes():
+            pass
+    assert vce_api._register_nodes is original
+    assert nodes.wait(0) == made and sorted(made.values()) == [0, 1, 2], \
+        flower_use("_register_nodes returns {node id: partition id}")
+
+
+def test_simulation_delivery_by_message_replaces_flowers_node_sweep():
+    import inspect
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+
+    params = list(inspect.signature(vce_api.add_messages_to_queue).parameters)
+    assert params == ["state", "queue", "nodes_mapping", "f_stop"], \
+        flower_use("vce_api.add_messages_to_queue(state, queue, nodes_mapping, f_stop)")
+    assert "add_messages_to_queue" in inspect.getsource(vce_api.run_api), \
+        flower_use("run_api starts vce_api.add_messages_to_queue by its module name")
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    state = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(),
+                             ObjectStoreFactory()).state()
+    assert isinstance(state, InMemoryLinkState), flower_use("simulation state is in memory")
+    assert isinstance(state.message_ins_store, dict) and hasattr(state.lock, "acquire"), \
+        flower_use("InMemoryLinkState.message_ins_store and .lock")
+
+    def stored(node, delivered=""):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node,
+                                                        delivered_at=delivered))
+
+    fake = SimpleNamespace(lock=threading.RLock(), message_ins_store={
+        "a": stored(9), "b": stored(4, "2026-12-04"), "c": stored(7), "d": stored(9),
+        "e": stored(5)})
+    assert compat.undelivered_nodes(fake, {4: 0, 5: 1, 7: 2, 9: 3}) == [9, 7, 5]
+    assert compat.undelivered_nodes(fake, {7: 0}) == [7]  # unknown nodes are not visited
+    original = vce_api.add_messages_to_queue
+    with compat.simulation_delivery_by_message():
+        assert vce_api.add_messages_to_queue is not original
+    assert vce_api.add_messages_to_queue is original

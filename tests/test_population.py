@@ -96,3 +96,74 @@ def test_the_progress_line_shows_the_population():
     line = round_stats(rec, 300, 1.5, 290, [0.5], population=1_000_000)
     assert line.startswith("100 of 1,000,000 clients  300 updates by 290 clients")
     assert round_stats(rec, 300, 1.5, 290, [0.5]).startswith("100 clients  300 updates")
+
+
+# ----------------------------------------------- the in-process grid reads no client ids
+
+
+class _AscendingIds:
+    """Participating client ids that declare their order and count how often they are read:
+    listing nodes in client order must not read them (a Python loop over the population)."""
+
+    ascending = True
+
+    def __init__(self, ids):
+        self.ids, self.reads = list(ids), 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.ids[i]
+
+    def __iter__(self):
+        self.reads += len(self.ids)
+        return iter(self.ids)
+
+    def index(self, cid):
+        return self.ids.index(cid)
+
+
+def test_node_order_is_client_order_without_reading_the_population():
+    from flwr.clientapp import ClientApp
+
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    ids = _AscendingIds([0, 2, 3, 7, 9])
+    grid = ClientOrderedGrid(InProcessGrid(ClientApp(), 5, client_ids=ids), expected_nodes=5)
+    assert grid.get_node_ids() == (1, 2, 3, 4, 5) and ids.reads == 0
+    assert [grid.node_id(c) for c in (0, 7, 9, 4)] == [1, 4, 5, None]
+    assert grid.client_id(4) == 7
+
+
+def test_node_of_a_client_on_a_queried_grid_inverts_the_learned_mapping():
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    class Known:  # a base grid whose mapping is a plain dict (what a query returns)
+        def client_ids(self):
+            return {11: 5, 12: 1, 13: 3}
+
+    grid = ClientOrderedGrid(Known(), expected_nodes=3)
+    assert grid.get_node_ids() == (12, 13, 11)
+    assert [grid.node_id(c) for c in (1, 3, 5, 2)] == [12, 13, 11, None]
+
+
+def test_the_participating_clients_of_a_big_population_map_to_nodes_in_order():
+    from flwr.clientapp import ClientApp
+
+    from fedsim.data.population import make_population
+    from fedsim.engine.inprocess import InProcessGrid
+    from fedsim.engine.ordered import ClientOrderedGrid
+
+    pop = make_population("keyed", 0, 1_000_000, 10_000)
+    grid = ClientOrderedGrid(InProcessGrid(ClientApp(), 990_000,
+                                           client_ids=pop.participating),
+                             expected_nodes=990_000)
+    nodes = grid.get_node_ids()
+    assert len(nodes) == 990_000 and nodes[0] == 1 and nodes[-1] == 990_000
+    for node in (1, 123_456, 990_000):
+        cid = grid.client_id(node)
+        assert cid == pop.participating[node - 1] and grid.node_id(cid) == node
+    assert grid.node_id(pop.holdout[0]) is None

@@ -12,7 +12,12 @@ from fedsim.data.datasets import (
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
 from fedsim.data.federated import FederatedData, build_federated_data, check_data_config
 from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
-from fedsim.data.report import partition_table, plot_class_counts
+from fedsim.data.report import (
+    PartitionReport,
+    describe_partition,
+    partition_table,
+    plot_class_counts,
+)
 
 __all__ = [
     "CLIENT_LABELS",
@@ -21,11 +26,13 @@ __all__ = [
     "PARTITIONS",
     "ArrayDataset",
     "FederatedData",
+    "PartitionReport",
     "SyntheticDataset",
     "apply_domain",
     "build_federated_data",
     "check_data_config",
     "client_domain",
+    "describe_partition",
     "load_dataset",
     "partition_table",
     "plot_class_counts",

@@ -4,7 +4,9 @@ This is what the client app trains on, the server evaluates on and the privacy a
 probe. Everything is derived from ``(seed, data, partition)``: the partition, each client's
 local train/test split, the holdout clients and (for ``feature``) each client's domain.
 Client tensors are built on first use and kept in a bounded LRU, so memory follows the
-clients in use, not the size of the federation.
+clients in use, not the size of the federation. Which clients are held out is a rule, not
+a list (``data/population.py``): per client from ``(seed, cid)`` for generated populations,
+the original seeded permutation for dataset-backed ones (so their runs are unchanged).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedsim.config import DataConfig, PartitionConfig, Scenario
 from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_dataset
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
 from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
+from fedsim.data.population import ClientIds, Population, make_population
 from fedsim.errors import ScenarioError
 from fedsim.rng import numpy_rng
 
@@ -84,7 +87,15 @@ def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> Federated
                               writers=dataset.train_writers)
         source = _ArrayClients(dataset, parts)
         cache = ARRAY_CACHE_CLIENTS
-    return FederatedData(source, partition, seed, cache_clients=cache)
+    return FederatedData(source, partition, seed, cache_clients=cache,
+                         holdout_rule=holdout_rule(dataset))
+
+
+def holdout_rule(dataset: object) -> str:
+    """How a dataset's federation picks its holdout clients (see ``data/population.py``):
+    generated populations by a keyed rule per client, of any size; dataset-backed ones by
+    the original seeded permutation, so their runs stay exactly as they were."""
+    return "keyed" if isinstance(dataset, SyntheticDataset) else "permutation"
 
 
 class _ClientSource(Protocol):
@@ -196,6 +207,11 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> Tensors:
 class FederatedData:
     """Per-client train/test tensors, a global test set and the holdout clients.
 
+    ``holdout`` and ``participating`` are sorted sequences of client ids read from a
+    :class:`~fedsim.data.population.Population` (O(log N) per item, no Python object per
+    client); ``holdout_rule`` picks how the holdout clients are chosen (``"permutation"``,
+    the original rule, unless the builder says otherwise).
+
     Each client's samples are split into local train/test (``test_fraction``, at least one
     of each) by ``(seed, "split", cid)``. Under a ``feature`` partition the client's domain
     transform is applied to both its train and test data; the global test set stays
@@ -204,7 +220,8 @@ class FederatedData:
     """
 
     def __init__(self, source: _ClientSource, partition: PartitionConfig, seed: int,
-                 cache_clients: int = ARRAY_CACHE_CLIENTS) -> None:
+                 cache_clients: int = ARRAY_CACHE_CLIENTS,
+                 holdout_rule: str = "permutation") -> None:
         self._source = source
         self.partition = partition
         self.seed = seed
@@ -212,10 +229,10 @@ class FederatedData:
         self.num_clients = partition.num_clients
         self.num_classes = source.num_classes
         self.input_shape = source.input_shape
-        chosen = numpy_rng(seed, "holdout").permutation(self.num_clients)
-        self.holdout = tuple(sorted(int(c) for c in chosen[: partition.num_holdout]))
-        held = set(self.holdout)
-        self.participating = tuple(c for c in range(self.num_clients) if c not in held)
+        self.population: Population = make_population(
+            holdout_rule, seed, self.num_clients, partition.num_holdout)
+        self.holdout: ClientIds = self.population.holdout
+        self.participating: ClientIds = self.population.participating
         self._clients = _LRU(cache_clients)
         self._global: Tensors | None = None
 

@@ -1,4 +1,5 @@
-"""Engines execute client updates: in-process (default) or Flower's Ray simulation.
+"""Engines execute client updates: in-process (default), Flower's Ray simulation, or (ray
+with ``engine.vectorize``) fedsim's grid with vectorized cohorts on Ray actors.
 
 ``ENGINES`` maps ``engine.kind`` to a function that runs a ServerApp against the clients of
 a run (:class:`fedsim.context.RunContext`): it makes the run's client runtime and ClientApp
@@ -22,6 +23,7 @@ from fedsim.context import RunContext
 from fedsim.engine.inprocess import run_inprocess
 from fedsim.engine.memory import reused_memory
 from fedsim.engine.ray import run_ray
+from fedsim.engine.ray_cohorts import check_ray_cohorts, run_ray_cohorts
 from fedsim.engine.store import ClientStateStore
 from fedsim.engine.vectorized import CohortTrainer, check_vectorize
 from fedsim.engine.vectorized_eval import CohortEvaluator
@@ -85,11 +87,20 @@ def _ray(server_app: ServerApp, run: RunContext) -> None:
     # and the ClientApp, whose runtime each worker process builds once (shared_runtime)
     cfg = run.scenario.engine
     with fast_flower_records(), frozen_gc(), reused_memory(cfg.reuse_memory):
+        if cfg.vectorize:  # fedsim's grid here, cohorts on Ray actors (engine.ray_cohorts)
+            store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
+            with torch_threads(cfg.threads):
+                run_ray_cohorts(server_app, make_client_app(ClientRuntime.for_run(run)), run,
+                                store)
+            return
         run_ray(server_app, make_client_app(ClientRuntime.for_run(run)),
-                run.scenario.num_participating, cfg)
+                run.scenario.num_participating, cfg,
+                client_ids=run.data.participating)  # no query message per node
 
 
 def check_engine(run: RunContext, model: nn.Module) -> None:
     """Engine settings that can only be checked against the model (preflight); ``model`` is
     one of ``run``'s."""
     check_vectorize(run, model)
+    if run.scenario.engine.kind == "ray" and run.scenario.engine.vectorize:
+        check_ray_cohorts(run.scenario)

@@ -5,7 +5,10 @@ named in ``pyproject.toml``) run as real Flower processes talking over HTTP on 1
 ``flower-superlink --insecure``, one ``flower-supernode --insecure --node-config
 "partition-id=i num-partitions=N"`` per participating client, and ``flwr run`` submitting the
 app with the scenario and results folder in its run config. Flower starts one
-``flwr-serverapp`` process per run and one ``flwr-clientapp`` process per message.
+``flwr-serverapp`` process per run and one ``flwr-clientapp`` process per message. The
+SuperNodes' node ids, read from their logs, go to the ServerApp in a file named in the run
+config (:meth:`LocalDeployment.node_partitions`), so it sends no query message (and Flower
+starts no ``flwr-clientapp``) per node to learn which node is which client.
 
     python -m fedsim.engine.deploy SCENARIO.toml --out DIR [--set KEY=VALUE]...
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedsim.config import load_scenario
+from fedsim.engine.known_nodes import NODE_PARTITIONS_KEY, write_node_partitions
 from fedsim.engine.processes import Proc, find_proc, stop_tree
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
@@ -39,6 +44,8 @@ from fedsim.report.progress import RoundsFollower, round_progress
 from fedsim.run import check
 
 CONNECTION = "fedsim-local"
+#: the line a SuperNode logs once registered (flwr/supernode/start_client_internal.py)
+NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
 
 
 def free_port() -> int:
@@ -140,6 +147,30 @@ class LocalDeployment:
             self._wait_port(node_port, node, f"flower-supernode {i}", timeout)
         return self
 
+    def node_partitions(self, timeout: float = 30.0) -> dict[int, int] | None:
+        """Node id → partition id of the SuperNodes, read from the line each logs once the
+        SuperLink has registered it ("SuperNode ID: N"); None (the ServerApp then asks each
+        node) if a log lacks it within ``timeout`` s.
+
+        Flower gives the ServerApp no other way: the SuperLink draws a random node id when a
+        SuperNode registers over the Fleet API, stores no name or ``node-config`` with it
+        (``NodeInfo.name`` is set only for nodes pre-registered through the Control API with
+        SuperNode authentication), and ``partition-id`` stays on the SuperNode.
+        """
+        deadline = time.monotonic() + timeout
+        found: dict[int, int] = {}
+        while len(found) < self.num_nodes:
+            for i in range(self.num_nodes):
+                if i not in found.values():
+                    log = (self.workdir / f"supernode-{i}.log").read_bytes()
+                    if (m := NODE_ID_LINE.search(log)) is not None:
+                        found[int(m.group(1))] = i
+            if len(found) < self.num_nodes:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.1)
+        return found
+
     def run(self, app_dir: str | Path, run_config: dict[str, str], timeout: float = 600.0,
             on_round: Callable[[dict], None] | None = None) -> subprocess.CompletedProcess:
         """``flwr run APP_DIR <connection> --run-config ... --stream``; waits for the run.
@@ -227,6 +258,9 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
     if overrides:
         config["set"] = ";".join(overrides)
     with LocalDeployment(scenario.num_participating, workdir) as dep:
+        if (partitions := dep.node_partitions()) is not None:  # no query message per node
+            config[NODE_PARTITIONS_KEY] = str(write_node_partitions(
+                dep.workdir / "node-partitions.json", partitions))
         result = dep.run(app_dir, config, timeout=timeout, on_round=on_round)
         if result.returncode != 0 or not (out / "summary.json").is_file():
             raise RuntimeError(f"the deployed run failed (flwr run exit {result.returncode});"

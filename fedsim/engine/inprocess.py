@@ -211,9 +211,17 @@ class InProcessGrid(Grid):
                 singles.append([item])
             else:
                 by_type.setdefault(kind, []).append(item)
-        size = self.cohort_size
-        return [items[i : i + size] for items in by_type.values()
-                for i in range(0, len(items), size)] + singles
+        jobs = []
+        for items in by_type.values():
+            start = 0
+            for size in self._cohort_sizes(len(items)):
+                jobs.append(items[start : start + size])
+                start += size
+        return jobs + singles
+
+    def _cohort_sizes(self, n: int) -> list[int]:
+        """Sizes of the cohorts ``n`` messages of one kind run in, in message order."""
+        return [min(self.cohort_size, n - i) for i in range(0, n, self.cohort_size)]
 
     def _do(self, job: list[tuple[str, Message]]) -> dict[str, Message]:
         handler = self._cohort_handler(job[0][1].metadata.message_type)
@@ -282,7 +290,12 @@ class InProcessGrid(Grid):
 
 class NodeClients(Mapping[int, int]):
     """Node id ``i + 1`` → ``client_ids[i]``, read from the sequence (no dict of the
-    population)."""
+    population).
+
+    ``in_client_order`` says, without reading every id, that node order is client order
+    (the sequence declares ``ascending``, as a population's participating clients do), and
+    :meth:`node_of` finds a client's node through the sequence's own ``index``.
+    """
 
     def __init__(self, client_ids: Sequence[int]) -> None:
         self._ids = client_ids
@@ -302,6 +315,20 @@ class NodeClients(Mapping[int, int]):
         """The client ids in node order, read straight from the sequence."""
         return _SequenceValues(self)
 
+    @property
+    def in_client_order(self) -> bool:
+        """Whether node ids increase with client ids, known without reading the ids."""
+        ids = self._ids
+        return bool(getattr(ids, "ascending", False)) or (isinstance(ids, range)
+                                                          and ids.step > 0)
+
+    def node_of(self, client_id: int) -> int | None:
+        """The node behind fedsim client ``client_id`` (None: no node trains it)."""
+        try:
+            return self._ids.index(client_id) + 1
+        except ValueError:
+            return None
+
 
 class _SequenceValues(ValuesView):
     def __iter__(self) -> Iterator[int]:
@@ -320,6 +347,12 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                          cohort_trainer=cohort_trainer, cohort_size=cohort_size,
                          workers=workers, cohort_evaluator=cohort_evaluator,
                          client_ids=client_ids)
+    serve(server_app, grid, run_config)
+
+
+def serve(server_app: ServerApp, grid: InProcessGrid,
+          run_config: dict[str, Any] | None = None) -> None:
+    """Run ``server_app`` on ``grid`` in this thread, then close the grid (its state store)."""
     server_context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                              state=RecordDict(), run_config=dict(run_config or {}))
     try:

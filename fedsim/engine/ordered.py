@@ -5,10 +5,16 @@ Flower's engines), so the same seed would pick different clients on different en
 on two Ray runs. This wrapper learns every node's fedsim client id and lists nodes sorted by
 it; with the seeded ``random``, every engine then trains the same clients in the same rounds.
 
-A grid that creates its nodes itself (the in-process engine) knows the mapping and hands it
-over through an optional ``client_ids()`` method (node id → client id, or None when it does
-not know); no message is sent. Other grids (Ray, the Deployment Engine, whose node ids are
-random) are asked: one ``query`` message per node, once.
+A grid that knows the mapping hands it over through an optional ``client_ids()`` method
+(node id → client id, or None when it does not know); no message is sent. The in-process
+engine creates its nodes, so it knows; on Ray, the engine records the node registration
+Flower makes (:class:`fedsim.engine.ray.RecordedNodesGrid`). Other grids are asked: one
+``query`` message per node, once. On the Deployment Engine the SuperLink gives each
+SuperNode a random node id when it registers, the ``partition-id`` stays in the SuperNode's
+``--node-config``, and Flower's Grid API offers the ServerApp no node attribute to read it
+from; fedsim's local deployment reads each SuperNode's id from its log instead
+(:meth:`fedsim.engine.deploy.LocalDeployment.node_partitions`), and SuperNodes started any
+other way are asked.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class ClientOrderedGrid(Grid):
         self.connect_timeout = connect_timeout
         self._client_of: Mapping[int, int] | None = None
         self._sorted: Sequence[int] | None = None
+        self._node_of: dict[int, int] | None = None  # client id → node id, when queried
 
     def _wait_for_nodes(self) -> list[int]:
         """All ``expected_nodes`` node ids, waiting while the engine registers them."""
@@ -90,10 +97,34 @@ class ClientOrderedGrid(Grid):
         """The fedsim client id behind ``node_id``."""
         return self._discover().get(node_id)
 
+    def nodes_of(self, clients: Iterable[int]) -> list[int]:
+        """The node ids of ``clients``, in their order (clients without a node are left
+        out): :meth:`node_id` per client, so a sample costs no pass over the population."""
+        return [n for n in map(self.node_id, clients) if n is not None]
+
+    def node_id(self, client_id: int) -> int | None:
+        """The node behind fedsim client ``client_id`` (None: no node is that client).
+
+        A mapping that can answer itself (the in-process engine's, O(log N)) does; the
+        mapping learned by asking the nodes is inverted once."""
+        mapping = self._discover()
+        node_of = getattr(mapping, "node_of", None)
+        if callable(node_of):
+            return node_of(client_id)
+        if self._node_of is None:
+            self._node_of = {c: n for n, c in mapping.items()}
+        return self._node_of.get(client_id)
+
     def get_node_ids(self) -> Iterable[int]:
-        """Node ids in increasing client id order (an immutable sequence, built once)."""
+        """Node ids in increasing client id order (an immutable sequence, built once).
+
+        A tuple: Flower copies the node list with ``list()`` every round, and copying a
+        tuple of ints is a memory copy, ~4x faster than materializing a ``range``."""
         if self._sorted is None:
             mapping = self._discover()
+            if getattr(mapping, "in_client_order", False):  # in-process: no id is read
+                self._sorted = tuple(mapping)
+                return self._sorted
             nodes = list(mapping)
             clients = list(mapping.values())
             if all(map(operator.lt, clients, islice(clients, 1, None))):

@@ -183,6 +183,18 @@ class ClientStateStore:
         self._enforce_budget()
 
     @_locked
+    def put_raw(self, key: int, data: bytes) -> None:
+        """Store state bytes made by :func:`encode_state` for ``key`` (``b""``: no state, the
+        key is deleted), as :meth:`put` would store the state they encode."""
+        self.delete(key)
+        self._changed.add(key)
+        if not data:
+            return
+        self._memory[key] = data
+        self.memory_bytes += len(data)
+        self._enforce_budget()
+
+    @_locked
     def delete(self, key: int) -> None:
         """Forget ``key``'s state wherever it is (its disk slot stays reserved for it)."""
         self._changed.add(key)

@@ -112,10 +112,11 @@ def check_vectorize(run: RunContext, model: nn.Module) -> None:
     scenario = run.scenario
     if not scenario.engine.vectorize:
         return
-    if scenario.engine.kind != "inprocess":
+    if scenario.engine.kind not in ("inprocess", "ray"):
         raise ScenarioError(
-            f"engine.vectorize = true applies to the inprocess engine, not engine.kind = "
-            f"{scenario.engine.kind!r}; set engine.vectorize = false or engine.kind = 'inprocess'"
+            f"engine.vectorize = true applies to the inprocess and ray engines, not "
+            f"engine.kind = {scenario.engine.kind!r}; set engine.vectorize = false or "
+            "engine.kind = 'inprocess'"
         )
     problem = trace_problem(model, run.data.input_shape, run.data.num_classes)
     if problem:

@@ -14,8 +14,13 @@ def _pyplot():
     return plt
 
 
-def plot_learning_curves(rounds: list[dict], path: Path, title: str = "") -> None:
-    """Global test accuracy, mean client accuracy and losses per round (two panels)."""
+def plot_learning_curves(rounds: list[dict], path: Path, title: str = "",
+                         population: int | None = None) -> None:
+    """Global test accuracy, mean client accuracy and losses per round (two panels).
+
+    ``population`` (the participating clients) labels the client curves as a sample when
+    fewer clients were evaluated (``output.eval_clients``): "sample of K of N clients".
+    """
     plt = _pyplot()
     ev = [r for r in rounds if r.get("global_test_accuracy") is not None]
     tr = [r for r in rounds if r.get("train_loss") is not None]
@@ -25,9 +30,11 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "") -> Non
     client = [(r["round"], r["client_accuracy"]) for r in ev if r.get("client_accuracy")]
     if client and "mean" in client[0][1]:
         xs = [c[0] for c in client]
-        ax_acc.plot(xs, [c[1]["mean"] for c in client], marker=".", label="client mean")
+        sample = _sample_note(client[-1][1].get("n"), population)
+        ax_acc.plot(xs, [c[1]["mean"] for c in client], marker=".",
+                    label="client mean" + sample)
         ax_acc.fill_between(xs, [c[1]["p10"] for c in client], [c[1]["p90"] for c in client],
-                            alpha=0.2, label="client p10–p90")
+                            alpha=0.2, label="client p10–p90" + sample)
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
@@ -43,3 +50,10 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _sample_note(evaluated: int | None, population: int | None) -> str:
+    """``" (sample of K of N clients)"`` when fewer than all clients were evaluated."""
+    if evaluated is None or population is None or evaluated >= population:
+        return ""
+    return f" (sample of {evaluated:,} of {population:,} clients)"

@@ -195,7 +195,8 @@ class RunRecorder:
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
             plot_learning_curves(self.rounds, self.out / "learning_curves.png",
-                                 title=self.scenario.name)
+                                 title=self.scenario.name,
+                                 population=self.scenario.num_participating)
 
     def finish(self, arrays, model: nn.Module) -> None:
         self._write_results(arrays, model, {})

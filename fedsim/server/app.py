@@ -20,6 +20,7 @@ from fedsim.arrays import model_to_record
 from fedsim.checkpoint import Checkpointer, resume_state
 from fedsim.client.app import scenario_from_context
 from fedsim.context import RunContext
+from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.privacy.audit import PrivacyAudit
@@ -122,6 +123,8 @@ app = ServerApp()
 def _main(grid: Grid, context: Context) -> None:
     run, sink = _from_run_config(context)
     sink.prepare()
+    # the local Deployment Engine names its nodes' partitions: no query message per node
+    grid = with_recorded_partitions(grid, context.run_config, run.data.participating)
     server_main(grid, run, sink)
     if sink.stopped is not None:
         raise sink.stopped

@@ -9,6 +9,8 @@ flatness of the training loss (:mod:`fedsim.models.flatness`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -46,12 +48,16 @@ def distribution(values: list[float], weights: list[int] | None = None) -> dict[
     return out
 
 
-def pick_clients(ids: tuple[int, ...], limit: int, seed: int, purpose: str) -> list[int]:
-    """At most ``limit`` of ``ids``, fixed by the seed, so every round evaluates the same ones."""
+def pick_clients(ids: Sequence[int], limit: int, seed: int, purpose: str) -> list[int]:
+    """At most ``limit`` of ``ids``, fixed by the seed, so every round evaluates the same ones.
+
+    Draws positions, not ids (``rng.choice(len(ids))`` picks what ``rng.choice(ids)`` picks),
+    so a population of millions costs O(``limit``): no array of every id is built.
+    """
     if len(ids) <= limit:
         return list(ids)
     rng = numpy_rng(seed, "eval-clients", purpose)
-    return sorted(int(i) for i in rng.choice(np.asarray(ids), size=limit, replace=False))
+    return sorted(int(ids[i]) for i in rng.choice(len(ids), size=limit, replace=False))
 
 
 def flatness_sample(data: FederatedData | DeviceSplits, clients: list[int], size: int,

@@ -82,8 +82,8 @@ class PersonalizedEvaluator:
         self.on_device = evaluator.on_device  # the run's device copies of client data
         self._cohort_model: nn.Module | None = None
         self.device = device
-        wanted = set(evaluator.clients)
-        self.nodes = [n for n in grid.get_node_ids() if grid.client_id(n) in wanted]
+        # the evaluated clients' nodes in client order, found per client (not per node)
+        self.nodes = grid.nodes_of(sorted(set(evaluator.clients)))
         self.holdout = list(evaluator.holdout)
         self.failures = 0
 

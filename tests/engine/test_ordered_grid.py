@@ -178,3 +178,37 @@ def test_each_poll_asks_only_for_the_replies_still_pending(monkeypatch):
     assert [r.metadata.reply_to_message_id for r in replies] == [f"m{i}" for i in range(10)]
     assert [len(a) for a in base.asked] == [10, 7, 4, 1]  # what is pending, never all again
     assert base.asked[1] == [f"m{i}" for i in range(3, 10)]  # in push order
+
+
+def test_nodes_of_finds_each_clients_node_by_binary_search():
+    with compat.task_identity_restored():
+        compat.set_task_identity(1)
+        grid = ClientOrderedGrid(RandomIdGrid({907: 5, 13: 2, 450: 0, 77: 9}), 4)
+        assert grid.nodes_of([9, 0, 3, 5]) == [77, 450, 907]  # client 3 has no node
+        assert grid.nodes_of([]) == []
+
+
+def test_nodes_of_a_sample_costs_no_pass_over_a_million_nodes(monkeypatch):
+    """The personalized evaluator's start-up: its sampled clients' nodes, O(sample log N)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fedsim.server.evaluate import pick_clients
+    from fedsim.server.personalized import PersonalizedEvaluator
+
+    n = 1_000_000
+    participating = range(0, 2 * n, 2)  # every other client id, as around holdout clients
+    with compat.task_identity_restored():
+        grid = ClientOrderedGrid(InProcessGrid(ClientApp(), n, client_ids=participating), n)
+        grid.get_node_ids()  # discovery: once, before the evaluator (as in server_main)
+        lookups = []
+        client_id = ClientOrderedGrid.client_id
+        monkeypatch.setattr(ClientOrderedGrid, "client_id",
+                            lambda self, node: lookups.append(node) or client_id(self, node))
+        clients = pick_clients(participating, 200, seed=0, purpose="participating")
+        evaluator = SimpleNamespace(clients=clients, holdout=[])
+        personal = PersonalizedEvaluator(("fedbn",), grid, evaluator, None, nn.Linear(1, 1),
+                                         device=None)
+    assert personal.nodes == [cid // 2 + 1 for cid in clients]  # node i+1 is client 2i
+    assert len(lookups) <= len(clients) * (n.bit_length() + 2)  # ~22 per client, not 1M

@@ -232,6 +232,9 @@ def test_holdout_cohorts_equal_the_sequential_holdout_evaluation():
         def get_node_ids(self):
             return []
 
+        def nodes_of(self, clients):
+            return []
+
     arrays = model_to_record(rt.model)
     accs = []
     for cohort in (None, 2):

@@ -1,0 +1,86 @@
+"""A grid that knows which node is which client because its engine recorded the nodes'
+registration: Ray's (:func:`fedsim.compat.recorded_simulation_nodes`) or the local
+Deployment Engine's (each SuperNode's "SuperNode ID" line, :mod:`fedsim.engine.deploy`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedsim.compat import RegisteredNodes, Run
+from fedsim.engine.ordered import CONNECT_TIMEOUT
+
+#: run-config key of the file where the local Deployment Engine writes its nodes' partitions
+NODE_PARTITIONS_KEY = "node-partitions"
+
+
+def write_node_partitions(path: Path, partitions: Mapping[int, int]) -> Path:
+    """Write ``{node id: partition id}`` as JSON (node ids as strings) to ``path``."""
+    path.write_text(json.dumps({str(node): p for node, p in partitions.items()}))
+    return path
+
+
+def with_recorded_partitions(grid: Grid, run_config: Mapping, client_ids: Sequence[int]
+                             ) -> Grid:
+    """``grid`` as a :class:`KnownNodesGrid` when the run config names a node-partitions file
+    (:data:`NODE_PARTITIONS_KEY`, written by the local Deployment Engine), else ``grid``."""
+    path = run_config.get(NODE_PARTITIONS_KEY)
+    if not path:
+        return grid
+    nodes = RegisteredNodes()
+    nodes.record({int(k): int(v) for k, v in json.loads(Path(str(path)).read_text()).items()})
+    return KnownNodesGrid(grid, nodes, client_ids)
+
+
+class KnownNodesGrid(Grid):
+    """A Flower grid, plus :meth:`client_ids` from the node registration its engine recorded
+    (``partition-id`` → ``client_ids[partition-id]``), which a
+    :class:`~fedsim.engine.ordered.ClientOrderedGrid` reads instead of asking every node."""
+
+    def __init__(self, base: Grid, nodes: RegisteredNodes, client_ids: Sequence[int],
+                 timeout: float = CONNECT_TIMEOUT) -> None:
+        self.base = base
+        self.nodes = nodes
+        self._client_ids = client_ids
+        self.timeout = timeout
+
+    def client_ids(self) -> Mapping[int, int] | None:
+        """Node id → fedsim client id, once the engine has registered the nodes (Ray does so
+        while the ServerApp starts); None if it did not within ``timeout`` s (then the nodes
+        are asked)."""
+        partitions = self.nodes.wait(self.timeout)
+        if partitions is None:
+            return None
+        if len(partitions) != len(self._client_ids):
+            raise RuntimeError(f"the engine registered {len(partitions)} nodes for "
+                               f"{len(self._client_ids)} participating clients")
+        return {node: int(self._client_ids[p]) for node, p in partitions.items()}
+
+    # -- plain delegation ----------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.base.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.base.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.base.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.base.push_messages(messages)
+
+    def pull_messages(self, *args, **kwargs) -> Iterable[Message]:
+        return self.base.pull_messages(*args, **kwargs)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.base.send_and_receive(messages, timeout=timeout)
