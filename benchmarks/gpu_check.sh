@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One check of fedsim on a GPU box with no package registry: install the carried wheels,
-# run tests/gpu, then a throughput table (sequential in-process, vectorized in-process and
-# the bare PyTorch loop) for quickstart, thousand_clients (1,000 clients) and cifar_like.
+# run tests/gpu, then a throughput table (sequential in-process, vectorized in-process, the
+# bare PyTorch loop, and the Ray cohort engine where Ray is installed) for quickstart,
+# thousand_clients (1,000 clients) and cifar_like.
 #
 #   bash benchmarks/gpu_check.sh [WHEEL_DIR] [--cpu]      # WHEEL_DIR default: .whl/gpu
 #
@@ -9,14 +10,16 @@
 # dp-accounting, pytest, ...). Only the wheels of distributions the box does not have are
 # installed, into a private folder (pip --target: the box's own environment is untouched),
 # with no registry (PIP_NO_INDEX=1); fedsim itself is used from this checkout (PYTHONPATH).
-# Ray is not installed: the Ray engines are left out of the table.
+# Ray is not among the wheels (too large): where the box has no Ray of its own, the Ray
+# cohort engine is left out and the script says so ("Ray: not installed here, skipped").
 #
 # --cpu (or GPU_CHECK_CPU=1): a dry run on a machine without a GPU: engine.device=cpu,
 # tiny federations, and tests/gpu run on the CPU (FEDSIM_GPU_TESTS_ON_CPU=1).
 #
 # Everything printed also goes to $OUT/gpu_check.txt when $OUT is set. Every part runs
 # under its own `timeout` and a failing part does not stop the others; the exit status is
-# non-zero when any part failed. Sized to finish in under 8 minutes on one H200.
+# non-zero when any part failed. Sized to finish in about 3 minutes on one H200 (short
+# runs, rounds 2..N measured: the tables are for ratios within one run).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +29,7 @@ CPU="${GPU_CHECK_CPU:-0}"
 for arg in "$@"; do
     case "$arg" in
         --cpu) CPU=1 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $arg; use [WHEEL_DIR] [--cpu]" >&2; exit 2 ;;
         *) WHEELS="$arg" ;;
     esac
@@ -181,12 +184,37 @@ if [[ $CPU == 1 ]]; then
     THOUSAND=(--rounds 3 --set partition.num_clients=200 --set server.clients_per_round=20)
     CIFAR=(--rounds 3 --set partition.num_clients=100 --set server.clients_per_round=10)
     LIMITS=(100 100 150)
-else
+else  # rounds 2..N measured: 5, 3 and 3 (the 219 s run of 2026-12-04 measured 9, 5 and 5)
     DEVICE=cuda
-    QUICK=(--rounds 10)
-    THOUSAND=(--rounds 6 --set partition.num_clients=1000)
-    CIFAR=(--rounds 6)
-    LIMITS=(75 110 120)
+    QUICK=(--rounds 6)
+    THOUSAND=(--rounds 4 --set partition.num_clients=1000)
+    CIFAR=(--rounds 4)
+    LIMITS=(60 80 80)
+fi
+ENGINES=inprocess,vectorized,bare
+RAY_ENGINE=""  # the Ray cohort engine's name in engine_throughput.py, where it can run
+RAY_SET=()
+echo
+if ! "$PYTHON" -c "import ray" 2>/dev/null; then
+    echo "Ray: not installed here, skipped (no Ray cohort engine in the tables)"
+else
+    RAY_ENGINE=$("$PYTHON" - <<'EOF'
+import runpy
+engines = runpy.run_path("benchmarks/engine_throughput.py", run_name="engines")["ENGINES"]
+print(next((e for e in engines if e.startswith("ray_")), ""))
+EOF
+    )
+    if [[ -z "$RAY_ENGINE" ]]; then
+        echo "Ray: installed, but benchmarks/engine_throughput.py has no Ray cohort engine" \
+             "(an engine named ray_...); skipped"
+    else
+        echo "Ray $("$PYTHON" -c 'import ray; print(ray.__version__)'): the Ray cohort" \
+             "engine runs as '$RAY_ENGINE'"
+        ENGINES="$ENGINES,$RAY_ENGINE"
+        LIMITS=($((LIMITS[0] + 60)) $((LIMITS[1] + 60)) $((LIMITS[2] + 60)))  # Ray's start-up
+        # its actors share the one GPU: half each (engine.ray_workers defaults to 2)
+        [[ $DEVICE == cuda ]] && RAY_SET=(--set engine.client_gpus=0.5)
+    fi
 fi
 if ! grep -q "resolve_device" benchmarks/engine_throughput.py; then
     echo
@@ -195,36 +223,39 @@ if ! grep -q "resolve_device" benchmarks/engine_throughput.py; then
 fi
 
 TABLES="$(mktemp -d)"
-export TABLES DEVICE
+export TABLES DEVICE ENGINES
 throughput() {  # throughput NAME SCENARIO ARGS...: one engine_throughput table
     local name="$1" scenario="$2"
     shift 2
     "$PYTHON" benchmarks/engine_throughput.py --scenario "$scenario" \
-        --engines inprocess,vectorized,bare --set "engine.device=$DEVICE" "$@" \
+        --engines "$ENGINES" --set "engine.device=$DEVICE" "$@" \
         | tee "$TABLES/$name.txt"
 }
 export -f throughput
 step "throughput quickstart" "${LIMITS[0]}" throughput quickstart \
-    scenarios/quickstart.toml "${QUICK[@]}"
+    scenarios/quickstart.toml "${QUICK[@]}" "${RAY_SET[@]}"
 step "throughput thousand_clients" "${LIMITS[1]}" throughput thousand_clients \
-    scenarios/thousand_clients.toml "${THOUSAND[@]}"
+    scenarios/thousand_clients.toml "${THOUSAND[@]}" "${RAY_SET[@]}"
 step "throughput cifar_like" "${LIMITS[2]}" throughput cifar_like \
-    scenarios/cifar_like.toml "${CIFAR[@]}"
+    scenarios/cifar_like.toml "${CIFAR[@]}" "${RAY_SET[@]}"
 
 # --------------------------------------------------------------------------- summary
 echo
 echo "=== summary: client updates/s on $DEVICE (rounds 2..N)"
-"$PYTHON" - "$TABLES" <<'EOF'
+"$PYTHON" - "$TABLES" "$RAY_ENGINE" <<'EOF'
 import pathlib, sys
-tables = pathlib.Path(sys.argv[1])
+tables, ray = pathlib.Path(sys.argv[1]), sys.argv[2]
+engines = ("inprocess", "vectorized", "bare") + ((ray,) if ray else ())
 print(f"{'scenario':<18} {'inprocess':>10} {'vectorized':>11} {'bare':>8} "
-      f"{'vectorized/inprocess':>21} {'bare/inprocess':>15}")
+      + (f"{ray:>15} " if ray else "")
+      + f"{'vectorized/inprocess':>21} {'bare/inprocess':>15}"
+      + (f" {ray + '/vectorized':>24}" if ray else ""))
 for name in ("quickstart", "thousand_clients", "cifar_like"):
     rates = {}
     path = tables / f"{name}.txt"
     for line in path.read_text().splitlines() if path.exists() else []:
         parts = line.split()
-        if len(parts) >= 3 and parts[0] in ("inprocess", "vectorized", "bare"):
+        if len(parts) >= 3 and parts[0] in engines:
             # "engine threads updates/s ..." (a threads column) or "engine updates/s ..."
             value = parts[2] if parts[1].isdigit() and "." in parts[2] else parts[1]
             try:
@@ -236,7 +267,9 @@ for name in ("quickstart", "thousand_clients", "cifar_like"):
     def ratio(a, b):
         return f"{rates[a] / rates[b]:.2f}" if a in rates and rates.get(b) else "–"
     print(f"{name:<18} {cell('inprocess'):>10} {cell('vectorized'):>11} {cell('bare'):>8} "
-          f"{ratio('vectorized', 'inprocess'):>21} {ratio('bare', 'inprocess'):>15}")
+          + (f"{cell(ray):>15} " if ray else "")
+          + f"{ratio('vectorized', 'inprocess'):>21} {ratio('bare', 'inprocess'):>15}"
+          + (f" {ratio(ray, 'vectorized'):>24}" if ray else ""))
     if name == "thousand_clients" and "vectorized" in rates and rates.get("inprocess"):
         r = rates["vectorized"] / rates["inprocess"]
         print(f"  target (issue 18): vectorized >= 20x sequential in-process on "

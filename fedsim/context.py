@@ -10,14 +10,14 @@ data or models from a Scenario.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData, build_federated_data
-from fedsim.device import resolve_device
+from fedsim.device import DeviceSplits, resolve_device
 from fedsim.models import build_model
 from fedsim.rng import derive_seed
 
@@ -48,12 +48,18 @@ class RunContext:
     the server loop, checkpoints, the report); ``data`` its federation — or another one with
     the same client ids, such as a membership audit's shadow federation; ``device`` where
     models train. :meth:`new_model` is the model factory: every call returns a fresh copy of
-    the same seeded initial model, on the CPU.
+    the same seeded initial model, on the CPU. ``on_device``: ``data``'s splits on ``device``,
+    each copied there at most once in the run, whichever part (clients, evaluation, audit)
+    reads it first.
     """
 
     scenario: Scenario
     data: FederatedData
     device: torch.device
+    on_device: DeviceSplits = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "on_device", DeviceSplits(self.data, self.device))
 
     @classmethod
     def build(cls, scenario: Scenario, data: FederatedData | None = None) -> RunContext:

@@ -90,7 +90,7 @@ def handle_evaluate(msg: Message, context: Context, rt: ClientRuntime) -> Messag
     cid = rt.client_id(context)
 
     def local_train():
-        return rt.data.client_train(cid)
+        return rt.client_train(cid)  # on the device, copied once per run
 
     req = decode(msg, context, rt.settings, cid, local_train)
     load_record(rt.model, req.arrays)

@@ -124,16 +124,41 @@ def clip_and_sum(grads: dict[str, torch.Tensor], max_grad_norm: float
     return summed, norms
 
 
+def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator
+                   ) -> dict[str, torch.Tensor]:
+    """N(0, std²) for every coordinate of ``like``'s tensors, drawn on ``generator``'s device
+    (the CPU: a seed gives the same noise on every device) and moved to the tensors' device
+    in one copy per dtype, not one per tensor (on the CPU nothing moves).
+
+    The draws stay one ``torch.normal`` per tensor, in ``like``'s order: one draw for all
+    tensors would change the stream, since the CPU kernel turns uniforms into normals in
+    blocks of 16 and redraws the last 16 of a tensor whose size is not a multiple of 16
+    (below 16, one value at a time), so the values depend on where each tensor ends.
+    """
+    host = generator.device
+    noise = {k: torch.normal(0.0, std, t.shape, generator=generator, device=host,
+                             dtype=t.dtype) for k, t in like.items()}
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+    for k, t in like.items():
+        if t.device != host:
+            groups.setdefault((t.dtype, t.device), []).append(k)
+    for (_, device), keys in groups.items():  # one host-to-device copy per group
+        flat = torch.cat([noise[k].flatten() for k in keys]).to(device)
+        for k, part in zip(keys, flat.split([noise[k].numel() for k in keys])):
+            noise[k] = part.view(like[k].shape)
+    return noise
+
+
 def privatize(summed: dict[str, torch.Tensor], noise_multiplier: float, max_grad_norm: float,
               expected_batch: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``(sum + N(0, σ²C²)) / expected_batch`` per coordinate; noise from ``generator``."""
+    """``(sum + N(0, σ²C²)) / expected_batch`` per coordinate; noise from ``generator``
+    (:func:`gaussian_noise`)."""
     std = noise_multiplier * max_grad_norm
-    out = {}
-    for k, s in summed.items():
-        noise = torch.normal(0.0, std, s.shape, generator=generator, device=generator.device,
-                             dtype=s.dtype) if std > 0 else torch.zeros_like(s)
-        out[k] = (s + noise.to(s.device)) / expected_batch
-    return out
+    if std > 0:
+        noise = gaussian_noise(summed, std, generator)
+    else:
+        noise = {k: torch.zeros_like(s) for k, s in summed.items()}
+    return {k: (s + noise[k]) / expected_batch for k, s in summed.items()}
 
 
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,

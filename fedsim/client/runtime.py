@@ -19,7 +19,6 @@ import copy
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from fedsim.config import ClientConfig, Scenario
 from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData, build_federated_data
+from fedsim.device import DeviceSplits
 from fedsim.models.batched import fold_for_cohort
 from fedsim.models.norm import uses_batch_statistics
 
@@ -85,7 +85,7 @@ class ClientRuntime:
     _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _folded: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _on_device: DeviceData | None = field(default=None, repr=False)
+    on_device: DeviceSplits | None = field(default=None, repr=False)  # the run's, if shared
 
     def __post_init__(self) -> None:
         for slot in range(1, self.workers):
@@ -98,7 +98,7 @@ class ClientRuntime:
         engine = run.scenario.engine
         workers = engine.workers if engine.kind == "inprocess" else 1
         return cls(ClientSettings.of(run.scenario), run.data, run.new_model().to(run.device),
-                   run.device, workers, origin=run.scenario)
+                   run.device, workers, origin=run.scenario, on_device=run.on_device)
 
     def __reduce__(self):
         if self.origin is None or self.data is not build_federated_data(self.origin):
@@ -130,19 +130,20 @@ class ClientRuntime:
         return model
 
     def client_train(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Client ``cid``'s training data on the run's device (:class:`DeviceData`)."""
-        return self._device_data().get(("train", cid), lambda: self.data.client_train(cid))
+        """Client ``cid``'s training data on the run's device, copied there once per run
+        (:class:`fedsim.device.DeviceSplits`, shared with the server's evaluation)."""
+        return self._device_splits().client_train(cid)
 
     def client_test(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Client ``cid``'s local test data on the run's device (:class:`DeviceData`)."""
-        return self._device_data().get(("test", cid), lambda: self.data.client_test(cid))
+        """Client ``cid``'s local test data on the run's device, copied there once per run."""
+        return self._device_splits().client_test(cid)
 
-    def _device_data(self) -> DeviceData:
-        if self._on_device is None:
+    def _device_splits(self) -> DeviceSplits:
+        if self.on_device is None:
             with self._lock:
-                if self._on_device is None:
-                    self._on_device = DeviceData(self.device)
-        return self._on_device
+                if self.on_device is None:
+                    self.on_device = DeviceSplits(self.data, self.device)
+        return self.on_device
 
     def client_id(self, context: Context) -> int:
         """Map Flower's ``partition-id`` (0..participating-1) to a fedsim client id."""
@@ -153,54 +154,6 @@ class ClientRuntime:
                 "federation has that many participating clients"
             )
         return self.data.participating[pid]
-
-
-DEVICE_DATA_BYTES = 2 * 2**30  # client tensors a run keeps on an accelerator
-
-
-class DeviceData:
-    """Clients' (x, y) tensors copied to an accelerator once per run, not once per round.
-
-    Client data is a deterministic function of ``(run, client id)``, so a device copy made
-    in round 1 serves every later round. Bounded by ``max_bytes`` (least recently used
-    clients leave first), so a federation too large for the device still runs, copying
-    the clients that do not fit as before. On the CPU the host tensors are the device
-    tensors: they are returned as they are and nothing is kept.
-    """
-
-    def __init__(self, device: torch.device, max_bytes: int = DEVICE_DATA_BYTES) -> None:
-        self.device = torch.device(device)
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, host: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device copy of ``host()`` kept under ``key``, made on first use."""
-        if self.device.type == "cpu":
-            return host()
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        x, y = host()
-        value = (x.to(self.device), y.to(self.device))
-        size = _nbytes(value)
-        if size > self.max_bytes:
-            return value
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = value
-                self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= _nbytes(old)
-        return value
-
-
-def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 _SHARED: OrderedDict[str, ClientRuntime] = OrderedDict()

@@ -218,12 +218,7 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
     saved = [m.saved for m in mem]
     params = _stack([m.params for m in mem], saved, device)
     buffers = _stack([m.buffers for m in mem], saved, device)
-    n_max = max(1, max(len(m.x) for m in mem))
-    xs = torch.zeros((k_all, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
-    ys = torch.zeros((k_all, n_max), dtype=torch.long, device=device)
-    for i, m in enumerate(mem):
-        xs[i, : len(m.x)] = m.x
-        ys[i, : len(m.y)] = m.y
+    xs, ys = _padded_data(mem, device)
     run = _CohortRun(model, mem, params, buffers, xs, ys, cfg, device,
                      pad=not shares_batch_statistics(model))
     if modes is None:
@@ -249,6 +244,28 @@ def train_cohort(model: nn.Module, members: Sequence[CohortMember], cfg: ClientC
                                             correct_cpu[i].item() / run.seen[i], len(m.x),
                                             run.steps[i])
     return finals, results
+
+
+def _padded_data(mem: Sequence[CohortMember], device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' data as zero-padded stacks ``(k, n_max, ...)`` and ``(k, n_max)``, built
+    on the device from the members' (device) tensors in a few calls, however many members:
+    one concatenation per stack and one scatter through a row index made with numpy and
+    copied once (a copy per member costs a kernel launch each on an accelerator)."""
+    lengths = np.array([len(m.x) for m in mem], dtype=np.int64)
+    k, n_max = len(mem), max(1, int(lengths.max()))
+    xs = torch.zeros((k, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
+    ys = torch.zeros((k, n_max), dtype=torch.long, device=device)
+    if not lengths.any():
+        return xs, ys
+    # row i * n_max + j of the flattened stacks takes member i's sample j
+    starts = np.repeat(np.arange(k, dtype=np.int64) * n_max - np.cumsum(lengths) + lengths,
+                       lengths)
+    rows = torch.from_numpy(starts + np.arange(int(lengths.sum()), dtype=np.int64)).to(device)
+    flat_x = torch.cat([m.x for m in mem]).to(xs.dtype)
+    xs.view(k * n_max, *xs.shape[2:]).index_copy_(0, rows, flat_x)
+    ys.view(k * n_max).index_copy_(0, rows, torch.cat([m.y for m in mem]).long())
+    return xs, ys
 
 
 def shares_batch_statistics(model: nn.Module) -> bool:

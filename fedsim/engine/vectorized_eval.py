@@ -229,7 +229,7 @@ class CohortEvaluator:
                 cid = rt.client_id(ctx)
 
                 def local_train(cid=cid):
-                    return rt.data.client_train(cid)
+                    return rt.client_train(cid)  # on the device, copied once per run
 
                 req = decode(msg, ctx, rt.settings, cid, local_train)
                 x, y = rt.client_test(cid)  # on the run's device, copied once per run

@@ -54,6 +54,7 @@ from fedsim.compat import task_identity_restored
 from fedsim.config import Scenario
 from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData
+from fedsim.device import DeviceSplits
 from fedsim.engine.inprocess import InProcessGrid
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import ScenarioError
@@ -189,17 +190,20 @@ class MembershipPool:
             nonmembers[cid] = np.sort(rng.choice(n_test, size=k, replace=False))
         return cls(tuple(data.participating), members, nonmembers)
 
-    def client_tensors(self, data: FederatedData, cid: int):
-        """(x, y, is_member) of one client's pool: its members, then its non-members."""
+    def client_tensors(self, data: FederatedData | DeviceSplits, cid: int):
+        """(x, y, is_member) of one client's pool: its members, then its non-members, on the
+        device of ``data``'s tensors (a run's :class:`~fedsim.device.DeviceSplits`: taken
+        from its device copies, no copy of the client's data per call)."""
         xtr, ytr = data.client_train(cid)
         xte, yte = data.client_test(cid)
-        m, n = torch.as_tensor(self.members[cid]), torch.as_tensor(self.nonmembers[cid])
+        m = torch.as_tensor(self.members[cid], device=xtr.device)
+        n = torch.as_tensor(self.nonmembers[cid], device=xte.device)
         x = torch.cat([xtr[m], xte[n]])
         y = torch.cat([ytr[m], yte[n]])
         return x, y, np.r_[np.ones(len(m), bool), np.zeros(len(n), bool)]
 
-    def tensors(self, data: FederatedData):
-        """(x, y, is_member) of the whole pool, clients in order."""
+    def tensors(self, data: FederatedData | DeviceSplits):
+        """(x, y, is_member) of the whole pool, clients in order (on ``data``'s device)."""
         parts = [self.client_tensors(data, cid) for cid in self.clients]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
@@ -341,10 +345,10 @@ class PrivacyAudit:
         self.client_round = self.cfg.client_round or total
         self.model = run.new_model().to(device)  # scratch copy for probes
         self.pool = MembershipPool.build(data, scenario.seed)
-        x, y, self.is_member = self.pool.tensors(data)
-        self.pool_xy = (x.to(device), y.to(device))
-        xt, yt = data.global_test()
-        self.test_xy = (xt.to(device), yt.to(device))
+        self.on_device = run.on_device  # the run's device copies, shared with its evaluation
+        x, y, self.is_member = self.pool.tensors(self.on_device)
+        self.pool_xy = (x, y)
+        self.test_xy = self.on_device.global_test()
         self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.needs_population = any(getattr(a, "needs_population", False)
                                     for a in self.attacks.values())
@@ -409,8 +413,7 @@ class PrivacyAudit:
         cid = int(require_record(msg.content, "client", ConfigRecord)["client-id"])
         upload = require_record(msg.content, "arrays", ArrayRecord)
         if self.cfg.client_mia:
-            x, y, is_member = self.pool.client_tensors(self.data, cid)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y, is_member = self.pool.client_tensors(self.on_device, cid)
             # the client's model as the server sees it: what it sent, with the upload on top
             own = attack_metrics(loss_attack(self._outputs(upload, x, y, self._sent)[0]),
                                  is_member)
@@ -596,10 +599,11 @@ class PrivacyAudit:
         self._load(self.inversion_state)
         model = copy.deepcopy(self.model)
         cid = first_client(self.scenario, self.data)
-        x_all, y_all = self.data.client_train(cid)
+        x_all, y_all = self.on_device.client_train(cid)
         rows = numpy_rng(self.scenario.seed, "privacy", "inversion-batch", cid).choice(
             len(y_all), size=cfg.inversion_batch, replace=False)
-        x, y = x_all[np.sort(rows)].to(self.device), y_all[np.sort(rows)].to(self.device)
+        rows = torch.as_tensor(np.sort(rows), device=y_all.device)
+        x, y = x_all[rows], y_all[rows]
         head = getattr(model, "head", None)
         if not isinstance(head, nn.Linear):
             raise ScenarioError("privacy.inversion needs a model whose classifier is "
@@ -665,7 +669,7 @@ class PrivacyAudit:
         cfg, client = self.cfg, self.scenario.client
         # The local dataset lists its images by label, so the (sorted) recovered labels name
         # the image at each position the batch plan refers to.
-        order = torch.argsort(y.cpu(), stable=True).to(self.device)
+        order = torch.argsort(y, stable=True)  # integer labels: the same order on any device
         x, y = x[order], y[order]
         plan = _inversion_plan(self.scenario, cid)
         real = copy.deepcopy(model)

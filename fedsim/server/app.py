@@ -45,7 +45,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     model = run.new_model().to(device)
     arrays = model_to_record(model)
     strategy = make_strategy(scenario, model)
-    evaluator = Evaluator(scenario.output, scenario.seed, data, model, device)
+    evaluator = Evaluator(scenario.output, scenario.seed, data, model, device,
+                          on_device=run.on_device)  # the run's device copies, shared
     grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     evaluate = evaluator

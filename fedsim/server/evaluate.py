@@ -19,6 +19,7 @@ from fedsim.arrays import load_record
 from fedsim.client.train import evaluate_many
 from fedsim.config import OutputConfig
 from fedsim.data.federated import FederatedData
+from fedsim.device import DeviceSplits
 from fedsim.errors import ScenarioError
 from fedsim.models import hybrid_alphas
 from fedsim.models.flatness import hessian_max_eig, model_loss, sharpness
@@ -59,10 +60,11 @@ def pick_clients(ids: Sequence[int], limit: int, seed: int, purpose: str) -> lis
     return sorted(int(ids[i]) for i in rng.choice(len(ids), size=limit, replace=False))
 
 
-def flatness_sample(data: FederatedData, clients: list[int], size: int,
+def flatness_sample(data: FederatedData | DeviceSplits, clients: list[int], size: int,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``size`` training examples pooled from ``clients``' train splits, fixed by the
-    seed (in pooled order), so every evaluation measures the loss on the same sample."""
+    seed (in pooled order), so every evaluation measures the loss on the same sample; on
+    the device of ``data``'s tensors."""
     xs, ys = zip(*(data.client_train(cid) for cid in clients)) if clients else ((), ())
     if not ys or sum(len(y) for y in ys) == 0:
         raise ScenarioError("output.sharpness: the evaluated participating clients have no "
@@ -71,6 +73,7 @@ def flatness_sample(data: FederatedData, clients: list[int], size: int,
     if len(y) > size:
         rng = numpy_rng(seed, "flatness", "sample")
         keep = torch.from_numpy(np.sort(rng.choice(len(y), size=size, replace=False)))
+        keep = keep.to(y.device)
         x, y = x[keep], y[keep]
     return x, y
 
@@ -92,13 +95,19 @@ def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputC
 
 
 class Evaluator:
-    """Evaluates global arrays on the global test set and on clients' local splits."""
+    """Evaluates global arrays on the global test set and on clients' local splits.
+
+    ``on_device``: the run's splits on its device (:attr:`fedsim.context.RunContext.on_device`),
+    shared with the clients and the privacy audit, so each evaluated split is copied to the
+    device once per run; by default, the evaluator's own.
+    """
 
     def __init__(self, output: OutputConfig, seed: int, data: FederatedData, model: nn.Module,
-                 device: torch.device) -> None:
+                 device: torch.device, on_device: DeviceSplits | None = None) -> None:
         self.data = data
         self.model = model
         self.device = device
+        self.on_device = DeviceSplits(data, device) if on_device is None else on_device
         limit = output.eval_clients
         self.clients = pick_clients(data.participating, limit, seed, "participating")
         self.holdout = pick_clients(data.holdout, limit, seed, "holdout")
@@ -110,11 +119,11 @@ class Evaluator:
     def _all_splits(self) -> list:
         """Global test, then each client's test and train split, then holdout test splits."""
         if self._splits is None:
-            splits = [self.data.global_test()]
+            on = self.on_device
+            splits = [on.global_test()]
             for cid in self.clients:
-                splits += [self.data.client_test(cid), self.data.client_train(cid)]
-            splits += [self.data.client_test(cid) for cid in self.holdout]
-            self._splits = [(x.to(self.device), y.to(self.device)) for x, y in splits]
+                splits += [on.client_test(cid), on.client_train(cid)]
+            self._splits = splits + [on.client_test(cid) for cid in self.holdout]
         return self._splits
 
     def __call__(self, arrays) -> dict:
@@ -145,9 +154,8 @@ class Evaluator:
         if alphas:
             result["hybrid_alpha"] = alphas
         if self.output.sharpness:
-            if self._flat_sample is None:
-                x, y = flatness_sample(self.data, self.clients, self.output.sharpness_samples,
-                                       self.seed)
-                self._flat_sample = (x.to(self.device), y.to(self.device))
+            if self._flat_sample is None:  # pooled from the clients' device copies
+                self._flat_sample = flatness_sample(self.on_device, self.clients,
+                                                    self.output.sharpness_samples, self.seed)
             result.update(flatness(self.model, *self._flat_sample, self.output, self.seed))
         return result

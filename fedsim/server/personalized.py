@@ -79,6 +79,7 @@ class PersonalizedEvaluator:
         self.grid = grid
         self.data = data
         self.model = copy.deepcopy(model)
+        self.on_device = evaluator.on_device  # the run's device copies of client data
         self._cohort_model: nn.Module | None = None
         self.device = device
         # the evaluated clients' nodes in client order, found per client (not per node)
@@ -109,10 +110,9 @@ class PersonalizedEvaluator:
         for cid in self.holdout:
             load_record(self.model, arrays)
             ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
-                              local_train=lambda cid=cid: self.data.client_train(cid))
+                              local_train=lambda cid=cid: self.on_device.client_train(cid))
             receive(self.model, hooks_for(ctx), ctx.local_train)
-            x, y = self.data.client_test(cid)
-            acc.append(evaluate(self.model, x.to(self.device), y.to(self.device))[1])
+            acc.append(evaluate(self.model, *self.on_device.client_test(cid))[1])
         return acc
 
     def _holdout_cohorts(self, arrays: ArrayRecord) -> list[float]:
@@ -126,13 +126,12 @@ class PersonalizedEvaluator:
             members = []
             for cid in self.holdout[start : start + self.cohort_size]:
                 def local_train(cid=cid):
-                    return self.data.client_train(cid)
+                    return self.on_device.client_train(cid)
 
                 ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
                                   local_train=local_train)
-                x, y = self.data.client_test(cid)
-                members.append(build(arrays, hooks_for(ctx), x.to(self.device),
-                                     y.to(self.device), local_train))
+                x, y = self.on_device.client_test(cid)
+                members.append(build(arrays, hooks_for(ctx), x, y, local_train))
             acc += [a for _, a, _ in evaluate_cohort(self._cohort_model, members)]
         return acc
 

@@ -1,8 +1,8 @@
-"""The client runtime's per-run device copies of client data (fedsim.client.runtime)."""
+"""The per-run device copies of client data (fedsim.device.DeviceData)."""
 
 import torch
 
-from fedsim.client.runtime import DeviceData
+from fedsim.device import DeviceData
 
 
 def _host(n: int):

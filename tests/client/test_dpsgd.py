@@ -81,6 +81,55 @@ def test_noise_has_std_sigma_times_c_over_expected_batch():
     assert abs(noise.mean().item()) < 5 * std / math.sqrt(n)
 
 
+@pytest.mark.parametrize("std", [0.9, 0.0])
+def test_noise_is_one_torch_normal_per_tensor_in_order(std):
+    """The noise of one buffer and one copy is bitwise the stream of one ``torch.normal``
+    per tensor (what a seed gave before): tensors below 16 values, not multiples of 16
+    (the CPU kernel's tail), 0-d and another dtype in between, and the generator ends in
+    the same state."""
+    shapes = [(8, 1, 3, 3), (8,), (), (16,), (17,), (5, 7), (32, 33), (10,), (1,), (48,)]
+    g = torch.Generator().manual_seed(3)
+    like = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    like["f64"] = torch.randn(7, 3, dtype=torch.float64, generator=g)
+    like["last"] = torch.randn(20, generator=g)
+    mine, ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(2):  # the second step continues the stream
+        out = dpsgd.privatize(like, std, 1.5, 4.0, mine)
+        for k, s in like.items():
+            noise = (torch.normal(0.0, std * 1.5, s.shape, generator=ref, dtype=s.dtype)
+                     if std > 0 else torch.zeros_like(s))
+            want = (s + noise) / 4.0
+            assert out[k].dtype == want.dtype and torch.equal(out[k], want), k
+    assert torch.equal(mine.get_state(), ref.get_state())
+
+
+def test_noise_reaches_another_device_in_one_copy_per_dtype(monkeypatch):
+    """Tensors on another device than the generator's ("meta" stands in for an accelerator)
+    get their noise in one host-to-device copy per dtype, in their shapes and dtypes, from
+    the same draws (the generator advances as one draw per tensor does)."""
+    like = {"w": torch.zeros(3, 4, device="meta"), "b": torch.zeros(5, device="meta"),
+            "d": torch.zeros(2, dtype=torch.float64, device="meta"),
+            "s": torch.zeros((), device="meta")}
+    copies = []
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.device != self.device:
+            copies.append(self.dtype)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    mine, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = dpsgd.gaussian_noise(like, 1.0, mine)
+    for k, t in like.items():
+        torch.normal(0.0, 1.0, t.shape, generator=ref, dtype=t.dtype)
+        assert noise[k].device == t.device and noise[k].shape == t.shape
+        assert noise[k].dtype == t.dtype
+    assert sorted(copies, key=str) == [torch.float32, torch.float64]
+    assert torch.equal(mine.get_state(), ref.get_state())
+
+
 def test_poisson_plan_and_batches():
     cfg = ClientConfig(batch_size=16, epochs=2)
     assert dpsgd.plan(50, cfg) == dpsgd.DPSGDPlan(16 / 50, 2 * 4)  # 2 × ceil(50 / 16)

@@ -18,7 +18,13 @@ from fedsim.client.runtime import shared_runtime
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
-from fedsim.engine.vectorized import CohortMember, CohortTrainer, plan_batches, train_cohort
+from fedsim.engine.vectorized import (
+    CohortMember,
+    CohortTrainer,
+    _padded_data,
+    plan_batches,
+    train_cohort,
+)
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, uses_batch_statistics
 from fedsim.models.batched import fold_for_cohort
@@ -458,3 +464,19 @@ def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrid
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-3)
     assert a.summary["timing"]["client_updates"] == b.summary["timing"]["client_updates"]
+
+
+def test_padded_data_is_each_members_data_then_zeros():
+    """The cohort's data stacks, built in one scatter, equal a fill member by member
+    (exact: copies), with members of different sizes, an empty one and a single sample."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [5, 0, 3, 1, 5]
+    mem = [CohortMember({}, torch.randn(n, 2, 3, 3, generator=g),
+                        torch.randint(0, 10, (n,), generator=g), []) for n in sizes]
+    xs, ys = _padded_data(mem, torch.device("cpu"))
+    assert xs.shape == (5, 5, 2, 3, 3) and ys.shape == (5, 5) and ys.dtype == torch.long
+    for i, m in enumerate(mem):
+        assert torch.equal(xs[i, : len(m.x)], m.x) and torch.equal(ys[i, : len(m.y)], m.y)
+        assert not xs[i, len(m.x):].any() and not ys[i, len(m.y):].any()
+    empty, _ = _padded_data(mem[1:2], torch.device("cpu"))
+    assert empty.shape == (1, 1, 2, 3, 3) and not empty.any()
