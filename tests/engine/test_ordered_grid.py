@@ -207,7 +207,7 @@ def test_nodes_of_a_sample_costs_no_pass_over_a_million_nodes(monkeypatch):
         monkeypatch.setattr(ClientOrderedGrid, "client_id",
                             lambda self, node: lookups.append(node) or client_id(self, node))
         clients = pick_clients(participating, 200, seed=0, purpose="participating")
-        evaluator = SimpleNamespace(clients=clients, holdout=[])
+        evaluator = SimpleNamespace(clients=clients, holdout=[], on_device=None)
         personal = PersonalizedEvaluator(("fedbn",), grid, evaluator, None, nn.Linear(1, 1),
                                          device=None)
     assert personal.nodes == [cid // 2 + 1 for cid in clients]  # node i+1 is client 2i
