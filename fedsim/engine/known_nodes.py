@@ -6,13 +6,13 @@ Deployment Engine's (each SuperNode's "SuperNode ID" line, :mod:`fedsim.engine.d
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedsim.compat import RegisteredNodes, Run
+from fedsim.compat import RegisteredNodes
+from fedsim.engine.grid_proxy import DelegatingGrid
 from fedsim.engine.ordered import CONNECT_TIMEOUT
 
 #: run-config key of the file where the local Deployment Engine writes its nodes' partitions
@@ -37,14 +37,14 @@ def with_recorded_partitions(grid: Grid, run_config: Mapping, client_ids: Sequen
     return KnownNodesGrid(grid, nodes, client_ids)
 
 
-class KnownNodesGrid(Grid):
+class KnownNodesGrid(DelegatingGrid):
     """A Flower grid, plus :meth:`client_ids` from the node registration its engine recorded
     (``partition-id`` → ``client_ids[partition-id]``), which a
     :class:`~fedsim.engine.ordered.ClientOrderedGrid` reads instead of asking every node."""
 
     def __init__(self, base: Grid, nodes: RegisteredNodes, client_ids: Sequence[int],
                  timeout: float = CONNECT_TIMEOUT) -> None:
-        self.base = base
+        super().__init__(base)
         self.nodes = nodes
         self._client_ids = client_ids
         self.timeout = timeout
@@ -60,27 +60,3 @@ class KnownNodesGrid(Grid):
             raise RuntimeError(f"the engine registered {len(partitions)} nodes for "
                                f"{len(self._client_ids)} participating clients")
         return {node: int(self._client_ids[p]) for node, p in partitions.items()}
-
-    # -- plain delegation ----------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self.base.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.base.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.base.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.base.push_messages(messages)
-
-    def pull_messages(self, *args, **kwargs) -> Iterable[Message]:
-        return self.base.pull_messages(*args, **kwargs)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self.base.send_and_receive(messages, timeout=timeout)

@@ -8,7 +8,7 @@ it; with the seeded ``random``, every engine then trains the same clients in the
 A grid that knows the mapping hands it over through an optional ``client_ids()`` method
 (node id → client id, or None when it does not know); no message is sent. The in-process
 engine creates its nodes, so it knows; on Ray, the engine records the node registration
-Flower makes (:class:`fedsim.engine.ray.RecordedNodesGrid`). Other grids are asked: one
+Flower makes (:class:`fedsim.engine.known_nodes.KnownNodesGrid`). Other grids are asked: one
 ``query`` message per node, once. On the Deployment Engine the SuperLink gives each
 SuperNode a random node id when it registers, the ``partition-id`` stays in the SuperNode's
 ``--node-config``, and Flower's Grid API offers the ServerApp no node attribute to read it
@@ -27,7 +27,8 @@ from itertools import islice
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.compat import Run, pull_replies, pulled_ids
+from fedsim.compat import pull_replies
+from fedsim.engine.grid_proxy import DelegatingGrid
 from fedsim.records import require_record
 
 QUERY_TIMEOUT = 600.0
@@ -37,13 +38,13 @@ POLL_INTERVAL = 0.05  # seconds between pulls while replies are outstanding (Flo
 CONNECT_TIMEOUT = 300.0
 
 
-class ClientOrderedGrid(Grid):
+class ClientOrderedGrid(DelegatingGrid):
     """Delegates to ``base``; ``get_node_ids`` is sorted by each node's client id, which
     ``base.client_ids()`` gives where the base has it, else each node reports."""
 
     def __init__(self, base: Grid, expected_nodes: int,
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        self.base = base
+        super().__init__(base)
         self.expected_nodes = expected_nodes
         self.connect_timeout = connect_timeout
         self._client_of: Mapping[int, int] | None = None
@@ -132,26 +133,6 @@ class ClientOrderedGrid(Grid):
             else:
                 self._sorted = tuple(n for _, n in sorted(zip(clients, nodes)))
         return self._sorted
-
-    # -- plain delegation ----------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self.base.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.base.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.base.push_messages(messages)
-
-    def pull_messages(self, reply_to_message_ids: Iterable[str] | None = None, *,
-                      message_ids: Iterable[str] | None = None) -> Iterable[Message]:
-        """Flower 1.41/1.42's ``pull_messages(message_ids)`` and 1.43's
-        ``pull_messages(reply_to_message_ids=None, *, message_ids=None)`` alike."""
-        return pull_replies(self.base, pulled_ids(reply_to_message_ids, message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

@@ -120,17 +120,10 @@ def _rounds(result):
     return [json.loads(line).get("clients") for line in lines]
 
 
-def test_an_inprocess_run_sends_no_query_and_samples_as_with_queries(tmp_path, monkeypatch):
+def test_an_inprocess_run_sends_no_query_and_samples_as_with_queries(tmp_path, monkeypatch,
+                                                                   pushed_types):
     """The mapping the engine hands over gives the sample and model the queries gave."""
-    pushed: list[str] = []
-    push = InProcessGrid.push_messages
-
-    def counting_push(self, messages):
-        messages = list(messages)
-        pushed.extend(m.metadata.message_type for m in messages)
-        return push(self, messages)
-
-    monkeypatch.setattr(InProcessGrid, "push_messages", counting_push)
+    pushed = pushed_types(InProcessGrid)
     direct = _tiny(tmp_path / "direct")
     assert MessageType.QUERY not in pushed and MessageType.TRAIN in pushed
 

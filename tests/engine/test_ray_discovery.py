@@ -19,16 +19,8 @@ def sampled(result) -> list:
 
 
 @pytest.mark.slow
-def test_ray_sends_no_query_and_samples_as_in_process(tmp_path, monkeypatch):
-    pushed: list[str] = []
-    push = InMemoryGrid.push_messages
-
-    def counting_push(self, messages):
-        messages = list(messages)
-        pushed.extend(m.metadata.message_type for m in messages)
-        return push(self, messages)
-
-    monkeypatch.setattr(InMemoryGrid, "push_messages", counting_push)
+def test_ray_sends_no_query_and_samples_as_in_process(tmp_path, pushed_types):
+    pushed = pushed_types(InMemoryGrid)
     ray = fedsim.run("scenarios/quickstart.toml", [*SCENARIO, "engine.kind=ray"],
                      out=tmp_path / "ray")
     assert MessageType.QUERY not in pushed and MessageType.TRAIN in pushed
