@@ -98,16 +98,24 @@ def test_signal_to_fedsim_run_prints_the_resume_command_which_finishes_it_exactl
     assert_same_run(ref, out)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_sigint_to_a_sweep_with_worker_processes_names_the_cells_and_the_resume_command(
-        tmp_path):
-    out = tmp_path / "sweep"
+def start_sweep(out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """``fedsim sweep`` of three seeds on two worker processes, writing to ``out``, in a
+    session of its own (so a signal to its process group reaches only it); the process
+    and the sweep's arguments."""
     argv = ["sweep", "scenarios/quickstart.toml", *sets(SMALL[:-2]), "--set",
             "sweep.seed=[0,1,2]", "--out", str(out), "--workers", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *argv], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    return proc, argv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigint_to_a_sweep_with_worker_processes_names_the_cells_and_the_resume_command(
+        tmp_path):
+    out = tmp_path / "sweep"
+    proc, argv = start_sweep(out)
     deadline = time.monotonic() + 100
     while proc.poll() is None and time.monotonic() < deadline:  # a cell recorded round 1
         if any(p.read_text().count("\n") >= 2 for p in out.glob("*/rounds.jsonl")):
@@ -132,11 +140,7 @@ def test_sigint_while_sweep_workers_are_still_starting_prints_no_traceback(tmp_p
     """Ctrl-C while the spawned workers still import fedsim (before their initializer runs):
     they start with SIGINT blocked, so none of them prints a KeyboardInterrupt traceback."""
     out = tmp_path / "sweep"
-    argv = ["sweep", "scenarios/quickstart.toml", *sets(SMALL[:-2]), "--set",
-            "sweep.seed=[0,1,2]", "--out", str(out), "--workers", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *argv], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc, argv = start_sweep(out)
     deadline = time.monotonic() + 100
     tree = set()
     while proc.poll() is None and time.monotonic() < deadline:  # both workers spawned

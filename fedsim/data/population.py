@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from abc import abstractmethod
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -49,20 +50,21 @@ class ClientIds(Sequence[int]):
 
     ascending = True  # sorted by client id: what the in-process grid's node order needs
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """How many ids."""
 
+    @abstractmethod
     def _at(self, i: np.ndarray) -> np.ndarray:
         """The ids at valid positions ``i`` (int64 array)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _one(self, i: int) -> int:
         """The id at valid position ``i``, without numpy (a scalar numpy call costs ~10x)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _rank(self, cid: int) -> int | None:
         """The position of ``cid``, or None when it is not in the sequence."""
-        raise NotImplementedError
 
     @overload
     def __getitem__(self, i: int) -> int: ...
