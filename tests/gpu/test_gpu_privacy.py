@@ -3,14 +3,11 @@ leaves the client (BN buffers), gradient inversion, and DP-SGD with its accounta
 
 import math
 
+from audit_settings import TINY, audit  # tests/audit_settings.py
+
 import fedsim
 
-TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=3",
-        "partition.holdout_clients=0.2", "partition.test_fraction=0.5", "model.width=8",
-        "client.epochs=1"]
-AUDIT = ['privacy.mia=["loss","lira"]', "privacy.shadows=2", "privacy.fix_variance=true",
-         "privacy.audit_every=1", "privacy.client_mia=true", "privacy.leakage=true",
-         "privacy.inversion=true", "privacy.inversion_steps=20", "privacy.inversion_batch=2"]
+AUDIT = audit("loss", "lira")
 
 
 def in_unit(x):

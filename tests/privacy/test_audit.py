@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from audit_settings import TINY, audit  # tests/audit_settings.py
 
 import fedsim
 from fedsim.config import load_scenario
@@ -12,12 +13,7 @@ from fedsim.data.federated import build_federated_data
 from fedsim.errors import ScenarioError
 from fedsim.privacy.audit import MembershipPool, ShadowData, train_federation
 
-TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=3",
-        "partition.holdout_clients=0.2", "partition.test_fraction=0.5", "model.width=8",
-        "client.epochs=1"]
-AUDIT = ['privacy.mia=["loss","lira","rmia"]', "privacy.shadows=2", "privacy.fix_variance=true",
-         "privacy.audit_every=1", "privacy.client_mia=true", "privacy.leakage=true",
-         "privacy.inversion=true", "privacy.inversion_steps=20", "privacy.inversion_batch=2"]
+AUDIT = audit("loss", "lira", "rmia")
 
 
 @pytest.fixture(scope="module")
