@@ -258,6 +258,12 @@ class FederatedData:
         n = len(self._source.labels(self._check(cid)))
         return n - self._num_test(n)
 
+    def work_estimate(self) -> Callable[[int], int] | None:
+        """:meth:`client_size` where it is a lookup (dataset-backed clients: their partition),
+        to plan cohorts of equal work with; None where it would draw a generated client's
+        labels (synthetic clients), too costly to ask for every sampled client."""
+        return self.client_size if isinstance(self._source, _ArrayClients) else None
+
     def domain(self, cid: int) -> tuple[str, float] | None:
         """The client's (transform, strength) under a feature partition, else None."""
         if self.partition.kind != "feature":

@@ -78,7 +78,8 @@ def _inprocess(server_app: ServerApp, run: RunContext) -> None:
                       state_store=store,
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
                       workers=cfg.workers, cohort_evaluator=evaluator,
-                      client_ids=run.data.participating)  # no query message per node
+                      client_ids=run.data.participating,  # no query message per node
+                      client_work=run.data.work_estimate())
 
 
 @ENGINES.register("ray")

@@ -32,6 +32,7 @@ from fedsim import compat
 from fedsim.client.messages import error_reply
 from fedsim.client.runtime import WORKER_SLOT
 from fedsim.compat import Run
+from fedsim.engine.cohort_plan import balanced_cohorts
 from fedsim.engine.store import ClientStateStore
 
 log = logging.getLogger("fedsim")
@@ -58,7 +59,10 @@ class InProcessGrid(Grid):
 
     ``client_ids`` (optional), the fedsim client id behind each partition id (the ClientApp's
     own mapping), lets :meth:`client_ids` tell a :class:`~fedsim.engine.ordered.ClientOrderedGrid`
-    which node is which client without asking every node.
+    which node is which client without asking every node. ``client_work`` (optional, with
+    ``client_ids``), a client id's work estimate (its training samples), splits a kind's
+    messages into cohorts of equal work when there are several (:meth:`_split`), so
+    cohorts run side by side finish together.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
@@ -67,7 +71,8 @@ class InProcessGrid(Grid):
                  cohort_trainer: CohortHandler | None = None,
                  cohort_size: int = 128, workers: int = 1,
                  cohort_evaluator: CohortHandler | None = None,
-                 client_ids: Sequence[int] | None = None) -> None:
+                 client_ids: Sequence[int] | None = None,
+                 client_work: Callable[[int], float] | None = None) -> None:
         if client_ids is not None and len(client_ids) != num_nodes:
             raise ValueError(f"error: {len(client_ids)} client ids for {num_nodes} nodes; pass "
                              "one client id per node (partition id)")
@@ -75,6 +80,7 @@ class InProcessGrid(Grid):
         self._run = compat.empty_run(run_id)
         self._num_nodes = num_nodes
         self._client_ids = client_ids
+        self._client_work = client_work if client_ids is not None else None
         self._run_config = dict(run_config or {})
         self.state_store = (ClientStateStore(DEFAULT_STATE_MEMORY) if state_store is None
                             else state_store)  # an empty store is falsy
@@ -211,13 +217,25 @@ class InProcessGrid(Grid):
                 singles.append([item])
             else:
                 by_type.setdefault(kind, []).append(item)
-        jobs = []
-        for items in by_type.values():
-            start = 0
-            for size in self._cohort_sizes(len(items)):
-                jobs.append(items[start : start + size])
-                start += size
+        jobs = [cohort for items in by_type.values() for cohort in self._split(items)]
         return jobs + singles
+
+    def _split(self, items: list[tuple[str, Message]]) -> list[list[tuple[str, Message]]]:
+        """The cohorts one kind's messages run in, of :meth:`_cohort_sizes` messages each:
+        of equal work (:func:`~fedsim.engine.cohort_plan.balanced_cohorts` on the clients'
+        ``client_work``) where there are several and the work is known, else consecutive
+        runs in message order."""
+        sizes = self._cohort_sizes(len(items))
+        if self._client_work is not None and len(sizes) > 1:
+            ids, work = self._client_ids, self._client_work
+            plan = balanced_cohorts([work(ids[m.metadata.dst_node_id - 1]) for _, m in items],
+                                    sizes)
+            return [[items[i] for i in cohort] for cohort in plan]
+        jobs, start = [], 0
+        for size in sizes:
+            jobs.append(items[start : start + size])
+            start += size
+        return jobs
 
     def _cohort_sizes(self, n: int) -> list[int]:
         """Sizes of the cohorts ``n`` messages of one kind run in, in message order."""
@@ -340,13 +358,15 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   state_store: ClientStateStore | None = None,
                   cohort_trainer: CohortHandler | None = None, cohort_size: int = 128,
                   workers: int = 1, cohort_evaluator: CohortHandler | None = None,
-                  client_ids: Sequence[int] | None = None) -> None:
+                  client_ids: Sequence[int] | None = None,
+                  client_work: Callable[[int], float] | None = None) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes; ``client_ids``:
-    the fedsim client id of each partition id, when known (see :class:`InProcessGrid`)."""
+    the fedsim client id of each partition id, when known, and ``client_work`` a client's
+    work estimate (see :class:`InProcessGrid`)."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
                          cohort_trainer=cohort_trainer, cohort_size=cohort_size,
                          workers=workers, cohort_evaluator=cohort_evaluator,
-                         client_ids=client_ids)
+                         client_ids=client_ids, client_work=client_work)
     serve(server_app, grid, run_config)
 
 

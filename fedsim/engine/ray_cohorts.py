@@ -3,8 +3,9 @@
 The ServerApp, its strategy and fedsim's own Grid (:class:`RayCohortGrid`, the in-process
 grid) run in this process, the driver: node ids, client sampling and the client-state store
 are exactly the in-process engine's. Only the execution differs: each pull's train and
-evaluate messages are split into cohorts (balanced, at most ``engine.cohort_size`` clients,
-a multiple of the actor count) and handed to ``engine.ray_workers`` long-lived Ray actors
+evaluate messages are split into cohorts (at most ``engine.cohort_size`` clients, a multiple
+of the actor count, of equal work where the clients' sizes are known: the in-process grid's
+split) and handed to ``engine.ray_workers`` long-lived Ray actors
 (:class:`CohortWorker`, ``engine.ray_num_cpus`` CPUs and ``engine.client_gpus`` GPU each).
 An actor builds the run's :class:`~fedsim.client.runtime.ClientRuntime` once, from the
 scenario's plain dict (never a pickled runtime or model), and answers a cohort with the same
@@ -44,7 +45,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,11 +339,13 @@ class RayCohortGrid(InProcessGrid):
 
     def __init__(self, client_app: ClientApp, num_nodes: int, pool: CohortPool,
                  state_store: ClientStateStore, cohort_size: int = 128,
-                 client_ids: Sequence[int] | None = None) -> None:
+                 client_ids: Sequence[int] | None = None,
+                 client_work: Callable[[int], float] | None = None) -> None:
         # the handlers only mark which kinds run as cohorts: _run_jobs sends those to the pool
         super().__init__(client_app, num_nodes, state_store=state_store,
                          cohort_trainer=self._remote_only, cohort_evaluator=self._remote_only,
-                         cohort_size=cohort_size, client_ids=client_ids)
+                         cohort_size=cohort_size, client_ids=client_ids,
+                         client_work=client_work)
         self.pool = pool
         self._pulls = 0
 
@@ -394,7 +397,8 @@ def run_ray_cohorts(server_app: ServerApp, client_app: ClientApp, run: RunContex
         try:
             pool.start()
             grid = RayCohortGrid(client_app, run.scenario.num_participating, pool, state_store,
-                                 cohort_size=cfg.cohort_size, client_ids=run.data.participating)
+                                 cohort_size=cfg.cohort_size, client_ids=run.data.participating,
+                                 client_work=run.data.work_estimate())
             serve(server_app, grid)
         finally:
             pool.close()
