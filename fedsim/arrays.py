@@ -142,8 +142,20 @@ def state_to_record(
     """Pack ``state`` (or only ``keys`` of it) into an ArrayRecord of numpy arrays; values
     are tensors (any device) or numpy arrays."""
     names = state if keys is None else keys
-    return array_record({k: to_array(v if isinstance(v := state[k], np.ndarray)
-                                     else v.detach().cpu().numpy()) for k in names})
+    return array_record({k: to_array(_host_numpy(state[k])) for k in names})
+
+
+def _host_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``value`` as a numpy array on the host: ``value.detach().cpu().numpy()`` for a tensor,
+    skipping the calls that would change nothing (a reply's arrays are CPU tensors without
+    gradient, one per array and client)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value.requires_grad:
+        value = value.detach()
+    if not value.is_cpu:
+        value = value.cpu()
+    return value.numpy()
 
 
 def model_to_record(model: nn.Module, keys: Iterable[str] | None = None) -> ArrayRecord:
