@@ -142,8 +142,29 @@ def state_to_record(
     """Pack ``state`` (or only ``keys`` of it) into an ArrayRecord of numpy arrays; values
     are tensors (any device) or numpy arrays."""
     names = state if keys is None else keys
-    return array_record({k: to_array(v if isinstance(v := state[k], np.ndarray)
-                                     else v.detach().cpu().numpy()) for k in names})
+    arrays = {}
+    for k in names:  # to_array and array_record in one loop: a reply encodes every array
+        if not isinstance(k, str):
+            raise TypeError(f"an ArrayRecord maps str to Array, got {type(k).__name__} -> Array")
+        a = np.asarray(_host_numpy(state[k]), order="C")
+        if a.dtype.hasobject:
+            raise TypeError("object arrays cannot be sent")
+        name, header = _encode_layout(a.dtype, a.shape)
+        arrays[k] = compat.new_array(name, a.shape, header + a.tobytes(), _NUMPY_STYPE)
+    return compat.fill_record(ArrayRecord(), arrays)
+
+
+def _host_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``value`` as a numpy array on the host: ``value.detach().cpu().numpy()`` for a tensor,
+    skipping the calls that would change nothing (a reply's arrays are CPU tensors without
+    gradient, one per array and client)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value.requires_grad:
+        value = value.detach()
+    if not value.is_cpu:
+        value = value.cpu()
+    return value.numpy()
 
 
 def model_to_record(model: nn.Module, keys: Iterable[str] | None = None) -> ArrayRecord:

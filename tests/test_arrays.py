@@ -162,3 +162,26 @@ def test_peek_array_is_a_read_only_view_with_the_same_values():
         assert not view.flags.writeable  # reads the message's bytes, cannot change them
     fortran = Array(np.asfortranarray(np.arange(6.0).reshape(2, 3)))
     assert np.array_equal(peek_array(fortran), np.arange(6.0).reshape(2, 3))
+
+
+def test_state_to_record_encodes_each_value_as_to_array_would():
+    """Tensors (with or without gradient, views, integer 0-d) and numpy arrays, all or only
+    ``keys``: the same Arrays as ``to_array`` of ``value.detach().cpu().numpy()``."""
+    import torch
+
+    from fedsim.arrays import state_to_record
+
+    grad = torch.ones(3, requires_grad=True)
+    state = {"w": torch.arange(12.0).reshape(3, 4).t(), "g": grad * 2, "n": torch.tensor(7),
+             "a": np.arange(6, dtype=np.float16).reshape(2, 3)[:, ::2], "p": grad}
+    want = {k: to_array(v if isinstance(v, np.ndarray) else v.detach().cpu().numpy())
+            for k, v in state.items()}
+    got = state_to_record(state)
+    assert list(got) == list(want) and all(vars(got[k]) == vars(want[k]) for k in want)
+    assert vars(got) == vars(array_record(want))
+    part = state_to_record(state, ["n", "w"])
+    assert list(part) == ["n", "w"] and vars(part["w"]) == vars(want["w"])
+    with pytest.raises(TypeError, match="str to Array"):
+        state_to_record({1: np.zeros(2)})
+    with pytest.raises(TypeError, match="object arrays"):
+        state_to_record({"o": np.array([None])})

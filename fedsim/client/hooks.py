@@ -193,6 +193,13 @@ def hooks_for(ctx: HookContext) -> list[ClientHook]:
     return [CLIENT_HOOKS.get(n, key="client-hooks")(ctx) for n in names]
 
 
+def sets_modes(hooks: Sequence[ClientHook]) -> bool:
+    """Whether any of ``hooks`` overrides ``before_train`` (a mode change); without one,
+    :func:`fedsim.client.step.set_modes` leaves ``model.train()``'s modes, which a cohort
+    knows without walking the model per client."""
+    return any(type(h).before_train is not ClientHook.before_train for h in hooks)
+
+
 def receive(model: nn.Module, hooks: Sequence[ClientHook],
             local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
             ) -> ClientArrays:

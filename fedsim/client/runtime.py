@@ -30,7 +30,7 @@ from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.device import DeviceSplits
 from fedsim.models.batched import fold_for_cohort
-from fedsim.models.norm import uses_batch_statistics
+from fedsim.models.norm import index_norm_layers, uses_batch_statistics
 
 #: Which worker's model copy the current thread uses (set by the in-process engine's
 #: parallel workers; 0, the original model, everywhere else).
@@ -121,12 +121,19 @@ class ClientRuntime:
     def cohort_model(self) -> nn.Module:
         """The current worker slot's model for vmap cohorts: a copy whose norm and pooling
         layers fold the cohort into channels (:func:`fedsim.models.batched.fold_for_cohort`),
-        made once per slot, so the fast path is chosen here and not on every call."""
+        made once per slot, so the fast path is chosen here and not on every call. Its
+        structure is fixed from then on, so its norm layers are indexed once
+        (:func:`fedsim.models.norm.index_norm_layers`: the keys FedBN-like hooks ask for per
+        client)."""
         slot = WORKER_SLOT.get()
         model = self._folded.get(slot)
         if model is None:
             with self._lock:
-                model = self._folded.setdefault(slot, fold_for_cohort(self.model))
+                model = self._folded.get(slot)
+                if model is None:
+                    model = fold_for_cohort(self.model)
+                    index_norm_layers(model)
+                    self._folded[slot] = model
         return model
 
     def client_train(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:

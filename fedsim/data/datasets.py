@@ -382,19 +382,20 @@ class SyntheticDataset:
         self.num_classes = cfg.num_classes
         self.input_shape = (cfg.channels, cfg.image_size, cfg.image_size)
         self.prototypes = _prototypes(cfg, numpy_rng(seed, "synthetic", "prototypes"))
-        # edge-padded by one pixel, for the random shifts of ``generate``: (classes, C, 3, 3,
-        # S, S) views of every shifted window, so one gather picks each sample's
+        # edge-padded by one pixel, for the random shifts of ``generate``: every shifted
+        # window, copied once into a contiguous (classes, 3, 3, C, S, S) array, so one
+        # gather picks each sample's
         padded = np.pad(self.prototypes, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
         size = cfg.image_size
-        self._windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size),
-                                                                 axis=(2, 3))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(2, 3))
+        self._windows = np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5))
 
     def generate(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Float32 (len(labels), C, S, S) samples for ``labels``, drawn from ``rng``."""
         n = len(labels)
         shifts = rng.integers(0, 3, size=(n, 2))  # offset into the padded image: -1, 0, +1
         # x[i] = padded[labels[i], :, dy:dy + S, dx:dx + S]
-        x = self._windows[labels, :, shifts[:, 0], shifts[:, 1]]
+        x = self._windows[labels, shifts[:, 0], shifts[:, 1]]
         contrast = rng.uniform(0.8, 1.2, size=(n, 1, 1, 1)).astype(np.float32)
         brightness = rng.normal(0.0, 0.1, size=(n, 1, 1, 1)).astype(np.float32)
         noise = rng.standard_normal(size=x.shape, dtype=np.float32)

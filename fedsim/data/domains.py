@@ -45,15 +45,21 @@ def rotate(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarr
     h, w = x.shape[-2:]
     angle = math.radians(90.0 * strength)
     cos, sin = math.cos(angle), math.sin(angle)
-    yy, xx = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2, indexing="ij")
+    # pixel centres relative to the image centre, (h, 1) and (1, w): broadcast, not a grid
+    yy = (np.arange(h) - (h - 1) / 2)[:, None]
+    xx = (np.arange(w) - (w - 1) / 2)[None, :]
     src_y = np.clip(cos * yy - sin * xx + (h - 1) / 2, 0, h - 1)
     src_x = np.clip(sin * yy + cos * xx + (w - 1) / 2, 0, w - 1)
     y0 = np.minimum(np.floor(src_y).astype(np.int64), h - 2)
     x0 = np.minimum(np.floor(src_x).astype(np.int64), w - 2)
     wy = (src_y - y0).astype(np.float32)
     wx = (src_x - x0).astype(np.float32)
-    top = x[..., y0, x0] * (1 - wx) + x[..., y0, x0 + 1] * wx
-    bottom = x[..., y0 + 1, x0] * (1 - wx) + x[..., y0 + 1, x0 + 1] * wx
+    # the four neighbours of every output pixel in one gather from the flattened images
+    corner = y0 * w + x0
+    near = np.reshape(x, (*x.shape[:-2], h * w))[..., np.stack(
+        [corner, corner + 1, corner + w, corner + w + 1])]
+    top = near[..., 0, :, :] * (1 - wx) + near[..., 1, :, :] * wx
+    bottom = near[..., 2, :, :] * (1 - wx) + near[..., 3, :, :] * wx
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 

@@ -36,6 +36,14 @@ def _plain(name: str) -> bool:
     return _SEP not in name and _LINE not in name
 
 
+@functools.lru_cache(maxsize=4096)
+def _array_line(key: str, dtype: str, stype: str, shape: tuple[int, ...], nbytes: int) -> str:
+    """The header line of one array: the same few layouts recur for every client, so each
+    line is formatted once."""
+    dims = ",".join(map(str, shape))
+    return f"A{_SEP}{key}{_SEP}{dtype}{_SEP}{stype}{_SEP}{dims}{_SEP}{nbytes}"
+
+
 def encode_state(state: RecordDict) -> bytes:
     """A RecordDict as bytes that :func:`decode_state` turns back into an equal one, exactly.
 
@@ -51,9 +59,7 @@ def encode_state(state: RecordDict) -> bytes:
     for rkey, record in state.items():
         lines.append(f"R{_SEP}{rkey}")
         for key, a in record.items():
-            shape = ",".join(map(str, a.shape))
-            lines.append(f"A{_SEP}{key}{_SEP}{a.dtype}{_SEP}{a.stype}{_SEP}{shape}{_SEP}"
-                         f"{len(a.data)}")
+            lines.append(_array_line(key, a.dtype, a.stype, tuple(a.shape), len(a.data)))
             blobs.append(a.data)
     header = _LINE.join(lines).encode()
     return b"".join([_ARRAYS_MAGIC, _U32.pack(len(header)), header, *blobs])

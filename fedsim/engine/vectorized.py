@@ -37,6 +37,7 @@ from flwr.app import Context, Message
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.client.hooks import sets_modes
 from fedsim.client.messages import ClientRequest, decode, error_reply, train_reply
 from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import (
@@ -475,7 +476,7 @@ class CohortTrainer:
         prepared: list[tuple[int, ClientRequest, CohortMember]] = []
         groups: dict[tuple, list[int]] = {}  # (modes, terms) -> indices into prepared
         global_arrays = GlobalArrays(model)
-        all_train = set_modes(model, ())
+        all_train = current = set_modes(model, ())
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             cid = None
             try:
@@ -484,7 +485,13 @@ class CohortTrainer:
                 params, bufs = global_arrays(req.arrays)
                 arrays = client_start(model, params, bufs, req.hooks,
                                       lambda cid=cid: rt.data.client_train(cid))
-                modes = set_modes(model, req.hooks) if req.hooks else all_train
+                if sets_modes(req.hooks):
+                    modes = current = set_modes(model, req.hooks)
+                elif req.hooks and current != all_train:  # leave the model as set_modes would
+                    apply_modes(model, all_train)
+                    modes = current = all_train
+                else:  # model.train() and hooks that keep its modes: nothing to walk
+                    modes = all_train
                 terms = HookTerms(req.hooks, {n: arrays[n] for n in params})
                 x, y = rt.client_train(cid)  # on the run's device, kept there for the run
                 gen = torch_generator(cfg.seed, "client-train", req.server_round, cid)
@@ -507,9 +514,12 @@ class CohortTrainer:
                     trained = Trained(len(member.batches), cfg.client.lr)
                     for hook in req.hooks:
                         hook.after_train(model, trained)
-                    arrays = {k: torch.from_numpy(final[k]) for k in keys}
-                    for hook in req.hooks:
-                        arrays = hook.on_reply(model, arrays)
+                    if req.hooks:  # hooks edit tensors; without them the rows go as they are
+                        arrays = {k: torch.from_numpy(final[k]) for k in keys}
+                        for hook in req.hooks:
+                            arrays = hook.on_reply(model, arrays)
+                    else:
+                        arrays = {k: final[k] for k in keys}
                     replies[i] = train_reply(req, arrays, result)
                 except Exception as exc:
                     replies[i] = error_reply(msgs[i], exc, req.client_id)

@@ -125,6 +125,13 @@ def has_running_statistics(module: nn.Module) -> bool:
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The named normalization layers of ``model`` in module order, selected by type."""
+    index = _index_of(model)
+    if index is not None:
+        return list(index.layers)
+    return _find_norm_layers(model)
+
+
+def _find_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_norm_layer(m)]
 
 
@@ -135,14 +142,63 @@ def _qualified(prefix: str, key: str) -> str:
 def norm_keys(model: nn.Module) -> list[str]:
     """State-dict keys of every normalization layer: its parameters and buffers (what FedBN
     keeps on the client)."""
-    return [_qualified(name, k) for name, m in norm_layers(model)
+    index = _index_of(model)
+    if index is not None:
+        return list(index.keys)
+    return _norm_keys(_find_norm_layers(model))
+
+
+def _norm_keys(layers: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    return [_qualified(name, k) for name, m in layers
             for k in m.state_dict(keep_vars=True)]  # keep_vars: keys only, no detach
 
 
 def norm_statistics_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the normalization layers' statistics buffers (running mean/var and
     the batch counter: what FixBN freezes and SiloBN keeps local)."""
-    return [_qualified(name, k) for name, m in norm_layers(model) for k in statistics_buffers(m)]
+    index = _index_of(model)
+    if index is not None:
+        return list(index.statistics_keys)
+    return _statistics_keys(_find_norm_layers(model))
+
+
+def _statistics_keys(layers: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    return [_qualified(name, k) for name, m in layers for k in statistics_buffers(m)]
+
+
+@dataclass(frozen=True)
+class NormIndex:
+    """What the predicates above answer for one model, computed once: its norm layers, their
+    state-dict keys and their statistics keys (:func:`index_norm_layers`)."""
+
+    model_id: int  # the model it describes (a deep copy is another model and reads its own)
+    layers: tuple[tuple[str, nn.Module], ...]
+    keys: tuple[str, ...]
+    statistics_keys: tuple[str, ...]
+
+
+_INDEX_ATTR = "_fedsim_norm_index"
+
+
+def index_norm_layers(model: nn.Module) -> NormIndex:
+    """Record on ``model`` its :class:`NormIndex`, which :func:`norm_layers`, :func:`norm_keys`
+    and :func:`norm_statistics_keys` then return instead of walking the modules again.
+
+    For a model whose module structure and norm layers' parameters and buffers no longer
+    change, called by its owner (the client runtime's cohort model, whose hooks ask for its
+    norm keys once per client and round). The index lives on the model itself, so it goes
+    with it and never outlives it; a deep copy (another model) ignores it.
+    """
+    layers = tuple(_find_norm_layers(model))
+    index = NormIndex(id(model), layers, tuple(_norm_keys(layers)),
+                      tuple(_statistics_keys(layers)))
+    model.__dict__[_INDEX_ATTR] = index  # not a submodule, parameter or buffer: plain state
+    return index
+
+
+def _index_of(model: nn.Module) -> NormIndex | None:
+    index = model.__dict__.get(_INDEX_ATTR)
+    return index if index is not None and index.model_id == id(model) else None
 
 
 def statistics_layers(model: nn.Module, keys: Iterable[str]) -> list[nn.Module]:
@@ -415,10 +471,12 @@ __all__ = [
     "HybridNorm",
     "InstanceNorm",
     "LayerNorm",
+    "NormIndex",
     "NormSpec",
     "group_count",
     "has_running_statistics",
     "hybrid_alphas",
+    "index_norm_layers",
     "is_norm_layer",
     "layer_uses_batch_statistics",
     "make_norm",

@@ -169,6 +169,38 @@ def test_transform_references():
     assert 0.4 < np.std(a - x) < 0.6
 
 
+def test_rotate_is_the_four_neighbour_bilinear_definition_bit_for_bit():
+    """``rotate`` gathers the four neighbours at once; per output pixel it must compute
+    exactly the plain definition (sample grid, clipped source position, four gathers, the
+    same float32 products and sums in the same order), so the same bytes on any machine."""
+    import math
+
+    def reference(x, strength):
+        h, w = x.shape[-2:]
+        angle = math.radians(90.0 * strength)
+        cos, sin = math.cos(angle), math.sin(angle)
+        yy, xx = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2,
+                             indexing="ij")
+        src_y = np.clip(cos * yy - sin * xx + (h - 1) / 2, 0, h - 1)
+        src_x = np.clip(sin * yy + cos * xx + (w - 1) / 2, 0, w - 1)
+        y0 = np.minimum(np.floor(src_y).astype(np.int64), h - 2)
+        x0 = np.minimum(np.floor(src_x).astype(np.int64), w - 2)
+        wy = (src_y - y0).astype(np.float32)
+        wx = (src_x - x0).astype(np.float32)
+        top = x[..., y0, x0] * (1 - wx) + x[..., y0, x0 + 1] * wx
+        bottom = x[..., y0 + 1, x0] * (1 - wx) + x[..., y0 + 1, x0 + 1] * wx
+        return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+    rng = numpy_rng(0, "rotate-test")
+    for h, w in [(2, 2), (6, 6), (8, 8), (5, 9), (32, 32)]:
+        x = rng.standard_normal((4, 3, h, w), dtype=np.float32)
+        for strength in [0.0, 0.25, 1 / 3, 0.5, float(rng.uniform()), 1.0]:
+            for images in (x, x[:, :, ::-1], x[0]):  # contiguous, strided, one image
+                got, want = rotate(images, strength, rng), reference(images, strength)
+                assert got.dtype == np.float32 and got.shape == want.shape
+                assert got.tobytes() == want.tobytes()
+
+
 def test_client_domains_cycle_through_transforms_deterministically():
     cfg = PartitionConfig(kind="feature", transforms=("rotate", "blur"))
     domains = [client_domain(cfg, 0, cid) for cid in range(4)]

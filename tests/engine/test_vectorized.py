@@ -13,8 +13,9 @@ import fedsim.models.batched as batched_module
 from fedsim import compat
 from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
-from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook
+from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook, sets_modes
 from fedsim.client.runtime import shared_runtime
+from fedsim.client.step import mode_key, set_modes
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
@@ -28,6 +29,7 @@ from fedsim.engine.vectorized import (
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, uses_batch_statistics
 from fedsim.models.batched import fold_for_cohort
+from fedsim.models.norm import norm_layers
 from fedsim.rng import torch_generator
 
 CFG = ClientConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -322,6 +324,60 @@ class KeysByClient(LocalArraysHook):
 
     def local_keys(self, model):
         return ["head.bias"] if self.ctx.client_id % 2 else ["head.weight"]
+
+
+@CLIENT_HOOKS.register("test-freeze-norms")
+class FreezeNorms(ClientHook):
+    """Changes modes: every norm layer in eval mode (as FixBN's statistics freeze)."""
+
+    def before_train(self, model):
+        for _, layer in norm_layers(model):
+            layer.eval()
+
+
+@CLIENT_HOOKS.register("test-see-modes")
+class SeeModes(ClientHook):
+    """Keeps modes; records the modes the model is in when the cohort calls it."""
+
+    seen: list = []
+
+    def on_receive(self, model, arrays):
+        SeeModes.seen.append(("receive", self.ctx.client_id, mode_key(model)))
+
+    def on_reply(self, model, arrays):
+        SeeModes.seen.append(("reply", self.ctx.client_id, mode_key(model)))
+        return arrays
+
+
+def test_hooks_that_keep_modes_need_no_walk_and_see_the_modes_set_modes_would_leave():
+    """Only a hook overriding ``before_train`` changes modes (``sets_modes``); the cohort
+    skips the per-client mode walk for the others, yet every hook sees the model in the
+    modes the per-client ``set_modes`` of the clients before it would have left."""
+    scenario, arrays, _ = small_quickstart(2, "")
+    rt = shared_runtime(scenario)
+    model = rt.cohort_model
+    train = set_modes(model, [])
+    frozen = set_modes(model, [FreezeNorms(None)])
+    assert frozen != train
+    assert not sets_modes([]) and not sets_modes([SeeModes(None), LocalHead(None)])
+    assert sets_modes([SeeModes(None), FreezeNorms(None)])
+    hooks = {1: "test-freeze-norms,test-see-modes", 2: "test-see-modes",
+             3: "test-freeze-norms,test-see-modes", 4: "test-see-modes"}
+    msgs = [train_message(arrays, ConfigRecord({"server-round": 2, "client-hooks": h}), n)
+            for n, h in hooks.items()]
+    ctxs = [Context(run_id=1, node_id=n, node_config={"partition-id": n - 1},
+                    state=RecordDict(), run_config={}) for n in hooks]
+    SeeModes.seen = []
+    replies = CohortTrainer(rt)(msgs, ctxs)
+    assert not any(r.has_error() for r in replies)
+    cid = {n: rt.client_id(c) for n, c in zip(hooks, ctxs)}
+    receive = {c: m for what, c, m in SeeModes.seen if what == "receive"}
+    reply = {c: m for what, c, m in SeeModes.seen if what == "reply"}
+    # on_receive: the modes the previous client's set_modes left (all training at first)
+    assert [receive[cid[n]] for n in hooks] == [train, frozen, train, frozen]
+    # on_reply: the modes the client's own group trained in
+    assert [reply[cid[n]] for n in hooks] == [frozen, train, frozen, train]
+    assert model.training and mode_key(model) == train  # left training, as before
 
 
 def test_cohort_asks_each_client_for_its_local_keys():

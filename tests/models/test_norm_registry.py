@@ -172,3 +172,25 @@ def test_other_layers_are_not_norm_layers(layer):
 
 def test_fedsim_layer_types_are_in_the_table():
     assert all(norm_spec(t) is not None for t in NORM_LAYER_TYPES)
+
+
+def test_a_norm_index_answers_as_the_walk_and_stays_with_its_model():
+    """``index_norm_layers`` records the answers once (the cohort model's hooks ask per
+    client); they equal the walk's, and a deep copy (another model) walks its own."""
+    import copy
+
+    from fedsim.models.norm import index_norm_layers
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), BatchNorm(4), nn.ReLU(),
+                          nn.Sequential(GroupNorm(4, groups=2), HybridNorm(4)), nn.Flatten())
+    walked = (norm_layers(model), norm_keys(model), norm_statistics_keys(model))
+    index = index_norm_layers(model)
+    assert (norm_layers(model), norm_keys(model), norm_statistics_keys(model)) == walked
+    assert list(index.keys) == walked[1] and [n for n, _ in index.layers] == ["1", "3.0", "3.1"]
+    assert [m for _, m in norm_layers(model)] == [model[1], model[3][0], model[3][1]]
+    norm_keys(model).clear()  # callers get their own lists
+    assert norm_keys(model) == walked[1]
+    twin = copy.deepcopy(model)
+    twin[3] = nn.Identity()  # a copy may be restructured: it does not read the index
+    assert norm_keys(twin) == [k for k in walked[1] if not k.startswith("3.")]
+    assert [m for _, m in norm_layers(twin)] == [twin[1]]
