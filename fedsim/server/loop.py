@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.arrays import peek_array
+from fedsim.arrays import all_finite, peek_array
 from fedsim.client.compress import record_bytes
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario, ServerConfig
@@ -75,8 +75,13 @@ def _client_id(msg: Message) -> int | None:
 
 
 def _nonfinite(content: RecordDict) -> str | None:
-    """Name the first NaN/Inf array or metric in a reply, or None if all are finite."""
+    """Name the first NaN/Inf array or metric in a reply, or None if all are finite.
+
+    Each ArrayRecord is screened whole (:func:`all_finite`, one check per dtype); only one
+    that fails is searched array by array for the name."""
     for _, rec in records_of(content, ArrayRecord):
+        if all_finite(rec.values()):
+            continue
         for key, array in rec.items():
             x = peek_array(array)
             if x.dtype.kind in "fc" and not np.isfinite(x).all():
@@ -87,14 +92,6 @@ def _nonfinite(content: RecordDict) -> str | None:
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 return f"metric {key!r} is {value}"
     return None
-
-
-def _arrays_finite(arrays: ArrayRecord) -> bool:
-    for array in arrays.values():
-        x = peek_array(array)
-        if x.dtype.kind in "fc" and not np.isfinite(x).all():
-            return False
-    return True
 
 
 def _array_bytes(content: RecordDict) -> int:
@@ -351,7 +348,7 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
                                      phase.accepted)
     for key in ("train_loss", "train_accuracy"):
         record[key] = float(metrics[key]) if metrics and key in metrics else None
-    if agg is not None and not _arrays_finite(agg):
+    if agg is not None and not all_finite(agg.values()):
         raise RunStopped(f"round {rnd}: the aggregated global model has NaN/Inf values (the "
                          f"run diverged); {_lr_hint(scenario.client.lr)}", round=rnd)
     if agg is not None:
