@@ -99,6 +99,22 @@ def _array_bytes(content: RecordDict) -> int:
     return sum(record_bytes(rec) for _, rec in records_of(content, ArrayRecord))
 
 
+def _download_bytes(messages: list[Message]) -> list[int]:
+    """:func:`_array_bytes` of each message; an ArrayRecord several messages share (a
+    strategy sends one global record to every client) is sized once."""
+    sizes: dict[int, int] = {}  # id(record) -> bytes; every record stays alive meanwhile
+    out = []
+    for msg in messages:
+        total = 0
+        for _, rec in records_of(msg.content, ArrayRecord):
+            size = sizes.get(id(rec))
+            if size is None:
+                size = sizes[id(rec)] = record_bytes(rec)
+            total += size
+        out.append(total)
+    return out
+
+
 def _upload_bytes(reply: Message) -> int:
     """Bytes a reply's arrays took on the wire: the size the client reports (compressed
     arrays at their encoded size, ``fedsim.client.compress``), else their raw payload."""
@@ -176,7 +192,7 @@ class RoundRunner:
                 phase.failures.append({"client": cid, "reason": "dropout", **note})
                 continue
             send.append(_with_config(msg, {CRASH_KEY: fate.crash_at}) if fate.crash_at else msg)
-        phase.downloaded += [_array_bytes(m.content) for m in send]
+        phase.downloaded += _download_bytes(send)
         replies = list(self.grid.send_and_receive(send, timeout=REPLY_TIMEOUT)) if send else []
         accepted = []
         longest = 0.0
