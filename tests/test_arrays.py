@@ -168,8 +168,8 @@ def test_peek_array_is_a_read_only_view_with_the_same_values():
 
 from flwr.serverapp.strategy import fedavg  # noqa: E402
 
-from fedsim.arrays import all_finite, weighted_average  # noqa: E402
 from fedsim.arrays import aggregate_arrayrecords as fast_aggregate  # noqa: E402
+from fedsim.arrays import all_finite, weighted_average  # noqa: E402
 
 #: (dtype, shape) of every array in the random replies: float32/float64 tensors, 0-d
 #: float32 and int64 (num_batches_tracked), other integers and bools, an empty array
