@@ -18,6 +18,7 @@ from torch import nn
 
 from fedsim import compat
 from fedsim.compat import TypedDict  # noqa: F401  (re-exported for tests/test_arrays.py)
+from fedsim.records import check_replies
 
 _NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: data holds an ``np.save`` file
 _flower_numpy = compat.flower_numpy  # Flower's own parser (np.load), for any other layout
@@ -238,7 +239,7 @@ _fast_numpy.__doc__ = Array.numpy.__doc__
 
 
 def fast_flower_records():
-    """Three of Flower's per-item costs, removed while the engine runs; restored on exit.
+    """Four of Flower's per-item costs, removed while the engine runs; restored on exit.
 
     - ``Array.numpy`` parses every ``.npy`` header with ``ast.literal_eval``, costlier than a
       small model's whole aggregation step; :func:`from_array` returns the identical array
@@ -248,11 +249,13 @@ def fast_flower_records():
       ``cast``; the replacement runs the same key and value checks and stores the same item.
     - FedAvg's ``aggregate_arrayrecords`` makes a parse and two numpy calls per array per
       reply; :func:`aggregate_arrayrecords` makes two per dtype per reply, bitwise equal.
+      Its ``validate_message_reply_consistency`` builds four typed views per reply;
+      :func:`fedsim.records.check_replies` makes the same checks without them.
 
     Installed through :func:`fedsim.compat.fast_records` (only on the Flower releases it
     was checked against); re-entrant; Flower's results are unchanged (tests/test_arrays.py).
     """
-    return compat.fast_records(_fast_numpy, aggregate_arrayrecords)
+    return compat.fast_records(_fast_numpy, aggregate_arrayrecords, check_replies)
 
 
 def array_record(arrays: dict[str, Array]) -> ArrayRecord:

@@ -277,9 +277,11 @@ def simulation_delivery_by_message() -> Iterator[None]:
 TypedDict = next(c for c in ArrayRecord.__mro__ if c.__name__ == "TypedDict")
 _flower_numpy = Array.numpy
 _flower_setitem = TypedDict.__setitem__
-#: Flower's weighted average of replies' ArrayRecords, which ``FedAvg.aggregate_train`` (and
-#: every strategy built on it) calls by its name in ``flwr.serverapp.strategy.fedavg``
+#: Flower's weighted average of replies' ArrayRecords and its reply consistency check, which
+#: ``FedAvg`` (and every strategy built on it) calls by their names in
+#: ``flwr.serverapp.strategy.fedavg``
 _flower_aggregate = _fedavg.aggregate_arrayrecords
+_flower_validate = _fedavg.validate_message_reply_consistency
 
 
 def flower_numpy(arr: Array):
@@ -326,13 +328,14 @@ def fast_records_supported() -> bool:
 
 @contextlib.contextmanager
 def fast_records(numpy: Callable[[Array], Any],
-                 aggregate: Callable[[list, str], ArrayRecord] | None = None) -> Iterator[None]:
+                 aggregate: Callable[[list, str], ArrayRecord] | None = None,
+                 validate: Callable[[list, str, bool], None] | None = None) -> Iterator[None]:
     """Replace Flower's ``Array.numpy`` by ``numpy``, ``TypedDict.__setitem__`` by the same
     key/value checks without ``typing`` casts and (if given) the ``aggregate_arrayrecords``
-    that ``FedAvg.aggregate_train`` calls by ``aggregate``, while the block runs; re-entrant,
-    restored on exit. On a Flower release not in :data:`FLWR_WRITTEN_FOR` nothing is replaced
-    (the results are Flower's own either way; only the speed differs), and a log line says
-    so."""
+    and ``validate_message_reply_consistency`` that ``FedAvg`` calls by ``aggregate`` and
+    ``validate``, while the block runs; re-entrant, restored on exit. On a Flower release
+    not in :data:`FLWR_WRITTEN_FOR` nothing is replaced (the results are Flower's own either
+    way; only the speed differs), and a log line says so."""
     global _patch_depth
     if not fast_records_supported():
         log.info("Flower %s is not one fedsim's record fast paths were checked against (%s): "
@@ -344,6 +347,8 @@ def fast_records(numpy: Callable[[Array], Any],
     TypedDict.__setitem__ = _fast_setitem
     if aggregate is not None:
         _fedavg.aggregate_arrayrecords = aggregate
+    if validate is not None:
+        _fedavg.validate_message_reply_consistency = validate
     try:
         yield
     finally:
@@ -352,6 +357,7 @@ def fast_records(numpy: Callable[[Array], Any],
             Array.numpy = _flower_numpy
             TypedDict.__setitem__ = _flower_setitem
             _fedavg.aggregate_arrayrecords = _flower_aggregate
+            _fedavg.validate_message_reply_consistency = _flower_validate
 
 
 __all__ = [
