@@ -137,11 +137,18 @@ def all_finite(arrays: Iterable[Array]) -> bool:
                for dtype, views in parts.items())
 
 
+#: NumPy 2 types ``array * python_float`` by the array alone, 0-d arrays included (NEP 50);
+#: NumPy 1 made a 0-d float32 times a float a float64, unlike a longer array
+_WEAK_FLOAT_SCALARS = int(np.__version__.split(".")[0]) >= 2
+
+
 def _flat_exact(dtype: np.dtype) -> bool:
     """Whether ``array * float`` and ``+=`` on ``dtype`` round each element on its own, so
     one call over many arrays gives every element the bits of one call per array: IEEE
-    float32/float64, and integers and bools (which become float64)."""
-    return dtype.kind in "iub" or (dtype.kind == "f" and dtype.itemsize in (4, 8))
+    float32/float64, and integers and bools (which become float64), under NumPy 2's
+    promotion rules."""
+    return _WEAK_FLOAT_SCALARS and (
+        dtype.kind in "iub" or (dtype.kind == "f" and dtype.itemsize in (4, 8)))
 
 
 def _weight_factors(records: list[RecordDict], weighting_metric_name: str) -> list[float]:
