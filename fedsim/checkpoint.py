@@ -478,6 +478,7 @@ class Checkpointer:
         self.changes = getattr(base, "export_changes", None)  # journaled client states
         self.export_raw = getattr(base, "export_raw", None)
         self.stateful = bool(resumed.meta.get("stateful_clients")) if resumed else False
+        self.digest = scenario_digest(scenario)  # once: the scenario is frozen for the run
         self.seconds: list[float] = []  # time each checkpoint took to write
         self.bytes = 0  # size of the last one
         self.journal: StateJournal | None = None
@@ -515,7 +516,7 @@ class Checkpointer:
             "rounds_lines": lines,
             "rounds_bytes": size,
             "elapsed_seconds": self.sink.elapsed(),
-            "scenario_sha256": scenario_digest(self.scenario),
+            "scenario_sha256": self.digest,
             "engine": self.scenario.engine.kind,
             "stateful_clients": self.stateful or bool(clients) or bool(self.live),
             "resumed_from": list(getattr(self.sink, "resumed_from", [])),

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.serverapp.strategy import fedavg as _fedavg
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -276,6 +277,11 @@ def simulation_delivery_by_message() -> Iterator[None]:
 TypedDict = next(c for c in ArrayRecord.__mro__ if c.__name__ == "TypedDict")
 _flower_numpy = Array.numpy
 _flower_setitem = TypedDict.__setitem__
+#: Flower's weighted average of replies' ArrayRecords and its reply consistency check, which
+#: ``FedAvg`` (and every strategy built on it) calls by their names in
+#: ``flwr.serverapp.strategy.fedavg``
+_flower_aggregate = _fedavg.aggregate_arrayrecords
+_flower_validate = _fedavg.validate_message_reply_consistency
 
 
 def flower_numpy(arr: Array):
@@ -299,6 +305,11 @@ def fill_record(record: ArrayRecord, arrays: dict[str, Array]) -> ArrayRecord:
     return record
 
 
+def flower_aggregate_arrayrecords(records: list, weighting_metric_name: str) -> ArrayRecord:
+    """Flower's own ``aggregate_arrayrecords``, whatever is installed."""
+    return _flower_aggregate(records, weighting_metric_name)
+
+
 def _fast_setitem(self, key: object, value: object) -> None:
     d = self.__dict__
     d["_check_key_fn"](key)
@@ -316,11 +327,15 @@ def fast_records_supported() -> bool:
 
 
 @contextlib.contextmanager
-def fast_records(numpy: Callable[[Array], Any]) -> Iterator[None]:
-    """Replace Flower's ``Array.numpy`` by ``numpy`` and ``TypedDict.__setitem__`` by the same
-    key/value checks without ``typing`` casts, while the block runs; re-entrant, restored
-    on exit. On a Flower release not in :data:`FLWR_WRITTEN_FOR` nothing is replaced (the
-    results are Flower's own either way; only the speed differs), and a log line says so."""
+def fast_records(numpy: Callable[[Array], Any],
+                 aggregate: Callable[[list, str], ArrayRecord] | None = None,
+                 validate: Callable[[list, str, bool], None] | None = None) -> Iterator[None]:
+    """Replace Flower's ``Array.numpy`` by ``numpy``, ``TypedDict.__setitem__`` by the same
+    key/value checks without ``typing`` casts and (if given) the ``aggregate_arrayrecords``
+    and ``validate_message_reply_consistency`` that ``FedAvg`` calls by ``aggregate`` and
+    ``validate``, while the block runs; re-entrant, restored on exit. On a Flower release
+    not in :data:`FLWR_WRITTEN_FOR` nothing is replaced (the results are Flower's own either
+    way; only the speed differs), and a log line says so."""
     global _patch_depth
     if not fast_records_supported():
         log.info("Flower %s is not one fedsim's record fast paths were checked against (%s): "
@@ -330,6 +345,10 @@ def fast_records(numpy: Callable[[Array], Any]) -> Iterator[None]:
     _patch_depth += 1
     Array.numpy = numpy
     TypedDict.__setitem__ = _fast_setitem
+    if aggregate is not None:
+        _fedavg.aggregate_arrayrecords = aggregate
+    if validate is not None:
+        _fedavg.validate_message_reply_consistency = validate
     try:
         yield
     finally:
@@ -337,6 +356,8 @@ def fast_records(numpy: Callable[[Array], Any]) -> Iterator[None]:
         if _patch_depth == 0:
             Array.numpy = _flower_numpy
             TypedDict.__setitem__ = _flower_setitem
+            _fedavg.aggregate_arrayrecords = _flower_aggregate
+            _fedavg.validate_message_reply_consistency = _flower_validate
 
 
 __all__ = [
@@ -354,6 +375,7 @@ __all__ = [
     "empty_run",
     "fast_records",
     "fill_record",
+    "flower_aggregate_arrayrecords",
     "flower_numpy",
     "folding_vmap",
     "is_batched",

@@ -185,3 +185,101 @@ def test_state_to_record_encodes_each_value_as_to_array_would():
         state_to_record({1: np.zeros(2)})
     with pytest.raises(TypeError, match="object arrays"):
         state_to_record({"o": np.array([None])})
+
+
+# -- FedAvg's weighted average on flat buffers (fedsim.arrays.aggregate_arrayrecords) ------
+
+from flwr.serverapp.strategy import fedavg  # noqa: E402
+
+from fedsim.arrays import aggregate_arrayrecords as fast_aggregate  # noqa: E402
+from fedsim.arrays import all_finite, weighted_average  # noqa: E402
+
+#: (dtype, shape) of every array in the random replies: float32/float64 tensors, 0-d
+#: float32 and int64 (num_batches_tracked), other integers and bools, an empty array
+AGG_LAYOUTS = [(np.float32, (3, 4)), (np.float32, (5,)), (np.float32, ()), (np.int64, ()),
+               (np.float64, (2, 2)), (np.int64, (3,)), (np.int32, (2,)), (np.uint8, (4,)),
+               (np.bool_, (3,)), (np.float32, (0, 2)), (np.float64, (1, 1, 3))]
+
+
+def _random_replies(seed: int, n: int, weights=None, layouts=AGG_LAYOUTS, metric="num-examples"):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        arrays = {}
+        for j, (dtype, shape) in enumerate(layouts):
+            if np.dtype(dtype).kind == "f":  # wide range: sums round differently per order
+                e = 3 if np.dtype(dtype).itemsize == 2 else 8
+                a = (rng.standard_normal(shape) * 10.0 ** rng.integers(-e, e, shape)).astype(dtype)
+            elif dtype is np.bool_:
+                a = rng.integers(0, 2, shape).astype(bool)
+            else:
+                a = rng.integers(0, 200, shape).astype(dtype)
+            arrays[f"a{j}"] = Array(np.asarray(a))
+        w = int(rng.integers(1, 60)) if weights is None else weights[i]
+        out.append(RecordDict({"arrays": ArrayRecord(arrays),
+                               "metrics": MetricRecord({"loss": 0.5, metric: w}),
+                               "client": ConfigRecord({"client-id": i})}))
+    return out
+
+
+def _assert_same_record(ours, flowers):
+    assert list(ours.keys()) == list(flowers.keys())
+    for k in flowers:
+        a, b = ours[k], flowers[k]
+        assert (a.dtype, tuple(a.shape), a.stype, a.data) == \
+            (b.dtype, tuple(b.shape), b.stype, b.data), k
+
+
+@pytest.mark.parametrize("seed,n,weights", [(0, 1, None), (1, 7, None), (2, 40, None),
+                                            (3, 5, [0.1, 0.7, 2.5, 1e-3, 3.0]),
+                                            (4, 3, [1, 1, 1])])
+def test_weighted_average_is_flowers_aggregate_bitwise(seed, n, weights):
+    replies = _random_replies(seed, n, weights)
+    flowers = fedavg.aggregate_arrayrecords(replies, "num-examples")
+    ours = weighted_average(replies, "num-examples")
+    assert ours is not None  # these replies take the flat path
+    _assert_same_record(ours, flowers)
+    assert ours["a0"].numpy().dtype == np.float32  # float32 stays float32 (NumPy 2)
+    assert ours["a3"].numpy().dtype == np.float64 and ours["a3"].shape == ()
+
+
+def test_weighted_average_leaves_other_replies_to_flower():
+    """Replies the flat path cannot take give None, and aggregate_arrayrecords then runs
+    Flower's own function: the same result either way."""
+    base = _random_replies(5, 4)
+    half = _random_replies(6, 3, layouts=[(np.float16, (3,)), (np.float32, (2,))])
+    fortran = _random_replies(7, 2, layouts=[(np.float32, (2, 3))])
+    fortran[1]["arrays"]["a0"] = Array(np.asfortranarray(np.ones((2, 3), np.float32)))
+    reshaped = _random_replies(8, 2, layouts=[(np.float32, (2, 3))])
+    reshaped[1]["arrays"]["a0"] = Array(np.ones((1, 3), np.float32))  # Flower broadcasts
+    reordered = _random_replies(9, 2, layouts=[(np.float32, (2,)), (np.float64, (2,))])
+    reordered[1]["arrays"] = ArrayRecord({"a1": reordered[1]["arrays"]["a1"],
+                                          "a0": reordered[1]["arrays"]["a0"]})
+    two_records = _random_replies(10, 2, layouts=[(np.float32, (2,))])
+    two_records[0]["more"] = ArrayRecord({"b": Array(np.ones(2, np.float32))})
+    for replies in (half, fortran, reshaped, reordered, two_records, []):
+        assert weighted_average(replies, "num-examples") is None
+        _assert_same_record(fast_aggregate(replies, "num-examples"),
+                            fedavg.aggregate_arrayrecords(replies, "num-examples"))
+    _assert_same_record(fast_aggregate(base, "num-examples"),
+                        fedavg.aggregate_arrayrecords(base, "num-examples"))
+
+
+def test_fast_aggregate_is_installed_for_fedavg_and_restored():
+    original = fedavg.aggregate_arrayrecords
+    with fast_flower_records(), fast_flower_records():
+        assert fedavg.aggregate_arrayrecords is fast_aggregate
+    assert fedavg.aggregate_arrayrecords is original
+
+
+def test_all_finite_finds_nan_and_inf_in_any_float_array():
+    finite = [to_array(a) for a in LAYOUTS]
+    assert all_finite(finite) and all_finite([])
+    for bad in (np.nan, np.inf, -np.inf):
+        for dtype in (np.float32, np.float64, np.float16, np.complex64):
+            a = np.zeros((2, 3), dtype)
+            a[1, 2] = bad
+            assert not all_finite([*finite, to_array(a)]), (bad, dtype)
+        fortran = np.asfortranarray(np.array([[0.0, bad], [1.0, 2.0]]))
+        assert not all_finite([*finite, Array(fortran)])  # Flower's parser, same verdict
+    assert all_finite([to_array(np.array([np.iinfo(np.int64).max]))])  # integers are finite

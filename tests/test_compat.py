@@ -400,3 +400,25 @@ def test_simulation_delivery_by_message_replaces_flowers_node_sweep():
     with compat.simulation_delivery_by_message():
         assert vce_api.add_messages_to_queue is not original
     assert vce_api.add_messages_to_queue is original
+
+
+def test_fedavg_functions_replaced_only_while_fast_records_run(monkeypatch):
+    """FedAvg calls ``aggregate_arrayrecords`` and ``validate_message_reply_consistency`` by
+    their names in ``flwr.serverapp.strategy.fedavg``: fast_records swaps fedsim's in there
+    and back, and leaves Flower's on an unchecked release."""
+    from flwr.serverapp.strategy import fedavg
+
+    from fedsim.arrays import aggregate_arrayrecords, fast_flower_records
+    from fedsim.records import check_replies
+
+    originals = (fedavg.aggregate_arrayrecords, fedavg.validate_message_reply_consistency)
+    assert originals == (compat._flower_aggregate, compat._flower_validate), flower_use(
+        "flwr.serverapp.strategy.fedavg.aggregate_arrayrecords / "
+        "validate_message_reply_consistency")
+    with fast_flower_records(), fast_flower_records():
+        assert fedavg.aggregate_arrayrecords is aggregate_arrayrecords
+        assert fedavg.validate_message_reply_consistency is check_replies
+    assert (fedavg.aggregate_arrayrecords, fedavg.validate_message_reply_consistency) == originals
+    monkeypatch.setattr(flwr, "__version__", "99.0.0")
+    with fast_flower_records():
+        assert fedavg.aggregate_arrayrecords is originals[0]

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from fedsim.client import dpsgd
 from fedsim.config import Scenario
 from fedsim.privacy.accountant import ACCOUNTANT
-from fedsim.records import get_record
+from fedsim.records import get_record, records_of
 
 
 def _span(values: list[float]) -> dict | None:
@@ -27,8 +27,9 @@ def round_client_dp(replies: Iterable[Message]) -> dict:
     """This round's ``client_dp`` record entries from the accepted replies ({} without DP-SGD)."""
     eps, sigma, rate = {}, [], []
     for reply in replies:
-        metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
-        if dpsgd.EPSILON_METRIC not in metrics:
+        # the first MetricRecord, read without building the metric_records view per reply
+        metrics = next((r for _, r in records_of(reply.content, MetricRecord)), None)
+        if metrics is None or dpsgd.EPSILON_METRIC not in metrics:
             continue
         client = get_record(reply.content, "client", ConfigRecord) or ConfigRecord()
         eps[str(client.get("client-id", len(eps)))] = float(metrics[dpsgd.EPSILON_METRIC])

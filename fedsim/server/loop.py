@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.arrays import peek_array
+from fedsim.arrays import all_finite, peek_array
 from fedsim.client.compress import record_bytes
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario, ServerConfig
@@ -75,8 +75,13 @@ def _client_id(msg: Message) -> int | None:
 
 
 def _nonfinite(content: RecordDict) -> str | None:
-    """Name the first NaN/Inf array or metric in a reply, or None if all are finite."""
+    """Name the first NaN/Inf array or metric in a reply, or None if all are finite.
+
+    Each ArrayRecord is screened whole (:func:`all_finite`, one check per dtype); only one
+    that fails is searched array by array for the name."""
     for _, rec in records_of(content, ArrayRecord):
+        if all_finite(rec.values()):
+            continue
         for key, array in rec.items():
             x = peek_array(array)
             if x.dtype.kind in "fc" and not np.isfinite(x).all():
@@ -89,17 +94,25 @@ def _nonfinite(content: RecordDict) -> str | None:
     return None
 
 
-def _arrays_finite(arrays: ArrayRecord) -> bool:
-    for array in arrays.values():
-        x = peek_array(array)
-        if x.dtype.kind in "fc" and not np.isfinite(x).all():
-            return False
-    return True
-
-
 def _array_bytes(content: RecordDict) -> int:
     """Raw payload (``itemsize * numel``) of every ArrayRecord in a message."""
     return sum(record_bytes(rec) for _, rec in records_of(content, ArrayRecord))
+
+
+def _download_bytes(messages: list[Message]) -> list[int]:
+    """:func:`_array_bytes` of each message; an ArrayRecord several messages share (a
+    strategy sends one global record to every client) is sized once."""
+    sizes: dict[int, int] = {}  # id(record) -> bytes; every record stays alive meanwhile
+    out = []
+    for msg in messages:
+        total = 0
+        for _, rec in records_of(msg.content, ArrayRecord):
+            size = sizes.get(id(rec))
+            if size is None:
+                size = sizes[id(rec)] = record_bytes(rec)
+            total += size
+        out.append(total)
+    return out
 
 
 def _upload_bytes(reply: Message) -> int:
@@ -179,7 +192,7 @@ class RoundRunner:
                 phase.failures.append({"client": cid, "reason": "dropout", **note})
                 continue
             send.append(_with_config(msg, {CRASH_KEY: fate.crash_at}) if fate.crash_at else msg)
-        phase.downloaded += [_array_bytes(m.content) for m in send]
+        phase.downloaded += _download_bytes(send)
         replies = list(self.grid.send_and_receive(send, timeout=REPLY_TIMEOUT)) if send else []
         accepted = []
         longest = 0.0
@@ -351,7 +364,7 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
                                      phase.accepted)
     for key in ("train_loss", "train_accuracy"):
         record[key] = float(metrics[key]) if metrics and key in metrics else None
-    if agg is not None and not _arrays_finite(agg):
+    if agg is not None and not all_finite(agg.values()):
         raise RunStopped(f"round {rnd}: the aggregated global model has NaN/Inf values (the "
                          f"run diverged); {_lr_hint(scenario.client.lr)}", round=rnd)
     if agg is not None:
