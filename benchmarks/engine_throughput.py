@@ -16,7 +16,8 @@
 threads, ``vectorized_parallel`` the same with one torch thread per core (``--workers``);
 ``ray_cohorts`` runs the same cohorts on ``--ray-workers`` Ray actors (``engine.kind = "ray"``
 with ``engine.vectorize``), ``--ray-cpus`` CPUs each. Every engine's peak resident memory is
-reported, summed over all of its processes (a local Ray's daemons and actors included).
+reported, summed over all of its processes (a local Ray's daemons and actors included):
+each process's own peak, added up (:class:`PeakMemory`).
 Every engine runs the same scenario in its own subprocess with the same seed, so the same
 clients train on the same batches in every round. Throughput is client updates per second
 of training-phase time (sampling, local training, aggregation; no evaluation) over rounds
@@ -274,25 +275,40 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 class PeakMemory:
     """Peak resident memory of this process and of every process below it (Ray's own
-    processes and its workers), sampled every ``interval`` seconds: the largest sum seen,
-    and this process's own peak (``VmHWM``). Linux only (/proc); elsewhere, zeros."""
+    processes and its workers): the sum of each process's own peak (``VmHWM``, which the
+    kernel keeps), read every ``interval`` seconds and once more at the end, and this
+    process's own peak. The sum of the processes' peaks bounds the peak of their sum from
+    above (the processes need not peak at the same moment); a process that starts and ends
+    between two reads is missed. Reads are rare on purpose: each reads ``/proc`` for every
+    process on the machine, and at every 0.2 s that slowed a Ray run's actors by 10-30%
+    (benchmarks/RESULTS.md, "Issue 18: what the process watch cost"). Linux only (/proc);
+    elsewhere, zeros."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 2.0) -> None:
         import threading
 
         self.interval = interval
-        self.peak_kib = 0
+        self.peaks: dict[tuple[int, str], int] = {}  # (pid, start time) -> VmHWM, KiB
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
-        from fedsim.engine.processes import descendants
+    def read(self) -> None:
+        from fedsim.engine.processes import descendants, find_proc
 
+        procs = [find_proc(os.getpid())] + list(descendants([os.getpid()]))
+        for p in procs:
+            if p is not None and (kib := _rss_kib(p.pid, "VmHWM")):
+                self.peaks[p] = max(self.peaks.get(p, 0), kib)
+
+    def _sample(self) -> None:
         while True:
-            pids = [os.getpid()] + [p.pid for p in descendants([os.getpid()])]
-            self.peak_kib = max(self.peak_kib, sum(_rss_kib(p) for p in pids))
+            self.read()
             if self._done.wait(self.interval):
                 return
+
+    @property
+    def peak_kib(self) -> int:
+        return sum(self.peaks.values())
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -301,6 +317,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+        self.read()
 
     def result(self) -> dict:
         return {"peak_rss_mb_all": self.peak_kib / 1024,
@@ -507,7 +524,8 @@ def report(args, engines, runs, load) -> None:
                     print(f"  {e} @{best[e]} / bare @{best['bare']}: "
                           f"{' '.join(f'{x:.2f}' for x in got) or 'n/a'} per run")
     print("\npeak resident memory, MB (median over runs): all processes of the run (this "
-          "process and every one below it: a local Ray's daemons and actors), and the driver")
+          "process and every one below it: a local Ray's daemons and actors; the sum of each "
+          "process's own peak), and the driver")
     for e, t in units:
         got = [r[e, t] for r in runs]
         every = _median([g.get("peak_rss_mb_all") for g in got])

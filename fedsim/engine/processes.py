@@ -136,10 +136,15 @@ def stop_tree(roots: Iterable[Proc], grace: float = 3.0) -> list[Proc]:
 
 
 class TreeWatch:
-    """Notes, every ``interval`` seconds in a daemon thread, the processes started below this
-    one while the block runs, so that those orphaned when their parent exits (Ray's workers
-    after ``ray.shutdown``) are still known to :meth:`stop`. Processes that were already
-    there are left alone."""
+    """Notes, every ``interval`` seconds in a daemon thread and whenever :meth:`note` is
+    called, the processes started below this one while the block runs, so that those
+    orphaned when their parent exits (Ray's workers after ``ray.shutdown``) are still known
+    to :meth:`stop`. Processes that were already there are left alone.
+
+    Each look reads ``/proc`` for every process on the machine; a caller that knows when
+    processes start (:mod:`fedsim.engine.ray_cohorts`: its actors) calls :meth:`note` then
+    and polls rarely, since the reads slow the run's own processes down.
+    """
 
     def __init__(self, interval: float = 1.0) -> None:
         self.seen: set[Proc] = set()
@@ -149,9 +154,13 @@ class TreeWatch:
         self._thread = threading.Thread(target=self._watch, name="fedsim-tree-watch",
                                         daemon=True)
 
+    def note(self) -> None:
+        """Note the processes below this one now."""
+        self.seen |= descendants([os.getpid()])
+
     def _watch(self) -> None:
         while True:
-            self.seen |= descendants([os.getpid()])
+            self.note()
             if self._done.wait(self._interval):
                 return
 

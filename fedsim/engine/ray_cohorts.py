@@ -76,6 +76,11 @@ START_TIMEOUT = 600.0
 #: seconds per wait for replies (a wait in Python: signals are handled at once anyway)
 WAIT_SLICE = 0.2
 COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
+#: seconds between the driver's background looks for Ray's processes (engine.processes.
+#: TreeWatch); it also looks whenever actors have started and before Ray shuts down. Each
+#: look reads /proc for every process, which slowed the actors measurably at 1 s
+#: (benchmarks/RESULTS.md, "Issue 18: what the process watch cost")
+WATCH_INTERVAL = 30.0
 #: a local Ray starts its workers at nice 15, so they never starve its own daemons; here the
 #: actors do the run's computation, so they run at the driver's priority (as the in-process
 #: engine does): on a busy machine nice-15 actors get a fraction of a core each
@@ -216,6 +221,8 @@ class CohortPool:
         self.pids: list[int] = []
         self.generation: list[int] = []  # actor k's restarts so far
         self.started_ray = False
+        #: called whenever actors have started (the run's process watch notes them)
+        self.on_started: Callable[[], None] = lambda: None
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> CohortPool:
@@ -233,6 +240,7 @@ class CohortPool:
         self.actors = [self._new_actor() for _ in range(self.cfg.ray_workers)]
         self.generation = [0] * len(self.actors)
         self.pids = self._wait_ready(self.actors)
+        self.on_started()
         return self
 
     def _check_resources(self, resources: dict) -> None:
@@ -326,6 +334,7 @@ class CohortPool:
             self.actors[k] = self._new_actor()
             self.generation[k] += 1
             self.pids[k] = self._wait_ready([self.actors[k]])[0]
+            self.on_started()
         return [(error_reply(m, exc), None) for m in task.messages]
 
 
@@ -393,7 +402,8 @@ def run_ray_cohorts(server_app: ServerApp, client_app: ClientApp, run: RunContex
     pool = CohortPool(run.scenario)
     local = not cfg.ray_address
     with child_environment(cfg.reuse_memory and local, os.environ), \
-            _environment(LOCAL_RAY_ENV if local else {}), TreeWatch() as started:
+            _environment(LOCAL_RAY_ENV if local else {}), TreeWatch(WATCH_INTERVAL) as started:
+        pool.on_started = started.note
         try:
             pool.start()
             grid = RayCohortGrid(client_app, run.scenario.num_participating, pool, state_store,
@@ -401,6 +411,7 @@ def run_ray_cohorts(server_app: ServerApp, client_app: ClientApp, run: RunContex
                                  client_work=run.data.work_estimate())
             serve(server_app, grid)
         finally:
+            started.note()  # Ray's workers outlive its shutdown: note them while attached
             pool.close()
             if pool.started_ray:  # a local Ray's workers outlive ray.shutdown for a while
                 started.stop()
