@@ -76,17 +76,11 @@ def to_array(a: np.ndarray) -> Array:
 def _decode(arr: Array, copy: bool = True) -> np.ndarray | None:
     """The array in ``arr`` if its data is a standard ``.npy`` file, else None (``copy=False``:
     a read-only view of its bytes)."""
-    if arr.stype != _NUMPY_STYPE:
+    payload = _payload(arr)
+    if payload is None:
         return None
-    layout = _decode_layout(arr.dtype, tuple(arr.shape))
-    if layout is None:
-        return None
-    dtype, header, size = layout
-    data = arr.data
-    if len(data) != size or not data.startswith(header):
-        return None
-    flat = np.frombuffer(data, dtype=dtype, offset=len(header))
-    out = flat.reshape(arr.shape)
+    dtype, shape, raw = payload
+    out = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return out.copy() if copy else out
 
 
