@@ -10,8 +10,10 @@ aggregation, records, checkpoint).
 It runs the scenario in this process on the in-process vectorized engine (the driver's work
 is the same code on the Ray cohort engine) with timers wrapped around the pieces, so the
 figures include the timers' own small cost. To compare two trees (before/after a change),
-run it alternately with ``PYTHONPATH`` set to each and compare medians of the paired
-ratios: this machine's timings drift between runs far more than within one.
+run it alternately with ``PYTHONPATH`` set to each (``PYTHONPATH=/tmp/before python
+benchmarks/round_pieces.py`` times the code in /tmp/before, e.g. a ``git worktree`` of the
+earlier commit) and compare medians of the paired ratios: this machine's timings drift
+between runs far more than within one.
 
 Pieces (ms per round, over all rounds):
   ``cohort``         CohortTrainer calls (the client side of every train round);
@@ -71,7 +73,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))  # the ``strategies`` package beside fedsim
+    # fedsim and the ``strategies`` package from PYTHONPATH first, else this repository; never
+    # this folder, whose strategies.py would shadow the package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here] + [str(ROOT)]
 
     import fedsim
     import fedsim.checkpoint as checkpoint
