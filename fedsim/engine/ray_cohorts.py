@@ -81,10 +81,20 @@ COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
 #: look reads /proc for every process, which slowed the actors measurably at 1 s
 #: (benchmarks/RESULTS.md, "Issue 18: what the process watch cost")
 WATCH_INTERVAL = 30.0
-#: a local Ray starts its workers at nice 15, so they never starve its own daemons; here the
-#: actors do the run's computation, so they run at the driver's priority (as the in-process
-#: engine does): on a busy machine nice-15 actors get a fraction of a core each
-LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
+#: bytes up to which a cohort's results (and its task) travel inline in Ray's own messages
+#: rather than through its shared-memory object store (Ray's default: 100 KiB). A cohort of
+#: 50 small-model replies is 0.3–0.6 MB; inline, the driver holds it ~2 ms sooner per round
+#: (benchmarks/RESULTS.md, "Issue 18: cohort results inline"). Larger results (big models,
+#: big cohorts) still go through the object store, so no message grows past this.
+INLINE_RESULT_BYTES = 4 * 1024 * 1024
+#: a local Ray's settings, inherited by its daemons and workers:
+#: - it starts its workers at nice 15, so they never starve its own daemons; here the actors
+#:   do the run's computation, so they run at the driver's priority (as the in-process engine
+#:   does): on a busy machine nice-15 actors get a fraction of a core each;
+#: - cohort results inline up to :data:`INLINE_RESULT_BYTES`.
+#: A cluster (``engine.ray_address``) keeps its own settings.
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0",
+                 "RAY_max_direct_call_object_size": str(INLINE_RESULT_BYTES)}
 
 
 # --------------------------------------------------------------------------- checks

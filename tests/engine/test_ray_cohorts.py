@@ -15,10 +15,17 @@ import torch
 from same_run import assert_same_run, records  # tests/same_run.py
 
 import fedsim
+import fedsim.engine.ray_cohorts as ray_cohorts
 from fedsim.cli import main
 from fedsim.config import load_scenario
 from fedsim.engine.processes import alive, descendants
-from fedsim.engine.ray_cohorts import CohortPool, check_ray_cohorts, cohort_sizes
+from fedsim.engine.ray_cohorts import (
+    INLINE_RESULT_BYTES,
+    LOCAL_RAY_ENV,
+    CohortPool,
+    check_ray_cohorts,
+    cohort_sizes,
+)
 from fedsim.errors import ScenarioError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +105,35 @@ def test_importing_the_cli_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("address", ["", "127.0.0.1:6379"], ids=["local", "cluster"])
+def test_a_local_ray_starts_with_inline_results_and_a_cluster_keeps_its_own(
+        monkeypatch, address):
+    """Ray reads its settings from the environment of the processes it starts: a local Ray
+    this run starts gets LOCAL_RAY_ENV (actors at the driver's priority, cohort results up
+    to INLINE_RESULT_BYTES inline); a cluster's settings are left alone; the environment is
+    restored afterwards either way."""
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def start(self):
+        seen.append({k: os.environ.get(k) for k in LOCAL_RAY_ENV})
+        raise Stop
+
+    monkeypatch.setattr(CohortPool, "start", start)
+    for key in LOCAL_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    sc = load_scenario("scenarios/quickstart.toml", SMALL + RAY + [
+        f"engine.ray_address={address}"])
+    run = type("Run", (), {"scenario": sc})()
+    with pytest.raises(Stop):
+        ray_cohorts.run_ray_cohorts(None, None, run, None)
+    assert seen == [dict(LOCAL_RAY_ENV) if not address else dict.fromkeys(LOCAL_RAY_ENV)]
+    assert LOCAL_RAY_ENV["RAY_max_direct_call_object_size"] == str(INLINE_RESULT_BYTES)
+    assert not any(k in os.environ for k in LOCAL_RAY_ENV)
 
 
 # --------------------------------------------------------------------------- runs
