@@ -47,22 +47,10 @@ def _name(stat: str) -> str:
 
 
 def _tree(root: int) -> list[int]:
-    """``root`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except FileNotFoundError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
+    """``root`` and every process below it (Ray's daemons in their own session included)."""
+    from fedsim.engine.processes import descendants
+
+    return [root, *(proc.pid for proc in descendants([root]))]
 
 
 def _rounds(path: Path) -> int:
