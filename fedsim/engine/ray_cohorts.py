@@ -84,8 +84,9 @@ WATCH_INTERVAL = 30.0
 #: bytes up to which a cohort's results (and its task) travel inline in Ray's own messages
 #: rather than through its shared-memory object store (Ray's default: 100 KiB). A cohort of
 #: 50 small-model replies is 0.3–0.6 MB; inline, the driver holds it ~2 ms sooner per round
-#: (benchmarks/RESULTS.md, "Issue 18: cohort results inline"). Larger results (big models,
-#: big cohorts) still go through the object store, so no message grows past this.
+#: (benchmarks/RESULTS.md, "Issue 18, fifth session", "Cohort results inline"). Larger
+#: results (big models, big cohorts) still go through the object store, so no message grows
+#: past this.
 INLINE_RESULT_BYTES = 4 * 1024 * 1024
 #: a local Ray's settings, inherited by its daemons and workers:
 #: - it starts its workers at nice 15, so they never starve its own daemons; here the actors

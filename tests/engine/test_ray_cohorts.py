@@ -15,7 +15,6 @@ import torch
 from same_run import assert_same_run, records  # tests/same_run.py
 
 import fedsim
-import fedsim.engine.ray_cohorts as ray_cohorts
 from fedsim.cli import main
 from fedsim.config import load_scenario
 from fedsim.engine.processes import alive, descendants
@@ -25,6 +24,7 @@ from fedsim.engine.ray_cohorts import (
     CohortPool,
     check_ray_cohorts,
     cohort_sizes,
+    run_ray_cohorts,
 )
 from fedsim.errors import ScenarioError
 
@@ -130,7 +130,7 @@ def test_a_local_ray_starts_with_inline_results_and_a_cluster_keeps_its_own(
         f"engine.ray_address={address}"])
     run = type("Run", (), {"scenario": sc})()
     with pytest.raises(Stop):
-        ray_cohorts.run_ray_cohorts(None, None, run, None)
+        run_ray_cohorts(None, None, run, None)
     assert seen == [dict(LOCAL_RAY_ENV) if not address else dict.fromkeys(LOCAL_RAY_ENV)]
     assert LOCAL_RAY_ENV["RAY_max_direct_call_object_size"] == str(INLINE_RESULT_BYTES)
     assert not any(k in os.environ for k in LOCAL_RAY_ENV)
