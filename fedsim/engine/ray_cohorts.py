@@ -11,8 +11,13 @@ An actor builds the run's :class:`~fedsim.client.runtime.ClientRuntime` once, fr
 scenario's plain dict (never a pickled runtime or model), and answers a cohort with the same
 :class:`~fedsim.engine.vectorized.CohortTrainer` /
 :class:`~fedsim.engine.vectorized_eval.CohortEvaluator` as the in-process engine: one reply
-per message, every client with its own hooks and ``Context.state``. Messages cross processes
-as Flower's ``Message`` objects pickled by Ray, as in Flower's own Ray engine.
+per message, every client with its own hooks and ``Context.state``.
+
+**On the wire**, a cohort's task and its result each cross as one ``bytes`` object, Flower's
+``Message`` objects pickled with plain :mod:`pickle` (:func:`to_wire`), which Ray passes
+through as it is. Handed the objects themselves, Ray's own serializer treats each of a
+cohort's hundreds of small arrays as a separate out-of-band buffer: a 50-client result took
+~4 ms more per round to reach the driver (benchmarks/RESULTS.md, "Issue 18, sixth session").
 
 **Client state travels with the message.** The driver's
 :class:`~fedsim.engine.store.ClientStateStore` stays the one store: a cohort carries its
@@ -43,6 +48,7 @@ import gc
 import logging
 import math
 import os
+import pickle
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -170,6 +176,10 @@ class CohortWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def run_wire(self, task: bytes) -> bytes:
+        """:meth:`run` with its task and its result on the wire (:func:`to_wire`)."""
+        return to_wire(self.run(from_wire(task)))
+
     def run(self, task: CohortTask) -> list[tuple[Message, bytes | None]]:
         contexts = [Context(run_id=task.run_id, node_id=node,
                             node_config={"partition-id": node - 1,
@@ -188,6 +198,18 @@ class CohortWorker:
         return [(r, None if r.has_error() else
                  (encode_state(c.state) if len(c.state) else b""))
                 for r, c in zip(replies, contexts)]
+
+
+def to_wire(obj: Any) -> bytes:
+    """``obj`` as the bytes a cohort's task or result crosses between processes in (module
+    docstring, "On the wire"); :func:`from_wire` reads them back."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def from_wire(data: bytes) -> Any:
+    """What :func:`to_wire` wrote: bytes from fedsim's own actors or driver, the same trust
+    as Ray's own unpickling of task arguments and results."""
+    return pickle.loads(data)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -299,7 +321,7 @@ class CohortPool:
     # -- cohorts ---------------------------------------------------------------------
     def _submit(self, k: int, task: CohortTask) -> Any:
         """Hand ``task`` to actor ``k``; its result's Ray object reference."""
-        return self.actors[k].run.remote(task)
+        return self.actors[k].run_wire.remote(to_wire(task))
 
     def run(self, tasks: Sequence[CohortTask], offset: int = 0
             ) -> list[list[tuple[Message, bytes | None]]]:
@@ -321,7 +343,7 @@ class CohortPool:
                 i = index[future]
                 k, gen, _ = sent[i]
                 try:
-                    results[i] = future.result()
+                    results[i] = from_wire(future.result())
                 except ray.exceptions.RayActorError as exc:
                     results[i] = self._lost(k, gen, tasks[i], exc)
                 except ray.exceptions.RayError as exc:  # e.g. a task that could not unpickle

@@ -10,21 +10,36 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from same_run import assert_same_run, records  # tests/same_run.py
 
 import fedsim
+from fedsim import compat
 from fedsim.cli import main
+from fedsim.client.messages import error_reply
 from fedsim.config import load_scenario
 from fedsim.engine.processes import alive, descendants
 from fedsim.engine.ray_cohorts import (
     INLINE_RESULT_BYTES,
     LOCAL_RAY_ENV,
     CohortPool,
+    CohortTask,
     check_ray_cohorts,
     cohort_sizes,
+    from_wire,
     run_ray_cohorts,
+    to_wire,
 )
 from fedsim.errors import ScenarioError
 
@@ -134,6 +149,38 @@ def test_a_local_ray_starts_with_inline_results_and_a_cluster_keeps_its_own(
     assert seen == [dict(LOCAL_RAY_ENV) if not address else dict.fromkeys(LOCAL_RAY_ENV)]
     assert LOCAL_RAY_ENV["RAY_max_direct_call_object_size"] == str(INLINE_RESULT_BYTES)
     assert not any(k in os.environ for k in LOCAL_RAY_ENV)
+
+
+def test_a_cohort_crosses_the_wire_as_bytes_and_comes_back_whole():
+    """A task and its result cross as one bytes object each (what Ray passes through as it
+    is) and come back with every array bitwise, every config value, the metadata, the
+    states and an error reply's reason."""
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 7, "n": np.array(3),
+              "e": np.zeros((0, 4), np.float64)}
+    with compat.task_identity_restored():
+        compat.set_task_identity(11)  # a Message with a destination needs Flower's sender
+        msgs = [Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": ConfigRecord({"lr": 0.05, "server-round": 2})}), node, MessageType.TRAIN)
+            for node in (3, 7)]
+    task = CohortTask(MessageType.TRAIN, msgs, [3, 7], [b"\x00state", None], 11, 8, {"k": 1})
+    data = to_wire(task)
+    assert isinstance(data, bytes)
+    back = from_wire(data)
+    assert (back.kind, back.nodes, back.states, back.run_id, back.num_nodes, back.run_config) \
+        == (task.kind, task.nodes, task.states, task.run_id, task.num_nodes, task.run_config)
+    for a, b in zip(task.messages, back.messages):
+        assert a.metadata == b.metadata
+        assert dict(b.content["config"]) == dict(a.content["config"])
+        for key, value in arrays.items():
+            got = b.content["arrays"][key].numpy()
+            assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), key
+    result = [(Message(RecordDict({"metrics": MetricRecord({"loss": 0.25})}), reply_to=msgs[0]),
+               b"new"), (error_reply(msgs[1], RuntimeError("boom"), 7), None)]
+    (ok, state), (err, none) = from_wire(to_wire(result))
+    assert ok.metadata.reply_to_message_id == result[0][0].metadata.reply_to_message_id
+    assert ok.content["metrics"]["loss"] == 0.25 and state == b"new" and none is None
+    assert err.has_error() and err.error.reason == "client 7 raised RuntimeError: boom"
 
 
 # --------------------------------------------------------------------------- runs
