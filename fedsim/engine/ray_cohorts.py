@@ -16,8 +16,8 @@ per message, every client with its own hooks and ``Context.state``.
 **On the wire**, a cohort's task and its result each cross as one ``bytes`` object, Flower's
 ``Message`` objects pickled with plain :mod:`pickle` (:func:`to_wire`), which Ray passes
 through as it is. Handed the objects themselves, Ray's own serializer treats each of a
-cohort's hundreds of small arrays as a separate out-of-band buffer: a 50-client result took
-~4 ms more per round to reach the driver (benchmarks/RESULTS.md, "Issue 18, sixth session").
+cohort's hundreds of small arrays as a separate out-of-band buffer, which costs more than
+one pickle each way (benchmarks/RESULTS.md, "Issue 18, sixth session").
 
 **Client state travels with the message.** The driver's
 :class:`~fedsim.engine.store.ClientStateStore` stays the one store: a cohort carries its
