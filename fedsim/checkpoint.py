@@ -42,9 +42,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsim.config import Scenario
 from fedsim.engine.store import decode_state
 from fedsim.errors import CheckpointError
+from fedsim.files import fsync_dir
 from fedsim.state_journal import (
     StateJournal,
-    fsync_dir,
     journal_generation,
     read_journal,
     remove_other_journals,

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedsim.errors import CheckpointError
+from fedsim.files import fsync_dir
 
 MAGIC = b"FSJ1"
 _ENTRY = struct.Struct("<qiI")
@@ -37,20 +38,6 @@ def journal_generation(name: str) -> int:
     if m is None:
         raise CheckpointError(f"{name!r} is not a client-state journal name")
     return int(m.group(1))
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (where the OS allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class StateJournal:
