@@ -3,7 +3,8 @@
     python benchmarks/studies_table.py results/studies/*/
 
 For each sweep folder: the claims of ``report.json`` (verdict, a − b with its 95% and
-Holm-level intervals, p, Holm p, pairs, seeds needed) and the wall time of the invocations
+Holm-level intervals, p, Holm p, seeds tested (and cells paired), seeds needed; why a claim
+was not tested) and the wall time of the invocations
 that ran its cells (``sweep.json``).
 """
 
@@ -35,7 +36,7 @@ def table(folder: Path) -> list[str]:
                      f"({parts}; {runs[-1]['workers']} worker processes on "
                      f"{runs[-1]['cpus']} CPUs).")
         lines.append("")
-    lines += ["| claim | verdict | a − b | 95% CI | Holm-level CI | p | Holm p | pairs | "
+    lines += ["| claim | verdict | a − b | 95% CI | Holm-level CI | p | Holm p | seeds (pairs) | "
               "seeds needed |", "|---|---|---|---|---|---|---|---|---|"]
     for c in report["claims"]:
         if c.get("error"):
@@ -43,12 +44,13 @@ def table(folder: Path) -> list[str]:
                          "| | | | | | | |")
             continue
         ci95 = c.get("ci95") or [None, None]
+        why = f" (not tested: {c['reason']})" if c.get("reason") else ""
         lines.append(
-            f"| {c['name']} | **{c['verdict']}** | {_num(c['diff_mean'])} | "
+            f"| {c['name']} | **{c['verdict']}**{why} | {_num(c['diff_mean'])} | "
             f"[{_num(ci95[0])}, {_num(ci95[1])}] | "
             f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}] at "
             f"{100 * c['ci_level']:.1f}% | {_p(c['p_value'])} | {_p(c['p_holm'])} | "
-            f"{c['n_pairs']} | {c['seeds_needed'] or '–'} |")
+            f"{c.get('n_seeds', '–')} ({c['n_pairs']}) | {c['seeds_needed'] or '–'} |")
     return lines + [""]
 
 

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import load_scenario
-from fedsim.report.claims import claim_details, claim_line, evaluate_claims, forest_plot
+from fedsim.report.claims import (
+    CLAIMS_INTRO,
+    claim_details,
+    claim_line,
+    evaluate_claims,
+    forest_plot,
+)
 from fedsim.report.stats import t_interval
 
 NORM = "model.norm"
@@ -486,14 +492,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     if not claims:
         lines.append("The sweep declares no claims (add `[[claims]]` blocks to its scenario).")
     else:
-        lines += ["Each claim compares arm a with arm b on one metric. Cells are paired on "
-                  "every other axis, seed included; the test is a two-sided paired t-test over "
-                  "all pairs pooled (per-setting intervals below a claim are for information). "
-                  "The claims are corrected together with Holm–Bonferroni at α = 0.05: the "
-                  "claim ranked k-th by p (of m) gets its interval at level 1 − α/(m − k), and "
-                  "a verdict is supported or contradicted only when Holm rejects (its interval "
-                  "then excludes zero); otherwise inconclusive, with the paired seeds that "
-                  "would detect the observed difference at 80% power.", ""]
+        lines += [CLAIMS_INTRO, ""]
         for c in claims:
             lines.append(f"- {claim_line(c)}")
             lines += [f"  - {d}" for d in claim_details(c)]
