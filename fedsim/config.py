@@ -40,6 +40,9 @@ class DataConfig:
     samples_per_client: int = 64
     test_samples: int = 1000
     noise: float = 0.6
+    # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
+    # no client sees (synthetic: this fraction of test_samples, from its own stream); 0 = none
+    validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "data.num_classes", "it must be >= 2", self.num_classes)
@@ -49,6 +52,9 @@ class DataConfig:
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
+        _check(0 <= self.validation_fraction < 1, "data.validation_fraction",
+               "it must be in [0, 1) (0 = no validation split; 0.1 holds out a tenth of the "
+               "training pool)", self.validation_fraction)
 
 
 @dataclass(frozen=True)

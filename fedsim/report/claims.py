@@ -54,6 +54,7 @@ _MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_a
 #: the numbers a run can write to summary.json (``*`` = one name: an attack, a layer)
 SUMMARY_METRICS: tuple[str, ...] = (
     "final.round", "final.global_test_accuracy", "final.global_test_loss",
+    "final.validation_accuracy", "final.validation_loss",
     *(f"final.{k}.{d}" for k in ("client_accuracy", "client_train_accuracy",
                                  "personalized_accuracy", "personalized_holdout_accuracy",
                                  "own_model_accuracy")
@@ -76,6 +77,8 @@ SUMMARY_METRICS: tuple[str, ...] = (
 
 #: metric prefix -> (does this cell measure it?, how to turn it on)
 _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
+    "final.validation_": (lambda s: s.data.validation_fraction > 0,
+                          "data.validation_fraction = 0.1"),
     "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
     "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
