@@ -450,17 +450,98 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: what a sweep's tuning may select on (never the test set), with the direction that wins
+TUNE_METRICS = {"final.validation_accuracy": "max", "final.validation_loss": "min"}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Each arm of a sweep at its own best settings (``[sweep.tune]``), chosen on the
+    validation split (:mod:`fedsim.sweep_tune`).
+
+    ``grid``: scenario keys (dotted) with candidate values; several keys tune their product.
+    ``metric``: a validation metric of ``summary.json`` (``TUNE_METRICS``); ``mode``: ``max``
+    or ``min``, inferred from it when empty. ``seeds``: the tuning seeds, disjoint from the
+    sweep's reported seeds. ``scale``: grid key → a numeric scenario key whose value in each
+    cell multiplies the grid value (``{"client.lr" = "client.batch_size"}``: lr = η₀·B, the
+    linear scaling rule of Goyal et al. 2017, so one grid of η₀ fits every batch size).
+    Off while ``grid`` is empty.
+    """
+
+    grid: dict[str, Any] = field(default_factory=dict)
+    metric: str = "final.validation_accuracy"
+    mode: str = ""  # max | min | "" (from the metric)
+    seeds: tuple[int, ...] = ()
+    scale: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", {k: list(v) if isinstance(v, (list, tuple)) else v
+                                          for k, v in _flatten(self.grid).items()})
+        object.__setattr__(self, "scale", _flatten(self.scale))
+        if not self.grid:
+            if self.seeds or self.scale:
+                raise ScenarioError("sweep.tune.grid is empty; give the keys to tune with "
+                                    'their values, e.g. grid = { "client.lr" = [0.03, 0.1] }')
+            return
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ScenarioError(f"sweep.tune.grid.{key} must be a non-empty list of "
+                                    f"values, got {values!r}")
+            if key == "seed" or key.split(".")[0] == "sweep":
+                raise ScenarioError(f"sweep.tune.grid.{key}: tune scenario settings, not "
+                                    "seeds or the sweep itself (tuning seeds: sweep.tune.seeds)")
+        if not self.seeds:
+            raise ScenarioError("sweep.tune.seeds is empty; list the tuning seeds, disjoint "
+                                "from the sweep's reported seeds, e.g. seeds = [100, 101]")
+        _check(len(set(self.seeds)) == len(self.seeds), "sweep.tune.seeds",
+               "name each tuning seed once", list(self.seeds))
+        if self.metric not in TUNE_METRICS:
+            raise ScenarioError(
+                f"sweep.tune.metric = {self.metric!r} is not a validation metric: tuning "
+                "selects on the validation split, never on test data; use one of "
+                f"{', '.join(TUNE_METRICS)}")
+        inferred = TUNE_METRICS[self.metric]
+        _check(self.mode in ("", "max", "min"), "sweep.tune.mode",
+               "use 'max', 'min' or leave it out (inferred from the metric)", self.mode)
+        if self.mode and self.mode != inferred:
+            raise ScenarioError(f"sweep.tune.mode = {self.mode!r} contradicts "
+                                f"sweep.tune.metric = {self.metric!r}, which is best at its "
+                                f"{inferred}imum; drop mode")
+        for key, by in self.scale.items():
+            if key not in self.grid:
+                raise ScenarioError(f"sweep.tune.scale.{key}: {key!r} is not a key of "
+                                    f"sweep.tune.grid ({', '.join(self.grid)})")
+            if not isinstance(by, str) or not by:
+                raise ScenarioError(f"sweep.tune.scale.{key} must name a numeric scenario "
+                                    f"key, e.g. \"client.batch_size\", got {by!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.grid)
+
+    @property
+    def best(self) -> str:
+        """``max`` or ``min``: which end of ``metric`` wins."""
+        return self.mode or TUNE_METRICS.get(self.metric, "max")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A grid of scenario keys for ``fedsim sweep`` (``[sweep]``).
 
-    Every key of the table other than ``workers`` is a scenario key (``model.norm``,
-    ``seed``, ...) with a list of values; the sweep runs every combination. The resolved form
-    keeps the axes under ``grid`` with dotted names.
+    Every key of the table other than ``workers``, ``zip`` and ``tune`` is a scenario key
+    (``model.norm``, ``seed``, ...) with a list of values; the sweep runs every combination.
+    ``[sweep.zip.<axis>]`` makes one axis whose values each set several keys at once (named
+    settings: ``every_step = { "client.local_steps" = 1, "server.rounds" = 200 }``); in the
+    grid it is ``<axis>`` with the settings' names as values. ``[sweep.tune]``: tuning per
+    arm (:class:`TuneConfig`). The resolved form keeps the axes under ``grid`` with dotted
+    names.
     """
 
     grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
     workers: int = 1  # cells run in parallel processes
+    zip: dict[str, Any] = field(default_factory=dict)  # axis -> setting -> {key: value}
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "sweep.workers", "it must be >= 1", self.workers)
@@ -471,10 +552,48 @@ class SweepConfig:
                 )
             if key.split(".")[0] == "sweep":
                 raise ScenarioError(f"sweep.{key}: a sweep cannot sweep its own settings")
+        sections = {f.name for f in dataclasses.fields(Scenario)}
+        set_by: dict[str, str] = {}
+        for axis, settings in self.zip.items():
+            where = f"sweep.zip.{axis}"
+            if "." in axis or axis in sections:
+                raise ScenarioError(f"{where}: a zipped axis needs a name of its own (no dots, "
+                                    f"not a scenario section such as {axis.split('.')[0]!r}), "
+                                    "e.g. [sweep.zip.schedule]")
+            if not isinstance(settings, dict) or not settings:
+                raise ScenarioError(f"{where} must hold named settings, each a table of "
+                                    'scenario keys, e.g. every_step = { "client.local_steps" '
+                                    "= 1, \"server.rounds\" = 200 }")
+            for name, keys in settings.items():
+                if not isinstance(keys, dict) or not keys:
+                    raise ScenarioError(f"{where}.{name} must be a non-empty table of "
+                                        f"scenario keys, got {keys!r}")
+                for key in keys:
+                    if key in self.grid or key == "seed":
+                        raise ScenarioError(f"{where}.{name} sets {key!r}, which is also a "
+                                            "sweep axis; set it in one place")
+                    if set_by.setdefault(key, axis) != axis:
+                        raise ScenarioError(f"{key!r} is set by two zipped axes, "
+                                            f"sweep.zip.{set_by[key]} and {where}")
+            if list(self.grid.get(axis, [])) != list(settings):
+                raise ScenarioError(f"{where}: internal: the grid lists its settings as "
+                                    f"{self.grid.get(axis)}")
+        for key in self.tune.grid:
+            if key in self.grid or key in set_by:
+                raise ScenarioError(
+                    f"sweep.tune.grid.{key}: {key!r} is also a sweep axis"
+                    + (f" (set by sweep.zip.{set_by[key]})" if key in set_by else "")
+                    + "; an axis compares its values, tuning picks one per arm: use one")
+
+    def zipped(self, axis: str, value: Any) -> dict[str, Any] | None:
+        """The scenario keys the setting ``value`` of a zipped ``axis`` sets (None when
+        ``axis`` is an ordinary scenario key)."""
+        return self.zip[axis][value] if axis in self.zip else None
 
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> SweepConfig:
-        """Options by name; every other (possibly dotted) key is a grid axis."""
+        """Options by name; every other (possibly dotted) key is a grid axis, and each
+        ``zip.<axis>`` one axis, in the order they appear."""
         raw = dict(raw)
         workers = raw.pop("workers", 1)
         if isinstance(workers, bool) or not isinstance(workers, int):
@@ -482,9 +601,26 @@ class SweepConfig:
         grid = raw.pop("grid", {})
         if not isinstance(grid, dict):
             raise ScenarioError(f"{prefix}.grid must be a table of lists, got {grid!r}")
-        axes = {**_flatten(grid), **_flatten(raw)}
+        tune = raw.pop("tune", {})
+        if not isinstance(tune, dict):
+            raise ScenarioError(f"{prefix}.tune must be a table ([{prefix}.tune]), got {tune!r}")
+        zipped = raw.get("zip", {})
+        if not isinstance(zipped, dict):
+            raise ScenarioError(f"{prefix}.zip must hold tables, one per axis "
+                                f"([{prefix}.zip.<axis>]), got {zipped!r}")
+        zipped = {axis: {name: _flatten(keys) if isinstance(keys, dict) else keys
+                         for name, keys in settings.items()} if isinstance(settings, dict)
+                  else settings for axis, settings in zipped.items()}
+        axes = _flatten(grid)
+        for key, value in raw.items():
+            if key == "zip":
+                axes.update({axis: list(settings) if isinstance(settings, dict) else settings
+                             for axis, settings in zipped.items() if axis not in axes})
+            else:
+                axes.update(_flatten({key: value}))
         return cls(grid={k: list(v) if isinstance(v, (list, tuple)) else v
-                         for k, v in axes.items()}, workers=workers)
+                         for k, v in axes.items()}, workers=workers, zip=zipped,
+                   tune=_build(TuneConfig, tune, f"{prefix}.tune"))
 
 
 CLAIM_EXPECT = ("a > b", "a < b")

@@ -31,6 +31,7 @@ from fedsim.report.claims import (
     forest_plot,
 )
 from fedsim.report.stats import t_interval
+from fedsim.report.tuning import tuning_lines
 
 NORM = "model.norm"
 SEED = "seed"
@@ -420,11 +421,13 @@ def build_rows(root: Path, cells) -> list[dict]:
 
 
 def write_report(root: Path, base, cells, run_info: dict | None = None,
-                 axes: dict | None = None, title: str = "Sweep report") -> Path:
+                 axes: dict | None = None, title: str = "Sweep report",
+                 tuning: dict | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``.
 
     ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load;
-    ``axes`` (default: the base scenario's sweep grid) are what the cells vary.
+    ``axes`` (default: the base scenario's sweep grid) are what the cells vary; ``tuning``
+    (:func:`fedsim.report.tuning.tuning_result`) what each arm tried and chose.
     """
     root = Path(root)
     rows = build_rows(root, cells)
@@ -482,6 +485,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
               "their local test splits (equal in number per client). Matched accuracy: "
               "within a setting, each cell is read at the first audited round whose global "
               "test accuracy reaches the lowest best accuracy of the setting's cells."]
+    lines += tuning_lines(tuning)
     lines += ["", "## Tables"]
     lines += tables(rows, base, levels)
     lines += ["", "## Plots", ""]
@@ -504,6 +508,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
             for r in rows]
     (root / "report.json").write_text(json.dumps(
         {"rows": slim, "claims": claims,
-         "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()}},
+         "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
+         **({"tuning": tuning} if tuning else {})},
         indent=2, default=str) + "\n")
     return path

@@ -21,11 +21,11 @@ from fedsim.data.datasets import (
     IDX_FILES,
     SyntheticDataset,
     _mnist5k,
-    stratified_indices,
     load_dataset,
     mnist5k_path,
     read_cifar_batch,
     read_mnist5k,
+    stratified_indices,
 )
 from fedsim.errors import DataFormatError, ScenarioError
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
