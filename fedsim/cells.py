@@ -111,13 +111,14 @@ def _cell_raw(base: Scenario, params: dict[str, Any]) -> dict:
     return raw
 
 
-def _finish(raw: dict, base: Scenario, name: str, folder: Path) -> Scenario:
+def _finish(raw: dict, base: Scenario, name: str, folder: Path,
+            what: str = "sweep cell") -> Scenario:
     raw["name"] = f"{base.name}/{name}"
     raw.setdefault("output", {})["dir"] = str(folder)
     try:
         return check(scenario_from_dict(raw))
     except ScenarioError as exc:
-        raise ScenarioError(f"sweep cell {name}: {exc}") from None
+        raise ScenarioError(f"{what} {name}: {exc}") from None
 
 
 def expand(base: Scenario, root: Path) -> list[Cell]:
@@ -217,7 +218,7 @@ def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
                     _set(raw, key, value, f"sweep.tune.grid.{key}")
                 params = {**arm, **values, SEED: seed}
                 name = f"{TUNE_DIR}/{cell_name(params)}"
-                scenario = _finish(raw, base, name, root / name)
+                scenario = _finish(raw, base, name, root / name, "sweep.tune cell")
                 out.append(TuneCell(name, params, scenario, arm=arm, values=values,
                                     applied=applied, seed=seed))
     if len({c.name for c in out}) != len(out):
