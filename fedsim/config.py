@@ -624,6 +624,8 @@ class SweepConfig:
 
 
 CLAIM_EXPECT = ("a > b", "a < b")
+#: a claim metric of budgets: rounds until an accuracy reaches ``target`` (fewer = faster)
+ROUNDS_TO_ACCURACY = "rounds_to_accuracy"
 CLAIM_AT = ("final", "matched_accuracy")
 
 
@@ -636,7 +638,9 @@ class ClaimConfig:
     ``summary.json``; ``at`` reads it at the final round or at matched test accuracy.
     ``metric_b`` (default: ``metric``) is read from arm b instead, so two measurements of the
     same cells compare too (``a = b = {}``: every cell paired with itself, e.g. LiRA's TPR
-    against the loss attack's). Whether
+    against the loss attack's). ``metric = "rounds_to_accuracy"`` compares budgets instead:
+    the first evaluated round at which ``target_metric`` reaches ``target`` (a run that never
+    does is censored, :func:`fedsim.report.budget.rounds_to_target`). Whether
     the axes, values and metric exist is checked against the sweep by
     :func:`fedsim.report.claims.check_claims`, not here.
     """
@@ -648,6 +652,8 @@ class ClaimConfig:
     expect: str = "a > b"
     at: str = "final"
     metric_b: str = ""  # arm b's metric ("" = metric)
+    target: float = 0.0  # rounds_to_accuracy: the level to reach, in (0, 1]
+    target_metric: str = "final.global_test_accuracy"  # rounds_to_accuracy: what must reach it
 
     def __post_init__(self) -> None:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -694,6 +700,16 @@ def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
     if arms["a"] == arms["b"] and not two_metrics:
         raise ScenarioError(f"{k}: a and b select the same cells; make them differ, or set "
                             "metric_b to compare two metrics of the same cells")
+    target = claim.get("target", 0.0)
+    if claim["metric"] == ROUNDS_TO_ACCURACY:
+        _check(0 < target <= 1, f"{k}.target", "rounds_to_accuracy needs the accuracy to "
+               "reach, in (0, 1], e.g. target = 0.8", target)
+        if claim["at"] != "final" or two_metrics:
+            raise ScenarioError(f"{k}: metric = {ROUNDS_TO_ACCURACY!r} is read from each cell's "
+                                "rounds as they are: drop at and metric_b")
+    elif target != 0.0:
+        raise ScenarioError(f"{k}.target = {target!r} is read only by metric = "
+                            f"{ROUNDS_TO_ACCURACY!r}; drop it or set that metric")
     return arms
 
 

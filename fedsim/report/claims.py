@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import ClaimConfig, Scenario
+from fedsim.config import ROUNDS_TO_ACCURACY, ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
+from fedsim.report.budget import rounds_to_target
 from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_tests
 
 ALPHA = 0.05
@@ -128,7 +129,7 @@ def check_claims(base: Scenario, cells: Sequence[Any]) -> None:
                         f"{grid[key]}; add it to sweep.{key} or fix the claim")
         for field, metric, arm in (("metric", claim.metric, claim.a),
                                    ("metric_b", metric_of_b(claim), claim.b)):
-            _check_metric(f"{k}.{field}", metric, claim.at, arm, cells)
+            _check_metric(f"{k}.{field}", metric, claim.at, arm, cells, claim.target_metric)
 
 
 def metric_of_b(claim: ClaimConfig) -> str:
@@ -136,7 +137,16 @@ def metric_of_b(claim: ClaimConfig) -> str:
     return claim.metric_b or claim.metric
 
 
-def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any]) -> None:
+def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any],
+                  target_metric: str = "") -> None:
+    if metric == ROUNDS_TO_ACCURACY:  # the number is read from the target metric's rounds
+        where, metric = f"{where.rsplit('.', 1)[0]}.target_metric", target_metric
+        path = per_round(metric) if known_metric(metric) else None
+        if path is None or path[0] != "rounds" or "accuracy" not in metric.split(".")[1]:
+            raise ScenarioError(
+                f"{where} {metric!r} is not an accuracy recorded at every evaluated round; "
+                "use final.global_test_accuracy, final.validation_accuracy or "
+                "final.client_accuracy.mean")
     if not known_metric(metric):
         raise ScenarioError(
             f"{where} {metric!r} is not a number summary.json holds; use e.g. "
@@ -225,6 +235,15 @@ def _series(row: dict, metric: str) -> list[tuple[int, float, float | None]]:
 def read_pair(claim: ClaimConfig, a: dict, b: dict) -> dict:
     """The pair's values (and, at matched accuracy, the level and the rounds read)."""
     out: dict[str, Any] = {"a": a["cell"], "b": b["cell"]}
+    if claim.metric == ROUNDS_TO_ACCURACY:
+        _, path = per_round(claim.target_metric)
+        for name, row in (("a", a), ("b", b)):
+            value, censored = rounds_to_target(row.get("rounds") or [], path, claim.target,
+                                               row.get("server.rounds"))
+            out[f"{name}_value"] = value
+            if censored:
+                out[f"{name}_censored"] = censored
+        return out
     if claim.at == "final":
         out["a_value"] = dotted(a["summary"], claim.metric.split("."))
         out["b_value"] = dotted(b["summary"], metric_of_b(claim).split("."))
@@ -275,8 +294,10 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
         "name": claim.name, "metric": claim.metric, "metric_b": metric_of_b(claim),
         "at": claim.at, "expect": claim.expect,
         "a": claim.a, "b": claim.b, "error": None, "missing": [], "pairs": [], "settings": [],
-        "incomplete_seeds": [], "seed_diffs": {}, "reason": None,
+        "incomplete_seeds": [], "seed_diffs": {}, "reason": None, "censored": [],
     }
+    if claim.metric == ROUNDS_TO_ACCURACY:
+        result.update(target=claim.target, target_metric=claim.target_metric)
     try:
         pairs = pair_rows(claim, rows)
     except ScenarioError as exc:
@@ -289,6 +310,12 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
         p = read_pair(claim, ra, rb)
         p["setting"] = _label(ra["params"], fixed)
         p["seed"] = ra["params"].get(SEED)
+        if "a_censored" in p or "b_censored" in p:  # a budget too short: no number to test
+            result["censored"] += [f"{r['cell']} ({p[f'{side}_censored']})"
+                                   for side, r in (("a", ra), ("b", rb))
+                                   if f"{side}_censored" in p]
+            result["pairs"].append(p)
+            continue
         for side, r in (("a", ra), ("b", rb)):
             if p[f"{side}_value"] is None:
                 result["missing"].append(r["cell"])
@@ -298,6 +325,9 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
         result["pairs"].append(p)
         by_setting[p["setting"]].append(p["diff"])
         by_seed[p["seed"]][p["setting"]] = p["diff"]
+    if result["censored"]:  # no test: the missing numbers are the slowest ones
+        by_setting.clear()
+        by_seed.clear()
     settings = list(by_setting)
     complete = [s for s, d in by_seed.items() if len(d) == len(settings)]
     result["incomplete_seeds"] = [s for s in by_seed if s not in complete]
@@ -308,7 +338,13 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
     result["n_seeds"] = result.pop("n_pairs")
     result["n_pairs"] = len(result["pairs"])
     result["n_settings"] = len(settings)
-    if result["error"] is None and result["n_seeds"]:
+    if result["censored"]:
+        result["reason"] = (
+            f"{len(result['censored'])} cell(s) never reached {claim.target_metric} ≥ "
+            f"{claim.target:g} (censored: {'; '.join(result['censored'][:3])}"
+            f"{' ...' if len(result['censored']) > 3 else ''}); rounds to a target compare "
+            "only when every cell reaches it: raise server.rounds or lower the target")
+    elif result["error"] is None and result["n_seeds"]:
         result["reason"] = untestable(per_seed)
     if result["reason"] is not None:  # no test: no p, no interval
         result.update(ci_low=None, ci_high=None, p_value=None)
@@ -419,6 +455,9 @@ def claim_details(r: dict) -> list[str]:
     """Sub-bullets: what is compared, per-setting intervals, cells missing the metric."""
     arm = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
     where = "at the final round" if r["at"] == "final" else "at matched test accuracy"
+    if r["metric"] == ROUNDS_TO_ACCURACY:
+        where = (f"(the first evaluated round with {r['target_metric']} ≥ {r['target']:g}: "
+                 "fewer rounds = faster)")
     if r.get("metric_b", r["metric"]) != r["metric"]:  # two metrics of the same cells
         what = f"a = `{r['metric']}`, b = `{r['metric_b']}` {where}"
         if r["a"] or r["b"]:

@@ -6,8 +6,10 @@ setting (all axes but norm and seed), the level is the lowest of the cells' best
 accuracies, and each cell is read at the first audited round that reaches it
 (:func:`add_matched_accuracy`; needs ``privacy.audit_every``).
 
-Comparison plots show each mean over seeds as a point with its 95% t-interval. The Claims
-section tests the sweep's ``[[claims]]`` (paired t intervals, Holm over the claims; see
+Comparison plots show each mean over seeds as a point with its 95% t-interval; learning
+curves, the mean over seeds per evaluated round with its 95% t-band, and the Budget section
+checks whether the best arm plateaued (:mod:`fedsim.report.budget`). The Claims section tests
+the sweep's ``[[claims]]`` (paired t intervals, Holm over the claims; see
 :mod:`fedsim.report.claims`) and draws them in ``claims.png``.
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import load_scenario
+from fedsim.report.budget import arms_of, curve_band_plot, plateau, plateau_lines
 from fedsim.report.claims import (
     CLAIMS_INTRO,
     claim_details,
@@ -75,6 +78,7 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
         NORM: scn.model.norm,
         SEED: scn.seed,
         BATCH: scn.client.batch_size,
+        "server.rounds": scn.server.rounds,
         "partition.kind": scn.partition.kind,
         "partition.alpha": scn.partition.alpha,
         "alpha_init": 1 / (1 + math.exp(-scn.model.hybrid_init)),
@@ -454,8 +458,10 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
                                              ("client-update MIA AUC", "client_mia.mean"),
                                              ("data-mean error (BN buffers)", "leak.abs_error")],
                                       root / "privacy_other.png", base),
-        "learning_curves.png": curve_plot(rows, "curve", root / "learning_curves.png",
-                                          "global test accuracy", base),
+        "learning_curves.png": curve_band_plot(
+            rows, root / "learning_curves.png", order=_norm_order(rows, base), pyplot=_pyplot,
+            panel_of=lambda r: setting_label(setting_key(r, (NORM, SEED))),
+            line_of=lambda r: r[NORM]),
         "hybrid_alpha.png": curve_plot(rows, "alpha_curve", root / "hybrid_alpha.png",
                                        "α (mean over layers; 1 = BN, 0 = LN)", base,
                                        only=lambda r: r[NORM] == "hybrid"),
@@ -492,6 +498,8 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     for file, made in plots.items():
         if made is not None:
             lines.append(f"![{file}]({file})")
+    budget = plateau(arms_of(rows))
+    lines += plateau_lines(budget)
     lines += ["", "## Claims", ""]
     if not claims:
         lines.append("The sweep declares no claims (add `[[claims]]` blocks to its scenario).")
@@ -509,6 +517,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     (root / "report.json").write_text(json.dumps(
         {"rows": slim, "claims": claims,
          "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
+         "plateau": budget,
          **({"tuning": tuning} if tuning else {})},
         indent=2, default=str) + "\n")
     return path
