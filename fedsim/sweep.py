@@ -294,6 +294,17 @@ def _split_finished(cells: Sequence[Cell], root: Path) -> tuple[list[Cell], list
     return todo, skipped
 
 
+def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
+    """The tuning cells to preflight: each arm at every grid value on the first tuning seed,
+    and at every tuning seed with the first grid value — every value and every seed's data
+    checked once, without building arms × values × seeds models (the reported cells are all
+    preflighted)."""
+    if not tuning:
+        return []
+    seed, values = tuning[0].seed, tuning[0].values
+    return [c for c in tuning if c.seed == seed or c.values == values]
+
+
 def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
             say: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
@@ -332,7 +343,7 @@ def run_sweep(
     check_claims(base, cells)
     tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
     said: set[str] = set()
-    for cell in [*tuning, *cells]:
+    for cell in [*_covering(tuning), *cells]:
         preflight(cell.scenario)
         for line in start_lines(cell.scenario):  # a DP warning once per distinct message
             if line not in said:

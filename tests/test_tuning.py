@@ -15,7 +15,7 @@ from fedsim.config import load_scenario
 from fedsim.data.federated import _build
 from fedsim.errors import ScenarioError
 from fedsim.report.claims import check_claims
-from fedsim.sweep import expand, interrupted_line, run_sweep, tune_cells
+from fedsim.sweep import _covering, expand, interrupted_line, run_sweep, tune_cells
 
 BASE = """name = "tiny"
 [data]
@@ -96,6 +96,11 @@ def test_tuning_cells_cover_every_arm_value_and_tuning_seed(tmp_path):
     assert (first.scenario.client.lr, first.scenario.client.momentum) == (0.01, 0.0)
     assert first.scenario.seed == 100 and first.scenario.model.norm == "bn"
     assert first.scenario.output.dir == str(tmp_path / first.name)
+    covered = _covering(tuning)  # preflighted: every value on seed 100, every seed at 0.01/0.0
+    assert len(covered) == 2 * (4 + 2 - 1)
+    assert {(c.seed, tuple(c.values.values())) for c in covered if c.arm == first.arm} == {
+        (100, (0.01, 0.0)), (100, (0.01, 0.9)), (100, (0.1, 0.0)), (100, (0.1, 0.9)),
+        (101, (0.01, 0.0))}
     assert [c.name for c in tuning[:4]] == [
         "tune/norm-bn__lr-0.01__momentum-0.0__seed-100",
         "tune/norm-bn__lr-0.01__momentum-0.0__seed-101",

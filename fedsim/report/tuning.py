@@ -43,7 +43,8 @@ def stopped_early(summary: dict) -> str | None:
     stopped = summary.get("stopped")
     if not stopped or (summary.get("dp") or {}).get("stopped"):
         return None
-    return f"stopped at round {stopped.get('round')}: {stopped.get('reason')}"
+    rnd, reason = stopped.get("round"), str(stopped.get("reason"))
+    return f"stopped at round {rnd}: {reason.removeprefix(f'round {rnd}: ')}"
 
 
 def _label(arm: dict) -> str:

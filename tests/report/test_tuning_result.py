@@ -66,7 +66,7 @@ def test_a_value_that_stopped_early_on_any_seed_is_never_chosen(tmp_path):
     (arm,) = tuning_result(tmp_path, tune(), cells)["arms"]
     high = arm["candidates"][2]
     assert high["mean"] is None
-    assert high["problems"] == ["seed 101 stopped at round 3: round 3: the run diverged"]
+    assert high["problems"] == ["seed 101 stopped at round 3: the run diverged"]
     assert arm["chosen"]["values"] == {"client.lr": 0.1}
     assert "seed 101 stopped at round 3" in "\n".join(tuning_lines(
         tuning_result(tmp_path, tune(), cells)))
