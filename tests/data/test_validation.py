@@ -129,3 +129,15 @@ def test_a_bad_fraction_names_the_key():
         scenario_from_dict({"data": {"validation_fraction": 1.0}})
     with pytest.raises(ScenarioError, match="data.validation_fraction = -0.1"):
         Scenario(data=DataConfig(validation_fraction=-0.1), server=ServerConfig())
+
+
+@pytest.mark.parametrize("clients", [10, 20])
+def test_one_class_per_client_on_mnist5k_with_a_validation_split(clients):
+    """Hsieh et al.'s extreme skew: shards of one class each. mnist5k's pool stays balanced
+    after the stratified carve (360 images per class), so every shard is one class."""
+    fd = _fresh(0, 0.1, DataConfig(name="mnist5k"), kind="shards", shards_per_client=1,
+                num_clients=clients)
+    for cid in range(clients):
+        train, test = fd.class_counts(cid)
+        assert sum(1 for a, b in zip(train, test) if a + b) == 1
+    assert len(fd.validation()[1]) == 400
