@@ -457,7 +457,7 @@ TUNE_METRICS = {"final.validation_accuracy": "max", "final.validation_loss": "mi
 @dataclass(frozen=True)
 class TuneConfig:
     """Each arm of a sweep at its own best settings (``[sweep.tune]``), chosen on the
-    validation split (:mod:`fedsim.sweep_tune`).
+    validation split (:func:`fedsim.cells.tune_cells`, :mod:`fedsim.report.tuning`).
 
     ``grid``: scenario keys (dotted) with candidate values; several keys tune their product.
     ``metric``: a validation metric of ``summary.json`` (``TUNE_METRICS``); ``mode``: ``max``

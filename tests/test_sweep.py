@@ -208,6 +208,8 @@ at = "{at}"
      r"sweep cell eval_clients-\d+__seed-0 does not measure it; set privacy.mia"),
     (dict(a=200, metric="privacy.client_mia.auc.mean", at="matched_accuracy"),
      "has no per-round record"),
+    (dict(a=200, metric="final.validation_accuracy", at="final"),
+     r"sweep cell eval_clients-\d+__seed-0 does not measure it; set data.validation_fraction"),
 ])
 def test_bad_claims_are_refused_before_any_cell_runs(tmp_path, claim, pattern):
     path = tmp_path / "s.toml"

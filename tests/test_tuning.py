@@ -204,4 +204,7 @@ def test_selection_never_reads_test_data_and_is_reproducible(tmp_path, monkeypat
     again = run_sweep(path, out=tmp_path / "real")
     assert again.ran == ["tune/norm-gn__lr-0.001__seed-100"]
     report = (tmp_path / "real" / "report.md").read_text()
-    assert "## Tuning" in report and "| **0.2** |" in report
+    assert "## Tuning" in report and "| **0.2** |" in report and "## Budget" in report
+    assert main(["report", str(tmp_path / "real")]) == 0  # rebuilt from the folders on disk
+    rebuilt = json.loads((tmp_path / "real" / "report.json").read_text())
+    assert rebuilt["tuning"] == runs["real"] and rebuilt["plateau"]["best_arm"] == "model.norm=gn"
