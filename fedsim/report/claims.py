@@ -434,7 +434,9 @@ def claim_line(r: dict) -> str:
         return f"{head}: no pair of finished cells records {r['metric']}"
     text = f"{head}: a−b = {_num(r['diff_mean'])}"
     if r.get("reason"):
-        text += f", {_n(r)}; not tested: {r['reason']}"
+        shown = [f"a−b = {_num(r['diff_mean'])}"] if r["diff_mean"] is not None else []
+        shown += [_n(r)] if r["n_seeds"] else []
+        text = f"{head}: {', '.join(shown)}{'; ' if shown else ''}not tested: {r['reason']}"
     else:
         level = f"{100 * r['ci_level']:.1f}".removesuffix(".0")
         text += (f", {level}% CI [{_num(r['ci_low'])}, {_num(r['ci_high'])}] (the "
