@@ -576,8 +576,8 @@ class SweepConfig:
                         raise ScenarioError(f"{key!r} is set by two zipped axes, "
                                             f"sweep.zip.{set_by[key]} and {where}")
             if list(self.grid.get(axis, [])) != list(settings):
-                raise ScenarioError(f"{where}: internal: the grid lists its settings as "
-                                    f"{self.grid.get(axis)}")
+                raise ScenarioError(f"sweep.{axis} = {self.grid.get(axis)!r} is also given: a "
+                                    f"zipped axis takes its values from {where} alone")
         for key in self.tune.grid:
             if key in self.grid or key in set_by:
                 raise ScenarioError(

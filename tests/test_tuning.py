@@ -148,6 +148,9 @@ def test_a_zipped_axis_sets_several_keys_and_claims_name_its_settings(tmp_path):
     ('[sweep.zip.model]\na = { "client.lr" = 0.1 }\n', "a zipped axis needs a name of its own"),
     ('[sweep.zip.schedule]\na = { "client.lr" = 0.1 }\n', "'client.lr' is also a sweep axis "
                                                           r"\(set by sweep.zip.schedule\)"),
+    ('schedule = ["a"]\n[sweep.zip.schedule]\nb = { "client.lr" = 0.1 }\n',
+     r"sweep.schedule = \['a'\] is also given: a zipped axis takes its values from "
+     "sweep.zip.schedule alone"),
     ('[sweep.zip.schedule]\na = { "client.local_stepz" = 1 }\n',
      r"sweep.zip.schedule.a: .*unknown key 'client.local_stepz'"),
 ])
