@@ -38,10 +38,11 @@ def _metric(summary: dict, metric: str) -> float | None:
 
 
 def stopped_early(summary: dict) -> str | None:
-    """Why a run stopped before its last round (diverged, too few replies), or None; a DP
-    budget's planned stop (``dp.stopped``) is a complete run."""
+    """Why a run stopped before its last round (diverged, too few replies), or None; a
+    planned stop — a DP budget's (``dp.stopped``) or one marked ``stopped.planned`` — is a
+    complete run."""
     stopped = summary.get("stopped")
-    if not stopped or (summary.get("dp") or {}).get("stopped"):
+    if not stopped or stopped.get("planned") or (summary.get("dp") or {}).get("stopped"):
         return None
     rnd, reason = stopped.get("round"), str(stopped.get("reason"))
     return f"stopped at round {rnd}: {reason.removeprefix(f'round {rnd}: ')}"
