@@ -40,6 +40,9 @@ class DataConfig:
     samples_per_client: int = 64
     test_samples: int = 1000
     noise: float = 0.6
+    # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
+    # no client sees (synthetic: this fraction of test_samples, from its own stream); 0 = none
+    validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "data.num_classes", "it must be >= 2", self.num_classes)
@@ -49,6 +52,9 @@ class DataConfig:
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
+        _check(0 <= self.validation_fraction < 1, "data.validation_fraction",
+               "it must be in [0, 1) (0 = no validation split; 0.1 holds out a tenth of the "
+               "training pool)", self.validation_fraction)
 
 
 @dataclass(frozen=True)
@@ -444,17 +450,98 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: what a sweep's tuning may select on (never the test set), with the direction that wins
+TUNE_METRICS = {"final.validation_accuracy": "max", "final.validation_loss": "min"}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Each arm of a sweep at its own best settings (``[sweep.tune]``), chosen on the
+    validation split (:func:`fedsim.cells.tune_cells`, :mod:`fedsim.report.tuning`).
+
+    ``grid``: scenario keys (dotted) with candidate values; several keys tune their product.
+    ``metric``: a validation metric of ``summary.json`` (``TUNE_METRICS``); ``mode``: ``max``
+    or ``min``, inferred from it when empty. ``seeds``: the tuning seeds, disjoint from the
+    sweep's reported seeds. ``scale``: grid key → a numeric scenario key whose value in each
+    cell multiplies the grid value (``{"client.lr" = "client.batch_size"}``: lr = η₀·B, the
+    linear scaling rule of Goyal et al. 2017, so one grid of η₀ fits every batch size).
+    Off while ``grid`` is empty.
+    """
+
+    grid: dict[str, Any] = field(default_factory=dict)
+    metric: str = "final.validation_accuracy"
+    mode: str = ""  # max | min | "" (from the metric)
+    seeds: tuple[int, ...] = ()
+    scale: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", {k: list(v) if isinstance(v, (list, tuple)) else v
+                                          for k, v in _flatten(self.grid).items()})
+        object.__setattr__(self, "scale", _flatten(self.scale))
+        if not self.grid:
+            if self.seeds or self.scale:
+                raise ScenarioError("sweep.tune.grid is empty; give the keys to tune with "
+                                    'their values, e.g. grid = { "client.lr" = [0.03, 0.1] }')
+            return
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ScenarioError(f"sweep.tune.grid.{key} must be a non-empty list of "
+                                    f"values, got {values!r}")
+            if key == "seed" or key.split(".")[0] == "sweep":
+                raise ScenarioError(f"sweep.tune.grid.{key}: tune scenario settings, not "
+                                    "seeds or the sweep itself (tuning seeds: sweep.tune.seeds)")
+        if not self.seeds:
+            raise ScenarioError("sweep.tune.seeds is empty; list the tuning seeds, disjoint "
+                                "from the sweep's reported seeds, e.g. seeds = [100, 101]")
+        _check(len(set(self.seeds)) == len(self.seeds), "sweep.tune.seeds",
+               "name each tuning seed once", list(self.seeds))
+        if self.metric not in TUNE_METRICS:
+            raise ScenarioError(
+                f"sweep.tune.metric = {self.metric!r} is not a validation metric: tuning "
+                "selects on the validation split, never on test data; use one of "
+                f"{', '.join(TUNE_METRICS)}")
+        inferred = TUNE_METRICS[self.metric]
+        _check(self.mode in ("", "max", "min"), "sweep.tune.mode",
+               "use 'max', 'min' or leave it out (inferred from the metric)", self.mode)
+        if self.mode and self.mode != inferred:
+            raise ScenarioError(f"sweep.tune.mode = {self.mode!r} contradicts "
+                                f"sweep.tune.metric = {self.metric!r}, which is best at its "
+                                f"{inferred}imum; drop mode")
+        for key, by in self.scale.items():
+            if key not in self.grid:
+                raise ScenarioError(f"sweep.tune.scale.{key}: {key!r} is not a key of "
+                                    f"sweep.tune.grid ({', '.join(self.grid)})")
+            if not isinstance(by, str) or not by:
+                raise ScenarioError(f"sweep.tune.scale.{key} must name a numeric scenario "
+                                    f"key, e.g. \"client.batch_size\", got {by!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.grid)
+
+    @property
+    def best(self) -> str:
+        """``max`` or ``min``: which end of ``metric`` wins."""
+        return self.mode or TUNE_METRICS.get(self.metric, "max")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A grid of scenario keys for ``fedsim sweep`` (``[sweep]``).
 
-    Every key of the table other than ``workers`` is a scenario key (``model.norm``,
-    ``seed``, ...) with a list of values; the sweep runs every combination. The resolved form
-    keeps the axes under ``grid`` with dotted names.
+    Every key of the table other than ``workers``, ``zip`` and ``tune`` is a scenario key
+    (``model.norm``, ``seed``, ...) with a list of values; the sweep runs every combination.
+    ``[sweep.zip.<axis>]`` makes one axis whose values each set several keys at once (named
+    settings: ``every_step = { "client.local_steps" = 1, "server.rounds" = 200 }``); in the
+    grid it is ``<axis>`` with the settings' names as values. ``[sweep.tune]``: tuning per
+    arm (:class:`TuneConfig`). The resolved form keeps the axes under ``grid`` with dotted
+    names.
     """
 
     grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
     workers: int = 1  # cells run in parallel processes
+    zip: dict[str, Any] = field(default_factory=dict)  # axis -> setting -> {key: value}
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "sweep.workers", "it must be >= 1", self.workers)
@@ -465,10 +552,48 @@ class SweepConfig:
                 )
             if key.split(".")[0] == "sweep":
                 raise ScenarioError(f"sweep.{key}: a sweep cannot sweep its own settings")
+        sections = {f.name for f in dataclasses.fields(Scenario)}
+        set_by: dict[str, str] = {}
+        for axis, settings in self.zip.items():
+            where = f"sweep.zip.{axis}"
+            if "." in axis or axis in sections:
+                raise ScenarioError(f"{where}: a zipped axis needs a name of its own (no dots, "
+                                    f"not a scenario section such as {axis.split('.')[0]!r}), "
+                                    "e.g. [sweep.zip.schedule]")
+            if not isinstance(settings, dict) or not settings:
+                raise ScenarioError(f"{where} must hold named settings, each a table of "
+                                    'scenario keys, e.g. every_step = { "client.local_steps" '
+                                    "= 1, \"server.rounds\" = 200 }")
+            for name, keys in settings.items():
+                if not isinstance(keys, dict) or not keys:
+                    raise ScenarioError(f"{where}.{name} must be a non-empty table of "
+                                        f"scenario keys, got {keys!r}")
+                for key in keys:
+                    if key in self.grid or key == "seed":
+                        raise ScenarioError(f"{where}.{name} sets {key!r}, which is also a "
+                                            "sweep axis; set it in one place")
+                    if set_by.setdefault(key, axis) != axis:
+                        raise ScenarioError(f"{key!r} is set by two zipped axes, "
+                                            f"sweep.zip.{set_by[key]} and {where}")
+            if list(self.grid.get(axis, [])) != list(settings):
+                raise ScenarioError(f"sweep.{axis} = {self.grid.get(axis)!r} is also given: a "
+                                    f"zipped axis takes its values from {where} alone")
+        for key in self.tune.grid:
+            if key in self.grid or key in set_by:
+                raise ScenarioError(
+                    f"sweep.tune.grid.{key}: {key!r} is also a sweep axis"
+                    + (f" (set by sweep.zip.{set_by[key]})" if key in set_by else "")
+                    + "; an axis compares its values, tuning picks one per arm: use one")
+
+    def zipped(self, axis: str, value: Any) -> dict[str, Any] | None:
+        """The scenario keys the setting ``value`` of a zipped ``axis`` sets (None when
+        ``axis`` is an ordinary scenario key)."""
+        return self.zip[axis][value] if axis in self.zip else None
 
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> SweepConfig:
-        """Options by name; every other (possibly dotted) key is a grid axis."""
+        """Options by name; every other (possibly dotted) key is a grid axis, and each
+        ``zip.<axis>`` one axis, in the order they appear."""
         raw = dict(raw)
         workers = raw.pop("workers", 1)
         if isinstance(workers, bool) or not isinstance(workers, int):
@@ -476,12 +601,31 @@ class SweepConfig:
         grid = raw.pop("grid", {})
         if not isinstance(grid, dict):
             raise ScenarioError(f"{prefix}.grid must be a table of lists, got {grid!r}")
-        axes = {**_flatten(grid), **_flatten(raw)}
+        tune = raw.pop("tune", {})
+        if not isinstance(tune, dict):
+            raise ScenarioError(f"{prefix}.tune must be a table ([{prefix}.tune]), got {tune!r}")
+        zipped = raw.get("zip", {})
+        if not isinstance(zipped, dict):
+            raise ScenarioError(f"{prefix}.zip must hold tables, one per axis "
+                                f"([{prefix}.zip.<axis>]), got {zipped!r}")
+        zipped = {axis: {name: _flatten(keys) if isinstance(keys, dict) else keys
+                         for name, keys in settings.items()} if isinstance(settings, dict)
+                  else settings for axis, settings in zipped.items()}
+        axes = _flatten(grid)
+        for key, value in raw.items():
+            if key == "zip":
+                axes.update({axis: list(settings) if isinstance(settings, dict) else settings
+                             for axis, settings in zipped.items() if axis not in axes})
+            else:
+                axes.update(_flatten({key: value}))
         return cls(grid={k: list(v) if isinstance(v, (list, tuple)) else v
-                         for k, v in axes.items()}, workers=workers)
+                         for k, v in axes.items()}, workers=workers, zip=zipped,
+                   tune=_build(TuneConfig, tune, f"{prefix}.tune"))
 
 
 CLAIM_EXPECT = ("a > b", "a < b")
+#: a claim metric of budgets: rounds until an accuracy reaches ``target`` (fewer = faster)
+ROUNDS_TO_ACCURACY = "rounds_to_accuracy"
 CLAIM_AT = ("final", "matched_accuracy")
 
 
@@ -494,7 +638,9 @@ class ClaimConfig:
     ``summary.json``; ``at`` reads it at the final round or at matched test accuracy.
     ``metric_b`` (default: ``metric``) is read from arm b instead, so two measurements of the
     same cells compare too (``a = b = {}``: every cell paired with itself, e.g. LiRA's TPR
-    against the loss attack's). Whether
+    against the loss attack's). ``metric = "rounds_to_accuracy"`` compares budgets instead:
+    the first evaluated round at which ``target_metric`` reaches ``target`` (a run that never
+    does is censored, :func:`fedsim.report.budget.rounds_to_target`). Whether
     the axes, values and metric exist is checked against the sweep by
     :func:`fedsim.report.claims.check_claims`, not here.
     """
@@ -506,6 +652,8 @@ class ClaimConfig:
     expect: str = "a > b"
     at: str = "final"
     metric_b: str = ""  # arm b's metric ("" = metric)
+    target: float = 0.0  # rounds_to_accuracy: the level to reach, in (0, 1]
+    target_metric: str = "final.global_test_accuracy"  # rounds_to_accuracy: what must reach it
 
     def __post_init__(self) -> None:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -552,6 +700,16 @@ def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
     if arms["a"] == arms["b"] and not two_metrics:
         raise ScenarioError(f"{k}: a and b select the same cells; make them differ, or set "
                             "metric_b to compare two metrics of the same cells")
+    target = claim.get("target", 0.0)
+    if claim["metric"] == ROUNDS_TO_ACCURACY:
+        _check(0 < target <= 1, f"{k}.target", "rounds_to_accuracy needs the accuracy to "
+               "reach, in (0, 1], e.g. target = 0.8", target)
+        if claim["at"] != "final" or two_metrics:
+            raise ScenarioError(f"{k}: metric = {ROUNDS_TO_ACCURACY!r} is read from each cell's "
+                                "rounds as they are: drop at and metric_b")
+    elif target != 0.0:
+        raise ScenarioError(f"{k}.target = {target!r} is read only by metric = "
+                            f"{ROUNDS_TO_ACCURACY!r}; drop it or set that metric")
     return arms
 
 

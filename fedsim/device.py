@@ -117,3 +117,9 @@ class DeviceSplits:
     def global_test(self) -> Tensors:
         """The global test set on the device."""
         return self.cache.get(("global-test",), self.data.global_test)
+
+    def validation(self) -> Tensors | None:
+        """The validation split on the device, or None when none is held out."""
+        if not self.data.has_validation:
+            return None
+        return self.cache.get(("validation",), self.data.validation)

@@ -9,16 +9,20 @@ last checkpoint (``fedsim.resume``), so it loses at most one round, and a cell n
 (or whose checkpoints are unusable) runs from scratch. When all cells are done,
 ``report.md`` is (re)written, testing the scenario's ``[[claims]]``
 (:mod:`fedsim.report.claims`); the claims stay with the sweep, cells carry none.
+
+With ``[sweep.tune]`` the sweep runs in two phases through the same worker pool: first the
+tuning cells (``tune/...``: every arm at every grid value on each tuning seed,
+:func:`fedsim.cells.tune_cells`), which may stop early (a diverging learning rate is a
+result, not an error); then, once all are done, the reported cells at the values chosen for
+their arm on the validation split (:mod:`fedsim.report.tuning`). Both phases resume alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import time
@@ -27,28 +31,29 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
-from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
-from fedsim.errors import CheckpointError, ScenarioError
+from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this module's API)
+    Cell,
+    TuneCell,
+    cell_name,
+    expand,
+    flat_keys,
+    tune_cells,
+    with_choices,
+)
+from fedsim.config import Scenario, load_scenario, scenario_from_dict
+from fedsim.errors import CheckpointError, RunStopped, ScenarioError
+from fedsim.files import write_json
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
-from fedsim.run import check, preflight, resolve, resume, run
+from fedsim.report.tuning import tuning_result
+from fedsim.run import preflight, resolve, resume, run
 from fedsim.server.dp import start_lines
 
 SWEEP_JSON = "sweep.json"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One grid point: its folder name, axis values and fully resolved scenario."""
-
-    name: str
-    params: dict[str, Any]
-    scenario: Scenario
 
 
 @dataclass(frozen=True)
@@ -58,72 +63,6 @@ class SweepResult:
     ran: list[str]
     skipped: list[str]
     seconds: float
-
-
-def toml_literal(value: Any) -> str:
-    """``value`` as a TOML literal, for ``apply_override``."""
-    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
-
-
-def _label(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "+".join(_label(v) for v in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
-
-
-def cell_name(params: dict[str, Any]) -> str:
-    """Folder name of a cell: ``short-key-value`` parts joined by ``__`` (full keys where
-    two axes share a last component)."""
-    shorts = [k.rsplit(".", 1)[-1] for k in params]
-    parts = []
-    for key, short in zip(params, shorts):
-        label = short if shorts.count(short) == 1 else key
-        parts.append(f"{label}-{_label(params[key])}")
-    return "__".join(parts) or "base"
-
-
-def expand(base: Scenario, root: Path) -> list[Cell]:
-    """Every cell of ``base``'s grid (the last axis varies fastest), each validated."""
-    grid = base.sweep.grid
-    if not grid:
-        raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
-                            "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
-    keys = list(grid)
-    cells = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, values))
-        name = cell_name(params)
-        raw = base.to_dict()
-        raw["sweep"] = {}
-        raw["claims"] = []  # claims belong to the sweep, not to a cell
-        for key, value in params.items():
-            try:
-                apply_override(raw, f"{key}={toml_literal(value)}")
-            except ScenarioError as exc:
-                raise ScenarioError(f"sweep axis {key!r}: {exc}") from None
-        raw["name"] = f"{base.name}/{name}"
-        raw.setdefault("output", {})["dir"] = str(root / name)
-        try:
-            scenario = check(scenario_from_dict(raw))
-        except ScenarioError as exc:
-            raise ScenarioError(f"sweep cell {name}: {exc}") from None
-        cells.append(Cell(name, params, scenario))
-    names = [c.name for c in cells]
-    if len(set(names)) != len(names):
-        raise ScenarioError("two sweep cells get the same folder name; make the axis values "
-                            "distinct")
-    return cells
-
-
-def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested scenario dict as dotted keys (``{"model": {"norm": "bn"}}`` → ``model.norm``)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(flat_keys(v, key) if isinstance(v, dict) else {key: v})
-    return out
 
 
 def _check_finished(cell: Cell, folder: Path) -> None:
@@ -153,23 +92,34 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     return True
 
 
-def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell(raw: dict, out: str, threads: int | None,
+              may_stop: bool = False) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
-    checkpoint; returns its summary, wall seconds and why it did not resume (or "")."""
+    checkpoint; returns its summary, wall seconds and a note (why it did not resume, or why
+    it stopped early). ``may_stop``: a run that stops early (diverged, too few replies)
+    returns the summary it wrote instead of raising (tuning cells)."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     scenario = scenario_from_dict(raw)
-    not_resumed = ""
-    if _interrupted(Path(out), scenario):
-        try:
-            return resume(out).summary, time.perf_counter() - t0, ""
-        except (CheckpointError, ScenarioError) as exc:  # unusable: start the cell again
-            not_resumed = f"could not resume ({exc}); ran it from the start"
-    result = run(scenario, out=out, overwrite=True)
-    return result.summary, time.perf_counter() - t0, not_resumed
+    note = ""
+    try:
+        if _interrupted(Path(out), scenario):
+            try:
+                return resume(out).summary, time.perf_counter() - t0, ""
+            except (CheckpointError, ScenarioError) as exc:
+                if isinstance(exc, RunStopped):
+                    raise
+                note = f"could not resume ({exc}); ran it from the start"
+        result = run(scenario, out=out, overwrite=True)
+    except RunStopped as exc:
+        summary = Path(out) / "summary.json"
+        if not may_stop or not summary.is_file():
+            raise
+        return json.loads(summary.read_text()), time.perf_counter() - t0, f"stopped: {exc}"
+    return result.summary, time.perf_counter() - t0, note
 
 
 def _worker_init() -> None:
@@ -202,11 +152,12 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _run_cell_in_worker(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell_in_worker(raw: dict, out: str, threads: int | None,
+                        may_stop: bool = False) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads)
+        return _run_cell(raw, out, threads, may_stop)
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -235,7 +186,9 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
-        cells = expand(base, root)
+        cells: list[Cell] = expand(base, root)
+        if base.sweep.tune.enabled:
+            cells = [*tune_cells(base, root, cells), *cells]
     except (ScenarioError, OSError):
         return f"interrupted before the sweep started; start it again with: {command(resume)}"
     done, partial, fresh = 0, [], 0
@@ -270,6 +223,106 @@ def _describe(summary: dict) -> str:
     return ", ".join(parts)
 
 
+class _Runner:
+    """Runs cells in this process (one worker) or in one pool of worker processes, kept
+    for every phase of a sweep; counts them for the progress lines."""
+
+    def __init__(self, root: Path, workers: int, total: int, finished: int,
+                 say: Callable[[str], None]) -> None:
+        self.root, self.workers, self.total, self.say = root, workers, total, say
+        self.done = self.finished_before = finished
+        self.pool: ProcessPoolExecutor | None = None
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _report(self, cell: Cell, summary: dict, secs: float, note: str) -> None:
+        self.done += 1
+        self.seconds[cell.name] = secs
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / (self.done - self.finished_before) * (self.total - self.done)
+        how = ""
+        if summary.get("resumed_from"):
+            how = f", resumed after round {summary['resumed_from'][-1]}"
+        elif note:
+            how = f"; {note}"
+        width = len(str(self.total))
+        self.say(f"[{self.done:>{width}}/{self.total}] {cell.name}: {secs:.1f} s "
+                 f"({_describe(summary)}{how}); elapsed {elapsed / 60:.1f} min, "
+                 f"ETA {eta / 60:.1f} min")
+
+    def run(self, todo: Sequence[Cell], may_stop: bool = False) -> None:
+        """Run ``todo`` to the end (``may_stop``: early stops are results, not errors)."""
+        if self.pool is None and (self.workers <= 1 or len(todo) <= 1):
+            for cell in todo:
+                self._report(cell, *_run_cell(cell.scenario.to_dict(),
+                                              str(self.root / cell.name), None, may_stop))
+            return
+        if self.pool is None:
+            ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                            initializer=_worker_init)
+        futures: dict[Future, Cell] = {}
+        try:
+            with _sigint_blocked():  # submit starts the worker processes
+                for c in todo:
+                    futures[self.pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
+                                             str(self.root / c.name), 1, may_stop)] = c
+            for future in as_completed(futures):
+                self._report(futures[future], *future.result())
+        except Interrupted:
+            _stop_workers(futures)
+            raise
+
+
+def _split_finished(cells: Sequence[Cell], root: Path) -> tuple[list[Cell], list[str]]:
+    """(cells to run, names of those finished earlier: checked to match their scenario)."""
+    todo, skipped = [], []
+    for cell in cells:
+        folder = root / cell.name
+        if (folder / "summary.json").is_file():
+            _check_finished(cell, folder)
+            skipped.append(cell.name)
+        else:
+            todo.append(cell)
+    return todo, skipped
+
+
+def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
+    """The tuning cells to preflight: each arm at every grid value on the first tuning seed,
+    and at every tuning seed with the first grid value — every value and every seed's data
+    checked once, without building arms × values × seeds models (the reported cells are all
+    preflighted)."""
+    if not tuning:
+        return []
+    seed, values = tuning[0].seed, tuning[0].values
+    return [c for c in tuning if c.seed == seed or c.values == values]
+
+
+def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
+            say: Callable[[str], None]) -> dict:
+    """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
+    value to choose (before any reported cell runs)."""
+    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning])
+    for entry in result["arms"]:
+        if entry["chosen"] is None:
+            problems = "; ".join(p for c in entry["candidates"] for p in c["problems"])
+            raise ScenarioError(
+                f"sweep.tune: no value of {base.sweep.tune.grid} finished on every tuning seed "
+                f"for arm {entry['label']} ({problems}); change the grid (e.g. smaller "
+                "learning rates) and run the sweep again")
+        chosen = ", ".join(f"{k} = {v}" for k, v in entry["chosen"]["applied"].items())
+        say(f"tuned {entry['label']}: {chosen} (mean {base.sweep.tune.metric} "
+            f"{entry['chosen']['mean']:.4f})")
+    return result
+
+
 def run_sweep(
     scenario: Scenario | str | Path,
     overrides: Sequence[str] = (),
@@ -280,16 +333,17 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
 
-    Every cell is validated (including its data and model), and the ``[[claims]]`` against
-    the grid, before any cell runs.
+    Every cell is validated (including its data and model), the ``[[claims]]`` against the
+    grid and ``[sweep.tune]`` against the scenario, before any cell runs.
     """
     say = progress or (lambda _msg: None)
     base = resolve(scenario, overrides)
     root = Path(out or base.output.dir)
     cells = expand(base, root)
     check_claims(base, cells)
+    tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
     said: set[str] = set()
-    for cell in cells:
+    for cell in [*_covering(tuning), *cells]:
         preflight(cell.scenario)
         for line in start_lines(cell.scenario):  # a DP warning once per distinct message
             if line not in said:
@@ -300,63 +354,32 @@ def run_sweep(
     if overwrite and root.is_dir():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    todo, skipped = [], []
-    for cell in cells:
-        folder = root / cell.name
-        if (folder / "summary.json").is_file():
-            _check_finished(cell, folder)
-            skipped.append(cell.name)
-        else:
-            todo.append(cell)
+    tune_todo, skipped = _split_finished(tuning, root)
+    reported_done = [c for c in cells if (root / c.name / "summary.json").is_file()]
     (root / "scenario.toml").write_text(tomli_w.dumps(base.to_dict()))
-    n = len(cells)
-    say(f"sweep {base.name}: {n} cells, {len(skipped)} finished earlier, {len(todo)} to run "
-        f"→ {root}")
+    n = len(tuning) + len(cells)
+    finished = len(skipped) + len(reported_done)
+    say(f"sweep {base.name}: {n} cells" + (f" ({len(tuning)} tuning)" if tuning else "")
+        + f", {finished} finished earlier, {n - finished} to run → {root}")
     workers = workers or base.sweep.workers
-    t0 = time.perf_counter()
     load_start = os.getloadavg()
-    seconds: dict[str, float] = {}
-    done = len(skipped)
-
-    def report_cell(cell: Cell, summary: dict, secs: float, not_resumed: str) -> None:
-        nonlocal done
-        done += 1
-        seconds[cell.name] = secs
-        elapsed = time.perf_counter() - t0
-        eta = elapsed / (done - len(skipped)) * (n - done)
-        how = ""
-        if summary.get("resumed_from"):
-            how = f", resumed after round {summary['resumed_from'][-1]}"
-        elif not_resumed:
-            how = f"; {not_resumed}"
-        say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}"
-            f"{how}); elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
-
-    if workers <= 1 or len(todo) <= 1:
-        for cell in todo:
-            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None))
-    else:
-        ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                 initializer=_worker_init) as pool:
-            futures: dict[Future, Cell] = {}
-            try:
-                with _sigint_blocked():  # submit starts the worker processes
-                    for c in todo:
-                        futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                            str(root / c.name), 1)] = c
-                for future in as_completed(futures):
-                    report_cell(futures[future], *future.result())
-            except Interrupted:
-                _stop_workers(futures)
-                raise
-    wall = time.perf_counter() - t0
+    tuned = None
+    with _Runner(root, workers, n, finished, say) as runner:
+        runner.run(tune_todo, may_stop=True)
+        if tuning:
+            tuned = _chosen(base, root, tuning, say)
+            cells = with_choices(cells, tuned["arms"])
+        todo, done = _split_finished(cells, root)
+        skipped += done
+        runner.run(todo)
+    ran = [*tune_todo, *todo]
+    wall = time.perf_counter() - runner.t0
     previous = {}
     if (root / SWEEP_JSON).is_file():
         previous = json.loads((root / SWEEP_JSON).read_text())
     runs = previous.get("invocations", [])
-    if todo:
-        runs.append({"ran": [c.name for c in todo], "cell_seconds": seconds,
+    if ran:
+        runs.append({"ran": [c.name for c in ran], "cell_seconds": runner.seconds,
                      "wall_seconds": wall, "workers": workers, "cpus": os.cpu_count(),
                      "load_average": {"start": load_start, "end": os.getloadavg()}})
     info = {
@@ -365,7 +388,10 @@ def run_sweep(
         "cells": [{"name": c.name, "params": c.params} for c in cells],
         "invocations": runs,  # every invocation that ran cells, with its wall time and load
     }
-    (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
+    if tuning:
+        info["tuning"] = {"cells": [c.record() for c in tuning]}
+    write_json(root / SWEEP_JSON, info, indent=2, default=str)
+    report = write_report(root, base, cells, run_info=runs[-1] if runs else None,
+                          tuning=tuned)
     say(f"report → {report}")
-    return SweepResult(root, report, [c.name for c in todo], skipped, wall)
+    return SweepResult(root, report, [c.name for c in ran], skipped, wall)

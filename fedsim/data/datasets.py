@@ -102,7 +102,7 @@ def _digits() -> ArrayDataset:
     bunch = sk_load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
     labels = bunch.target.astype(np.int64)
-    test = _stratified_test_indices(labels, DIGITS_TEST_SIZE, numpy_rng(0, "digits", "split"))
+    test = stratified_indices(labels, DIGITS_TEST_SIZE, numpy_rng(0, "digits", "split"))
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[test] = True
     return _standardized("digits", images[~is_test], labels[~is_test], images[is_test],
@@ -128,7 +128,7 @@ def load_mnist5k(cfg: DataConfig, seed: int = 0) -> ArrayDataset:
 @functools.cache
 def _mnist5k() -> ArrayDataset:
     images, labels = read_mnist5k(mnist5k_path())
-    test = _stratified_test_indices(labels, MNIST5K_TEST_SIZE,
+    test = stratified_indices(labels, MNIST5K_TEST_SIZE,
                                     numpy_rng(0, "mnist5k", "split"))
     is_test = np.zeros(len(labels), dtype=bool)
     is_test[test] = True
@@ -167,13 +167,13 @@ def read_mnist5k(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
 
 
-def _stratified_test_indices(labels: np.ndarray, n_test: int,
-                             rng: np.random.Generator) -> np.ndarray:
-    """Per-class quotas by largest remainder (summing to ``n_test``), random within class."""
+def stratified_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` sorted indices into ``labels``: per-class quotas by largest remainder (summing to
+    ``n``), random within each class (the test and validation splits)."""
     classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n_test / len(labels)
+    exact = counts * n / len(labels)
     quota = np.floor(exact).astype(int)
-    short = n_test - quota.sum()
+    short = n - quota.sum()
     quota[np.argsort(-(exact - quota), kind="stable")[:short]] += 1
     picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(picked))
@@ -405,8 +405,16 @@ class SyntheticDataset:
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         """The global test set: ``cfg.test_samples`` iid samples from ``(seed, "test")``."""
-        rng = numpy_rng(self.seed, "synthetic", "test")
-        labels = rng.integers(0, self.num_classes, size=self.cfg.test_samples).astype(np.int64)
+        return self._iid_set(self.cfg.test_samples, "test")
+
+    def validation_set(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The validation set: ``size`` iid samples from ``(seed, "validation")``, a stream
+        of its own, so it shares no sample with the test set or any client."""
+        return self._iid_set(size, "validation")
+
+    def _iid_set(self, size: int, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        rng = numpy_rng(self.seed, "synthetic", purpose)
+        labels = rng.integers(0, self.num_classes, size=size).astype(np.int64)
         return self.generate(labels, rng), labels
 
 

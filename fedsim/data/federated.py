@@ -26,6 +26,7 @@ from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
 from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
 from fedsim.data.population import ClientIds, Population, make_population
+from fedsim.data.validation import carve, validation_size
 from fedsim.errors import ScenarioError
 from fedsim.rng import numpy_rng
 
@@ -82,10 +83,7 @@ def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> Federated
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
         cache = synthetic_cache_clients(data, dataset.input_shape)
     else:
-        parts = split_clients(dataset.train_y, partition, numpy_rng(seed, "partition"),
-                              what=f"the {dataset.name} training split",
-                              writers=dataset.train_writers)
-        source = _ArrayClients(dataset, parts)
+        source = _ArrayClients.partitioned(dataset, partition, seed, data.validation_fraction)
         cache = ARRAY_CACHE_CLIENTS
     return FederatedData(source, partition, seed, cache_clients=cache,
                          holdout_rule=holdout_rule(dataset))
@@ -109,16 +107,37 @@ class _ClientSource(Protocol):
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray] | None: ...
+
 
 class _ArrayClients:
-    """Clients as index sets into a loaded dataset's training split."""
+    """Clients as index sets into a loaded dataset's training split; ``validation``: the
+    indices of its validation split (None without one), which no client's set contains."""
 
-    def __init__(self, dataset: ArrayDataset, parts: list[np.ndarray]) -> None:
+    def __init__(self, dataset: ArrayDataset, parts: list[np.ndarray],
+                 validation: np.ndarray | None = None) -> None:
         self.dataset = dataset
         self.parts = parts
+        self.validation = validation
         self.name = dataset.name
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
+
+    @classmethod
+    def partitioned(cls, dataset: ArrayDataset, partition: PartitionConfig, seed: int,
+                    validation_fraction: float = 0.0) -> _ArrayClients:
+        """The partition of ``dataset``'s training split — less its validation split when
+        ``validation_fraction > 0`` (carved first, :mod:`fedsim.data.validation`)."""
+        rng = numpy_rng(seed, "partition")
+        what = f"the {dataset.name} training split"
+        if validation_fraction == 0:  # the whole pool, exactly as without the option
+            return cls(dataset, split_clients(dataset.train_y, partition, rng, what=what,
+                                              writers=dataset.train_writers))
+        val, pool = carve(dataset, validation_fraction)
+        writers = None if dataset.train_writers is None else dataset.train_writers[pool]
+        parts = split_clients(dataset.train_y[pool], partition, rng, writers=writers,
+                              what=f"{what} less its validation split ({len(val)} samples)")
+        return cls(dataset, [pool[p] for p in parts], validation=val)
 
     def labels(self, cid: int) -> np.ndarray:
         return self.dataset.train_y[self.parts[cid]]
@@ -128,6 +147,11 @@ class _ArrayClients:
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.test_x, self.dataset.test_y
+
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.validation is None:
+            return None
+        return self.dataset.train_x[self.validation], self.dataset.train_y[self.validation]
 
 
 def synthetic_cache_clients(data: DataConfig, input_shape: tuple[int, ...]) -> int:
@@ -167,6 +191,10 @@ class _SyntheticClients:
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.test_set()
+
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        size = validation_size(self.data.test_samples, self.data.validation_fraction)
+        return self.dataset.validation_set(size) if size else None
 
 
 class _LRU:
@@ -215,8 +243,9 @@ class FederatedData:
     Each client's samples are split into local train/test (``test_fraction``, at least one
     of each) by ``(seed, "split", cid)``. Under a ``feature`` partition the client's domain
     transform is applied to both its train and test data; the global test set stays
-    untransformed, so it measures the shared task, not any one domain. Returned tensors are
-    shared between callers: treat them as read-only.
+    untransformed, so it measures the shared task, not any one domain; so does the
+    validation split (:meth:`validation`), when the scenario holds one out. Returned tensors
+    are shared between callers: treat them as read-only.
     """
 
     def __init__(self, source: _ClientSource, partition: PartitionConfig, seed: int,
@@ -235,6 +264,7 @@ class FederatedData:
         self.participating: ClientIds = self.population.participating
         self._clients = _LRU(cache_clients)
         self._global: Tensors | None = None
+        self._validation: Tensors | tuple[()] | None = None  # () = none held out
 
     # ---------------------------------------------------------------- per client
 
@@ -277,6 +307,19 @@ class FederatedData:
         if self._global is None:
             self._global = _tensors(*self._source.test_set())
         return self._global
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation split is held out (``data.validation_fraction > 0``)."""
+        return self.validation() is not None
+
+    def validation(self) -> Tensors | None:
+        """The validation split (:mod:`fedsim.data.validation`), untransformed, or None when
+        the scenario holds none out; no client trains or tests on it."""
+        if self._validation is None:
+            split = self._source.validation_set()
+            self._validation = () if split is None else _tensors(*split)
+        return self._validation or None
 
     # ---------------------------------------------------------------- internals
 

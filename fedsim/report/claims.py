@@ -2,12 +2,16 @@
 
 A claim compares arm ``a`` with arm ``b`` (cells fixing some sweep axes) on one metric of
 ``summary.json``. Cells are **paired** on every other axis, seed included: each pair is a
-same-seed, same-setting difference a − b. The test runs on all pairs pooled (a paired t-test
-of mean(a − b) = 0, two-sided); when axes other than seed split the pairs into settings (a
-batch-size axis, say), each setting's own 95% interval is listed for information only.
+same-seed, same-setting difference a − b. Cells sharing a seed share data, partition and
+initial model, so the pairs of one seed are not independent: each seed's differences are
+averaged over its settings first (:func:`fedsim.report.stats.seed_means`), and the test is a
+paired t-test (two-sided) of those per-seed means, n = seeds. When axes other than seed split
+the pairs into settings (a batch-size axis, say), each setting's own 95% interval over the
+seeds is listed for information. Fewer than ``MIN_SEEDS`` seeds, or no spread among them,
+decides nothing: the claim is ``inconclusive`` with the ``reason``.
 
 Multiplicity: the claims of a sweep are corrected together with Holm–Bonferroni (Holm 1979)
-at α = 0.05 over all m declared claims (one that cannot be evaluated counts, as p = 1). A
+at α = 0.05 over all m declared claims (one that cannot be tested counts, as p = 1). A
 claim ranked k-th (0-based) by raw p gets its interval at level 1 − α/(m − k); that interval
 excludes zero iff p < α/(m − k), Holm's threshold for its rank. The verdict is Holm's
 step-down decision (adjusted p ≤ α, which also requires every lower-ranked claim rejected):
@@ -33,12 +37,17 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fedsim.config import ClaimConfig, Scenario
+import numpy as np
+
+from fedsim.config import ROUNDS_TO_ACCURACY, ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
-from fedsim.report.stats import holm, paired_t, seeds_needed
+from fedsim.report.budget import rounds_to_target
+from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_tests
 
 ALPHA = 0.05
 SEED = "seed"
+#: a claim tested on fewer paired seeds decides nothing (t with 1 degree of freedom)
+MIN_SEEDS = 3
 
 _DIST = ("mean", "weighted_mean", "std", "median", "p10", "p90", "min", "max", "n")
 _MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
@@ -46,6 +55,7 @@ _MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_a
 #: the numbers a run can write to summary.json (``*`` = one name: an attack, a layer)
 SUMMARY_METRICS: tuple[str, ...] = (
     "final.round", "final.global_test_accuracy", "final.global_test_loss",
+    "final.validation_accuracy", "final.validation_loss",
     *(f"final.{k}.{d}" for k in ("client_accuracy", "client_train_accuracy",
                                  "personalized_accuracy", "personalized_holdout_accuracy",
                                  "own_model_accuracy")
@@ -68,6 +78,8 @@ SUMMARY_METRICS: tuple[str, ...] = (
 
 #: metric prefix -> (does this cell measure it?, how to turn it on)
 _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
+    "final.validation_": (lambda s: s.data.validation_fraction > 0,
+                          "data.validation_fraction = 0.1"),
     "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
     "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
@@ -117,7 +129,7 @@ def check_claims(base: Scenario, cells: Sequence[Any]) -> None:
                         f"{grid[key]}; add it to sweep.{key} or fix the claim")
         for field, metric, arm in (("metric", claim.metric, claim.a),
                                    ("metric_b", metric_of_b(claim), claim.b)):
-            _check_metric(f"{k}.{field}", metric, claim.at, arm, cells)
+            _check_metric(f"{k}.{field}", metric, claim.at, arm, cells, claim.target_metric)
 
 
 def metric_of_b(claim: ClaimConfig) -> str:
@@ -125,7 +137,16 @@ def metric_of_b(claim: ClaimConfig) -> str:
     return claim.metric_b or claim.metric
 
 
-def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any]) -> None:
+def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any],
+                  target_metric: str = "") -> None:
+    if metric == ROUNDS_TO_ACCURACY:  # the number is read from the target metric's rounds
+        where, metric = f"{where.rsplit('.', 1)[0]}.target_metric", target_metric
+        path = per_round(metric) if known_metric(metric) else None
+        if path is None or path[0] != "rounds" or "accuracy" not in metric.split(".")[1]:
+            raise ScenarioError(
+                f"{where} {metric!r} is not an accuracy recorded at every evaluated round; "
+                "use final.global_test_accuracy, final.validation_accuracy or "
+                "final.client_accuracy.mean")
     if not known_metric(metric):
         raise ScenarioError(
             f"{where} {metric!r} is not a number summary.json holds; use e.g. "
@@ -214,6 +235,15 @@ def _series(row: dict, metric: str) -> list[tuple[int, float, float | None]]:
 def read_pair(claim: ClaimConfig, a: dict, b: dict) -> dict:
     """The pair's values (and, at matched accuracy, the level and the rounds read)."""
     out: dict[str, Any] = {"a": a["cell"], "b": b["cell"]}
+    if claim.metric == ROUNDS_TO_ACCURACY:
+        _, path = per_round(claim.target_metric)
+        for name, row in (("a", a), ("b", b)):
+            value, censored = rounds_to_target(row.get("rounds") or [], path, claim.target,
+                                               row.get("server.rounds"))
+            out[f"{name}_value"] = value
+            if censored:
+                out[f"{name}_censored"] = censored
+        return out
     if claim.at == "final":
         out["a_value"] = dotted(a["summary"], claim.metric.split("."))
         out["b_value"] = dotted(b["summary"], metric_of_b(claim).split("."))
@@ -234,19 +264,40 @@ def read_pair(claim: ClaimConfig, a: dict, b: dict) -> dict:
 # --------------------------------------------------------------------------- testing
 
 
-def _test(diffs: list[float], level: float = 0.95) -> dict:
+def _test(diffs: Sequence[float], level: float = 0.95) -> dict:
     t = paired_t(diffs, level)
     return {"n_pairs": t.n, "diff_mean": t.mean, "sd": t.sd, "ci_low": t.ci_low,
             "ci_high": t.ci_high, "p_value": t.p_value}
 
 
+def untestable(per_seed: Sequence[float]) -> str | None:
+    """Why a test of the per-seed differences decides nothing, or None when it can: fewer
+    than ``MIN_SEEDS`` seeds, or no spread — every seed the same difference, up to float
+    rounding (t = d/0: a p of 0 or 1 by fiat, or by rounding residue)."""
+    if len(per_seed) < MIN_SEEDS:
+        return (f"fewer than {MIN_SEEDS} paired seeds ({len(per_seed)}); add seeds to the "
+                "sweep's seed axis")
+    if np.isnan(t_tests(per_seed).p_value):
+        return ("every seed gives the same difference: no spread to test it against (the "
+                "arms may not differ in anything the run uses)")
+    return None
+
+
 def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
-    """One claim's pairs, pooled test (95%) and per-setting tests, before Holm."""
+    """One claim's pairs and its test on one difference per seed, before Holm.
+
+    Each seed's difference is the mean over its settings (:func:`seed_means`); a seed that
+    lacks a setting's pair is left out (listed in ``incomplete_seeds``), so every seed
+    averages the same settings. Per-setting tests (each over the seeds) go to ``settings``.
+    """
     result: dict[str, Any] = {
         "name": claim.name, "metric": claim.metric, "metric_b": metric_of_b(claim),
         "at": claim.at, "expect": claim.expect,
         "a": claim.a, "b": claim.b, "error": None, "missing": [], "pairs": [], "settings": [],
+        "incomplete_seeds": [], "seed_diffs": {}, "reason": None, "censored": [],
     }
+    if claim.metric == ROUNDS_TO_ACCURACY:
+        result.update(target=claim.target, target_metric=claim.target_metric)
     try:
         pairs = pair_rows(claim, rows)
     except ScenarioError as exc:
@@ -254,9 +305,17 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
         pairs = []
     fixed = set(claim.a) | {SEED}
     by_setting: dict[str, list[float]] = defaultdict(list)
+    by_seed: dict[Any, dict[str, float]] = defaultdict(dict)
     for ra, rb in pairs:
         p = read_pair(claim, ra, rb)
         p["setting"] = _label(ra["params"], fixed)
+        p["seed"] = ra["params"].get(SEED)
+        if "a_censored" in p or "b_censored" in p:  # a budget too short: no number to test
+            result["censored"] += [f"{r['cell']} ({p[f'{side}_censored']})"
+                                   for side, r in (("a", ra), ("b", rb))
+                                   if f"{side}_censored" in p]
+            result["pairs"].append(p)
+            continue
         for side, r in (("a", ra), ("b", rb)):
             if p[f"{side}_value"] is None:
                 result["missing"].append(r["cell"])
@@ -265,8 +324,30 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
         p["diff"] = p["a_value"] - p["b_value"]
         result["pairs"].append(p)
         by_setting[p["setting"]].append(p["diff"])
-    diffs = [p["diff"] for p in result["pairs"]]
-    result.update(_test(diffs))
+        by_seed[p["seed"]][p["setting"]] = p["diff"]
+    if result["censored"]:  # no test: the missing numbers are the slowest ones
+        by_setting.clear()
+        by_seed.clear()
+    settings = list(by_setting)
+    complete = [s for s, d in by_seed.items() if len(d) == len(settings)]
+    result["incomplete_seeds"] = [s for s in by_seed if s not in complete]
+    per_seed = seed_means([[by_seed[s][k] for k in settings] for s in complete]) \
+        if complete else []
+    result["seed_diffs"] = {str(s): float(d) for s, d in zip(complete, per_seed)}
+    result.update(_test(per_seed))
+    result["n_seeds"] = result.pop("n_pairs")
+    result["n_pairs"] = len(result["pairs"])
+    result["n_settings"] = len(settings)
+    if result["censored"]:
+        result["reason"] = (
+            f"{len(result['censored'])} cell(s) never reached {claim.target_metric} ≥ "
+            f"{claim.target:g} (censored: {'; '.join(result['censored'][:3])}"
+            f"{' ...' if len(result['censored']) > 3 else ''}); rounds to a target compare "
+            "only when every cell reaches it: raise server.rounds or lower the target")
+    elif result["error"] is None and result["n_seeds"]:
+        result["reason"] = untestable(per_seed)
+    if result["reason"] is not None:  # no test: no p, no interval
+        result.update(ci_low=None, ci_high=None, p_value=None)
     result["ci95"] = [result["ci_low"], result["ci_high"]]
     if len(by_setting) > 1:
         result["settings"] = [{"setting": s, **_test(d)} for s, d in by_setting.items()]
@@ -275,28 +356,48 @@ def evaluate_claim(claim: ClaimConfig, rows: Sequence[dict]) -> dict:
 
 def evaluate_claims(claims: Sequence[ClaimConfig], rows: Sequence[dict],
                     alpha: float = ALPHA) -> list[dict]:
-    """Every claim's ``report.json`` entry: pooled paired test, Holm over all claims, verdict.
+    """Every claim's ``report.json`` entry: per-seed paired test, Holm over all claims, verdict.
 
-    Fields: name, verdict, diff_mean, ci_low/ci_high (at ``ci_level``, Holm-adjusted), ci95,
-    p_value, p_holm, n_pairs, settings, seeds_needed, and pairs/missing/error for the record.
+    Fields: name, verdict, reason (why no test decided it, else None), diff_mean, ci_low /
+    ci_high (at ``ci_level``, Holm-adjusted: the interval that decides), ci95, p_value,
+    p_holm, n_seeds (the test's n), n_pairs (cells paired), n_settings, seed_diffs,
+    settings, seeds_needed, and pairs/missing/incomplete_seeds/error for the record. A claim
+    without a test (an error, no pairs, too few seeds, no spread) counts in Holm's m with
+    no p.
     """
     results = [evaluate_claim(c, rows) for c in claims]
     adjusted, levels = holm([r["p_value"] for r in results], alpha)
     for r, claim, p_holm, level in zip(results, claims, adjusted, levels):
-        diffs = [p["diff"] for p in r["pairs"]]
-        t = paired_t(diffs, level)
-        r.update(ci_low=t.ci_low, ci_high=t.ci_high, ci_level=level, p_holm=p_holm)
+        per_seed = [float(v) for v in r["seed_diffs"].values()]
+        t = paired_t(per_seed, level)
+        tested = r["p_value"] is not None
+        r.update(ci_low=t.ci_low if tested else None, ci_high=t.ci_high if tested else None,
+                 ci_level=level, p_holm=p_holm)
         verdict = "inconclusive"
-        if p_holm is not None and p_holm <= alpha and t.mean != 0:
+        if tested and p_holm is not None and p_holm <= alpha and t.mean != 0:
             expected = 1 if claim.expect == "a > b" else -1
             verdict = "supported" if (t.mean > 0) == (expected > 0) else "contradicted"
         r["verdict"] = verdict
         r["seeds_needed"] = (seeds_needed(t.mean, t.sd, 0.8, 1 - level)
-                             if verdict == "inconclusive" else None)
+                             if verdict == "inconclusive" and t.sd else None)
     return results
 
 
 # --------------------------------------------------------------------------- text
+
+#: what report.md says above its claims
+CLAIMS_INTRO = (
+    "Each claim compares arm a with arm b on one metric. Cells are paired on every other "
+    "axis, seed included. Cells that share a seed share data, partition and initial model, "
+    "so each seed's differences are averaged over its settings first and the test is a "
+    "two-sided paired t-test over those per-seed means (n = seeds; per-setting intervals "
+    f"below a claim are for information). Fewer than {MIN_SEEDS} seeds, or the same "
+    "difference in every seed, decides nothing (inconclusive, with the reason). The claims "
+    "are corrected together with Holm–Bonferroni at α = 0.05: the claim ranked k-th by p "
+    "(of m) gets its interval at level 1 − α/(m − k) — the interval shown first, which "
+    "decides — and a verdict is supported or contradicted only when Holm rejects (that "
+    "interval then excludes zero); otherwise inconclusive, with the paired seeds that would "
+    "detect the observed difference at 80% power.")
 
 
 def _num(x: float | None, sign: bool = True) -> str:
@@ -312,23 +413,41 @@ def _p(x: float | None, name: str = "p") -> str:
     return f"{name} < 0.001" if x < 0.001 else f"{name} = {x:.3f}"
 
 
+def _excludes_zero(lo: float | None, hi: float | None) -> bool:
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)
+
+
+def _n(r: dict) -> str:
+    n = f"n = {r['n_seeds']} seed{'s' if r['n_seeds'] != 1 else ''}"
+    if r.get("n_settings", 1) > 1:
+        n += f" (each the mean of its {r['n_settings']} settings' pairs)"
+    return n
+
+
 def claim_line(r: dict) -> str:
-    """One claim as one line of report.md."""
+    """One claim as one line of report.md: the verdict beside the interval that decided it
+    (at the Holm-adjusted level), then the 95% one for reference."""
     head = f"**{r['name']}** — {r['verdict']}"
     if r["error"]:
         return f"{head}: not evaluated: {r['error']}"
     if r["n_pairs"] == 0:
         return f"{head}: no pair of finished cells records {r['metric']}"
     text = f"{head}: a−b = {_num(r['diff_mean'])}"
-    if r["ci_low"] is None:
-        return text + f" (one pair: no interval), n = {r['n_pairs']} pair"
-    lo, hi = r["ci95"]
-    text += f" [{_num(lo)}, {_num(hi)}] (95% CI"
-    if abs(r["ci_level"] - 0.95) > 1e-9:
-        text += (f"; at the Holm-adjusted level {100 * r['ci_level']:.1f}%: "
-                 f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]")
-    text += (f"), {_p(r['p_value'])} ({_p(r['p_holm'], 'Holm')}), "
-             f"n = {r['n_pairs']} pairs")
+    if r.get("reason"):
+        shown = [f"a−b = {_num(r['diff_mean'])}"] if r["diff_mean"] is not None else []
+        shown += [_n(r)] if r["n_seeds"] else []
+        text = f"{head}: {', '.join(shown)}{'; ' if shown else ''}not tested: {r['reason']}"
+    else:
+        level = f"{100 * r['ci_level']:.1f}".removesuffix(".0")
+        text += (f", {level}% CI [{_num(r['ci_low'])}, {_num(r['ci_high'])}] (the "
+                 "Holm-adjusted interval, which decides the verdict)")
+        lo, hi = r["ci95"]
+        if abs(r["ci_level"] - 0.95) > 1e-9:
+            text += f"; 95% CI [{_num(lo)}, {_num(hi)}]"
+            if _excludes_zero(lo, hi) and not _excludes_zero(r["ci_low"], r["ci_high"]):
+                text += (" excludes 0 but the Holm-adjusted one does not: not significant "
+                         "once corrected for the sweep's other claims")
+        text += f"; {_p(r['p_value'])} ({_p(r['p_holm'], 'Holm')}), {_n(r)}"
     if r["seeds_needed"] is not None:
         text += f"; ~{r['seeds_needed']} paired seeds would detect this effect at 80% power"
     return text
@@ -338,6 +457,9 @@ def claim_details(r: dict) -> list[str]:
     """Sub-bullets: what is compared, per-setting intervals, cells missing the metric."""
     arm = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
     where = "at the final round" if r["at"] == "final" else "at matched test accuracy"
+    if r["metric"] == ROUNDS_TO_ACCURACY:
+        where = (f"(the first evaluated round with {r['target_metric']} ≥ {r['target']:g}: "
+                 "fewer rounds = faster)")
     if r.get("metric_b", r["metric"]) != r["metric"]:  # two metrics of the same cells
         what = f"a = `{r['metric']}`, b = `{r['metric_b']}` {where}"
         if r["a"] or r["b"]:
@@ -350,11 +472,15 @@ def claim_details(r: dict) -> list[str]:
         ci = ("no interval" if s["ci_low"] is None
               else f"95% CI [{_num(s['ci_low'])}, {_num(s['ci_high'])}]")
         lines.append(f"{s['setting']}: a−b = {_num(s['diff_mean'])} {ci}, "
-                     f"{_p(s['p_value'])}, n = {s['n_pairs']} (for information; the verdict "
-                     "pools every pair)")
+                     f"{_p(s['p_value'])}, n = {s['n_pairs']} seeds (for information; the "
+                     "verdict tests each seed's mean over the settings)")
     if r["missing"]:
         lines.append(f"no {r['metric']} in: {', '.join(r['missing'])} (their pairs are left "
                      "out)")
+    if r.get("incomplete_seeds"):
+        seeds = ", ".join(str(s) for s in r["incomplete_seeds"])
+        lines.append(f"seeds {seeds} lack a setting's pair and are left out of the test (each "
+                     "seed must average the same settings)")
     return lines
 
 
@@ -384,8 +510,8 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
     ax.axvline(0, color="tab:red", lw=1, ls="--")
     ax.set_yticks(range(len(items)), [label for label, *_ in items], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("a − b in the claim's metric — black: Holm-adjusted CI over all pairs; "
-                  "gray: 95% CI per setting", fontsize=7)
+    ax.set_xlabel("a − b in the claim's metric — black: Holm-adjusted CI over the per-seed "
+                  "means; gray: 95% CI per setting", fontsize=7)
     ax.set_title("Claims: paired differences over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long claim names stay whole

@@ -17,6 +17,7 @@ from typing import Any
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.report.report import write_report
+from fedsim.report.tuning import tuning_result
 from fedsim.sweep import SWEEP_JSON, flat_keys
 
 #: scenario keys that say how or where a run executed, not what it learned
@@ -50,7 +51,10 @@ def report_sweep(root: Path) -> Path:
     base = load_scenario(root / "scenario.toml")
     cells = [RunCell(name, params, root / name) for name, params in names]
     runs = info.get("invocations") or []
-    return write_report(root, base, cells, run_info=runs[-1] if runs else None)
+    tuning = None
+    if base.sweep.tune.enabled and isinstance(info.get("tuning"), dict):
+        tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [])
+    return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning)
 
 
 def report_runs(folders: list[Path], out: Path) -> Path:

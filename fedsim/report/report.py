@@ -6,8 +6,10 @@ setting (all axes but norm and seed), the level is the lowest of the cells' best
 accuracies, and each cell is read at the first audited round that reaches it
 (:func:`add_matched_accuracy`; needs ``privacy.audit_every``).
 
-Comparison plots show each mean over seeds as a point with its 95% t-interval. The Claims
-section tests the sweep's ``[[claims]]`` (paired t intervals, Holm over the claims; see
+Comparison plots show each mean over seeds as a point with its 95% t-interval; learning
+curves, the mean over seeds per evaluated round with its 95% t-band, and the Budget section
+checks whether the best arm plateaued (:mod:`fedsim.report.budget`). The Claims section tests
+the sweep's ``[[claims]]`` (paired t intervals, Holm over the claims; see
 :mod:`fedsim.report.claims`) and draws them in ``claims.png``.
 """
 
@@ -23,8 +25,16 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import load_scenario
-from fedsim.report.claims import claim_details, claim_line, evaluate_claims, forest_plot
+from fedsim.report.budget import arms_of, curve_band_plot, plateau, plateau_lines
+from fedsim.report.claims import (
+    CLAIMS_INTRO,
+    claim_details,
+    claim_line,
+    evaluate_claims,
+    forest_plot,
+)
 from fedsim.report.stats import t_interval
+from fedsim.report.tuning import tuning_lines
 
 NORM = "model.norm"
 SEED = "seed"
@@ -68,6 +78,7 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
         NORM: scn.model.norm,
         SEED: scn.seed,
         BATCH: scn.client.batch_size,
+        "server.rounds": scn.server.rounds,
         "partition.kind": scn.partition.kind,
         "partition.alpha": scn.partition.alpha,
         "alpha_init": 1 / (1 + math.exp(-scn.model.hybrid_init)),
@@ -414,11 +425,13 @@ def build_rows(root: Path, cells) -> list[dict]:
 
 
 def write_report(root: Path, base, cells, run_info: dict | None = None,
-                 axes: dict | None = None, title: str = "Sweep report") -> Path:
+                 axes: dict | None = None, title: str = "Sweep report",
+                 tuning: dict | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``.
 
     ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load;
-    ``axes`` (default: the base scenario's sweep grid) are what the cells vary.
+    ``axes`` (default: the base scenario's sweep grid) are what the cells vary; ``tuning``
+    (:func:`fedsim.report.tuning.tuning_result`) what each arm tried and chose.
     """
     root = Path(root)
     rows = build_rows(root, cells)
@@ -445,8 +458,10 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
                                              ("client-update MIA AUC", "client_mia.mean"),
                                              ("data-mean error (BN buffers)", "leak.abs_error")],
                                       root / "privacy_other.png", base),
-        "learning_curves.png": curve_plot(rows, "curve", root / "learning_curves.png",
-                                          "global test accuracy", base),
+        "learning_curves.png": curve_band_plot(
+            rows, root / "learning_curves.png", order=_norm_order(rows, base), pyplot=_pyplot,
+            panel_of=lambda r: setting_label(setting_key(r, (NORM, SEED))),
+            line_of=lambda r: r[NORM]),
         "hybrid_alpha.png": curve_plot(rows, "alpha_curve", root / "hybrid_alpha.png",
                                        "α (mean over layers; 1 = BN, 0 = LN)", base,
                                        only=lambda r: r[NORM] == "hybrid"),
@@ -476,24 +491,20 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
               "their local test splits (equal in number per client). Matched accuracy: "
               "within a setting, each cell is read at the first audited round whose global "
               "test accuracy reaches the lowest best accuracy of the setting's cells."]
+    lines += tuning_lines(tuning)
     lines += ["", "## Tables"]
     lines += tables(rows, base, levels)
     lines += ["", "## Plots", ""]
     for file, made in plots.items():
         if made is not None:
             lines.append(f"![{file}]({file})")
+    budget = plateau(arms_of(rows))
+    lines += plateau_lines(budget)
     lines += ["", "## Claims", ""]
     if not claims:
         lines.append("The sweep declares no claims (add `[[claims]]` blocks to its scenario).")
     else:
-        lines += ["Each claim compares arm a with arm b on one metric. Cells are paired on "
-                  "every other axis, seed included; the test is a two-sided paired t-test over "
-                  "all pairs pooled (per-setting intervals below a claim are for information). "
-                  "The claims are corrected together with Holm–Bonferroni at α = 0.05: the "
-                  "claim ranked k-th by p (of m) gets its interval at level 1 − α/(m − k), and "
-                  "a verdict is supported or contradicted only when Holm rejects (its interval "
-                  "then excludes zero); otherwise inconclusive, with the paired seeds that "
-                  "would detect the observed difference at 80% power.", ""]
+        lines += [CLAIMS_INTRO, ""]
         for c in claims:
             lines.append(f"- {claim_line(c)}")
             lines += [f"  - {d}" for d in claim_details(c)]
@@ -505,6 +516,8 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
             for r in rows]
     (root / "report.json").write_text(json.dumps(
         {"rows": slim, "claims": claims,
-         "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()}},
+         "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
+         "plateau": budget,
+         **({"tuning": tuning} if tuning else {})},
         indent=2, default=str) + "\n")
     return path

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+#: a spread at most this fraction of the values' size is float rounding, not spread (equal
+#: differences computed in floats can differ in their last bits)
+SPREAD_RESIDUE = 1e-9
 #: above this many paired seeds, :func:`seeds_needed` says None: no practical study detects it
 MAX_SEEDS = 10**6
 
@@ -32,11 +35,61 @@ class PairedT:
     p_value: float | None
 
 
+@dataclass(frozen=True)
+class TTests:
+    """Paired t-tests of mean = 0 over the last axis of an array of differences, one per
+    leading index (vectorized: a null simulation runs thousands at once).
+
+    ``p_value``, ``ci_low`` and ``ci_high`` are NaN where the test is undefined: fewer than
+    two values, or no spread (every value the same, up to ``SPREAD_RESIDUE``).
+    """
+
+    n: int
+    mean: np.ndarray
+    sd: np.ndarray
+    level: float
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    p_value: np.ndarray
+
+
+def t_tests(diffs: np.ndarray | Sequence[float], level: float = 0.95) -> TTests:
+    """Student's one-sample t of mean = 0 over the last axis of ``diffs`` (two-sided), with
+    its interval mean ± t_{(1+level)/2, n−1} · s/√n; ``scipy.stats.ttest_1samp(d, 0,
+    axis=-1)`` where defined."""
+    d = np.asarray(diffs, dtype=float)
+    n = d.shape[-1]
+    mean = d.mean(axis=-1) if n else np.full(d.shape[:-1], np.nan)
+    if n < 2:
+        nan = np.full(d.shape[:-1], np.nan)
+        return TTests(n, mean, nan, level, nan, nan, nan)
+    sd = d.std(axis=-1, ddof=1)
+    spread = sd > SPREAD_RESIDUE * np.abs(d).max(axis=-1)
+    se = np.where(spread, sd, np.nan) / math.sqrt(n)
+    half = float(sps.t.ppf((1 + level) / 2, n - 1)) * se
+    p = 2 * sps.t.sf(np.abs(mean) / se, n - 1)
+    return TTests(n, mean, sd, level, mean - half, mean + half, p)
+
+
+def seed_means(diffs: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """One difference per seed: ``diffs[..., seed, setting]`` averaged over its settings.
+
+    Cells of a sweep that share a seed share data, partition and initial model, so the
+    differences of one seed's settings are not independent pairs; their mean is one value
+    per independent replicate. A paired t over these means has n = seeds and keeps its
+    nominal level whatever the settings share (pooling seeds × settings as independent pairs
+    does not: RESEARCH.md, "Claim statistics").
+    """
+    return np.asarray(diffs, dtype=float).mean(axis=-1)
+
+
 def paired_t(diffs: Sequence[float], level: float = 0.95) -> PairedT:
     """Student's one-sample t on the paired differences ``diffs`` (= ``ttest_rel(a, b)``).
 
-    Interval: mean ± t_{(1+level)/2, n−1} · s/√n. When every difference is the same, s = 0:
-    p = 1 and the interval [0, 0] if they are all zero, else p = 0 and the interval [d, d].
+    Interval: mean ± t_{(1+level)/2, n−1} · s/√n. When every difference is the same (up to
+    float rounding), s = 0: p = 1 and the interval [0, 0] if they are all zero, else p = 0
+    and the interval [d, d] (:func:`fedsim.report.claims.untestable` refuses to decide on
+    either).
     """
     d = np.asarray(diffs, dtype=float)
     n = int(d.size)
@@ -45,14 +98,12 @@ def paired_t(diffs: Sequence[float], level: float = 0.95) -> PairedT:
     mean = float(d.mean())
     if n < 2:
         return PairedT(1, mean, None, level, None, None, None)
-    if np.all(d == d[0]):  # no spread: the difference is exact
+    t = t_tests(d, level)
+    if np.isnan(t.p_value):  # no spread: the difference is exact
         mean = float(d[0])
         return PairedT(n, mean, 0.0, level, mean, mean, 1.0 if mean == 0.0 else 0.0)
-    sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
-    half = float(sps.t.ppf((1 + level) / 2, n - 1)) * se
-    p = float(2 * sps.t.sf(abs(mean) / se, n - 1))
-    return PairedT(n, mean, sd, level, mean - half, mean + half, p)
+    return PairedT(n, float(t.mean), float(t.sd), level, float(t.ci_low), float(t.ci_high),
+                   float(t.p_value))
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:

@@ -1,6 +1,8 @@
 """Server-side evaluation of the global model: global test set, per-client distribution,
-the generalization gaps of Yuan et al. (ICLR 2022) and, with ``output.sharpness``, the
-flatness of the training loss (:mod:`fedsim.models.flatness`).
+the generalization gaps of Yuan et al. (ICLR 2022), the validation split when one is held
+out (``validation_accuracy``, ``validation_loss``: what tuning selects on, never the test
+set) and, with ``output.sharpness``, the flatness of the training loss
+(:mod:`fedsim.models.flatness`).
 
 - out-of-sample gap: participating clients' local train accuracy − their local test accuracy;
 - participation gap: participating clients' local test accuracy − the local test accuracy
@@ -117,13 +119,16 @@ class Evaluator:
         self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:
-        """Global test, then each client's test and train split, then holdout test splits."""
+        """Global test, then each client's test and train split, then holdout test splits,
+        then the validation split when one is held out."""
         if self._splits is None:
             on = self.on_device
             splits = [on.global_test()]
             for cid in self.clients:
                 splits += [on.client_test(cid), on.client_train(cid)]
-            self._splits = splits + [on.client_test(cid) for cid in self.holdout]
+            splits += [on.client_test(cid) for cid in self.holdout]
+            validation = on.validation()
+            self._splits = splits + ([validation] if validation is not None else [])
         return self._splits
 
     def __call__(self, arrays) -> dict:
@@ -134,7 +139,7 @@ class Evaluator:
         test_acc = [a for _, a, _ in results[1 : 1 + 2 * k : 2]]
         test_n = [n for _, _, n in results[1 : 1 + 2 * k : 2]]
         train_acc = [a for _, a, _ in results[2 : 2 + 2 * k : 2]]
-        hold_acc = [a for _, a, _ in results[1 + 2 * k :]]
+        hold_acc = [a for _, a, _ in results[1 + 2 * k : 1 + 2 * k + len(self.holdout)]]
         clients = distribution(test_acc, test_n)
         train = distribution(train_acc)
         result = {
@@ -150,6 +155,8 @@ class Evaluator:
                 "holdout_accuracy": distribution(hold_acc) if hold_acc else None,
             },
         }
+        if len(results) > 1 + 2 * k + len(self.holdout):  # the validation split, last
+            result["validation_loss"], result["validation_accuracy"], _ = results[-1]
         alphas = hybrid_alphas(self.model)
         if alphas:
             result["hybrid_alpha"] = alphas

@@ -21,11 +21,11 @@ from fedsim.data.datasets import (
     IDX_FILES,
     SyntheticDataset,
     _mnist5k,
-    _stratified_test_indices,
     load_dataset,
     mnist5k_path,
     read_cifar_batch,
     read_mnist5k,
+    stratified_indices,
 )
 from fedsim.errors import DataFormatError, ScenarioError
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -76,9 +76,9 @@ def test_digits_split_is_fixed_and_stratified_whatever_the_scenario_seed():
     assert np.bincount(a.test_y).tolist() == [36, 37, 35, 37, 36, 36, 36, 36, 35, 36]
 
 
-def test_stratified_test_indices_exact_quotas():
+def teststratified_indices_exact_quotas():
     labels = np.array([0] * 5 + [1] * 3 + [2] * 2)
-    test = _stratified_test_indices(labels, 3, np.random.default_rng(0))
+    test = stratified_indices(labels, 3, np.random.default_rng(0))
     # exact quotas 1.5, 0.9, 0.6 -> floors 1, 0, 0 -> the two largest remainders get one more
     assert np.bincount(labels[test], minlength=3).tolist() == [1, 1, 1]
     assert len(np.unique(test)) == 3

@@ -48,8 +48,9 @@ def test_one_claim_is_a_paired_t_test_over_seeds():
     assert r["verdict"] == "supported" and r["seeds_needed"] is None
     (c,) = evaluate_claims([claim(expect="a < b")], ROWS)
     assert c["verdict"] == "contradicted"
-    assert claim_line(r).startswith("**GN > BN** — supported: a−b = +0.030 [+0.010, +0.050] "
-                                    "(95% CI), p = 0.013 (Holm = 0.013), n = 5 pairs")
+    assert claim_line(r) == ("**GN > BN** — supported: a−b = +0.030, 95% CI [+0.010, +0.050] "
+                             "(the Holm-adjusted interval, which decides the verdict); "
+                             "p = 0.013 (Holm = 0.013), n = 5 seeds")
 
 
 def test_holm_over_the_claims_of_a_sweep():
@@ -72,18 +73,91 @@ def test_holm_over_the_claims_of_a_sweep():
     assert f"~{r_ln['seeds_needed']} paired seeds would detect this effect" in claim_line(r_ln)
 
 
-def test_other_axes_pool_into_one_test_and_are_listed_per_setting():
-    rows = [row(n, s, acc + (0.1 if b == 32 else 0), batch=b)
-            for b in (4, 32) for n, accs in (("gn", GN[:3]), ("bn", BN[:3]))
-            for s, acc in enumerate(accs)]
+# a − b per (seed, batch size): a per-seed component shared by the settings plus noise
+CLUSTER = {0: (0.031, 0.052), 1: (-0.004, 0.020), 2: (0.043, 0.049), 3: (0.012, 0.005)}
+
+
+def clustered_rows():
+    rows = []
+    for seed, diffs in CLUSTER.items():
+        for batch, d in zip((4, 32), diffs):
+            base = 0.7 + 0.01 * seed + (0.1 if batch == 32 else 0.0)
+            rows += [row("gn", seed, base + d, batch=batch), row("bn", seed, base, batch=batch)]
+    return rows
+
+
+def test_an_arm_over_several_settings_is_one_mean_difference_per_seed():
+    rows = clustered_rows()
     (r,) = evaluate_claims([claim()], rows)
-    d = [g - b for g, b in zip(GN[:3], BN[:3])]
-    assert r["n_pairs"] == 6 and r["p_value"] == pytest.approx(stats.ttest_1samp(d * 2, 0).pvalue)
+    gn = {s: np.mean([x["summary"]["final"]["global_test_accuracy"] for x in rows
+                      if x["params"]["seed"] == s and x["params"]["model.norm"] == "gn"])
+          for s in CLUSTER}
+    bn = {s: np.mean([x["summary"]["final"]["global_test_accuracy"] for x in rows
+                      if x["params"]["seed"] == s and x["params"]["model.norm"] == "bn"])
+          for s in CLUSTER}
+    ref = stats.ttest_rel(list(gn.values()), list(bn.values()))  # on the per-seed means
+    assert (r["n_seeds"], r["n_pairs"], r["n_settings"]) == (4, 8, 2)
+    assert r["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert r["ci95"] == pytest.approx(list(ref.confidence_interval(0.95)), rel=1e-9)
+    assert r["diff_mean"] == pytest.approx(np.mean([np.mean(d) for d in CLUSTER.values()]))
+    assert r["seed_diffs"] == pytest.approx({str(s): np.mean(d) for s, d in CLUSTER.items()})
+    # the 8 pairs pooled as if independent would claim far more certainty
+    pooled = stats.ttest_1samp([d for ds in CLUSTER.values() for d in ds], 0).pvalue
+    assert pooled < 0.05 < r["p_value"] and r["verdict"] == "inconclusive"
     assert [s["setting"] for s in r["settings"]] == ["client.batch_size=4",
                                                      "client.batch_size=32"]
-    for s in r["settings"]:
-        assert s["n_pairs"] == 3
-        assert s["p_value"] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    for s, j in zip(r["settings"], (0, 1)):
+        per = stats.ttest_1samp([d[j] for d in CLUSTER.values()], 0)
+        assert s["n_pairs"] == 4 and s["p_value"] == pytest.approx(per.pvalue, rel=1e-9)
+        assert (s["ci_low"], s["ci_high"]) == pytest.approx(per.confidence_interval(0.95))
+    assert "n = 4 seeds (each the mean of its 2 settings' pairs)" in claim_line(r)
+
+
+def test_a_seed_missing_a_setting_is_left_out_of_the_test():
+    rows = [r for r in clustered_rows() if r["cell"] != "norm-bn__batch_size-32__seed-3"]
+    rows = [r for r in rows if r["cell"] != "norm-gn__batch_size-32__seed-3"]
+    (r,) = evaluate_claims([claim()], rows)
+    assert r["incomplete_seeds"] == [3] and r["n_seeds"] == 3 and r["n_pairs"] == 7
+    ref = stats.ttest_1samp([np.mean(CLUSTER[s]) for s in (0, 1, 2)], 0)
+    assert r["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert "seeds 3 lack a setting's pair" in " ".join(claim_details(r))
+
+
+@pytest.mark.parametrize(("gn", "bn", "reason"), [
+    ([0.9, 0.8, 0.7], [0.8, 0.7, 0.6], "every seed gives the same difference"),
+    ([0.8, 0.8, 0.8], [0.8, 0.8, 0.8], "every seed gives the same difference"),
+    ([0.9, 0.85], [0.8, 0.7], "fewer than 3 paired seeds (2)"),
+])
+def test_too_few_seeds_or_no_spread_decide_nothing(gn, bn, reason):
+    """A constant difference over seeds has t = d/0 (p = 0 by fiat): no verdict from it."""
+    rows = [row("gn", s, a) for s, a in enumerate(gn)] + [row("bn", s, b)
+                                                          for s, b in enumerate(bn)]
+    (r,) = evaluate_claims([claim()], rows)
+    assert r["verdict"] == "inconclusive" and reason in r["reason"]
+    assert (r["p_value"], r["p_holm"], r["ci_low"], r["ci_high"]) == (None, None, None, None)
+    assert r["diff_mean"] == pytest.approx(np.mean(np.subtract(gn, bn)))
+    assert f"not tested: {r['reason']}" in claim_line(r)
+
+
+def test_the_report_line_says_which_interval_decided():
+    """A 95% interval that excludes 0 beside an inconclusive verdict says why."""
+    def copy(norm, of):
+        return [dict(r, params={**r["params"], "model.norm": norm}, cell=norm + r["cell"])
+                for r in ROWS if r["params"]["model.norm"] == of]
+    rows = ROWS + copy("ln", "gn") + copy("in", "bn")  # LN = GN and IN = BN exactly
+    four = [claim(), ClaimConfig(name="LN > BN", a={"model.norm": "ln"}, b={"model.norm": "bn"}),
+            ClaimConfig(name="LN = GN", a={"model.norm": "ln"}, b={"model.norm": "gn"}),
+            ClaimConfig(name="IN = BN", a={"model.norm": "in"}, b={"model.norm": "bn"})]
+    r = evaluate_claims(four, rows)[0]  # p = 0.013, but four claims share Holm's α
+    assert r["ci_level"] == pytest.approx(1 - 0.05 / 4) and r["p_holm"] > 0.05
+    d = np.subtract(GN, BN)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(
+        tuple(stats.ttest_1samp(d, 0).confidence_interval(1 - 0.05 / 4)))
+    assert claim_line(r).startswith(
+        "**GN > BN** — inconclusive: a−b = +0.030, 98.8% CI [-0.001, +0.061] (the "
+        "Holm-adjusted interval, which decides the verdict); 95% CI [+0.010, +0.050] "
+        "excludes 0 but the Holm-adjusted one does not: not significant once corrected for "
+        "the sweep's other claims; p = 0.013 (Holm = 0.053), n = 5 seeds")
 
 
 def test_a_cell_without_a_partner_is_an_error_naming_it():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedsim.report.stats import holm, paired_t, seeds_needed, t_interval
+from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_interval, t_tests
 
 A = [0.81, 0.79, 0.84, 0.80, 0.83]
 B = [0.78, 0.77, 0.80, 0.79, 0.78]
@@ -75,3 +75,43 @@ def test_seeds_needed_is_the_smallest_n_the_t_power_formula_allows():
     # a mean of rounding residue is no effect, and an effect a million seeds could not
     # detect gets no number either (it once printed a 33-digit count)
     assert seeds_needed(1e-19, 0.003) is None and seeds_needed(1e-5, 1.0) is None
+
+
+def test_t_tests_vectorized_match_scipy_and_paired_t():
+    rng = np.random.default_rng(5)
+    d = rng.normal(0.01, 0.02, size=(7, 5))
+    t = t_tests(d, level=0.99)
+    ref = stats.ttest_1samp(d, 0, axis=-1)
+    assert t.n == 5 and t.p_value == pytest.approx(ref.pvalue, rel=1e-12)
+    lo, hi = ref.confidence_interval(0.99)
+    assert t.ci_low == pytest.approx(lo, rel=1e-12) and t.ci_high == pytest.approx(hi, rel=1e-12)
+    one = paired_t(d[3], level=0.99)
+    assert (one.p_value, one.ci_low, one.ci_high) == (t.p_value[3], t.ci_low[3], t.ci_high[3])
+    flat = t_tests([[0.2, 0.2, 0.2], [0.1, 0.3, 0.2]])
+    assert np.isnan(flat.p_value[0]) and not np.isnan(flat.p_value[1])  # no spread: no test
+    assert np.isnan(t_tests([[0.2]]).p_value).all()
+
+
+def test_seed_means_average_each_seeds_settings():
+    d = np.array([[[0.1, 0.3], [0.0, -0.2], [0.4, 0.4]]])  # one draw, 3 seeds, 2 settings
+    assert seed_means(d) == pytest.approx(np.array([[0.2, -0.1, 0.4]]))
+
+
+def test_null_simulation_with_a_shared_per_seed_component_keeps_the_level():
+    """Cells sharing a seed share data, partition and initial model: under the null, a − b
+    has a per-seed part common to that seed's settings. The test over per-seed means (and
+    each setting's test over seeds) must reject at most 5% of the time; pooling the
+    3 × 4 pairs as independent does not (RESEARCH.md: 36.5%)."""
+    rng = np.random.default_rng(20271207)
+    draws, seeds, settings = 4000, 3, 4
+    shared = rng.normal(0.0, 1.0, size=(draws, seeds, 1))
+    d = shared + rng.normal(0.0, 0.3, size=(draws, seeds, settings))
+    hi = stats.binom.ppf(0.999, draws, 0.05) / draws  # one-sided 99.9% binomial limits
+    lo = stats.binom.ppf(0.001, draws, 0.05) / draws
+    clustered = np.mean(t_tests(seed_means(d)).p_value <= 0.05)
+    assert lo <= clustered <= hi
+    per_setting = t_tests(np.swapaxes(d, -1, -2)).p_value  # (draws, settings), n = seeds
+    for j in range(settings):
+        assert lo <= np.mean(per_setting[:, j] <= 0.05) <= hi
+    pooled = np.mean(t_tests(d.reshape(draws, -1)).p_value <= 0.05)
+    assert pooled > 0.3  # the simulation has the dependence that breaks the pooled test
