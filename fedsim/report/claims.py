@@ -35,6 +35,7 @@ from typing import Any
 
 from fedsim.config import ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
+from fedsim.files import save_figure
 from fedsim.report.stats import holm, paired_t, seeds_needed
 
 ALPHA = 0.05
@@ -388,6 +389,8 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
                   "gray: 95% CI per setting", fontsize=7)
     ax.set_title("Claims: paired differences over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long claim names stay whole
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110, bbox_inches="tight")  # long claim names stay whole
+    finally:
+        plt.close(fig)
     return path
