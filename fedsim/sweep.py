@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,10 @@ from typing import Any
 import tomli_w
 
 from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
-from fedsim.errors import CheckpointError, ScenarioError
+from fedsim.errors import CheckpointError, ResultsNotWritten, ScenarioError
+from fedsim.files import make_folder, write_json, write_text
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
+from fedsim.lock import FolderBusy, clear, hold
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
 from fedsim.run import check, preflight, resolve, resume, run
@@ -153,9 +154,14 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     return True
 
 
-def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell(raw: dict, out: str, threads: int | None, name: str = ""
+              ) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
-    checkpoint; returns its summary, wall seconds and why it did not resume (or "")."""
+    checkpoint; returns its summary, wall seconds and why it did not resume (or "").
+
+    The process holds the cell folder's lock throughout (:mod:`fedsim.lock`), from before it
+    looks for a checkpoint until the cell's summary is written; a failure to write names the
+    cell (``ResultsNotWritten.cell``)."""
     if threads is not None:
         import torch
 
@@ -163,12 +169,21 @@ def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, st
     t0 = time.perf_counter()
     scenario = scenario_from_dict(raw)
     not_resumed = ""
-    if _interrupted(Path(out), scenario):
-        try:
-            return resume(out).summary, time.perf_counter() - t0, ""
-        except (CheckpointError, ScenarioError) as exc:  # unusable: start the cell again
-            not_resumed = f"could not resume ({exc}); ran it from the start"
-    result = run(scenario, out=out, overwrite=True)
+    try:
+        with hold(out, f"a cell of fedsim sweep, run by pid {os.getpid()}"):
+            if _interrupted(Path(out), scenario):
+                try:
+                    return resume(out).summary, time.perf_counter() - t0, ""
+                except FolderBusy:
+                    raise
+                except (CheckpointError, ScenarioError) as exc:  # unusable: start it again
+                    not_resumed = f"could not resume ({exc}); ran it from the start"
+            result = run(scenario, out=out, overwrite=True)
+    except ResultsNotWritten as exc:
+        exc.cell = name or Path(out).name
+        raise
+    except FolderBusy as exc:
+        raise FolderBusy(f"sweep cell {name or Path(out).name}: {exc}") from None
     return result.summary, time.perf_counter() - t0, not_resumed
 
 
@@ -202,11 +217,12 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _run_cell_in_worker(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell_in_worker(raw: dict, out: str, threads: int | None, name: str
+                        ) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads)
+        return _run_cell(raw, out, threads, name)
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -224,20 +240,16 @@ def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
         child.kill()
 
 
-def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
-                     out: str | Path | None = None,
-                     argv: Sequence[str] = ()) -> str:
-    """The one line an interrupted ``fedsim sweep`` ends with: which cells are done, where
-    the unfinished ones stopped, and the command that resumes the sweep (the same command,
-    without ``--overwrite``: finished cells are skipped, interrupted ones resume from their
-    checkpoints)."""
-    resume = ["fedsim", *(a for a in argv if a != "--overwrite")]
+def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
+              out: str | Path | None) -> tuple[str, Path] | None:
+    """Which cells of a stopped sweep are done, where the unfinished ones stopped, and how
+    many never started; with the sweep folder (None: the sweep cannot be read)."""
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
         cells = expand(base, root)
     except (ScenarioError, OSError):
-        return f"interrupted before the sweep started; start it again with: {command(resume)}"
+        return None
     done, partial, fresh = 0, [], 0
     for cell in cells:
         folder = root / cell.name
@@ -257,7 +269,37 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
         parts.append(f"stopped: {shown}")
     if fresh:
         parts.append(f"{fresh} not started")
-    return (f"interrupted: {'; '.join(parts)} (in {root}); resume with: {command(resume)}")
+    return "; ".join(parts), root
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The sweep's own command without ``--overwrite``: finished cells are skipped,
+    interrupted ones resume from their checkpoints."""
+    return command(["fedsim", *(a for a in argv if a != "--overwrite")])
+
+
+def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
+                     out: str | Path | None = None,
+                     argv: Sequence[str] = ()) -> str:
+    """The one line an interrupted ``fedsim sweep`` ends with: which cells are done, where
+    the unfinished ones stopped, and the command that resumes the sweep."""
+    progress = _progress(scenario, overrides, out)
+    if progress is None:
+        return ("interrupted before the sweep started; start it again with: "
+                f"{_resume_command(argv)}")
+    parts, root = progress
+    return f"interrupted: {parts} (in {root}); resume with: {_resume_command(argv)}"
+
+
+def not_written_tail(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
+                     out: str | Path | None = None, argv: Sequence[str] = ()) -> str:
+    """What a sweep that could not write its results (a cell's or its own) kept, and the
+    command that resumes it once they can be written: the end of its ``error:`` line."""
+    progress = _progress(scenario, overrides, out)
+    if progress is None:
+        return f"nothing kept; then start it again with: {_resume_command(argv)}"
+    parts, root = progress
+    return f"kept: {parts} (in {root}); then resume with: {_resume_command(argv)}"
 
 
 def _describe(summary: dict) -> str:
@@ -297,9 +339,17 @@ def run_sweep(
                 say(f"{cell.name}: {line}")
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
-    if overwrite and root.is_dir():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    with hold(root, "fedsim sweep"):  # before anything in it is read, removed or written
+        return _run_cells(root, base, cells, workers or base.sweep.workers, overwrite, say)
+
+
+def _run_cells(root: Path, base: Scenario, cells: list[Cell], workers: int, overwrite: bool,
+               say: Callable[[str], None]) -> SweepResult:
+    """The cells of a checked sweep not finished yet, then its report (the caller holds the
+    sweep folder's lock)."""
+    if overwrite:
+        clear(root, "fedsim sweep --overwrite")  # a cell another process writes is refused
+    make_folder(root)
     todo, skipped = [], []
     for cell in cells:
         folder = root / cell.name
@@ -308,11 +358,10 @@ def run_sweep(
             skipped.append(cell.name)
         else:
             todo.append(cell)
-    (root / "scenario.toml").write_text(tomli_w.dumps(base.to_dict()))
+    write_text(root / "scenario.toml", tomli_w.dumps(base.to_dict()))
     n = len(cells)
     say(f"sweep {base.name}: {n} cells, {len(skipped)} finished earlier, {len(todo)} to run "
         f"→ {root}")
-    workers = workers or base.sweep.workers
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     seconds: dict[str, float] = {}
@@ -334,7 +383,8 @@ def run_sweep(
 
     if workers <= 1 or len(todo) <= 1:
         for cell in todo:
-            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None))
+            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None,
+                                         cell.name))
     else:
         ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
@@ -344,11 +394,11 @@ def run_sweep(
                 with _sigint_blocked():  # submit starts the worker processes
                     for c in todo:
                         futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                            str(root / c.name), 1)] = c
+                                            str(root / c.name), 1, c.name)] = c
                 for future in as_completed(futures):
                     report_cell(futures[future], *future.result())
-            except Interrupted:
-                _stop_workers(futures)
+            except (Interrupted, ResultsNotWritten, FolderBusy):  # the others keep their
+                _stop_workers(futures)  # checkpoints; the sweep's line names the cell
                 raise
     wall = time.perf_counter() - t0
     previous = {}
@@ -365,7 +415,7 @@ def run_sweep(
         "cells": [{"name": c.name, "params": c.params} for c in cells],
         "invocations": runs,  # every invocation that ran cells, with its wall time and load
     }
-    (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json(root / SWEEP_JSON, info, indent=2, default=str)
     report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
     say(f"report → {report}")
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)

@@ -22,7 +22,8 @@ from fedsim.client.app import scenario_from_context
 from fedsim.context import RunContext
 from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
-from fedsim.errors import PrivacyBudgetSpent, RunStopped
+from fedsim.errors import PrivacyBudgetSpent, ResultsNotWritten, RunStopped
+from fedsim.lock import hold
 from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
 from fedsim.report.record import RunRecorder
@@ -103,7 +104,10 @@ def make_server_app(run: RunContext, sink) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(grid, run, sink)
+        try:
+            server_main(grid, run, sink)
+        except ResultsNotWritten as exc:  # Flower's Ray engine would print it as a traceback
+            sink.stopped = exc  # the caller raises it once the engine has stopped
 
     return app
 
@@ -122,9 +126,10 @@ app = ServerApp()
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
     run, sink = _from_run_config(context)
-    sink.prepare()
-    # the local Deployment Engine names its nodes' partitions: no query message per node
-    grid = with_recorded_partitions(grid, context.run_config, run.data.participating)
-    server_main(grid, run, sink)
+    with hold(sink.out, "the fedsim ServerApp of a deployed run"):  # one writer per folder
+        sink.prepare()
+        # the local Deployment Engine names its nodes' partitions: no query message per node
+        grid = with_recorded_partitions(grid, context.run_config, run.data.participating)
+        server_main(grid, run, sink)
     if sink.stopped is not None:
         raise sink.stopped
