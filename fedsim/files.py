@@ -150,6 +150,8 @@ def keep_copy(src: str | Path, dst: str | Path) -> Path:
                     atomic_write(dst, lambda fh: shutil.copyfileobj(fh_src, fh, 2**20))
                 return dst
             os.replace(tmp, dst)
+            # a rename between two links of one file does nothing (POSIX): dst already is src
+            tmp.unlink(missing_ok=True)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fedsim.errors import ScenarioError
@@ -43,6 +43,7 @@ except ImportError:  # Windows: not a target (see the module docstring)
     fcntl = None
 
 LOCK_NAME = ".fedsim.lock"
+CLEARING = ".fedsim-clearing"  # where :func:`clear` moves a folder's entries to delete them
 
 
 class FolderBusy(ScenarioError):
@@ -60,6 +61,11 @@ def _key(folder: Path) -> Path:
 def held(folder: str | Path) -> bool:
     """Whether this process holds ``folder``'s lock."""
     return _key(Path(folder)) in _HELD
+
+
+def held_folders() -> list[Path]:
+    """The folders whose locks this process holds."""
+    return sorted(_HELD)
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -159,25 +165,37 @@ def is_empty(folder: str | Path) -> bool:
     return not any(p.name != LOCK_NAME for p in Path(folder).iterdir())
 
 
-def clear(folder: str | Path, what: str) -> None:
+def clear(folder: str | Path, what: str, first: Sequence[str] = ("summary.json",)) -> None:
     """Remove everything in ``folder`` (whose lock this process holds) but its lock file.
 
     Each sub-folder (a sweep's cell), and any deeper one with a lock file, is locked before
     it is removed, so a folder another process writes is never removed under it
-    (FolderBusy)."""
+    (FolderBusy). Entries are first moved, one rename each, into a hidden folder that is
+    then deleted, the files that mark a folder finished (``first``) before the rest: a clear
+    that fails part-way never leaves a folder that looks finished with parts missing.
+    """
     folder = Path(folder)
     if not held(folder):
-        raise RuntimeError(f"clear({folder}) without holding its lock")
+        raise RuntimeError(f"clearing {folder} needs its lock held")
+    trash = folder / CLEARING
     with contextlib.ExitStack() as locks:
-        subs = {p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()}
+        subs = {p for p in folder.iterdir()
+                if p.is_dir() and not p.is_symlink() and p.name != CLEARING}
         subs |= {lock.parent for lock in folder.glob(f"*/*/**/{LOCK_NAME}")}
         for sub in sorted(subs):
             locks.enter_context(hold(sub, what, create=False))
-        for entry in folder.iterdir():
-            if entry.name == LOCK_NAME:
-                continue
-            with writing(entry):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        entries = sorted((p for p in folder.iterdir() if p.name not in (LOCK_NAME, CLEARING)),
+                         key=lambda p: (p.name not in first, p.name))
+        try:
+            with writing(trash):
+                if trash.exists():  # left by a clear that failed
+                    shutil.rmtree(trash)
+                trash.mkdir()
+            for entry in entries:
+                with writing(entry):
+                    os.replace(entry, trash / entry.name)
+        finally:  # what was moved goes, also after a failed move
+            shutil.rmtree(trash, ignore_errors=True)
+        if trash.exists():
+            with writing(trash):
+                shutil.rmtree(trash)
