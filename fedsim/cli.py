@@ -5,6 +5,7 @@ forbidden folder) exit 3 with one ``error:`` line saying what was kept and how t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedsim.interrupt import (
     run_line,
     signals_interrupt,
 )
+from fedsim.lock import hold
 from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
 
@@ -113,9 +115,19 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
     if args.quiet or not toml.is_file():
         return resume(args.resume, warn=warn, progress=seen)
     scenario = load_scenario(toml)
-    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
-                        scenario.partition.num_clients) as on_round:
+    with _held(args.resume, "fedsim run --resume"), \
+            round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
+                           scenario.partition.num_clients) as on_round:
         return resume(args.resume, progress=seen.then(on_round), warn=warn)
+
+
+def _held(folder: str | Path, what: str):
+    """The lock of an existing results folder, taken before the progress display starts (so
+    a second writer's refusal is its only line); the run takes it again (re-entrant), and
+    makes a missing folder only once its scenario passed every check."""
+    if Path(folder).is_dir():
+        return hold(folder, what, create=False)
+    return contextlib.nullcontext()
 
 
 class RoundsSeen:
@@ -184,8 +196,9 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
             print(line, file=sys.stderr)
     if args.quiet:
         return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with round_progress(scenario.server.rounds, scenario.name,
-                        scenario.partition.num_clients) as on_round:
+    with _held(args.out or scenario.output.dir, "fedsim run"), \
+            round_progress(scenario.server.rounds, scenario.name,
+                           scenario.partition.num_clients) as on_round:
         return run(scenario, out=args.out, overwrite=args.overwrite,
                    progress=seen.then(on_round))
 

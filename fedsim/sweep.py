@@ -170,7 +170,8 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = ""
     scenario = scenario_from_dict(raw)
     not_resumed = ""
     try:
-        with hold(out, f"a cell of fedsim sweep, run by pid {os.getpid()}"):
+        sweep = os.getppid() if multiprocessing.parent_process() else os.getpid()
+        with hold(out, f"a cell of the fedsim sweep in pid {sweep}"):
             if _interrupted(Path(out), scenario):
                 try:
                     return resume(out).summary, time.perf_counter() - t0, ""
