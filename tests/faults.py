@@ -126,6 +126,7 @@ class Fault:
                     self._before(target)
                 result = real[op](*args, **kwargs)
                 if due and self.how == "SIGTERM-after":
+                    self.fired = True
                     raise Interrupted(signal.SIGTERM)
                 return result
             return call
