@@ -216,6 +216,9 @@ def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
 
 def _run_continuation(args: argparse.Namespace, seen: RoundsSeen) -> Continuation:
     """What a ``fedsim run`` that could not write its results kept, and how it goes on."""
+    if args.resume and not Path(args.resume).is_dir():  # removed while it resumed
+        return Continuation(f"{args.resume} is gone", "start the run again with",
+                            command(["fedsim", "run", "FILE", "--out", args.resume]))
     where = _run_folder(args)
     if where is None:
         return Continuation(None, "start it again with", command(["fedsim", *args.argv]))
@@ -290,7 +293,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         again = ["fedsim", *args.argv]
         if args.out is not None and "--overwrite" not in again:
             again.append("--overwrite")
-        return not_written(exc, f"the compared runs are untouched; then run it again: "
+        return not_written(exc, f"the runs it reads are untouched; then run it again: "
                                 f"{command(again)}")
     print(f"report → {path}")
     return 0

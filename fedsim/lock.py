@@ -92,27 +92,36 @@ def _open_locked(folder: Path, what: str) -> int:
         with writing(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise FolderBusy(
+                        f"{str(folder)!r} is being written by another fedsim process, "
+                        f"{holder(folder)}; wait for it to end (or stop it), or write "
+                        "elsewhere (--out DIR)") from None
+                raise ScenarioError(  # e.g. ENOLCK: a network file system without locks
+                    f"cannot lock {str(folder)!r} ({exc.strerror}): fedsim needs a file "
+                    "system with flock to keep one writer per results folder; write to a "
+                    "local disk (--out DIR)") from None
+        except BaseException:
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise FolderBusy(
-                f"{str(folder)!r} is being written by another fedsim process, "
-                f"{holder(folder)}; wait for it to end (or stop it), or write elsewhere "
-                "(--out DIR)") from None
+            raise
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:  # its holder removed it as we opened it
             same = False
+        except BaseException:
+            os.close(fd)
+            raise
         if same:
             break
         os.close(fd)
-    argv = sys.orig_argv  # a worker process's own is multiprocessing's: ``what`` says it
-    command = "" if "--multiprocessing-fork" in argv else shlex.join(argv)
-    info = {"pid": os.getpid(), "what": what, "command": command,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
+        argv = sys.orig_argv  # a worker process's own is multiprocessing's: ``what`` says it
+        command = "" if "--multiprocessing-fork" in argv else shlex.join(argv)
+        info = {"pid": os.getpid(), "what": what, "command": command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with writing(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)

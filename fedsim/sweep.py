@@ -175,8 +175,6 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = ""
             if _interrupted(Path(out), scenario):
                 try:
                     return resume(out).summary, time.perf_counter() - t0, ""
-                except FolderBusy:
-                    raise
                 except (CheckpointError, ScenarioError) as exc:  # unusable: start it again
                     not_resumed = f"could not resume ({exc}); ran it from the start"
             result = run(scenario, out=out, overwrite=True)

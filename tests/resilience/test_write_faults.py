@@ -157,6 +157,23 @@ def test_a_failed_write_while_resuming_keeps_the_checkpoint(ref, tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_a_folder_removed_while_resuming_is_named_as_gone(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    Fault("checkpoint.pt", "ENOSPC", 2).install(monkeypatch)
+    assert main(run_argv(out)) == EXIT_NOT_WRITTEN
+    monkeypatch.undo()
+    capsys.readouterr()
+    Fault("rounds.jsonl", "ENOENT", 2, gone=out).install(monkeypatch)  # round 1's record
+    assert main(["run", "--resume", str(out), "--quiet"]) == EXIT_NOT_WRITTEN
+    monkeypatch.undo()
+    line = one_line(capsys)
+    assert line.endswith(f"(ENOENT): the folder is gone (removed while the command ran); "
+                         f"{out} is gone, nothing to resume; then start the run again with: "
+                         f"fedsim run FILE --out {out}"), line
+    assert held_folders() == [] and not out.exists()
+
+
+@pytest.mark.slow
 def test_a_damaged_checkpoint_that_cannot_be_set_aside_keeps_the_previous(
         ref, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
@@ -302,7 +319,7 @@ def test_a_failed_write_of_a_comparison_ends_in_one_line(site, finished_sweep, t
     monkeypatch.undo()
     assert fault.fired
     line = one_line(capsys)
-    assert f"could not write {out}" in line and "the compared runs are untouched" in line
+    assert f"could not write {out}" in line and "the runs it reads are untouched" in line
     assert line.endswith(shlex.join(["fedsim", *argv[:5], "--overwrite"])), line
     assert_clean(out)
     assert follow(line) == 0
