@@ -22,7 +22,7 @@ from fedsim.client.app import scenario_from_context
 from fedsim.context import RunContext
 from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
-from fedsim.errors import PrivacyBudgetSpent, ResultsNotWritten, RunStopped
+from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.lock import hold
 from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
@@ -104,10 +104,7 @@ def make_server_app(run: RunContext, sink) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        try:
-            server_main(grid, run, sink)
-        except ResultsNotWritten as exc:  # Flower's Ray engine would print it as a traceback
-            sink.stopped = exc  # the caller raises it once the engine has stopped
+        server_main(grid, run, sink)
 
     return app
 

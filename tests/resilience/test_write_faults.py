@@ -134,6 +134,28 @@ def test_a_failed_write_in_a_run_ends_in_one_line_that_is_true(site, ref, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_failed_write_under_flowers_ray_engine_ends_in_one_line(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Flower runs the ServerApp in a thread of its own there, and raises what it raised in
+    the caller once the simulation has stopped: the same line as in-process."""
+    from fedsim.checkpoint import read_checkpoint
+
+    out = tmp_path / "r"
+    Fault("checkpoint.pt", "ENOSPC", 2).install(monkeypatch)
+    assert main(run_argv(out, [*TINY, "engine.kind=ray"])) == EXIT_NOT_WRITTEN
+    monkeypatch.undo()
+    err = capsys.readouterr().err  # Flower and Ray print notices of their own first
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not write {out / 'checkpoint.pt'}: No space left")
+    assert line.endswith(f"kept: round 0 of 2 complete, checkpoint in {out}; then resume "
+                         f"with: fedsim run --resume {out}"), line
+    assert read_checkpoint(out / "checkpoint.pt").round == 0
+    assert_clean(out)
+
+
+@pytest.mark.slow
 def test_a_failed_write_while_resuming_keeps_the_checkpoint(ref, tmp_path, capsys,
                                                             monkeypatch):
     """--resume cuts rounds.jsonl back to its checkpoint (a write): refused there, the
