@@ -19,7 +19,9 @@ The file is ``torch.save`` of ``{"format", "version", "tree", "blob", "sha256"}`
 JSON text describing every value, ``blob`` one uint8 tensor holding every array's bytes and
 ``sha256`` a digest of both. It loads with ``torch.load(path, weights_only=True)`` (no pickled
 objects, no code runs), and truncation or corruption is detected. Writes are atomic (temp
-file, fsync, rename) and the previous checkpoint is kept as ``checkpoint.prev.pt``.
+file, fsync, rename), the previous checkpoint is kept as ``checkpoint.prev.pt``, and an
+interrupted write leaves the newest complete checkpoint as ``checkpoint.pt``
+(:func:`write_checkpoint`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedsim.config import Scenario
 from fedsim.engine.store import decode_state
 from fedsim.errors import CheckpointError
-from fedsim.files import fsync_dir
+from fedsim.files import keep_copy, save_torch, writing
 from fedsim.state_journal import (
     StateJournal,
     journal_generation,
@@ -309,23 +311,19 @@ def encode_checkpoint(rnd: int, arrays: ArrayRecord, strategy: object,
 
 
 def write_checkpoint(folder: str | Path, payload: dict) -> Path:
-    """Write ``payload`` atomically as ``folder/checkpoint.pt``; the old one becomes ``.prev``."""
+    """Write ``payload`` as ``folder/checkpoint.pt``; the one it replaces becomes ``.prev``.
+
+    The newest complete checkpoint is ``checkpoint.pt`` at every moment, whenever the write
+    is interrupted (a signal, a full disk, a crash): the current one is first linked as
+    ``checkpoint.prev.pt`` (atomically; it stays ``checkpoint.pt`` too), then the new one is
+    written beside it and renamed over ``checkpoint.pt`` (:func:`fedsim.files.save_torch`).
+    So an interrupted run's ``interrupted:`` line and ``--resume`` name the same round.
+    """
     folder = Path(folder)
-    tmp = folder / f".{LATEST}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:  # the checkpoints already on disk stay as they were
-        tmp.unlink(missing_ok=True)
-        raise
     latest = folder / LATEST
     if latest.exists():
-        os.replace(latest, folder / PREVIOUS)
-    os.replace(tmp, latest)
-    fsync_dir(folder)
-    return latest
+        keep_copy(latest, folder / PREVIOUS)
+    return save_torch(payload, latest)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -442,7 +440,8 @@ def load_checkpoint(folder: str | Path, scenario: Scenario,
         warn(f"{errors[0]}; resuming from the previous checkpoint {ckpt.path} "
              f"(round {ckpt.round})")
         if latest.exists():
-            os.replace(latest, folder / BAD)
+            with writing(folder / BAD):
+                os.replace(latest, folder / BAD)
     if ckpt.meta.get("scenario_sha256") != scenario_digest(scenario):
         raise CheckpointError(
             f"{ckpt.path}: was written for another scenario than {folder / 'scenario.toml'} "

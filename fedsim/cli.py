@@ -1,16 +1,32 @@
 """Command line: ``fedsim run | sweep | report | partitions``. Bad input exits 2 with one
-``error:`` line."""
+``error:`` line; results that cannot be written (a full disk, a read-only, vanished or
+forbidden folder) exit 3 with one ``error:`` line saying what was kept and how to go on."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from fedsim.config import load_scenario
-from fedsim.errors import ScenarioError
-from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.errors import (
+    EXIT_NOT_WRITTEN,
+    OneLineArgumentParser,
+    ResultsNotWritten,
+    ScenarioError,
+)
+from fedsim.interrupt import (
+    Continuation,
+    Interrupted,
+    command,
+    continuation,
+    exit_code,
+    run_line,
+    signals_interrupt,
+)
+from fedsim.lock import hold
 from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
 
@@ -30,8 +46,11 @@ examples:
   fedsim report results/a results/b                    compare finished runs
   fedsim partitions scenarios/quickstart.toml          per-client class counts
 
-Bad input exits with code 2 and one "error:" line; Ctrl-C exits 130 (SIGTERM 143) with
-the command that resumes the run. Run "fedsim COMMAND --help" for a command's options."""
+Bad input exits with code 2 and one "error:" line (also when another fedsim process is
+writing the folder); results that cannot be written (full disk, read-only or missing
+folder) exit 3 with one "error:" line saying what was kept and how to resume; Ctrl-C exits
+130 (SIGTERM 143) with the command that resumes the run. Run "fedsim COMMAND --help" for a
+command's options."""
 
 
 def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -41,7 +60,7 @@ def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="fedsim", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "run folders in one report")
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
                        help="one sweep folder, or run folders written by fedsim run")
-    p_rep.add_argument("--out", help="where the comparison of run folders goes")
+    p_rep.add_argument("--out", help="where the comparison of run folders goes (a new or "
+                       "empty folder, never one of the runs)")
+    p_rep.add_argument("--overwrite", action="store_true",
+                       help="replace what a non-empty --out folder holds")
     p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
                             "(of a seeded sample of clients when there are many)")
     _add_scenario_args(p_part)
@@ -93,9 +115,19 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
     if args.quiet or not toml.is_file():
         return resume(args.resume, warn=warn, progress=seen)
     scenario = load_scenario(toml)
-    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
-                        scenario.partition.num_clients) as on_round:
+    with _held(args.resume, "fedsim run --resume"), \
+            round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
+                           scenario.partition.num_clients) as on_round:
         return resume(args.resume, progress=seen.then(on_round), warn=warn)
+
+
+def _held(folder: str | Path, what: str):
+    """The lock of an existing results folder, taken before the progress display starts (so
+    a second writer's refusal is its only line); the run takes it again (re-entrant), and
+    makes a missing folder only once its scenario passed every check."""
+    if Path(folder).is_dir():
+        return hold(folder, what, create=False)
+    return contextlib.nullcontext()
 
 
 class RoundsSeen:
@@ -126,8 +158,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = _run_or_resume(args, seen)
     except Interrupted as exc:
         return exit_code(exc, _run_interrupted(args, seen))
+    except ResultsNotWritten as exc:
+        return not_written(exc, _run_continuation(args, seen))
     _print_summary(result)
     return 0
+
+
+def not_written(exc: ResultsNotWritten, then: Continuation | str) -> int:
+    """Print the one line of a command whose results could not be written: what failed and
+    why, what was kept, and the command that goes on (``then``: a run's continuation, or
+    the rest of the line); the exit code."""
+    if isinstance(then, Continuation):
+        if then.command is None:
+            then = then.kept
+        elif then.how == "resume with":
+            then = f"kept: {then.kept}; then {then.how}: {then.command}"
+        else:
+            kept = f"{then.kept}, nothing to resume" if then.kept else "nothing to resume"
+            then = f"{kept}; then {then.how}: {then.command}"
+    print(f"error: {exc}; {then}", file=sys.stderr, flush=True)
+    return EXIT_NOT_WRITTEN
 
 
 def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
@@ -146,26 +196,48 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
             print(line, file=sys.stderr)
     if args.quiet:
         return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with round_progress(scenario.server.rounds, scenario.name,
-                        scenario.partition.num_clients) as on_round:
+    with _held(args.out or scenario.output.dir, "fedsim run"), \
+            round_progress(scenario.server.rounds, scenario.name,
+                           scenario.partition.num_clients) as on_round:
         return run(scenario, out=args.out, overwrite=args.overwrite,
                    progress=seen.then(on_round))
 
 
 def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
     """The ``interrupted:`` line of ``fedsim run``, read from the run's folder."""
-    try:
-        if args.resume:
-            folder = Path(args.resume)
-            scenario = load_scenario(folder / "scenario.toml")
-        else:
-            scenario = resolve(args.scenario, args.overrides)
-            folder = Path(args.out or scenario.output.dir)
-    except (ScenarioError, OSError):  # interrupted while the scenario was still being read
+    where = _run_folder(args)
+    if where is None:  # interrupted while the scenario was still being read
         return "interrupted before the run started"
+    folder, scenario = where
     return run_line(folder, scenario.server.rounds, started=seen.any or bool(args.resume),
                     checkpoint_every=scenario.output.checkpoint_every,
                     restart=["fedsim", *args.argv])
+
+
+def _run_continuation(args: argparse.Namespace, seen: RoundsSeen) -> Continuation:
+    """What a ``fedsim run`` that could not write its results kept, and how it goes on."""
+    if args.resume and not Path(args.resume).is_dir():  # removed while it resumed
+        return Continuation(f"{args.resume} is gone", "start the run again with",
+                            command(["fedsim", "run", "FILE", "--out", args.resume]))
+    where = _run_folder(args)
+    if where is None:
+        return Continuation(None, "start it again with", command(["fedsim", *args.argv]))
+    folder, scenario = where
+    return continuation(folder, scenario.server.rounds, started=seen.any or bool(args.resume),
+                        checkpoint_every=scenario.output.checkpoint_every,
+                        restart=["fedsim", *args.argv])
+
+
+def _run_folder(args: argparse.Namespace):
+    """(results folder, scenario) of a ``fedsim run``, or None while they cannot be read."""
+    try:
+        if args.resume:
+            folder = Path(args.resume)
+            return folder, load_scenario(folder / "scenario.toml")
+        scenario = resolve(args.scenario, args.overrides)
+        return Path(args.out or scenario.output.dir), scenario
+    except (ScenarioError, OSError):
+        return None
 
 
 def _print_summary(result) -> None:
@@ -192,7 +264,8 @@ def _print_summary(result) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import interrupted_line, run_sweep  # late: torch and Flower (see imports)
+    # late: torch and Flower (see imports)
+    from fedsim.sweep import interrupted_line, not_written_tail, run_sweep
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
@@ -203,6 +276,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
                                                args.argv))
+    except ResultsNotWritten as exc:
+        return not_written(exc, not_written_tail(args.scenario, args.overrides, args.out,
+                                                 args.argv))
     print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
           f"({result.seconds:.0f} s) → {result.report}")
     return 0
@@ -211,7 +287,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
-    print(f"report → {report(args.folders, out=args.out)}")
+    try:
+        path = report(args.folders, out=args.out, overwrite=args.overwrite)
+    except ResultsNotWritten as exc:  # the files written are whole; the runs are untouched
+        again = ["fedsim", *args.argv]
+        if args.out is not None and "--overwrite" not in again:
+            again.append("--overwrite")
+        return not_written(exc, f"the runs it reads are untouched; then run it again: "
+                                f"{command(again)}")
+    print(f"report → {path}")
     return 0
 
 
@@ -220,10 +304,15 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     from fedsim.data import build_federated_data, describe_partition, plot_class_counts
 
     scenario = resolve(args.scenario, args.overrides)
+    png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
+    _check_figure_path(png)
     data = build_federated_data(scenario)
     report = describe_partition(data)  # every client, or a seeded sample of a large population
-    png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
-    plot_class_counts(data, png)
+    try:
+        plot_class_counts(data, png)
+    except ResultsNotWritten as exc:
+        return not_written(exc, "nothing was written; then run it again: "
+                                + command(["fedsim", *args.argv]))
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -236,6 +325,20 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         print(_sizes_line(report.sizes()))
     print(f"heat map → {png}", file=sys.stderr)
     return 0
+
+
+def _check_figure_path(path: Path) -> None:
+    """A heat-map path matplotlib can write: not a folder, a format it knows."""
+    if path.is_dir():
+        raise ScenarioError(f"--png {str(path)!r} is a folder; give a file name, e.g. "
+                            f"--png {path / 'partitions.png'}")
+    from matplotlib.figure import Figure  # late: matplotlib (see imports)
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:
+        raise ScenarioError(f"--png {str(path)!r}: matplotlib cannot write .{suffix} files; "
+                            f"use one of .{', .'.join(sorted(formats))}")
 
 
 def _sizes_line(sizes: dict) -> str:
@@ -262,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         except ScenarioError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except ResultsNotWritten as exc:  # written outside a command's own handling
+            return not_written(exc, "then run it again: " + command(["fedsim", *argv]))
         except Interrupted as exc:  # report / partitions: nothing to resume
             return exit_code(exc, f"interrupted: fedsim {args.command} stopped")
 

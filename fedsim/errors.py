@@ -1,4 +1,9 @@
-"""Errors fedsim raises for bad input, so the CLI can print one ``error:`` line."""
+"""Errors fedsim raises for bad input or unwritable results, so the CLI can print one
+``error:`` line."""
+
+import argparse
+import errno
+from typing import NoReturn
 
 
 class ScenarioError(ValueError):
@@ -25,3 +30,56 @@ class RunStopped(ScenarioError):
 class PrivacyBudgetSpent(RunStopped):
     """The next round would take ε above ``server.dp.max_epsilon``: a planned, clean end (the
     run's results are complete up to here and the command exits 0)."""
+
+
+#: exit code of a command that could not write its results (2 is bad input; 130 / 143 an
+#: interrupt): the README's "Command line" section documents it
+EXIT_NOT_WRITTEN = 3
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space there",
+    errno.EDQUOT: "the disk quota is used up; free space there",
+    errno.EROFS: "the file system is read-only; make it writable",
+    errno.EACCES: "no permission to write there; make the folder writable",
+    errno.EPERM: "no permission to write there; make the folder writable",
+    errno.ENOENT: "the folder is gone (removed while the command ran)",
+}
+
+
+class ResultsNotWritten(OSError):
+    """Writing a results file failed: a full disk, a read-only, vanished or forbidden folder.
+
+    ``path`` is the file (or folder) being written, ``cause`` the OSError the system raised;
+    ``cell`` names the sweep cell that was writing, where there is one. The command's edge
+    turns it into one ``error:`` line saying what was kept and how to continue, exit code
+    :data:`EXIT_NOT_WRITTEN`. An OSError, so ``except OSError`` in a caller still sees it.
+    """
+
+    def __init__(self, path, cause: OSError, cell: str | None = None) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.path = str(path)
+        self.cause = cause
+        self.cell = cell
+
+    def __reduce__(self):  # crosses process boundaries (a sweep's worker processes)
+        return ResultsNotWritten, (self.path, OSError(self.errno, self.strerror), self.cell)
+
+    @property
+    def reason(self) -> str:
+        """What the system said, with its errno name and what to do about it."""
+        name = errno.errorcode.get(self.errno or 0)
+        said = f"{self.strerror} ({name})" if name else str(self.strerror)
+        advice = _ADVICE.get(self.errno or 0)
+        return f"{said}: {advice}" if advice else said
+
+    def __str__(self) -> str:
+        who = f"sweep cell {self.cell}: " if self.cell else ""
+        return f"{who}could not write {self.path}: {self.reason}"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one ``error:`` line (exit 2), as every other
+    bad input is, instead of the usage text and a second line (subparsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")

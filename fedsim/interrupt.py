@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -104,30 +105,64 @@ def command(argv: Sequence[str]) -> str:
     return shlex.join([str(a) for a in argv])
 
 
-def run_line(folder: str | Path, total_rounds: int, started: bool, checkpoint_every: int,
-             restart: Sequence[str], overwrite: str | None = "--overwrite") -> str:
-    """The one line an interrupted ``fedsim run`` (or deployed run) ends with.
+@dataclass(frozen=True)
+class Continuation:
+    """What a stopped run left in its folder and the command that continues it: ``kept``
+    (None: nothing to resume), ``how`` ("resume with", "start it again with") and
+    ``command`` (None: the run had finished)."""
+
+    kept: str | None
+    how: str
+    command: str | None
+    before_first_round: bool = False
+
+
+def continuation(folder: str | Path, total_rounds: int, started: bool, checkpoint_every: int,
+                 restart: Sequence[str], overwrite: str | None = "--overwrite"
+                 ) -> Continuation:
+    """How a run that stopped writing ``folder`` goes on, read from the folder itself.
 
     ``started``: the run recorded a round in ``folder`` or is a resume of it (a checkpoint
     found otherwise belongs to an older run); ``restart``: the command that starts it again
-    when there is nothing to resume (with the ``overwrite`` flag added where the interrupted
-    run left its unfinished folder behind; None: the command overwrites anyway).
+    when there is nothing to resume (with the ``overwrite`` flag added where the stopped run
+    left its unfinished folder behind; None: the command overwrites anyway).
     """
     folder = Path(folder)
+    if started and (folder / "summary.json").is_file():  # stopped after its last write
+        return Continuation(f"the run had finished, its results are complete in {folder}",
+                            "", None)
+    again = list(restart)
+    if started and not folder.is_dir():  # removed while the run wrote it
+        return Continuation(f"{folder} is gone", "start it again with",
+                            command(again))
     k = checkpoint_round(folder) if started else None
     if k is not None:
-        return (f"interrupted: round {k} of {total_rounds} complete, checkpoint in {folder}; "
-                f"resume with: {command(['fedsim', 'run', '--resume', folder])}")
-    again = list(restart)
+        return Continuation(f"round {k} of {total_rounds} complete, checkpoint in {folder}",
+                            "resume with", command(["fedsim", "run", "--resume", folder]))
     unfinished = (folder / "scenario.toml").is_file() and not (folder / "summary.json").exists()
     if unfinished and overwrite is not None and overwrite not in again:
         again.append(overwrite)
     if not started:
-        return f"interrupted before the first round; start it again with: {command(again)}"
+        return Continuation(None, "start it again with", command(again),
+                            before_first_round=True)
     why = ("output.checkpoint_every = 0" if checkpoint_every == 0
            else "stopped before its first checkpoint")
-    return (f"interrupted: no checkpoint in {folder} ({why}), nothing to resume; start it "
-            f"again with: {command(again)}")
+    return Continuation(f"no checkpoint in {folder} ({why})", "start it again with",
+                        command(again))
+
+
+def run_line(folder: str | Path, total_rounds: int, started: bool, checkpoint_every: int,
+             restart: Sequence[str], overwrite: str | None = "--overwrite") -> str:
+    """The one line an interrupted ``fedsim run`` (or deployed run) ends with (the arguments
+    are :func:`continuation`'s)."""
+    c = continuation(folder, total_rounds, started, checkpoint_every, restart, overwrite)
+    if c.command is None:
+        return f"interrupted: {c.kept}"
+    if c.before_first_round:
+        return f"interrupted before the first round; {c.how}: {c.command}"
+    if c.how == "resume with":
+        return f"interrupted: {c.kept}; {c.how}: {c.command}"
+    return f"interrupted: {c.kept}, nothing to resume; {c.how}: {c.command}"
 
 
 def exit_code(exc: Interrupted, line: str) -> int:

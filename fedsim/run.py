@@ -15,6 +15,7 @@ from types import ModuleType
 
 from fedsim.config import Scenario, load_scenario, replace
 from fedsim.errors import ScenarioError
+from fedsim.lock import hold
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def run(
 ) -> RunResult:
     """Run one federation; returns its summary (as in summary.json) and results folder.
 
-    Raises :class:`fedsim.errors.ScenarioError` for bad input before anything is written.
+    Raises :class:`fedsim.errors.ScenarioError` for bad input before anything is written,
+    or when another process writes ``out`` (:class:`fedsim.lock.FolderBusy`).
     """
     scn = resolve(scenario, overrides)
     return RunResult(*_runner().start(scn, Path(out or scn.output.dir), overwrite, progress))
@@ -74,16 +76,19 @@ def resume(
 
     The scenario is the folder's own ``scenario.toml``; the result equals that of an
     uninterrupted run (bitwise on CPU). ``warn`` hears about a damaged newest checkpoint
-    when an older one is used instead.
+    when an older one is used instead. A folder another process writes is refused
+    (:class:`fedsim.lock.FolderBusy`, a ScenarioError).
     """
     folder = Path(folder)
     toml = folder / "scenario.toml"
     if not toml.is_file():
         raise ScenarioError(
             f"--resume {str(folder)!r}: not a fedsim results folder (no scenario.toml)")
-    if (folder / "summary.json").exists():
-        raise ScenarioError(
-            f"--resume {str(folder)!r}: this run already finished (summary.json exists); "
-            "nothing to resume")
-    scn = check(load_scenario(toml))
-    return RunResult(*_runner().resume(folder, scn, progress, warn))
+    # one writer: locked before the checkpoint is read and rounds.jsonl cut back to it
+    with hold(folder, "fedsim run --resume", create=False):
+        if (folder / "summary.json").exists():
+            raise ScenarioError(
+                f"--resume {str(folder)!r}: this run already finished (summary.json exists); "
+                "nothing to resume")
+        scn = check(load_scenario(toml))
+        return RunResult(*_runner().resume(folder, scn, progress, warn))

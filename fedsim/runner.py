@@ -18,6 +18,7 @@ from fedsim.config import Scenario
 from fedsim.context import RunContext
 from fedsim.engine import ENGINES, check_engine
 from fedsim.errors import ScenarioError
+from fedsim.lock import hold
 from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
@@ -47,9 +48,10 @@ def start(scn: Scenario, out: Path, overwrite: bool,
           progress: Callable[[dict], None] | None) -> tuple[dict, Path]:
     """Preflight ``scn``, then run it into a new results folder ``out``: (summary, folder)."""
     run = preflight(scn)
-    recorder = RunRecorder(out, overwrite=overwrite, progress=progress)
-    recorder.prepare()
-    return execute(run, recorder)
+    with hold(out, "fedsim run"):  # one writer: locked before the folder is checked or cleared
+        recorder = RunRecorder(out, overwrite=overwrite, progress=progress)
+        recorder.prepare()
+        return execute(run, recorder)
 
 
 def resume(folder: Path, scn: Scenario, progress: Callable[[dict], None] | None,

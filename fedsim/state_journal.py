@@ -14,6 +14,7 @@ uint32>`` followed by ``length`` bytes (the state as Flower's protobuf bytes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedsim.errors import CheckpointError
-from fedsim.files import fsync_dir
+from fedsim.files import fsync_dir, writing
 
 MAGIC = b"FSJ1"
 _ENTRY = struct.Struct("<qiI")
@@ -51,18 +52,20 @@ class StateJournal:
         self.generation = generation
         self.path = self.folder / journal_name(generation)
         if valid_bytes is None:
-            self._fh = open(self.path, "wb")  # noqa: SIM115 (held open across appends)
-            self._fh.write(MAGIC)
-            self._sync()
+            with writing(self.path):
+                self._fh = open(self.path, "wb")  # noqa: SIM115 (held open across appends)
+                self._fh.write(MAGIC)
+                self._sync()
             fsync_dir(self.folder)
         else:
             if not self.path.exists() or self.path.stat().st_size < valid_bytes:
                 raise CheckpointError(f"{self.path}: missing or shorter than the {valid_bytes} "
                                       "bytes its checkpoint covers")
-            self._fh = open(self.path, "r+b")  # noqa: SIM115 (held open across appends)
-            self._fh.truncate(valid_bytes)
-            self._fh.seek(valid_bytes)
-            self._sync()
+            with writing(self.path):
+                self._fh = open(self.path, "r+b")  # noqa: SIM115 (held open across appends)
+                self._fh.truncate(valid_bytes)
+                self._fh.seek(valid_bytes)
+                self._sync()
         self.size = self._fh.tell()
 
     @property
@@ -70,20 +73,27 @@ class StateJournal:
         return self.path.name
 
     def append(self, changes: Iterable[tuple[int, bytes | None]]) -> int:
-        """Append ``(client, state bytes or None for deleted)`` entries; returns the synced size."""
-        for key, data in changes:
-            if data is None:
-                self._fh.write(_ENTRY.pack(int(key), -1, 0))
-            else:
-                self._fh.write(_ENTRY.pack(int(key), len(data), zlib.crc32(data)))
-                self._fh.write(data)
-        self._sync()
+        """Append ``(client, state bytes or None for deleted)`` entries; returns the synced size.
+
+        A failure to write (a full disk) can leave part of an entry: the checkpoints record
+        the bytes they cover, and a resumed run cuts the journal back to them."""
+        with writing(self.path):
+            for key, data in changes:
+                if data is None:
+                    self._fh.write(_ENTRY.pack(int(key), -1, 0))
+                else:
+                    self._fh.write(_ENTRY.pack(int(key), len(data), zlib.crc32(data)))
+                    self._fh.write(data)
+            self._sync()
         self.size = self._fh.tell()
         return self.size
 
     def close(self) -> None:
+        """Close the file; bytes past the last synced append (a failed one's) may be lost,
+        and no checkpoint covers them."""
         if not self._fh.closed:
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
 
     def _sync(self) -> None:
         self._fh.flush()
@@ -126,4 +136,5 @@ def remove_other_journals(folder: str | Path, keep: set[str]) -> None:
     """Delete journal generations no checkpoint refers to any more."""
     for path in Path(folder).glob("client_states.*.log"):
         if path.name not in keep and _NAME.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+            with writing(path):
+                path.unlink(missing_ok=True)

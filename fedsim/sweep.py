@@ -23,7 +23,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -44,9 +43,10 @@ from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this mo
     with_choices,
 )
 from fedsim.config import Scenario, load_scenario, scenario_from_dict
-from fedsim.errors import CheckpointError, RunStopped, ScenarioError
-from fedsim.files import write_json
+from fedsim.errors import CheckpointError, ResultsNotWritten, RunStopped, ScenarioError
+from fedsim.files import make_folder, write_json, write_text
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
+from fedsim.lock import FolderBusy, clear, hold
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
 from fedsim.report.tuning import tuning_result
@@ -92,12 +92,16 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     return True
 
 
-def _run_cell(raw: dict, out: str, threads: int | None,
+def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
               may_stop: bool = False) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
     checkpoint; returns its summary, wall seconds and a note (why it did not resume, or why
     it stopped early). ``may_stop``: a run that stops early (diverged, too few replies)
-    returns the summary it wrote instead of raising (tuning cells)."""
+    returns the summary it wrote instead of raising (tuning cells).
+
+    The process holds the cell folder's lock throughout (:mod:`fedsim.lock`), from before it
+    looks for a checkpoint until the cell's summary is written; a failure to write names the
+    cell (``ResultsNotWritten.cell``)."""
     if threads is not None:
         import torch
 
@@ -106,19 +110,26 @@ def _run_cell(raw: dict, out: str, threads: int | None,
     scenario = scenario_from_dict(raw)
     note = ""
     try:
-        if _interrupted(Path(out), scenario):
-            try:
-                return resume(out).summary, time.perf_counter() - t0, ""
-            except (CheckpointError, ScenarioError) as exc:
-                if isinstance(exc, RunStopped):
-                    raise
-                note = f"could not resume ({exc}); ran it from the start"
-        result = run(scenario, out=out, overwrite=True)
+        sweep = os.getppid() if multiprocessing.parent_process() else os.getpid()
+        with hold(out, f"a cell of the fedsim sweep in pid {sweep}"):
+            if _interrupted(Path(out), scenario):
+                try:
+                    return resume(out).summary, time.perf_counter() - t0, ""
+                except (CheckpointError, ScenarioError) as exc:
+                    if isinstance(exc, RunStopped):
+                        raise
+                    note = f"could not resume ({exc}); ran it from the start"
+            result = run(scenario, out=out, overwrite=True)
     except RunStopped as exc:
         summary = Path(out) / "summary.json"
         if not may_stop or not summary.is_file():
             raise
         return json.loads(summary.read_text()), time.perf_counter() - t0, f"stopped: {exc}"
+    except ResultsNotWritten as exc:
+        exc.cell = name or Path(out).name
+        raise
+    except FolderBusy as exc:
+        raise FolderBusy(f"sweep cell {name or Path(out).name}: {exc}") from None
     return result.summary, time.perf_counter() - t0, note
 
 
@@ -152,12 +163,12 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _run_cell_in_worker(raw: dict, out: str, threads: int | None,
+def _run_cell_in_worker(raw: dict, out: str, threads: int | None, name: str,
                         may_stop: bool = False) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads, may_stop)
+        return _run_cell(raw, out, threads, name, may_stop)
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -175,14 +186,11 @@ def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
         child.kill()
 
 
-def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
-                     out: str | Path | None = None,
-                     argv: Sequence[str] = ()) -> str:
-    """The one line an interrupted ``fedsim sweep`` ends with: which cells are done, where
-    the unfinished ones stopped, and the command that resumes the sweep (the same command,
-    without ``--overwrite``: finished cells are skipped, interrupted ones resume from their
-    checkpoints)."""
-    resume = ["fedsim", *(a for a in argv if a != "--overwrite")]
+def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
+              out: str | Path | None) -> tuple[str, Path] | None:
+    """Which cells of a stopped sweep (tuning cells included) are done, where the unfinished
+    ones stopped, and how many never started; with the sweep folder (None: the sweep cannot
+    be read)."""
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
@@ -190,7 +198,7 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
         if base.sweep.tune.enabled:
             cells = [*tune_cells(base, root, cells), *cells]
     except (ScenarioError, OSError):
-        return f"interrupted before the sweep started; start it again with: {command(resume)}"
+        return None
     done, partial, fresh = 0, [], 0
     for cell in cells:
         folder = root / cell.name
@@ -210,7 +218,37 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
         parts.append(f"stopped: {shown}")
     if fresh:
         parts.append(f"{fresh} not started")
-    return (f"interrupted: {'; '.join(parts)} (in {root}); resume with: {command(resume)}")
+    return "; ".join(parts), root
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The sweep's own command without ``--overwrite``: finished cells are skipped,
+    interrupted ones resume from their checkpoints."""
+    return command(["fedsim", *(a for a in argv if a != "--overwrite")])
+
+
+def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
+                     out: str | Path | None = None,
+                     argv: Sequence[str] = ()) -> str:
+    """The one line an interrupted ``fedsim sweep`` ends with: which cells are done, where
+    the unfinished ones stopped, and the command that resumes the sweep."""
+    progress = _progress(scenario, overrides, out)
+    if progress is None:
+        return ("interrupted before the sweep started; start it again with: "
+                f"{_resume_command(argv)}")
+    parts, root = progress
+    return f"interrupted: {parts} (in {root}); resume with: {_resume_command(argv)}"
+
+
+def not_written_tail(scenario: Scenario | str | Path, overrides: Sequence[str] = (),
+                     out: str | Path | None = None, argv: Sequence[str] = ()) -> str:
+    """What a sweep that could not write its results (a cell's or its own) kept, and the
+    command that resumes it once they can be written: the end of its ``error:`` line."""
+    progress = _progress(scenario, overrides, out)
+    if progress is None:
+        return f"nothing kept; then start it again with: {_resume_command(argv)}"
+    parts, root = progress
+    return f"kept: {parts} (in {root}); then resume with: {_resume_command(argv)}"
 
 
 def _describe(summary: dict) -> str:
@@ -262,7 +300,8 @@ class _Runner:
         if self.pool is None and (self.workers <= 1 or len(todo) <= 1):
             for cell in todo:
                 self._report(cell, *_run_cell(cell.scenario.to_dict(),
-                                              str(self.root / cell.name), None, may_stop))
+                                              str(self.root / cell.name), None, cell.name,
+                                              may_stop))
             return
         if self.pool is None:
             ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
@@ -273,11 +312,12 @@ class _Runner:
             with _sigint_blocked():  # submit starts the worker processes
                 for c in todo:
                     futures[self.pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                             str(self.root / c.name), 1, may_stop)] = c
+                                             str(self.root / c.name), 1, c.name,
+                                             may_stop)] = c
             for future in as_completed(futures):
                 self._report(futures[future], *future.result())
-        except Interrupted:
-            _stop_workers(futures)
+        except (Interrupted, ResultsNotWritten, FolderBusy):  # the others keep their
+            _stop_workers(futures)  # checkpoints; the sweep's line names the cell
             raise
 
 
@@ -351,17 +391,25 @@ def run_sweep(
                 say(f"{cell.name}: {line}")
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
-    if overwrite and root.is_dir():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    with hold(root, "fedsim sweep"):  # before anything in it is read, removed or written
+        return _run_cells(root, base, cells, tuning, workers or base.sweep.workers, overwrite,
+                          say)
+
+
+def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneCell],
+               workers: int, overwrite: bool, say: Callable[[str], None]) -> SweepResult:
+    """The tuning and reported cells of a checked sweep not finished yet, then its report
+    (the caller holds the sweep folder's lock)."""
+    if overwrite:
+        clear(root, "fedsim sweep --overwrite")  # a cell another process writes is refused
+    make_folder(root)
     tune_todo, skipped = _split_finished(tuning, root)
     reported_done = [c for c in cells if (root / c.name / "summary.json").is_file()]
-    (root / "scenario.toml").write_text(tomli_w.dumps(base.to_dict()))
+    write_text(root / "scenario.toml", tomli_w.dumps(base.to_dict()))
     n = len(tuning) + len(cells)
     finished = len(skipped) + len(reported_done)
     say(f"sweep {base.name}: {n} cells" + (f" ({len(tuning)} tuning)" if tuning else "")
         + f", {finished} finished earlier, {n - finished} to run → {root}")
-    workers = workers or base.sweep.workers
     load_start = os.getloadavg()
     tuned = None
     with _Runner(root, workers, n, finished, say) as runner:

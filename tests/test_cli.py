@@ -101,3 +101,34 @@ def test_help_reads_as_plain_text(argv, capsys):
         assert markup not in text
     if not argv:
         assert "fedsim run scenarios/quickstart.toml" in text and "error:" in text
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["sweep", "s.toml", "--workers", "two"],
+     "error: argument --workers: invalid int value: 'two' (see: fedsim sweep --help)"),
+    (["run", "s.toml", "--bogus"], "error: unrecognized arguments: --bogus (see: fedsim --help)"),
+    (["report"], "error: the following arguments are required: DIR (see: fedsim report --help)"),
+    (["partitions"], "error: the following arguments are required: scenario "
+                     "(see: fedsim partitions --help)"),
+    ([], "error: the following arguments are required: command (see: fedsim --help)"),
+])
+def test_usage_errors_are_one_error_line_and_exit_2(capsys, argv, line):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize(("png", "pattern"), [
+    ("folder", "is a folder; give a file name, e.g. --png "),
+    ("map.xyz", "matplotlib cannot write .xyz files; use one of "),
+])
+def test_a_heat_map_path_matplotlib_cannot_write_is_one_error_line(tmp_path, capsys, png,
+                                                                  pattern):
+    (tmp_path / "folder").mkdir()
+    code = main(["partitions", "scenarios/quickstart.toml", *TINY, "--png",
+                 str(tmp_path / png)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --png ") and pattern in err, err
+    assert len(err.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "folder"]

@@ -69,3 +69,47 @@ def test_save_figure_takes_the_format_from_the_suffix(tmp_path, suffix, magic):
     plt.close(fig)
     assert path.read_bytes().startswith(magic)
     assert [p.name for p in tmp_path.iterdir()] == [f"curve{suffix}"]
+
+
+def test_keep_copy_links_and_leaves_the_source(tmp_path):
+    src, dst = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    src.write_bytes(b"round 1")
+    dst.write_bytes(b"round 0")
+    files.keep_copy(src, dst)
+    assert (src.read_bytes(), dst.read_bytes()) == (b"round 1", b"round 1")
+    assert src.stat().st_ino == dst.stat().st_ino  # a hard link: no bytes copied
+    files.keep_copy(src, dst)  # already one file (a rename between its links does nothing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_keep_copy_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"x" * 3_000_000)
+
+    def no_links(*_args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    files.keep_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes() and src.stat().st_ino != dst.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_a_wrapped_os_error_becomes_results_not_written_naming_the_file(tmp_path):
+    from fedsim.errors import ResultsNotWritten
+
+    def torch_like(fh):  # torch.save raises a RuntimeError while handling the OSError
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598") from None
+
+    with pytest.raises(ResultsNotWritten) as err:
+        files.atomic_write(tmp_path / "model.pt", torch_like)
+    assert (err.value.errno, err.value.path) == (28, str(tmp_path / "model.pt"))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError):  # not a failure to write: unchanged
+        files.atomic_write(tmp_path / "x", lambda fh: int("x"))

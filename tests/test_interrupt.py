@@ -298,3 +298,76 @@ def test_stop_tree_stops_children_that_left_for_a_session_of_their_own():
     assert stop_tree([root], grace=2.0) == []
     leader.wait(timeout=5)
     assert not [p for p in tree if alive(p)]
+
+
+# ------------------------------------------------- a SIGTERM during each atomic write
+
+TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=3",
+        "partition.holdout_clients=0.0", "client.epochs=1", "model.width=8"]
+
+#: (file, when, nth, op): the SIGTERM lands while the nth write of the file is under way
+#: (``during``: its temporary file is being written; for checkpoint.prev.pt, before the
+#: link) or just after the rename that completes it (``after``). Rounds.jsonl is written
+#: 1 at its creation, 2 for round 0, 3 the checkpoint's sync, 4 round 1...; checkpoint.pt
+#: at rounds 0, 1, 2 (its previous one linked as checkpoint.prev.pt from round 1 on).
+ATOMIC_WRITES = {
+    "scenario.toml-during": ("scenario.toml", "SIGTERM", 1, "open"),
+    "scenario.toml-after": ("scenario.toml", "SIGTERM-after", 1, "replace"),
+    "rounds.jsonl-created": ("rounds.jsonl", "SIGTERM-after", 1, "replace"),
+    "rounds.jsonl-append": ("rounds.jsonl", "SIGTERM", 4, "open"),
+    "checkpoint.pt-during": ("checkpoint.pt", "SIGTERM", 3, "open"),
+    "checkpoint.pt-after": ("checkpoint.pt", "SIGTERM-after", 2, "replace"),
+    "checkpoint.prev.pt-during": ("checkpoint.prev.pt", "SIGTERM", 2, "link"),
+    "checkpoint.prev.pt-after": ("checkpoint.prev.pt", "SIGTERM-after", 2, "replace"),
+    "model.pt-during": ("model.pt", "SIGTERM", 1, "open"),
+    "model.pt-after": ("model.pt", "SIGTERM-after", 1, "replace"),
+    "learning_curves.png-during": ("learning_curves.png", "SIGTERM", 1, "open"),
+    "summary.json-during": ("summary.json", "SIGTERM", 1, "open"),
+    "summary.json-after": ("summary.json", "SIGTERM-after", 1, "replace"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "r"
+    assert main(["run", "scenarios/quickstart.toml", *sets(TINY), "--out", str(out),
+                 "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("write", list(ATOMIC_WRITES))
+def test_a_sigterm_during_an_atomic_write_leaves_a_folder_its_line_tells_true(
+        write, tiny_ref, tmp_path, capsys, monkeypatch):
+    from faults import Fault  # tests/faults.py
+
+    from fedsim.checkpoint import load_checkpoint
+    from fedsim.lock import held_folders
+
+    out = tmp_path / "r"
+    argv = ["run", "scenarios/quickstart.toml", *sets(TINY), "--out", str(out), "--quiet"]
+    fault = Fault(*ATOMIC_WRITES[write]).install(monkeypatch)
+    assert main(argv) == 143
+    monkeypatch.undo()
+    assert fault.fired and held_folders() == []
+    line = the_line(capsys.readouterr().err)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no torn temporary
+    if line.startswith("interrupted: the run had finished"):
+        assert write == "summary.json-after"
+    elif "resume with: " in line:
+        k = int(line.split("round ", 1)[1].split()[0])
+        assert line == (f"interrupted: round {k} of 2 complete, checkpoint in {out}; resume "
+                        f"with: fedsim run --resume {out}")
+        # the checkpoint --resume takes is the one the line names
+        assert load_checkpoint(out, fedsim.load_scenario(out / "scenario.toml")).round == k
+        assert main(["run", "--resume", str(out), "--quiet"]) == 0
+        assert json.loads((out / "summary.json").read_text())["resumed_from"] == [k]
+    else:
+        assert "start it again with: fedsim run " in line, line
+        assert main(shlex.split(line.split("start it again with: ", 1)[1])[1:]) == 0
+    assert_same_run(tiny_ref, out)
+    expected = {"checkpoint.pt-during": 1, "checkpoint.prev.pt-during": 1,
+                "checkpoint.pt-after": 1, "rounds.jsonl-append": 0, "model.pt-during": 2}
+    if write in expected:  # the newest complete checkpoint, whatever the write was doing
+        assert json.loads((out / "summary.json").read_text())["resumed_from"] == [
+            expected[write]]

@@ -142,8 +142,10 @@ def test_parsing_a_scenario_imports_no_torch_flower_or_registry():
                          text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
     assert [m for m in out if m.split(".")[0] in ("torch", "flwr", "strategies")] == []
-    # config, the leaves it may use, and fedsim.run (``import fedsim`` exports run)
-    allowed = {"fedsim.config", "fedsim.errors", "fedsim.registry", "fedsim.run"}
+    # config, the leaves it may use, and fedsim.run (``import fedsim`` exports run) with the
+    # light leaves it holds a results folder with (its lock, atomic files)
+    allowed = {"fedsim.config", "fedsim.errors", "fedsim.registry", "fedsim.run",
+               "fedsim.lock", "fedsim.files"}
     assert "fedsim.config" in out and {m for m in out if m.startswith("fedsim.")} <= allowed
 
 

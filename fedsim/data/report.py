@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.federated import FederatedData
+from fedsim.files import make_folder, save_figure
 from fedsim.rng import numpy_rng
 
 MAX_PLOTTED_CLIENTS = 200
@@ -166,9 +167,11 @@ def plot_class_counts(fd: FederatedData, path: str | Path,
     ax.set_xticks(range(fd.num_classes))
     ax.set_title(title, fontsize="medium")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        make_folder(path.parent)
+        save_figure(fig, path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

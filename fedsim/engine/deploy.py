@@ -23,7 +23,6 @@ state goes to a private ``FLWR_HOME``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -38,8 +37,10 @@ from pathlib import Path
 from fedsim.config import load_scenario
 from fedsim.engine.known_nodes import NODE_PARTITIONS_KEY, write_node_partitions
 from fedsim.engine.processes import Proc, find_proc, stop_tree
-from fedsim.errors import ScenarioError
+from fedsim.errors import OneLineArgumentParser, ScenarioError
+from fedsim.files import write_text
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.lock import hold
 from fedsim.report.progress import RoundsFollower, round_progress
 from fedsim.run import check
 
@@ -128,10 +129,9 @@ class LocalDeployment:
     def start(self, timeout: float = 60.0) -> LocalDeployment:
         """Write the Flower config, start the SuperLink, then the SuperNodes; wait for all."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\ninsecure = true\n'
-        )
+        write_text(self.flwr_home / "config.toml",
+                   f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                   f'address = "{self.address}"\ninsecure = true\n')
         link = self._spawn("superlink", [
             _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
             "--port", str(self.port), "--disable-runtime-dependency-installation",
@@ -254,6 +254,9 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
     scenario_path = Path(scenario_path).resolve()
     out = Path(out).resolve()
     scenario = check(load_scenario(scenario_path, list(overrides)))  # bad input fails here
+    if out.is_dir():  # another writer there: one line now (the ServerApp holds the folder's
+        with hold(out, "python -m fedsim.engine.deploy", create=False):  # lock as it runs)
+            pass
     config = {"scenario": str(scenario_path), "out": str(out)}
     if overrides:
         config["set"] = ";".join(overrides)
@@ -284,11 +287,11 @@ class _Rounds:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m fedsim.engine.deploy",
-                                     description="Run a scenario on Flower's Deployment "
-                                     "Engine on this machine: a SuperLink, one SuperNode per "
-                                     "participating client, and flwr run; every process is "
-                                     "stopped at the end, on error, Ctrl-C or SIGTERM.")
+    parser = OneLineArgumentParser(prog="python -m fedsim.engine.deploy",
+                                   description="Run a scenario on Flower's Deployment "
+                                   "Engine on this machine: a SuperLink, one SuperNode per "
+                                   "participating client, and flwr run; every process is "
+                                   "stopped at the end, on error, Ctrl-C or SIGTERM.")
     parser.add_argument("scenario", help="scenario TOML file")
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

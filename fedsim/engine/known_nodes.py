@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from fedsim.compat import RegisteredNodes
 from fedsim.engine.grid_proxy import DelegatingGrid
 from fedsim.engine.ordered import CONNECT_TIMEOUT
+from fedsim.files import write_text
 
 #: run-config key of the file where the local Deployment Engine writes its nodes' partitions
 NODE_PARTITIONS_KEY = "node-partitions"
@@ -21,8 +22,7 @@ NODE_PARTITIONS_KEY = "node-partitions"
 
 def write_node_partitions(path: Path, partitions: Mapping[int, int]) -> Path:
     """Write ``{node id: partition id}`` as JSON (node ids as strings) to ``path``."""
-    path.write_text(json.dumps({str(node): p for node, p in partitions.items()}))
-    return path
+    return write_text(path, json.dumps({str(node): p for node, p in partitions.items()}))
 
 
 def with_recorded_partitions(grid: Grid, run_config: Mapping, client_ids: Sequence[int]

@@ -10,6 +10,7 @@ already hold state. Round trips are exact: what was put is what comes back.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -24,6 +25,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedsim.arrays import array_record, new_array
 from fedsim.compat import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
+from fedsim.files import make_folder, writing
 
 #: first bytes of the arrays-only encoding; a protobuf RecordDict never starts with a 0 byte
 #: (field number 0 is invalid), so the two encodings cannot be confused
@@ -277,18 +279,22 @@ class ClientStateStore:
             self.spills += 1
 
     def _write(self, key: int, data: bytes) -> None:
-        if self._fd is None:
+        if self._fd is None:  # a full or read-only disk ends the run in one line (fedsim.cli)
             parent = self._spill_parent
-            if parent is not None:
-                parent.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="fedsim-state-",
-                                              dir=None if parent is None else os.fspath(parent)))
-            self._fd = os.open(self._dir / "states.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            with writing(parent or tempfile.gettempdir()):
+                if parent is not None:
+                    make_folder(parent)
+                self._dir = Path(tempfile.mkdtemp(
+                    prefix="fedsim-state-", dir=None if parent is None else os.fspath(parent)))
+            with writing(self._dir / "states.bin"):
+                self._fd = os.open(self._dir / "states.bin", os.O_RDWR | os.O_CREAT, 0o600)
         slot = self._slots.get(key)
         if slot is None or slot[1] < len(data):
             slot = (self._end, len(data) + len(data) // 8)  # room to grow a little
             self._end += slot[1]
             self._slots[key] = slot
-        written = os.pwrite(self._fd, data, slot[0])
-        if written != len(data):
-            raise OSError(f"short write to the client-state file ({written} of {len(data)})")
+        with writing(self._dir / "states.bin"):
+            written = os.pwrite(self._fd, data, slot[0])
+            if written != len(data):  # the disk filled up
+                raise OSError(errno.ENOSPC, f"short write to the client-state file "
+                                            f"({written} of {len(data)} bytes)")

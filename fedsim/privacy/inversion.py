@@ -32,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.func import functional_call
 
+from fedsim.files import make_folder, save_figure
 from fedsim.rng import torch_generator
 
 BN_MODES = ("eval", "train")
@@ -625,7 +626,7 @@ def save_image_grid(
     lo, hi = bounds if bounds is not None else (float(a.min()), float(a.max()))
     span = hi - lo if hi > lo else 1.0
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     n = a.shape[0]
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.8, 2.8), squeeze=False)
     try:
@@ -641,7 +642,7 @@ def save_image_grid(
                 ax.set_yticks([])
             axes[row, 0].set_ylabel(name, fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from fedsim.files import make_folder, save_figure
+
 #: The low false-positive rates reported by :func:`attack_metrics`, keyed by their suffix.
 LOW_FPRS: dict[str, float] = {"1e-2": 1e-2, "1e-3": 1e-3, "0": 0.0}
 
@@ -114,7 +116,7 @@ def plot_roc(
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     floor = 1e-5
     for fpr, _, _ in curves.values():
         positive = np.asarray(fpr)[np.asarray(fpr) > 0]
@@ -135,7 +137,7 @@ def plot_roc(
             ax.set_title(title)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

@@ -41,6 +41,7 @@ import numpy as np
 
 from fedsim.config import ROUNDS_TO_ACCURACY, ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
+from fedsim.files import save_figure
 from fedsim.report.budget import rounds_to_target
 from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_tests
 
@@ -514,6 +515,8 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
                   "means; gray: 95% CI per setting", fontsize=7)
     ax.set_title("Claims: paired differences over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long claim names stay whole
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110, bbox_inches="tight")  # long claim names stay whole
+    finally:
+        plt.close(fig)
     return path

@@ -16,6 +16,8 @@ from typing import Any
 
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
+from fedsim.files import write_json
+from fedsim.lock import clear, hold, is_empty
 from fedsim.report.report import write_report
 from fedsim.report.tuning import tuning_result
 from fedsim.sweep import SWEEP_JSON, flat_keys
@@ -38,7 +40,13 @@ def is_sweep(folder: Path) -> bool:
 
 
 def report_sweep(root: Path) -> Path:
-    """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells."""
+    """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells
+    (holding the sweep folder's lock: a sweep still running there is not raced)."""
+    with hold(root, "fedsim report", create=False):
+        return _report_sweep(root)
+
+
+def _report_sweep(root: Path) -> Path:
     try:
         info = json.loads((root / SWEEP_JSON).read_text())
         names = [(c["name"], c["params"]) for c in info["cells"]]
@@ -57,8 +65,40 @@ def report_sweep(root: Path) -> Path:
     return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning)
 
 
-def report_runs(folders: list[Path], out: Path) -> Path:
-    """Compare finished run folders in one report written to ``out``."""
+def check_report_folder(folders: list[Path], out: Path) -> None:
+    """``out`` may take a comparison of ``folders``: it is none of them, lies in none of
+    them and holds none of them (--overwrite would replace a run)."""
+    target = out.resolve()
+    for folder in folders:
+        run = folder.resolve()
+        if target == run or run in target.parents or target in run.parents:
+            where = ("is" if target == run else "lies inside" if run in target.parents
+                     else "holds")
+            raise ScenarioError(
+                f"--out {str(out)!r} {where} the compared run folder {str(folder)!r}; a "
+                "report never writes into a run it compares: pass another --out DIR")
+
+
+def report_runs(folders: list[Path], out: Path, overwrite: bool = False) -> Path:
+    """Compare finished run folders in one report written to ``out`` (a new or empty folder,
+    or any folder but a compared run's with ``overwrite``), holding its lock."""
+    check_report_folder(folders, out)
+    cells, axes = _compared(folders)  # every check before anything is written
+    with hold(out, "fedsim report"):
+        if not is_empty(out):
+            if not overwrite:
+                raise ScenarioError(
+                    f"--out {str(out)!r} is not empty; pass --overwrite to replace what it "
+                    "holds, or another --out DIR")
+            clear(out, "fedsim report --overwrite")
+        write_json(out / "runs.json",
+                   [{"name": c.name, "path": str(c.path.resolve()), "params": c.params}
+                    for c in cells], indent=2, default=str)
+        return write_report(out, None, cells, axes=axes, title="Comparison of runs")
+
+
+def _compared(folders: list[Path]) -> tuple[list[RunCell], dict[str, list]]:
+    """The finished runs ``folders`` as cells, and the axes their scenarios vary along."""
     for folder in folders:
         if not (folder / "summary.json").is_file() or not (folder / "scenario.toml").is_file():
             hint = (f"finish it with: fedsim run --resume {folder}"
@@ -76,11 +116,7 @@ def report_runs(folders: list[Path], out: Path) -> Path:
         for k, v in cell.params.items():
             if v not in axes[k]:
                 axes[k].append(v)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(json.dumps(
-        [{"name": c.name, "path": str(c.path.resolve()), "params": c.params} for c in cells],
-        indent=2, default=str) + "\n")
-    return write_report(out, None, cells, axes=axes, title="Comparison of runs")
+    return cells, axes
 
 
 def _unique_names(folders: list[Path]) -> list[str]:
@@ -92,9 +128,11 @@ def _unique_names(folders: list[Path]) -> list[str]:
     raise ScenarioError("the same run folder is given twice; pass each run once")
 
 
-def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
+def report(folders: list[str | Path], out: str | Path | None = None,
+           overwrite: bool = False) -> Path:
     """``fedsim report``: one sweep folder (report rebuilt in place) or run folders
-    (compared in ``out``). Bad input is a ScenarioError naming the fix."""
+    (compared in ``out``, replacing what it holds only with ``overwrite``). Bad input is a
+    ScenarioError naming the fix."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if not p.is_dir():
@@ -109,4 +147,4 @@ def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
         return report_sweep(paths[0])
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
-    return report_runs(paths, Path(out))
+    return report_runs(paths, Path(out), overwrite)

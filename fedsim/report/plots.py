@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedsim.files import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -48,8 +50,10 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "",
     ax_loss.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _sample_note(evaluated: int | None, population: int | None) -> str:

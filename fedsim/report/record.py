@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
-import torch
 from torch import nn
 
 from fedsim.arrays import load_record
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
+from fedsim.files import append_text, make_folder, save_torch, sync_size, truncate, write_text
+from fedsim.lock import clear, is_empty
 from fedsim.report.plots import plot_learning_curves
 from fedsim.server.client_dp import summarize_client_dp
 
@@ -37,7 +36,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to write into a non-empty folder unless ``overwrite`` (never silently)."""
     if out.exists() and not out.is_dir():
         raise ScenarioError(f"output path {str(out)!r} exists and is not a folder; use --out DIR")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not is_empty(out) and not overwrite:
         raise ScenarioError(
             f"output folder {str(out)!r} is not empty; pass --overwrite to replace it or "
             "--out DIR to write elsewhere"
@@ -139,27 +138,25 @@ class RunRecorder:
             return  # resuming: the folder is this run's own
         check_output_dir(self.out, self.overwrite)
         if self.out.is_dir() and self.overwrite:
-            shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+            clear(self.out, "fedsim run --overwrite")  # the folder's lock stays held
+        make_folder(self.out)
 
     def start(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self._t0 = time.perf_counter()
         if self.checkpoint is not None:
-            with open(self.out / "rounds.jsonl", "r+b") as fh:
-                fh.truncate(int(self.checkpoint.meta["rounds_bytes"]))
+            truncate(self.out / "rounds.jsonl", int(self.checkpoint.meta["rounds_bytes"]))
             self.rounds = list(self.checkpoint.rounds)
             self._t0 -= float(self.checkpoint.meta.get("elapsed_seconds", 0.0))
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "scenario.toml").write_text(tomli_w.dumps(scenario.to_dict()))
-        (self.out / "rounds.jsonl").write_text("")
+        make_folder(self.out)
+        write_text(self.out / "scenario.toml", tomli_w.dumps(scenario.to_dict()))
+        write_text(self.out / "rounds.jsonl", "")
 
     def on_round(self, record: dict) -> None:
         record = _finite(with_derived(record))
         self.rounds.append(record)
-        with open(self.out / "rounds.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        append_text(self.out / "rounds.jsonl", json.dumps(record, sort_keys=True) + "\n")
         if self.progress is not None:
             self.progress(record)
 
@@ -169,11 +166,7 @@ class RunRecorder:
 
     def rounds_position(self) -> tuple[int, int]:
         """(lines, bytes) of ``rounds.jsonl`` so far, flushed to disk (for a checkpoint)."""
-        path = self.out / "rounds.jsonl"
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
-            size = fh.seek(0, os.SEEK_END)
-        return len(self.rounds), size
+        return len(self.rounds), sync_size(self.out / "rounds.jsonl")
 
     def on_checkpoint(self, seconds: float, size: int) -> None:
         """A checkpoint was written (its cost goes to summary.json ``timing.checkpoints``)."""
@@ -188,17 +181,18 @@ class RunRecorder:
     def _write_results(self, arrays, model: nn.Module, extra: dict) -> None:
         load_record(model, arrays)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save(state, self.out / "model.pt")
+        save_torch(state, self.out / "model.pt")
         summary = summarize(self.rounds, self.scenario, self.elapsed())
         if self.resumed_from:
             summary["resumed_from"] = self.resumed_from
         summary["timing"]["checkpoints"] = dict(self.checkpoints)  # of this (resumed) part
         self.summary = _finite({**summary, **self.notes, **extra})
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         if self.plots:
             plot_learning_curves(self.rounds, self.out / "learning_curves.png",
                                  title=self.scenario.name,
                                  population=self.scenario.num_participating)
+        # last: a summary.json marks the run finished (--resume refuses it, a sweep skips it)
+        write_text(self.out / "summary.json", json.dumps(self.summary, indent=2) + "\n")
 
     def finish(self, arrays, model: nn.Module) -> None:
         self._write_results(arrays, model, {})

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import load_scenario
+from fedsim.files import save_figure, write_json, write_text
 from fedsim.report.budget import arms_of, curve_band_plot, plateau, plateau_lines
 from fedsim.report.claims import (
     CLAIMS_INTRO,
@@ -356,8 +357,10 @@ def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
     if len(groups) > 1 or any(_is_auc(t, k) for t, k in panels):
         axes.flat[0].legend(fontsize=6, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -381,8 +384,10 @@ def curve_plot(rows: list[dict], key: str, path: Path, ylabel: str, base,
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -406,8 +411,10 @@ def mia_vs_accuracy_plot(rows: list[dict], attack: str, path: Path, base) -> Pat
         ax.set_ylabel(f"{attack} AUC")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -510,14 +517,14 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
             lines += [f"  - {d}" for d in claim_details(c)]
         lines.append("")
     path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     slim = [{k: v for k, v in r.items()
              if k not in ("curve", "alpha_curve", "mia_by_round", "summary", "rounds")}
             for r in rows]
-    (root / "report.json").write_text(json.dumps(
-        {"rows": slim, "claims": claims,
-         "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
-         "plateau": budget,
-         **({"tuning": tuning} if tuning else {})},
-        indent=2, default=str) + "\n")
+    write_json(root / "report.json",
+               {"rows": slim, "claims": claims,
+                "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
+                "plateau": budget,
+                **({"tuning": tuning} if tuning else {})},
+               indent=2, default=str)
     return path

@@ -23,6 +23,7 @@ from fedsim.context import RunContext
 from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
+from fedsim.lock import hold
 from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
 from fedsim.report.record import RunRecorder
@@ -122,9 +123,10 @@ app = ServerApp()
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
     run, sink = _from_run_config(context)
-    sink.prepare()
-    # the local Deployment Engine names its nodes' partitions: no query message per node
-    grid = with_recorded_partitions(grid, context.run_config, run.data.participating)
-    server_main(grid, run, sink)
+    with hold(sink.out, "the fedsim ServerApp of a deployed run"):  # one writer per folder
+        sink.prepare()
+        # the local Deployment Engine names its nodes' partitions: no query message per node
+        grid = with_recorded_partitions(grid, context.run_config, run.data.participating)
+        server_main(grid, run, sink)
     if sink.stopped is not None:
         raise sink.stopped

@@ -100,3 +100,37 @@ def test_bad_folders_exit_2_naming_the_fix(runs, tmp_path, capsys, case, pattern
     assert main(["report", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and pattern in err and "\n" not in err
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_non_empty_out_folder_is_replaced_only_with_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    argv = ["report", str(runs / "bn"), str(runs / "gn"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {str(out)!r} is not empty; pass --overwrite to replace what "
+                   "it holds, or another --out DIR\n")
+    assert _files(out) == {"report.md": b"an earlier report"}
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "report.md").read_text().startswith("# Comparison of runs: cmp")
+    assert (out / "runs.json").is_file() and not (out / ".fedsim.lock").exists()
+
+
+@pytest.mark.parametrize("where", ["is", "lies inside", "holds"])
+def test_a_report_never_writes_into_a_run_it_compares(runs, tmp_path, capsys, where):
+    shutil.copytree(runs, tmp_path / "runs")
+    bn, gn = tmp_path / "runs" / "bn", tmp_path / "runs" / "gn"
+    out = {"is": bn, "lies inside": bn / "cmp", "holds": tmp_path / "runs"}[where]
+    before = {f: _files(f) for f in (bn, gn)}
+    assert main(["report", str(bn), str(gn), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {str(out)!r} {where} the compared run folder "), err
+    assert "a report never writes into a run it compares: pass another --out DIR" in err
+    assert len(err.splitlines()) == 1
+    assert {f: _files(f) for f in (bn, gn)} == before  # learning_curves.png and all
+    assert not (bn / "cmp").exists()

@@ -173,7 +173,9 @@ def test_a_write_that_dies_midway_leaves_the_last_checkpoint_intact(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(tmp_path, encode_checkpoint(2, arrays(2), FedAvg(), None, {}))
     assert read_checkpoint(tmp_path / "checkpoint.pt").round == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    # the newest complete checkpoint was linked as the previous one before the write began
+    assert read_checkpoint(tmp_path / PREVIOUS).round == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pt", PREVIOUS])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])

@@ -14,6 +14,7 @@ from same_run import assert_same_run  # tests/same_run.py
 
 import fedsim
 from fedsim.cli import main
+from fedsim.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["server.rounds=6", "partition.num_clients=12", "server.clients_per_round=3",
@@ -47,8 +48,10 @@ def test_sigkill_after_round_k_then_resume_equals_the_uninterrupted_run(tmp_path
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     assert not (out / "summary.json").exists()
     assert rounds.read_text().count("\n") < 7  # it really stopped before the end
+    assert (out / LOCK_NAME).exists()  # the killed run's lock file, no longer locked
 
-    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # so no stale lock
+    assert not (out / LOCK_NAME).exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"][0] >= k - 1  # the checkpoint of round k (or k-1 if the
     # kill landed between the round's record and its checkpoint)
