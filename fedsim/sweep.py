@@ -31,7 +31,14 @@ from typing import Any
 
 import tomli_w
 
-from fedsim.config import Scenario, apply_override, load_scenario, scenario_from_dict
+from fedsim.config import (
+    MAX_CELLS_ENV,
+    Scenario,
+    apply_override,
+    env_limit,
+    load_scenario,
+    scenario_from_dict,
+)
 from fedsim.errors import CheckpointError, ScenarioError
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 from fedsim.report.claims import check_claims
@@ -85,14 +92,16 @@ def cell_name(params: dict[str, Any]) -> str:
 
 
 def expand(base: Scenario, root: Path) -> list[Cell]:
-    """Every cell of ``base``'s grid (the last axis varies fastest), each validated."""
+    """Every cell of ``base``'s grid (the last axis varies fastest), each validated; only the
+    first ``FEDSIM_MAX_CELLS`` when that is set (README "Testing")."""
     grid = base.sweep.grid
     if not grid:
         raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
                             "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
     keys = list(grid)
     cells = []
-    for values in itertools.product(*(grid[k] for k in keys)):
+    combos = itertools.product(*(grid[k] for k in keys))
+    for values in itertools.islice(combos, env_limit(MAX_CELLS_ENV)):
         params = dict(zip(keys, values))
         name = cell_name(params)
         raw = base.to_dict()
