@@ -5,7 +5,8 @@ The blocks run in README order, as a reader following it would run them, in one 
 folder holding copies of ``scenarios/``, ``strategies/`` and ``benchmarks/`` (so a block that
 reads ``results/...`` finds what an earlier block wrote, and nothing lands in the
 repository). ``fedsim`` and ``python`` there are this checkout's. ``FEDSIM_MAX_ROUNDS=1`` and
-``FEDSIM_MAX_CELLS=1`` shorten every run and sweep to seconds. A block preceded by
+``FEDSIM_MAX_CELLS=1`` shorten every run and sweep to seconds (and ``OMP_NUM_THREADS=1`` keeps
+torch to one thread, as in the rest of the suite). A block preceded by
 ``<!-- readme: not runnable (REASON) -->`` is not run; the reason is shown as the skip reason.
 """
 
@@ -54,7 +55,9 @@ class Reader:
             shim = shims / name
             shim.write_text(f"#!/bin/sh\n{line}\n")
             shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-        self.env = {**os.environ, **LIMITS, "MPLBACKEND": "Agg",
+        # one torch thread, as in the rest of the suite: on 2 shared cores a second OpenMP
+        # thread spins while it waits for a core (tests/conftest.py)
+        self.env = {**os.environ, **LIMITS, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
                     "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": os.pathsep.join(
                         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
