@@ -1,5 +1,6 @@
-"""Every example in README.md does what it says: each ```bash / ```sh / ```console and
-```python block runs, and each ```toml block is a valid scenario (README "Testing").
+"""Every example in README.md does what it says: each ```bash, ```sh and
+```python block runs, each ```console block prints what it shows, and each ```toml block is
+a valid scenario (README "Testing").
 
 The blocks run in README order, as a reader following it would run them, in one temporary
 folder holding copies of ``scenarios/``, ``strategies/`` and ``benchmarks/`` (so a block that
@@ -74,21 +75,40 @@ class Reader:
         return self.done[block.line]
 
     def _execute(self, block: Block) -> subprocess.CompletedProcess:
-        if block.lang in SHELL:
-            script = block.text
-            if block.lang == "console":  # commands follow a "$ " prompt; the rest is output
-                script = "\n".join(line[2:] for line in script.splitlines()
-                                   if line.startswith("$ "))
-            argv = ["bash", "-e", "-o", "pipefail", "-c", script]
-        else:
-            argv = [sys.executable, "-c", block.text]
+        if block.lang == "console":
+            return self._session(block)
+        argv = (["bash", "-e", "-o", "pipefail", "-c", block.text] if block.lang in SHELL
+                else [sys.executable, "-c", block.text])
+        return self._call(argv)
+
+    def _call(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         try:
             return subprocess.run(argv, cwd=self.folder, env=self.env, capture_output=True,
-                                  text=True, timeout=TIMEOUT_S)
+                                  text=True, timeout=TIMEOUT_S, **kw)
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(argv, -1, exc.stdout or "",
                                                f"{exc.stderr or ''}\ntimed out after "
                                                f"{TIMEOUT_S} s")
+
+    def _session(self, block: Block) -> subprocess.CompletedProcess:
+        """A ``console`` block: each ``$ `` line runs on its own (its exit code aside), and
+        what it prints, stdout and stderr together, must be the lines that follow it (the
+        limits' own ``note:`` lines left out)."""
+        steps: list[tuple[str, list[str]]] = []
+        for line in block.text.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps:
+                steps[-1][1].append(line)
+        for command, expected in steps:
+            result = self._call(["bash", "-c", command + " 2>&1"])
+            got = [line for line in result.stdout.splitlines()
+                   if not line.startswith(tuple(f"note: {k}=" for k in LIMITS))]
+            if got != expected or result.returncode < 0:
+                return subprocess.CompletedProcess(
+                    command, 1, "", f"$ {command}\nexpected:\n" + "\n".join(expected)
+                    + "\ngot:\n" + "\n".join(got))
+        return subprocess.CompletedProcess(block.text, 0, "", "")
 
     def failed_before(self, block: Block) -> list[int]:
         return [line for line, result in self.done.items()
