@@ -16,7 +16,7 @@ README = ROOT / "README.md"
 
 FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)\s*$")
 MARKER = re.compile(r"^<!--\s*readme:\s*(.*?)\s*-->$")
-NOT_RUNNABLE = re.compile(r"^not runnable \((.+)\)$")
+NOT_RUNNABLE = re.compile(r"^not runnable \((.*\S.*)\)$")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
@@ -47,7 +47,7 @@ class Block:
 
 def blocks(text: str) -> list[Block]:
     """Every fenced block of a Markdown text, in order."""
-    lines = text.splitlines()
+    lines, prose = text.splitlines(), outside_blocks(text).splitlines()
     out, section, i = [], "", 0
     while i < len(lines):
         line = lines[i]
@@ -60,7 +60,7 @@ def blocks(text: str) -> list[Block]:
                 end += 1
             if end == len(lines):
                 raise ValueError(f"line {i + 1}: the fenced block is never closed")
-            before = [b.strip() for b in lines[:i] if b.strip()]
+            before = [b.strip() for b in prose[:i] if b.strip()]
             marker = MARKER.match(before[-1]) if before else None
             if marker:
                 before.pop()

@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from markdown_doc import README, ROOT, Block, blocks, markers  # tests/markdown_doc.py
+from markdown_doc import NOT_RUNNABLE, README, ROOT, Block, blocks, markers  # tests/markdown_doc.py
 
 from fedsim.config import MAX_CELLS_ENV, MAX_ROUNDS_ENV, load_scenario
 
@@ -180,8 +180,7 @@ def test_every_readme_marker_is_understood_and_marks_a_block():
     marked = {b.line: b for b in BLOCKS if b.marker is not None}
     lines = text.splitlines()
     for line, content in markers(text):
-        assert content.startswith("not runnable (") and content.endswith(")") \
-            and content[len("not runnable ("):-1].strip(), \
+        assert NOT_RUNNABLE.match(content), \
             f"README line {line}: write <!-- readme: not runnable (REASON) -->, got {content!r}"
         after = next(n for n in range(line, len(lines)) if lines[n].strip())
         assert after + 1 in marked, f"README line {line}: the marker is not followed by a block"
