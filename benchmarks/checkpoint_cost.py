@@ -1,4 +1,4 @@
-"""How long a checkpoint takes and how big it is (issue 6's closing note).
+"""How long a checkpoint takes and how big it is (benchmarks/RESULTS.md, "Checkpoints").
 
     python benchmarks/checkpoint_cost.py            # all three measurements
     python benchmarks/checkpoint_cost.py --quick    # fewer rounds / clients, for a smoke test

@@ -36,8 +36,9 @@ the report gives the ratios between engines at the same count (what an engine ad
 same work) and each engine at its best count (the fastest way to run it here; ``--json``
 reports each engine's median at that count, and the counts). Ray gets ``--ray-cpus`` CPUs
 per client actor (default 1: one actor per core, each with one thread, its best setting on
-a 2-core machine; benchmarks/RESULTS.md) and ``vectorized_parallel`` ``--workers`` threads,
-whatever ``--threads`` says: they run once, at the first count.
+a 2-core machine; benchmarks/RESULTS.md, "Every engine against Flower's Ray engine") and
+``vectorized_parallel`` ``--workers`` threads, whatever ``--threads`` says: they run once,
+at the first count.
 Every engine, the bare loop and Ray's workers included, runs with the scenario's
 ``engine.reuse_memory`` malloc settings (fedsim.engine.memory).
 
@@ -281,7 +282,7 @@ class PeakMemory:
     above (the processes need not peak at the same moment); a process that starts and ends
     between two reads is missed. Reads are rare on purpose: each reads ``/proc`` for every
     process on the machine, and at every 0.2 s that slowed a Ray run's actors by 10-30%
-    (benchmarks/RESULTS.md, "Issue 18: what the process watch cost"). Linux only (/proc);
+    (benchmarks/RESULTS.md, "Watching Ray's processes"). Linux only (/proc);
     elsewhere, zeros."""
 
     def __init__(self, interval: float = 2.0) -> None:

@@ -18,7 +18,7 @@ switched on only inside each round's training phase and aggregation, and reports
 cumulative time of the parts that matter, as shares of the rounds' training time.
 cProfile slows Python code more than it slows PyTorch kernels, so Python-side shares read
 a little high; ``py-spy record`` of
-``fedsim run`` gives unbiased shares (benchmarks/RESULTS.md, "What dominates").
+``fedsim run`` gives unbiased shares (benchmarks/RESULTS.md, "Profiles").
 ``--step`` prints ``torch.profiler``'s table for one client's local training steps.
 """
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import tomli_w
 
-from fedsim.config import Scenario, TuneConfig, apply_override, scenario_from_dict
+from fedsim.config import (
+    MAX_CELLS_ENV,
+    Scenario,
+    TuneConfig,
+    apply_override,
+    env_limit,
+    scenario_from_dict,
+)
 from fedsim.errors import ScenarioError
 from fedsim.run import check
 
@@ -123,14 +130,16 @@ def _finish(raw: dict, base: Scenario, name: str, folder: Path,
 
 def expand(base: Scenario, root: Path) -> list[Cell]:
     """Every cell of ``base``'s grid (the last axis varies fastest), each validated; with
-    tuning, as the base scenario sets the tuned keys (:func:`with_choices` applies them)."""
+    tuning, as the base scenario sets the tuned keys (:func:`with_choices` applies them).
+    Only the first ``FEDSIM_MAX_CELLS`` when that is set (README "Testing")."""
     grid = base.sweep.grid
     if not grid:
         raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
                             "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
     keys = list(grid)
     cells = []
-    for values in itertools.product(*(grid[k] for k in keys)):
+    combos = itertools.product(*(grid[k] for k in keys))
+    for values in itertools.islice(combos, env_limit(MAX_CELLS_ENV)):
         params = dict(zip(keys, values))
         name = cell_name(params)
         scenario = _finish(_cell_raw(base, params), base, name, root / name)

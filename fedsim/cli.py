@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedsim.config import load_scenario
+from fedsim.config import limit_notes, load_scenario
 from fedsim.errors import (
     EXIT_NOT_WRITTEN,
     OneLineArgumentParser,
@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # an interrupted run prints the command that starts it again
     with signals_interrupt():  # Ctrl-C / SIGTERM: one line, exit 130 / 143 (fedsim.interrupt)
         try:
+            for note in limit_notes():  # FEDSIM_MAX_ROUNDS / _CELLS shorten what runs
+                print(note, file=sys.stderr)
             return COMMANDS[args.command](args)
         except ScenarioError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -882,8 +883,55 @@ def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
     Names that only a registry can judge (dataset, partition, arch, norm, strategy, engine,
     ...) are checked at the edge, by :func:`fedsim.run.check` (which ``fedsim.run``, the CLI
     and the sweep call before anything trains): parsing imports nothing but this module.
+    ``FEDSIM_MAX_ROUNDS``, when set, caps the rounds (:func:`limit_rounds`).
     """
-    return _build(Scenario, raw)
+    return limit_rounds(_build(Scenario, raw))
+
+
+# --------------------------------------------------------------------------- example limits
+
+#: Environment variables that shorten every run and sweep without touching a scenario file:
+#: the test suite sets them to run the README's examples in seconds (README "Testing").
+#: Unset (the default), nothing changes.
+MAX_ROUNDS_ENV = "FEDSIM_MAX_ROUNDS"  # every run: server.rounds capped at this
+MAX_CELLS_ENV = "FEDSIM_MAX_CELLS"  # every sweep: only its first cells, in grid order
+
+
+def env_limit(name: str) -> int | None:
+    """The whole number >= 1 in environment variable ``name``, or None when it is unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ScenarioError(f"{name}={text!r} must be a whole number >= 1 (or unset); it "
+                            "shortens every run or sweep (README \"Testing\")")
+    return int(text)
+
+
+def limit_rounds(scenario: Scenario) -> Scenario:
+    """``scenario`` with at most ``FEDSIM_MAX_ROUNDS`` rounds, and the rounds its audits read
+    (``privacy.client_round``, ``privacy.inversion_round``) inside them; unchanged when the
+    variable is unset or the scenario is already that short."""
+    cap = env_limit(MAX_ROUNDS_ENV)
+    if cap is None or scenario.server.rounds <= cap:
+        return scenario
+    privacy = dataclasses.replace(scenario.privacy,
+                                  client_round=min(scenario.privacy.client_round, cap),
+                                  inversion_round=min(scenario.privacy.inversion_round, cap))
+    return dataclasses.replace(scenario, server=dataclasses.replace(scenario.server, rounds=cap),
+                               privacy=privacy)
+
+
+def limit_notes() -> list[str]:
+    """One ``note:`` line per example limit in force, for the command line to print."""
+    notes = []
+    if (rounds := env_limit(MAX_ROUNDS_ENV)) is not None:
+        notes.append(f"note: {MAX_ROUNDS_ENV}={rounds}: every run stops after at most {rounds} "
+                     "round(s)")
+    if (cells := env_limit(MAX_CELLS_ENV)) is not None:
+        notes.append(f"note: {MAX_CELLS_ENV}={cells}: a sweep runs only its first {cells} "
+                     "cell(s)")
+    return notes
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

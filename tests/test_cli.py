@@ -41,6 +41,16 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, pattern):
     assert not out.exists()  # nothing written
 
 
+def test_the_example_limits_in_force_are_said_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDSIM_MAX_ROUNDS", "1")
+    monkeypatch.setenv("FEDSIM_MAX_CELLS", "3")
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "note: FEDSIM_MAX_ROUNDS=1: every run stops after at most 1 round(s)",
+        "note: FEDSIM_MAX_CELLS=3: a sweep runs only its first 3 cell(s)",
+        f"error: scenario file {str(tmp_path / 'missing.toml')!r} does not exist"]
+
+
 def test_console_script_exit_code_and_stderr(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim.cli", "run", "scenarios/quickstart.toml",

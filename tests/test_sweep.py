@@ -39,6 +39,18 @@ def test_grid_parses_from_dotted_toml_keys_and_round_trips(tmp_path):
     assert load_scenario(resolved).sweep == scn.sweep
 
 
+def test_max_cells_expands_only_the_first_cells_in_grid_order(tmp_path, monkeypatch):
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nmodel.norm = ["bn", "gn"]\nseed = [0, 1, 2]\n')
+    every = [c.name for c in expand(load_scenario(path), tmp_path / "out")]
+    monkeypatch.setenv("FEDSIM_MAX_CELLS", "2")
+    assert [c.name for c in expand(load_scenario(path), tmp_path / "out")] == every[:2] == [
+        "norm-bn__seed-0", "norm-bn__seed-1"]
+    monkeypatch.setenv("FEDSIM_MAX_CELLS", "0")
+    with pytest.raises(ScenarioError, match="FEDSIM_MAX_CELLS='0' must be a whole number"):
+        expand(load_scenario(path), tmp_path / "out")
+
+
 def test_cell_names_use_full_keys_only_when_short_ones_clash():
     assert cell_name({"model.norm": "bn", "seed": 3}) == "norm-bn__seed-3"
     assert cell_name({"a.x": 1, "b.x": 2}) == "a.x-1__b.x-2"

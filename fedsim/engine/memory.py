@@ -8,7 +8,7 @@ to the largest block seen (trim: twice that), and a vectorized cohort's activati
 few MB each still cycle in and out. :func:`reused_memory` sets them at once to where glibc's
 own adjusting ends (mmap threshold at its 64-bit maximum of 32 MiB, trim threshold twice
 that) with ``mallopt`` (the effect on a cohort is measured in benchmarks/RESULTS.md,
-"Engines"). Setting a threshold ends glibc's adjusting for the rest of
+"Memory reuse"). Setting a threshold ends glibc's adjusting for the rest of
 the process, so these stay after the run (they are where it would have ended up); free
 memory is returned at the end of the run (``malloc_trim``). Other C libraries: nothing to
 do. Child processes (Ray's local workers) get the same settings through :data:`MALLOC_ENV`,

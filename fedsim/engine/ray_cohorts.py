@@ -17,7 +17,7 @@ per message, every client with its own hooks and ``Context.state``.
 ``Message`` objects pickled with plain :mod:`pickle` (:func:`to_wire`), which Ray passes
 through as it is. Handed the objects themselves, Ray's own serializer treats each of a
 cohort's hundreds of small arrays as a separate out-of-band buffer, which costs more than
-one pickle each way (benchmarks/RESULTS.md, "Issue 18, sixth session").
+one pickle each way (benchmarks/RESULTS.md, "Cohort on the wire as bytes").
 
 **Client state travels with the message.** The driver's
 :class:`~fedsim.engine.store.ClientStateStore` stays the one store: a cohort carries its
@@ -85,12 +85,12 @@ COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
 #: seconds between the driver's background looks for Ray's processes (engine.processes.
 #: TreeWatch); it also looks whenever actors have started and before Ray shuts down. Each
 #: look reads /proc for every process, which slowed the actors measurably at 1 s
-#: (benchmarks/RESULTS.md, "Issue 18: what the process watch cost")
+#: (benchmarks/RESULTS.md, "Watching Ray's processes")
 WATCH_INTERVAL = 30.0
 #: bytes up to which a cohort's results (and its task) travel inline in Ray's own messages
 #: rather than through its shared-memory object store (Ray's default: 100 KiB). A cohort of
 #: 50 small-model replies is 0.3–0.6 MB; inline, the driver holds it ~2 ms sooner per round
-#: (benchmarks/RESULTS.md, "Issue 18, fifth session", "Cohort results inline"). Larger
+#: (benchmarks/RESULTS.md, "Cohort results inline"). Larger
 #: results (big models, big cohorts) still go through the object store, so no message grows
 #: past this.
 INLINE_RESULT_BYTES = 4 * 1024 * 1024

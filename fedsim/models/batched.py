@@ -16,7 +16,8 @@ is their native backward on the stacked tensors too.
   (``fedsim.models.pool``).
 
 ``vmap``'s own rules compute the same values; the folds make a small CNN's cohort faster
-(benchmarks/RESULTS.md). The choice is made once, when the cohort's model is built:
+(benchmarks/RESULTS.md, "Norm layers folded
+into channels"). The choice is made once, when the cohort's model is built:
 :func:`fold_for_cohort` returns a copy of a model whose fedsim layers are replaced by their
 folding variants (:data:`FOLDED`); the ordinary layers never look at functorch. A folding
 layer still runs ``torch.nn``'s computation wherever it is not under a folding ``vmap``

@@ -1,11 +1,11 @@
 """Max pooling with PyTorch's faster CPU kernel and exactly ``nn.MaxPool2d``'s results.
 
 PyTorch's CPU ``max_pool2d`` is several times slower in the default (NCHW) layout than in
-channels-last, conversions included (benchmarks/RESULTS.md). Both kernels scan each window in
-the same order and pick the same element, so pooling in channels-last and converting back
-gives the same values *and* the same indices; the backward pass scatters the gradient with
-those indices in the default layout, as ``nn.MaxPool2d``'s own backward does. Results are
-bitwise equal (tests/models/test_pool.py), in plain autograd and in double backward
+channels-last, conversions included (benchmarks/RESULTS.md, "Profiles"). Both kernels scan
+each window in the same order and pick the same element, so pooling in channels-last and
+converting back gives the same values *and* the same indices; the backward pass scatters the
+gradient with those indices in the default layout, as ``nn.MaxPool2d``'s own backward does.
+Results are bitwise equal (tests/models/test_pool.py), in plain autograd and in double backward
 (gradient inversion). Under ``vmap`` the layer runs ``nn.MaxPool2d``'s code (the custom
 autograd function has no batching rule); the cohort's folding variant, which pools all
 clients at once, is :class:`fedsim.models.batched.FoldedMaxPool2d`.
