@@ -77,7 +77,8 @@ def plain_value(value: object) -> object:
 
 def test_every_key_row_is_a_scenario_field_with_its_default():
     defaults, rows = config_defaults(), every_key_rows()
-    free_form = {"sweep.<key>": "sweep.grid", "[[claims]]": "claims"}
+    free_form = {"sweep.<key>": "sweep.grid", "sweep.zip.<axis>.<setting>": "sweep.zip",
+                 "[[claims]]": "claims"}
     wrong = []
     for key, (stated, _) in rows.items():
         field = free_form.get(key, key)
@@ -96,7 +97,7 @@ def test_every_key_row_is_a_scenario_field_with_its_default():
 
 
 def test_every_scenario_field_has_a_row():
-    listed = set(every_key_rows()) | {"sweep.grid", "claims"}
+    listed = set(every_key_rows()) | {"sweep.grid", "sweep.zip", "claims"}
     missing = sorted(set(config_defaults()) - listed)
     assert not missing, f"scenario keys without a row in README 'Every key': {missing}"
 
