@@ -21,7 +21,13 @@ from collections.abc import MutableMapping
 import torch
 from torch import nn
 
-from fedsim.models.bn_statistics import Moments, bn_layers, exact_statistics, input_moments
+from fedsim.models.bn_statistics import (
+    Moments,
+    bn_layers,
+    exact_statistics,
+    input_moments,
+    is_bn_layer,
+)
 
 
 def statistics_keys(name: str) -> tuple[str, str]:
@@ -49,8 +55,17 @@ def upload_exact_moments(model: nn.Module, x: torch.Tensor,
     return counts
 
 
+def bn_layer(model: nn.Module, name: str) -> nn.Module:
+    """``model``'s BN layer ``name`` (a module name); ValueError for any other module."""
+    layer = model.get_submodule(name)
+    if not is_bn_layer(layer):
+        raise ValueError(f"{name!r} is a {type(layer).__name__}, not a BN layer with running "
+                         "statistics")
+    return layer
+
+
 def layer_moments(model: nn.Module, layer: str, x: torch.Tensor) -> Moments:
     """Moments of BN layer ``layer``'s input (module name) over ``x`` under ``model``'s
     current arrays (eval mode)."""
-    return input_moments(model, model.get_submodule(layer), x)
+    return input_moments(model, bn_layer(model, layer), x)
 

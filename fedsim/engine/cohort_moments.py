@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fedsim.arrays import load_record
-from fedsim.client.bn_moments import statistics_keys
+from fedsim.client.bn_moments import bn_layer, statistics_keys
 from fedsim.client.messages import bn_layer_asked, error_reply, moments_reply
 from fedsim.client.runtime import ClientRuntime
 from fedsim.models.bn_statistics import (
@@ -157,7 +157,7 @@ class CohortMoments:
                 cid = rt.client_id(ctx)
                 record = require_record(msg.content, "arrays", ArrayRecord)
                 layer = bn_layer_asked(msg)
-                model.get_submodule(layer)  # a bad name fails this client here
+                bn_layer(model, layer)  # a bad name fails this client here
                 records[id(record)] = record
                 groups.setdefault((id(record), layer), []).append((i, cid,
                                                                    rt.client_train(cid)[0]))
@@ -166,7 +166,7 @@ class CohortMoments:
         for (rec_id, layer), members in groups.items():
             try:
                 load_record(model, records[rec_id])
-                count, mean, var = cohort_layer_moments(model, model.get_submodule(layer),
+                count, mean, var = cohort_layer_moments(model, bn_layer(model, layer),
                                                         [x for _, _, x in members])
             except Exception as exc:
                 for i, cid, _ in members:

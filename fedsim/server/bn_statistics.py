@@ -95,6 +95,7 @@ class BNStatistics:
         self.mode = mode
         self.bn_eval = bn_eval
         self.layers = [name for name, _ in bn_layers(model, input_shape)]
+        self.seconds = 0.0
 
     @property
     def active(self) -> bool:
@@ -108,7 +109,9 @@ class BNStatistics:
     def step(self, rnd: int, replies: Sequence[Message], arrays: ArrayRecord, grid: Grid
              ) -> tuple[ArrayRecord, dict | None]:
         """The global ``arrays`` after this round's step, and its record (None: the model has
-        no BN layer, nothing to record)."""
+        no BN layer, nothing to record); :attr:`seconds`: what the step took (wall clock,
+        kept out of the record so that a resumed run's records equal an uninterrupted one's)."""
+        self.seconds = 0.0
         if not self.layers:
             return arrays, None
         record: dict = {"mode": self.mode}
@@ -128,8 +131,8 @@ class BNStatistics:
             arrays = self._pooled(rnd, replies, arrays, layers)
         else:
             arrays = self._recalibrated(rnd, replies, arrays, layers, grid, record)
-        record.update(applied=True, layers=len(layers), clients=len(replies),
-                      seconds=time.perf_counter() - t0)
+        record.update(applied=True, layers=len(layers), clients=len(replies))
+        self.seconds = time.perf_counter() - t0
         return arrays, record
 
     # -- pooled ------------------------------------------------------------------------

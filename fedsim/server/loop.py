@@ -381,6 +381,7 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
             arrays, bn_record = runner.bn_statistics.step(rnd, phase.accepted, arrays, grid)
             if bn_record is not None:
                 record["bn_statistics"] = bn_record
+                record["bn_seconds"] = runner.bn_statistics.seconds
     record["train_seconds"] = time.perf_counter() - t0
     if on_replies is not None:
         on_replies(rnd, phase.accepted, arrays)
