@@ -3,10 +3,10 @@
 sequential and the vectorized engine; what is recorded; what is refused."""
 
 import copy
-import json
 
 import pytest
 import torch
+from bn_reference import assert_recalibrated, rounds  # tests/bn_reference.py
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 import fedsim
@@ -14,12 +14,9 @@ from fedsim import compat
 from fedsim.arrays import record_to_state, state_to_record
 from fedsim.client.bn_moments import upload_exact_moments
 from fedsim.client.messages import BN_COUNTS
-from fedsim.config import load_scenario
-from fedsim.context import RunContext
 from fedsim.engine.inprocess import set_task_identity
 from fedsim.errors import RunStopped, ScenarioError
 from fedsim.models import build_model
-from fedsim.models.bn_statistics import bn_layers
 from fedsim.server.bn_statistics import BNStatistics
 
 F64 = 1e-12
@@ -124,45 +121,6 @@ def test_pooled_replies_without_moments_stop_the_round_naming_the_cause():
 TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=4",
         "partition.holdout_clients=0.0", "model.width=8", "model.norm=bn", "client.epochs=1",
         "output.eval_clients=2"]
-
-
-def rounds(path):
-    return [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
-
-
-def centralized_reference(path, overrides):
-    """The run's final global model in float64 with every BN layer's statistics set by a
-    pass over the union of the last round's clients' training data (torch's BatchNorm, one
-    batch, momentum 1, layer by layer in call order), and the run's own statistics."""
-    run = RunContext.build(load_scenario("scenarios/quickstart.toml", overrides))
-    state = torch.load(path / "model.pt", weights_only=True)
-    model = run.new_model()
-    model.load_state_dict(state)
-    model = model.double().eval()
-    x = torch.cat([run.data.client_train(c)[0] for c in rounds(path)[-1]["clients"]]).double()
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, _ in bn_layers(model, (1, 8, 8)):
-            modules[name].train()
-            modules[name].momentum = 1.0
-            model(x)
-            modules[name].eval()
-    return model.state_dict(), state
-
-
-def assert_recalibrated(path, overrides):
-    """float32 clients against the float64 reference: activations of a width-8 CNN carry a
-    relative rounding of a few float32 eps per layer (sums of ≤ 72 products), so the
-    statistics agree to 1e-5 relative; the mean's absolute bound scales with the std."""
-    ref, state = centralized_reference(path, overrides)
-    names = [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]
-    assert names == ["features.1", "features.5"]
-    for name in names:
-        var = ref[f"{name}.running_var"]
-        torch.testing.assert_close(state[f"{name}.running_var"].double(), var, rtol=1e-5,
-                                   atol=0.0)
-        diff = (state[f"{name}.running_mean"].double() - ref[f"{name}.running_mean"]).abs()
-        assert (diff <= 1e-5 * var.sqrt() + 1e-7).all(), (name, diff.max())
 
 
 def test_recalibrate_equals_a_centralized_pass_over_the_union_sequential_and_vectorized(
