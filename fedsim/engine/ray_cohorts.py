@@ -3,10 +3,10 @@
 The ServerApp, its strategy and fedsim's own Grid (:class:`RayCohortGrid`, the in-process
 grid) run in this process, the driver: node ids, client sampling and the client-state store
 are exactly the in-process engine's. Only the execution differs: each pull's train and
-evaluate messages (and ``server.bn_statistics = "recalibrate"``'s BN-moment queries) are split
-into cohorts (at most ``engine.cohort_size`` clients, a multiple
-of the actor count, of equal work where the clients' sizes are known: the in-process grid's
-split) and handed to ``engine.ray_workers`` long-lived Ray actors
+evaluate messages (and the BN-moment queries of ``server.bn_statistics = "recalibrate"``) are
+split into cohorts (at most ``engine.cohort_size`` clients, a multiple of the actor count,
+of equal work where the clients' sizes are known: the in-process grid's split) and handed to
+``engine.ray_workers`` long-lived Ray actors
 (:class:`CohortWorker`, ``engine.ray_num_cpus`` CPUs and ``engine.client_gpus`` GPU each).
 An actor builds the run's :class:`~fedsim.client.runtime.ClientRuntime` once, from the
 scenario's plain dict (never a pickled runtime or model), and answers a cohort with the same

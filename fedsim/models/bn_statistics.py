@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from fedsim.models.norm import has_running_statistics, layer_uses_batch_statistics
 
 #: samples per forward pass when moments are taken over a client's data
-MOMENTS_BATCH = 1024
+MOMENTS_BATCH = 256
 
 Moments = tuple[Tensor, Tensor, Tensor]  # (count, mean, biased variance), float64
 

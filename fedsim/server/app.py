@@ -58,7 +58,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     if hooks := personal_hooks(strategy):  # clients keep local arrays: evaluate their own models
         personal = PersonalizedEvaluator(
             hooks, grid, evaluator, data, model, device,
-            cohort_size=scenario.engine.cohort_size if scenario.engine.vectorize else None)
+            cohort_size=scenario.engine.cohort_size if scenario.engine.vectorize else None,
+            bn_eval=scenario.model.bn_eval)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
     audit = None

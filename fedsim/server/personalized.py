@@ -73,7 +73,7 @@ class PersonalizedEvaluator:
 
     def __init__(self, hooks: tuple[str, ...], grid: ClientOrderedGrid, evaluator: Evaluator,
                  data: FederatedData, model: nn.Module, device: torch.device,
-                 cohort_size: int | None = None) -> None:
+                 cohort_size: int | None = None, bn_eval: str = "running") -> None:
         self.hooks = hooks
         self.cohort_size = cohort_size  # set (engine.vectorize): holdout clients as vmap cohorts
         self.grid = grid
@@ -85,7 +85,7 @@ class PersonalizedEvaluator:
         # the evaluated clients' nodes in client order, found per client (not per node)
         self.nodes = grid.nodes_of(sorted(set(evaluator.clients)))
         self.holdout = list(evaluator.holdout)
-        self.bn_eval = evaluator.bn_eval
+        self.bn_eval = bn_eval  # model.bn_eval, for the holdout clients evaluated here
         self.failures = 0
 
     def config(self) -> ConfigRecord:
