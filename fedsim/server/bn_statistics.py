@@ -97,11 +97,6 @@ class BNStatistics:
         self.layers = [name for name, _ in bn_layers(model, input_shape)]
         self.seconds = 0.0
 
-    @property
-    def active(self) -> bool:
-        """Whether the step replaces anything (a mode other than "average", BN layers)."""
-        return self.mode != "average" and bool(self.layers)
-
     def train_config(self) -> dict:
         """Train-config entries the clients need ("pooled": upload exact moments)."""
         return {BN_MOMENTS_KEY: 1} if self.mode == "pooled" and self.layers else {}
