@@ -132,3 +132,38 @@ def test_cohort_evaluator_with_batch_statistics_equals_handle_evaluate():
                                                 rel=1e-3)
     handle_evaluate(message(arrays, config, 1, MessageType.EVALUATE), contexts()[0], rt)
     assert (rt.model.features[1].running_var == 9.0).all()  # loaded, then left alone
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_cohort_exact_statistics_equal_each_members_own_exact_pass_float64(chunk, monkeypatch):
+    """Members with their own weights and 13, 1, 8 and 21 samples (chunks of 3 samples run
+    shrinking prefixes of the size-ordered cohort): each member's statistics and counts are
+    exact_statistics on its own model, to float64 rounding."""
+    import fedsim.engine.cohort_moments as cohort_moments
+    from fedsim.engine.cohort_moments import cohort_exact_statistics
+    from fedsim.models import build_model
+    from fedsim.models.batched import fold_for_cohort
+    from fedsim.models.bn_statistics import exact_statistics
+
+    monkeypatch.setattr(cohort_moments, "EXACT_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = build_model("resnet", "bn", in_channels=1, image_size=8, num_classes=10,
+                        width=4).double()
+    g = torch.Generator().manual_seed(1)
+    states, data, expected = [], [], []
+    for n in (13, 1, 8, 21):
+        own = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in own.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64) + n / 10
+        states.append({k: v.clone() for k, v in own.state_dict().items()})
+        data.append(x)
+        counts = exact_statistics(own, x, bn_layers(own, (1, 8, 8)))
+        expected.append((counts, own.state_dict()))
+    cohort = fold_for_cohort(model)
+    got = cohort_exact_statistics(cohort, states, data, bn_layers(cohort, (1, 8, 8)))
+    for state, counts, (ref_counts, ref_state) in zip(states, got, expected):
+        assert counts == ref_counts
+        for key, value in ref_state.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12)

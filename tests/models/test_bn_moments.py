@@ -20,6 +20,7 @@ from fedsim.models.bn_statistics import (
     exact_statistics,
     input_moments,
     pool_moments,
+    segment_moments,
     unbiased,
 )
 
@@ -62,7 +63,8 @@ def test_pooled_client_moments_equal_the_moments_of_the_concatenated_data():
 
 def test_masked_chunks_and_accumulated_chunks_equal_one_pass_over_each_client():
     """Clients stacked with zero padding: the mask leaves the padding out; chunks of the
-    samples pooled one after another give the one-pass moments of each client."""
+    samples pooled one after another give the one-pass moments of each client; so do the
+    clients concatenated, each sample tagged with its client."""
     xs = hand_made_clients()
     k, n_max = len(xs), max(len(x) for x in xs)
     stack = torch.zeros(k, n_max, 3, 4, 4, dtype=torch.float64)
@@ -78,6 +80,10 @@ def test_masked_chunks_and_accumulated_chunks_equal_one_pass_over_each_client():
         assert acc[0][i].item() == n
         torch.testing.assert_close(acc[1][i], mean, rtol=F64, atol=F64)
         torch.testing.assert_close(acc[2][i], var_biased, rtol=F64, atol=F64)
+    segments = torch.cat([torch.full((len(x),), i) for i, x in enumerate(xs)])
+    seg = segment_moments(torch.cat(xs), segments, k)
+    for a, b in zip(seg, accumulate(None, chunk_moments(stack, valid))):
+        torch.testing.assert_close(a, b, rtol=F64, atol=F64)
     empty = chunk_moments(stack[:, :0], valid[:, :0])
     assert empty[0].tolist() == [0.0] * k and not empty[1].any() and not empty[2].any()
 
