@@ -4,9 +4,10 @@ on a small BN scenario, one client at a time and in vectorized cohorts.
 Runs the modes in alternation (``--repeats`` passes of average → pooled → recalibrate per
 backend, so machine load drifts over all of them alike) and reports, per mode and backend,
 the median over runs of the mean per-round training-phase seconds (``train_seconds``:
-sampling, client training, aggregation and the BN step; not server evaluation) and of the
-step's own seconds (``bn_seconds``), and the ratio to ``average``. From the repository
-root::
+sampling, client training, aggregation and the BN step; not server evaluation), of the
+step's own seconds (``bn_seconds``) and of the whole run's CPU seconds in this process
+(every in-process engine computes here; robust to other processes competing for the
+cores, unlike wall time), with the ratios to ``average``. From the repository root::
 
     python benchmarks/bn_statistics_cost.py                  # quickstart + model.norm=bn
     python benchmarks/bn_statistics_cost.py --repeats 5 --set server.rounds=5
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +39,11 @@ def per_round(path: Path) -> tuple[float, float]:
             statistics.fmean(r.get("bn_seconds", 0.0) for r in rows))
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="scenarios/quickstart.toml")
@@ -46,24 +53,27 @@ def main() -> None:
     args = parser.parse_args()
     base = ["model.norm=bn", "output.eval_every=1000", "output.checkpoint_every=0",
             *args.overrides]
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for backend, extra in BACKENDS.items():
                 for mode in MODES:
                     out = Path(tmp) / f"{backend}-{mode}-{rep}"
+                    cpu = cpu_seconds()
                     fedsim.run(args.scenario, base + extra + [f"server.bn_statistics={mode}"],
                                out=out, overwrite=True)
-                    times.setdefault((backend, mode), []).append(per_round(out))
+                    cpu = cpu_seconds() - cpu
+                    times.setdefault((backend, mode), []).append((*per_round(out), cpu))
     print(f"scenario {args.scenario}, overrides {base}, {args.repeats} alternating repeats")
-    print("| backend | mode | train s/round (median) | BN step s/round | ratio to average |")
-    print("|---|---|---|---|---|")
+    print("| backend | mode | train s/round | BN step s/round | ratio | CPU s/run | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for backend in BACKENDS:
-        ref = statistics.median(t for t, _ in times[(backend, "average")])
+        ref = [statistics.median(t[j] for t in times[(backend, "average")]) for j in range(3)]
         for mode in MODES:
-            train = statistics.median(t for t, _ in times[(backend, mode)])
-            step = statistics.median(s for _, s in times[(backend, mode)])
-            print(f"| {backend} | {mode} | {train:.3f} | {step:.3f} | {train / ref:.2f} |")
+            train, step, cpu = (statistics.median(t[j] for t in times[(backend, mode)])
+                                for j in range(3))
+            print(f"| {backend} | {mode} | {train:.3f} | {step:.3f} | {train / ref[0]:.2f} | "
+                  f"{cpu:.2f} | {cpu / ref[2]:.2f} |")
 
 
 if __name__ == "__main__":
