@@ -99,6 +99,13 @@ class PartitionConfig:
         return int(round(self.holdout_clients * self.num_clients))
 
 
+#: ``model.bn_eval``: how evaluation normalises with BN layers (fedsim.client.train.evaluate)
+BN_EVAL = ("running", "batch")
+#: ``server.bn_statistics``: how the global BN running statistics are made after aggregation
+#: (fedsim.server.bn_statistics)
+BN_STATISTICS = ("average", "pooled", "recalibrate")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network and its normalization switch (``[model]``)."""
@@ -108,10 +115,15 @@ class ModelConfig:
     width: int = 32  # channels of the first conv layer / hidden units of the MLP
     groups: int = 8  # GroupNorm groups (reduced to a divisor of the channel count)
     hybrid_init: float = 0.0  # hybrid: initial theta, alpha = sigmoid(theta)
+    # evaluation of the global model: BN layers normalise with their running statistics
+    # ("running") or with each test batch's own statistics ("batch", transductive)
+    bn_eval: str = "running"
 
     def __post_init__(self) -> None:
         _check(self.width >= 4, "model.width", "it must be >= 4", self.width)
         _check(self.groups >= 1, "model.groups", "it must be >= 1", self.groups)
+        _check(self.bn_eval in BN_EVAL, "model.bn_eval", f"use one of {', '.join(BN_EVAL)}",
+               self.bn_eval)
 
 
 @dataclass(frozen=True)
@@ -246,8 +258,14 @@ class ServerConfig:
     fraction_evaluate: float = 0.0  # federated (client-side) evaluation; 0 = server-side only
     params: dict[str, Any] = field(default_factory=dict)
     dp: DPConfig = field(default_factory=DPConfig)
+    # the global BN running statistics after aggregation: the strategy's aggregate of the
+    # clients' running statistics ("average"), the clients' exact moments pooled by the law
+    # of total variance ("pooled"), or re-estimated on the new weights ("recalibrate")
+    bn_statistics: str = "average"
 
     def __post_init__(self) -> None:
+        _check(self.bn_statistics in BN_STATISTICS, "server.bn_statistics",
+               f"use one of {', '.join(BN_STATISTICS)}", self.bn_statistics)
         _check(self.rounds >= 1, "server.rounds", "it must be >= 1", self.rounds)
         _check(self.clients_per_round >= 1, "server.clients_per_round", "it must be >= 1",
                self.clients_per_round)

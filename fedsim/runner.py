@@ -22,7 +22,12 @@ from fedsim.lock import hold
 from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
-from fedsim.validate import check_batch_statistics, check_forward, check_names
+from fedsim.validate import (
+    check_batch_statistics,
+    check_bn_statistics,
+    check_forward,
+    check_names,
+)
 
 
 def check(scenario: Scenario) -> None:
@@ -38,6 +43,7 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     model = run.new_model()
     check_forward(scenario, copy.deepcopy(model), data.input_shape)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
+    check_bn_statistics(scenario, copy.deepcopy(model), data.input_shape)
     check_engine(run, model)
     if scenario.privacy.enabled:
         check_privacy(run)

@@ -12,9 +12,11 @@ import inspect
 import math
 
 import torch
+from flwr.app import ConfigRecord, RecordDict
 
 import fedsim.plugins  # noqa: F401  fedsim's strategies, compressors, crash hook register
 from fedsim.client.dpsgd import BATCH_NORM_REFUSAL
+from fedsim.client.hooks import CLIENT_HOOKS, HookContext, LocalArraysHook
 from fedsim.config import Scenario
 from fedsim.data.datasets import DATASETS
 from fedsim.data.domains import DOMAINS
@@ -22,7 +24,12 @@ from fedsim.data.partition import PARTITIONS
 from fedsim.engine import ENGINES
 from fedsim.errors import ScenarioError
 from fedsim.models import ARCHS, NORMS
-from fedsim.models.norm import uses_batch_statistics
+from fedsim.models.bn_statistics import bn_layers
+from fedsim.models.norm import (
+    model_uses_batch_statistics,
+    norm_statistics_keys,
+    uses_batch_statistics,
+)
 from fedsim.server.factory import make_strategy
 from fedsim.server.strategies import strategy_class
 
@@ -124,3 +131,66 @@ def check_batch_statistics(scenario: Scenario, model: torch.nn.Module,
                 f"model.norm = {scenario.model.norm!r} ({exc}); use client.batch_size >= 2 or a "
                 "per-sample norm ('gn', 'ln', 'in', 'none')"
             ) from None
+
+
+def local_statistics_keys(scenario: Scenario, model: torch.nn.Module) -> list[str]:
+    """The BN statistics keys the strategy's clients keep local (never upload): those of the
+    ``client_hooks`` it asks for that keep arrays local (FedBN, SiloBN), read from the hooks
+    themselves on ``model``."""
+    stats = set(norm_statistics_keys(model))
+    kept: list[str] = []
+    for name in getattr(strategy_class(scenario.server.strategy), "client_hooks", ()) or ():
+        cls = CLIENT_HOOKS.get(name, key="client-hooks")
+        if issubclass(cls, LocalArraysHook):
+            hook = cls(HookContext(0, ConfigRecord(), RecordDict()))
+            kept += [k for k in hook.local_keys(model) if k in stats and k not in kept]
+    return kept
+
+
+def check_bn_statistics(scenario: Scenario, model: torch.nn.Module,
+                        input_shape: tuple[int, int, int]) -> None:
+    """Refuse ``server.bn_statistics`` and ``model.bn_eval`` where they cannot mean anything:
+
+    - "pooled" / "recalibrate" need BN layers with running statistics the forward pass calls
+      once each (``norm = "gn"`` has none: nothing to pool), and a strategy whose clients
+      upload them (FedBN and SiloBN keep them local: nothing leaves the clients to pool);
+    - ``bn_eval = "batch"`` needs a layer that normalises with batch statistics, and one that
+      can do so from a single test sample (BN after a linear layer cannot: a client's local
+      test split, or its last test batch, may hold one sample).
+    """
+    mode, bn_eval = scenario.server.bn_statistics, scenario.model.bn_eval
+    m = scenario.model
+    if mode != "average":
+        try:
+            layers = bn_layers(model, input_shape)
+        except ValueError as exc:
+            raise ScenarioError(f"server.bn_statistics = {mode!r}: {exc}; use 'average'") from None
+        if not layers:
+            raise ScenarioError(
+                f"server.bn_statistics = {mode!r} needs BatchNorm running statistics, and "
+                f"model.arch = {m.arch!r} with model.norm = {m.norm!r} has none (nothing to "
+                f"pool or recalibrate); use model.norm = 'bn' or 'hybrid', or "
+                f"server.bn_statistics = 'average'")
+        kept = local_statistics_keys(scenario, model)
+        if kept:
+            raise ScenarioError(
+                f"server.bn_statistics = {mode!r} has nothing to pool with server.strategy = "
+                f"{scenario.server.strategy!r}: its clients keep their BN running statistics "
+                f"local and never upload them ({len(kept)} arrays, e.g. {kept[0]!r}); use "
+                f"server.bn_statistics = 'average'")
+    if bn_eval == "batch":
+        if not model_uses_batch_statistics(model):
+            raise ScenarioError(
+                f"model.bn_eval = 'batch' changes nothing for model.norm = {m.norm!r}: no layer "
+                "normalises with batch statistics; use model.bn_eval = 'running' or "
+                "model.norm = 'bn' or 'hybrid'")
+        model.train()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            try:
+                model(torch.zeros(1, *input_shape))
+            except (ValueError, RuntimeError) as exc:
+                raise ScenarioError(
+                    f"model.bn_eval = 'batch' cannot evaluate model.arch = {m.arch!r} with "
+                    f"model.norm = {m.norm!r}: a test batch of one sample (a small client's "
+                    f"local test split) has no batch statistics there ({exc}); use "
+                    "model.bn_eval = 'running' or a conv arch ('cnn', 'resnet')") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-TIMING = {"seconds", "train_seconds"}
+TIMING = {"seconds", "train_seconds", "bn_seconds"}
 
 
 def records(path: Path) -> list[dict]:

@@ -17,23 +17,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import fedsim.plugins  # noqa: F401  strategies and client hooks register (own process)
 from fedsim.arrays import load_record
 from fedsim.client import dpsgd
+from fedsim.client.bn_moments import layer_moments, upload_exact_moments
 from fedsim.client.hooks import receive
 from fedsim.client.messages import (  # messages imports failures: the "crash" hook exists
+    BN_MOMENTS,
+    bn_layer_asked,
     decode,
     error_reply,
     evaluate_reply,
+    moments_reply,
     train_reply,
+    wants_bn_moments,
 )
 from fedsim.client.runtime import ClientRuntime, ClientSettings, shared_runtime
 from fedsim.client.train import evaluate, train_local
 from fedsim.config import Scenario, load_scenario
-from fedsim.records import get_record
+from fedsim.records import get_record, require_record
 from fedsim.rng import torch_generator
 
 
@@ -60,7 +65,11 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     arrays = model.state_dict() if req.hooks else state
     for hook in req.hooks:
         arrays = hook.on_reply(model, arrays)
-    return train_reply(req, arrays, result, dp_metrics)
+    counts = None
+    if wants_bn_moments(req):  # server.bn_statistics = "pooled": exact moments go up
+        arrays = dict(arrays)
+        counts = upload_exact_moments(model, x, arrays)
+    return train_reply(req, arrays, result, dp_metrics, counts)
 
 
 def _train_dpsgd(settings: ClientSettings, model, x, y, gen, hooks, context: Context):
@@ -96,7 +105,17 @@ def handle_evaluate(msg: Message, context: Context, rt: ClientRuntime) -> Messag
     load_record(rt.model, req.arrays)
     receive(rt.model, req.hooks, local_train)
     x, y = rt.client_test(cid)
-    return evaluate_reply(req, *evaluate(rt.model, x, y))
+    return evaluate_reply(req, *evaluate(rt.model, x, y, bn_eval=rt.settings.bn_eval))
+
+
+def handle_bn_moments(msg: Message, context: Context, rt: ClientRuntime) -> Message:
+    """A recalibration query (``server.bn_statistics = "recalibrate"``): the moments of one BN
+    layer's input under the global arrays sent, over the local training data (forward passes
+    only, the global model without the client's hooks)."""
+    cid = rt.client_id(context)
+    load_record(rt.model, require_record(msg.content, "arrays", ArrayRecord))
+    x, _ = rt.client_train(cid)
+    return moments_reply(msg, cid, *layer_moments(rt.model, bn_layer_asked(msg), x))
 
 
 def handle_query(msg: Message, context: Context, rt: ClientRuntime) -> Message:
@@ -132,6 +151,7 @@ def _register(app: ClientApp, get_runtime: Callable[[Context], ClientRuntime]) -
     app.train()(_guarded(handle_train, get_runtime))
     app.evaluate()(_guarded(handle_evaluate, get_runtime))
     app.query()(_guarded(handle_query, get_runtime))
+    app.query(BN_MOMENTS.partition(".")[2])(_guarded(handle_bn_moments, get_runtime))
     return app
 
 

@@ -43,6 +43,21 @@ log = logging.getLogger("fedsim")
 #: Error code of a ClientApp that raised (Flower's own ``ErrorCode.UNKNOWN`` is 0)
 CLIENT_EXCEPTION = 1
 
+# BatchNorm statistics (``server.bn_statistics``, :mod:`fedsim.server.bn_statistics`): what
+# clients are asked for and answer with, on every engine
+#: train-config key: replace the uploaded running statistics by exact moments ("pooled")
+BN_MOMENTS_KEY = "bn-moments"
+#: reply record (ConfigRecord) of a train reply with exact moments: BN layer (module name)
+#: -> values per channel the moments were taken over
+BN_COUNTS = "bn-counts"
+#: message type of a recalibration query ("recalibrate"): the moments of one BN layer's
+#: input, under the global arrays sent, over the client's training data
+BN_MOMENTS = "query.bn_moments"
+#: query-config key: the BN layer (module name) whose input moments are asked for
+BN_LAYER_KEY = "bn-layer"
+#: reply record (ArrayRecord) of a query: float64 ``mean`` and biased ``var`` per channel
+MOMENTS_RECORD = "moments"
+
 
 @functools.lru_cache(maxsize=16)
 def import_strategy(name: str) -> None:
@@ -85,10 +100,11 @@ def decode(msg: Message, context: Context, settings: ClientSettings, client_id: 
 
 
 def train_reply(req: ClientRequest, arrays: Mapping[str, torch.Tensor | np.ndarray],
-                result: TrainResult, extra_metrics: Mapping[str, float] | None = None
-                ) -> Message:
+                result: TrainResult, extra_metrics: Mapping[str, float] | None = None,
+                bn_counts: Mapping[str, int] | None = None) -> Message:
     """The reply to a train message: the uploaded arrays, the training metrics and the
-    ``client`` record (client id, local steps, bytes on the wire)."""
+    ``client`` record (client id, local steps, bytes on the wire); with ``bn_counts`` (the
+    uploaded BN statistics are exact moments) also the :data:`BN_COUNTS` record."""
     metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
                             "train_accuracy": result.accuracy, **(extra_metrics or {})})
     content = RecordDict({
@@ -97,7 +113,34 @@ def train_reply(req: ClientRequest, arrays: Mapping[str, torch.Tensor | np.ndarr
         "client": ConfigRecord({"client-id": req.client_id, "steps": result.steps,
                                 "upload-bytes": upload_bytes(dict(arrays), req.hooks)}),
     })
+    if bn_counts is not None:
+        content[BN_COUNTS] = ConfigRecord({k: int(v) for k, v in bn_counts.items()})
     return Message(content, reply_to=req.msg)
+
+
+def wants_bn_moments(req: ClientRequest) -> bool:
+    """Whether the train config asks for exact BN moments in the upload ("pooled")."""
+    return bool(req.config.get(BN_MOMENTS_KEY, 0))
+
+
+def bn_layer_asked(msg: Message) -> str:
+    """The BN layer (module name) a recalibration query asks about."""
+    config = require_record(msg.content, "config", ConfigRecord)
+    if BN_LAYER_KEY not in config:
+        raise KeyError(f"a {BN_MOMENTS} query needs {BN_LAYER_KEY!r} in its config")
+    return str(config[BN_LAYER_KEY])
+
+
+def moments_reply(msg: Message, client_id: int, count: torch.Tensor, mean: torch.Tensor,
+                  var: torch.Tensor) -> Message:
+    """The reply to a recalibration query: per-channel float64 ``mean`` and biased ``var``
+    of the asked layer's input, and ``count`` (values per channel) in the ``client``
+    record."""
+    moments = state_to_record({"mean": mean.double().cpu(), "var": var.double().cpu()})
+    content = RecordDict({MOMENTS_RECORD: moments,
+                          "client": ConfigRecord({"client-id": client_id,
+                                                  "count": int(count.item())})})
+    return Message(content, reply_to=msg)
 
 
 def evaluate_reply(req: ClientRequest, loss: float, accuracy: float, n: int) -> Message:

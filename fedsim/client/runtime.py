@@ -44,6 +44,7 @@ class ClientSettings:
     ``batch_statistics``: the norm normalises with batch statistics (local training drops
     batches of one sample; DP-SGD is refused). ``rounds``: DP-SGD calibrates its noise to the
     run's length. ``strategy``: its module registers the client hooks train configs name.
+    ``bn_eval``: ``model.bn_eval``, how evaluation normalises with BN layers.
     Failures are decided by the server (:mod:`fedsim.client.failures`): a client only sees
     the crash its train config asks for, so ``[failures]`` is not part of this section.
     """
@@ -54,11 +55,13 @@ class ClientSettings:
     norm: str
     batch_statistics: bool
     strategy: str
+    bn_eval: str = "running"
 
     @classmethod
     def of(cls, scenario: Scenario) -> ClientSettings:
         return cls(scenario.client, scenario.seed, scenario.server.rounds, scenario.model.norm,
-                   uses_batch_statistics(scenario.model.norm), scenario.server.strategy)
+                   uses_batch_statistics(scenario.model.norm), scenario.server.strategy,
+                   scenario.model.bn_eval)
 
 
 @dataclass

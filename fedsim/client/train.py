@@ -23,6 +23,7 @@ from fedsim.client.step import (
     transform_grads,
 )
 from fedsim.config import ClientConfig
+from fedsim.models.bn_statistics import batch_statistics
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,43 @@ def batch_means(losses: Sequence[torch.Tensor], right: Sequence[torch.Tensor],
     return total / seen, int(torch.stack(list(right)).sum().item()) / seen
 
 
+def eval_batches(n: int, batch_size: int = 1024) -> list[slice]:
+    """The test batches of ``n`` samples under ``model.bn_eval = "batch"``: ⌈n/batch_size⌉
+    consecutive near-equal parts (never a lone trailing sample, whose batch statistics a BN
+    layer after a linear layer could not compute), the same on every backend."""
+    k = max(1, -(-n // batch_size))
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (i < extra)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024):
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             bn_eval: str = "running"):
     """(mean loss, accuracy, n) of ``model`` in eval mode on (x, y)
-    (:func:`fedsim.client.step.eval_sums`)."""
+    (:func:`fedsim.client.step.eval_sums`).
+
+    ``bn_eval = "batch"``: BN layers normalise each test batch (:func:`eval_batches`) with
+    its own statistics, a train-mode forward that leaves their buffers as they were
+    (:func:`fedsim.models.bn_statistics.batch_statistics`); a sample's prediction then
+    depends on the others in its batch (transductive).
+    """
     model.eval()
     if len(x) == 0:
         return float("nan"), float("nan"), 0
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    if bn_eval == "batch":
+        with batch_statistics(model):
+            for part in eval_batches(len(x), batch_size):
+                batch_loss, batch_hits = eval_sums(model(x[part]), y[part])
+                loss += batch_loss
+                correct += batch_hits
+        return loss.item() / len(x), correct.item() / len(x), len(x)
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         batch_loss, batch_hits = eval_sums(model(xb), yb)
@@ -163,13 +192,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 @torch.no_grad()
 def evaluate_many(model: nn.Module, splits: list[tuple[torch.Tensor, torch.Tensor]],
-                  batch_size: int = 1024) -> list[tuple[float, float, int]]:
+                  batch_size: int = 1024, bn_eval: str = "running"
+                  ) -> list[tuple[float, float, int]]:
     """``evaluate`` on each of ``splits`` at once: one pass over their concatenation.
 
     In eval mode every fedsim model treats samples independently (BN uses its running
     statistics), so concatenating many small client splits gives the same per-split results
-    as evaluating each alone, with a few large batches instead of many small ones.
+    as evaluating each alone, with a few large batches instead of many small ones. With
+    ``bn_eval = "batch"`` a batch's statistics are part of each prediction, so each split is
+    evaluated on its own (:func:`evaluate`).
     """
+    if bn_eval == "batch":
+        return [evaluate(model, x, y, batch_size, bn_eval) for x, y in splits]
     model.eval()
     sizes = [len(y) for _, y in splits]
     if sum(sizes) == 0:

@@ -20,6 +20,7 @@ from fedsim.arrays import fast_flower_records
 from fedsim.client.app import make_client_app
 from fedsim.client.runtime import ClientRuntime
 from fedsim.context import RunContext
+from fedsim.engine.cohort_moments import CohortMoments
 from fedsim.engine.inprocess import run_inprocess
 from fedsim.engine.memory import reused_memory
 from fedsim.engine.ray import run_ray
@@ -69,9 +70,10 @@ def _inprocess(server_app: ServerApp, run: RunContext) -> None:
     cfg = run.scenario.engine
     clients = ClientRuntime.for_run(run)  # one per run: the ClientApp and cohorts share it
     store = ClientStateStore(int(cfg.state_memory_mb * 2**20), cfg.state_dir or None)
-    trainer = evaluator = None
+    trainer = evaluator = moments = None
     if cfg.vectorize:
         trainer, evaluator = CohortTrainer(clients), CohortEvaluator(clients)
+        moments = CohortMoments(clients)
     with torch_threads(cfg.threads), fast_flower_records(), frozen_gc(), \
             reused_memory(cfg.reuse_memory):
         run_inprocess(server_app, make_client_app(clients), run.scenario.num_participating,
@@ -79,7 +81,7 @@ def _inprocess(server_app: ServerApp, run: RunContext) -> None:
                       cohort_trainer=trainer, cohort_size=cfg.cohort_size,
                       workers=cfg.workers, cohort_evaluator=evaluator,
                       client_ids=run.data.participating,  # no query message per node
-                      client_work=run.data.work_estimate())
+                      client_work=run.data.work_estimate(), cohort_moments=moments)
 
 
 @ENGINES.register("ray")

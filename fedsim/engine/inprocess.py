@@ -9,7 +9,8 @@ Each node's ``Context.state`` lives in a :class:`ClientStateStore` between its m
 (memory budget, spill to disk), so 10,000 stateful clients cost what their budget allows.
 With a ``cohort_trainer`` (``engine.vectorize``) the train messages pulled together are
 handed to it as one cohort, which still answers each message with its own reply; a
-``cohort_evaluator`` does the same for evaluate messages. With
+``cohort_evaluator`` does the same for evaluate messages, and a ``cohort_moments`` for the
+recalibration queries of ``server.bn_statistics = "recalibrate"``. With
 ``workers`` > 1 the messages (or cohorts) of a pull run on that many threads, each with its
 own copy of the model; PyTorch releases the GIL inside its kernels, so compute-bound
 clients use several cores.
@@ -29,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim import compat
-from fedsim.client.messages import error_reply
+from fedsim.client.messages import BN_MOMENTS, error_reply
 from fedsim.client.runtime import WORKER_SLOT
 from fedsim.compat import Run
 from fedsim.engine.cohort_plan import balanced_cohorts
@@ -72,7 +73,8 @@ class InProcessGrid(Grid):
                  cohort_size: int = 128, workers: int = 1,
                  cohort_evaluator: CohortHandler | None = None,
                  client_ids: Sequence[int] | None = None,
-                 client_work: Callable[[int], float] | None = None) -> None:
+                 client_work: Callable[[int], float] | None = None,
+                 cohort_moments: CohortHandler | None = None) -> None:
         if client_ids is not None and len(client_ids) != num_nodes:
             raise ValueError(f"error: {len(client_ids)} client ids for {num_nodes} nodes; pass "
                              "one client id per node (partition id)")
@@ -86,6 +88,7 @@ class InProcessGrid(Grid):
                             else state_store)  # an empty store is falsy
         self.cohort_trainer = cohort_trainer
         self.cohort_evaluator = cohort_evaluator
+        self.cohort_moments = cohort_moments
         self.cohort_size = cohort_size
         self.workers = max(1, int(workers))
         self._pending: dict[str, Message] = {}
@@ -203,11 +206,12 @@ class InProcessGrid(Grid):
 
     def _cohort_handler(self, message_type: str) -> CohortHandler | None:
         return {MessageType.TRAIN: self.cohort_trainer,
-                MessageType.EVALUATE: self.cohort_evaluator}.get(message_type)
+                MessageType.EVALUATE: self.cohort_evaluator,
+                BN_MOMENTS: self.cohort_moments}.get(message_type)
 
     def _jobs(self, message_ids: list[str]) -> list[list[tuple[str, Message]]]:
         """Units of work, in message order within each kind: cohorts of the message types
-        with a cohort handler (train, evaluate), then single messages."""
+        with a cohort handler (train, evaluate, BN moments), then single messages."""
         msgs = [(mid, self._pending.pop(mid)) for mid in message_ids]
         by_type: dict[str, list[tuple[str, Message]]] = {}
         singles = []
@@ -359,14 +363,16 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                   cohort_trainer: CohortHandler | None = None, cohort_size: int = 128,
                   workers: int = 1, cohort_evaluator: CohortHandler | None = None,
                   client_ids: Sequence[int] | None = None,
-                  client_work: Callable[[int], float] | None = None) -> None:
+                  client_work: Callable[[int], float] | None = None,
+                  cohort_moments: CohortHandler | None = None) -> None:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApp nodes; ``client_ids``:
     the fedsim client id of each partition id, when known, and ``client_work`` a client's
     work estimate (see :class:`InProcessGrid`)."""
     grid = InProcessGrid(client_app, num_nodes, run_config=run_config, state_store=state_store,
                          cohort_trainer=cohort_trainer, cohort_size=cohort_size,
                          workers=workers, cohort_evaluator=cohort_evaluator,
-                         client_ids=client_ids, client_work=client_work)
+                         client_ids=client_ids, client_work=client_work,
+                         cohort_moments=cohort_moments)
     serve(server_app, grid, run_config)
 
 

@@ -3,9 +3,10 @@
 The ServerApp, its strategy and fedsim's own Grid (:class:`RayCohortGrid`, the in-process
 grid) run in this process, the driver: node ids, client sampling and the client-state store
 are exactly the in-process engine's. Only the execution differs: each pull's train and
-evaluate messages are split into cohorts (at most ``engine.cohort_size`` clients, a multiple
-of the actor count, of equal work where the clients' sizes are known: the in-process grid's
-split) and handed to ``engine.ray_workers`` long-lived Ray actors
+evaluate messages (and the BN-moment queries of ``server.bn_statistics = "recalibrate"``) are
+split into cohorts (at most ``engine.cohort_size`` clients, a multiple of the actor count,
+of equal work where the clients' sizes are known: the in-process grid's split) and handed to
+``engine.ray_workers`` long-lived Ray actors
 (:class:`CohortWorker`, ``engine.ray_num_cpus`` CPUs and ``engine.client_gpus`` GPU each).
 An actor builds the run's :class:`~fedsim.client.runtime.ClientRuntime` once, from the
 scenario's plain dict (never a pickled runtime or model), and answers a cohort with the same
@@ -62,10 +63,11 @@ from flwr.serverapp import ServerApp
 
 from fedsim import compat
 from fedsim.arrays import fast_flower_records
-from fedsim.client.messages import error_reply
+from fedsim.client.messages import BN_MOMENTS, error_reply
 from fedsim.client.runtime import ClientRuntime
 from fedsim.config import EngineConfig, Scenario, scenario_from_dict
 from fedsim.context import RunContext
+from fedsim.engine.cohort_moments import CohortMoments
 from fedsim.engine.inprocess import InProcessGrid, serve
 from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
@@ -81,7 +83,7 @@ log = logging.getLogger("fedsim")
 START_TIMEOUT = 600.0
 #: seconds per wait for replies (a wait in Python: signals are handled at once anyway)
 WAIT_SLICE = 0.2
-COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE)
+COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE, BN_MOMENTS)
 #: seconds between the driver's background looks for Ray's processes (engine.processes.
 #: TreeWatch); it also looks whenever actors have started and before Ray shuts down. Each
 #: look reads /proc for every process, which slowed the actors measurably at 1 s
@@ -170,7 +172,8 @@ class CohortWorker:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         runtime = ClientRuntime.for_run(RunContext.build(scenario_from_dict(scenario)))
         self._handlers = {MessageType.TRAIN: CohortTrainer(runtime),
-                          MessageType.EVALUATE: CohortEvaluator(runtime)}
+                          MessageType.EVALUATE: CohortEvaluator(runtime),
+                          BN_MOMENTS: CohortMoments(runtime)}
         gc.freeze()  # the runtime, data and imports: long-lived (fedsim.engine.frozen_gc)
 
     def pid(self) -> int:
@@ -387,7 +390,7 @@ class RayCohortGrid(InProcessGrid):
         super().__init__(client_app, num_nodes, state_store=state_store,
                          cohort_trainer=self._remote_only, cohort_evaluator=self._remote_only,
                          cohort_size=cohort_size, client_ids=client_ids,
-                         client_work=client_work)
+                         client_work=client_work, cohort_moments=self._remote_only)
         self.pool = pool
         self._pulls = 0
 

@@ -37,8 +37,15 @@ from flwr.app import Context, Message
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedsim.client.bn_moments import statistics_keys
 from fedsim.client.hooks import sets_modes
-from fedsim.client.messages import ClientRequest, decode, error_reply, train_reply
+from fedsim.client.messages import (
+    ClientRequest,
+    decode,
+    error_reply,
+    train_reply,
+    wants_bn_moments,
+)
 from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import (
     SGD,
@@ -58,9 +65,11 @@ from fedsim.client.train import TrainResult, plan_batches
 from fedsim.config import ClientConfig
 from fedsim.context import RunContext
 from fedsim.engine.cohort_arrays import GlobalArrays, client_start
+from fedsim.engine.cohort_moments import cohort_exact_statistics
 from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 from fedsim.errors import ScenarioError
 from fedsim.models.batched import fold_for_cohort
+from fedsim.models.bn_statistics import bn_layers
 from fedsim.models.norm import (
     has_running_statistics,
     model_uses_batch_statistics,
@@ -474,7 +483,7 @@ class CohortTrainer:
         drop = cfg.batch_statistics
         replies: list[Message | None] = [None] * len(msgs)
         prepared: list[tuple[int, ClientRequest, CohortMember]] = []
-        groups: dict[tuple, list[int]] = {}  # (modes, terms) -> indices into prepared
+        groups: dict[tuple, list[int]] = {}  # (modes, terms, moments) -> indices into prepared
         global_arrays = GlobalArrays(model)
         all_train = current = set_modes(model, ())
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
@@ -500,14 +509,16 @@ class CohortTrainer:
                     plan = plan[: terms.max_steps]
                 member = CohortMember(params, x, y, plan, bufs,
                                       arrays.overrides, terms)
-                groups.setdefault((modes, terms.key), []).append(len(prepared))
+                groups.setdefault((modes, terms.key, wants_bn_moments(req)),
+                                  []).append(len(prepared))
                 prepared.append((i, req, member))
             except Exception as exc:
                 replies[i] = error_reply(msg, exc, cid)
         keys = list(model.state_dict())  # reply arrays in state_dict order, as handle_train
-        for (modes, _), group in groups.items():
+        for (modes, _, moments), group in groups.items():
             finals, results = train_cohort(model, [prepared[j][2] for j in group],
                                            cfg.client, as_numpy=True, modes=modes)
+            uploads = []  # (j, upload arrays, final arrays, result) of clients still fine
             for j, final, result in zip(group, finals, results):
                 i, req, member = prepared[j]
                 try:
@@ -520,8 +531,55 @@ class CohortTrainer:
                             arrays = hook.on_reply(model, arrays)
                     else:
                         arrays = {k: final[k] for k in keys}
-                    replies[i] = train_reply(req, arrays, result)
+                    uploads.append((j, arrays, final, result))
                 except Exception as exc:
                     replies[i] = error_reply(msgs[i], exc, req.client_id)
+            counts = self._exact_moments(model, uploads, prepared, msgs, replies) \
+                if moments else {}
+            for j, arrays, _, result in uploads:
+                i, req, _ = prepared[j]
+                if replies[i] is None:
+                    try:
+                        replies[i] = train_reply(req, arrays, result, None, counts.get(j))
+                    except Exception as exc:
+                        replies[i] = error_reply(msgs[i], exc, req.client_id)
         model.train()
         return replies  # type: ignore[return-value]
+
+    @staticmethod
+    def _exact_moments(model: nn.Module, uploads: list, prepared: list, msgs: Sequence[Message],
+                       replies: list) -> dict[int, dict[str, int]]:
+        """``server.bn_statistics = "pooled"``: in each upload, the running statistics it
+        still holds after the hooks replaced by exact moments under the client's trained
+        arrays (:func:`fedsim.engine.cohort_moments.cohort_exact_statistics`), as
+        ``handle_train`` does one client at a time; returns the counts by upload index."""
+        if not uploads:
+            return {}
+        x0 = prepared[uploads[0][0]][2].x
+        layers = bn_layers(model, tuple(x0.shape[1:]))
+        by_layers: dict[tuple[str, ...], list] = {}
+        for upload in uploads:
+            names = tuple(n for n, _ in layers
+                          if all(k in upload[1] for k in statistics_keys(n)))
+            by_layers.setdefault(names, []).append(upload)
+        modules = dict(layers)
+        out: dict[int, dict[str, int]] = {}
+        for names, members in by_layers.items():
+            if not names:
+                out.update({j: {} for j, *_ in members})
+                continue
+            try:
+                counts = cohort_exact_statistics(
+                    model, [final for _, _, final, _ in members],
+                    [prepared[j][2].x for j, *_ in members], [(n, modules[n]) for n in names])
+            except Exception as exc:
+                for j, *_ in members:
+                    i, req, _ = prepared[j]
+                    replies[i] = error_reply(msgs[i], exc, req.client_id)
+                continue
+            for (j, arrays, final, _), count in zip(members, counts):
+                for n in names:
+                    for k in statistics_keys(n):
+                        arrays[k] = final[k]
+                out[j] = count
+        return out

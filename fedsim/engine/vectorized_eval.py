@@ -31,7 +31,10 @@ from fedsim.client.hooks import ClientHook, statistics_parts
 from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_reply
 from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import ClientArrays, eval_sums
+from fedsim.client.train import eval_batches
 from fedsim.engine.cohort_arrays import GlobalArrays, serve_eagerly
+from fedsim.models.bn_statistics import kept_modes
+from fedsim.models.norm import layer_uses_batch_statistics
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
 EvalResult = tuple[float, float, int]
@@ -61,8 +64,11 @@ MAX_ELEMENTS = 2**21
 
 
 @torch.no_grad()
-def evaluate_cohort(model: nn.Module, members: Sequence[EvalMember]) -> list[EvalResult]:
-    """Each member's (loss, accuracy, n) on its test split, with cold starts done first."""
+def evaluate_cohort(model: nn.Module, members: Sequence[EvalMember],
+                    bn_eval: str = "running") -> list[EvalResult]:
+    """Each member's (loss, accuracy, n) on its test split, with cold starts done first;
+    ``bn_eval = "batch"``: BN layers normalise each test batch with its own statistics, as
+    :func:`fedsim.client.train.evaluate` does (:func:`_evaluate_batch_statistics`)."""
     if not members:
         return []
     params = [dict(m.params) for m in members]
@@ -83,6 +89,8 @@ def evaluate_cohort(model: nn.Module, members: Sequence[EvalMember]) -> list[Eva
                 for k in range(0, len(group), per_call):
                     _estimate(model, layers, sizes, group[k : k + per_call], members, params,
                               buffers)
+            if bn_eval == "batch":
+                return _evaluate_batch_statistics(model, members, params, buffers, numel)
             width = max(1, max(len(m.y) for m in members))
             per_call = max(1, MAX_ELEMENTS // (width * numel))
             results = []
@@ -167,6 +175,51 @@ def _evaluate(model: nn.Module, members: Sequence[EvalMember], params: list[dict
             for i, n in enumerate(sizes)]
 
 
+def _evaluate_batch_statistics(model: nn.Module, members: Sequence[EvalMember],
+                               params: list[dict], buffers: list[dict], numel: int
+                               ) -> list[EvalResult]:
+    """``model.bn_eval = "batch"``: a batch's statistics enter every prediction, so members
+    run in groups of equal test-split size (no padding) over the same test batches as one
+    client at a time (:func:`fedsim.client.train.eval_batches`), with the batch-statistics
+    layers in train mode on per-member copies of their buffers (the members' own are left
+    as they were)."""
+    layers = {n for n, m in model.named_modules() if layer_uses_batch_statistics(m)}
+    prefixes = tuple(f"{n}." if n else "" for n in layers)
+    results: list[EvalResult | None] = [None] * len(members)
+    by_size: dict[int, list[int]] = {}
+    for i, m in enumerate(members):
+        by_size.setdefault(len(m.y), []).append(i)
+    with kept_modes(model):
+        model.eval()
+        for m in model.modules():
+            if layer_uses_batch_statistics(m):
+                m.train()
+        for n, group in by_size.items():
+            if n == 0:
+                for i in group:
+                    results[i] = (float("nan"), float("nan"), 0)
+                continue
+            per_call = max(1, MAX_ELEMENTS // (n * numel))
+            for k in range(0, len(group), per_call):
+                sub = group[k : k + per_call]
+                state = [{**params[i], **buffers[i]} for i in sub]
+                stack = frozenset(b for b in buffers[sub[0]] if b.startswith(prefixes))
+                shared, stacked = _split_shared(state, stack)  # statistics: stacked copies
+                xs = torch.stack([members[i].x for i in sub])
+                ys = torch.stack([members[i].y for i in sub])
+                loss = torch.zeros(len(sub), dtype=torch.float64, device=xs.device)
+                hits = torch.zeros(len(sub), dtype=torch.int64, device=xs.device)
+                for part in eval_batches(n):
+                    batch_loss, batch_hits = eval_sums(
+                        _forward(model, shared, stacked, xs[:, part]), ys[:, part])
+                    loss += batch_loss
+                    hits += batch_hits
+                loss, hits = loss.cpu(), hits.cpu()
+                for j, i in enumerate(sub):
+                    results[i] = (loss[j].item() / n, hits[j].item() / n, n)
+    return results  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- members
 
 
@@ -237,7 +290,8 @@ class CohortEvaluator:
                 prepared.append((i, req, member))
             except Exception as exc:
                 replies[i] = error_reply(msg, exc, cid)
-        results = evaluate_cohort(rt.cohort_model, [p[2] for p in prepared])
+        results = evaluate_cohort(rt.cohort_model, [p[2] for p in prepared],
+                                  bn_eval=rt.settings.bn_eval)
         for (i, req, _), (loss, acc, n) in zip(prepared, results):
             replies[i] = evaluate_reply(req, loss, acc, n)
         return replies  # type: ignore[return-value]

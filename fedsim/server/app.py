@@ -27,6 +27,7 @@ from fedsim.lock import hold
 from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
 from fedsim.report.record import RunRecorder
+from fedsim.server.bn_statistics import BNStatistics
 from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.evaluate import Evaluator
 from fedsim.server.factory import make_strategy
@@ -36,7 +37,7 @@ from fedsim.server.personalized import (
     personal_hooks,
     strategy_summaries,
 )
-from fedsim.validate import check_names
+from fedsim.validate import check_bn_statistics, check_names
 
 
 def server_main(grid: Grid, run: RunContext, sink) -> None:
@@ -47,7 +48,10 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     arrays = model_to_record(model)
     strategy = make_strategy(scenario, model)
     evaluator = Evaluator(scenario.output, scenario.seed, data, model, device,
-                          on_device=run.on_device)  # the run's device copies, shared
+                          on_device=run.on_device,  # the run's device copies, shared
+                          bn_eval=scenario.model.bn_eval)
+    bn_statistics = BNStatistics(scenario.server.bn_statistics, model, data.input_shape,
+                                 scenario.model.bn_eval)
     grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
     evaluate = evaluator
@@ -55,7 +59,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     if hooks := personal_hooks(strategy):  # clients keep local arrays: evaluate their own models
         personal = PersonalizedEvaluator(
             hooks, grid, evaluator, data, model, device,
-            cohort_size=scenario.engine.cohort_size if scenario.engine.vectorize else None)
+            cohort_size=scenario.engine.cohort_size if scenario.engine.vectorize else None,
+            bn_eval=scenario.model.bn_eval)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
     audit = None
@@ -73,7 +78,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     try:
         arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sink.on_round,
                             start_round=start, checkpoint=checkpoint,
-                            on_replies=audit.on_replies if audit else None)
+                            on_replies=audit.on_replies if audit else None,
+                            bn_statistics=bn_statistics)
     except PrivacyBudgetSpent as exc:  # a planned end: finish as a complete run, say why
         budget_spent, arrays = exc, exc.arrays
     except RunStopped as exc:  # results so far are kept; the caller re-raises
@@ -82,6 +88,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
     finally:
         checkpoint.close()
     notes = strategy_summaries(strategy)
+    if bn_statistics.layers:  # the model has BN running statistics: say how they were made
+        notes["bn_statistics"] = bn_statistics.summary(getattr(sink, "rounds", []))
     if personal is not None:
         notes.update(personal.fedsim_summary())
     if audit is not None:  # after the strategy's notes: the audit reads the DP accountants
@@ -113,8 +121,9 @@ def _from_run_config(context: Context) -> tuple[RunContext, Callable]:
     scenario = scenario_from_context(context)
     check_names(scenario)  # the edge of `flwr run .`: registry names, before anything trains
     out = Path(str(context.run_config.get("out", scenario.output.dir)))
-    return (RunContext.build(scenario),
-            RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True))))
+    run = RunContext.build(scenario)
+    check_bn_statistics(scenario, run.new_model(), run.data.input_shape)  # needs the model
+    return run, RunRecorder(out, overwrite=bool(context.run_config.get("overwrite", True)))
 
 
 app = ServerApp()

@@ -101,11 +101,13 @@ class Evaluator:
 
     ``on_device``: the run's splits on its device (:attr:`fedsim.context.RunContext.on_device`),
     shared with the clients and the privacy audit, so each evaluated split is copied to the
-    device once per run; by default, the evaluator's own.
+    device once per run; by default, the evaluator's own. ``bn_eval``: ``model.bn_eval``
+    (:func:`fedsim.client.train.evaluate`).
     """
 
     def __init__(self, output: OutputConfig, seed: int, data: FederatedData, model: nn.Module,
-                 device: torch.device, on_device: DeviceSplits | None = None) -> None:
+                 device: torch.device, on_device: DeviceSplits | None = None,
+                 bn_eval: str = "running") -> None:
         self.data = data
         self.model = model
         self.device = device
@@ -116,6 +118,7 @@ class Evaluator:
         self._splits: list | None = None  # every evaluated split, on the device, built once
         self.output = output
         self.seed = seed
+        self.bn_eval = bn_eval
         self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:
@@ -133,7 +136,8 @@ class Evaluator:
 
     def __call__(self, arrays) -> dict:
         load_record(self.model, arrays)
-        results = evaluate_many(self.model, self._all_splits())  # one batched pass
+        results = evaluate_many(self.model, self._all_splits(),  # one batched pass
+                                bn_eval=self.bn_eval)
         loss, acc, _ = results[0]
         k = len(self.clients)
         test_acc = [a for _, a, _ in results[1 : 1 + 2 * k : 2]]

@@ -11,6 +11,8 @@ It mirrors ``flwr.serverapp.strategy.Strategy.start`` but
   order in which an engine delivers them;
 - retries a round (a new derived sample) or stops when fewer than ``failures.min_replies``
   valid replies arrive, and stops a diverging run (non-finite global model or loss);
+- replaces the global BN running statistics after aggregation as ``server.bn_statistics``
+  asks (:mod:`fedsim.server.bn_statistics`), whatever the strategy;
 - evaluates on the server as often as ``output.eval_every`` asks and checkpoints every round.
 """
 
@@ -38,6 +40,7 @@ from fedsim.config import Scenario, ServerConfig
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
+from fedsim.server.bn_statistics import BNStatistics
 from fedsim.server.client_dp import round_client_dp
 
 log = logging.getLogger("fedsim")
@@ -162,10 +165,12 @@ class TrainPhase:
 class RoundRunner:
     """Runs the training phase of a round: sampling, failures, screening, retries."""
 
-    def __init__(self, strategy: Strategy, grid: Grid, scenario: Scenario) -> None:
+    def __init__(self, strategy: Strategy, grid: Grid, scenario: Scenario,
+                 bn_statistics: BNStatistics | None = None) -> None:
         self.strategy = strategy
         self.grid = grid
         self.scenario = scenario
+        self.bn_statistics = bn_statistics
         self.cfg = scenario.failures
         lookup = getattr(grid, "client_id", None)
         self.client_of_node = lookup if callable(lookup) else (lambda node: None)
@@ -178,9 +183,10 @@ class RoundRunner:
         """One try at the round; appends failures to ``phase``, returns its simulated seconds."""
         seed = self.scenario.seed
         retry = ("retry", attempt) if attempt else ()
+        config = ConfigRecord(self.bn_statistics.train_config() if self.bn_statistics else {})
         with sampling_seed(seed, "sample-train", rnd, *retry):
             messages = list(strategy_hook(self.strategy, "configure_train", rnd,
-                                          self.scenario.server, rnd, arrays, ConfigRecord(),
+                                          self.scenario.server, rnd, arrays, config,
                                           self.grid))
         note = {"attempt": attempt} if attempt else {}
         send = []
@@ -288,6 +294,7 @@ def run_rounds(
     start_round: int = 1,
     checkpoint: Callable[..., None] | None = None,
     on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
+    bn_statistics: BNStatistics | None = None,
 ) -> ArrayRecord:
     """Run rounds ``start_round..server.rounds``; returns the final global arrays.
 
@@ -297,10 +304,11 @@ def run_rounds(
     that would exceed the DP budget is not started: :class:`PrivacyBudgetSpent`.
     ``on_replies(round, replies, arrays)``, if given, sees each round's accepted client replies
     and the new global arrays right after aggregation (what a curious server sees; privacy
-    audits).
+    audits). ``bn_statistics`` replaces the aggregate's BN running statistics right after
+    aggregation (before ``on_replies``, which sees the new global model).
     """
     total = scenario.server.rounds
-    runner = RoundRunner(strategy, grid, scenario)
+    runner = RoundRunner(strategy, grid, scenario, bn_statistics)
     budget = getattr(strategy, "stop_before_round", None)  # the DP wrapper's max_epsilon
     for rnd in range(start_round, total + 1):
         if budget is not None:
@@ -369,6 +377,11 @@ def _one_round(runner: RoundRunner, rnd: int, arrays: ArrayRecord, record: dict,
                          f"run diverged); {_lr_hint(scenario.client.lr)}", round=rnd)
     if agg is not None:
         arrays = agg
+        if runner.bn_statistics is not None:
+            arrays, bn_record = runner.bn_statistics.step(rnd, phase.accepted, arrays, grid)
+            if bn_record is not None:
+                record["bn_statistics"] = bn_record
+                record["bn_seconds"] = runner.bn_statistics.seconds
     record["train_seconds"] = time.perf_counter() - t0
     if on_replies is not None:
         on_replies(rnd, phase.accepted, arrays)

@@ -73,7 +73,7 @@ class PersonalizedEvaluator:
 
     def __init__(self, hooks: tuple[str, ...], grid: ClientOrderedGrid, evaluator: Evaluator,
                  data: FederatedData, model: nn.Module, device: torch.device,
-                 cohort_size: int | None = None) -> None:
+                 cohort_size: int | None = None, bn_eval: str = "running") -> None:
         self.hooks = hooks
         self.cohort_size = cohort_size  # set (engine.vectorize): holdout clients as vmap cohorts
         self.grid = grid
@@ -85,6 +85,7 @@ class PersonalizedEvaluator:
         # the evaluated clients' nodes in client order, found per client (not per node)
         self.nodes = grid.nodes_of(sorted(set(evaluator.clients)))
         self.holdout = list(evaluator.holdout)
+        self.bn_eval = bn_eval  # model.bn_eval, for the holdout clients evaluated here
         self.failures = 0
 
     def config(self) -> ConfigRecord:
@@ -112,7 +113,8 @@ class PersonalizedEvaluator:
             ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
                               local_train=lambda cid=cid: self.on_device.client_train(cid))
             receive(self.model, hooks_for(ctx), ctx.local_train)
-            acc.append(evaluate(self.model, *self.on_device.client_test(cid))[1])
+            acc.append(evaluate(self.model, *self.on_device.client_test(cid),
+                                bn_eval=self.bn_eval)[1])
         return acc
 
     def _holdout_cohorts(self, arrays: ArrayRecord) -> list[float]:
@@ -132,7 +134,8 @@ class PersonalizedEvaluator:
                                   local_train=local_train)
                 x, y = self.on_device.client_test(cid)
                 members.append(build(arrays, hooks_for(ctx), x, y, local_train))
-            acc += [a for _, a, _ in evaluate_cohort(self._cohort_model, members)]
+            acc += [a for _, a, _ in evaluate_cohort(self._cohort_model, members,
+                                                     bn_eval=self.bn_eval)]
         return acc
 
     def __call__(self, arrays: ArrayRecord) -> dict:

@@ -1,5 +1,7 @@
 """The in-process engine and Flower's Ray engine train the same global model."""
 
+import json
+
 import pytest
 import torch
 
@@ -33,3 +35,19 @@ def test_inprocess_and_ray_agree(tmp_path, strategy, num_rounds):
     if strategy != "fedavg":  # state was kept and found again
         assert a.summary["final"].get("personalized_accuracy") == \
             b.summary["final"].get("personalized_accuracy")
+
+
+def test_recalibrated_bn_statistics_agree_on_ray(tmp_path):
+    """Recalibration's query messages (query.bn_moments) reach the ClientApp on Flower's Ray
+    engine as in-process: the same recalibrated global model and round records."""
+    sc = SCENARIO + ["server.rounds=2", "server.bn_statistics=recalibrate"]
+    a = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "inprocess")
+    b = fedsim.run("scenarios/quickstart.toml", sc + ["engine.kind=ray"], out=tmp_path / "ray")
+    sa = torch.load(a.path / "model.pt", weights_only=True)
+    sb = torch.load(b.path / "model.pt", weights_only=True)
+    for key in sa:
+        assert torch.allclose(sa[key].double(), sb[key].double(), atol=1e-5), key
+    ra, rb = ([json.loads(line)["bn_statistics"] for line in rounds(r)[1:]] for r in (a, b))
+    assert ra == rb == [{"mode": "recalibrate", "applied": True, "layers": 2, "clients": 2,
+                         "messages": 4, "bytes_downloaded": ra[0]["bytes_downloaded"],
+                         "bytes_uploaded": ra[0]["bytes_uploaded"]}] * 2

@@ -210,17 +210,22 @@ def assert_same_as_inprocess(ref: Path, other: Path) -> None:
      "failures.dropout=0.1"],
     ["server.strategy=fedbn", "server.rounds=3"],
     ["server.strategy=scaffold", "server.rounds=3"],
-], ids=["fedavg-failures", "fedbn", "scaffold"])
+    ["server.strategy=fedavg", "server.rounds=2", "server.bn_statistics=recalibrate"],
+], ids=["fedavg-failures", "fedbn", "scaffold", "bn-recalibrate"])
 def test_ray_cohorts_equal_inprocess_vectorized(ray_cluster, assignments, tmp_path, extra):
     """Same seed, same cohorts: the same kernels on the same inputs in another process, so
     the model is bitwise the in-process vectorized engine's, and so are the round records
     (simulated crashes and dropouts included). FedBN and SCAFFOLD keep client state; it
-    follows each client to whichever actor trains it."""
+    follows each client to whichever actor trains it. Recalibration queries of BN
+    statistics run as cohorts on the actors too."""
     sc = SMALL + extra
     ref = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "inprocess")
     got = fedsim.run("scenarios/quickstart.toml", sc + RAY, out=tmp_path / "ray")
     assert_same_as_inprocess(ref.path, got.path)
     assert {k for k, _, _ in assignments} >= {"train"}
+    if "server.bn_statistics=recalibrate" in extra:
+        assert "query.bn_moments" in {k for k, _, _ in assignments}
+        assert all(r["bn_statistics"]["applied"] for r in records(got.path)[1:])
     if "failures.crash=0.5" in extra:
         reasons = {f["reason"] for r in records(got.path) for f in r.get("failures", [])}
         assert {"crash", "dropout"} <= reasons

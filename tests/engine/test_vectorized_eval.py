@@ -26,7 +26,7 @@ def data(n: int, seed: int):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def one_at_a_time(model, members):
+def one_at_a_time(model, members, bn_eval="running"):
     """The reference: each member loaded into a copy of the model, its cold start done by
     ``estimate_statistics``, then ``evaluate``."""
     out = []
@@ -36,25 +36,14 @@ def one_at_a_time(model, members):
         if m.estimate_x is not None:
             layers = [ref.get_submodule(name) for name in m.estimate_layers]
             estimate_statistics(ref, m.estimate_x, layers)
-        out.append(evaluate(ref, m.x, m.y))
+        out.append(evaluate(ref, m.x, m.y, bn_eval=bn_eval))
     return out
 
 
-@pytest.mark.parametrize("fold", ["fold", "vmap-rule", "3 samples per call"])
-@pytest.mark.parametrize("arch,norm", [("cnn", n) for n in NORMS] + [("mlp", "bn")])
-def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypatch,
-                                                      vmap_rules):
-    """Members with shared and per-client arrays, test splits of 5, 8, 1 and 0 samples, and
-    cold starts over 40, 3 and 300 train samples (one, one and two AdaBN chunks): each
-    member's loss, accuracy and count equal ``estimate_statistics`` + ``evaluate``; also
-    when a memory budget of 3 samples per call splits the cohort and each test split."""
-    if fold == "3 samples per call":
-        monkeypatch.setattr(vectorized_eval, "MAX_ELEMENTS", 3 * 64)
-    if fold == "vmap-rule":
-        vmap_rules()
-    torch.manual_seed(0)
-    model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
-                        groups=4)
+def mixed_members(model):
+    """Members with shared and per-client arrays, test splits of 5, 8, 1, 0, 8 and 7
+    samples, and cold starts over 40, 3 and 300 train samples (one, one and two AdaBN
+    chunks)."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     stat_layers = tuple(n for n, m in model.named_modules()
@@ -73,6 +62,25 @@ def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypa
         cold = i % 3 != 1 and stat_layers
         members.append(EvalMember(p, b, x, y, data(n_train, seed=100 + i)[0] if cold else None,
                                   stat_layers if cold else ()))
+    return members
+
+
+@pytest.mark.parametrize("fold", ["fold", "vmap-rule", "3 samples per call"])
+@pytest.mark.parametrize("arch,norm", [("cnn", n) for n in NORMS] + [("mlp", "bn")])
+def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypatch,
+                                                      vmap_rules):
+    """Members with shared and per-client arrays, test splits of 5, 8, 1 and 0 samples, and
+    cold starts over 40, 3 and 300 train samples (one, one and two AdaBN chunks): each
+    member's loss, accuracy and count equal ``estimate_statistics`` + ``evaluate``; also
+    when a memory budget of 3 samples per call splits the cohort and each test split."""
+    if fold == "3 samples per call":
+        monkeypatch.setattr(vectorized_eval, "MAX_ELEMENTS", 3 * 64)
+    if fold == "vmap-rule":
+        vmap_rules()
+    torch.manual_seed(0)
+    model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8,
+                        groups=4)
+    members = mixed_members(model)
     results = evaluate_cohort(fold_for_cohort(model), members)
     assert len(results) == len(members)
     for m, (loss, acc, n), (e_loss, e_acc, e_n) in zip(members, results,
@@ -83,6 +91,36 @@ def test_cohort_evaluation_equals_evaluate_per_client(arch, norm, fold, monkeypa
             continue
         assert loss == pytest.approx(e_loss, rel=1e-5, abs=1e-6)
         assert acc == e_acc
+
+
+@pytest.mark.parametrize("fold", ["fold", "vmap-rule", "3 samples per call"])
+@pytest.mark.parametrize("arch,norm", [("cnn", "bn"), ("cnn", "hybrid"), ("resnet", "bn")])
+def test_cohort_evaluation_with_batch_statistics_equals_evaluate_per_client(
+        arch, norm, fold, monkeypatch, vmap_rules):
+    """model.bn_eval = "batch": the same members (two with splits of 8 run together, a split
+    of one is its own batch) give each client's ``evaluate(..., bn_eval="batch")``, and the
+    members' arrays are left as they were."""
+    if fold == "3 samples per call":
+        monkeypatch.setattr(vectorized_eval, "MAX_ELEMENTS", 3 * 64)
+    if fold == "vmap-rule":
+        vmap_rules()
+    torch.manual_seed(0)
+    model = build_model(arch, norm, in_channels=1, image_size=8, num_classes=10, width=8)
+    members = mixed_members(model)
+    before = [{k: v.clone() for k, v in m.buffers.items()} for m in members]
+    results = evaluate_cohort(fold_for_cohort(model), members, bn_eval="batch")
+    expected = one_at_a_time(model, members, bn_eval="batch")
+    running = one_at_a_time(model, members)
+    for m, (loss, acc, n), (e_loss, e_acc, e_n), r in zip(members, results, expected, running):
+        assert n == e_n == len(m.y)
+        if n == 0:
+            assert loss != loss and acc != acc
+            continue
+        assert loss == pytest.approx(e_loss, rel=1e-5, abs=1e-6)
+        assert acc == e_acc
+        assert loss != pytest.approx(r[0], rel=1e-4)  # not the running statistics' result
+    for m, b in zip(members, before):
+        assert all(torch.equal(m.buffers[k], v) for k, v in b.items())
 
 
 def test_cohort_evaluation_leaves_module_settings_as_it_found_them():

@@ -113,3 +113,15 @@ def test_resume_keeps_counting_dp_rounds(tmp_path):
     assert resumed.summary["resumed_from"] == [2]
     assert resumed.summary["dp"]["privacy_spent"]["rounds"] == 3
     assert_same_run(ref, resumed.path)
+
+
+def test_resume_with_recalibrated_bn_statistics_equals_the_uninterrupted_run(tmp_path):
+    """Recalibration keeps no state of its own (each round's queries depend on that round's
+    global arrays and clients only): a resumed run is the uninterrupted one, bit for bit,
+    rounds' bn_statistics records and summary included."""
+    sc = TINY + ["server.rounds=3", "model.norm=bn", "server.bn_statistics=recalibrate"]
+    ref = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "ref").path
+    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
+    assert resumed.summary["resumed_from"] == [2]
+    assert resumed.summary["bn_statistics"]["rounds_applied"] == 3
+    assert_same_run(ref, resumed.path)
