@@ -105,6 +105,17 @@ def test_poisson_runs_end_to_end_releasing_every_round(tmp_path):
     assert dp["fewer_replies"]["policy"] is None
 
 
+def test_poisson_cohorts_are_the_same_sequentially_and_in_vmap_cohorts(tmp_path):
+    sets = ["server.dp.sampling=poisson", "server.rounds=3", "server.dp.noise_multiplier=0.5"]
+    runs = [fedsim.run(QUICK, [*TINY, *sets, *engine], out=tmp_path / str(i))
+            for i, engine in enumerate([[], ["engine.vectorize=true"]])]
+    clients = [[json.loads(line).get("clients") for line in
+                (r.path / "rounds.jsonl").read_text().splitlines()] for r in runs]
+    assert clients[0] == clients[1]
+    eps = [r.summary["dp"]["privacy_spent"]["epsilon"] for r in runs]
+    assert eps[0] == eps[1] == pytest.approx(epsilon(0.5, 2 / 6, 3, 1e-5).pld)
+
+
 def test_poisson_is_refused_where_its_analysis_cannot_hold():
     with pytest.raises(fedsim.ScenarioError, match="sampling = 'poisson' is the mechanism"):
         fedsim.run(QUICK, [*TINY, "server.dp.sampling=poisson", "server.strategy=scaffold"])
