@@ -390,6 +390,8 @@ class PrivacyConfig:
     shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
     rmia_a: float = 0.3  # RMIA offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
     rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
+    rmia_population: int = 0  # RMIA: population examples z from the global test set (0: all)
+    client_membership: bool = False  # did this client train? loss attack on whole clients
     audit_confidence: float = 0.95  # audited ε: one-sided Clopper–Pearson confidence
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
@@ -421,6 +423,8 @@ class PrivacyConfig:
                    self.shadows)
         _check(0.0 <= self.rmia_a <= 1.0, "privacy.rmia_a", "it must be in [0, 1]", self.rmia_a)
         _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
+        _check(self.rmia_population >= 0, "privacy.rmia_population",
+               "it must be >= 0 (0: the whole global test set)", self.rmia_population)
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
         _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
@@ -455,7 +459,8 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.mia) or self.client_mia or self.leakage or self.inversion
+        return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
+                or self.client_membership)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -41,7 +41,8 @@ ALPHA = 0.05
 SEED = "seed"
 
 _DIST = ("mean", "weighted_mean", "std", "median", "p10", "p90", "min", "max", "n")
-_MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
+_MIA = ("auc", "balanced_accuracy", "best_balanced_accuracy", "tpr_at_fpr_1e-2",
+        "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
 
 #: the numbers a run can write to summary.json (``*`` = one name: an attack, a layer)
 SUMMARY_METRICS: tuple[str, ...] = (
@@ -58,6 +59,8 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "timing.client_updates_per_s", "failures", "hybrid_alpha.*",
     *(f"privacy.mia.*.{m}" for m in _MIA),
     *(f"privacy.client_mia.{k}.{d}" for k in ("auc", "global_model_auc") for d in _DIST),
+    *(f"privacy.client_membership.{m}" for m in _MIA),
+    "privacy.membership_epsilon.*.epsilon_if_independent",
     *(f"privacy.leakage.data_mean_recovery.{k}"
       for k in ("abs_error", "relative_error", "baseline_abs_error")),
     *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
@@ -70,6 +73,10 @@ SUMMARY_METRICS: tuple[str, ...] = (
 _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
     "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
     "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
+    "privacy.client_membership.": (lambda s: s.privacy.client_membership,
+                                   "privacy.client_membership = true"),
+    "privacy.membership_epsilon.": (lambda s: bool(s.privacy.mia),
+                                    'privacy.mia = ["loss"] and a DP accountant'),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
     "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
