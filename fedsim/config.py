@@ -392,6 +392,12 @@ class PrivacyConfig:
     rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
     rmia_population: int = 0  # RMIA: population examples z from the global test set (0: all)
     client_membership: bool = False  # did this client train? loss attack on whole clients
+    # one-run audits with canaries (each in with probability 1/2): canary clients whose
+    # update is a random direction (Andrew et al. 2024) and gradient canaries in DP-SGD
+    # (Steinke et al. 2023)
+    canary_clients: int = 0
+    canary_norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the median)
+    canary_samples: int = 0
     audit_confidence: float = 0.95  # audited ε: one-sided Clopper–Pearson confidence
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
@@ -425,6 +431,13 @@ class PrivacyConfig:
         _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
         _check(self.rmia_population >= 0, "privacy.rmia_population",
                "it must be >= 0 (0: the whole global test set)", self.rmia_population)
+        for key in ("canary_clients", "canary_samples"):
+            value = getattr(self, key)
+            _check(value == 0 or value >= 2, f"privacy.{key}",
+                   "it must be 0 (off) or >= 2 (half of them are in, on average)", value)
+        _check(self.canary_norm >= 0, "privacy.canary_norm",
+               "it must be >= 0 (0: the median norm of the round's real updates)",
+               self.canary_norm)
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
         _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
@@ -460,7 +473,7 @@ class PrivacyConfig:
     @property
     def enabled(self) -> bool:
         return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
-                or self.client_membership)
+                or self.client_membership or self.canary_samples > 0)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -47,6 +47,10 @@ from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
 from fedsim.client.app import make_client_app
+from fedsim.client.canaries import SAMPLE as SAMPLE_CANARY
+from fedsim.client.canaries import included as canary_bits
+from fedsim.client.canaries import owners as canary_owners
+from fedsim.client.canaries import parameter_size, unit_directions
 from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import ClientRuntime
@@ -85,6 +89,7 @@ from fedsim.privacy.mia import (
     rmia_scores,
     shadow_split,
 )
+from fedsim.privacy.one_run import one_run_audit
 from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -303,6 +308,11 @@ def check_privacy(run: RunContext) -> None:
         if value > rounds:
             raise ScenarioError(f"privacy.{key} = {value} is out of range; the run has "
                                 f"server.rounds = {rounds}")
+    if cfg.canary_samples and not scenario.client.dp.enabled:
+        raise ScenarioError(
+            f"privacy.canary_samples = {cfg.canary_samples} inserts gradient canaries into "
+            "DP-SGD, which this run does not use; set [client.dp] (noise_multiplier or "
+            "target_epsilon; a tiny noise_multiplier for a run that is private in name only)")
     if cfg.inversion:
         cid = first_client(scenario, data)
         if cid not in data.participating:
@@ -335,6 +345,60 @@ def _inversion_plan(scenario: Scenario, cid: int) -> list[torch.Tensor]:
                         drop_singleton=uses_batch_statistics(scenario.model.norm))
 
 
+# --------------------------------------------------------------------------- canaries
+
+
+class SampleCanaries:
+    """The server's side of the gradient canaries in DP-SGD (``privacy.canary_samples``;
+    Steinke, Nasr & Jagielski, NeurIPS 2023, white-box): each canary is held by a client
+    (:mod:`fedsim.client.canaries`) and is in with probability 1/2. In every round the
+    server sees each sampled client's upload; a canary's score is the largest, over the
+    rounds its client took part in, cosine between the client's update (what it was sent
+    minus what it uploaded: DP-SGD steps *against* the canary's gradient) and the canary's
+    direction, over the uploaded trainable parameters. Canaries of clients never seen score
+    below any cosine. The scores and bits give the one-run lower bound
+    (:func:`fedsim.privacy.one_run.one_run_audit`) of the sample-level ε."""
+
+    def __init__(self, count: int, clients, seed: int, model: nn.Module) -> None:
+        self.count, self.seed = count, seed
+        self.owners = canary_owners(count, clients, seed)
+        self.included = canary_bits(count, seed, SAMPLE_CANARY)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.sizes = [p.numel() for _, p in model.named_parameters() if p.requires_grad]
+        self.dim = parameter_size(model)
+        self.best = np.full(count, -np.inf)
+
+    def observe(self, cid: int, upload: ArrayRecord, sent: ArrayRecord) -> None:
+        mine = np.flatnonzero(self.owners == cid)
+        if not mine.size:
+            return
+        keep = np.concatenate([np.full(n, name in upload, dtype=bool)
+                               for name, n in zip(self.names, self.sizes, strict=True)])
+        step = np.concatenate([(sent[k].numpy().astype(np.float64)
+                                - upload[k].numpy().astype(np.float64)).ravel()
+                               for k in self.names if k in upload])
+        directions = unit_directions(self.dim, self.seed, SAMPLE_CANARY, mine)[:, keep]
+        size = np.linalg.norm(step) * np.linalg.norm(directions, axis=1)
+        cos = np.where(size > 0, directions @ step / np.where(size > 0, size, 1.0), 0.0)
+        self.best[mine] = np.maximum(self.best[mine], cos)
+
+    def audit(self, claim: AccountantClaim | None, delta: float, confidence: float) -> dict:
+        seen = np.isfinite(self.best)
+        scores = np.where(seen, self.best, -2.0)  # below every cosine
+        out = {"unit": "sample", "canaries": self.count, "inserted": int(self.included.sum()),
+               "observed": int(seen.sum()),
+               "statistic": "max over the rounds its client took part in of cos(sent − "
+                            "upload, u_i)",
+               "accountant": None if claim is None else {
+                   "epsilon": claim.epsilon, "delta": claim.delta, "from": claim.source},
+               "lower_bound": None}
+        if self.included.all() or not self.included.any():
+            out["why_null"] = "every canary is in, or none: raise privacy.canary_samples"
+            return out
+        out["lower_bound"] = one_run_audit(scores, self.included, delta, confidence)
+        return out
+
+
 # --------------------------------------------------------------------------- the audit
 
 
@@ -363,6 +427,9 @@ class PrivacyAudit:
         self.test_xy = self.on_device.global_test()
         self.population_xy = self._population(self.test_xy)
         self.trained: set[int] = set()  # clients whose update was aggregated in some round
+        self.canaries = (SampleCanaries(self.cfg.canary_samples, data.participating,
+                                        scenario.seed, self.model)
+                         if self.cfg.canary_samples else None)
         self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.needs_population = any(getattr(a, "needs_population", False)
                                     for a in self.attacks.values())
@@ -393,6 +460,7 @@ class PrivacyAudit:
         resumed run reports the same privacy results as an uninterrupted one."""
         return {"target": self.target, "population": self.population,
                 "trained": sorted(self.trained), "client_rows": self.client_rows,
+                "canary_best": None if self.canaries is None else self.canaries.best,
                 "leak_rows": self.leak_rows, "inversion_state": self.inversion_state,
                 "sent": self._sent}
 
@@ -401,6 +469,8 @@ class PrivacyAudit:
         self.target = {int(k): tuple(v) for k, v in state["target"].items()}
         self.population = {int(k): v for k, v in state.get("population", {}).items()}
         self.trained = set(state.get("trained", []))
+        if self.canaries is not None and state.get("canary_best") is not None:
+            self.canaries.best = np.asarray(state["canary_best"])
         self.client_rows = list(state["client_rows"])
         self.leak_rows = list(state["leak_rows"])
         self.inversion_state = state["inversion_state"]
@@ -421,8 +491,11 @@ class PrivacyAudit:
     def on_replies(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> None:
         for msg in replies:
             if not msg.has_error():
-                self.trained.add(int(require_record(msg.content, "client",
-                                                    ConfigRecord)["client-id"]))
+                cid = int(require_record(msg.content, "client", ConfigRecord)["client-id"])
+                self.trained.add(cid)
+                if self.canaries is not None:
+                    self.canaries.observe(cid, require_record(msg.content, "arrays",
+                                                              ArrayRecord), self._sent)
         if self.attacks and rnd in self.audit_rounds:
             losses, conf = self._outputs(arrays, *self.pool_xy)
             with torch.no_grad():
@@ -518,6 +591,10 @@ class PrivacyAudit:
             }
         if self.cfg.client_membership:
             result["client_membership"] = self._client_membership(arrays)
+        if self.canaries is not None:
+            sample = next((c for c in accountants if c.unit == "sample"), None)
+            result["sample_canary_audit"] = self.canaries.audit(
+                sample, self.scenario.client.dp.delta, self.cfg.audit_confidence)
         if self.cfg.leakage:
             result["leakage"] = self._leakage_summary()
         if self.cfg.inversion:
