@@ -119,6 +119,17 @@ def geometric_update(clipping_norm: float, unclipped_fraction: float, target_unc
     return clipping_norm * math.exp(-lr * (unclipped_fraction - target_unclipped))
 
 
+def poisson_refusal(strategy: Strategy) -> str | None:
+    """Why Poisson sampling cannot run around ``strategy`` (None: it can). It is the mechanism
+    of the DP-FedAvg analysis, run for the FedAvg-family strategies that analysis holds for."""
+    reason = why_not(type(strategy))
+    if isinstance(strategy, FedAvg) and reason is None:
+        return None
+    return ("server.dp.sampling = 'poisson' runs only around strategies the DP-FedAvg analysis "
+            f"holds for (fedavg, fedprox, fedbn, silobn), not {type(strategy).__name__} "
+            f"({reason or 'not a FedAvg'}); use server.dp.sampling = 'fixed_size'")
+
+
 class _SampledGrid(DelegatingGrid):
     """The grid a strategy samples from, listing only the nodes the DP wrapper drew."""
 
@@ -186,12 +197,8 @@ class _ParametersOnly:
         uniform = isinstance(strategy, FedAvg)
         self.why_not = why_not(type(strategy))  # None: the DP-FedAvg ε holds for the class
         if sampling == "poisson":
-            if not isinstance(strategy, FedAvg) or self.why_not is not None:
-                raise ValueError(
-                    "sampling = 'poisson' is the mechanism of the DP-FedAvg analysis; fedsim "
-                    f"runs it for strategies that analysis holds for (fedavg, fedprox, fedbn, "
-                    f"silobn), and {self.why_not or type(strategy).__name__} — use "
-                    "sampling = 'fixed_size'")
+            if (why := poisson_refusal(strategy)) is not None:
+                raise ValueError(why)
             # the wrapper samples; the strategy configures every node it is handed
             strategy.fraction_train, strategy.min_train_nodes = 1.0, 0
             strategy.min_available_nodes = 0
@@ -510,6 +517,8 @@ def start_lines(scenario: Scenario) -> list[str]:
 def wrap_dp(strategy: Strategy, scenario: Scenario, model: nn.Module | None) -> Strategy:
     """Wrap ``strategy`` as ``[server.dp]`` asks; bad DP settings are a ScenarioError."""
     cfg = scenario.server.dp
+    if cfg.sampling == "poisson" and (why := poisson_refusal(strategy)) is not None:
+        raise ScenarioError(why)
     names = [n for n, _ in model.named_parameters()] if model is not None else None
     m = scenario.server.clients_per_round
     cal = calibration(scenario)
