@@ -61,12 +61,17 @@ SUMMARY_METRICS: tuple[str, ...] = (
     *(f"privacy.client_mia.{k}.{d}" for k in ("auc", "global_model_auc") for d in _DIST),
     *(f"privacy.client_membership.{m}" for m in _MIA),
     "privacy.membership_epsilon.*.epsilon_if_independent",
+    *(f"privacy.canary_audit.{view}.{part}" for view in ("all_iterates", "final_model")
+      for part in ("lower_bound.epsilon_lower_bound", "estimate.epsilon_estimate")),
+    "privacy.canary_audit.canary_epsilon",
+    "privacy.sample_canary_audit.lower_bound.epsilon_lower_bound",
     *(f"privacy.leakage.data_mean_recovery.{k}"
       for k in ("abs_error", "relative_error", "baseline_abs_error")),
     *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
                                          "objective")),
-    "dp.privacy_spent.epsilon", "dp.noise_multiplier", "dp.effective_noise_multiplier",
-    "dp.clipping_norm", "dp.noise_stddev",
+    "dp.privacy_spent.epsilon", "dp.privacy_spent.rdp", "dp.privacy_spent.pld",
+    "dp.noise_multiplier", "dp.effective_noise_multiplier", "dp.clipping_norm",
+    "dp.noise_stddev", "dp.fewer_replies.rounds",
 )
 
 #: metric prefix -> (does this cell measure it?, how to turn it on)
@@ -77,6 +82,10 @@ _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
                                    "privacy.client_membership = true"),
     "privacy.membership_epsilon.": (lambda s: bool(s.privacy.mia),
                                     'privacy.mia = ["loss"] and a DP accountant'),
+    "privacy.canary_audit.": (lambda s: s.privacy.canary_clients > 0,
+                              "privacy.canary_clients = 1000"),
+    "privacy.sample_canary_audit.": (lambda s: s.privacy.canary_samples > 0,
+                                     "privacy.canary_samples = 1000 (with [client.dp])"),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
     "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
