@@ -53,12 +53,24 @@ def test_a_gaussian_mechanism_stays_below_its_epsilon_at_95_percent(sigma):
 
 
 def test_without_noise_the_bound_is_large():
-    """2,000 canaries, every guess right: ε ≈ 5.1 at 95% (Bonferroni over the guess grid),
-    about the most one run of this many canaries can show (1,000 right guesses a side would
-    give 5.9, but 1,007 canaries are in, so the widest guesses make 7 mistakes)."""
+    """2,000 canaries, every guess right: ε ≈ 5.1 at 95% (Bonferroni over the 8 guesses of
+    the grid), about the most one run of this many canaries can show (1,000 right guesses a
+    side would give 5.9, but 1,007 canaries are in, so the widest guesses make 7 mistakes)."""
     out = one_run_audit(*gaussian_run(0, 2000, 1e-9), delta=1e-5)
     assert out["epsilon_lower_bound"] > 5
-    assert out["correct"] == out["guesses"] == 1000 and out["per_side"] == 500
+    assert out["correct"] == out["guesses"] == 1000
+    assert (out["guessed_in"], out["guessed_out"]) == (500, 500)
+
+
+def test_one_sided_guesses_survive_in_canaries_that_never_took_part():
+    """A fifth of the in canaries score like out ones (never sampled): guessing "out" on the
+    lowest scores errs, guessing "in" on the highest does not."""
+    bits = np.arange(1000) % 2 == 0
+    scores = np.where(bits & (np.arange(1000) % 10 != 0), 1.0, 0.0) + np.arange(1000) * 1e-6
+    out = one_run_audit(scores, bits, 1e-5)
+    assert out["guessed_out"] == 0 and out["correct"] == out["guesses"] == out["guessed_in"]
+    two_sided = [g for g in out["grid"] if g[1]]
+    assert len(out["grid"]) == 2 * len(two_sided)
 
 
 def test_ties_break_by_canary_index_and_bad_input_is_refused():
