@@ -271,8 +271,10 @@ class _ParametersOnly:
         """Keep only the covered arrays in each reply (the rest waits in the proxy's stash)."""
         params = set(self.parameter_names)
         keys = list(valid[0].content["arrays"].keys()) if valid else []
-        self._covered = ([k for k in keys if k in params] if valid
-                         else [k for k in self._global if k in params])
+        if valid:
+            self._covered = [k for k in keys if k in params]
+        elif not self._covered:  # a first round nobody answered: every float parameter
+            self._covered = [k for k in self._global if k in params]
         self.excluded.update(k for k in keys if k not in params)
         if valid:
             self.local.update(k for k in self._global if k not in keys)
