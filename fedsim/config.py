@@ -398,7 +398,7 @@ class PrivacyConfig:
     canary_clients: int = 0
     canary_norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the median)
     canary_samples: int = 0
-    audit_confidence: float = 0.95  # audited ε: one-sided Clopper–Pearson confidence
+    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
     leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
