@@ -94,8 +94,9 @@ def run_cell(audit: str, name: str, target: float | None, canaries: int, rounds:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| audit | setting | accountant ε | lower bound (95%, all iterates) | "
-             "lower bound (final) | estimate (all iterates) | estimate (final) | accuracy | s |",
+    lines = ["| audit | setting | accountant ε | lower bound (95%; client level: all iterates, "
+             "sample level: uploads) | lower bound (final model) | estimate (all iterates) | "
+             "estimate (final model) | accuracy | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['audit']} | {r['setting']} | {_num(r['accountant'])} | "
