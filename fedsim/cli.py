@@ -254,11 +254,11 @@ def _print_summary(result) -> None:
     if spent:
         eps = (f"ε = {spent['epsilon']:.3g} at δ = {spent['delta']:g}"
                if spent["epsilon"] is not None
-               else "no ε (the DP-FedAvg analysis does not hold)" if spent.get("why_not")
+               else "no ε (dp.privacy_spent.why_not says why)" if spent.get("why_not")
                else "no finite ε (no noise)")
-        print(f"DP: {eps} after {spent['rounds']} noised rounds (sampling rate "
-              f"{spent['sampling_rate']:.3g}, σ = {spent['noise_multiplier']:g}; covers the "
-              "noised arrays only)")
+        print(f"DP: {eps} after {spent['rounds']} noised rounds ({spent['sampling']} sampling, "
+              f"rate {spent['sampling_rate']:.3g}, {spent['relation']}, σ = "
+              f"{spent['noise_multiplier']:g}; covers the noised arrays only)")
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
 

@@ -201,19 +201,25 @@ class ClientConfig:
 
 
 DP_KINDS = ("none", "fixed", "adaptive")
+DP_SAMPLINGS = ("fixed_size", "poisson")
+DP_ON_FEWER_REPLIES = ("scale_noise", "refuse", "void")
 
 
 @dataclass(frozen=True)
 class DPConfig:
     """Central differential privacy around any strategy (``[server.dp]``).
 
-    Flower's server-side clipping wrappers (McMahan et al., ICLR 2018; adaptive clipping:
-    Andrew et al., NeurIPS 2021) clip each client's update and noise the aggregate; fedsim
-    applies them to float parameters only (see ``fedsim.server.dp``).
+    Flower's server-side clipping (McMahan et al., ICLR 2018; adaptive clipping: Andrew et
+    al., NeurIPS 2021) clips each client's update and noises the aggregate; fedsim applies it
+    to float parameters only, samples clients as ``sampling`` says and accounts for the
+    sampling that runs (see ``fedsim.server.dp``).
     """
 
+    #: σ when neither noise_multiplier nor target_epsilon is given
+    DEFAULT_NOISE_MULTIPLIER: ClassVar[float] = 1.0
+
     kind: str = "none"  # none | fixed | adaptive
-    noise_multiplier: float = 1.0
+    noise_multiplier: float | None = None  # None: not given (DEFAULT_NOISE_MULTIPLIER)
     clipping_norm: float = 1.0  # fixed: the clipping norm; adaptive: the initial one
     target_clipped_quantile: float = 0.5  # adaptive
     clip_norm_lr: float = 0.2  # adaptive
@@ -221,12 +227,21 @@ class DPConfig:
     delta: float = 1e-5  # the δ of the (ε, δ) the accountant reports; keep it below 1/clients
     max_epsilon: float = 0.0  # stop cleanly before a round that would take ε above it; 0 = none
     target_epsilon: float = 0.0  # calibrate noise_multiplier to reach it after server.rounds
+    # fixed_size: clients_per_round clients without replacement (Flower's sampling), mean over
+    # the replies; poisson: each client with probability clients_per_round / participating
+    # clients, the sum divided by clients_per_round (McMahan et al. 2018, Algorithm 1)
+    sampling: str = "fixed_size"
+    # fixed_size, a round with fewer accepted replies than clients_per_round: scale_noise (the
+    # noise std follows the replies averaged), refuse (the round is not aggregated) or void
+    # (noise for clients_per_round, epsilon = null)
+    on_fewer_replies: str = "scale_noise"
 
     def __post_init__(self) -> None:
         _check(self.kind in DP_KINDS, "server.dp.kind", f"use one of {', '.join(DP_KINDS)}",
                self.kind)
-        _check(self.noise_multiplier >= 0, "server.dp.noise_multiplier", "it must be >= 0",
-               self.noise_multiplier)
+        if self.noise_multiplier is not None:
+            _check(self.noise_multiplier >= 0, "server.dp.noise_multiplier", "it must be >= 0",
+                   self.noise_multiplier)
         _check(self.clipping_norm > 0, "server.dp.clipping_norm", "it must be > 0",
                self.clipping_norm)
         _check(0 <= self.target_clipped_quantile <= 1, "server.dp.target_clipped_quantile",
@@ -241,11 +256,21 @@ class DPConfig:
             value = getattr(self, key)
             _check(0 <= value < math.inf, f"server.dp.{key}",
                    "it must be a finite number >= 0 (0 = off)", value)
-        if self.target_epsilon > 0 and self.noise_multiplier != DPConfig.noise_multiplier:
+        _check(self.sampling in DP_SAMPLINGS, "server.dp.sampling",
+               f"use one of {', '.join(DP_SAMPLINGS)}", self.sampling)
+        _check(self.on_fewer_replies in DP_ON_FEWER_REPLIES, "server.dp.on_fewer_replies",
+               f"use one of {', '.join(DP_ON_FEWER_REPLIES)}", self.on_fewer_replies)
+        if self.target_epsilon > 0 and self.noise_multiplier is not None:
             raise ScenarioError(
                 f"server.dp.target_epsilon = {self.target_epsilon!r} calibrates the noise, so "
                 f"server.dp.noise_multiplier = {self.noise_multiplier!r} cannot be set too; "
                 "drop one of the two")
+
+    @property
+    def fixed_noise_multiplier(self) -> float:
+        """σ as given, or the default when neither it nor ``target_epsilon`` is set."""
+        return (self.DEFAULT_NOISE_MULTIPLIER if self.noise_multiplier is None
+                else self.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -390,7 +415,15 @@ class PrivacyConfig:
     shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
     rmia_a: float = 0.3  # RMIA offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
     rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
-    audit_confidence: float = 0.95  # audited ε: one-sided Clopper–Pearson confidence
+    rmia_population: int = 0  # RMIA: population examples z from the global test set (0: all)
+    client_membership: bool = False  # did this client train? loss attack on whole clients
+    # one-run audits with canaries (each in with probability 1/2): canary clients whose
+    # update is a random direction (Andrew et al. 2024) and gradient canaries in DP-SGD
+    # (Steinke et al. 2023)
+    canary_clients: int = 0
+    canary_norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the median)
+    canary_samples: int = 0
+    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
     audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
     client_mia: bool = False  # loss attack on each client's upload of round client_round
     leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
@@ -421,6 +454,15 @@ class PrivacyConfig:
                    self.shadows)
         _check(0.0 <= self.rmia_a <= 1.0, "privacy.rmia_a", "it must be in [0, 1]", self.rmia_a)
         _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
+        _check(self.rmia_population >= 0, "privacy.rmia_population",
+               "it must be >= 0 (0: the whole global test set)", self.rmia_population)
+        for key in ("canary_clients", "canary_samples"):
+            value = getattr(self, key)
+            _check(value == 0 or value >= 2, f"privacy.{key}",
+                   "it must be 0 (off) or >= 2 (half of them are in, on average)", value)
+        _check(self.canary_norm >= 0, "privacy.canary_norm",
+               "it must be >= 0 (0: the median norm of the round's real updates)",
+               self.canary_norm)
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
         _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
@@ -455,7 +497,8 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.mia) or self.client_mia or self.leakage or self.inversion
+        return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
+                or self.client_membership or self.canary_samples > 0)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -769,19 +812,27 @@ class Scenario:
                 f"server.clients_per_round = {self.server.clients_per_round}: no round could "
                 "ever succeed; lower it"
             )
+        dp = self.server.dp
+        if dp.kind != "none" and dp.sampling == "poisson" and self.failures.min_replies > 1:
+            raise ScenarioError(
+                f"failures.min_replies = {self.failures.min_replies} cannot hold with "
+                "server.dp.sampling = 'poisson': every Poisson round is released with the "
+                "replies it gets, none included (retrying a small sample would change the "
+                "sampling the accountant assumes); leave failures.min_replies at 1")
 
     @property
     def num_participating(self) -> int:
         return self.partition.num_clients - self.partition.num_holdout
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), as written to the results' scenario.toml."""
+        """Plain nested dict (tuples as lists), as written to the results' scenario.toml;
+        optional keys left unset (None) are left out, so they read back unset."""
         return _plain(dataclasses.asdict(self))
 
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
@@ -811,7 +862,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ScenarioError(f"{key} must be a table, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
-        return value
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or len(args) != 1:
+            return value
+        return _coerce(value, args[0], key)  # an optional key: None (absent) or its type
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ScenarioError(f"{key} must be a number, got {value!r}")

@@ -26,7 +26,7 @@ class FedBNHook(LocalArraysHook):
         return norm_keys(model)
 
 
-@dp_fedavg()  # the server averages the uploaded arrays; local layers never leave a client
+@dp_fedavg(statistics_local=True)  # the server averages the uploads; norm layers stay local
 @STRATEGIES.register("fedbn")
 class FedBN(LocalArraysFedAvg):
     """FedAvg over everything but normalization layers, which each client keeps (FedBN)."""

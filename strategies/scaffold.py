@@ -88,10 +88,10 @@ class ScaffoldHook(ClientHook):
         return arrays
 
 
-@dp_fedavg(why_not="its server control variate c is built from the clients' unclipped, "
-           "un-noised control-variate deltas and sent to every client, so one client's data "
-           "steers the other clients' later updates outside the noised model: the per-round "
-           "sensitivity C/m does not hold (and c itself is released without noise)")
+@dp_fedavg(why_not="clients upload their control-variate deltas Δc without clipping or noise "
+           "(data-dependent arrays outside the Gaussian mechanism, as BN running statistics "
+           "are), and the server's c built from them steers every other client's later "
+           "updates outside the noised model")
 @STRATEGIES.register(NAME)
 class Scaffold(FedAvg):
     """FedAvg plus server/client control variates (SCAFFOLD, option II, global lr 1)."""

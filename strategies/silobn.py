@@ -26,7 +26,7 @@ class SiloBNHook(LocalArraysHook):
         return norm_statistics_keys(model)
 
 
-@dp_fedavg()  # the server averages the uploaded arrays; statistics stay on the clients
+@dp_fedavg(statistics_local=True)  # the server averages the uploads; statistics stay local
 @STRATEGIES.register("silobn")
 class SiloBN(LocalArraysFedAvg):
     """FedAvg that never sees BN running statistics; each client keeps its own (SiloBN)."""

@@ -93,7 +93,7 @@ def test_dp_run_prints_the_privacy_spent(tmp_path, capsys):
     out = capsys.readouterr().out
     spent = json.loads((tmp_path / "r" / "summary.json").read_text())["dp"]["privacy_spent"]
     assert f"DP: ε = {spent['epsilon']:.3g} at δ = 1e-05 after 1 noised rounds" in out
-    assert "sampling rate 0.5, σ = 1.5" in out
+    assert "(fixed_size sampling, rate 0.5, replace_one, σ = 1.5;" in out
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["sweep"], ["report"], ["partitions"]])

@@ -56,7 +56,8 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     gen = torch_generator(cfg.seed, "client-train", req.server_round, req.client_id)
     dp_metrics = {}
     if cfg.client.dp.enabled:
-        result, dp_metrics = _train_dpsgd(cfg, model, x, y, gen, req.hooks, context)
+        result, dp_metrics = _train_dpsgd(cfg, model, x, y, gen, req.hooks, context,
+                                          rt.canaries(req.client_id))
     else:
         result = train_local(model, x, y, cfg.client, gen, req.hooks,
                              drop_singleton=cfg.batch_statistics)
@@ -72,14 +73,16 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     return train_reply(req, arrays, result, dp_metrics, counts)
 
 
-def _train_dpsgd(settings: ClientSettings, model, x, y, gen, hooks, context: Context):
-    """DP-SGD for one round (:mod:`fedsim.client.dpsgd`); the client's steps so far live in
-    its ``Context.state``. Returns the result and the reply's DP metrics (ε so far)."""
+def _train_dpsgd(settings: ClientSettings, model, x, y, gen, hooks, context: Context,
+                 canaries=None):
+    """DP-SGD for one round (:mod:`fedsim.client.dpsgd`), with the client's gradient
+    canaries if an audit inserts some; the client's steps so far live in its
+    ``Context.state``. Returns the result and the reply's DP metrics (ε so far)."""
     cfg = settings.client
     if settings.batch_statistics:  # checked before training too (validate)
         raise ValueError(dpsgd.BATCH_NORM_REFUSAL.format(norm=settings.norm))
     sigma = dpsgd.noise_multiplier_for(cfg, settings.rounds, len(x))
-    result = dpsgd.train_dpsgd(model, x, y, cfg, sigma, gen, hooks)
+    result = dpsgd.train_dpsgd(model, x, y, cfg, sigma, gen, hooks, canaries)
     state = get_record(context.state, dpsgd.STATE_KEY, ConfigRecord)
     steps = int(state["steps"]) if state is not None else 0
     steps += result.steps

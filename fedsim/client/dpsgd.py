@@ -161,15 +161,33 @@ def privatize(summed: dict[str, torch.Tensor], noise_multiplier: float, max_grad
     return {k: (s + noise[k]) / expected_batch for k, s in summed.items()}
 
 
+def canary_gradients(canaries: torch.Tensor, params: dict[str, torch.Tensor],
+                     sampling_rate: float, max_grad_norm: float,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The step's sum of gradient canaries: each of the ``(k, dim)`` unit ``canaries`` joins
+    the Poisson batch with probability q, as a sample whose clipped gradient is C·u (Steinke,
+    Nasr & Jagielski 2023, white-box canaries), laid out like ``params`` (flattened in
+    order)."""
+    joins = torch.rand(len(canaries), generator=generator, device=generator.device)
+    joins = (joins < sampling_rate).to(device=canaries.device, dtype=canaries.dtype)
+    flat = max_grad_norm * (joins @ canaries)
+    sizes = [p.numel() for p in params.values()]
+    return {k: part.view(p.shape).to(p.dtype)
+            for (k, p), part in zip(params.items(), flat.split(sizes), strict=True)}
+
+
 def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,
                 noise_multiplier: float, generator: torch.Generator,
-                hooks: Sequence[ClientHook] = ()) -> TrainResult:
+                hooks: Sequence[ClientHook] = (), canaries: torch.Tensor | None = None
+                ) -> TrainResult:
     """One round of DP-SGD on (x, y) in place (see the module docstring); ``generator`` draws
     the Poisson batches and the noise. Returns the mean loss / accuracy over sampled examples.
 
     The hooks' terms, transforms and step cap and the SGD update are those of
     :mod:`fedsim.client.step`, as in :func:`fedsim.client.train.train_local`; only the
-    gradient of the data loss differs (clipped per sample, noised)."""
+    gradient of the data loss differs (clipped per sample, noised). ``canaries``: the
+    client's gradient canaries ``(k, dim)``, added to each step's clipped sum before the
+    noise (:func:`canary_gradients`; an audit's, :mod:`fedsim.client.canaries`)."""
     set_modes(model, hooks)
     all_params = dict(model.named_parameters())
     trainable = {k: p for k, p in all_params.items() if p.requires_grad}
@@ -196,6 +214,10 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
             seen += len(idx)
         else:  # an empty Poisson batch: the noise alone
             summed = {k: torch.zeros_like(p) for k, p in params.items()}
+        if canaries is not None and len(canaries):
+            extra = canary_gradients(canaries, params, schedule.sampling_rate,
+                                     cfg.dp.max_grad_norm, generator)
+            summed = {k: summed[k] + extra[k] for k in summed}
         grads = privatize(summed, noise_multiplier, cfg.dp.max_grad_norm,
                           schedule.sampling_rate * n, generator)
         if terms:  # data-independent terms (post-processing): their gradient, unclipped

@@ -25,6 +25,7 @@ import torch
 from flwr.app import Context
 from torch import nn
 
+from fedsim.client import canaries
 from fedsim.config import ClientConfig, Scenario
 from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData, build_federated_data
@@ -45,6 +46,8 @@ class ClientSettings:
     batches of one sample; DP-SGD is refused). ``rounds``: DP-SGD calibrates its noise to the
     run's length. ``strategy``: its module registers the client hooks train configs name.
     ``bn_eval``: ``model.bn_eval``, how evaluation normalises with BN layers.
+    ``canary_samples``: gradient canaries a one-run audit inserts into DP-SGD
+    (:mod:`fedsim.client.canaries`).
     Failures are decided by the server (:mod:`fedsim.client.failures`): a client only sees
     the crash its train config asks for, so ``[failures]`` is not part of this section.
     """
@@ -56,12 +59,13 @@ class ClientSettings:
     batch_statistics: bool
     strategy: str
     bn_eval: str = "running"
+    canary_samples: int = 0  # gradient canaries among the clients (privacy.canary_samples)
 
     @classmethod
     def of(cls, scenario: Scenario) -> ClientSettings:
         return cls(scenario.client, scenario.seed, scenario.server.rounds, scenario.model.norm,
                    uses_batch_statistics(scenario.model.norm), scenario.server.strategy,
-                   scenario.model.bn_eval)
+                   scenario.model.bn_eval, scenario.privacy.canary_samples)
 
 
 @dataclass
@@ -154,6 +158,20 @@ class ClientRuntime:
                 if self.on_device is None:
                     self.on_device = DeviceSplits(self.data, self.device)
         return self.on_device
+
+    def canaries(self, cid: int) -> torch.Tensor | None:
+        """The directions ``(k, dim)`` of the gradient canaries client ``cid`` trains with
+        (its *in* ones; :mod:`fedsim.client.canaries`), on the run's device; None if none."""
+        count = self.settings.canary_samples
+        if count == 0:
+            return None
+        mine = canaries.held_by(cid, count, self.data.participating, self.settings.seed)
+        if not mine.size:
+            return None
+        dim = canaries.parameter_size(self.base_model)
+        return torch.as_tensor(canaries.unit_directions(dim, self.settings.seed,
+                                                        canaries.SAMPLE, mine),
+                               device=self.device)
 
     def client_id(self, context: Context) -> int:
         """Map Flower's ``partition-id`` (0..participating-1) to a fedsim client id."""

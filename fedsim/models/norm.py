@@ -445,6 +445,12 @@ def uses_batch_statistics(kind: str) -> bool:
     return spec is not None and spec.batch_statistics
 
 
+def has_statistics(kind: str) -> bool:
+    """Whether a ``kind`` layer keeps buffers that summarise the data it saw (running
+    statistics: BN, HybridNorm), which a client then uploads unless a strategy keeps them."""
+    return any(has_running_statistics(m) for m in make_norm(kind, 4).modules())
+
+
 #: the named norm layers of a model (:func:`norm_layers`; the name models/__init__ exports)
 norm_modules = norm_layers
 

@@ -2,7 +2,10 @@
 
 - :mod:`~fedsim.privacy.metrics`: AUC, balanced accuracy, TPR at low FPR, log-log ROC plots.
 - :mod:`~fedsim.privacy.mia`: membership inference (loss threshold, LiRA, RMIA).
-- :mod:`~fedsim.privacy.audit_epsilon`: audited ε, a lower bound on ε from an attack's ROC.
+- :mod:`~fedsim.privacy.audit_epsilon`: the ε an attack's ROC would certify on independent
+  trials (Clopper–Pearson, Bonferroni).
+- :mod:`~fedsim.privacy.one_run`: an ε lower bound from canaries in one run (Steinke et al.).
+- :mod:`~fedsim.privacy.canary`: an ε estimate from canary clients (Andrew et al.).
 - :mod:`~fedsim.privacy.inversion`: gradient inversion of a client update (iDLG labels,
   Inverting Gradients), PSNR / SSIM.
 - :mod:`~fedsim.privacy.leakage`: which uploaded arrays carry data statistics (BN buffers),
@@ -10,6 +13,7 @@
 """
 
 from fedsim.privacy.audit_epsilon import empirical_epsilon
+from fedsim.privacy.canary import epsilon_of_gaussians, gaussian_estimate
 from fedsim.privacy.inversion import (
     InversionResult,
     client_gradient,
@@ -39,6 +43,7 @@ from fedsim.privacy.mia import (
     rmia_scores,
     shadow_split,
 )
+from fedsim.privacy.one_run import one_run_audit
 
 __all__ = [
     "InversionResult",
@@ -46,6 +51,8 @@ __all__ = [
     "attack_metrics",
     "client_gradient",
     "empirical_epsilon",
+    "epsilon_of_gaussians",
+    "gaussian_estimate",
     "has_running_stats",
     "image_metrics",
     "input_stats_from_bn",
@@ -54,6 +61,7 @@ __all__ = [
     "lira_scores",
     "loss_attack",
     "match_reconstructions",
+    "one_run_audit",
     "per_example_outputs",
     "plot_roc",
     "psnr",

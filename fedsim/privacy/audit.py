@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ from torch import nn
 
 from fedsim.arrays import load_record, model_to_record, record_to_state
 from fedsim.client.app import make_client_app
+from fedsim.client.canaries import SAMPLE as SAMPLE_CANARY
+from fedsim.client.canaries import included as canary_bits
+from fedsim.client.canaries import owners as canary_owners
+from fedsim.client.canaries import parameter_size, unit_directions
 from fedsim.client.compress import as_uploaded
 from fedsim.client.hooks import ClientHook
 from fedsim.client.runtime import ClientRuntime
@@ -59,7 +64,7 @@ from fedsim.engine.inprocess import InProcessGrid
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
-from fedsim.privacy.audit_epsilon import AccountantClaim, audited_epsilon
+from fedsim.privacy.audit_epsilon import AccountantClaim, membership_epsilon
 from fedsim.privacy.inversion import (
     client_gradient,
     image_metrics,
@@ -84,6 +89,7 @@ from fedsim.privacy.mia import (
     rmia_scores,
     shadow_split,
 )
+from fedsim.privacy.one_run import one_run_audit
 from fedsim.records import require_record
 from fedsim.registry import Registry
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -94,7 +100,14 @@ from fedsim.server.loop import run_rounds
 ROC_PNG = "privacy_roc.png"
 INVERSION_PNG = "privacy_inversion.png"
 NONMEMBERS_FROM = "participating clients' local test splits"
+log = logging.getLogger("fedsim")
 POPULATION_FROM = "the global test set (never trained on by the target or any shadow)"
+#: RMIA population below this: a warning. An example's RMIA score is the fraction of the
+#: population it dominates, so it takes at most population + 1 values; below 1,000 that grid
+#: is coarser than the lowest FPR reported (0.1%), ties at the top score decide TPR at low FPR
+#: (digits: 360 test images moved TPR@1% from 0.211 to 0.175), and Zarifzadeh et al.
+#: use populations of thousands
+RMIA_RESOLUTION = 1000
 
 # --------------------------------------------------------------------------- attacks
 
@@ -286,11 +299,20 @@ def check_privacy(run: RunContext) -> None:
     cfg, rounds = scenario.privacy, scenario.server.rounds
     for name in cfg.mia:
         MIA_ATTACKS.get(name, key="privacy.mia")
+    test_size = len(data.global_test()[1])
+    if cfg.rmia_population > test_size:
+        raise ScenarioError(f"privacy.rmia_population = {cfg.rmia_population} exceeds the "
+                            f"{test_size} examples of the global test set; lower it (0: all)")
     for key, value in (("client_round", cfg.client_round),
                        ("inversion_round", cfg.inversion_round)):
         if value > rounds:
             raise ScenarioError(f"privacy.{key} = {value} is out of range; the run has "
                                 f"server.rounds = {rounds}")
+    if cfg.canary_samples and not scenario.client.dp.enabled:
+        raise ScenarioError(
+            f"privacy.canary_samples = {cfg.canary_samples} inserts gradient canaries into "
+            "DP-SGD, which this run does not use; set [client.dp] (noise_multiplier or "
+            "target_epsilon; a tiny noise_multiplier for a run that is private in name only)")
     if cfg.inversion:
         cid = first_client(scenario, data)
         if cid not in data.participating:
@@ -323,6 +345,60 @@ def _inversion_plan(scenario: Scenario, cid: int) -> list[torch.Tensor]:
                         drop_singleton=uses_batch_statistics(scenario.model.norm))
 
 
+# --------------------------------------------------------------------------- canaries
+
+
+class SampleCanaries:
+    """The server's side of the gradient canaries in DP-SGD (``privacy.canary_samples``;
+    Steinke, Nasr & Jagielski, NeurIPS 2023, white-box): each canary is held by a client
+    (:mod:`fedsim.client.canaries`) and is in with probability 1/2. In every round the
+    server sees each sampled client's upload; a canary's score is the largest, over the
+    rounds its client took part in, cosine between the client's update (what it was sent
+    minus what it uploaded: DP-SGD steps *against* the canary's gradient) and the canary's
+    direction, over the uploaded trainable parameters. Canaries of clients never seen score
+    below any cosine. The scores and bits give the one-run lower bound
+    (:func:`fedsim.privacy.one_run.one_run_audit`) of the sample-level ε."""
+
+    def __init__(self, count: int, clients, seed: int, model: nn.Module) -> None:
+        self.count, self.seed = count, seed
+        self.owners = canary_owners(count, clients, seed)
+        self.included = canary_bits(count, seed, SAMPLE_CANARY)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.sizes = [p.numel() for _, p in model.named_parameters() if p.requires_grad]
+        self.dim = parameter_size(model)
+        self.best = np.full(count, -np.inf)
+
+    def observe(self, cid: int, upload: ArrayRecord, sent: ArrayRecord) -> None:
+        mine = np.flatnonzero(self.owners == cid)
+        if not mine.size:
+            return
+        keep = np.concatenate([np.full(n, name in upload, dtype=bool)
+                               for name, n in zip(self.names, self.sizes, strict=True)])
+        step = np.concatenate([(sent[k].numpy().astype(np.float64)
+                                - upload[k].numpy().astype(np.float64)).ravel()
+                               for k in self.names if k in upload])
+        directions = unit_directions(self.dim, self.seed, SAMPLE_CANARY, mine)[:, keep]
+        size = np.linalg.norm(step) * np.linalg.norm(directions, axis=1)
+        cos = np.where(size > 0, directions @ step / np.where(size > 0, size, 1.0), 0.0)
+        self.best[mine] = np.maximum(self.best[mine], cos)
+
+    def audit(self, claim: AccountantClaim | None, delta: float, confidence: float) -> dict:
+        seen = np.isfinite(self.best)
+        scores = np.where(seen, self.best, -2.0)  # below every cosine
+        out = {"unit": "sample", "canaries": self.count, "inserted": int(self.included.sum()),
+               "observed": int(seen.sum()),
+               "statistic": "max over the rounds its client took part in of cos(sent − "
+                            "upload, u_i)",
+               "accountant": None if claim is None else {
+                   "epsilon": claim.epsilon, "delta": claim.delta, "from": claim.source},
+               "lower_bound": None}
+        if self.included.all() or not self.included.any():
+            out["why_null"] = "every canary is in, or none: raise privacy.canary_samples"
+            return out
+        out["lower_bound"] = one_run_audit(scores, self.included, delta, confidence)
+        return out
+
+
 # --------------------------------------------------------------------------- the audit
 
 
@@ -349,6 +425,11 @@ class PrivacyAudit:
         x, y, self.is_member = self.pool.tensors(self.on_device)
         self.pool_xy = (x, y)
         self.test_xy = self.on_device.global_test()
+        self.population_xy = self._population(self.test_xy)
+        self.trained: set[int] = set()  # clients whose update was aggregated in some round
+        self.canaries = (SampleCanaries(self.cfg.canary_samples, data.participating,
+                                        scenario.seed, self.model)
+                         if self.cfg.canary_samples else None)
         self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.needs_population = any(getattr(a, "needs_population", False)
                                     for a in self.attacks.values())
@@ -360,13 +441,26 @@ class PrivacyAudit:
         self._initial = initial
         self._sent = initial
 
+    def _population(self, test_xy):
+        """RMIA's population: ``rmia_population`` examples of the global test set, fixed by
+        the seed (all of it with 0)."""
+        size = self.cfg.rmia_population
+        x, y = test_xy
+        if size == 0 or size >= len(y):
+            return x, y
+        rows = numpy_rng(self.scenario.seed, "privacy", "rmia-population").choice(
+            len(y), size=size, replace=False)
+        rows = torch.as_tensor(np.sort(rows), device=y.device)
+        return x[rows], y[rows]
+
     # -- checkpoints ----------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         """What the audit captured so far (per-round MIA outputs, client uploads' results,
         the inversion target, the last global arrays sent): checkpointed with the run, so a
         resumed run reports the same privacy results as an uninterrupted one."""
         return {"target": self.target, "population": self.population,
-                "client_rows": self.client_rows,
+                "trained": sorted(self.trained), "client_rows": self.client_rows,
+                "canary_best": None if self.canaries is None else self.canaries.best,
                 "leak_rows": self.leak_rows, "inversion_state": self.inversion_state,
                 "sent": self._sent}
 
@@ -374,6 +468,9 @@ class PrivacyAudit:
         """Put :meth:`checkpoint_state` back (after ``--resume``)."""
         self.target = {int(k): tuple(v) for k, v in state["target"].items()}
         self.population = {int(k): v for k, v in state.get("population", {}).items()}
+        self.trained = set(state.get("trained", []))
+        if self.canaries is not None and state.get("canary_best") is not None:
+            self.canaries.best = np.asarray(state["canary_best"])
         self.client_rows = list(state["client_rows"])
         self.leak_rows = list(state["leak_rows"])
         self.inversion_state = state["inversion_state"]
@@ -392,6 +489,13 @@ class PrivacyAudit:
         return per_example_outputs(self.model, x, y)
 
     def on_replies(self, rnd: int, replies: list[Message], arrays: ArrayRecord) -> None:
+        for msg in replies:
+            if not msg.has_error():
+                cid = int(require_record(msg.content, "client", ConfigRecord)["client-id"])
+                self.trained.add(cid)
+                if self.canaries is not None:
+                    self.canaries.observe(cid, require_record(msg.content, "arrays",
+                                                              ArrayRecord), self._sent)
         if self.attacks and rnd in self.audit_rounds:
             losses, conf = self._outputs(arrays, *self.pool_xy)
             with torch.no_grad():
@@ -400,7 +504,7 @@ class PrivacyAudit:
                             .float().mean())
             self.target[rnd] = (losses, conf, acc)
             if self.needs_population:
-                self.population[rnd] = self._outputs(arrays, *self.test_xy)[1]
+                self.population[rnd] = self._outputs(arrays, *self.population_xy)[1]
         if rnd == self.client_round and (self.cfg.client_mia or self.cfg.leakage):
             for msg in replies:
                 if not msg.has_error():
@@ -467,13 +571,13 @@ class PrivacyAudit:
     def finish(self, arrays: ArrayRecord, accountants: tuple[AccountantClaim, ...] = ()) -> dict:
         """Run the audits after training. ``accountants``: the DP guarantees the run claims
         (:func:`fedsim.privacy.audit_epsilon.accountant_claims`); with membership attacks, the
-        first one is audited against the final attack scores (``audited_epsilon``)."""
+        first one is set beside the final attack scores (``membership_epsilon``)."""
         t0 = time.perf_counter()
         result: dict = {}
         if self.attacks:
             result.update(self._membership())
             if accountants:
-                result["audited_epsilon"] = audited_epsilon(
+                result["membership_epsilon"] = membership_epsilon(
                     self.final_scores, self.is_member, accountants[0],
                     confidence=self.cfg.audit_confidence)
         if self.cfg.client_mia:
@@ -485,6 +589,12 @@ class PrivacyAudit:
                 "global_model_auc": distribution([r["global_auc"] for r in self.client_rows]),
                 "per_client": self.client_rows,
             }
+        if self.cfg.client_membership:
+            result["client_membership"] = self._client_membership(arrays)
+        if self.canaries is not None:
+            sample = next((c for c in accountants if c.unit == "sample"), None)
+            result["sample_canary_audit"] = self.canaries.audit(
+                sample, self.scenario.client.dp.delta, self.cfg.audit_confidence)
         if self.cfg.leakage:
             result["leakage"] = self._leakage_summary()
         if self.cfg.inversion:
@@ -529,9 +639,7 @@ class PrivacyAudit:
                 "nonmembers": int((~self.is_member).sum()),
                 "members_from": "participating clients' local training samples",
                 "nonmembers_from": NONMEMBERS_FROM,
-                **({"population": len(self.test_xy[1]), "population_from": POPULATION_FROM,
-                    "rmia_a": self.cfg.rmia_a, "rmia_gamma": self.cfg.rmia_gamma}
-                   if self.needs_population else {}),
+                **(self._population_summary() if self.needs_population else {}),
             },
             "shadows": {"count": self.cfg.shadows, "fix_variance": self.cfg.fix_variance,
                         "reseed": self.cfg.shadow_reseed, "engine": "inprocess",
@@ -540,6 +648,36 @@ class PrivacyAudit:
             "roc_png": ROC_PNG,
         }
 
+    def _population_summary(self) -> dict:
+        size = len(self.population_xy[1])
+        out = {"population": size, "population_from": POPULATION_FROM,
+               "rmia_a": self.cfg.rmia_a, "rmia_gamma": self.cfg.rmia_gamma}
+        if size < RMIA_RESOLUTION:
+            out["population_warning"] = (
+                f"RMIA's population has {size} examples: its score takes at most {size + 1} "
+                f"values, coarser than the 0.1% FPR reported, so ties decide TPR at low FPR; "
+                f"use privacy.rmia_population >= {RMIA_RESOLUTION} (a larger global test set)")
+            log.warning("warning: privacy: %s", out["population_warning"])
+        return out
+
+    def _client_membership(self, arrays: ArrayRecord) -> dict:
+        """Did this client train? The loss attack at the client level (the unit of
+        client-level DP): a client's score is minus the final global model's mean loss on its
+        local training data; members are the clients whose update was aggregated in some
+        round, non-members the others (holdout clients and clients never sampled)."""
+        clients = sorted(set(self.data.participating) | set(self.data.holdout))
+        scores = np.array([-float(self._outputs(arrays, *self.on_device.client_train(c))[0]
+                                  .mean()) for c in clients])
+        member = np.array([c in self.trained for c in clients])
+        out = {"unit": "client", "attack": "loss", "members": int(member.sum()),
+               "nonmembers": int((~member).sum()),
+               "members_from": "clients whose update was aggregated in some round",
+               "nonmembers_from": "holdout clients and participating clients never aggregated"}
+        if member.all() or not member.any():
+            return {**out, "auc": None, "why_null": "every client trained, or none: raise "
+                    "partition.holdout_clients for clients that never train"}
+        return {**out, **attack_metrics(scores, member)}
+
     def _shadows(self) -> tuple[dict[int, np.ndarray], np.ndarray, dict[int, np.ndarray] | None]:
         """Train the shadow federations; their pool confidences at every audited round (and
         their population confidences, when an attack needs a population)."""
@@ -547,7 +685,7 @@ class PrivacyAudit:
         masks = self.pool.shadow_masks(k, self.scenario.seed)
         shadow_in = np.concatenate([masks[c] for c in self.pool.clients], axis=1)
         conf = {rnd: np.zeros((k, len(self.is_member))) for rnd in self.target}
-        pop = ({rnd: np.zeros((k, len(self.test_xy[1]))) for rnd in self.target}
+        pop = ({rnd: np.zeros((k, len(self.population_xy[1]))) for rnd in self.target}
                if self.needs_population else None)
         for i in range(k):
             shadow = self.scenario
@@ -560,7 +698,7 @@ class PrivacyAudit:
                 if rnd in conf:
                     conf[rnd][i] = self._outputs(arrays, *self.pool_xy)[1]
                     if pop is not None:
-                        pop[rnd][i] = self._outputs(arrays, *self.test_xy)[1]
+                        pop[rnd][i] = self._outputs(arrays, *self.population_xy)[1]
 
             train_federation(RunContext(shadow, data, self.device), on_replies)
         return conf, shadow_in, pop

@@ -1,26 +1,30 @@
-"""Audited ε: a statistical lower bound on the privacy loss from a membership attack's ROC.
+"""Membership ε: what a membership attack's ROC would certify about ε if its examples were
+independent trials — an indication for one training run, not a bound.
 
 An (ε, δ)-DP mechanism limits every membership test: at any threshold,
 TPR ≤ e^ε·FPR + δ, and, for the complementary decision, TNR ≤ e^ε·FNR + δ
 (Kairouz et al. 2015). So an observed attack implies ε ≥ log((TPR − δ)/FPR) and
 ε ≥ log((1 − FPR − δ)/(1 − TPR)). Following Jagielski et al. (NeurIPS 2020, "Auditing
 Differentially Private Machine Learning") and Nasr et al. (IEEE S&P 2021, "Adversary
-Instantiation"), the rates are replaced by one-sided Clopper–Pearson bounds at confidence
-``c`` — a lower bound on TPR from #true positives of #members, an upper bound on FPR from
-#false positives of #non-members — so each ε_lb(t) holds with that confidence. We take both
-directions at every distinct score threshold t (ties handled as in
+Instantiation"), the rates are replaced by one-sided Clopper–Pearson bounds — a lower bound on
+TPR from #true positives of #members, an upper bound on FPR from #false positives of
+#non-members. We take both directions at every distinct score threshold t (ties handled as in
 :mod:`fedsim.privacy.metrics`) and report the maximum.
 
-The threshold is chosen on the same data the bounds come from, so each of the T thresholds'
-bounds is taken at confidence 1 − (1 − c)/T (Bonferroni): then all T hold together with
-confidence c, and so does their maximum (``confidence_each`` in the result). Without that
-correction a chance attack on 500 + 500 examples (~1000 thresholds, c = 0.95) gave ε_lb > 0
-in 3 of 20 draws. What it is still not: a proof for the training run — the examples of one
-run are treated as independent trials, while Jagielski et al. train one model per trial
-(Steinke, Nasr and Jagielski, NeurIPS 2023, give a bound valid for one run). Read it as
-evidence: an ε_lb above the accountant's ε means a broken guarantee (or an accountant that
-does not apply), an ε_lb far below it means the attack is weak or the analysis loose — not
-which.
+**Confidence.** Each of the T thresholds contributes two rate bounds, and the threshold is
+chosen on the same data, so every one of the 2T bounds is taken at 1 − (1 − c)/(2T)
+(Bonferroni): then all hold together with confidence c, and so does the maximum
+(``confidence_each``). Two bounds at c each would hold jointly only at 1 − 2(1 − c) (90% for
+c = 95%). Without any correction a chance attack on 500 + 500 examples (~1000 thresholds,
+c = 0.95) gave a positive ε in 3 of 20 draws.
+
+**What it is not.** :func:`empirical_epsilon` is a valid lower bound when its examples are
+independent trials — one training run per example, as in Jagielski et al. In a fedsim run the
+pool's examples all come from one training run, so they are not; the run's summary therefore
+calls the number ``epsilon_if_independent`` (``privacy.membership_epsilon``) and keeps it as
+evidence beside the accountant's ε. Bounds valid for one run come from canaries
+(:mod:`fedsim.privacy.one_run`, Steinke, Nasr & Jagielski, NeurIPS 2023) and estimates from
+canary clients (:mod:`fedsim.privacy.canary`, Andrew et al., ICLR 2024).
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ def empirical_epsilon(scores: np.ndarray, is_member: np.ndarray, delta: float,
     delta
         The δ of the guarantee being audited.
     confidence
-        Confidence of the reported bound: every threshold's one-sided Clopper–Pearson rate
-        bounds are taken at 1 − (1 − confidence)/T for T thresholds, so the maximum holds.
+        Confidence of the reported bound: each threshold's two one-sided Clopper–Pearson rate
+        bounds are taken at 1 − (1 − confidence)/(2T) for T thresholds, so all 2T hold
+        together, and so does the maximum.
 
     Returns
     -------
@@ -85,7 +90,7 @@ def empirical_epsilon(scores: np.ndarray, is_member: np.ndarray, delta: float,
     members, nonmembers = np.sort(s[m]), np.sort(s[~m])
     n_m, n_n = members.size, nonmembers.size
     thresholds = np.unique(s)
-    each = 1.0 - (1.0 - confidence) / thresholds.size  # Bonferroni over the thresholds
+    each = 1.0 - (1.0 - confidence) / (2 * thresholds.size)  # Bonferroni: 2 bounds a threshold
     tp = n_m - np.searchsorted(members, thresholds, side="left")  # #members with score >= t
     fp = n_n - np.searchsorted(nonmembers, thresholds, side="left")
     tpr_lo = cp_lower(tp, n_m, each)
@@ -111,19 +116,22 @@ def empirical_epsilon(scores: np.ndarray, is_member: np.ndarray, delta: float,
 @dataclass(frozen=True)
 class AccountantClaim:
     """A DP guarantee a run claims: (ε, δ) for neighbouring datasets that differ in one
-    ``unit`` (``"sample"``: DP-SGD; ``"client"``: DP-FedAvg), and where summary.json has it."""
+    ``unit`` (``"sample"``: DP-SGD; ``"client"``: DP-FedAvg) under ``relation``
+    (``"add_or_remove_one"`` or ``"replace_one"``), and where summary.json has it."""
 
     epsilon: float
     delta: float
     unit: str
     source: str
+    relation: str = "add_or_remove_one"
 
 
 def accountant_claims(summary: Mapping) -> tuple[AccountantClaim, ...]:
     """The finite DP guarantees in a run's summary sections, sample-level ones first.
 
-    Reads ``client_dp`` (sample-level DP-SGD on each client: ``epsilon.max``, ``delta``) and
-    ``dp.privacy_spent`` (client-level DP-FedAvg, ``[server.dp]``: ``epsilon``, ``delta``).
+    Reads ``client_dp`` (sample-level DP-SGD on each client: ``epsilon.max``, ``delta``;
+    Poisson batches, add/remove) and ``dp.privacy_spent`` (client-level, ``[server.dp]``:
+    ``epsilon``, ``delta``, ``relation``).
     """
     claims = []
     client_dp = summary.get("client_dp") or {}
@@ -135,46 +143,64 @@ def accountant_claims(summary: Mapping) -> tuple[AccountantClaim, ...]:
     spent = (summary.get("dp") or {}).get("privacy_spent") or {}
     if spent.get("epsilon") is not None and math.isfinite(spent["epsilon"]):
         claims.append(AccountantClaim(float(spent["epsilon"]), float(spent["delta"]), "client",
-                                      "dp.privacy_spent.epsilon"))
+                                      "dp.privacy_spent.epsilon",
+                                      spent.get("relation", "add_or_remove_one")))
     return tuple(claims)
 
 
-#: Per accountant unit: the factor from its ε to the ε it implies for one sample, and how the
-#: sample-level attack relates to it (summary.json ``note``).
-_UNITS = {
-    "sample": 1.0, "client": 2.0,
-}
-_UNIT_NOTES = {
-    "sample": "the attack and the accountant share the unit (one training sample); "
-              "epsilon_lower_bound > accountant_epsilon would contradict the guarantee",
-    "client": "the attack is on single samples, the accountant on whole clients (add/remove "
-              "one client's data). Changing one sample changes one client's data (replace "
-              "= remove + add), so client-level (ε, δ)-DP implies (2ε, (1 + e^ε)δ) for a "
-              "sample (group privacy): only epsilon_lower_bound > comparable_epsilon "
-              "contradicts the guarantee. A member's effect is also diluted inside its "
-              "client's update, so expect epsilon_lower_bound far below accountant_epsilon",
-}
+def comparable_epsilon(claim: AccountantClaim) -> tuple[float, str]:
+    """The ε the accountant implies for one training sample, and why.
 
-
-def audited_epsilon(scores: Mapping[str, np.ndarray], is_member: np.ndarray,
-                    claim: AccountantClaim, confidence: float = 0.95) -> dict:
-    """summary.json ``privacy.audited_epsilon``: :func:`empirical_epsilon` of each attack's
-    sample-level scores at the accountant's δ, beside the accountant's ε and its unit.
-
-    ``comparable_epsilon`` is the ε the accountant implies for one sample: the accountant's
-    own for a sample-level claim, twice it for a client-level one (see ``note``).
+    A sample-level claim is compared as it is. Under a client-level claim, changing one
+    sample changes one client's data: that *is* one replaced client (replace-one: ε), or one
+    removed and one added (add/remove: group privacy gives (2ε, (1 + e^ε)δ)).
     """
-    if claim.unit not in _UNIT_NOTES:
-        raise ValueError(f"unknown DP unit {claim.unit!r}; expected one of {sorted(_UNIT_NOTES)}")
-    out: dict = {name: empirical_epsilon(s, is_member, claim.delta, confidence)
-                 for name, s in scores.items()}
+    if claim.unit == "sample":
+        return claim.epsilon, ("the attack and the accountant share the unit (one training "
+                               "sample); epsilon_if_independent > accountant_epsilon would "
+                               "contradict the guarantee if the examples were independent")
+    if claim.unit != "client":
+        raise ValueError(f"unknown DP unit {claim.unit!r}; expected 'sample' or 'client'")
+    diluted = (". A member's effect is also diluted inside its client's update, so expect "
+               "epsilon_if_independent far below accountant_epsilon")
+    if claim.relation == "replace_one":
+        return claim.epsilon, ("the attack is on single samples, the accountant on whole "
+                               "clients under replace-one: changing one sample replaces one "
+                               "client's data, so the client-level ε applies as it is" + diluted)
+    return 2 * claim.epsilon, ("the attack is on single samples, the accountant on whole "
+                               "clients under add/remove: changing one sample = removing one "
+                               "client's data and adding another, so the guarantee for a sample "
+                               "is (2ε, (1 + e^ε)δ) by group privacy" + diluted)
+
+
+MEMBERSHIP_WHAT = (
+    "the largest ε a threshold on the final attack's scores would certify (Clopper–Pearson, "
+    "both directions, Bonferroni over 2 bounds per threshold) if the pool's examples were "
+    "independent trials; they come from one training run, so this is an indication, not a "
+    "lower bound (privacy.canary_audit gives bounds valid for one run)")
+
+
+def membership_epsilon(scores: Mapping[str, np.ndarray], is_member: np.ndarray,
+                       claim: AccountantClaim, confidence: float = 0.95) -> dict:
+    """summary.json ``privacy.membership_epsilon``: :func:`empirical_epsilon` of each attack's
+    sample-level scores at the accountant's δ, renamed ``epsilon_if_independent`` (module
+    docstring), beside the accountant's ε, its unit and relation, and the ε it implies for one
+    sample (``comparable_epsilon``, see ``note``)."""
+    comparable, note = comparable_epsilon(claim)
+    out: dict = {}
+    for name, s in scores.items():
+        got = empirical_epsilon(s, is_member, claim.delta, confidence)
+        out[name] = {"epsilon_if_independent": got.pop("epsilon_lower_bound"), **got}
     out.update({
+        "what": MEMBERSHIP_WHAT,
+        "valid_for_one_run": False,
         "accountant_epsilon": claim.epsilon,
         "accountant_delta": claim.delta,
         "accountant_from": claim.source,
         "accountant_unit": claim.unit,
+        "accountant_relation": claim.relation,
         "unit": "sample",
-        "comparable_epsilon": _UNITS[claim.unit] * claim.epsilon,
-        "note": _UNIT_NOTES[claim.unit],
+        "comparable_epsilon": comparable,
+        "note": note,
     })
     return out

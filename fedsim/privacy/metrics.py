@@ -1,8 +1,18 @@
 """How well a membership-inference attack separates members from non-members.
 
-Reports what ML Privacy Meter and LiRA report (Carlini et al., IEEE S&P 2022): AUC, the best
-balanced accuracy, and the true-positive rate at low false-positive rates (1%, 0.1%, 0%),
-read off scikit-learn's ROC curve, plus a log-log ROC plot.
+Reports what ML Privacy Meter and LiRA report (Carlini et al., IEEE S&P 2022): AUC, balanced
+accuracy, and the true-positive rate at low false-positive rates (1%, 0.1%, 0%), read off
+scikit-learn's ROC curve, plus a log-log ROC plot. Each number means what its name says:
+
+- ``tpr_at_fpr_<x>`` is ``None`` (with the reason in ``null_because``) when there are fewer
+  than 1/x non-members: no threshold can then have an FPR of x other than 0, and the value
+  would silently be ``tpr_at_fpr_0``.
+- ``balanced_accuracy`` is that of a threshold chosen on *held-out* data: the pool is split in
+  two halves (alternate members and alternate non-members, in pool order), the threshold that
+  maximizes balanced accuracy on one half is applied to the other, and the two results are
+  averaged (2-fold cross-validation). ``best_balanced_accuracy`` is LiRA's ``sweep``
+  statistic, the maximum over thresholds on the very data it scores: optimistic, kept for
+  comparison with papers that quote it.
 
 Score convention everywhere in :mod:`fedsim.privacy`: a *higher* score means "more likely a
 member".
@@ -24,6 +34,7 @@ one tied case). ML Privacy Meter and LiRA's plotting code keep the default and s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,8 +84,39 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
     return float(tpr[fpr <= max_fpr].max())
 
 
-def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
-    """Summarize an attack: AUC, best balanced accuracy, and TPR at 1%, 0.1% and 0% FPR.
+def _best_threshold(s: np.ndarray, m: np.ndarray) -> float:
+    """A threshold t (predict member when score >= t) with the largest balanced accuracy on
+    (s, m): the first (highest) best score, moved halfway down to the next lower score, so it
+    sits inside the interval of equally good thresholds rather than on its edge."""
+    fpr, tpr, thresholds = roc_curve(m, s, drop_intermediate=False)
+    i = int(np.argmax(tpr - fpr))
+    if i == 0 or i + 1 == len(thresholds):  # predict nobody (inf), or everybody
+        return float(thresholds[i])
+    return float((thresholds[i] + thresholds[i + 1]) / 2)
+
+
+def _balanced_accuracy_at(s: np.ndarray, m: np.ndarray, threshold: float) -> float:
+    guess = s >= threshold
+    return float((guess[m].mean() + (~guess[~m]).mean()) / 2)
+
+
+def heldout_balanced_accuracy(scores: np.ndarray, is_member: np.ndarray) -> float | None:
+    """Balanced accuracy of a threshold chosen on held-out data (2-fold, module docstring);
+    None when a half would lack a member or a non-member (fewer than 2 of either)."""
+    s, m = _check(scores, is_member)
+    members, nonmembers = np.flatnonzero(m), np.flatnonzero(~m)
+    if members.size < 2 or nonmembers.size < 2:
+        return None
+    halves = [np.sort(np.r_[members[i::2], nonmembers[i::2]]) for i in (0, 1)]
+    out = []
+    for fit, score in (halves, halves[::-1]):
+        t = _best_threshold(s[fit], m[fit])
+        out.append(_balanced_accuracy_at(s[score], m[score], t))
+    return float(np.mean(out))
+
+
+def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict:
+    """Summarize an attack: AUC, balanced accuracy, and TPR at 1%, 0.1% and 0% FPR.
 
     Parameters
     ----------
@@ -85,18 +127,36 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float
 
     Returns
     -------
-    dict with ``auc`` (``roc_auc_score``), ``balanced_accuracy`` (the maximum over thresholds
-    of (TPR + TNR) / 2, as LiRA's ``sweep``), and ``tpr_at_fpr_1e-2``, ``tpr_at_fpr_1e-3``,
-    ``tpr_at_fpr_0`` (see the module docstring for the rule).
+    dict with ``auc`` (``roc_auc_score``), ``balanced_accuracy`` (threshold chosen on held-out
+    halves, see the module docstring; None below 2 members or non-members),
+    ``best_balanced_accuracy`` (the maximum over thresholds of (TPR + TNR) / 2, as LiRA's
+    ``sweep``), and ``tpr_at_fpr_1e-2``, ``tpr_at_fpr_1e-3``, ``tpr_at_fpr_0`` (see the module
+    docstring for the rule; None with fewer than 1/x non-members, the reason in
+    ``null_because``).
     """
     s, m = _check(scores, is_member)
     fpr, tpr, _ = roc_curve(m, s, drop_intermediate=False)
-    out = {
+    out: dict = {
         "auc": float(roc_auc_score(m, s)),
-        "balanced_accuracy": float(np.max((tpr + 1.0 - fpr) / 2.0)),
+        "balanced_accuracy": heldout_balanced_accuracy(s, m),
+        "best_balanced_accuracy": float(np.max((tpr + 1.0 - fpr) / 2.0)),
     }
+    null: dict[str, str] = {}
+    if out["balanced_accuracy"] is None:
+        null["balanced_accuracy"] = ("fewer than 2 members or non-members: no held-out half to "
+                                     "choose a threshold on")
+    nonmembers = int((~m).sum())
     for suffix, x in LOW_FPRS.items():
-        out[f"tpr_at_fpr_{suffix}"] = tpr_at_fpr(fpr, tpr, x)
+        key = f"tpr_at_fpr_{suffix}"
+        needed = math.ceil(1 / x - 1e-9) if x > 0 else 1
+        if nonmembers < needed:
+            out[key] = None
+            null[key] = (f"{nonmembers} non-members: an FPR of {x:g} needs at least {needed} "
+                         "(below that it reads as the TPR at FPR 0)")
+        else:
+            out[key] = tpr_at_fpr(fpr, tpr, x)
+    if null:
+        out["null_because"] = null
     return out
 
 

@@ -51,7 +51,8 @@ SEED = "seed"
 MIN_SEEDS = 3
 
 _DIST = ("mean", "weighted_mean", "std", "median", "p10", "p90", "min", "max", "n")
-_MIA = ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
+_MIA = ("auc", "balanced_accuracy", "best_balanced_accuracy", "tpr_at_fpr_1e-2",
+        "tpr_at_fpr_1e-3", "tpr_at_fpr_0")
 
 #: the numbers a run can write to summary.json (``*`` = one name: an attack, a layer)
 SUMMARY_METRICS: tuple[str, ...] = (
@@ -69,12 +70,19 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "timing.client_updates_per_s", "failures", "hybrid_alpha.*",
     *(f"privacy.mia.*.{m}" for m in _MIA),
     *(f"privacy.client_mia.{k}.{d}" for k in ("auc", "global_model_auc") for d in _DIST),
+    *(f"privacy.client_membership.{m}" for m in _MIA),
+    "privacy.membership_epsilon.*.epsilon_if_independent",
+    *(f"privacy.canary_audit.{view}.{part}" for view in ("all_iterates", "final_model")
+      for part in ("lower_bound.epsilon_lower_bound", "estimate.epsilon_estimate")),
+    "privacy.canary_audit.canary_epsilon",
+    "privacy.sample_canary_audit.lower_bound.epsilon_lower_bound",
     *(f"privacy.leakage.data_mean_recovery.{k}"
       for k in ("abs_error", "relative_error", "baseline_abs_error")),
     *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
                                          "objective")),
-    "dp.privacy_spent.epsilon", "dp.noise_multiplier", "dp.effective_noise_multiplier",
-    "dp.clipping_norm", "dp.noise_stddev",
+    "dp.privacy_spent.epsilon", "dp.privacy_spent.rdp", "dp.privacy_spent.pld",
+    "dp.noise_multiplier", "dp.effective_noise_multiplier", "dp.clipping_norm",
+    "dp.noise_stddev", "dp.fewer_replies.rounds",
 )
 
 #: metric prefix -> (does this cell measure it?, how to turn it on)
@@ -83,6 +91,14 @@ _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
                           "data.validation_fraction = 0.1"),
     "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
     "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
+    "privacy.client_membership.": (lambda s: s.privacy.client_membership,
+                                   "privacy.client_membership = true"),
+    "privacy.membership_epsilon.": (lambda s: bool(s.privacy.mia),
+                                    'privacy.mia = ["loss"] and a DP accountant'),
+    "privacy.canary_audit.": (lambda s: s.privacy.canary_clients > 0,
+                              "privacy.canary_clients = 1000"),
+    "privacy.sample_canary_audit.": (lambda s: s.privacy.canary_samples > 0,
+                                     "privacy.canary_samples = 1000 (with [client.dp])"),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
     "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),

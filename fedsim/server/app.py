@@ -98,6 +98,8 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
         if client_dp is not None:
             dp_notes["client_dp"] = client_dp
         notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(dp_notes))
+    if (canary := notes.pop("canary_audit", None)) is not None:  # the canary clients' audit
+        notes.setdefault("privacy", {})["canary_audit"] = canary
     for key, value in notes.items():
         sink.note(key, value)
     if budget_spent is not None:

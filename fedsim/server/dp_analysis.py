@@ -10,16 +10,27 @@ reason it does not; fedsim's own strategies enter themselves with :func:`dp_feda
 A class holds only if it is itself entered: a subclass of a checked class may change
 ``aggregate_train``, so it is unknown. A subclass of a class the analysis does *not* hold for
 inherits the reason (it keeps the server step that breaks it, unless it says otherwise).
+
+One rule covers what leaves a client without noise, whatever the strategy: an array a client
+uploads that the DP wrapper does not clip and noise — BatchNorm (or HybridNorm) running
+statistics and their counters, a hook's extras such as SCAFFOLD's Δc — is a data-dependent
+release outside the Gaussian mechanism, so no client-level ε holds for what a client sends
+(:func:`unnoised_why`). Arrays a strategy keeps on the clients (FedBN's norm layers,
+SiloBN's statistics) are never sent, so they do not count. The run decides from what clients
+actually upload; :func:`predicted_unnoised` says so before a run, from ``model.norm`` and the
+strategy (``dp_fedavg(statistics_local=True)``: its clients keep running statistics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from flwr.serverapp import strategy as flwr
 
 #: class -> None (the DP-FedAvg ε holds) or why it does not
 TABLE: dict[type, str | None] = {}
+#: strategy classes whose clients never upload normalization statistics
+STATISTICS_LOCAL: set[type] = set()
 
 ADAPTIVE = ("its adaptive server optimizer divides the update by a running second-moment "
             "estimate, which rescales one client's influence beyond the C/m the noise is "
@@ -46,11 +57,15 @@ TABLE.update({
 })
 
 
-def dp_fedavg(why_not: str | None = None) -> Callable[[type], type]:
-    """Class decorator: enter a strategy in :data:`TABLE` (``why_not=None``: the ε holds)."""
+def dp_fedavg(why_not: str | None = None, statistics_local: bool = False
+              ) -> Callable[[type], type]:
+    """Class decorator: enter a strategy in :data:`TABLE` (``why_not=None``: the ε holds);
+    ``statistics_local``: its clients keep normalization statistics and never upload them."""
 
     def enter(cls: type) -> type:
         TABLE[cls] = why_not
+        if statistics_local:
+            STATISTICS_LOCAL.add(cls)
         return cls
 
     return enter
@@ -67,3 +82,27 @@ def why_not(cls: type) -> str | None:
     return (f"{cls.__module__}.{cls.__qualname__} is a strategy fedsim has not checked: its "
             "output need not be the uniformly weighted mean of the clipped updates that the "
             "DP-FedAvg analysis (sensitivity C/m) assumes")
+
+
+UNNOISED = ("clients upload {arrays} without clipping or noise: data-dependent values (running "
+            "statistics of normalization layers, a hook's extras) leave every sampled client "
+            "outside the Gaussian mechanism, so no client-level guarantee covers what a client "
+            "sends; use a norm without running statistics (gn, ln, in, none) or a strategy that "
+            "keeps them on the clients (fedbn, silobn)")
+
+
+def unnoised_why(excluded: Iterable[str]) -> str | None:
+    """Why no ε holds when clients uploaded these arrays un-noised (None: there were none)."""
+    names = sorted(excluded)
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return UNNOISED.format(arrays=f"{len(names)} array(s) ({shown})")
+
+
+def predicted_unnoised(cls: type, norm_has_statistics: bool) -> str | None:
+    """Before a run: why no ε will hold because running statistics will be uploaded un-noised
+    (``model.norm`` keeps them and the strategy does not keep them local), else None."""
+    if not norm_has_statistics or any(c in STATISTICS_LOCAL for c in cls.__mro__):
+        return None
+    return UNNOISED.format(arrays="the model's normalization running statistics")

@@ -1,5 +1,6 @@
 """The scenario's strategy, built: looked up by name or import path, given its parameters,
-and wrapped in central DP when ``[server.dp]`` asks for it (:mod:`fedsim.server.dp`)."""
+wrapped in central DP when ``[server.dp]`` asks for it (:mod:`fedsim.server.dp`) and in canary
+clients when ``privacy.canary_clients`` does (:mod:`fedsim.server.canaries`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.config import Scenario
 from fedsim.errors import ScenarioError
+from fedsim.server.canaries import wrap_canaries
 from fedsim.server.dp import wrap_dp
 from fedsim.server.metric_mean import use_weighted_metrics
 from fedsim.server.strategies import accepted_params, strategy_class, strategy_kwargs
@@ -55,4 +57,6 @@ def make_strategy(scenario: Scenario, model: Module | None = None) -> Strategy:
     use_weighted_metrics(strategy)  # Flower's metric mean, the same values at less cost
     if scenario.server.dp.kind != "none":
         strategy = wrap_dp(strategy, scenario, model)
+    if model is not None:  # canary clients answer with moves of the model's parameters
+        strategy = wrap_canaries(strategy, scenario, [n for n, _ in model.named_parameters()])
     return strategy

@@ -10,7 +10,8 @@ It mirrors ``flwr.serverapp.strategy.Strategy.start`` but
   accepted replies are aggregated in client-id order, so the result does not depend on the
   order in which an engine delivers them;
 - retries a round (a new derived sample) or stops when fewer than ``failures.min_replies``
-  valid replies arrive, and stops a diverging run (non-finite global model or loss);
+  valid replies arrive (except under a DP wrapper that releases every round: Poisson
+  sampling), and stops a diverging run (non-finite global model or loss);
 - replaces the global BN running statistics after aggregation as ``server.bn_statistics``
   asks (:mod:`fedsim.server.bn_statistics`), whatever the strategy;
 - evaluates on the server as often as ``output.eval_every`` asks and checkpoints every round.
@@ -240,11 +241,14 @@ class RoundRunner:
         """
         cfg = self.cfg
         attempts = 1 + (cfg.retries if cfg.on_too_few == "retry" else 0)
+        # a DP wrapper with Poisson sampling releases every round, whatever replies arrive
+        # (a retry would condition the sample on its size, which its accountant does not)
+        needed = 0 if getattr(self.strategy, "releases_every_round", False) else cfg.min_replies
         phase = TrainPhase()
         for attempt in range(attempts):
             phase.attempts = attempt + 1
             phase.sim_seconds += self._attempt(rnd, arrays, attempt, phase)
-            if len(phase.accepted) >= cfg.min_replies:
+            if len(phase.accepted) >= needed:
                 return phase
         raise self._too_few(rnd, phase)
 

@@ -15,14 +15,20 @@ def rounds(result) -> list[str]:
     return (result.path / "rounds.jsonl").read_text().splitlines()
 
 
-@pytest.mark.parametrize("strategy,num_rounds", [("fedavg", 2), ("scaffold", 3),
-                                                 ("silobn", 3)])
-def test_inprocess_and_ray_agree(tmp_path, strategy, num_rounds):
+POISSON_DP = ["server.dp.kind=fixed", "server.dp.sampling=poisson",
+              "server.dp.noise_multiplier=0.3"]
+
+
+@pytest.mark.parametrize("strategy,num_rounds,extra", [
+    ("fedavg", 2, []), ("scaffold", 3, []), ("silobn", 3, []), ("fedavg", 3, POISSON_DP),
+], ids=["fedavg", "scaffold", "silobn", "fedavg-poisson-dp"])
+def test_inprocess_and_ray_agree(tmp_path, strategy, num_rounds, extra):
     """FedAvg, and two strategies whose clients keep state in Context.state between rounds
     (SCAFFOLD's control variates, SiloBN's statistics; with 3 rounds of 2 of 4 clients some
     client trains again and must find its state): on Ray that state lives in Flower's own
-    node states, in-process in fedsim's store, and the models agree."""
-    sc = SCENARIO + [f"server.strategy={strategy}", f"server.rounds={num_rounds}"]
+    node states, in-process in fedsim's store, and the models agree. Under DP with Poisson
+    sampling the DP wrapper draws the cohorts over clients in id order: the same on both."""
+    sc = SCENARIO + [f"server.strategy={strategy}", f"server.rounds={num_rounds}", *extra]
     a = fedsim.run("scenarios/quickstart.toml", sc, out=tmp_path / "inprocess")
     b = fedsim.run("scenarios/quickstart.toml", sc + ["engine.kind=ray"], out=tmp_path / "ray")
     sa = torch.load(a.path / "model.pt", weights_only=True)

@@ -11,7 +11,7 @@ from dp_accounting.rdp import RdpAccountant
 from fedsim.privacy.accountant import (
     PLD_DISCRETIZATION,
     SAMPLING_ASSUMPTION,
-    Epsilon,
+    Sampling,
     epsilon,
     epsilon_by,
     noise_for_epsilon,
@@ -45,7 +45,9 @@ def test_the_known_case_and_the_pld_discretization():
 
 
 def test_edge_cases_and_the_record():
-    assert epsilon(1.0, 0.1, 0, 1e-5) == Epsilon(0.0, 0.0, 1e-5, 1.0, 0.1, 0)  # nothing released
+    nothing = epsilon(1.0, 0.1, 0, 1e-5)  # nothing released
+    assert (nothing.rdp, nothing.pld, nothing.steps, nothing.sampling) == (
+        0.0, 0.0, 0, Sampling.poisson(0.1))
     assert epsilon(0.0, 0.1, 0, 1e-5).value == 0.0
     assert epsilon(1.0, 0.0, 10, 1e-5).value == 0.0  # nobody is ever sampled
     no_noise = epsilon(0.0, 0.1, 1, 1e-5)
@@ -53,6 +55,7 @@ def test_edge_cases_and_the_record():
     record = epsilon(1.0, 0.1, 5, 1e-5).as_dict()
     assert record["epsilon"] == record["pld"] and record["reported"] == "pld"
     assert record["assumes"] == SAMPLING_ASSUMPTION and "Poisson" in SAMPLING_ASSUMPTION
+    assert (record["sampling"], record["relation"]) == ("poisson", "add_or_remove_one")
 
 
 def test_epsilon_grows_with_rounds_and_sampling_and_shrinks_with_noise():
@@ -90,3 +93,47 @@ def test_calibration_with_nothing_released_needs_no_noise():
 def test_bad_arguments_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- fixed-size cohorts
+
+
+def test_the_issue_example_with_dp_accounting_called_directly():
+    """N = 100, m = 10, σ = 1, 100 rounds, δ = 1e-5: Poisson PLD 7.05; a fixed-size cohort
+    without replacement under replace-one (sensitivity 2C, so noise multiplier σ/2) 83.9."""
+    poisson = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 100)
+    assert PLDAccountant().compose(poisson).get_epsilon(1e-5) == pytest.approx(7.05, abs=0.01)
+    fixed = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+        100, 10, dp_accounting.GaussianDpEvent(0.5)), 100)
+    replace_one = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    direct_fixed = replace_one.compose(fixed).get_epsilon(1e-5)
+    assert direct_fixed == pytest.approx(83.9, abs=0.05)
+    ours = epsilon(1.0, Sampling.fixed_size(10, 100), 100, 1e-5)
+    assert ours.value == ours.rdp == pytest.approx(direct_fixed, rel=1e-12)
+    assert ours.pld is None  # dp_accounting's PLD does not support the event
+    assert ours.as_dict()["relation"] == "replace_one"
+    assert epsilon(1.0, 0.1, 100, 1e-5).value == pytest.approx(7.05, abs=0.01)
+
+
+@pytest.mark.parametrize("sigma,m,rounds", [(0.8, 5, 10), (1.0, 10, 50), (2.0, 20, 100),
+                                            (1.0, 100, 5)])
+def test_a_fixed_size_cohort_never_gets_less_epsilon_than_poisson(sigma, m, rounds):
+    poisson = epsilon(sigma, m / 100, rounds, 1e-5).value
+    fixed = epsilon(sigma, Sampling.fixed_size(m, 100), rounds, 1e-5).value
+    assert fixed >= poisson, (fixed, poisson)
+
+
+def test_fixed_size_calibration_round_trips():
+    fixed = Sampling.fixed_size(10, 100)
+    sigma = noise_for_epsilon(8.0, fixed, 20, 1e-5)
+    assert epsilon_by("rdp", sigma, fixed, 20, 1e-5) <= 8.0
+    assert epsilon_by("rdp", sigma * (1 - 1e-3), fixed, 20, 1e-5) > 8.0
+    assert sigma > noise_for_epsilon(8.0, 0.1, 20, 1e-5)  # Poisson would add too little
+
+
+def test_fixed_size_has_no_pld_accountant():
+    with pytest.raises(ValueError, match="does not support fixed_size"):
+        epsilon_by("pld", 1.0, Sampling.fixed_size(10, 100), 5, 1e-5)
+    with pytest.raises(ValueError, match="impossible"):
+        Sampling.fixed_size(11, 10)

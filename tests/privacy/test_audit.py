@@ -19,7 +19,9 @@ AUDIT = audit("loss", "lira", "rmia")
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "bn"
-    return fedsim.run("scenarios/quickstart.toml", TINY + AUDIT + ["model.norm=bn"], out=out)
+    return fedsim.run("scenarios/quickstart.toml", TINY + AUDIT + [
+        "model.norm=bn", "privacy.client_membership=true", "privacy.rmia_population=100"],
+        out=out)
 
 
 def in_unit(x):
@@ -29,15 +31,24 @@ def in_unit(x):
 def test_summary_has_every_privacy_key_in_range(audited):
     p = json.loads((audited.path / "summary.json").read_text())["privacy"]
     assert set(p["mia"]) == {"loss", "lira_online", "lira_offline", "rmia"}
-    for metrics in p["mia"].values():
-        for key in ("auc", "balanced_accuracy", "tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"):
-            assert in_unit(metrics[key]), key
-        assert metrics["balanced_accuracy"] >= 0.5  # the best threshold is never below chance
-    assert [r["round"] for r in p["mia_by_round"]] == [1, 2] and p["mia_round"] == 2
     pool = p["mia_pool"]
+    assert 100 <= pool["nonmembers"] < 1000
+    for metrics in p["mia"].values():
+        for key in ("auc", "balanced_accuracy", "best_balanced_accuracy", "tpr_at_fpr_1e-2"):
+            assert in_unit(metrics[key]), key
+        assert metrics["best_balanced_accuracy"] >= 0.5  # the best threshold: never below chance
+        # fewer than 1,000 non-members: no TPR at 0.1% FPR, and why
+        assert metrics["tpr_at_fpr_1e-3"] is None
+        assert metrics["null_because"]["tpr_at_fpr_1e-3"].startswith(
+            f"{pool['nonmembers']} non-members: an FPR of 0.001 needs at least 1000")
+    assert [r["round"] for r in p["mia_by_round"]] == [1, 2] and p["mia_round"] == 2
     assert pool["members"] == pool["nonmembers"] > 0 and pool["clients"] == 5
-    assert pool["population"] > 0 and pool["rmia_a"] == 0.3 and pool["rmia_gamma"] == 1.0
-    assert "audited_epsilon" not in p  # no DP, no accountant to audit
+    assert pool["population"] == 100 and pool["rmia_a"] == 0.3 and pool["rmia_gamma"] == 1.0
+    assert "use privacy.rmia_population >= 1000" in pool["population_warning"]
+    assert "membership_epsilon" not in p  # no DP, no accountant to compare with
+    cm = p["client_membership"]  # 6 clients, 1 held out, 3 of 5 sampled in each of 2 rounds
+    assert cm["unit"] == "client" and cm["members"] + cm["nonmembers"] == 6
+    assert cm["nonmembers"] >= 1 and in_unit(cm["auc"])
     assert p["shadows"]["count"] == 2 and p["shadows"]["engine"] == "inprocess"
     cm = p["client_mia"]
     assert cm["round"] == 2 and cm["auc"]["n"] == 3 and len(cm["per_client"]) == 3
@@ -186,21 +197,23 @@ def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
     assert not set(seen[1] + seen[2]) & set(data.holdout)
 
 
-@pytest.mark.parametrize("dp,unit,eps_at,factor", [
+@pytest.mark.parametrize("dp,unit,eps_at", [
+    # client level, fixed-size cohorts (replace-one): one changed sample is one replaced client
     (["server.dp.kind=fixed", "server.dp.noise_multiplier=1.0"], "client",
-     ("dp", "privacy_spent", "epsilon"), 2),  # group privacy: a sample changes one client
+     ("dp", "privacy_spent", "epsilon")),
     (["client.dp.noise_multiplier=1.0", "model.norm=gn"], "sample",  # DP-SGD: same unit
-     ("client_dp", "epsilon", "max"), 1),
+     ("client_dp", "epsilon", "max")),
 ])
-def test_audited_epsilon_never_exceeds_the_accountants(tmp_path, dp, unit, eps_at, factor):
+def test_membership_epsilon_never_exceeds_the_accountants(tmp_path, dp, unit, eps_at):
     result = fedsim.run("scenarios/quickstart.toml", TINY + ['privacy.mia=["loss"]', *dp],
                         out=tmp_path / "dp")
     summary = json.loads((result.path / "summary.json").read_text())
     eps = summary[eps_at[0]][eps_at[1]][eps_at[2]]
-    audited = summary["privacy"]["audited_epsilon"]
-    assert audited["accountant_epsilon"] == eps and audited["accountant_unit"] == unit
-    assert audited["accountant_from"] == ".".join(eps_at)
-    assert audited["unit"] == "sample" and audited["comparable_epsilon"] == factor * eps
-    loss = audited["loss"]
-    assert 0.0 <= loss["epsilon_lower_bound"] <= eps
+    found = summary["privacy"]["membership_epsilon"]
+    assert found["accountant_epsilon"] == eps and found["accountant_unit"] == unit
+    assert found["accountant_from"] == ".".join(eps_at)
+    assert found["unit"] == "sample" and found["comparable_epsilon"] == eps
+    assert found["valid_for_one_run"] is False
+    loss = found["loss"]
+    assert 0.0 <= loss["epsilon_if_independent"] <= eps
     assert loss["n_members"] == summary["privacy"]["mia_pool"]["members"]

@@ -18,10 +18,27 @@ IS_MEMBER = np.array([True] * 4 + [False] * 4)
 def test_hand_case_exact_numbers():
     m = attack_metrics(SCORES, IS_MEMBER)
     assert m["auc"] == pytest.approx(12 / 16)  # member beats non-member in 12 of 16 pairs
-    assert m["balanced_accuracy"] == pytest.approx(0.75)  # at (0, .5) and (.25, .75)
-    assert m["tpr_at_fpr_1e-2"] == 0.5
-    assert m["tpr_at_fpr_1e-3"] == 0.5
+    assert m["best_balanced_accuracy"] == pytest.approx(0.75)  # at (0, .5) and (.25, .75)
+    # held out: half A = M .9 .6 / N .7 .3, half B = M .8 .2 / N .5 .1. A's best threshold
+    # .9, moved halfway to .7: .8, scores B at (.5 + 1) / 2 = .75; B's best .8, halfway to
+    # .5: .65, scores A at (.5 + .5) / 2 = .5; the mean of the two folds
+    assert m["balanced_accuracy"] == pytest.approx(0.625)
+    # 4 non-members: no threshold has an FPR of 1% or 0.1% but 0
+    assert m["tpr_at_fpr_1e-2"] is None and m["tpr_at_fpr_1e-3"] is None
+    assert m["null_because"]["tpr_at_fpr_1e-3"] == (
+        "4 non-members: an FPR of 0.001 needs at least 1000 (below that it reads as the TPR "
+        "at FPR 0)")
     assert m["tpr_at_fpr_0"] == 0.5
+
+
+def test_tpr_at_low_fpr_is_reported_from_enough_non_members():
+    rng = np.random.default_rng(0)
+    for nonmembers, null in ((99, {"tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3"}),
+                             (100, {"tpr_at_fpr_1e-3"}), (1000, set())):
+        scores = np.r_[rng.normal(1, 1, 50), rng.normal(0, 1, nonmembers)]
+        m = attack_metrics(scores, np.arange(scores.size) < 50)
+        assert set(m.get("null_because", {})) == null
+        assert {k for k in ("tpr_at_fpr_1e-2", "tpr_at_fpr_1e-3") if m[k] is None} == null
 
 
 def test_tpr_at_fpr_counts_points_exactly_at_the_limit():
@@ -47,17 +64,19 @@ def test_a_tie_with_the_top_non_member_gives_zero_tpr_at_zero_fpr():
 
 
 def test_perfect_separation_and_inverted_scores():
-    perfect = attack_metrics([3, 2, 1, 0], [1, 1, 0, 0])
-    assert perfect == {
+    perfect = attack_metrics([6, 5, 4, 3, 2, 1], [1, 1, 1, 0, 0, 0])
+    assert {k: v for k, v in perfect.items() if k != "null_because"} == {
         "auc": 1.0,
-        "balanced_accuracy": 1.0,
-        "tpr_at_fpr_1e-2": 1.0,
-        "tpr_at_fpr_1e-3": 1.0,
+        "balanced_accuracy": 1.0,  # halves' thresholds 3.5 and 3.5
+        "best_balanced_accuracy": 1.0,
+        "tpr_at_fpr_1e-2": None,
+        "tpr_at_fpr_1e-3": None,
         "tpr_at_fpr_0": 1.0,
     }
     inverted = attack_metrics([0, 1, 2, 3], [1, 1, 0, 0])
     assert inverted["auc"] == 0.0 and inverted["tpr_at_fpr_0"] == 0.0
-    assert inverted["balanced_accuracy"] == 0.5  # the all-or-nothing thresholds
+    assert inverted["best_balanced_accuracy"] == 0.5  # the all-or-nothing thresholds
+    assert attack_metrics([1, 0], [1, 0])["balanced_accuracy"] is None  # no held-out half
 
 
 @pytest.mark.parametrize("d", [0.0, 0.5, 1.0, 2.0])
@@ -72,7 +91,8 @@ def test_auc_and_low_fpr_tpr_of_two_gaussians(d):
     # TPR at FPR x of N(d,1) vs N(0,1) is 1 - Φ(Φ⁻¹(1 - x) - d); 100 negatives set the 1% point.
     assert m["tpr_at_fpr_1e-2"] == pytest.approx(norm.sf(norm.isf(0.01) - d), abs=0.03)
     best = max(norm.cdf(t) + norm.sf(t - d) for t in np.linspace(-3, 5, 2001)) / 2
-    assert m["balanced_accuracy"] == pytest.approx(best, abs=0.01)
+    assert m["best_balanced_accuracy"] == pytest.approx(best, abs=0.01)
+    assert m["balanced_accuracy"] == pytest.approx(best, abs=0.015)
 
 
 @pytest.mark.parametrize(

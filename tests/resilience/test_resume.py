@@ -125,3 +125,16 @@ def test_resume_with_recalibrated_bn_statistics_equals_the_uninterrupted_run(tmp
     assert resumed.summary["resumed_from"] == [2]
     assert resumed.summary["bn_statistics"]["rounds_applied"] == 3
     assert_same_run(ref, resumed.path)
+
+
+def test_resume_keeps_the_canary_audits(tmp_path):
+    """Canary clients (their running maxima, θ_0) and gradient canaries' scores live in the
+    checkpoint: a resumed run audits exactly as the uninterrupted one."""
+    sets = ["server.rounds=3", "server.dp.kind=fixed", "server.dp.sampling=poisson",
+            "privacy.canary_clients=12"]
+    ref = fedsim.run("scenarios/quickstart.toml", TINY + sets, out=tmp_path / "ref").path
+    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
+    assert resumed.summary["resumed_from"] == [2]
+    want = json.loads((ref / "summary.json").read_text())["privacy"]["canary_audit"]
+    assert resumed.summary["privacy"]["canary_audit"] == want
+    assert want["rounds"] == 3

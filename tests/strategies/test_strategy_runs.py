@@ -7,7 +7,7 @@ import fedsim
 from fedsim.client.hooks import norm_keys, norm_statistics_keys
 from fedsim.context import build_global_model
 from fedsim.data.federated import build_federated_data
-from fedsim.privacy.accountant import epsilon
+from fedsim.privacy.accountant import Sampling, epsilon
 
 TINY = ["partition.num_clients=4", "server.clients_per_round=3", "partition.holdout_clients=0",
         "client.epochs=1", "model.width=8", "model.norm=bn"]
@@ -82,10 +82,12 @@ def test_dp_wraps_a_batchnorm_model_and_covers_float_parameters_only(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in buffers)  # statistics: never noised
     assert all(not torch.equal(a[k], c[k]) for k in params)  # every parameter: noised
     assert all(a[k].dtype == torch.int64 for k in buffers if k.endswith("num_batches_tracked"))
-    # the accountant: 1 noised round, 3 of 4 clients sampled, z = 0.5, delta = 1e-5
+    # the accountant: 1 noised round, 3 of 4 clients sampled, z = 0.5, delta = 1e-5; but the
+    # BN statistics left every client un-noised, so no ε is this run's
     spent = report["privacy_spent"]
     assert (spent["rounds"], spent["sampling_rate"], spent["delta"]) == (1, 0.75, 1e-5)
-    assert spent["epsilon"] == pytest.approx(epsilon(0.5, 0.75, 1, 1e-5).value)
+    assert spent["rdp"] == pytest.approx(epsilon(0.5, Sampling.fixed_size(3, 4), 1, 1e-5).rdp)
+    assert spent["epsilon"] is None and "running_mean" in spent["why_not"]
     assert clean.summary["dp"]["privacy_spent"]["epsilon"] is None  # no noise, no bound
 
 
@@ -102,4 +104,5 @@ def test_adaptive_dp_around_fedbn_leaves_local_layers_out(tmp_path):
     assert result.summary["final"]["personalized_accuracy"]["n"] == 4  # found through the wrapper
     spent = report["privacy_spent"]  # both rounds, at the requested (total) multiplier
     assert (spent["rounds"], spent["noise_multiplier"]) == (2, 0.1)
-    assert spent["epsilon"] == pytest.approx(epsilon(0.1, 0.75, 2, 1e-5).value)
+    assert spent["epsilon"] == pytest.approx(epsilon(0.1, Sampling.fixed_size(3, 4), 2,
+                                                     1e-5).value)
