@@ -88,6 +88,9 @@ def test_every_key_row_is_a_scenario_field_with_its_default():
             assert stated == "file stem"  # load_scenario names a scenario after its file
         elif field in free_form.values():
             continue
+        elif defaults[field] is None:  # "not given" (TOML has no null): the row says "unset"
+            if not stated.startswith("unset"):
+                wrong.append(f"{key}: the default is unset (None), README says {stated!r}")
         elif not (stated.startswith("`") and stated.endswith("`")):
             wrong.append(f"{key}: default {stated!r} is not a `literal`")
         elif plain_value(parse_value(stated.strip("`"))) != plain_value(defaults[field]):
