@@ -1,5 +1,5 @@
-"""Command line: ``fedsim run | sweep | report | partitions``. Bad input exits 2 with one
-``error:`` line."""
+"""Command line: ``fedsim run | sweep | report | table | partitions``. Bad input exits 2
+with one ``error:`` line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
-from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
 
 # The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
@@ -28,6 +27,7 @@ examples:
   fedsim run --resume results/bn                       finish an interrupted run
   fedsim sweep scenarios/norm_sweep.toml               every cell of a [sweep], report.md
   fedsim report results/a results/b                    compare finished runs
+  fedsim table results/norm_sweep                      cells.csv: one row per cell and round
   fedsim partitions scenarios/quickstart.toml          per-client class counts
 
 Bad input exits with code 2 and one "error:" line; Ctrl-C exits 130 (SIGTERM 143) with
@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
                        help="one sweep folder, or run folders written by fedsim run")
     p_rep.add_argument("--out", help="where the comparison of run folders goes")
+    p_tab = sub.add_parser("table", help="rebuild a run's rounds table, or a sweep's cells "
+                           "and claims tables, from its finished folders")
+    p_tab.add_argument("folder", metavar="RUN_OR_SWEEP_DIR")
+    p_tab.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                       help="csv (default) or parquet (needs fedsim[tables])")
+    p_tab.add_argument("--out", metavar="FILE", help="the rounds (run) or cells (sweep) "
+                       "table's path (default: in the folder); a sweep's claims table goes "
+                       "beside it as <stem>_claims.<format>")
     p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
                             "(of a seeded sample of clients when there are many)")
     _add_scenario_args(p_part)
@@ -89,31 +97,18 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
             f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
             f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
-    toml = Path(args.resume) / "scenario.toml"
-    if args.quiet or not toml.is_file():
-        return resume(args.resume, warn=warn, progress=seen)
-    scenario = load_scenario(toml)
-    with round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
-                        scenario.partition.num_clients) as on_round:
-        return resume(args.resume, progress=seen.then(on_round), warn=warn)
+    return resume(args.resume, warn=warn, progress=seen, show_progress=not args.quiet)
 
 
 class RoundsSeen:
     """A progress callback that notes whether the run recorded a round (so an interrupted
-    run knows it wrote to its folder), passing each record on to ``then``'s callback."""
+    run knows it wrote to its folder)."""
 
     def __init__(self) -> None:
         self.any = False
-        self._next = None
-
-    def then(self, on_round) -> RoundsSeen:
-        self._next = on_round
-        return self
 
     def __call__(self, record: dict) -> None:
         self.any = True
-        if self._next is not None:
-            self._next(record)
 
 
 def _num(value, spec: str = ".4f") -> str:
@@ -144,12 +139,8 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
             print(line, file=sys.stderr)
-    if args.quiet:
-        return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with round_progress(scenario.server.rounds, scenario.name,
-                        scenario.partition.num_clients) as on_round:
-        return run(scenario, out=args.out, overwrite=args.overwrite,
-                   progress=seen.then(on_round))
+    return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen,
+               show_progress=not args.quiet)
 
 
 def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
@@ -189,6 +180,8 @@ def _print_summary(result) -> None:
               "noised arrays only)")
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
+    if (summary.get("stopped") or {}).get("kind") == "early_stop":
+        print(f"stopped early: {summary['stopped']['reason']}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -212,6 +205,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
     print(f"report → {report(args.folders, out=args.out)}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from fedsim.report.tables import rebuild  # late: pandas-free, but reads the sinks
+
+    for path in rebuild(args.folder, fmt=args.format, out=args.out,
+                        note=lambda msg: print(f"note: {msg}", file=sys.stderr)):
+        print(f"table → {path}")
     return 0
 
 
@@ -248,7 +250,7 @@ def _sizes_line(sizes: dict) -> str:
             f"median classes present {sizes['classes_present']['median']:g}")
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "table": cmd_table,
             "partitions": cmd_partitions}
 
 

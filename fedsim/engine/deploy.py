@@ -40,8 +40,8 @@ from fedsim.engine.known_nodes import NODE_PARTITIONS_KEY, write_node_partitions
 from fedsim.engine.processes import Proc, find_proc, stop_tree
 from fedsim.errors import ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
-from fedsim.report.progress import RoundsFollower, round_progress
 from fedsim.run import check
+from fedsim.sinks.progress import RoundsFollower, round_progress
 
 CONNECTION = "fedsim-local"
 #: the line a SuperNode logs once registered (flwr/supernode/start_client_internal.py)
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet:
                 path = run()
             else:
-                with round_progress(scenario.server.rounds, scenario.name,
-                                    scenario.partition.num_clients) as on_round:
+                with round_progress(scenario, args.out) as on_round:
                     rounds.then = on_round
                     path = run()
         except ScenarioError as exc:

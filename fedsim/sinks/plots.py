@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedsim.files import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -48,7 +50,7 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "",
     ax_loss.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

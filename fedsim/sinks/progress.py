@@ -1,0 +1,231 @@
+"""Live progress for ``fedsim run`` (and a deployed run, whose records are read from its
+``rounds.jsonl``): rounds, clients/s, loss, accuracy and ETA, as informative at 10,000
+clients as at 10.
+
+On a terminal it is one updating line (rich). Anywhere else — a log file, a pipe, a batch
+job's output — it prints plain lines instead, each one complete (round, clients, loss,
+accuracy, elapsed time, ETA), because carriage-return updates are lost or garbled there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fedsim.config import Scenario
+from fedsim.sinks.base import RunEnd, RunStart, Sink
+
+
+def _clock(seconds: float) -> str:
+    """``H:MM:SS`` (as rich's time columns print it)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class ProgressLine(Sink):
+    """The progress display as a sink: a rich bar on a terminal, plain lines elsewhere.
+
+    Parameters
+    ----------
+    stream:
+        Where it writes (default: stderr, read when the run starts).
+    min_interval:
+        Plain lines: at most one every this many seconds (the first round and the last are
+        always printed), so a log of a 5,000-round run stays readable.
+    terminal:
+        Force the mode (default: whether ``stream`` is a terminal).
+    """
+
+    name = "progress"
+
+    def __init__(self, stream: TextIO | None = None, min_interval: float = 1.0,
+                 terminal: bool | None = None) -> None:
+        self.stream = stream
+        self.min_interval = min_interval
+        self.terminal = terminal
+        self._bar: Progress | None = None
+
+    def start(self, run: RunStart) -> None:
+        scenario = run.scenario
+        self.out = self.stream if self.stream is not None else sys.stderr
+        if self.terminal is None:
+            self.terminal = bool(getattr(self.out, "isatty", lambda: False)())
+        self.total = scenario.server.rounds
+        self.label = scenario.name + (" (resumed)" if run.resumed_round is not None else "")
+        self.population = scenario.partition.num_clients
+        # the first record this run (part) writes: round 0 (the initial model) when fresh
+        self.first = run.resumed_round + 1 if run.resumed_round is not None else 0
+        self.first_trained = (run.resumed_round or 0) + 1
+        self.updates, self.train_seconds = 0, 0.0
+        self.seen: set[int] = set()  # distinct clients that trained so far
+        self.last_acc: list[float] = []
+        self.t0 = time.monotonic()
+        self._printed = -1.0  # when the last plain line was printed
+        self._pending: str | None = None  # a plain line held back by min_interval
+        self.round = run.resumed_round or 0
+        if self.terminal:
+            self._start_bar(run.resumed_round or 0)
+
+    def _start_bar(self, completed: int) -> None:
+        columns = (  # most important first: a narrow terminal cuts the line from the right
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=16),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+        )
+        console = Console(file=self.out, force_terminal=True)
+        self._bar = Progress(*columns, console=console, transient=False)
+        self._bar.start()
+        # completed = the round number, so a resumed run's bar starts where it stopped
+        self._task = self._bar.add_task(self.label, total=self.total, completed=completed,
+                                        stats="starting")
+
+    def on_round(self, rec: dict) -> None:
+        self.updates += rec.get("updates", 0)
+        self.train_seconds += rec.get("train_seconds", 0.0)
+        self.seen.update(rec.get("clients") or ())
+        if rec.get("global_test_accuracy") is not None:
+            self.last_acc[:] = [rec["global_test_accuracy"]]
+        self.round = rec.get("round", 0)
+        stats = round_stats(rec, self.updates, self.train_seconds, len(self.seen),
+                            self.last_acc, self.population)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.round, stats=stats)
+            return
+        line = self.plain_line(stats)
+        now = time.monotonic()
+        if self.round in (self.first, self.total) or now - self._printed >= self.min_interval:
+            self._print(line)
+            self._printed = now
+        else:
+            self._pending = line
+
+    def plain_line(self, stats: str) -> str:
+        """One complete line: label, round of total, the round's stats, elapsed and ETA."""
+        elapsed = time.monotonic() - self.t0
+        done = self.round - self.first_trained + 1  # rounds trained since this part started
+        eta = _clock(elapsed / done * (self.total - self.round)) if done > 0 else "?"
+        parts = [f"{self.label}: round {self.round}/{self.total}", stats,
+                 f"elapsed {_clock(elapsed)}", f"ETA {eta}"]
+        return "  ".join(p for p in parts if p)
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+        self._pending = None
+
+    def end(self, result: RunEnd) -> None:
+        self.close()
+        stopped = result.summary.get("stopped")
+        if stopped and self._bar is None:
+            print(f"{self.label}: stopped after round {stopped.get('round')}: "
+                  f"{stopped.get('reason')}", file=self.out, flush=True)
+
+    def error(self, exc: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar (terminal) or print the line held back (plain)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        elif self._pending is not None:
+            self._print(self._pending)
+
+
+@contextlib.contextmanager
+def round_progress(scenario: Scenario, folder: str | Path) -> Iterator[Callable[[dict], None]]:
+    """The progress line of a run whose records come from elsewhere (a deployed run's
+    ``rounds.jsonl``, read by :class:`RoundsFollower`): yields its ``on_round``."""
+    line = ProgressLine()
+    line.start(RunStart(scenario, Path(folder)))
+    try:
+        yield line.on_round
+    finally:
+        line.close()
+
+
+def round_stats(rec: dict, updates: int, train_seconds: float, distinct: int,
+                last_acc: list[float], population: int | None = None) -> str:
+    """One short line: clients this round (of the ``population``, when given), updates so
+    far, clients/s, loss, accuracy.
+
+    Its length does not grow with the federation (10,000 clients print like 10, the
+    population as one number), and the accuracy of the last evaluated round stays shown
+    between evaluations.
+    """
+    parts = []
+    if rec.get("round", 0) >= 1:
+        part = f"{rec.get('updates', 0)} clients"
+        if population is not None:
+            part = f"{rec.get('updates', 0)} of {population:,} clients"
+        if rec.get("failures"):
+            part += f" ({len(rec['failures'])} failed)"
+        parts.append(part)
+        parts.append(f"{updates:,} updates by {distinct:,} clients")
+    if rec.get("train_loss") is not None:
+        parts.append(f"loss {rec['train_loss']:.3f}")
+    if last_acc:
+        parts.append(f"acc {last_acc[0]:.3f}")
+    if train_seconds > 0:
+        parts.append(f"{updates / train_seconds:.1f} clients/s")
+    return "  ".join(parts)
+
+
+class RoundsFollower:
+    """Reads the records a run appends to ``rounds.jsonl`` in another process (a deployed
+    ServerApp), for the same progress line as the in-process engines.
+
+    A file already there when the follower is made belongs to an earlier run and is skipped
+    until it is rewritten; a file that shrinks (rewritten, or truncated by a resume) is read
+    again from its start. Only complete lines are returned.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stale = self._identity()
+        self._offset = 0
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def poll(self) -> list[dict]:
+        """The records appended since the last call."""
+        identity = self._identity()
+        if identity is None or identity == self._stale:
+            return []
+        self._stale = None
+        if identity[2] < self._offset:
+            self._offset = 0
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        records = []
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records
