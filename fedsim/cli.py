@@ -209,10 +209,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from fedsim.report.tables import rebuild  # late: pandas-free, but reads the sinks
+    from fedsim.report.compare import tables  # late: torch and Flower (see imports)
 
-    for path in rebuild(args.folder, fmt=args.format, out=args.out,
-                        note=lambda msg: print(f"note: {msg}", file=sys.stderr)):
+    for path in tables(args.folder, fmt=args.format, out=args.out,
+                       note=lambda msg: print(f"note: {msg}", file=sys.stderr)):
         print(f"table → {path}")
     return 0
 

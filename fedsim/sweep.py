@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
@@ -36,8 +37,11 @@ from fedsim.errors import CheckpointError, ScenarioError
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
+from fedsim.report.tables import sweep_tables
 from fedsim.run import check, preflight, resolve, resume, run
 from fedsim.server.dp import start_lines
+from fedsim.sinks import Tracking
+from fedsim.sinks.mlflow import end_sweep_parent, sweep_parent
 
 SWEEP_JSON = "sweep.json"
 
@@ -153,9 +157,11 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     return True
 
 
-def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell(raw: dict, out: str, threads: int | None,
+              tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
-    checkpoint; returns its summary, wall seconds and why it did not resume (or "")."""
+    checkpoint; returns its summary, wall seconds and why it did not resume (or "").
+    ``tracking``: how the cell's trackers join the sweep's (its MLflow parent, W&B group)."""
     if threads is not None:
         import torch
 
@@ -165,10 +171,10 @@ def _run_cell(raw: dict, out: str, threads: int | None) -> tuple[dict, float, st
     not_resumed = ""
     if _interrupted(Path(out), scenario):
         try:
-            return resume(out).summary, time.perf_counter() - t0, ""
+            return resume(out, tracking=tracking).summary, time.perf_counter() - t0, ""
         except (CheckpointError, ScenarioError) as exc:  # unusable: start the cell again
             not_resumed = f"could not resume ({exc}); ran it from the start"
-    result = run(scenario, out=out, overwrite=True)
+    result = run(scenario, out=out, overwrite=True, tracking=tracking)
     return result.summary, time.perf_counter() - t0, not_resumed
 
 
@@ -202,11 +208,43 @@ def _sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _run_cell_in_worker(raw: dict, out: str, threads: int | None) -> tuple[dict, float, str]:
+def _run_cell_in_worker(raw: dict, out: str, threads: int | None,
+                        tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads)
+        return _run_cell(raw, out, threads, tracking)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)  # even with --quiet
+
+
+def _sweep_tracking(base: Scenario, root: Path) -> Tracking | None:
+    """How the cells' trackers join the sweep: one W&B group and one MLflow experiment named
+    after it, and with ``mlflow`` an MLflow parent run the cells are children of (None when
+    the sweep names no tracker). A parent that cannot be made costs the sweep nothing: the
+    cells log as runs of their own, and the line says so."""
+    sinks = set(base.output.sinks)
+    if not sinks & {"mlflow", "wandb"}:
+        return None
+    tracking = Tracking(group=base.name, experiment=base.name)
+    if "mlflow" in sinks:
+        try:
+            tracking = sweep_parent(base, root)
+        except Exception as exc:  # a tracker never takes the sweep down
+            _warn(f"the sweep's MLflow parent run could not be made ({type(exc).__name__}: "
+                  f"{exc}); its cells log as runs of their own")
+    return tracking
+
+
+def _end_tracking(tracking: Tracking | None, root: Path, status: str) -> None:
+    if tracking is None or not tracking.mlflow_parent:
+        return
+    try:
+        end_sweep_parent(tracking, root, status)
+    except Exception as exc:  # a tracker never takes the sweep down
+        _warn(f"the sweep's MLflow parent run could not be ended ({type(exc).__name__}: {exc})")
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -313,6 +351,7 @@ def run_sweep(
     say(f"sweep {base.name}: {n} cells, {len(skipped)} finished earlier, {len(todo)} to run "
         f"→ {root}")
     workers = workers or base.sweep.workers
+    tracking = _sweep_tracking(base, root)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     seconds: dict[str, float] = {}
@@ -332,24 +371,12 @@ def run_sweep(
         say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}"
             f"{how}); elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
-    if workers <= 1 or len(todo) <= 1:
-        for cell in todo:
-            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None))
-    else:
-        ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                 initializer=_worker_init) as pool:
-            futures: dict[Future, Cell] = {}
-            try:
-                with _sigint_blocked():  # submit starts the worker processes
-                    for c in todo:
-                        futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                            str(root / c.name), 1)] = c
-                for future in as_completed(futures):
-                    report_cell(futures[future], *future.result())
-            except Interrupted:
-                _stop_workers(futures)
-                raise
+    try:
+        _run_cells(todo, root, workers, tracking, report_cell)
+    except BaseException as exc:
+        _end_tracking(tracking, root, "KILLED" if isinstance(exc, KeyboardInterrupt)
+                      else "FAILED")
+        raise
     wall = time.perf_counter() - t0
     previous = {}
     if (root / SWEEP_JSON).is_file():
@@ -368,4 +395,33 @@ def run_sweep(
     (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
     say(f"report → {report}")
+    formats = ["csv", *(["parquet"] if "parquet" in base.output.sinks else [])]
+    for fmt in formats:  # cells.csv, claims.csv: one row per (cell, round), per claim
+        sweep_tables(root, [(c.name, c.params) for c in cells], list(base.sweep.grid), fmt,
+                     note=lambda msg: say(f"note: {msg}"))
+    _end_tracking(tracking, root, "FINISHED")
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)
+
+
+def _run_cells(todo: list[Cell], root: Path, workers: int, tracking: Tracking | None,
+               report_cell: Callable[..., None]) -> None:
+    """Run the cells ``todo``, in this process or in ``workers`` worker processes."""
+    if workers <= 1 or len(todo) <= 1:
+        for cell in todo:
+            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None,
+                                         tracking))
+        return
+    ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                             initializer=_worker_init) as pool:
+        futures: dict[Future, Cell] = {}
+        try:
+            with _sigint_blocked():  # submit starts the worker processes
+                for c in todo:
+                    futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
+                                        str(root / c.name), 1, tracking)] = c
+            for future in as_completed(futures):
+                report_cell(futures[future], *future.result())
+        except Interrupted:
+            _stop_workers(futures)
+            raise

@@ -10,6 +10,7 @@ come out (claims are declared by a sweep, so a comparison of runs has none).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.report.report import write_report
+from fedsim.report.tables import run_table, sweep_tables
 from fedsim.sweep import SWEEP_JSON, flat_keys
 
 #: scenario keys that say how or where a run executed, not what it learned
@@ -106,3 +108,20 @@ def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
     return report_runs(paths, Path(out))
+
+
+def tables(folder: str | Path, fmt: str = "csv", out: str | Path | None = None,
+           note: Callable[[str], None] = lambda msg: None) -> list[Path]:
+    """``fedsim table``: rebuild a run folder's rounds table, or a sweep folder's cells and
+    claims tables (:mod:`fedsim.report.tables`), from the folders on disk."""
+    folder = Path(folder)
+    out = Path(out) if out else None
+    if is_sweep(folder):
+        info = json.loads((folder / SWEEP_JSON).read_text())
+        cells = [(c["name"], c["params"]) for c in info["cells"]]
+        return sweep_tables(folder, cells, list(info.get("axes") or {}), fmt, out, note)
+    if (folder / "rounds.jsonl").is_file():
+        return [run_table(folder, fmt, out, note)]
+    raise ScenarioError(f"{str(folder)!r} is neither a run folder (rounds.jsonl) nor a sweep "
+                        f"folder ({SWEEP_JSON}); pass a folder written by fedsim run or "
+                        "fedsim sweep")
