@@ -2,15 +2,17 @@
 ``rounds.jsonl``): rounds, clients/s, loss, accuracy and ETA, as informative at 10,000
 clients as at 10.
 
-On a terminal it is one updating line (rich). Anywhere else — a log file, a pipe, a batch
-job's output — it prints plain lines instead, each one complete (round, clients, loss,
-accuracy, elapsed time, ETA), because carriage-return updates are lost or garbled there.
+On a terminal it is one updating line (rich), cut from the right at the terminal's edge so
+the run, round and times stay. Anywhere else — a log file, a pipe, a batch job's output —
+it prints plain lines instead, each one complete (round, elapsed time, ETA, clients, loss,
+accuracy), because carriage-return updates are lost or garbled there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -19,27 +21,40 @@ from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, ProgressColumn
+from rich.table import Column
+from rich.text import Text
 
 from fedsim.config import Scenario
 from fedsim.sinks.base import RunEnd, RunStart, Sink
 
 
 def _clock(seconds: float) -> str:
-    """``H:MM:SS`` (as rich's time columns print it)."""
-    s = int(round(seconds))
+    """``H:MM:SS``."""
+    s = int(round(max(seconds, 0.0)))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class _LineColumn(ProgressColumn):
+    """The whole line as one rich column, rendered at each refresh (the clock ticks between
+    rounds) and cut at the right edge of a narrow terminal, so what comes first — the run,
+    the round, the times — is what stays."""
+
+    def __init__(self, text: Callable[[], str]) -> None:
+        super().__init__(table_column=Column(no_wrap=True, overflow="ellipsis"))
+        self.text = text
+
+    def render(self, task) -> Text:
+        return Text(self.text(), no_wrap=True, overflow="ellipsis")
+
+
 class ProgressLine(Sink):
-    """The progress display as a sink: a rich bar on a terminal, plain lines elsewhere.
+    """The progress display as a sink: an updating line on a terminal, plain lines elsewhere.
+
+    Both read ``<run>: round r/N  elapsed H:MM:SS  ETA H:MM:SS  <the round's stats>``; the
+    ETA is the time per round trained so far (by this run, or this resumed part) times the
+    rounds left. On a terminal a bar leads the line, which is redrawn in place and cut at
+    the terminal's edge from the right.
 
     Parameters
     ----------
@@ -53,13 +68,14 @@ class ProgressLine(Sink):
     """
 
     name = "progress"
+    BAR = 12  # characters of the terminal bar
 
     def __init__(self, stream: TextIO | None = None, min_interval: float = 1.0,
                  terminal: bool | None = None) -> None:
         self.stream = stream
         self.min_interval = min_interval
         self.terminal = terminal
-        self._bar: Progress | None = None
+        self._live: Progress | None = None
 
     def start(self, run: RunStart) -> None:
         scenario = run.scenario
@@ -75,29 +91,16 @@ class ProgressLine(Sink):
         self.updates, self.train_seconds = 0, 0.0
         self.seen: set[int] = set()  # distinct clients that trained so far
         self.last_acc: list[float] = []
-        self.t0 = time.monotonic()
-        self._printed = -1.0  # when the last plain line was printed
-        self._pending: str | None = None  # a plain line held back by min_interval
+        self.t0 = self.t_round = time.monotonic()
         self.round = run.resumed_round or 0
+        self.stats = "starting"
+        self._printed = -math.inf  # when the last plain line was printed
+        self._pending: str | None = None  # a plain line held back by min_interval
         if self.terminal:
-            self._start_bar(run.resumed_round or 0)
-
-    def _start_bar(self, completed: int) -> None:
-        columns = (  # most important first: a narrow terminal cuts the line from the right
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-        )
-        console = Console(file=self.out, force_terminal=True)
-        self._bar = Progress(*columns, console=console, transient=False)
-        self._bar.start()
-        # completed = the round number, so a resumed run's bar starts where it stopped
-        self._task = self._bar.add_task(self.label, total=self.total, completed=completed,
-                                        stats="starting")
+            console = Console(file=self.out, force_terminal=True)
+            self._live = Progress(_LineColumn(self.terminal_line), console=console)
+            self._live.start()
+            self._live.add_task(self.label, total=self.total)
 
     def on_round(self, rec: dict) -> None:
         self.updates += rec.get("updates", 0)
@@ -106,27 +109,35 @@ class ProgressLine(Sink):
         if rec.get("global_test_accuracy") is not None:
             self.last_acc[:] = [rec["global_test_accuracy"]]
         self.round = rec.get("round", 0)
-        stats = round_stats(rec, self.updates, self.train_seconds, len(self.seen),
-                            self.last_acc, self.population)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.round, stats=stats)
+        self.t_round = time.monotonic()
+        self.stats = round_stats(rec, self.updates, self.train_seconds, len(self.seen),
+                                 self.last_acc, self.population)
+        if self._live is not None:
+            self._live.refresh()
             return
-        line = self.plain_line(stats)
-        now = time.monotonic()
-        if self.round in (self.first, self.total) or now - self._printed >= self.min_interval:
+        line = self.line()
+        if (self.round in (self.first, self.total)
+                or self.t_round - self._printed >= self.min_interval):
             self._print(line)
-            self._printed = now
+            self._printed = self.t_round
         else:
             self._pending = line
 
-    def plain_line(self, stats: str) -> str:
-        """One complete line: label, round of total, the round's stats, elapsed and ETA."""
-        elapsed = time.monotonic() - self.t0
+    def line(self) -> str:
+        """``<run>: round r/N  elapsed ..  ETA ..  <stats>`` as of now."""
+        now = time.monotonic()
         done = self.round - self.first_trained + 1  # rounds trained since this part started
-        eta = _clock(elapsed / done * (self.total - self.round)) if done > 0 else "?"
-        parts = [f"{self.label}: round {self.round}/{self.total}", stats,
-                 f"elapsed {_clock(elapsed)}", f"ETA {eta}"]
+        eta = "?"
+        if done > 0:
+            per_round = (self.t_round - self.t0) / done
+            eta = _clock(per_round * (self.total - self.round) - (now - self.t_round))
+        parts = [f"{self.label}: round {self.round}/{self.total}",
+                 f"elapsed {_clock(now - self.t0)}", f"ETA {eta}", self.stats]
         return "  ".join(p for p in parts if p)
+
+    def terminal_line(self) -> str:
+        filled = round(self.BAR * min(self.round, self.total) / max(self.total, 1))
+        return "█" * filled + "░" * (self.BAR - filled) + " " + self.line()
 
     def _print(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -135,7 +146,7 @@ class ProgressLine(Sink):
     def end(self, result: RunEnd) -> None:
         self.close()
         stopped = result.summary.get("stopped")
-        if stopped and self._bar is None:
+        if stopped:
             print(f"{self.label}: stopped after round {stopped.get('round')}: "
                   f"{stopped.get('reason')}", file=self.out, flush=True)
 
@@ -143,10 +154,10 @@ class ProgressLine(Sink):
         self.close()
 
     def close(self) -> None:
-        """Stop the bar (terminal) or print the line held back (plain)."""
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        """Stop the updating line (terminal) or print the line held back (plain)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
         elif self._pending is not None:
             self._print(self._pending)
 

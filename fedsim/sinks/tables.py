@@ -22,10 +22,13 @@ FORMATS = ("csv", "parquet")
 
 
 def columns(rows: Iterable[dict], first: Sequence[str] = ()) -> list[str]:
-    """Every column of ``rows``: ``first`` (those present) in order, then the rest sorted."""
+    """Every column of ``rows``: ``first`` (those present) in order, then the rest sorted;
+    no rows at all: ``first`` (an empty table keeps its header)."""
     seen: set[str] = set()
     for row in rows:
         seen.update(row)
+    if not seen:
+        return list(first)
     return [c for c in first if c in seen] + sorted(seen - set(first))
 
 
