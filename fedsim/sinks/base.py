@@ -49,8 +49,8 @@ class RunStart:
 
 
 #: files of a run folder that are not results: checkpoints (large, and only for --resume),
-#: client-state journals, an MLflow store kept there
-NOT_ARTIFACTS = ("checkpoint*.pt", "client_states.*", "mlflow.db", ".*")
+#: client-state journals, an MLflow store kept there, the trackers' run ids
+NOT_ARTIFACTS = ("checkpoint*.pt", "client_states.*", "mlflow.db", "trackers.json", ".*")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ def with_derived(record: dict) -> dict:
 
 
 def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
-    """``summary.json``: final metrics, generalization gaps and throughput."""
+    """``summary.json``: final metrics, generalization gaps and throughput (the sections a
+    run's parts know better — DP, client DP, privacy, strategies — are notes the server adds,
+    :meth:`fedsim.sinks.RunSinks.note`)."""
     evaluated = [r for r in rounds if "global_test_accuracy" in r]
     last = evaluated[-1] if evaluated else {}
     trained = [r for r in rounds if r.get("round", 0) >= 1]

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # W&B starts its service process per run: seconds
 TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
         "partition.holdout_clients=0.0", "model.width=8",
         'output.sinks=["tensorboard", "mlflow", "wandb"]']
+AUDIT = ['privacy.mia=["loss"]', "privacy.audit_every=1"]  # per-round privacy, a ROC figure
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return fedsim.run("scenarios/quickstart.toml", TINY,
+    return fedsim.run("scenarios/quickstart.toml", TINY + AUDIT,
                       out=tmp_path_factory.mktemp("trackers") / "run")
 
 
@@ -72,6 +73,10 @@ def test_tensorboard_holds_every_number_of_every_round_the_figures_scenario_and_
     assert "client_accuracy/p10" in acc.Tags()["scalars"]
     image = acc.Images("figures/learning_curves")[0]
     assert image.step == 2 and image.width > 100 and image.encoded_image_string[:4] == b"\x89PNG"
+    assert "figures/privacy_roc" in acc.Tags()["images"]
+    for entry in run.summary["privacy"]["mia_by_round"]:  # rounds 1 and 2
+        auc = {e.step: e.value for e in acc.Scalars("privacy/mia/loss/auc")}[entry["round"]]
+        assert auc == np.float32(entry["loss"]["auc"])
     text = acc.Tensors("scenario/text_summary")[0].tensor_proto.string_val[0].decode()
     assert 'norm = "gn"' in text and "rounds = 2" in text
     start = plugin_data_pb2.HParamsPluginData.FromString(
@@ -99,8 +104,8 @@ def test_mlflow_holds_one_run_with_the_scenario_metrics_per_round_and_the_files(
         run.summary["final"]["global_test_accuracy"]
     files = {a.path for a in client.list_artifacts(found.info.run_id)}
     assert {"summary.json", "rounds.jsonl", "rounds.csv", "model.pt", "scenario.toml",
-            "learning_curves.png"} <= files
-    assert not any(f.startswith("checkpoint") for f in files)
+            "learning_curves.png", "privacy_roc.png"} <= files
+    assert not any(f.startswith("checkpoint") for f in files) and "trackers.json" not in files
 
 
 def test_wandb_writes_an_offline_run_with_config_history_summary_and_figures(run):
@@ -129,7 +134,8 @@ def test_wandb_writes_an_offline_run_with_config_history_summary_and_figures(run
 
 def test_a_sweep_is_one_mlflow_parent_with_its_cells_and_one_wandb_group(tmp_path):
     out = tmp_path / "sweep"
-    run_sweep("scenarios/quickstart.toml", TINY + ['sweep.model.norm=["gn","ln"]'], out=out)
+    run_sweep("scenarios/quickstart.toml", TINY + ['sweep.model.norm=["gn","ln"]'], out=out,
+              workers=2)  # cells in worker processes, one store
     runs = search_runs(f"sqlite:///{out.resolve() / 'mlflow.db'}", "quickstart")
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
