@@ -119,3 +119,49 @@ def test_fedsim_table_refuses_a_folder_that_is_no_run(tmp_path, capsys):
 
 def test_nan_is_an_empty_cell():
     assert csv_text([flatten({"round": 1, "x": math.inf})]) == "round\n1\n"
+
+
+def hand_made_sweep(root):
+    """A sweep folder written by hand: three cells (finished, unfinished, damaged)."""
+    cells = [("norm-bn", {"model.norm": "bn", "client.batch_size": 8}),
+             ("norm-gn", {"model.norm": "gn", "client.batch_size": 8}),
+             ("norm-ln", {"model.norm": "ln", "client.batch_size": 8})]
+    root.mkdir()
+    (root / "sweep.json").write_text(json.dumps({
+        "scenario": "s", "axes": {"model.norm": ["bn", "gn", "ln"], "client.batch_size": [8]},
+        "cells": [{"name": n, "params": p} for n, p in cells]}))
+    for name, _ in cells:
+        (root / name).mkdir()
+        (root / name / "rounds.jsonl").write_text(
+            '{"round": 0, "global_test_accuracy": 0.1}\n'
+            '{"round": 1, "global_test_accuracy": 0.5, "clients": [1, 2]}\n')
+    (root / "norm-bn" / "summary.json").write_text("{}")
+    (root / "norm-ln" / "summary.json").write_text("{}")
+    (root / "norm-ln" / "rounds.jsonl").write_text('{"round": 0}\nnot json\n{"round": 1}\n')
+    (root / "report.json").write_text(json.dumps({"claims": [{
+        "name": "bn > gn", "verdict": "inconclusive", "diff_mean": 0.25, "n_pairs": 1,
+        "a": {"model.norm": "bn"}, "b": {"model.norm": "gn"}, "settings": [], "pairs": [
+            {"a": "norm-bn", "b": "norm-gn", "diff": 0.25}]}]}))
+
+
+def test_fedsim_table_of_a_sweep_skips_unreadable_cells_with_one_note_each(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    hand_made_sweep(root)
+    assert main(["table", str(root)]) == 0
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes == ["note: cell norm-gn skipped: not finished (no summary.json)",
+                     "note: cell norm-ln skipped: rounds.jsonl unreadable (JSONDecodeError: "
+                     "Expecting value: line 1 column 1 (char 0))"]
+    assert (root / "cells.csv").read_text().splitlines() == [
+        "cell,model.norm,client.batch_size,round,clients,global_test_accuracy",
+        "norm-bn,bn,8,0,,0.1",
+        'norm-bn,bn,8,1,"[1, 2]",0.5']
+    claims = list(csv.DictReader(io.StringIO((root / "claims.csv").read_text())))
+    assert claims[0]["name"] == "bn > gn" and claims[0]["a.model.norm"] == "bn"
+    assert list(claims[0])[:3] == ["name", "verdict", "diff_mean"]
+    assert json.loads(claims[0]["pairs"]) == [{"a": "norm-bn", "b": "norm-gn", "diff": 0.25}]
+    out = tmp_path / "t" / "cells.parquet"
+    out.parent.mkdir()
+    assert main(["table", str(root), "--format", "parquet", "--out", str(out)]) == 0
+    assert pq.read_table(out).column("round").to_pylist() == [0, 1]
+    assert pq.read_table(tmp_path / "t" / "cells_claims.parquet").num_rows == 1
