@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+from fedsim.config import Scenario
 from fedsim.sinks.base import SINKS, RunEnd, RunStart, Sink
 from fedsim.sinks.flat import flatten, scalars
 from fedsim.sinks.ids import read_ids, write_ids
@@ -31,6 +32,11 @@ from fedsim.sinks.ids import read_ids, write_ids
 QUIET = {"silent": True, "console": "off", "x_disable_stats": True, "x_disable_meta": True,
          "x_disable_machine_info": True, "disable_git": True, "disable_code": True,
          "x_save_requirements": False}
+
+
+def wandb_mode(scenario: Scenario) -> str:
+    """``$WANDB_MODE`` if the user set it, else ``output.wandb_mode`` (offline by default)."""
+    return os.environ.get("WANDB_MODE") or scenario.output.wandb_mode
 
 
 @SINKS.register("wandb")
@@ -45,7 +51,7 @@ class WandB(Sink):
         import wandb  # optional: fedsim[trackers]
 
         out = run.scenario.output
-        mode = os.environ.get("WANDB_MODE") or out.wandb_mode
+        mode = wandb_mode(run.scenario)
         resume = {}
         saved = read_ids(run.folder).get("wandb") or {}
         if run.resumed_round is not None and saved.get("id"):
