@@ -16,10 +16,10 @@ class CheckpointError(ScenarioError):
 class RunStopped(ScenarioError):
     """A run stopped on purpose mid-way (diverged, too few clients answered); results so far
     are kept. ``round`` is the round that stopped it. ``kind`` names the reason for
-    ``summary.json``; ``clean`` stops are planned ends (exit 0), the others failures."""
+    ``summary.json``; ``planned`` stops are clean ends (exit 0), the others failures."""
 
     kind = "failure"
-    clean = False
+    planned = False
 
     def __init__(self, message: str, round: int | None = None) -> None:  # noqa: A002
         super().__init__(message)
@@ -31,7 +31,7 @@ class PrivacyBudgetSpent(RunStopped):
     run's results are complete up to here and the command exits 0)."""
 
     kind = "privacy_budget"
-    clean = True
+    planned = True
 
 
 class EarlyStopped(RunStopped):
@@ -39,4 +39,4 @@ class EarlyStopped(RunStopped):
     after the round that decided it (its results are complete; the command exits 0)."""
 
     kind = "early_stop"
-    clean = True
+    planned = True

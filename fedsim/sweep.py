@@ -238,11 +238,13 @@ def _sweep_tracking(base: Scenario, root: Path) -> Tracking | None:
     return tracking
 
 
-def _end_tracking(tracking: Tracking | None, root: Path, status: str) -> None:
+def _end_tracking(tracking: Tracking | None, root: Path) -> None:
+    """Attach the sweep's report and tables to its MLflow parent run and end it (a sweep
+    that stops before this leaves the parent running; resumed, it continues the same one)."""
     if tracking is None or not tracking.mlflow_parent:
         return
     try:
-        end_sweep_parent(tracking, root, status)
+        end_sweep_parent(tracking, root)
     except Exception as exc:  # a tracker never takes the sweep down
         _warn(f"the sweep's MLflow parent run could not be ended ({type(exc).__name__}: {exc})")
 
@@ -371,12 +373,25 @@ def run_sweep(
         say(f"[{done:>{len(str(n))}}/{n}] {cell.name}: {secs:.1f} s ({_describe(summary)}"
             f"{how}); elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
-    try:
-        _run_cells(todo, root, workers, tracking, report_cell)
-    except BaseException as exc:
-        _end_tracking(tracking, root, "KILLED" if isinstance(exc, KeyboardInterrupt)
-                      else "FAILED")
-        raise
+    if workers <= 1 or len(todo) <= 1:
+        for cell in todo:
+            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None,
+                                         tracking))
+    else:
+        ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures: dict[Future, Cell] = {}
+            try:
+                with _sigint_blocked():  # submit starts the worker processes
+                    for c in todo:
+                        futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
+                                            str(root / c.name), 1, tracking)] = c
+                for future in as_completed(futures):
+                    report_cell(futures[future], *future.result())
+            except Interrupted:
+                _stop_workers(futures)
+                raise
     wall = time.perf_counter() - t0
     previous = {}
     if (root / SWEEP_JSON).is_file():
@@ -399,29 +414,6 @@ def run_sweep(
     for fmt in formats:  # cells.csv, claims.csv: one row per (cell, round), per claim
         sweep_tables(root, [(c.name, c.params) for c in cells], list(base.sweep.grid), fmt,
                      note=lambda msg: say(f"note: {msg}"))
-    _end_tracking(tracking, root, "FINISHED")
+    _end_tracking(tracking, root)
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)
 
-
-def _run_cells(todo: list[Cell], root: Path, workers: int, tracking: Tracking | None,
-               report_cell: Callable[..., None]) -> None:
-    """Run the cells ``todo``, in this process or in ``workers`` worker processes."""
-    if workers <= 1 or len(todo) <= 1:
-        for cell in todo:
-            report_cell(cell, *_run_cell(cell.scenario.to_dict(), str(root / cell.name), None,
-                                         tracking))
-        return
-    ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                             initializer=_worker_init) as pool:
-        futures: dict[Future, Cell] = {}
-        try:
-            with _sigint_blocked():  # submit starts the worker processes
-                for c in todo:
-                    futures[pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
-                                        str(root / c.name), 1, tracking)] = c
-            for future in as_completed(futures):
-                report_cell(futures[future], *future.result())
-        except Interrupted:
-            _stop_workers(futures)
-            raise

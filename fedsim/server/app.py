@@ -85,7 +85,7 @@ def server_main(grid: Grid, run: RunContext, sinks: RunSinks) -> None:
         arrays = getattr(exc, "arrays", arrays)
     finally:
         checkpoint.close()
-    completed = stop is None or stop.clean  # a failure keeps what it got, nothing more
+    completed = stop is None or stop.planned  # a failure keeps what it got, nothing more
     notes = strategy_summaries(strategy) if completed else {}
     if personal is not None and completed:
         notes.update(personal.fedsim_summary())

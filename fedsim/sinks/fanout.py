@@ -107,7 +107,7 @@ class RunSinks:
     def finish(self, arrays, model: nn.Module, stop: RunStopped | None = None) -> dict:
         """Write the run folder's results, then end every sink; ``stop``: the run ended before
         its last round (a failure is kept in :attr:`failure` for the caller to raise)."""
-        if stop is not None and not stop.clean:
+        if stop is not None and not stop.planned:
             self.failure = stop
         self._note_failures()
         summary = self.folder.finish(arrays, model, stop)

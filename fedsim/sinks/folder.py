@@ -37,8 +37,8 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 def stop_entry(exc: RunStopped) -> dict:
     """``summary.json`` ``stopped``: the round, why, and whether it was a planned end
-    (``kind`` ``early_stop`` or ``privacy_budget``, ``clean``) or a failure."""
-    return {"round": exc.round, "reason": str(exc), "kind": exc.kind, "clean": exc.clean}
+    (``kind`` ``early_stop`` or ``privacy_budget``, ``planned``) or a failure."""
+    return {"round": exc.round, "reason": str(exc), "kind": exc.kind, "planned": exc.planned}
 
 
 class RunFolder:
@@ -136,11 +136,11 @@ class RunFolder:
         summary["timing"]["checkpoints"] = dict(self.checkpoints)  # of this (resumed) part
         extra = {"stopped": stop_entry(stop)} if stop is not None else {}
         self.summary = finite({**summary, **self.notes, **extra})
-        self.write_summary()
         if self.plots:
             plot_learning_curves(self.rounds, self.out / "learning_curves.png",
                                  title=self.scenario.name,
                                  population=self.scenario.num_participating)
+        self.write_summary()  # last: a summary.json marks the run finished (--resume, sweeps)
         return self.summary
 
     def write_summary(self) -> None:

@@ -114,7 +114,7 @@ def test_a_scripted_validation_metric_stops_the_run_cleanly(tmp_path, capsys, mo
     assert all("stopped" not in r for r in recs[:-1])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == {"round": 4, "reason": reason, "kind": "early_stop",
-                                  "clean": True}
+                                  "planned": True}
     assert summary["final"]["round"] == 4
     assert summary["final"]["global_test_accuracy"] == recs[-1]["global_test_accuracy"]
     assert (out / "model.pt").is_file() and (out / "rounds.csv").is_file()
