@@ -73,7 +73,9 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
                 "personalized_participation_gap"):
         if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
             summary["final"][key] = last[key]
-    for key in ("own_model_accuracy", "hybrid_alpha_mean", "hessian_max_eig", "sharpness"):
-        if key in last:  # derived (with_derived), hybrid norms, output.sharpness
+    for key in ("validation_accuracy", "validation_loss", "own_model_accuracy",
+                "hybrid_alpha_mean", "hessian_max_eig", "sharpness"):
+        if key in last:  # a validation split, derived (with_derived), hybrid norms,
+            # output.sharpness
             summary["final"][key] = last[key]
     return summary

@@ -115,7 +115,7 @@ def test_a_scripted_validation_metric_stops_the_run_cleanly(tmp_path, capsys, mo
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == {"round": 4, "reason": reason, "kind": "early_stop",
                                   "planned": True}
-    assert summary["final"]["round"] == 4
+    assert summary["final"]["round"] == 4 and summary["final"]["validation_accuracy"] == 0.71
     assert summary["final"]["global_test_accuracy"] == recs[-1]["global_test_accuracy"]
     assert (out / "model.pt").is_file() and (out / "rounds.csv").is_file()
 
