@@ -58,8 +58,6 @@ def test_loss_metrics_improve_downward_and_a_missing_metric_is_an_error():
     assert cfg.direction == "min"
     assert feed(cfg, [2.0, 1.5, 1.5])[0] == 3  # equal is no improvement
     assert feed(cfg, [2.0, 1.5, 1.4, 1.3])[0] is None
-    with pytest.raises(RunStopped, match="'validation_loss' is not in the round's record"):
-        EarlyStopper(cfg).update({"round": 0, "global_test_accuracy": 0.1})
     train = EarlyStopper(EarlyStopConfig(metric="train_loss"))
     assert train.update({"round": 0, "global_test_accuracy": 0.1}) is None  # nothing trained
     with pytest.raises(RunStopped, match="'train_loss' is not in the round's record"):
@@ -100,6 +98,7 @@ def test_a_scripted_validation_metric_stops_the_run_cleanly(tmp_path, capsys, mo
     out = tmp_path / "r"
     code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet",
                  *[a for s in TINY for a in ("--set", s)],
+                 "--set", "data.validation_fraction=0.1",
                  "--set", "server.early_stop.metric=validation_accuracy",
                  "--set", "server.early_stop.patience=2",
                  "--set", "server.early_stop.min_delta=0.02"])
@@ -120,18 +119,23 @@ def test_a_scripted_validation_metric_stops_the_run_cleanly(tmp_path, capsys, mo
     assert (out / "model.pt").is_file() and (out / "rounds.csv").is_file()
 
 
-def test_a_validation_metric_without_a_validation_split_stops_before_training(tmp_path,
-                                                                             capsys):
+def test_a_validation_metric_without_a_validation_split_is_refused_before_anything_runs(
+        tmp_path, capsys):
     out = tmp_path / "r"
     code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet",
                  *[a for s in TINY for a in ("--set", s)],
                  "--set", "server.early_stop.metric=validation_loss"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: round 0: server.early_stop.metric = 'validation_loss' is "
-                             "not in the round's record (validation metrics need a validation "
-                             "split")
-    assert [r["round"] for r in records(out)] == [0] and "stopped" in records(out)[0]
+    assert code == 2 and err == [
+        "error: server.early_stop.metric = 'validation_loss' is measured on the validation "
+        "split, but data.validation_fraction = 0 holds none out; set "
+        "data.validation_fraction = 0.1 (a tenth of the training pool) or monitor the "
+        "clients' train_loss / train_accuracy"]
+    assert not out.exists()
+    # with the split it parses; the clients' train metrics need none
+    fedsim.load_scenario("scenarios/quickstart.toml", ["server.early_stop.metric=validation_loss",
+                                                       "data.validation_fraction=0.1"])
+    fedsim.load_scenario("scenarios/quickstart.toml", ["server.early_stop.metric=train_loss"])
 
 
 @pytest.fixture(scope="module")
