@@ -133,3 +133,51 @@ def test_an_unknown_sink_is_refused_with_the_valid_names(tmp_path, capsys):
     assert err[0].startswith("error: unknown sink in output.sinks = 'tensorbord' (did you mean "
                              "'tensorboard'?); choose one of: csv, mlflow, parquet, "
                              "tensorboard, wandb")
+
+
+class SeesSummary(Sink):
+    """Notes whether summary.json was there when it ended."""
+
+    def __init__(self, writes_folder):
+        self.writes_folder = writes_folder
+        self.name = f"sees summary ({writes_folder})"
+        self.saw = None
+
+    def end(self, result):
+        self.saw = (result.folder / "summary.json").is_file()
+
+
+def test_sinks_writing_the_folder_end_before_summary_json_and_trackers_after(tmp_path):
+    """summary.json marks a run finished (--resume refuses it, a sweep skips it): the folder's
+    tables are written before it, and trackers copy the finished folder."""
+    table, tracker = SeesSummary(True), SeesSummary(False)
+    fedsim.run("scenarios/quickstart.toml", TINY, out=tmp_path / "r", sinks=[tracker, table])
+    assert (table.saw, tracker.saw) == (False, True)
+
+
+class CannotWrite(Sink):
+    """A sink whose file in the results folder cannot be written (a full disk)."""
+
+    name = "cannot write"
+
+    def start(self, run):
+        import errno
+
+        from fedsim.errors import ResultsNotWritten
+
+        raise ResultsNotWritten(run.folder / "trackers.json",
+                                OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_a_results_file_a_sink_cannot_write_fails_the_run_not_the_sink(tmp_path):
+    """A failed write into the results folder is the run's, whichever part wrote: it is
+    raised (the CLI's one error: line, exit 3), not switched off with a warning, and the
+    sinks already started hear the error."""
+    from fedsim.errors import ResultsNotWritten
+
+    rec = Recorder()
+    out = tmp_path / "r"
+    with pytest.raises(ResultsNotWritten, match="could not write .*trackers.json: No space"):
+        fedsim.run("scenarios/quickstart.toml", TINY, out=out, sinks=[rec, CannotWrite()])
+    assert [c[0] for c in rec.calls] == ["start", "error"]
+    assert not (out / "summary.json").exists()
