@@ -28,6 +28,7 @@ from fedsim.config import (
 )
 from fedsim.errors import ScenarioError
 from fedsim.run import check
+from fedsim.sinks import folder_sinks
 
 SEED = "seed"
 TUNE_DIR = "tune"
@@ -196,7 +197,8 @@ def scaled(tune: TuneConfig, values: dict[str, Any], scenario: Scenario) -> dict
 
 
 def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
-    """Every arm × grid value × tuning seed, under ``root/tune/``; refuses (before anything
+    """Every arm × grid value × tuning seed, under ``root/tune/``, reporting to no tracker
+    (``output.sinks`` keeps the folder's tables only); refuses (before anything
     runs) a grid key not in the scenario, a value it rejects, a tuning seed that is also a
     reported seed, and cells without a validation split to select on."""
     tune = base.sweep.tune
@@ -221,6 +223,9 @@ def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
             values = dict(zip(keys, combo))
             for seed in tune.seeds:
                 raw = _cell_raw(base, arm)
+                # a tracker's run per tuning cell would bury the study's runs: tuning cells
+                # keep their folder's tables and report to no tracker
+                raw["output"]["sinks"] = list(folder_sinks(base.output.sinks))
                 _set(raw, SEED, seed, "sweep.tune.seeds")
                 applied = scaled(tune, values, scenario_from_dict(raw))
                 for key, value in applied.items():

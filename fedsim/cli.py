@@ -1,11 +1,10 @@
-"""Command line: ``fedsim run | sweep | report | partitions``. Bad input exits 2 with one
-``error:`` line; results that cannot be written (a full disk, a read-only, vanished or
-forbidden folder) exit 3 with one ``error:`` line saying what was kept and how to go on."""
+"""Command line: ``fedsim run | sweep | report | table | partitions``. Bad input exits 2
+with one ``error:`` line; results that cannot be written (a full disk, a read-only, vanished
+or forbidden folder) exit 3 with one ``error:`` line saying what was kept and how to go on."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,8 +25,6 @@ from fedsim.interrupt import (
     run_line,
     signals_interrupt,
 )
-from fedsim.lock import hold
-from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
 
 # The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
@@ -44,6 +41,7 @@ examples:
   fedsim run --resume results/bn                       finish an interrupted run
   fedsim sweep scenarios/norm_sweep.toml               every cell of a [sweep], report.md
   fedsim report results/a results/b                    compare finished runs
+  fedsim table results/norm_sweep                      cells.csv: one row per cell and round
   fedsim partitions scenarios/quickstart.toml          per-client class counts
 
 Bad input exits with code 2 and one "error:" line (also when another fedsim process is
@@ -90,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "empty folder, never one of the runs)")
     p_rep.add_argument("--overwrite", action="store_true",
                        help="replace what a non-empty --out folder holds")
+    p_tab = sub.add_parser("table", help="rebuild a run's rounds table, or a sweep's cells "
+                           "and claims tables, from its finished folders")
+    p_tab.add_argument("folder", metavar="RUN_OR_SWEEP_DIR")
+    p_tab.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                       help="csv (default) or parquet (needs fedsim[tables])")
+    p_tab.add_argument("--out", metavar="FILE", help="the rounds (run) or cells (sweep) "
+                       "table's path (default: in the folder); a sweep's claims table goes "
+                       "beside it as <stem>_claims.<format>")
     p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
                             "(of a seeded sample of clients when there are many)")
     _add_scenario_args(p_part)
@@ -111,41 +117,18 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
             f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
             f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
     warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
-    toml = Path(args.resume) / "scenario.toml"
-    if args.quiet or not toml.is_file():
-        return resume(args.resume, warn=warn, progress=seen)
-    scenario = load_scenario(toml)
-    with _held(args.resume, "fedsim run --resume"), \
-            round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
-                           scenario.partition.num_clients) as on_round:
-        return resume(args.resume, progress=seen.then(on_round), warn=warn)
-
-
-def _held(folder: str | Path, what: str):
-    """The lock of an existing results folder, taken before the progress display starts (so
-    a second writer's refusal is its only line); the run takes it again (re-entrant), and
-    makes a missing folder only once its scenario passed every check."""
-    if Path(folder).is_dir():
-        return hold(folder, what, create=False)
-    return contextlib.nullcontext()
+    return resume(args.resume, warn=warn, progress=seen, show_progress=not args.quiet)
 
 
 class RoundsSeen:
     """A progress callback that notes whether the run recorded a round (so an interrupted
-    run knows it wrote to its folder), passing each record on to ``then``'s callback."""
+    run knows it wrote to its folder)."""
 
     def __init__(self) -> None:
         self.any = False
-        self._next = None
-
-    def then(self, on_round) -> RoundsSeen:
-        self._next = on_round
-        return self
 
     def __call__(self, record: dict) -> None:
         self.any = True
-        if self._next is not None:
-            self._next(record)
 
 
 def _num(value, spec: str = ".4f") -> str:
@@ -194,13 +177,8 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
             print(line, file=sys.stderr)
-    if args.quiet:
-        return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with _held(args.out or scenario.output.dir, "fedsim run"), \
-            round_progress(scenario.server.rounds, scenario.name,
-                           scenario.partition.num_clients) as on_round:
-        return run(scenario, out=args.out, overwrite=args.overwrite,
-                   progress=seen.then(on_round))
+    return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen,
+               show_progress=not args.quiet)
 
 
 def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
@@ -261,6 +239,8 @@ def _print_summary(result) -> None:
               f"{spent['noise_multiplier']:g}; covers the noised arrays only)")
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
+    if (summary.get("stopped") or {}).get("kind") == "early_stop":
+        print(f"stopped early: {summary['stopped']['reason']}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -296,6 +276,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         return not_written(exc, f"the runs it reads are untouched; then run it again: "
                                 f"{command(again)}")
     print(f"report → {path}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from fedsim.report.compare import tables  # late: torch and Flower (see imports)
+
+    for path in tables(args.folder, fmt=args.format, out=args.out,
+                       note=lambda msg: print(f"note: {msg}", file=sys.stderr)):
+        print(f"table → {path}")
     return 0
 
 
@@ -351,7 +340,7 @@ def _sizes_line(sizes: dict) -> str:
             f"median classes present {sizes['classes_present']['median']:g}")
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "table": cmd_table,
             "partitions": cmd_partitions}
 
 

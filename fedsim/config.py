@@ -273,6 +273,64 @@ class DPConfig:
                 else self.noise_multiplier)
 
 
+#: metrics early stopping may monitor, and the direction each improves in. Never a test
+#: set: the global test set and the clients' local test splits report the result, and
+#: stopping on them would tune the run on its own test data.
+EARLY_STOP_METRICS = {"validation_accuracy": "max", "validation_loss": "min",
+                      "train_accuracy": "max", "train_loss": "min"}
+_TEST_METRICS = ("global_test_", "client_accuracy", "client_train_accuracy", "personalized_",
+                 "own_model_accuracy", "generalization", "holdout")
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Stop a run whose monitored metric stopped improving (``[server.early_stop]``).
+
+    After every round that records ``metric`` (every round for the clients' ``train_*``,
+    every evaluated round for ``validation_*``), the run keeps the best value so far; a value
+    better by more than ``min_delta`` resets the count, and ``patience`` such rounds in a row
+    without one end the run cleanly (as pfl's ``EarlyStopping`` callback and Keras' do).
+    """
+
+    metric: str = ""  # "" = off; validation_accuracy | validation_loss | train_* (clients)
+    mode: str = ""  # "max" | "min"; "" = the metric's own direction (accuracy max, loss min)
+    patience: int = 5  # rounds recording the metric without improvement before stopping
+    min_delta: float = 0.0  # an improvement must exceed this
+
+    def __post_init__(self) -> None:
+        metric = self.metric
+        if metric.startswith(_TEST_METRICS):
+            raise ScenarioError(
+                f"server.early_stop.metric = {metric!r} reads test data: the global test set "
+                "and the clients' local test splits report the result, so stopping on them "
+                "would tune the run on its own test data; monitor validation_accuracy or "
+                "validation_loss (a validation split) or the clients' train_loss / "
+                "train_accuracy")
+        _check(metric == "" or metric in EARLY_STOP_METRICS, "server.early_stop.metric",
+               f"use one of {', '.join(EARLY_STOP_METRICS)} (or \"\" for no early stopping)",
+               metric)
+        _check(self.mode in ("", "max", "min"), "server.early_stop.mode",
+               "use 'max' or 'min' (or leave it out: the metric's own direction)", self.mode)
+        if metric and self.mode and self.mode != EARLY_STOP_METRICS[metric]:
+            raise ScenarioError(
+                f"server.early_stop.mode = {self.mode!r} contradicts {metric}, which improves "
+                f"toward {EARLY_STOP_METRICS[metric]}; leave mode out or set "
+                f"{EARLY_STOP_METRICS[metric]!r}")
+        _check(self.patience >= 1, "server.early_stop.patience", "it must be >= 1",
+               self.patience)
+        _check(self.min_delta >= 0, "server.early_stop.min_delta", "it must be >= 0",
+               self.min_delta)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metric)
+
+    @property
+    def direction(self) -> str:
+        """``"max"`` or ``"min"``: the mode, or the metric's own direction."""
+        return self.mode or EARLY_STOP_METRICS.get(self.metric, "max")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Strategy and rounds (``[server]``); ``[server.params]`` go to the strategy's constructor."""
@@ -287,6 +345,7 @@ class ServerConfig:
     # clients' running statistics ("average"), the clients' exact moments pooled by the law
     # of total variance ("pooled"), or re-estimated on the new weights ("recalibrate")
     bn_statistics: str = "average"
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     def __post_init__(self) -> None:
         _check(self.bn_statistics in BN_STATISTICS, "server.bn_statistics",
@@ -348,8 +407,23 @@ class OutputConfig:
     sharpness_iters: int = 20  # at most this many power-iteration steps (Hessian-vector products)
     sharpness_radius: float = 0.05  # perturbation norm relative to each parameter tensor's norm
     sharpness_draws: int = 5  # random perturbations averaged
+    # result sinks beyond the run folder, rounds.csv and the progress line (fedsim.sinks):
+    # "tensorboard", "mlflow", "wandb" (fedsim[trackers]), "parquet" (fedsim[tables])
+    sinks: tuple[str, ...] = ()
+    tensorboard_dir: str = ""  # "" = <dir>/tb; else this folder / <scenario name>
+    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<dir>/mlflow.db
+    wandb_project: str = "fedsim"
+    wandb_mode: str = "offline"  # offline | online | disabled ($WANDB_MODE wins)
+    #: output.wandb_mode values (W&B's own modes)
+    WANDB_MODES: ClassVar[tuple[str, ...]] = ("offline", "online", "disabled")
 
     def __post_init__(self) -> None:
+        _check(len(set(self.sinks)) == len(self.sinks), "output.sinks", "name each sink once",
+               list(self.sinks))
+        _check(self.wandb_mode in self.WANDB_MODES, "output.wandb_mode",
+               f"use one of {', '.join(self.WANDB_MODES)}", self.wandb_mode)
+        _check(bool(self.wandb_project.strip()), "output.wandb_project",
+               "it must name a W&B project", self.wandb_project)
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
         _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
                self.eval_clients)
@@ -806,6 +880,13 @@ class Scenario:
                 "server.clients_per_round, raise partition.num_clients or lower "
                 "partition.holdout_clients"
             )
+        stop_on = self.server.early_stop.metric
+        if stop_on.startswith("validation_") and self.data.validation_fraction <= 0:
+            raise ScenarioError(
+                f"server.early_stop.metric = {stop_on!r} is measured on the validation split, "
+                "but data.validation_fraction = 0 holds none out; set "
+                "data.validation_fraction = 0.1 (a tenth of the training pool) or monitor the "
+                "clients' train_loss / train_accuracy")
         if self.failures.min_replies > self.server.clients_per_round:
             raise ScenarioError(
                 f"failures.min_replies = {self.failures.min_replies} exceeds "

@@ -20,7 +20,11 @@ class CheckpointError(ScenarioError):
 
 class RunStopped(ScenarioError):
     """A run stopped on purpose mid-way (diverged, too few clients answered); results so far
-    are kept. ``round`` is the round that stopped it."""
+    are kept. ``round`` is the round that stopped it. ``kind`` names the reason for
+    ``summary.json``; ``planned`` stops are clean ends (exit 0), the others failures."""
+
+    kind = "failure"
+    planned = False
 
     def __init__(self, message: str, round: int | None = None) -> None:  # noqa: A002
         super().__init__(message)
@@ -30,6 +34,17 @@ class RunStopped(ScenarioError):
 class PrivacyBudgetSpent(RunStopped):
     """The next round would take ε above ``server.dp.max_epsilon``: a planned, clean end (the
     run's results are complete up to here and the command exits 0)."""
+
+    kind = "privacy_budget"
+    planned = True
+
+
+class EarlyStopped(RunStopped):
+    """The monitored metric (``[server.early_stop]``) stopped improving: a planned, clean end
+    after the round that decided it (its results are complete; the command exits 0)."""
+
+    kind = "early_stop"
+    planned = True
 
 
 #: exit code of a command that could not write its results (2 is bad input; 130 / 143 an

@@ -2,15 +2,18 @@
 preflight it, run its engine, record.
 
 :mod:`fedsim.run` is the light public face (``import fedsim`` loads neither torch nor Flower
-nor any registry); it imports this module on the first call that needs them. A run's data,
-device and model factory (:class:`fedsim.context.RunContext`) are built here, once, and
-handed to the ServerApp and the engine; nothing downstream rebuilds them.
+nor any registry); it imports this module on the first call that needs them. This is the
+composition root of a run in this process: its data, device and model factory
+(:class:`fedsim.context.RunContext`) and its result sinks (:class:`fedsim.sinks.RunSinks`:
+the run folder, ``rounds.csv``, the scenario's ``output.sinks`` and what the caller adds,
+such as the progress line) are built here, once, and handed to the ServerApp and the engine;
+nothing downstream rebuilds them.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedsim.checkpoint import load_checkpoint
@@ -20,8 +23,17 @@ from fedsim.engine import ENGINES, check_engine
 from fedsim.errors import ScenarioError
 from fedsim.lock import hold
 from fedsim.privacy.audit import check_privacy
-from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
+from fedsim.sinks import (
+    CallbackSink,
+    ProgressLine,
+    RunFolder,
+    RunSinks,
+    Sink,
+    Tracking,
+    check_packages,
+    make_sinks,
+)
 from fedsim.validate import (
     check_batch_statistics,
     check_bn_statistics,
@@ -40,6 +52,7 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     returns the run's context (built here unless given)."""
     run = scenario if isinstance(scenario, RunContext) else RunContext.build(scenario)
     scenario, data = run.scenario, run.data
+    check_packages(scenario.output.sinks)  # a tracker's package, before anything runs
     model = run.new_model()
     check_forward(scenario, copy.deepcopy(model), data.input_shape)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
@@ -50,31 +63,49 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     return run
 
 
+def build_sinks(scn: Scenario, folder: RunFolder, progress: Callable[[dict], None] | None,
+                show_progress: bool, extra: Sequence[Sink],
+                tracking: Tracking | None) -> RunSinks:
+    """The run's sinks: its folder, the scenario's ``output.sinks`` (with ``rounds.csv``),
+    the progress line, then the caller's (sinks, a callback)."""
+    sinks = [*make_sinks(scn), *([ProgressLine()] if show_progress else []), *extra]
+    if progress is not None:
+        sinks.append(CallbackSink(progress))
+    return RunSinks(folder, sinks, tracking)
+
+
 def start(scn: Scenario, out: Path, overwrite: bool,
-          progress: Callable[[dict], None] | None) -> tuple[dict, Path]:
+          progress: Callable[[dict], None] | None, show_progress: bool = False,
+          sinks: Sequence[Sink] = (), tracking: Tracking | None = None) -> tuple[dict, Path]:
     """Preflight ``scn``, then run it into a new results folder ``out``: (summary, folder)."""
     run = preflight(scn)
     with hold(out, "fedsim run"):  # one writer: locked before the folder is checked or cleared
-        recorder = RunRecorder(out, overwrite=overwrite, progress=progress)
-        recorder.prepare()
-        return execute(run, recorder)
+        folder = RunFolder(out, overwrite=overwrite)
+        folder.prepare()
+        return execute(run, build_sinks(scn, folder, progress, show_progress, sinks, tracking))
 
 
 def resume(folder: Path, scn: Scenario, progress: Callable[[dict], None] | None,
-           warn: Callable[[str], None]) -> tuple[dict, Path]:
+           warn: Callable[[str], None], show_progress: bool = False,
+           sinks: Sequence[Sink] = (), tracking: Tracking | None = None) -> tuple[dict, Path]:
     """Continue the run in ``folder`` (scenario ``scn``) from its last usable checkpoint."""
     ckpt = load_checkpoint(folder, scn, warn=warn)
     run = preflight(scn)
-    return execute(run, RunRecorder(folder, progress=progress, resume=ckpt))
+    return execute(run, build_sinks(scn, RunFolder(folder, resume=ckpt), progress,
+                                    show_progress, sinks, tracking))
 
 
-def execute(run: RunContext, recorder: RunRecorder) -> tuple[dict, Path]:
+def execute(run: RunContext, sinks: RunSinks) -> tuple[dict, Path]:
     """Run ``run``'s engine with its ServerApp and clients; (summary, results folder)."""
     scn = run.scenario
     engine = ENGINES.get(scn.engine.kind, key="engine.kind")
-    engine(make_server_app(run, recorder), run)
-    if recorder.stopped is not None:  # diverged / too few replies: results so far are kept
-        raise recorder.stopped
-    if recorder.summary is None:
+    try:
+        engine(make_server_app(run, sinks), run)
+    except BaseException as exc:  # a crash or an interrupt: trackers mark their runs so
+        sinks.error(exc)
+        raise
+    if sinks.failure is not None:  # diverged / too few replies: results so far are kept
+        raise sinks.failure
+    if sinks.summary is None:
         raise ScenarioError(f"the {scn.engine.kind} engine finished without a result")
-    return recorder.summary, recorder.out
+    return sinks.summary, sinks.out

@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
@@ -49,9 +50,12 @@ from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_int
 from fedsim.lock import FolderBusy, clear, hold
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
+from fedsim.report.tables import sweep_tables
 from fedsim.report.tuning import tuning_result
 from fedsim.run import preflight, resolve, resume, run
 from fedsim.server.dp import start_lines
+from fedsim.sinks import Tracking
+from fedsim.sinks.mlflow import end_sweep_parent, sweep_parent
 
 SWEEP_JSON = "sweep.json"
 
@@ -93,11 +97,13 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
 
 
 def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
-              may_stop: bool = False) -> tuple[dict, float, str]:
+              may_stop: bool = False,
+              tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
     checkpoint; returns its summary, wall seconds and a note (why it did not resume, or why
     it stopped early). ``may_stop``: a run that stops early (diverged, too few replies)
-    returns the summary it wrote instead of raising (tuning cells).
+    returns the summary it wrote instead of raising (tuning cells). ``tracking``: how the
+    cell's trackers join the sweep's (its MLflow parent, W&B group).
 
     The process holds the cell folder's lock throughout (:mod:`fedsim.lock`), from before it
     looks for a checkpoint until the cell's summary is written; a failure to write names the
@@ -114,12 +120,12 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
         with hold(out, f"a cell of the fedsim sweep in pid {sweep}"):
             if _interrupted(Path(out), scenario):
                 try:
-                    return resume(out).summary, time.perf_counter() - t0, ""
+                    return resume(out, tracking=tracking).summary, time.perf_counter() - t0, ""
                 except (CheckpointError, ScenarioError) as exc:
                     if isinstance(exc, RunStopped):
                         raise
                     note = f"could not resume ({exc}); ran it from the start"
-            result = run(scenario, out=out, overwrite=True)
+            result = run(scenario, out=out, overwrite=True, tracking=tracking)
     except RunStopped as exc:
         summary = Path(out) / "summary.json"
         if not may_stop or not summary.is_file():
@@ -164,11 +170,47 @@ def _sigint_blocked():
 
 
 def _run_cell_in_worker(raw: dict, out: str, threads: int | None, name: str,
-                        may_stop: bool = False) -> tuple[dict, float, str]:
+                        may_stop: bool = False,
+                        tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads, name, may_stop)
+        return _run_cell(raw, out, threads, name, may_stop, tracking)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)  # even with --quiet
+
+
+def _sweep_tracking(base: Scenario, root: Path) -> Tracking | None:
+    """How the cells' trackers join the sweep: one W&B group and one MLflow experiment named
+    after it, and with ``mlflow`` an MLflow parent run the cells are children of (None when
+    the sweep names no tracker). A parent that cannot be made costs the sweep nothing: the
+    cells log as runs of their own, and the line says so."""
+    sinks = set(base.output.sinks)
+    if not sinks & {"mlflow", "wandb"}:
+        return None
+    tracking = Tracking(group=base.name, experiment=base.name)
+    if "mlflow" in sinks:
+        try:
+            tracking = sweep_parent(base, root)
+        except ResultsNotWritten:  # the sweep folder's own trackers.json: a failed write
+            raise
+        except Exception as exc:  # a tracker never takes the sweep down
+            _warn(f"the sweep's MLflow parent run could not be made ({type(exc).__name__}: "
+                  f"{exc}); its cells log as runs of their own")
+    return tracking
+
+
+def _end_tracking(tracking: Tracking | None, root: Path) -> None:
+    """Attach the sweep's report and tables to its MLflow parent run and end it (a sweep
+    that stops before this leaves the parent running; resumed, it continues the same one)."""
+    if tracking is None or not tracking.mlflow_parent:
+        return
+    try:
+        end_sweep_parent(tracking, root)
+    except Exception as exc:  # a tracker never takes the sweep down
+        _warn(f"the sweep's MLflow parent run could not be ended ({type(exc).__name__}: {exc})")
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -295,13 +337,15 @@ class _Runner:
                  f"({_describe(summary)}{how}); elapsed {elapsed / 60:.1f} min, "
                  f"ETA {eta / 60:.1f} min")
 
-    def run(self, todo: Sequence[Cell], may_stop: bool = False) -> None:
-        """Run ``todo`` to the end (``may_stop``: early stops are results, not errors)."""
+    def run(self, todo: Sequence[Cell], may_stop: bool = False,
+            tracking: Tracking | None = None) -> None:
+        """Run ``todo`` to the end (``may_stop``: early stops are results, not errors;
+        ``tracking``: how the cells' trackers join the sweep's)."""
         if self.pool is None and (self.workers <= 1 or len(todo) <= 1):
             for cell in todo:
                 self._report(cell, *_run_cell(cell.scenario.to_dict(),
                                               str(self.root / cell.name), None, cell.name,
-                                              may_stop))
+                                              may_stop, tracking))
             return
         if self.pool is None:
             ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
@@ -313,7 +357,7 @@ class _Runner:
                 for c in todo:
                     futures[self.pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
                                              str(self.root / c.name), 1, c.name,
-                                             may_stop)] = c
+                                             may_stop, tracking)] = c
             for future in as_completed(futures):
                 self._report(futures[future], *future.result())
         except (Interrupted, ResultsNotWritten, FolderBusy):  # the others keep their
@@ -410,16 +454,17 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
     finished = len(skipped) + len(reported_done)
     say(f"sweep {base.name}: {n} cells" + (f" ({len(tuning)} tuning)" if tuning else "")
         + f", {finished} finished earlier, {n - finished} to run → {root}")
+    tracking = _sweep_tracking(base, root)
     load_start = os.getloadavg()
     tuned = None
     with _Runner(root, workers, n, finished, say) as runner:
-        runner.run(tune_todo, may_stop=True)
+        runner.run(tune_todo, may_stop=True)  # no trackers (see _untracked)
         if tuning:
             tuned = _chosen(base, root, tuning, say)
             cells = with_choices(cells, tuned["arms"])
         todo, done = _split_finished(cells, root)
         skipped += done
-        runner.run(todo)
+        runner.run(todo, tracking=tracking)
     ran = [*tune_todo, *todo]
     wall = time.perf_counter() - runner.t0
     previous = {}
@@ -442,4 +487,9 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
     report = write_report(root, base, cells, run_info=runs[-1] if runs else None,
                           tuning=tuned)
     say(f"report → {report}")
+    formats = ["csv", *(["parquet"] if "parquet" in base.output.sinks else [])]
+    for fmt in formats:  # cells.csv, claims.csv: one row per (cell, round), per claim
+        sweep_tables(root, [(c.name, c.params) for c in cells], list(base.sweep.grid), fmt,
+                     note=lambda msg: say(f"note: {msg}"))
+    _end_tracking(tracking, root)
     return SweepResult(root, report, [c.name for c in ran], skipped, wall)

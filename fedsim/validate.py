@@ -32,11 +32,13 @@ from fedsim.models.norm import (
 )
 from fedsim.server.factory import make_strategy
 from fedsim.server.strategies import strategy_class
+from fedsim.sinks import sink_classes  # importing fedsim.sinks registers the built-in sinks
 
 
 def check_names(scenario: Scenario) -> None:
-    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy or engine,
-    ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot run."""
+    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy, engine or
+    sink, ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot
+    run."""
     DATASETS.get(scenario.data.name, key="data.name")
     PARTITIONS.get(scenario.partition.kind, key="partition.kind")
     if scenario.partition.kind == "feature":
@@ -46,6 +48,7 @@ def check_names(scenario: Scenario) -> None:
     ARCHS.get(scenario.model.arch, key="model.arch")
     NORMS.get(scenario.model.norm, key="model.norm")
     ENGINES.get(scenario.engine.kind, key="engine.kind")
+    sink_classes(scenario.output.sinks)  # names only: their packages are a preflight check
     make_strategy(scenario)
     check_strategy_params(scenario)
     check_client_dp(scenario)

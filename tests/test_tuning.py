@@ -108,6 +108,18 @@ def test_tuning_cells_cover_every_arm_value_and_tuning_seed(tmp_path):
         "tune/norm-bn__lr-0.01__momentum-0.9__seed-101"]
 
 
+
+def test_tuning_cells_report_to_no_tracker_and_reported_cells_keep_theirs(tmp_path):
+    """A tracker's run per tuning cell would bury the study's runs: tuning cells keep only
+    the sinks that write their folder (here parquet); the reported cells keep every sink."""
+    tail = '[output]\nsinks = ["mlflow", "parquet", "wandb"]\n'
+    base = load_scenario(scenario(tmp_path, base=BASE + tail))
+    cells = expand(base, tmp_path)
+    tuning = tune_cells(base, tmp_path, cells)
+    assert {c.scenario.output.sinks for c in tuning} == {("parquet",)}
+    assert {c.scenario.output.sinks for c in cells} == {("mlflow", "parquet", "wandb")}
+
+
 ZIP = """[sweep]
 model.norm = ["bn", "gn"]
 client.batch_size = [2, 32]

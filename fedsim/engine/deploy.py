@@ -41,8 +41,8 @@ from fedsim.errors import OneLineArgumentParser, ScenarioError
 from fedsim.files import write_text
 from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
 from fedsim.lock import hold
-from fedsim.report.progress import RoundsFollower, round_progress
 from fedsim.run import check
+from fedsim.sinks.progress import RoundsFollower, round_progress
 
 CONNECTION = "fedsim-local"
 #: the line a SuperNode logs once registered (flwr/supernode/start_client_internal.py)
@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet:
                 path = run()
             else:
-                with round_progress(scenario.server.rounds, scenario.name,
-                                    scenario.partition.num_clients) as on_round:
+                with round_progress(scenario, args.out) as on_round:
                     rounds.then = on_round
                     path = run()
         except ScenarioError as exc:

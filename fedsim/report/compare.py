@@ -9,7 +9,9 @@ come out (claims are declared by a sweep, so a comparison of runs has none).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from fedsim.errors import ScenarioError
 from fedsim.files import write_json
 from fedsim.lock import clear, hold, is_empty
 from fedsim.report.report import write_report
+from fedsim.report.tables import run_table, sweep_tables
 from fedsim.report.tuning import tuning_result
 from fedsim.sweep import SWEEP_JSON, flat_keys
 
@@ -148,3 +151,28 @@ def report(folders: list[str | Path], out: str | Path | None = None,
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
     return report_runs(paths, Path(out), overwrite)
+
+
+def tables(folder: str | Path, fmt: str = "csv", out: str | Path | None = None,
+           note: Callable[[str], None] = lambda msg: None) -> list[Path]:
+    """``fedsim table``: rebuild a run folder's rounds table, or a sweep folder's cells and
+    claims tables (:mod:`fedsim.report.tables`), from the folders on disk."""
+    folder = Path(folder)
+    out = Path(out) if out else None
+    if is_sweep(folder):
+        info = json.loads((folder / SWEEP_JSON).read_text())
+        cells = [(c["name"], c["params"]) for c in info["cells"]]
+        with _writing_into(folder, out):
+            return sweep_tables(folder, cells, list(info.get("axes") or {}), fmt, out, note)
+    if (folder / "rounds.jsonl").is_file():
+        with _writing_into(folder, out):
+            return [run_table(folder, fmt, out, note)]
+    raise ScenarioError(f"{str(folder)!r} is neither a run folder (rounds.jsonl) nor a sweep "
+                        f"folder ({SWEEP_JSON}); pass a folder written by fedsim run or "
+                        "fedsim sweep")
+
+
+def _writing_into(folder: Path, out: Path | None) -> contextlib.AbstractContextManager:
+    """The folder's lock while ``fedsim table`` writes its tables into it (no ``--out``): a
+    run or sweep still writing there is not raced."""
+    return hold(folder, "fedsim table", create=False) if out is None else contextlib.nullcontext()
