@@ -305,6 +305,22 @@ def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
     return [c for c in tuning if c.seed == seed or c.values == values]
 
 
+def preflight_cells(cells: Sequence[Cell], say: Callable[[str], None]) -> None:
+    """Preflight every cell (data, model, engine: :func:`fedsim.run.preflight`) before any
+    runs, saying each distinct DP warning once. The vectorize trace check, a dry cohort step
+    that costs more than the rest of a cell's preflight, runs once per distinct model
+    (:func:`fedsim.engine.vectorized.trace_key`): cells that differ in seed, partition or
+    learning rate share its outcome, a failing one included."""
+    said: set[str] = set()
+    traced: dict[tuple, str | None] = {}
+    for cell in cells:
+        preflight(cell.scenario, traced)
+        for line in start_lines(cell.scenario):
+            if line not in said:
+                said.add(line)
+                say(f"{cell.name}: {line}")
+
+
 def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
             say: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
@@ -342,13 +358,7 @@ def run_sweep(
     cells = expand(base, root)
     check_claims(base, cells)
     tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
-    said: set[str] = set()
-    for cell in [*_covering(tuning), *cells]:
-        preflight(cell.scenario)
-        for line in start_lines(cell.scenario):  # a DP warning once per distinct message
-            if line not in said:
-                said.add(line)
-                say(f"{cell.name}: {line}")
+    preflight_cells([*_covering(tuning), *cells], say)
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     if overwrite and root.is_dir():
