@@ -40,6 +40,7 @@ from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this mo
     cell_name,
     expand,
     flat_keys,
+    followers,
     tune_cells,
     with_choices,
 )
@@ -321,11 +322,12 @@ def preflight_cells(cells: Sequence[Cell], say: Callable[[str], None]) -> None:
                 say(f"{cell.name}: {line}")
 
 
-def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
+def _chosen(base: Scenario, root: Path, tuning: list[TuneCell], cells: list[Cell],
             say: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
     value to choose (before any reported cell runs)."""
-    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning])
+    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning],
+                           followers(base, cells))
     for entry in result["arms"]:
         if entry["chosen"] is None:
             problems = "; ".join(p for c in entry["candidates"] for p in c["problems"])
@@ -334,8 +336,9 @@ def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
                 f"for arm {entry['label']} ({problems}); change the grid (e.g. smaller "
                 "learning rates) and run the sweep again")
         chosen = ", ".join(f"{k} = {v}" for k, v in entry["chosen"]["applied"].items())
-        say(f"tuned {entry['label']}: {chosen} (mean {base.sweep.tune.metric} "
-            f"{entry['chosen']['mean']:.4f})")
+        how = (f"follows {entry['follows']}" if entry.get("follows") else
+               f"mean {base.sweep.tune.metric} {entry['chosen']['mean']:.4f}")
+        say(f"tuned {entry['label']}: {chosen} ({how})")
     return result
 
 
@@ -377,7 +380,7 @@ def run_sweep(
     with _Runner(root, workers, n, finished, say) as runner:
         runner.run(tune_todo, may_stop=True)
         if tuning:
-            tuned = _chosen(base, root, tuning, say)
+            tuned = _chosen(base, root, tuning, cells, say)
             cells = with_choices(cells, tuned["arms"])
         todo, done = _split_finished(cells, root)
         skipped += done
