@@ -5,7 +5,8 @@ its axis values (``norm-bn__batch_size-4__seed-0``). A zipped axis (``[sweep.zip
 sets several keys per value. With ``[sweep.tune]``, each **arm** — a combination of the
 axes other than seed — first runs every grid value on every tuning seed
 (``tune/<arm>__lr-0.1__seed-100``); the reported cells then run at the values chosen for
-their arm (:func:`fedsim.report.tuning.tuning_result`), applied by :func:`with_choices`.
+their arm (:func:`fedsim.report.tuning.tuning_result`), applied by :func:`with_choices`; an
+arm that follows another (``sweep.tune.follow``) runs no tuning cells and takes its choice.
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
     keys = list(tune.grid)
     out = []
     for arm in arms(cells):
+        if base.sweep.leader(arm) is not None:  # takes another arm's choice (tune.follow)
+            continue
         for combo in itertools.product(*(tune.grid[k] for k in keys)):
             values = dict(zip(keys, combo))
             for seed in tune.seeds:
@@ -239,6 +242,12 @@ def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
         raise ScenarioError("two tuning cells get the same folder name; make the "
                             "sweep.tune.grid values distinct")
     return out
+
+
+def followers(base: Scenario, cells: list[Cell]) -> list[tuple[dict, dict]]:
+    """(arm, the arm whose tuned values it takes) for each arm of ``cells`` that follows
+    another (``sweep.tune.follow``)."""
+    return [(arm, lead) for arm in arms(cells) if (lead := base.sweep.leader(arm)) is not None]
 
 
 def with_choices(cells: list[Cell], arms: list[dict]) -> list[Cell]:

@@ -601,7 +601,11 @@ class TuneConfig:
     sweep's reported seeds. ``scale``: grid key → a numeric scenario key whose value in each
     cell multiplies the grid value (``{"client.lr" = "client.batch_size"}``: lr = η₀·B, the
     linear scaling rule of Goyal et al. 2017, so one grid of η₀ fits every batch size).
-    Off while ``grid`` is empty.
+    ``follow``: axis value → another value of the same axis, e.g. ``{"fedbn" = "fedavg"}``:
+    arms with the first run no tuning cells and take the values chosen for the arm that has
+    the second instead (the other axes alike) — for arms the validation split cannot rank,
+    such as FedBN's, whose global model lacks the clients' local layers
+    (:meth:`SweepConfig.leader`). Off while ``grid`` is empty.
     """
 
     grid: dict[str, Any] = field(default_factory=dict)
@@ -609,13 +613,14 @@ class TuneConfig:
     mode: str = ""  # max | min | "" (from the metric)
     seeds: tuple[int, ...] = ()
     scale: dict[str, Any] = field(default_factory=dict)
+    follow: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", {k: list(v) if isinstance(v, (list, tuple)) else v
                                           for k, v in _flatten(self.grid).items()})
         object.__setattr__(self, "scale", _flatten(self.scale))
         if not self.grid:
-            if self.seeds or self.scale:
+            if self.seeds or self.scale or self.follow:
                 raise ScenarioError("sweep.tune.grid is empty; give the keys to tune with "
                                     'their values, e.g. grid = { "client.lr" = [0.03, 0.1] }')
             return
@@ -650,6 +655,12 @@ class TuneConfig:
             if not isinstance(by, str) or not by:
                 raise ScenarioError(f"sweep.tune.scale.{key} must name a numeric scenario "
                                     f"key, e.g. \"client.batch_size\", got {by!r}")
+        for value, leader in self.follow.items():
+            if not isinstance(leader, str) or leader in self.follow or leader == value:
+                raise ScenarioError(
+                    f"sweep.tune.follow.{value} = {leader!r} must name another value of the "
+                    "same axis, one that is tuned itself (not a follower), e.g. "
+                    'follow = { fedbn = "fedavg" }')
 
     @property
     def enabled(self) -> bool:
@@ -714,12 +725,38 @@ class SweepConfig:
             if list(self.grid.get(axis, [])) != list(settings):
                 raise ScenarioError(f"sweep.{axis} = {self.grid.get(axis)!r} is also given: a "
                                     f"zipped axis takes its values from {where} alone")
+        self._check_follow()
         for key in self.tune.grid:
             if key in self.grid or key in set_by:
                 raise ScenarioError(
                     f"sweep.tune.grid.{key}: {key!r} is also a sweep axis"
                     + (f" (set by sweep.zip.{set_by[key]})" if key in set_by else "")
                     + "; an axis compares its values, tuning picks one per arm: use one")
+
+    def leader(self, arm: dict[str, Any]) -> dict[str, Any] | None:
+        """The arm whose tuned values ``arm`` takes (``sweep.tune.follow``): ``arm`` with each
+        follower value replaced by the value it follows; None when ``arm`` is tuned itself."""
+        out = dict(arm)
+        for axis, value in arm.items():
+            if axis != "seed" and str(value) in self.tune.follow:
+                target = str(self.tune.follow[str(value)])
+                out[axis] = next(v for v in self.grid[axis] if str(v) == target)
+        return out if out != arm else None
+
+    def _check_follow(self) -> None:
+        """Each ``sweep.tune.follow`` pair: two values of exactly one axis (seed aside)."""
+        for value, leader in self.tune.follow.items():
+            axes = [a for a, vs in self.grid.items()
+                    if a != "seed" and value in {str(v) for v in vs}]
+            if len(axes) != 1 or leader not in {str(v) for v in self.grid[axes[0]]}:
+                where = (f"axis {axes[0]} = {self.grid[axes[0]]!r} lacks {leader!r}"
+                         if len(axes) == 1 else
+                         f"{value!r} is a value of {len(axes)} axes"
+                         + (f" ({', '.join(axes)})" if axes else ""))
+                raise ScenarioError(
+                    f"sweep.tune.follow.{value} = {leader!r}: both must be values of one sweep "
+                    f"axis ({where}); e.g. with server.strategy = [\"fedavg\", \"fedbn\"]: "
+                    'follow = { fedbn = "fedavg" }')
 
     def zipped(self, axis: str, value: Any) -> dict[str, Any] | None:
         """The scenario keys the setting ``value`` of a zipped ``axis`` sets (None when

@@ -50,9 +50,13 @@ def resolve(scenario: Scenario | str | Path, overrides: Sequence[str] = ()) -> S
     return check(load_scenario(scenario, list(overrides)))
 
 
-def preflight(scenario: Scenario) -> None:
-    """Everything that can fail on bad input, done before anything is written or trained."""
-    _runner().preflight(scenario)
+def preflight(scenario: Scenario, traced: dict[tuple, str | None] | None = None) -> None:
+    """Everything that can fail on bad input, done before anything is written or trained.
+
+    ``traced``: a dict the caller keeps across scenarios that share model and data shapes
+    (a sweep's cells), so the vectorize trace check runs once per distinct model.
+    """
+    _runner().preflight(scenario, traced)
 
 
 def run(

@@ -47,9 +47,11 @@ def check(scenario: Scenario) -> None:
     check_names(scenario)
 
 
-def preflight(scenario: Scenario | RunContext) -> RunContext:
+def preflight(scenario: Scenario | RunContext,
+              traced: dict[tuple, str | None] | None = None) -> RunContext:
     """Everything that can fail on bad input, done before anything is written or trained;
-    returns the run's context (built here unless given)."""
+    returns the run's context (built here unless given). ``traced``: vectorize trace
+    outcomes shared by the cells of one sweep (:func:`fedsim.engine.check_engine`)."""
     run = scenario if isinstance(scenario, RunContext) else RunContext.build(scenario)
     scenario, data = run.scenario, run.data
     check_packages(scenario.output.sinks)  # a tracker's package, before anything runs
@@ -57,7 +59,7 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     check_forward(scenario, copy.deepcopy(model), data.input_shape)
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
     check_bn_statistics(scenario, copy.deepcopy(model), data.input_shape)
-    check_engine(run, model)
+    check_engine(run, model, traced)
     if scenario.privacy.enabled:
         check_privacy(run)
     return run

@@ -40,6 +40,7 @@ from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this mo
     cell_name,
     expand,
     flat_keys,
+    followers,
     tune_cells,
     with_choices,
 )
@@ -389,11 +390,28 @@ def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
     return [c for c in tuning if c.seed == seed or c.values == values]
 
 
-def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
+def preflight_cells(cells: Sequence[Cell], say: Callable[[str], None]) -> None:
+    """Preflight every cell (data, model, engine: :func:`fedsim.run.preflight`) before any
+    runs, saying each distinct DP warning once. The vectorize trace check, a dry cohort step
+    that costs more than the rest of a cell's preflight, runs once per distinct model
+    (:func:`fedsim.engine.vectorized.trace_key`): cells that differ in seed, partition or
+    learning rate share its outcome, a failing one included."""
+    said: set[str] = set()
+    traced: dict[tuple, str | None] = {}
+    for cell in cells:
+        preflight(cell.scenario, traced)
+        for line in start_lines(cell.scenario):
+            if line not in said:
+                said.add(line)
+                say(f"{cell.name}: {line}")
+
+
+def _chosen(base: Scenario, root: Path, tuning: list[TuneCell], cells: list[Cell],
             say: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
     value to choose (before any reported cell runs)."""
-    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning])
+    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning],
+                           followers(base, cells))
     for entry in result["arms"]:
         if entry["chosen"] is None:
             problems = "; ".join(p for c in entry["candidates"] for p in c["problems"])
@@ -402,8 +420,9 @@ def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
                 f"for arm {entry['label']} ({problems}); change the grid (e.g. smaller "
                 "learning rates) and run the sweep again")
         chosen = ", ".join(f"{k} = {v}" for k, v in entry["chosen"]["applied"].items())
-        say(f"tuned {entry['label']}: {chosen} (mean {base.sweep.tune.metric} "
-            f"{entry['chosen']['mean']:.4f})")
+        how = (f"follows {entry['follows']}" if entry.get("follows") else
+               f"mean {base.sweep.tune.metric} {entry['chosen']['mean']:.4f}")
+        say(f"tuned {entry['label']}: {chosen} ({how})")
     return result
 
 
@@ -426,13 +445,7 @@ def run_sweep(
     cells = expand(base, root)
     check_claims(base, cells)
     tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
-    said: set[str] = set()
-    for cell in [*_covering(tuning), *cells]:
-        preflight(cell.scenario)
-        for line in start_lines(cell.scenario):  # a DP warning once per distinct message
-            if line not in said:
-                said.add(line)
-                say(f"{cell.name}: {line}")
+    preflight_cells([*_covering(tuning), *cells], say)
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     with hold(root, "fedsim sweep"):  # before anything in it is read, removed or written
@@ -460,7 +473,7 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
     with _Runner(root, workers, n, finished, say) as runner:
         runner.run(tune_todo, may_stop=True)  # no trackers (see _untracked)
         if tuning:
-            tuned = _chosen(base, root, tuning, say)
+            tuned = _chosen(base, root, tuning, cells, say)
             cells = with_choices(cells, tuned["arms"])
         todo, done = _split_finished(cells, root)
         skipped += done

@@ -101,9 +101,11 @@ def _ray(server_app: ServerApp, run: RunContext) -> None:
                 client_ids=run.data.participating)  # no query message per node
 
 
-def check_engine(run: RunContext, model: nn.Module) -> None:
+def check_engine(run: RunContext, model: nn.Module,
+                 traced: dict[tuple, str | None] | None = None) -> None:
     """Engine settings that can only be checked against the model (preflight); ``model`` is
-    one of ``run``'s."""
-    check_vectorize(run, model)
+    one of ``run``'s; ``traced``: the vectorize trace outcomes already known
+    (:func:`fedsim.engine.vectorized.check_vectorize`)."""
+    check_vectorize(run, model, traced)
     if run.scenario.engine.kind == "ray" and run.scenario.engine.vectorize:
         check_ray_cohorts(run.scenario)

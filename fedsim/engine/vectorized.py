@@ -110,14 +110,26 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
                             EvalMember(params, buffers, x[:3], y[:3], x, layers)])
 
 
-def check_vectorize(run: RunContext, model: nn.Module) -> None:
+def trace_key(run: RunContext) -> tuple:
+    """What the dry cohort step of :func:`trace_problem` depends on: the model settings, the
+    dataset and its input shape and classes (the model is built from exactly these; its
+    weights, the partition, the learning rate and the seed do not change whether it
+    traces)."""
+    return (run.scenario.model, run.scenario.data.name, tuple(run.data.input_shape),
+            run.data.num_classes)
+
+
+def check_vectorize(run: RunContext, model: nn.Module,
+                    traced: dict[tuple, str | None] | None = None) -> None:
     """Refuse ``engine.vectorize = true`` where a cohort cannot run, before training.
 
     Checks the engine and the model: one dry cohort step must trace under ``vmap`` (a model
     that calls ``.item()`` or branches on data cannot). Every client hook runs in a cohort
     (its terms are part of the step), so hooks are not checked; DP-SGD is refused with the
     other ``[client.dp]`` checks (:func:`fedsim.validate.check_client_dp`). ``model`` is
-    one of ``run``'s, whose data gives the input shape.
+    one of ``run``'s, whose data gives the input shape. ``traced`` (a sweep's preflight of
+    many cells) keeps each outcome by :func:`trace_key`, so cells that differ only in seed,
+    partition or learning rate trace once.
     """
     scenario = run.scenario
     if not scenario.engine.vectorize:
@@ -128,7 +140,13 @@ def check_vectorize(run: RunContext, model: nn.Module) -> None:
             f"engine.kind = {scenario.engine.kind!r}; set engine.vectorize = false or "
             "engine.kind = 'inprocess'"
         )
-    problem = trace_problem(model, run.data.input_shape, run.data.num_classes)
+    key = trace_key(run)
+    if traced is not None and key in traced:
+        problem = traced[key]
+    else:
+        problem = trace_problem(model, run.data.input_shape, run.data.num_classes)
+        if traced is not None:
+            traced[key] = problem
     if problem:
         raise ScenarioError(
             f"engine.vectorize = true cannot train model.arch = {scenario.model.arch!r} "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.cells import followers
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.files import write_json
@@ -64,7 +65,8 @@ def _report_sweep(root: Path) -> Path:
     runs = info.get("invocations") or []
     tuning = None
     if base.sweep.tune.enabled and isinstance(info.get("tuning"), dict):
-        tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [])
+        tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [],
+                               followers(base, cells))
     return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,16 @@ def _read(root: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def tuning_result(root: Path, tune: TuneConfig, cells: list[dict]) -> dict:
+def tuning_result(root: Path, tune: TuneConfig, cells: list[dict],
+                  followers: Sequence[tuple[dict, dict]] = ()) -> dict:
     """The ``tuning`` entry of ``report.json``: per arm, each grid value's scores (per seed
     and their mean, or why it cannot be chosen) and the chosen values.
 
     ``cells``: the tuning cells' records (:meth:`fedsim.cells.TuneCell.record`), whose
-    folders lie under ``root``. Unfinished cells leave their value unscored.
+    folders lie under ``root``. Unfinished cells leave their value unscored. ``followers``:
+    (arm, the arm it follows) for arms that take another arm's choice
+    (``sweep.tune.follow``, :func:`fedsim.cells.followers`); each gets that arm's choice and
+    ``follows`` (its label), with no candidates of its own.
     """
     arms: list[dict] = []
     for cell in cells:
@@ -89,7 +94,13 @@ def tuning_result(root: Path, tune: TuneConfig, cells: list[dict]) -> dict:
             scores = list(cand["per_seed"].values())
             if not cand["problems"] and scores:
                 cand["mean"] = sum(scores) / len(scores)
-        entry.update(_choose(tune, entry["candidates"]))
+        entry.update(_choose(tune, entry["candidates"]), follows=None)
+    for arm, lead in followers:
+        led = next(a for a in arms if a["arm"] == lead)
+        arms.append({"arm": arm, "label": _label(arm), "candidates": [],
+                     "chosen": led["chosen"], "at_edge": [], "follows": led["label"],
+                     "why_none": led["why_none"] and f"it follows {led['label']}: "
+                                                    f"{led['why_none']}"})
     return {"metric": tune.metric, "best": tune.best, "seeds": list(tune.seeds),
             "grid": tune.grid, "scale": tune.scale, "arms": arms}
 
@@ -127,6 +138,11 @@ def _values(c: dict) -> list[str]:
     return out
 
 
+def chosen_of(entry: dict) -> dict:
+    """An arm's chosen values as a candidate row (``values``, ``applied``)."""
+    return {"values": entry["chosen"]["values"], "applied": entry["chosen"]["applied"]}
+
+
 def tuning_lines(result: dict | None) -> list[str]:
     """The Tuning section of report.md: what each arm tried and chose."""
     if not result:
@@ -140,6 +156,9 @@ def tuning_lines(result: dict | None) -> list[str]:
              "better) — the validation split, never the test set. A value that stopped early "
              "on any tuning seed cannot be chosen; ties go to the value listed first. The "
              "reported seeds then ran at the chosen values."]
+    if any(e.get("follows") for e in result["arms"]):
+        lines.append("An arm marked \"follows\" ran no tuning cells: it takes the values "
+                     "chosen for the arm named (`sweep.tune.follow`).")
     if result["scale"]:
         lines.append("Scaled keys run at grid value × " + ", ".join(
             f"`{by}` (`{key}`)" for key, by in result["scale"].items())
@@ -156,6 +175,11 @@ def tuning_lines(result: dict | None) -> list[str]:
                 [entry["label"] if i == 0 else "", *[bold(v) for v in _values(cand)],
                  bold(_num(cand["mean"])), *[_num(cand["per_seed"].get(s)) for s in seeds],
                  mark]) + " |")
+        if entry.get("follows"):
+            values = _values(chosen_of(entry)) if entry["chosen"] else ["–"] * len(keys)
+            lines.append("| " + " | ".join(
+                [entry["label"], *values, "–", *["–" for _ in seeds],
+                 f"not tuned: follows {entry['follows']}"]) + " |")
     notes = [f"- {e['label']}: {'; '.join(e['at_edge'])}: the best may lie beyond the grid"
              for e in result["arms"] if e["at_edge"]]
     notes += [f"- {e['label']}: nothing chosen: {e['why_none']}" for e in result["arms"]
