@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from fedsim.config import load_scenario
-from fedsim.errors import ScenarioError
-from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.errors import EngineFailed, ScenarioError
+from fedsim.interrupt import Interrupted, exit_code, failed_line, run_line, signals_interrupt
 from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
+from fedsim.text import one_line
 
 # The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
 # inside the command that needs them, so `fedsim --help` and bad arguments answer at once.
@@ -30,8 +31,9 @@ examples:
   fedsim report results/a results/b                    compare finished runs
   fedsim partitions scenarios/quickstart.toml          per-client class counts
 
-Bad input exits with code 2 and one "error:" line; Ctrl-C exits 130 (SIGTERM 143) with
-the command that resumes the run. Run "fedsim COMMAND --help" for a command's options."""
+Bad input exits with code 2 and one "error:" line; an engine that fails mid-run exits 3
+with one "error:" line (checkpoints kept); Ctrl-C exits 130 (SIGTERM 143) with the command
+that resumes the run. Run "fedsim COMMAND --help" for a command's options."""
 
 
 def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -88,7 +90,7 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
         raise ScenarioError(
             f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
             f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
-    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
     toml = Path(args.resume) / "scenario.toml"
     if args.quiet or not toml.is_file():
         return resume(args.resume, warn=warn, progress=seen)
@@ -139,11 +141,18 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
     if scenario.sweep.grid:
         print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
               "use `fedsim sweep` to run the grid", file=sys.stderr)
+    if scenario.claims:
+        from fedsim.report.claims import check_claim_metrics  # late: numpy, scipy (see imports)
+
+        check_claim_metrics(scenario)  # an unknown metric is an error here too
+        print(f"note: the {len(scenario.claims)} [[claims]] of this file are tested by "
+              "`fedsim sweep` over its [sweep] grid; fedsim run trains the base scenario "
+              "and tests none", file=sys.stderr)
     if scenario.server.dp.kind != "none":
         from fedsim.server.dp import start_lines  # late: Flower and torch (see imports)
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
-            print(line, file=sys.stderr)
+            print(one_line(line), file=sys.stderr)
     if args.quiet:
         return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
     with round_progress(scenario.server.rounds, scenario.name,
@@ -173,10 +182,11 @@ def _print_summary(result) -> None:
     final, timing = summary["final"], summary["timing"]
     clients = final.get("client_accuracy") or {}
     print(
-        f"{summary['scenario']}: global test accuracy {_num(final['global_test_accuracy'])}, "
+        f"{one_line(summary['scenario'])}: global test accuracy "
+        f"{_num(final['global_test_accuracy'])}, "
         f"client mean {_num(clients.get('mean'))} (p10 {_num(clients.get('p10'))}), "
         f"{_num(timing['client_updates_per_s'], '.1f')} client updates/s, "
-        f"{_num(timing['seconds'], '.1f')} s → {result.path}"
+        f"{_num(timing['seconds'], '.1f')} s → {one_line(result.path)}"
     )
     spent = (summary.get("dp") or {}).get("privacy_spent")
     if spent:
@@ -196,7 +206,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
-    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = None if args.quiet else (lambda msg: print(one_line(msg), file=sys.stderr,
+                                                      flush=True))
     try:
         result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
                            overwrite=args.overwrite, progress=say)
@@ -204,14 +215,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
                                                args.argv))
     print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
-          f"({result.seconds:.0f} s) → {result.report}")
+          f"({result.seconds:.0f} s) → {one_line(result.report)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
-    print(f"report → {report(args.folders, out=args.out)}")
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
+    print(f"report → {one_line(report(args.folders, out=args.out, warn=warn))}")
     return 0
 
 
@@ -259,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     with signals_interrupt():  # Ctrl-C / SIGTERM: one line, exit 130 / 143 (fedsim.interrupt)
         try:
             return COMMANDS[args.command](args)
-        except ScenarioError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except ScenarioError as exc:  # one line, whatever the message holds (fedsim.text)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
+        except EngineFailed as exc:
+            return failed_line(exc)
         except Interrupted as exc:  # report / partitions: nothing to resume
             return exit_code(exc, f"interrupted: fedsim {args.command} stopped")
 

@@ -25,3 +25,16 @@ class RunStopped(ScenarioError):
 class PrivacyBudgetSpent(RunStopped):
     """The next round would take ε above ``server.dp.max_epsilon``: a planned, clean end (the
     run's results are complete up to here and the command exits 0)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine running the clients failed mid-run: a Ray actor or raylet died, a Deployment
+    Engine process exited, an in-process worker thread raised. The run cannot go on; its
+    results folder keeps the checkpoints written so far, so ``fedsim run --resume`` continues
+    it once the engine is sound again. Not a ScenarioError: the scenario is fine, the machinery
+    under it is not (the CLI exits 3, not 2). ``folder``: the run's results folder, once known.
+    """
+
+    def __init__(self, message: str, folder: str | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder

@@ -128,8 +128,12 @@ def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_finished(cell: Cell, folder: Path) -> None:
     """A finished cell must have been run with this cell's scenario (where its folder lies,
-    ``output.dir``, may differ: a sweep folder can be moved)."""
-    stored = load_scenario(folder / "scenario.toml")
+    ``output.dir``, may differ: a sweep folder can be moved). One whose ``scenario.toml`` no
+    longer parses is damaged, not different: the report lists it (:mod:`fedsim.report.cells`)."""
+    try:
+        stored = load_scenario(folder / "scenario.toml")
+    except (ScenarioError, OSError, UnicodeDecodeError):
+        return
     a, b = flat_keys(stored.to_dict()), flat_keys(cell.scenario.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output.dir")
     if not diff:
@@ -366,6 +370,6 @@ def run_sweep(
         "invocations": runs,  # every invocation that ran cells, with its wall time and load
     }
     (root / SWEEP_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    report = write_report(root, base, cells, run_info=runs[-1] if runs else None)
+    report = write_report(root, base, cells, run_info=runs[-1] if runs else None, warn=say)
     say(f"report → {report}")
     return SweepResult(root, report, [c.name for c in todo], skipped, wall)

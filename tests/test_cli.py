@@ -101,3 +101,50 @@ def test_help_reads_as_plain_text(argv, capsys):
         assert markup not in text
     if not argv:
         assert "fedsim run scenarios/quickstart.toml" in text and "error:" in text
+
+
+CLAIMED = """[partition]
+num_clients = 4
+holdout_clients = 0.0
+[model]
+width = 8
+[server]
+rounds = 1
+clients_per_round = 2
+[[claims]]
+name = "GN beats BN"
+metric = "{metric}"
+a = {{ "model.norm" = "gn" }}
+b = {{ "model.norm" = "bn" }}
+"""
+
+
+def test_run_on_a_file_with_claims_says_once_they_belong_to_a_sweep(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(CLAIMED.format(metric="final.global_test_accuracy"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the 1 [[claims]] of this file are tested by `fedsim sweep` over its "
+                     "[sweep] grid; fedsim run trains the base scenario and tests none"]
+
+
+def test_run_checks_the_metrics_of_claims_all_the_same(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(CLAIMED.format(metric="final.global_test_acc"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: claims[0].metric 'final.global_test_acc' is not a number "
+                          "summary.json holds") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_newline_in_a_key_cannot_forge_a_second_error_line(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\n"seed\\nerror: all good" = [0, 1]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: sweep axis 'seed\\nerror: all good'")
+    code = main(["run", "scenarios/quickstart.toml", "--quiet", "--set",
+                 "name=\x1b[2J\rok\nerror: forged", "--set", "model.nrom=x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err

@@ -10,6 +10,7 @@ come out (claims are declared by a sweep, so a comparison of runs has none).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def is_sweep(folder: Path) -> bool:
     return (folder / SWEEP_JSON).is_file()
 
 
-def report_sweep(root: Path) -> Path:
+def report_sweep(root: Path, warn: Callable[[str], None] | None = None) -> Path:
     """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells."""
     try:
         info = json.loads((root / SWEEP_JSON).read_text())
@@ -50,21 +51,24 @@ def report_sweep(root: Path) -> Path:
     base = load_scenario(root / "scenario.toml")
     cells = [RunCell(name, params, root / name) for name, params in names]
     runs = info.get("invocations") or []
-    return write_report(root, base, cells, run_info=runs[-1] if runs else None)
+    return write_report(root, base, cells, run_info=runs[-1] if runs else None, warn=warn)
 
 
-def report_runs(folders: list[Path], out: Path) -> Path:
-    """Compare finished run folders in one report written to ``out``."""
+def report_runs(folders: list[Path], out: Path,
+                warn: Callable[[str], None] | None = None) -> Path:
+    """Compare finished run folders in one report written to ``out``; a folder whose files
+    cannot be read is left out and listed (:mod:`fedsim.report.cells`)."""
     for folder in folders:
         if not (folder / "summary.json").is_file() or not (folder / "scenario.toml").is_file():
             hint = (f"finish it with: fedsim run --resume {folder}"
                     if (folder / "checkpoint.pt").is_file() else
                     "pass folders written by fedsim run (summary.json, scenario.toml)")
             raise ScenarioError(f"{str(folder)!r} is not a finished run folder; {hint}")
-    flats = [flat_keys(load_scenario(f / "scenario.toml").to_dict()) for f in folders]
+    flats = [_flat_scenario(f) for f in folders]  # {} where scenario.toml does not parse
     keys = sorted({k for flat in flats for k in flat})
+    read = [flat for flat in flats if flat]
     varying = [k for k in keys if not k.startswith(_NOT_AXES)
-               and len({json.dumps(flat.get(k), sort_keys=True) for flat in flats}) > 1]
+               and len({json.dumps(flat.get(k), sort_keys=True) for flat in read}) > 1]
     cells = [RunCell(name, {k: flat.get(k) for k in varying}, folder)
              for name, flat, folder in zip(_unique_names(folders), flats, folders)]
     axes: dict[str, list] = {k: [] for k in varying}
@@ -76,7 +80,16 @@ def report_runs(folders: list[Path], out: Path) -> Path:
     (out / "runs.json").write_text(json.dumps(
         [{"name": c.name, "path": str(c.path.resolve()), "params": c.params} for c in cells],
         indent=2, default=str) + "\n")
-    return write_report(out, None, cells, axes=axes, title="Comparison of runs")
+    return write_report(out, None, cells, axes=axes, title="Comparison of runs", warn=warn)
+
+
+def _flat_scenario(folder: Path) -> dict[str, Any]:
+    """The run's scenario as dotted keys; {} when its ``scenario.toml`` does not parse (the
+    report then lists the run as damaged)."""
+    try:
+        return flat_keys(load_scenario(folder / "scenario.toml").to_dict())
+    except (ScenarioError, OSError, UnicodeDecodeError):
+        return {}
 
 
 def _unique_names(folders: list[Path]) -> list[str]:
@@ -88,9 +101,11 @@ def _unique_names(folders: list[Path]) -> list[str]:
     raise ScenarioError("the same run folder is given twice; pass each run once")
 
 
-def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
+def report(folders: list[str | Path], out: str | Path | None = None,
+           warn: Callable[[str], None] | None = None) -> Path:
     """``fedsim report``: one sweep folder (report rebuilt in place) or run folders
-    (compared in ``out``). Bad input is a ScenarioError naming the fix."""
+    (compared in ``out``). Bad input is a ScenarioError naming the fix; each damaged cell or
+    run folder (left out, listed in the report) is told to ``warn``."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if not p.is_dir():
@@ -102,7 +117,7 @@ def report(folders: list[str | Path], out: str | Path | None = None) -> Path:
                 f"{str(sweeps[0])!r} is a sweep folder: its report is rebuilt in place; pass it "
                 "alone and without --out (to compare its cells with other runs, pass the "
                 "cell folders instead)")
-        return report_sweep(paths[0])
+        return report_sweep(paths[0], warn)
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
-    return report_runs(paths, Path(out))
+    return report_runs(paths, Path(out), warn)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedsim.text import mathtext
+
 
 def _pyplot():
     import matplotlib
@@ -46,7 +48,7 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "",
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    fig.suptitle(title)
+    fig.suptitle(mathtext(title))  # a run's name is data: a "$" in it is no mathtext
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

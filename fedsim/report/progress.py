@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from fedsim.text import one_line
 
 
 @contextlib.contextmanager
@@ -29,6 +32,7 @@ def round_progress(total_rounds: int, label: str, population: int | None = None)
     clients ("100 of 1,000,000 clients"), so a large federation's line says how large it is.
     """
     console = Console(stderr=True)
+    label = escape(one_line(label))  # a name is data: no Rich markup, no control characters
     columns = (  # most important first: a narrow terminal cuts the line from the right
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=16),
