@@ -10,18 +10,23 @@ handed to the ServerApp and the engine; nothing downstream rebuilds them.
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from fedsim import files
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import Scenario
 from fedsim.context import RunContext
 from fedsim.engine import ENGINES, check_engine
-from fedsim.errors import ScenarioError
+from fedsim.errors import EngineFailed, ScenarioError
 from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
 from fedsim.validate import check_batch_statistics, check_forward, check_names
+
+#: where a run that failed mid-run keeps the traceback of what failed
+ERROR_FILE = "error.txt"
 
 
 def check(scenario: Scenario) -> None:
@@ -61,12 +66,51 @@ def resume(folder: Path, scn: Scenario, progress: Callable[[dict], None] | None,
 
 
 def execute(run: RunContext, recorder: RunRecorder) -> tuple[dict, Path]:
-    """Run ``run``'s engine with its ServerApp and clients; (summary, results folder)."""
+    """Run ``run``'s engine with its ServerApp and clients; (summary, results folder).
+
+    Anything but bad input (ScenarioError) or an interrupt that ends the engine mid-run — a
+    worker thread raising, a Ray process lost — becomes one :class:`EngineFailed` naming the
+    round and the cause; its traceback goes to ``error.txt`` in the results folder, and the
+    checkpoints there stay as they were (``fedsim run --resume`` continues from the newest).
+    """
     scn = run.scenario
     engine = ENGINES.get(scn.engine.kind, key="engine.kind")
-    engine(make_server_app(run, recorder), run)
+    try:
+        engine(make_server_app(run, recorder), run)
+    except ScenarioError:
+        raise
+    except Exception as exc:
+        raise _failed(scn.engine.kind, exc, recorder) from exc
     if recorder.stopped is not None:  # diverged / too few replies: results so far are kept
         raise recorder.stopped
     if recorder.summary is None:
         raise ScenarioError(f"the {scn.engine.kind} engine finished without a result")
     return recorder.summary, recorder.out
+
+
+def _failed(kind: str, exc: Exception, recorder: RunRecorder) -> EngineFailed:
+    """One EngineFailed for ``exc``, raised mid-run: the round, the engine, what failed. An
+    engine's own EngineFailed says what died; anything else is named by its innermost cause,
+    and its traceback is kept in ``error.txt``."""
+    done = max((r.get("round", 0) for r in recorder.rounds), default=None)
+    when = f"in round {done + 1}" if done is not None else "before its first round"
+    if isinstance(exc, EngineFailed):
+        what, note = str(exc), ""
+    else:
+        cause = root_cause(exc)
+        what, note = f"{type(cause).__name__}: {cause}", ""
+        if recorder.out.is_dir():
+            files.write_text(recorder.out / ERROR_FILE,
+                             "".join(traceback.format_exception(exc)))
+            note = f" (traceback in {recorder.out / ERROR_FILE})"
+    return EngineFailed(f"the run failed {when} on the {kind} engine: {what}{note}",
+                        str(recorder.out))
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (Flower wraps a Ray failure twice)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc

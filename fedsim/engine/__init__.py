@@ -23,7 +23,8 @@ from fedsim.context import RunContext
 from fedsim.engine.inprocess import run_inprocess
 from fedsim.engine.memory import reused_memory
 from fedsim.engine.ray import run_ray
-from fedsim.engine.ray_cohorts import check_ray_cohorts, run_ray_cohorts
+from fedsim.engine.ray_check import check_ray
+from fedsim.engine.ray_cohorts import run_ray_cohorts
 from fedsim.engine.store import ClientStateStore
 from fedsim.engine.vectorized import CohortTrainer, check_vectorize
 from fedsim.engine.vectorized_eval import CohortEvaluator
@@ -100,8 +101,10 @@ def _ray(server_app: ServerApp, run: RunContext) -> None:
 
 
 def check_engine(run: RunContext, model: nn.Module) -> None:
-    """Engine settings that can only be checked against the model (preflight); ``model`` is
-    one of ``run``'s."""
+    """Engine settings that cannot work here (preflight, before anything is written): a
+    model the cohort backend cannot trace (``model`` is one of ``run``'s), and Ray resources
+    or a cluster address this machine or that cluster cannot serve
+    (:func:`fedsim.engine.ray_check.check_ray`, bounded in time)."""
     check_vectorize(run, model)
-    if run.scenario.engine.kind == "ray" and run.scenario.engine.vectorize:
-        check_ray_cohorts(run.scenario)
+    if run.scenario.engine.kind == "ray":
+        check_ray(run.scenario.engine)
