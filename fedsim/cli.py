@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--overwrite", action="store_true",
                          help="delete the sweep folder and run every cell again")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_sweep.add_argument("--yes", action="store_true",
+                         help="run a sweep of more than 1,000 cells (refused without it)")
     p_rep = sub.add_parser("report", help="rebuild a sweep's report.md, or compare finished "
                            "run folders in one report")
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
@@ -210,7 +213,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                                       flush=True))
     try:
         result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
-                           overwrite=args.overwrite, progress=say)
+                           overwrite=args.overwrite, progress=say, yes=args.yes)
     except Interrupted as exc:
         return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
                                                args.argv))
@@ -231,11 +234,15 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     # late: torch (see the imports above)
     from fedsim.data import build_federated_data, describe_partition, plot_class_counts
 
+    png = heat_map_path(args.png, Path(args.scenario).stem)  # bad --png: before any work
     scenario = resolve(args.scenario, args.overrides)
     data = build_federated_data(scenario)
     report = describe_partition(data)  # every client, or a seeded sample of a large population
-    png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
-    plot_class_counts(data, png)
+    try:
+        plot_class_counts(data, png)
+    except OSError as exc:
+        raise ScenarioError(f"--png {str(png)!r}: cannot write it ({exc.strerror or exc}); "
+                            "pass a path in a folder you can write to") from None
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -246,8 +253,36 @@ def cmd_partitions(args: argparse.Namespace) -> int:
             print(f"{row['client']:>6} {str(row['holdout']):>7} {sum(row['train_counts']):>6} "
                   f"{sum(row['test_counts']):>5}  {row['train_counts']}")
         print(_sizes_line(report.sizes()))
-    print(f"heat map → {png}", file=sys.stderr)
+    print(f"heat map → {one_line(png)}", file=sys.stderr)
     return 0
+
+
+#: formats the heat map can be written in (matplotlib's, without a backend that needs more)
+HEAT_MAP_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif",
+                    ".tiff")
+
+
+def heat_map_path(given: str | None, stem: str) -> Path:
+    """Where ``fedsim partitions`` writes its heat map: ``given`` (a file, or a folder to
+    write ``<stem>_partitions.png`` into; no suffix means ``.png``), by default
+    ``<stem>_partitions.png``. A suffix matplotlib cannot write, or a folder that cannot be
+    written to, is a ScenarioError naming the fix."""
+    name = f"{stem}_partitions.png"
+    path = Path(given) if given else Path(name)
+    if path.is_dir():
+        path = path / name
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() not in HEAT_MAP_FORMATS:
+        raise ScenarioError(f"--png {given!r}: cannot write a {path.suffix!r} image; use a "
+                            f"path ending in one of {', '.join(HEAT_MAP_FORMATS)}")
+    existing = next(p for p in (path.parent.resolve(), *path.parent.resolve().parents)
+                    if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        raise ScenarioError(f"--png {given!r}: {str(existing if not path.exists() else path)!r} "
+                            "is not writable; pass a path in a folder you can write to")
+    return path
 
 
 def _sizes_line(sizes: dict) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -115,6 +116,32 @@ def expand(base: Scenario, root: Path) -> list[Cell]:
         raise ScenarioError("two sweep cells get the same folder name; make the axis values "
                             "distinct")
     return cells
+
+
+#: cells above which a sweep runs only when asked twice (``--yes``): checking one cell
+#: builds its data and model (~0.1–1 s), and running one takes seconds to hours, so 1,000
+#: cells check for minutes and run for days; an axis typed as ``seed = [0, ..., 9999]``
+#: instead of ``[0, ..., 9]`` should say so before either
+LARGE_SWEEP = 1000
+#: seconds between the progress lines said while cells are checked
+CHECK_PROGRESS_SECONDS = 5.0
+
+
+def grid_size(base: Scenario) -> int:
+    """The number of cells of ``base``'s grid (the product of its axes' lengths)."""
+    return math.prod(len(v) for v in base.sweep.grid.values())
+
+
+def check_size(base: Scenario, yes: bool) -> None:
+    """Refuse a grid of more than :data:`LARGE_SWEEP` cells unless ``yes``, before any cell
+    is expanded or checked."""
+    n = grid_size(base)
+    if n > LARGE_SWEEP and not yes:
+        axes = " × ".join(f"{k} ({len(v):,})" for k, v in base.sweep.grid.items())
+        raise ScenarioError(
+            f"the sweep has {n:,} cells ({axes}), more than {LARGE_SWEEP:,}: checking them "
+            "takes minutes and running them may take days; pass --yes to run it anyway, or "
+            "shrink the grid")
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -281,24 +308,34 @@ def run_sweep(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    yes: bool = False,
 ) -> SweepResult:
     """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
 
     Every cell is validated (including its data and model), and the ``[[claims]]`` against
-    the grid, before any cell runs.
+    the grid, before any cell runs; a grid of more than :data:`LARGE_SWEEP` cells runs only
+    with ``yes`` (``--yes``), and while cells are checked a progress line is said every
+    :data:`CHECK_PROGRESS_SECONDS` s.
     """
     say = progress or (lambda _msg: None)
     base = resolve(scenario, overrides)
+    check_size(base, yes)
     root = Path(out or base.output.dir)
     cells = expand(base, root)
     check_claims(base, cells)
     said: set[str] = set()
-    for cell in cells:
+    t0 = last = time.monotonic()
+    for i, cell in enumerate(cells, 1):
         preflight(cell.scenario)
         for line in start_lines(cell.scenario):  # a DP warning once per distinct message
             if line not in said:
                 said.add(line)
                 say(f"{cell.name}: {line}")
+        if time.monotonic() - last >= CHECK_PROGRESS_SECONDS and i < len(cells):
+            last = time.monotonic()
+            left = (last - t0) / i * (len(cells) - i)
+            say(f"checking cells: {i} of {len(cells)} ({last - t0:.0f} s, about {left:.0f} s "
+                "left)")
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     if overwrite and root.is_dir():

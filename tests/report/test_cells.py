@@ -230,3 +230,16 @@ def test_hostile_axis_values_and_folder_names_are_escaped_in_the_report(tmp_path
     assert "<h3>server.params.tag=&lt;i&gt;a|b&lt;/i&gt;\\n# H1</h3>" in html
     assert ("<code>server.params.tag</code> = <code>[&quot;&lt;i&gt;a|b&lt;/i&gt;\\n# H1&quot;, "
             "&quot;`$x$`&quot;]</code>") in html  # JSON in a code span: shown verbatim
+
+
+def test_a_sweep_says_how_far_its_check_of_cells_got(tmp_path, monkeypatch):
+    """While cells are checked (data and model built for each), a progress line every
+    CHECK_PROGRESS_SECONDS (here: after every cell)."""
+    import fedsim.sweep
+
+    monkeypatch.setattr(fedsim.sweep, "CHECK_PROGRESS_SECONDS", 0.0)
+    root = write_sweep(tmp_path / "s")
+    said = []
+    run_sweep(root / "base.toml", out=root, progress=said.append)
+    checking = [m.split(" (")[0] for m in said if m.startswith("checking cells:")]
+    assert checking == [f"checking cells: {i} of 6" for i in range(1, 6)]
