@@ -12,8 +12,11 @@ starts no ``flwr-clientapp``) per node to learn which node is which client.
 
     python -m fedsim.engine.deploy SCENARIO.toml --out DIR [--set KEY=VALUE]...
 
-Every process is started in its own session; on exit, also after an error, a timeout, Ctrl-C
-or SIGTERM, it is stopped together with everything below it, the processes Flower starts in
+The SuperLink and the SuperNodes are watched while the run goes: one that exits ends the run
+within :data:`POLL` s with one :class:`~fedsim.errors.EngineFailed` line (exit 3) naming it
+and the checkpoint the results folder keeps. Every process is started in its own session; on
+exit, also after an error, a timeout, Ctrl-C or SIGTERM, it is stopped together with
+everything below it, the processes Flower starts in
 sessions of their own included (:mod:`fedsim.engine.processes`). While the run goes, the
 command shows the same progress line as ``fedsim run`` (read from the results folder's
 ``rounds.jsonl``); an interrupted run ends with one line naming its last checkpointed round

@@ -34,7 +34,9 @@ the train config, so they play out in the actors as anywhere else. An actor that
 (killed, out of memory) is reported in the log, replaced by a fresh one, and every message of
 its cohorts gets an error reply naming it; the server then records those clients'
 failures and retries the round per ``[failures]`` (``min_replies``, ``on_too_few``,
-``retries``), as for any other failed clients. The driver waits on replies in short slices,
+``retries``), as for any other failed clients. A replacement that does not start within
+:data:`RESTART_TIMEOUT` s (its node is gone too) ends the run with
+:class:`~fedsim.errors.EngineFailed`. The driver waits on replies in short slices,
 so Ctrl-C and SIGTERM are seen at once (:mod:`fedsim.interrupt`).
 
 Ray is imported only when this engine runs.
