@@ -233,7 +233,7 @@ def test_a_claim_between_no_op_settings_is_inconclusive(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(SMALL + NOOP.format(a=200, metric="final.global_test_accuracy", at="final")
                     + NOOP.format(a=200, metric="final.client_accuracy.p10",
-                                  at="matched_accuracy"))
+                                  at="matched_accuracy").replace("beats", "matches"))
     result = run_sweep(path, out=tmp_path / "out")
     assert len(result.ran) == 6
     cells = load_scenario(tmp_path / "out" / result.ran[0] / "scenario.toml")

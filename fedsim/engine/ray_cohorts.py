@@ -258,7 +258,7 @@ class CohortPool:
         import ray
 
         if not ray.is_initialized():
-            ray.init(**backend_config(self.cfg)["init_args"], log_to_driver=False,
+            ray.init(**{**backend_config(self.cfg)["init_args"], "log_to_driver": False},
                      configure_logging=False)
             self.started_ray = True
         self._check_resources()
