@@ -18,7 +18,7 @@ from fedsim import files
 from fedsim.checkpoint import load_checkpoint
 from fedsim.config import Scenario
 from fedsim.context import RunContext
-from fedsim.engine import ENGINES, check_engine
+from fedsim.engine import ENGINES, check_engine, check_engine_resources
 from fedsim.errors import EngineFailed, ScenarioError
 from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
@@ -37,6 +37,7 @@ def check(scenario: Scenario) -> None:
 def preflight(scenario: Scenario | RunContext) -> RunContext:
     """Everything that can fail on bad input, done before anything is written or trained;
     returns the run's context (built here unless given)."""
+    check_engine_resources(scenario.scenario if isinstance(scenario, RunContext) else scenario)
     run = scenario if isinstance(scenario, RunContext) else RunContext.build(scenario)
     scenario, data = run.scenario, run.data
     model = run.new_model()
