@@ -141,8 +141,9 @@ class EngineWatch:
 class WatchedGrid(DelegatingGrid):
     """Flower's simulation grid, waiting for replies in slices of :data:`WAIT_SLICE` s.
 
-    It raises :class:`~fedsim.errors.EngineFailed` as soon as the simulation has failed
-    (:class:`EngineWatch`) or a reply says a Ray actor or node died
+    It raises :class:`~fedsim.errors.EngineFailed` at its next call, or within a slice while
+    it waits, once the simulation has failed (:class:`EngineWatch`), and when a reply says a
+    Ray actor or node died
     (:func:`fedsim.compat.simulation_process_lost`): Flower's actor pool keeps a dead actor,
     so every later message sent to it would fail too. Flower's own ``send_and_receive``
     waits the whole timeout (an hour) for replies a crashed runtime never sends.
@@ -152,7 +153,16 @@ class WatchedGrid(DelegatingGrid):
         super().__init__(base)
         self.watch = watch
 
+    def _check(self) -> None:
+        if self.watch.failed is not None:
+            raise EngineFailed(self.watch.failed)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()  # a caller waiting for nodes to register asks again and again
+        return super().get_node_ids()
+
     def pull_messages(self, reply_to_message_ids=None, *, message_ids=None):
+        self._check()  # a caller polling for replies (ClientOrderedGrid) stops here
         replies = list(super().pull_messages(reply_to_message_ids, message_ids=message_ids))
         for reply in replies:
             if (lost := simulation_process_lost(reply)) is not None:

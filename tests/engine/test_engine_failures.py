@@ -231,6 +231,9 @@ class _SilentGrid:
         out, self.answer = self.answer, []
         return out
 
+    def get_node_ids(self):
+        return [1, 2]
+
 
 def test_a_failed_simulation_stops_the_wait_for_replies_at_once():
     watch = EngineWatch()
@@ -241,6 +244,18 @@ def test_a_failed_simulation_stops_the_wait_for_replies_at_once():
     with pytest.raises(EngineFailed, match=r"Flower's Ray simulation stopped \(ValueError: x\)"):
         grid.send_and_receive([_message(1)], timeout=3600)
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_caller_that_polls_the_grid_itself_is_stopped_too():
+    """fedsim's ClientOrderedGrid pushes and pulls on its own (and waits for nodes to
+    register by asking for them again): each call raises once the simulation has failed."""
+    watch = EngineWatch()
+    grid = WatchedGrid(_SilentGrid(), watch)
+    assert list(grid.pull_messages(["m0"])) == []
+    watch.fail("Flower's Ray simulation stopped (RuntimeError: y)")
+    for call in (lambda: grid.pull_messages(["m0"]), grid.get_node_ids):
+        with pytest.raises(EngineFailed, match=r"simulation stopped \(RuntimeError: y\)"):
+            call()
 
 
 def test_a_reply_saying_a_ray_actor_died_ends_the_run():
