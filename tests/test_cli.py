@@ -191,3 +191,15 @@ def test_a_sweep_of_more_than_a_thousand_cells_asks_for_yes(tmp_path, capsys):
                    "1,000: checking them takes minutes and running them may take days; pass "
                    "--yes to run it anyway, or shrink the grid\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_named_with_dollars_draws_its_learning_curves(tmp_path, capsys):
+    """The run's name is the figure's title: "$\\frac{$" is no mathtext there (unescaped,
+    matplotlib fails to parse it and the run would end in a traceback after training)."""
+    out = tmp_path / "r"
+    assert main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet", *TINY,
+                 "--set", 'name="cost $\\\\frac{$ \\u001b[2J"']) == 0
+    assert (out / "learning_curves.png").is_file()
+    printed = capsys.readouterr().out
+    assert printed.startswith("cost $\\frac{$ \\x1b[2J: global test accuracy") and \
+        "\x1b" not in printed

@@ -82,3 +82,13 @@ def test_mathtext_label_prints_dollars_as_themselves():
         finally:
             plt.close(fig)
         assert saved is ok
+
+
+def test_a_scenario_name_in_the_progress_line_is_neither_markup_nor_a_control_sequence(
+        capsys):
+    from fedsim.report.progress import round_progress
+
+    with round_progress(2, "[bold red]x[/]\x1b[2J\ry") as on_round:
+        on_round({"round": 1, "updates": 2})
+    err = capsys.readouterr().err
+    assert "[bold red]x[/]\\x1b[2J\\ry" in err and "\x1b[2J" not in err and "\r" not in err
