@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -541,7 +542,7 @@ class ClaimConfig:
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> ClaimConfig:
         """Parse one ``[[claims]]`` table; errors name ``claims[i].key``."""
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         fields = {f.name: getattr(cls(name="-", a={"x": 0}, b={"x": 1}), f.name)
                   for f in dataclasses.fields(cls)}  # the defaults ...
         fields.update(name="", a={}, b={})  # ... but the name and arms are the claim's own
@@ -648,6 +649,13 @@ def _plain(obj: Any) -> Any:
 # --------------------------------------------------------------------------- parsing
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s resolved field annotations (read only), resolved once: a sweep builds every
+    cell's scenario, and resolving them took most of a build."""
+    return typing.get_type_hints(cls)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -703,7 +711,7 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
         return cls.from_table(raw, prefix)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -744,7 +752,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if i == len(parts) - 1:
             node[part] = parse_value(text.strip())
             return
-        tp = typing.get_type_hints(cls)[part] if cls is not None else None
+        tp = _hints(cls)[part] if cls is not None else None
         cls = tp if dataclasses.is_dataclass(tp) else None
         if cls is None and typing.get_origin(tp) is not dict and tp is not None:
             raise ScenarioError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a table")

@@ -14,6 +14,7 @@ last checkpoint (``fedsim.resume``), so it loses at most one round, and a cell n
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -85,20 +86,37 @@ def cell_name(params: dict[str, Any]) -> str:
     return "__".join(parts) or "base"
 
 
-def expand(base: Scenario, root: Path) -> list[Cell]:
-    """Every cell of ``base``'s grid (the last axis varies fastest), each validated."""
+def grid_points(base: Scenario) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, axis values) of every cell of ``base``'s grid, the last axis varying
+    fastest: cheap (no scenario is built), for what needs only the names."""
     grid = base.sweep.grid
     if not grid:
         raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
                             "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
     keys = list(grid)
-    cells = []
+    points = []
     for values in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, values))
-        name = cell_name(params)
-        raw = base.to_dict()
-        raw["sweep"] = {}
-        raw["claims"] = []  # claims belong to the sweep, not to a cell
+        points.append((cell_name(params), params))
+    names = [name for name, _ in points]
+    if len(set(names)) != len(names):
+        raise ScenarioError("two sweep cells get the same folder name; make the axis values "
+                            "distinct")
+    return points
+
+
+def expand(base: Scenario, root: Path, say: Callable[[str], None] | None = None
+           ) -> list[Cell]:
+    """Every cell of ``base``'s grid (the last axis varies fastest), each validated; ``say``
+    hears how far it got every :data:`CHECK_PROGRESS_SECONDS` s."""
+    points = grid_points(base)
+    plain = base.to_dict()
+    plain["sweep"] = {}
+    plain["claims"] = []  # claims belong to the sweep, not to a cell
+    cells = []
+    t0 = last = time.monotonic()
+    for i, (name, params) in enumerate(points, 1):
+        raw = copy.deepcopy(plain)
         for key, value in params.items():
             try:
                 apply_override(raw, f"{key}={toml_literal(value)}")
@@ -111,10 +129,11 @@ def expand(base: Scenario, root: Path) -> list[Cell]:
         except ScenarioError as exc:
             raise ScenarioError(f"sweep cell {name}: {exc}") from None
         cells.append(Cell(name, params, scenario))
-    names = [c.name for c in cells]
-    if len(set(names)) != len(names):
-        raise ScenarioError("two sweep cells get the same folder name; make the axis values "
-                            "distinct")
+        if say is not None and time.monotonic() - last >= CHECK_PROGRESS_SECONDS \
+                and i < len(points):
+            last = time.monotonic()
+            say(f"building cells: {i} of {len(points)} ({last - t0:.0f} s, about "
+                f"{(last - t0) / i * (len(points) - i):.0f} s left)")
     return cells
 
 
@@ -266,19 +285,19 @@ def interrupted_line(scenario: Scenario | str | Path, overrides: Sequence[str] =
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
-        cells = expand(base, root)
+        cells = grid_points(base)  # names only: building 10,000 cells takes minutes
     except (ScenarioError, OSError):
         return f"interrupted before the sweep started; start it again with: {command(resume)}"
     done, partial, fresh = 0, [], 0
-    for cell in cells:
-        folder = root / cell.name
+    for name, params in cells:
+        folder = root / name
         if (folder / "summary.json").is_file():
             done += 1
         elif (folder / "scenario.toml").is_file():
             k = checkpoint_round(folder)
-            total = cell.scenario.server.rounds
-            partial.append(f"{cell.name} at round {k} of {total}" if k is not None
-                           else f"{cell.name} before its first checkpoint")
+            total = params.get("server.rounds", base.server.rounds)
+            partial.append(f"{name} at round {k} of {total}" if k is not None
+                           else f"{name} before its first checkpoint")
         else:
             fresh += 1
     parts = [f"{done} of {len(cells)} cells done"]
@@ -321,7 +340,7 @@ def run_sweep(
     base = resolve(scenario, overrides)
     check_size(base, yes)
     root = Path(out or base.output.dir)
-    cells = expand(base, root)
+    cells = expand(base, root, say)
     check_claims(base, cells)
     said: set[str] = set()
     t0 = last = time.monotonic()

@@ -233,7 +233,7 @@ def test_hostile_axis_values_and_folder_names_are_escaped_in_the_report(tmp_path
 
 
 def test_a_sweep_says_how_far_its_check_of_cells_got(tmp_path, monkeypatch):
-    """While cells are checked (data and model built for each), a progress line every
+    """While cells are built (scenarios) and checked (data and model), a progress line every
     CHECK_PROGRESS_SECONDS (here: after every cell)."""
     import fedsim.sweep
 
@@ -241,5 +241,6 @@ def test_a_sweep_says_how_far_its_check_of_cells_got(tmp_path, monkeypatch):
     root = write_sweep(tmp_path / "s")
     said = []
     run_sweep(root / "base.toml", out=root, progress=said.append)
-    checking = [m.split(" (")[0] for m in said if m.startswith("checking cells:")]
-    assert checking == [f"checking cells: {i} of 6" for i in range(1, 6)]
+    for step in ("building", "checking"):
+        lines = [m.split(" (")[0] for m in said if m.startswith(f"{step} cells:")]
+        assert lines == [f"{step} cells: {i} of 6" for i in range(1, 6)]
