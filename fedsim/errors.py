@@ -38,3 +38,12 @@ class EngineFailed(RuntimeError):
     def __init__(self, message: str, folder: str | None = None) -> None:
         super().__init__(message)
         self.folder = folder
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (Flower wraps a Ray failure twice)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc

@@ -19,7 +19,7 @@ from fedsim.checkpoint import load_checkpoint
 from fedsim.config import Scenario
 from fedsim.context import RunContext
 from fedsim.engine import ENGINES, check_engine, check_engine_resources
-from fedsim.errors import EngineFailed, ScenarioError
+from fedsim.errors import EngineFailed, ScenarioError, root_cause
 from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
@@ -69,10 +69,11 @@ def resume(folder: Path, scn: Scenario, progress: Callable[[dict], None] | None,
 def execute(run: RunContext, recorder: RunRecorder) -> tuple[dict, Path]:
     """Run ``run``'s engine with its ServerApp and clients; (summary, results folder).
 
-    Anything but bad input (ScenarioError) or an interrupt that ends the engine mid-run — a
-    worker thread raising, a Ray process lost — becomes one :class:`EngineFailed` naming the
-    round and the cause; its traceback goes to ``error.txt`` in the results folder, and the
-    checkpoints there stay as they were (``fedsim run --resume`` continues from the newest).
+    An exception that ends the engine mid-run (a worker thread raising, a Ray process lost;
+    not bad input, a ScenarioError, nor an interrupt) becomes one :class:`EngineFailed`
+    naming the round and the cause, and the checkpoints in the results folder stay as they
+    were (``fedsim run --resume`` continues from the newest); an exception no engine
+    explained leaves its traceback in ``error.txt`` there.
     """
     scn = run.scenario
     engine = ENGINES.get(scn.engine.kind, key="engine.kind")
@@ -106,12 +107,3 @@ def _failed(kind: str, exc: Exception, recorder: RunRecorder) -> EngineFailed:
             note = f" (traceback in {recorder.out / ERROR_FILE})"
     return EngineFailed(f"the run failed {when} on the {kind} engine: {what}{note}",
                         str(recorder.out))
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception ``exc`` was raised from (Flower wraps a Ray failure twice)."""
-    seen = {id(exc)}
-    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
-        exc = exc.__cause__
-        seen.add(id(exc))
-    return exc

@@ -36,7 +36,7 @@ from fedsim.engine.grid_proxy import DelegatingGrid
 from fedsim.engine.known_nodes import KnownNodesGrid
 from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
-from fedsim.errors import EngineFailed
+from fedsim.errors import EngineFailed, root_cause
 
 
 def backend_config(cfg: EngineConfig) -> dict:
@@ -94,8 +94,11 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
             )
         except EngineFailed:  # the ServerApp thread's, re-raised by Flower
             raise
-        except Exception as exc:  # Flower's runtime ended: the ServerApp thread must stop
-            cause = _root(exc)
+        except Exception as exc:
+            if exc is watch.server_error:  # the ServerApp's own failure, not the engine's
+                raise
+            # Flower's runtime ended: the ServerApp thread must stop waiting
+            cause = root_cause(exc)
             watch.fail(f"Flower's Ray simulation stopped ({type(cause).__name__}: {cause})")
             _join_new_threads(before, JOIN_TIMEOUT)
             raise EngineFailed(watch.failed or "Flower's Ray simulation stopped") from exc
@@ -127,6 +130,8 @@ class EngineWatch:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.failed: str | None = None
+        #: what the ServerApp itself raised, if it did (Flower re-raises it as it is)
+        self.server_error: BaseException | None = None
 
     def fail(self, why: str) -> None:
         if self.failed is None:
@@ -197,15 +202,13 @@ def watched_app(server_app: ServerApp, watch: EngineWatch, nodes: RegisteredNode
         grid = WatchedGrid(grid, watch)
         if nodes is not None and client_ids is not None:
             grid = KnownNodesGrid(grid, nodes, client_ids)
-        server_app(grid, context)
+        try:
+            server_app(grid, context)
+        except BaseException as exc:
+            watch.server_error = exc
+            raise
 
     return app
-
-
-def _root(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None and exc.__cause__ is not exc:
-        exc = exc.__cause__
-    return exc
 
 
 def _join_new_threads(before: set[threading.Thread], timeout: float) -> None:
