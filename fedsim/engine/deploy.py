@@ -27,6 +27,7 @@ state goes to a private ``FLWR_HOME``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ from pathlib import Path
 from fedsim.config import load_scenario
 from fedsim.engine.known_nodes import NODE_PARTITIONS_KEY, write_node_partitions
 from fedsim.engine.processes import Proc, find_proc, stop_tree
-from fedsim.errors import EngineFailed, ScenarioError
+from fedsim.errors import EngineFailed, RunStopped, ScenarioError
 from fedsim.interrupt import Interrupted, exit_code, failed_line, run_line, signals_interrupt
 from fedsim.report.progress import RoundsFollower, round_progress
 from fedsim.run import check, preflight
@@ -289,7 +290,23 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
         if result.returncode != 0 or not (out / "summary.json").is_file():
             raise EngineFailed(f"the deployed run failed (flwr run exit {result.returncode}, "
                                f"no summary.json); logs in {dep.workdir}", str(out))
+    _raise_if_stopped(out / "summary.json")
     return out
+
+
+def _raise_if_stopped(summary_path: Path) -> None:
+    """A run the ServerApp stopped early (too few replies, divergence: ``summary.json``
+    ``stopped``) fails here as it does in-process (RunStopped), not as a finished run;
+    ``flwr run`` exits 0 either way. A planned end (the DP budget, ``dp.stopped``) is a
+    finished run."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return
+    stopped = summary.get("stopped") if isinstance(summary, dict) else None
+    if isinstance(stopped, dict) and not (summary.get("dp") or {}).get("stopped"):
+        raise RunStopped(str(stopped.get("reason") or "the run stopped early"),
+                         stopped.get("round"))
 
 
 class _Rounds:

@@ -348,3 +348,19 @@ def test_a_supernode_that_exits_mid_run_ends_a_deployed_run_within_the_poll(tmp_
     finally:
         dep.stop(grace=1.0)
     assert all(p.poll() is not None for p in nodes)
+
+
+def test_a_deployed_run_the_server_stopped_is_not_reported_as_finished(tmp_path):
+    """``flwr run`` exits 0 when the ServerApp stopped the run early (its SuperNodes gone:
+    "Node Unavailable" replies until too few answered): the launcher reads summary.json and
+    fails as ``fedsim run`` does (RunStopped, exit 2); a planned DP-budget end is a finish."""
+    from fedsim.errors import RunStopped
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"stopped": {"round": 3, "reason": "round 3: only 0 valid "
+                                            "client replies"}}))
+    with pytest.raises(RunStopped, match="round 3: only 0 valid client replies"):
+        deploy._raise_if_stopped(path)
+    path.write_text(json.dumps({"stopped": {"round": 3, "reason": "budget"},
+                                "dp": {"stopped": "ε would exceed 2"}}))
+    deploy._raise_if_stopped(path)
