@@ -32,7 +32,7 @@ class EngineFailed(RuntimeError):
     Engine process exited, an in-process worker thread raised. The run cannot go on; its
     results folder keeps the checkpoints written so far, so ``fedsim run --resume`` continues
     it once the engine is sound again. Not a ScenarioError: the scenario is fine, the machinery
-    under it is not (the CLI exits 3, not 2). ``folder``: the run's results folder, once known.
+    under it is not (the CLI exits 4, not 2). ``folder``: the run's results folder, once known.
     """
 
     def __init__(self, message: str, folder: str | None = None) -> None:

@@ -138,7 +138,7 @@ def exit_code(exc: Interrupted, line: str) -> int:
 
 
 #: exit code of a run whose engine failed mid-run (``fedsim.errors.EngineFailed``)
-ENGINE_FAILED = 3
+ENGINE_FAILED = 4
 
 
 def failed_line(exc: BaseException, folder: str | Path | None = None) -> int:

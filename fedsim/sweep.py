@@ -175,7 +175,8 @@ def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
 def _check_finished(cell: Cell, folder: Path) -> None:
     """A finished cell must have been run with this cell's scenario (where its folder lies,
     ``output.dir``, may differ: a sweep folder can be moved). One whose ``scenario.toml`` no
-    longer parses is damaged, not different: the report lists it (:mod:`fedsim.report.cells`)."""
+    longer parses is damaged, not different: the report lists it
+    (:mod:`fedsim.report.run_folder`)."""
     try:
         stored = load_scenario(folder / "scenario.toml")
     except (ScenarioError, OSError, UnicodeDecodeError):

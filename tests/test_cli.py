@@ -1,7 +1,6 @@
 """The command line: bad input exits 2 with one ``error:`` line and writes nothing."""
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -150,33 +149,6 @@ def test_a_newline_in_a_key_cannot_forge_a_second_error_line(tmp_path, capsys):
                  "name=\x1b[2J\rok\nerror: forged", "--set", "model.nrom=x"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "\x1b" not in err
-
-
-@pytest.mark.parametrize(("png", "pattern"), [
-    ("heat.xyz", r"--png 'heat.xyz': cannot write a '.xyz' image; use a path ending in one of "
-                 r".png, .pdf"),
-    # /proc refuses new folders even to root (who passes every access check)
-    ("/proc/no/heat.png", r"--png '/proc/no/heat.png': ('/proc' is not writable|cannot write "
-                          r"it \(No such file or directory\))"),
-    ("/etc/hostname/heat.png", r"--png '/etc/hostname/heat.png': '/etc/hostname' is not "
-                               r"writable"),
-])
-def test_partitions_refuses_a_heat_map_path_it_cannot_write(capsys, png, pattern):
-    code = main(["partitions", "scenarios/quickstart.toml", "--png", png, *TINY])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert re.match(f"error: {pattern}", err), err
-
-
-def test_partitions_into_a_folder_writes_there_and_prints_the_real_path(tmp_path, capsys):
-    assert main(["partitions", "scenarios/quickstart.toml", "--png", str(tmp_path), *TINY]) == 0
-    written = tmp_path / "quickstart_partitions.png"
-    assert written.is_file() and not (tmp_path.parent / f"{tmp_path.name}.png").exists()
-    assert f"heat map → {written}" in capsys.readouterr().err
-    assert main(["partitions", "scenarios/quickstart.toml", "--png", str(tmp_path / "h"),
-                 *TINY]) == 0
-    assert (tmp_path / "h.png").is_file()
-    assert f"heat map → {tmp_path / 'h.png'}" in capsys.readouterr().err
 
 
 def test_a_sweep_of_more_than_a_thousand_cells_asks_for_yes(tmp_path, capsys):

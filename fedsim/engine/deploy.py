@@ -13,7 +13,7 @@ starts no ``flwr-clientapp``) per node to learn which node is which client.
     python -m fedsim.engine.deploy SCENARIO.toml --out DIR [--set KEY=VALUE]...
 
 The SuperLink and the SuperNodes are watched while the run goes: one that exits ends the run
-within :data:`POLL` s with one :class:`~fedsim.errors.EngineFailed` line (exit 3) naming it
+within :data:`POLL` s with one :class:`~fedsim.errors.EngineFailed` line (exit 4) naming it
 and the checkpoint the results folder keeps. Every process is started in its own session; on
 exit, also after an error, a timeout, Ctrl-C or SIGTERM, it is stopped together with
 everything below it, the processes Flower starts in

@@ -57,7 +57,7 @@ def report_sweep(root: Path, warn: Callable[[str], None] | None = None) -> Path:
 def report_runs(folders: list[Path], out: Path,
                 warn: Callable[[str], None] | None = None) -> Path:
     """Compare finished run folders in one report written to ``out``; a folder whose files
-    cannot be read is left out and listed (:mod:`fedsim.report.cells`)."""
+    cannot be read is left out and listed (:mod:`fedsim.report.run_folder`)."""
     for folder in folders:
         if not (folder / "summary.json").is_file() or not (folder / "scenario.toml").is_file():
             hint = (f"finish it with: fedsim run --resume {folder}"

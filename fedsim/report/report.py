@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.report.cells import Damaged, RunFiles, read_run
 from fedsim.report.claims import claim_details, claim_line, evaluate_claims, forest_plot
+from fedsim.report.run_folder import Damaged, RunFiles, read_run
 from fedsim.report.stats import t_interval
 from fedsim.text import code, markdown, mathtext
 
@@ -46,7 +46,7 @@ def _own(final: dict) -> dict:
 
 
 def cell_row(files: RunFiles, params: dict[str, Any]) -> dict:
-    """One flat row of a finished cell (read and checked by :func:`fedsim.report.cells.
+    """One flat row of a finished cell (read and checked by :func:`fedsim.report.run_folder.
     read_run`): its axis values, the resolved keys the tables need, its metrics (None where
     the run did not measure them), and its whole ``summary`` and ``rounds`` (for the
     claims)."""
@@ -400,7 +400,7 @@ def mia_vs_accuracy_plot(rows: list[dict], attack: str, path: Path, base) -> Pat
 
 def build_rows(root: Path, cells) -> tuple[list[dict], dict[str, Damaged]]:
     """Rows of the finished cells (each in ``root / cell.name``, or its own ``cell.path``),
-    and the finished cells that cannot be read, by name (:func:`fedsim.report.cells.
+    and the finished cells that cannot be read, by name (:func:`fedsim.report.run_folder.
     read_run`): those are left out like unfinished ones."""
     rows, damaged = [], {}
     for cell in cells:

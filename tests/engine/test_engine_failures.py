@@ -1,6 +1,6 @@
 """Engines that fail fast: a setting the machine or cluster cannot serve is refused in
 preflight (one ``error:`` line, exit 2, nothing written, within a bound), and an engine that
-dies mid-run ends the run with one ``error:`` line (exit 3) keeping its last checkpoint.
+dies mid-run ends the run with one ``error:`` line (exit 4) keeping its last checkpoint.
 
 Ray is started by one test only (a Flower Ray run whose actors are killed); the refusals
 happen before Ray is imported, and the other deaths are injected at the engine boundary."""
@@ -179,7 +179,7 @@ def test_the_deployment_engine_refuses_an_absent_gpu_before_starting_processes(t
 def test_a_worker_thread_that_raises_ends_the_run_with_one_line_and_keeps_the_checkpoint(
         tmp_path, capsys, monkeypatch):
     """An in-process worker thread raising (not a client: a client's exception is an error
-    reply) in round 2: exit 3, one ``error:`` line naming the round, the cause and the
+    reply) in round 2: exit 4, one ``error:`` line naming the round, the cause and the
     checkpoint of round 1, the traceback in error.txt; the run then resumes to the end."""
     do = InProcessGrid._do
 
@@ -195,7 +195,7 @@ def test_a_worker_thread_that_raises_ends_the_run_with_one_line_and_keeps_the_ch
     code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet",
                  *sets("server.rounds=3", "engine.workers=2", "server.fraction_evaluate=0")])
     err = capsys.readouterr().err
-    assert code == 3 and err.count("\n") == 1, err
+    assert code == 4 and err.count("\n") == 1, err
     assert err == (f"error: the run failed in round 2 on the inprocess engine: RuntimeError: "
                    f"worker lost its model copy (traceback in {out / 'error.txt'}); the "
                    f"checkpoint of round 1 is kept in {out}; resume with: fedsim run --resume "
@@ -279,7 +279,7 @@ def test_a_reply_saying_a_ray_actor_died_ends_the_run():
 @pytest.mark.timeout(400)
 def test_killed_ray_actors_end_a_flower_ray_run_with_one_line(tmp_path):
     """SIGKILL Flower's Ray client actors after round 1: the run ends within the bound with
-    exit 3 and one ``error:`` line (no traceback, none of Flower's logs), the checkpoints
+    exit 4 and one ``error:`` line (no traceback, none of Flower's logs), the checkpoints
     kept, and no process of the run left."""
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
@@ -307,7 +307,7 @@ def test_killed_ray_actors_end_a_flower_ray_run_with_one_line(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 3, err
+    assert proc.returncode == 4, err
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err
     assert "Traceback" not in err

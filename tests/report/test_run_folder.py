@@ -15,8 +15,8 @@ from markdown_it import MarkdownIt
 
 from fedsim.cli import main
 from fedsim.config import load_scenario
-from fedsim.report.cells import Damaged, RunFiles, read_run
 from fedsim.report.compare import report
+from fedsim.report.run_folder import Damaged, RunFiles, read_run
 from fedsim.sweep import SWEEP_JSON, expand, run_sweep
 
 BASE = """name = "damage"
