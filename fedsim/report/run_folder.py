@@ -28,6 +28,10 @@ SUMMARY = "summary.json"
 ROUNDS = "rounds.jsonl"
 SCENARIO = "scenario.toml"
 
+#: the numbers of an attack a claim or a table reads, per round (``privacy.mia_by_round``)
+_MIA_NUMBERS = tuple(p.rsplit(".", 1)[1] for p in SUMMARY_METRICS
+                     if p.startswith("privacy.mia.*."))
+
 #: sections the readers open as tables (``(summary.get(...) or {}).get(...)``)
 _TABLES = ("final", "generalization", "timing", "privacy", "privacy.mia", "privacy.client_mia",
            "privacy.inversion", "privacy.leakage", "privacy.leakage.data_mean_recovery", "dp",
@@ -177,7 +181,7 @@ def check_summary(summary: dict[str, Any]) -> None:
                 raise _Bad(f"{where} lacks a round number or a global_test_accuracy")
             for attack, metrics in rec.items():
                 if isinstance(metrics, dict):
-                    for key in metrics:
+                    for key in _MIA_NUMBERS:
                         _number_or_null(metrics, key, f"{where}.{attack}")
 
 
@@ -196,7 +200,8 @@ def _table_at(summary: dict, path: list[str]) -> None:
 
 
 def _matches(tree: Any, pattern: list[str], path: tuple[str, ...] = ()):
-    """(path, value) of every entry of ``tree`` at ``pattern`` (``*``: any one key)."""
+    """(path, value) of every entry of ``tree`` at ``pattern`` (``*``: any one key; under it
+    only objects are followed, as a section's other fields are not what it names)."""
     if not pattern:
         yield path, tree
         return
@@ -205,6 +210,8 @@ def _matches(tree: Any, pattern: list[str], path: tuple[str, ...] = ()):
     head, rest = pattern[0], pattern[1:]
     keys = list(tree) if head == "*" else [head] if head in tree else []
     for key in keys:
+        if head == "*" and rest and not isinstance(tree[key], dict):
+            continue  # e.g. privacy.membership_epsilon.what beside its attacks
         if rest and tree[key] is not None and not isinstance(tree[key], dict):
             raise _Bad(f"{'.'.join((*path, key))} is a {_kind(tree[key])}, not an object")
         yield from _matches(tree[key], rest, (*path, key))

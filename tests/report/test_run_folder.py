@@ -251,3 +251,29 @@ def test_a_sweep_says_how_far_its_check_of_cells_got(tmp_path, monkeypatch):
     for step in ("building", "checking"):
         lines = [m.split(" (")[0] for m in said if m.startswith(f"{step} cells:")]
         assert lines == [f"{step} cells: {i} of 6" for i in range(1, 6)]
+
+
+def test_fields_beside_the_numbers_a_reader_opens_are_no_damage(tmp_path):
+    """What runs write next to the numbers (a TPR's ``null_because``, the prose and flags of
+    ``privacy.membership_epsilon`` beside its attacks) is not judged: the cell reads whole."""
+    root = write_sweep(tmp_path / "s")
+    folder = root / PARTNER
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["privacy"] = {
+        "mia": {"loss": {"auc": 0.61, "tpr_at_fpr_1e-3": None,
+                         "null_because": {"tpr_at_fpr_1e-3": "215 non-members: below 1/1000"}}},
+        "mia_by_round": [{"round": 2, "global_test_accuracy": 0.72,
+                          "loss": {"auc": 0.6, "tpr_at_fpr_1e-3": None,
+                                   "null_because": {"tpr_at_fpr_1e-3": "too few"}}}],
+        "membership_epsilon": {"loss": {"epsilon_if_independent": 0.4}, "what": "a bound",
+                               "valid_for_one_run": False, "accountant_epsilon": None}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert isinstance(read_run(folder), RunFiles)
+    summary["privacy"]["mia_by_round"][0]["loss"]["auc"] = "0.6"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert read_run(folder).why == 'privacy.mia_by_round[0].loss: auc = "0.6" is not a number'
+    summary["privacy"]["mia_by_round"][0]["loss"]["auc"] = 0.6
+    summary["privacy"]["membership_epsilon"]["loss"]["epsilon_if_independent"] = "0.4"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert read_run(folder).why == ("privacy.membership_epsilon.loss.epsilon_if_independent = "
+                                    '"0.4" is not a number')
