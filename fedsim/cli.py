@@ -1,6 +1,7 @@
 """Command line: ``fedsim run | sweep | report | table | partitions``. Bad input exits 2
 with one ``error:`` line; results that cannot be written (a full disk, a read-only, vanished
-or forbidden folder) exit 3 with one ``error:`` line saying what was kept and how to go on."""
+or forbidden folder) exit 3 and an engine that fails mid-run exits 4, each with one
+``error:`` line saying what was kept and how to go on (README "Command line": every code)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from fedsim.config import limit_notes, load_scenario
 from fedsim.errors import (
+    EXIT_ENGINE_FAILED,
     EXIT_NOT_WRITTEN,
+    EngineFailed,
     OneLineArgumentParser,
     ResultsNotWritten,
     ScenarioError,
@@ -22,10 +25,12 @@ from fedsim.interrupt import (
     command,
     continuation,
     exit_code,
+    failed_line,
     run_line,
     signals_interrupt,
 )
 from fedsim.run import resolve, resume, run
+from fedsim.text import one_line
 
 # The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
 # inside the command that needs them, so `fedsim --help` and bad arguments answer at once.
@@ -46,7 +51,8 @@ examples:
 
 Bad input exits with code 2 and one "error:" line (also when another fedsim process is
 writing the folder); results that cannot be written (full disk, read-only or missing
-folder) exit 3 with one "error:" line saying what was kept and how to resume; Ctrl-C exits
+folder) exit 3, and an engine that fails mid-run (a Ray worker or Flower process lost)
+exits 4, each with one "error:" line saying what was kept and how to resume; Ctrl-C exits
 130 (SIGTERM 143) with the command that resumes the run. Run "fedsim COMMAND --help" for a
 command's options."""
 
@@ -80,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--overwrite", action="store_true",
                          help="delete the sweep folder and run every cell again")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_sweep.add_argument("--yes", action="store_true",
+                         help="run a sweep of more than 1,000 cells (refused without it)")
     p_rep = sub.add_parser("report", help="rebuild a sweep's report.md, or compare finished "
                            "run folders in one report")
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
@@ -116,7 +124,7 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
         raise ScenarioError(
             f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
             f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
-    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
     return resume(args.resume, warn=warn, progress=seen, show_progress=not args.quiet)
 
 
@@ -159,7 +167,7 @@ def not_written(exc: ResultsNotWritten, then: Continuation | str) -> int:
         else:
             kept = f"{then.kept}, nothing to resume" if then.kept else "nothing to resume"
             then = f"{kept}; then {then.how}: {then.command}"
-    print(f"error: {exc}; {then}", file=sys.stderr, flush=True)
+    print(f"error: {one_line(exc)}; {one_line(then)}", file=sys.stderr, flush=True)
     return EXIT_NOT_WRITTEN
 
 
@@ -172,11 +180,18 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
     if scenario.sweep.grid:
         print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
               "use `fedsim sweep` to run the grid", file=sys.stderr)
+    if scenario.claims:
+        from fedsim.report.claims import check_claim_metrics  # late: numpy, scipy (see imports)
+
+        check_claim_metrics(scenario)  # an unknown metric is an error here too
+        print(f"note: the {len(scenario.claims)} [[claims]] of this file are tested by "
+              "`fedsim sweep` over its [sweep] grid; fedsim run trains the base scenario "
+              "and tests none", file=sys.stderr)
     if scenario.server.dp.kind != "none":
         from fedsim.server.dp import start_lines  # late: Flower and torch (see imports)
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
-            print(line, file=sys.stderr)
+            print(one_line(line), file=sys.stderr)
     return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen,
                show_progress=not args.quiet)
 
@@ -223,10 +238,11 @@ def _print_summary(result) -> None:
     final, timing = summary["final"], summary["timing"]
     clients = final.get("client_accuracy") or {}
     print(
-        f"{summary['scenario']}: global test accuracy {_num(final['global_test_accuracy'])}, "
+        f"{one_line(summary['scenario'])}: global test accuracy "
+        f"{_num(final['global_test_accuracy'])}, "
         f"client mean {_num(clients.get('mean'))} (p10 {_num(clients.get('p10'))}), "
         f"{_num(timing['client_updates_per_s'], '.1f')} client updates/s, "
-        f"{_num(timing['seconds'], '.1f')} s → {result.path}"
+        f"{_num(timing['seconds'], '.1f')} s → {one_line(result.path)}"
     )
     spent = (summary.get("dp") or {}).get("privacy_spent")
     if spent:
@@ -240,7 +256,7 @@ def _print_summary(result) -> None:
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
     if (summary.get("stopped") or {}).get("kind") == "early_stop":
-        print(f"stopped early: {summary['stopped']['reason']}")
+        print(f"stopped early: {one_line(summary['stopped']['reason'])}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -249,33 +265,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
-    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = None if args.quiet else (lambda msg: print(one_line(msg), file=sys.stderr,
+                                                      flush=True))
     try:
         result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
-                           overwrite=args.overwrite, progress=say)
+                           overwrite=args.overwrite, progress=say, yes=args.yes)
     except Interrupted as exc:
         return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
                                                args.argv))
     except ResultsNotWritten as exc:
         return not_written(exc, not_written_tail(args.scenario, args.overrides, args.out,
                                                  args.argv))
+    except EngineFailed as exc:  # a cell's engine: the sweep resumes it, not fedsim run
+        tail = not_written_tail(args.scenario, args.overrides, args.out, args.argv)
+        print(one_line(f"error: {exc}; {tail}"), file=sys.stderr, flush=True)
+        return EXIT_ENGINE_FAILED
     print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
-          f"({result.seconds:.0f} s) → {result.report}")
+          f"({result.seconds:.0f} s) → {one_line(result.report)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
     try:
-        path = report(args.folders, out=args.out, overwrite=args.overwrite)
+        path = report(args.folders, out=args.out, overwrite=args.overwrite, warn=warn)
     except ResultsNotWritten as exc:  # the files written are whole; the runs are untouched
         again = ["fedsim", *args.argv]
         if args.out is not None and "--overwrite" not in again:
             again.append("--overwrite")
         return not_written(exc, f"the runs it reads are untouched; then run it again: "
                                 f"{command(again)}")
-    print(f"report → {path}")
+    print(f"report → {one_line(path)}")
     return 0
 
 
@@ -283,8 +305,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     from fedsim.report.compare import tables  # late: torch and Flower (see imports)
 
     for path in tables(args.folder, fmt=args.format, out=args.out,
-                       note=lambda msg: print(f"note: {msg}", file=sys.stderr)):
-        print(f"table → {path}")
+                       note=lambda msg: print(f"note: {one_line(msg)}", file=sys.stderr)):
+        print(f"table → {one_line(path)}")
     return 0
 
 
@@ -353,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             for note in limit_notes():  # FEDSIM_MAX_ROUNDS / _CELLS shorten what runs
                 print(note, file=sys.stderr)
             return COMMANDS[args.command](args)
-        except ScenarioError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except ScenarioError as exc:  # one line, whatever the message holds (fedsim.text)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
         except ResultsNotWritten as exc:  # written outside a command's own handling
             return not_written(exc, "then run it again: " + command(["fedsim", *argv]))
+        except EngineFailed as exc:  # a run's engine failed mid-run: checkpoints kept
+            return failed_line(exc)
         except Interrupted as exc:  # report / partitions: nothing to resume
             return exit_code(exc, f"interrupted: fedsim {args.command} stopped")
 

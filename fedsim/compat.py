@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -269,6 +270,29 @@ def simulation_delivery_by_message() -> Iterator[None]:
     finally:
         vce_api.add_messages_to_queue = original
         _delivery_lock.release()
+
+
+#: Ray errors that mean a simulation's actor (or its node) is gone, not that a client raised
+RAY_PROCESS_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError",
+                    "WorkerCrashedError", "NodeDiedError", "RaySystemError", "LocalRayletDiedError",
+                    "OutOfMemoryError")
+_REASON = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>\Z", re.DOTALL)
+
+
+def simulation_process_lost(message: Message) -> str | None:
+    """``"<Ray error>: <first line>"`` when ``message`` is the error reply Flower's simulation
+    engine makes for a message whose Ray actor or node died (its worker writes the reason as
+    ``str(type(exc)) + ":<'" + str(exc) + "'>"``, ``vce_api.worker``), else None. A client's
+    own exception never has this form: fedsim's ClientApp answers it with its own reason."""
+    if not message.has_error():
+        return None
+    found = _REASON.match(message.error.reason or "")
+    if found is None or found.group(1) not in RAY_PROCESS_LOST:
+        return None
+    first = (found.group(2).strip().splitlines() or [""])[0]
+    if len(first) > 160:  # Ray's out-of-memory message lists the node's top processes
+        first = first[:157] + "..."
+    return f"{found.group(1)}: {first}".rstrip(": ")
 
 
 # -- records: the speed-ups fedsim.arrays installs ------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -357,6 +359,28 @@ class ServerConfig:
                "it must be in [0, 1]", self.fraction_evaluate)
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_ray_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a Ray cluster address: ``host:port``, ``[IPv6]:port`` or Ray
+    Client's ``ray://host:port``; a ScenarioError naming ``engine.ray_address`` otherwise."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ok = bool(host) and all(c in "0123456789abcdefABCDEF:." for c in host) and ":" in host
+    else:
+        ok = bool(host) and all(_HOST_LABEL.fullmatch(part) for part in host.split("."))
+    if not (sep and ok and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ScenarioError(
+            f"engine.ray_address = {address!r} is not a Ray cluster address; use 'host:port' "
+            "(e.g. '10.0.0.5:6379', the head node's GCS port), '[IPv6]:port', "
+            "'ray://host:port', 'auto' (the cluster this machine belongs to) or '' (start Ray "
+            "locally)")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How client updates are executed (``[engine]``)."""
@@ -376,8 +400,11 @@ class EngineConfig:
     reuse_memory: bool = True  # glibc: keep freed memory for reuse during the run (fewer faults)
 
     def __post_init__(self) -> None:
-        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, "engine.device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if self.ray_address not in ("", "auto"):
+            parse_ray_address(self.ray_address)
         _check(self.threads >= 0, "engine.threads", "it must be >= 0 (0 = PyTorch's default)",
                self.threads)
         _check(self.workers >= 1, "engine.workers", "it must be >= 1", self.workers)
@@ -836,10 +863,10 @@ class ClaimConfig:
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> ClaimConfig:
         """Parse one ``[[claims]]`` table; errors name ``claims[i].key``."""
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         fields = {f.name: getattr(cls(name="-", a={"x": 0}, b={"x": 1}), f.name)
                   for f in dataclasses.fields(cls)}  # the defaults ...
-        fields.update(a={}, b={})  # ... but arms are the claim's own
+        fields.update(name="", a={}, b={})  # ... but the name and arms are the claim's own
         for key, value in raw.items():
             if key not in hints:
                 raise _unknown_key(cls, key, prefix)
@@ -851,7 +878,9 @@ class ClaimConfig:
 def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
     """Validate a claim, naming ``k`` (e.g. ``claims[0]``); returns its arms as dotted keys."""
     if not claim["name"].strip():
-        raise ScenarioError(f"{k}.name must be a non-empty string naming the claim")
+        raise ScenarioError(f"{k}.name is missing or blank; give the claim a name, e.g. "
+                            "name = \"GN beats BN under label skew\" (it labels the claim in "
+                            "report.md and report.json)")
     if not claim["metric"].strip():
         raise ScenarioError(f"{k}.metric must be a dotted path into summary.json, e.g. "
                             "\"final.global_test_accuracy\"")
@@ -905,6 +934,13 @@ class Scenario:
     claims: tuple[ClaimConfig, ...] = ()  # declared claims of a sweep ([[claims]])
 
     def __post_init__(self) -> None:
+        names = [c.name.strip() for c in self.claims]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ScenarioError(
+                    f"claims[{i}].name = {self.claims[i].name!r} is also the name of "
+                    f"claims[{names.index(name)}]; give each claim its own name (report.md "
+                    "and report.json tell claims apart by name)")
         participating = self.partition.num_clients - self.partition.num_holdout
         _check(participating >= 1, "partition.holdout_clients",
                "at least one client must train", self.partition.holdout_clients)
@@ -957,6 +993,13 @@ def _plain(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s resolved field annotations (read only), resolved once: a sweep builds every
+    cell's scenario, and resolving them took most of a build."""
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
@@ -1017,7 +1060,7 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
         return cls.from_table(raw, prefix)
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -1058,7 +1101,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if i == len(parts) - 1:
             node[part] = parse_value(text.strip())
             return
-        tp = typing.get_type_hints(cls)[part] if cls is not None else None
+        tp = _hints(cls)[part] if cls is not None else None
         cls = tp if dataclasses.is_dataclass(tp) else None
         if cls is None and typing.get_origin(tp) is not dict and tp is not None:
             raise ScenarioError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a table")

@@ -31,6 +31,12 @@ def resolve_device(name: str) -> torch.device:
             f"engine.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'"
         )
     device = torch.device(name)
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise ScenarioError(
+            f"engine.device = {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), numbered from 0; use 'cuda' or 'cuda:0' .. "
+            f"'cuda:{torch.cuda.device_count() - 1}'")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
@@ -36,21 +37,32 @@ import tomli_w
 
 from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this module's API)
     Cell,
+    Ticker,
     TuneCell,
     cell_name,
+    check_size,
     expand,
     flat_keys,
     followers,
+    grid_points,
     tune_cells,
+    tune_points,
     with_choices,
 )
 from fedsim.config import Scenario, load_scenario, scenario_from_dict
-from fedsim.errors import CheckpointError, ResultsNotWritten, RunStopped, ScenarioError
+from fedsim.errors import (
+    CheckpointError,
+    EngineFailed,
+    ResultsNotWritten,
+    RunStopped,
+    ScenarioError,
+)
 from fedsim.files import make_folder, write_json, write_text
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 from fedsim.lock import FolderBusy, clear, hold
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
+from fedsim.report.run_folder import Damaged, read_run
 from fedsim.report.tables import sweep_tables
 from fedsim.report.tuning import tuning_result
 from fedsim.run import preflight, resolve, resume, run
@@ -72,8 +84,16 @@ class SweepResult:
 
 def _check_finished(cell: Cell, folder: Path) -> None:
     """A finished cell must have been run with this cell's scenario (where its folder lies,
-    ``output.dir``, may differ: a sweep folder can be moved)."""
-    stored = load_scenario(folder / "scenario.toml")
+    ``output.dir``, may differ: a sweep folder can be moved). One that cannot be read
+    (:func:`fedsim.report.run_folder.read_run`) is damaged, not different: it is not run
+    again, and the report lists it and leaves it out."""
+    files = read_run(folder)
+    if files is not None and not isinstance(files, Damaged):
+        _check_same(cell, folder, files.scenario)
+
+
+def _check_same(cell: Cell, folder: Path, stored: Scenario) -> None:
+    """``folder`` ran ``stored``: refuse it unless that is ``cell``'s scenario."""
     a, b = flat_keys(stored.to_dict()), flat_keys(cell.scenario.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output.dir")
     if not diff:
@@ -91,8 +111,9 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     if not any((folder / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
         return False
     try:
-        _check_finished(Cell(folder.name, {}, scenario), folder)
-    except (ScenarioError, OSError):
+        stored = load_scenario(folder / "scenario.toml")
+        _check_same(Cell(folder.name, {}, scenario), folder, stored)
+    except (ScenarioError, OSError, UnicodeDecodeError):
         return False
     return True
 
@@ -135,6 +156,8 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
     except ResultsNotWritten as exc:
         exc.cell = name or Path(out).name
         raise
+    except EngineFailed as exc:  # the sweep's line names the cell and resumes the sweep
+        raise EngineFailed(f"sweep cell {name or Path(out).name}: {exc}", exc.folder) from None
     except FolderBusy as exc:
         raise FolderBusy(f"sweep cell {name or Path(out).name}: {exc}") from None
     return result.summary, time.perf_counter() - t0, note
@@ -237,21 +260,20 @@ def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
-        cells: list[Cell] = expand(base, root)
-        if base.sweep.tune.enabled:
-            cells = [*tune_cells(base, root, cells), *cells]
+        points = grid_points(base)  # names only: building 10,000 cells takes minutes
+        cells = [*tune_points(base, points), *points]
     except (ScenarioError, OSError):
         return None
     done, partial, fresh = 0, [], 0
-    for cell in cells:
-        folder = root / cell.name
+    for name, _params in cells:
+        folder = root / name
         if (folder / "summary.json").is_file():
             done += 1
         elif (folder / "scenario.toml").is_file():
             k = checkpoint_round(folder)
-            total = cell.scenario.server.rounds
-            partial.append(f"{cell.name} at round {k} of {total}" if k is not None
-                           else f"{cell.name} before its first checkpoint")
+            total = _rounds_of(folder, base.server.rounds)
+            partial.append(f"{name} at round {k} of {total}" if k is not None
+                           else f"{name} before its first checkpoint")
         else:
             fresh += 1
     parts = [f"{done} of {len(cells)} cells done"]
@@ -262,6 +284,17 @@ def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
     if fresh:
         parts.append(f"{fresh} not started")
     return "; ".join(parts), root
+
+
+def _rounds_of(folder: Path, default: int) -> int:
+    """``server.rounds`` of the run in ``folder`` as its ``scenario.toml`` says (``default``
+    where it cannot be read): read as TOML only, no scenario is built."""
+    try:
+        rounds = tomllib.loads((folder / "scenario.toml").read_text(encoding="utf-8"))[
+            "server"]["rounds"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return default
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else default
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -361,8 +394,8 @@ class _Runner:
                                              may_stop, tracking)] = c
             for future in as_completed(futures):
                 self._report(futures[future], *future.result())
-        except (Interrupted, ResultsNotWritten, FolderBusy):  # the others keep their
-            _stop_workers(futures)  # checkpoints; the sweep's line names the cell
+        except (Interrupted, ResultsNotWritten, FolderBusy, EngineFailed):  # the others keep
+            _stop_workers(futures)  # their checkpoints; the sweep's line names the cell
             raise
 
 
@@ -379,6 +412,21 @@ def _split_finished(cells: Sequence[Cell], root: Path) -> tuple[list[Cell], list
     return todo, skipped
 
 
+def _invocations(root: Path, warn: Callable[[str], None]) -> list:
+    """The invocations an earlier ``sweep.json`` in ``root`` records (none when there is
+    none; a file that cannot be read loses only that history, and says so)."""
+    path = root / SWEEP_JSON
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("invocations", [])
+    except (OSError, ValueError, AttributeError) as exc:
+        warn(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is rewritten without "
+             "the earlier invocations")
+        return []
+    return runs if isinstance(runs, list) else []
+
+
 def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
     """The tuning cells to preflight: each arm at every grid value on the first tuning seed,
     and at every tuning seed with the first grid value — every value and every seed's data
@@ -392,26 +440,29 @@ def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
 
 def preflight_cells(cells: Sequence[Cell], say: Callable[[str], None]) -> None:
     """Preflight every cell (data, model, engine: :func:`fedsim.run.preflight`) before any
-    runs, saying each distinct DP warning once. The vectorize trace check, a dry cohort step
-    that costs more than the rest of a cell's preflight, runs once per distinct model
-    (:func:`fedsim.engine.vectorized.trace_key`): cells that differ in seed, partition or
-    learning rate share its outcome, a failing one included."""
+    runs, saying each distinct DP warning once and, on long checks, how far they got. The
+    vectorize trace check, a dry cohort step that costs more than the rest of a cell's
+    preflight, runs once per distinct model (:func:`fedsim.engine.vectorized.trace_key`):
+    cells that differ in seed, partition or learning rate share its outcome, a failing one
+    included."""
     said: set[str] = set()
     traced: dict[tuple, str | None] = {}
-    for cell in cells:
+    ticker = Ticker("checking cells", len(cells), say)
+    for i, cell in enumerate(cells, 1):
         preflight(cell.scenario, traced)
         for line in start_lines(cell.scenario):
             if line not in said:
                 said.add(line)
                 say(f"{cell.name}: {line}")
+        ticker.tick(i)
 
 
 def _chosen(base: Scenario, root: Path, tuning: list[TuneCell], cells: list[Cell],
-            say: Callable[[str], None]) -> dict:
+            say: Callable[[str], None], warn: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
     value to choose (before any reported cell runs)."""
     result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning],
-                           followers(base, cells))
+                           followers(base, cells), warn)
     for entry in result["arms"]:
         if entry["chosen"] is None:
             problems = "; ".join(p for c in entry["candidates"] for p in c["problems"])
@@ -433,16 +484,23 @@ def run_sweep(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    yes: bool = False,
 ) -> SweepResult:
     """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
 
     Every cell is validated (including its data and model), the ``[[claims]]`` against the
-    grid and ``[sweep.tune]`` against the scenario, before any cell runs.
+    grid and ``[sweep.tune]`` against the scenario, before any cell runs; a sweep of more
+    than :data:`fedsim.cells.LARGE_SWEEP` cells runs only with ``yes`` (``--yes``), and while
+    cells are built and checked a progress line is said every
+    :data:`fedsim.cells.CHECK_PROGRESS_SECONDS` s.
     """
     say = progress or (lambda _msg: None)
+    # a damaged cell is said even without progress lines (``--quiet``)
+    warn = (lambda msg: progress(f"warning: {msg}")) if progress else _warn
     base = resolve(scenario, overrides)
+    check_size(base, yes)
     root = Path(out or base.output.dir)
-    cells = expand(base, root)
+    cells = expand(base, root, say)
     check_claims(base, cells)
     tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
     preflight_cells([*_covering(tuning), *cells], say)
@@ -450,13 +508,14 @@ def run_sweep(
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     with hold(root, "fedsim sweep"):  # before anything in it is read, removed or written
         return _run_cells(root, base, cells, tuning, workers or base.sweep.workers, overwrite,
-                          say)
+                          say, warn)
 
 
 def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneCell],
-               workers: int, overwrite: bool, say: Callable[[str], None]) -> SweepResult:
+               workers: int, overwrite: bool, say: Callable[[str], None],
+               warn: Callable[[str], None]) -> SweepResult:
     """The tuning and reported cells of a checked sweep not finished yet, then its report
-    (the caller holds the sweep folder's lock)."""
+    (the caller holds the sweep folder's lock); ``warn`` hears of each damaged cell."""
     if overwrite:
         clear(root, "fedsim sweep --overwrite")  # a cell another process writes is refused
     make_folder(root)
@@ -473,17 +532,14 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
     with _Runner(root, workers, n, finished, say) as runner:
         runner.run(tune_todo, may_stop=True)  # no trackers (see _untracked)
         if tuning:
-            tuned = _chosen(base, root, tuning, cells, say)
+            tuned = _chosen(base, root, tuning, cells, say, warn)
             cells = with_choices(cells, tuned["arms"])
         todo, done = _split_finished(cells, root)
         skipped += done
         runner.run(todo, tracking=tracking)
     ran = [*tune_todo, *todo]
     wall = time.perf_counter() - runner.t0
-    previous = {}
-    if (root / SWEEP_JSON).is_file():
-        previous = json.loads((root / SWEEP_JSON).read_text())
-    runs = previous.get("invocations", [])
+    runs = _invocations(root, warn)
     if ran:
         runs.append({"ran": [c.name for c in ran], "cell_seconds": runner.seconds,
                      "wall_seconds": wall, "workers": workers, "cpus": os.cpu_count(),
@@ -498,7 +554,7 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
         info["tuning"] = {"cells": [c.record() for c in tuning]}
     write_json(root / SWEEP_JSON, info, indent=2, default=str)
     report = write_report(root, base, cells, run_info=runs[-1] if runs else None,
-                          tuning=tuned)
+                          tuning=tuned, warn=warn)
     say(f"report → {report}")
     formats = ["csv", *(["parquet"] if "parquet" in base.output.sinks else [])]
     for fmt in formats:  # cells.csv, claims.csv: one row per (cell, round), per claim

@@ -39,7 +39,7 @@ LAYERS = (
     ("models · data", ("fedsim.models", "fedsim.data", "fedsim.context", "fedsim.device")),
     ("leaves", ("fedsim.config", "fedsim.registry", "fedsim.rng", "fedsim.arrays",
                 "fedsim.errors", "fedsim.compat", "fedsim.files", "fedsim.records",
-                "fedsim.interrupt", "fedsim.lock", "fedsim")),
+                "fedsim.interrupt", "fedsim.lock", "fedsim.text", "fedsim")),
 )
 
 #: the upward imports the code still has, each with its reason; any other upward import
@@ -232,9 +232,9 @@ def test_parsing_a_scenario_imports_no_torch_flower_or_registry():
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()
     assert [m for m in out if m.split(".")[0] in ("torch", "flwr", "strategies")] == []
     # config, the leaves it may use, and fedsim.run (``import fedsim`` exports run) with the
-    # light leaves it holds a results folder with (its lock, atomic files)
+    # light leaves it holds a results folder with (its lock, atomic files, one-line text)
     allowed = {"fedsim.config", "fedsim.errors", "fedsim.registry", "fedsim.run",
-               "fedsim.lock", "fedsim.files"}
+               "fedsim.lock", "fedsim.files", "fedsim.text"}
     assert "fedsim.config" in out and {m for m in out if m.startswith("fedsim.")} <= allowed
 
 

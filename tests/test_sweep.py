@@ -247,7 +247,7 @@ def test_a_claim_between_no_op_settings_is_inconclusive(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(SMALL + NOOP.format(a=200, metric="final.global_test_accuracy", at="final")
                     + NOOP.format(a=200, metric="final.client_accuracy.p10",
-                                  at="matched_accuracy"))
+                                  at="matched_accuracy").replace("beats", "matches"))
     result = run_sweep(path, out=tmp_path / "out")
     assert len(result.ran) == 6
     cells = load_scenario(tmp_path / "out" / result.ran[0] / "scenario.toml")
@@ -342,3 +342,17 @@ def test_a_single_run_traces_every_time(tmp_path, monkeypatch):
     preflight(cells[0].scenario)
     preflight(cells[1].scenario)
     assert calls == ["other", "other"]
+
+
+def test_the_interrupted_line_of_a_large_sweep_builds_no_cell(tmp_path, monkeypatch):
+    """Ctrl-C during the check of 1,002 cells: the line counts cells by name only (building
+    each cell's scenario again took minutes at 10,000)."""
+    import fedsim.sweep
+
+    path = tmp_path / "big.toml"
+    path.write_text('[sweep]\nmodel.norm = ["bn", "gn"]\nseed = [' +
+                    ", ".join(str(s) for s in range(501)) + "]\n")
+    monkeypatch.setattr(fedsim.sweep, "expand", None)  # any call fails the test
+    line = fedsim.sweep.interrupted_line(path, out=tmp_path / "o", argv=["sweep", str(path)])
+    assert line == (f"interrupted: 0 of 1002 cells done; 1002 not started (in {tmp_path / 'o'}); "
+                    f"resume with: fedsim sweep {path}")

@@ -43,14 +43,15 @@ def is_sweep(folder: Path) -> bool:
     return (folder / SWEEP_JSON).is_file()
 
 
-def report_sweep(root: Path) -> Path:
+def report_sweep(root: Path, warn: Callable[[str], None] | None = None) -> Path:
     """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells
-    (holding the sweep folder's lock: a sweep still running there is not raced)."""
+    (holding the sweep folder's lock: a sweep still running there is not raced); each
+    damaged cell (left out, listed in the report) is told to ``warn``."""
     with hold(root, "fedsim report", create=False):
-        return _report_sweep(root)
+        return _report_sweep(root, warn)
 
 
-def _report_sweep(root: Path) -> Path:
+def _report_sweep(root: Path, warn: Callable[[str], None] | None) -> Path:
     try:
         info = json.loads((root / SWEEP_JSON).read_text())
         names = [(c["name"], c["params"]) for c in info["cells"]]
@@ -66,8 +67,9 @@ def _report_sweep(root: Path) -> Path:
     tuning = None
     if base.sweep.tune.enabled and isinstance(info.get("tuning"), dict):
         tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [],
-                               followers(base, cells))
-    return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning)
+                               followers(base, cells), warn)
+    return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning,
+                        warn=warn)
 
 
 def check_report_folder(folders: list[Path], out: Path) -> None:
@@ -84,9 +86,12 @@ def check_report_folder(folders: list[Path], out: Path) -> None:
                 "report never writes into a run it compares: pass another --out DIR")
 
 
-def report_runs(folders: list[Path], out: Path, overwrite: bool = False) -> Path:
+def report_runs(folders: list[Path], out: Path, overwrite: bool = False,
+                warn: Callable[[str], None] | None = None) -> Path:
     """Compare finished run folders in one report written to ``out`` (a new or empty folder,
-    or any folder but a compared run's with ``overwrite``), holding its lock."""
+    or any folder but a compared run's with ``overwrite``), holding its lock; a folder whose
+    files cannot be read is left out, listed and told to ``warn``
+    (:mod:`fedsim.report.run_folder`)."""
     check_report_folder(folders, out)
     cells, axes = _compared(folders)  # every check before anything is written
     with hold(out, "fedsim report"):
@@ -99,7 +104,8 @@ def report_runs(folders: list[Path], out: Path, overwrite: bool = False) -> Path
         write_json(out / "runs.json",
                    [{"name": c.name, "path": str(c.path.resolve()), "params": c.params}
                     for c in cells], indent=2, default=str)
-        return write_report(out, None, cells, axes=axes, title="Comparison of runs")
+        return write_report(out, None, cells, axes=axes, title="Comparison of runs",
+                            warn=warn)
 
 
 def _compared(folders: list[Path]) -> tuple[list[RunCell], dict[str, list]]:
@@ -110,18 +116,28 @@ def _compared(folders: list[Path]) -> tuple[list[RunCell], dict[str, list]]:
                     if (folder / "checkpoint.pt").is_file() else
                     "pass folders written by fedsim run (summary.json, scenario.toml)")
             raise ScenarioError(f"{str(folder)!r} is not a finished run folder; {hint}")
-    flats = [flat_keys(load_scenario(f / "scenario.toml").to_dict()) for f in folders]
+    flats = [_flat_scenario(f) for f in folders]  # {} where scenario.toml does not parse
     keys = sorted({k for flat in flats for k in flat})
+    read = [flat for flat in flats if flat]
     varying = [k for k in keys if not k.startswith(_NOT_AXES)
-               and len({json.dumps(flat.get(k), sort_keys=True) for flat in flats}) > 1]
+               and len({json.dumps(flat.get(k), sort_keys=True) for flat in read}) > 1]
     cells = [RunCell(name, {k: flat.get(k) for k in varying}, folder)
              for name, flat, folder in zip(_unique_names(folders), flats, folders)]
     axes: dict[str, list] = {k: [] for k in varying}
-    for cell in cells:
-        for k, v in cell.params.items():
+    for cell, flat in zip(cells, flats):
+        for k, v in (cell.params.items() if flat else ()):  # a damaged run adds no value
             if v not in axes[k]:
                 axes[k].append(v)
     return cells, axes
+
+
+def _flat_scenario(folder: Path) -> dict[str, Any]:
+    """The run's scenario as dotted keys; {} when its ``scenario.toml`` does not parse (the
+    report then lists the run as damaged)."""
+    try:
+        return flat_keys(load_scenario(folder / "scenario.toml").to_dict())
+    except (ScenarioError, OSError, UnicodeDecodeError):
+        return {}
 
 
 def _unique_names(folders: list[Path]) -> list[str]:
@@ -134,10 +150,11 @@ def _unique_names(folders: list[Path]) -> list[str]:
 
 
 def report(folders: list[str | Path], out: str | Path | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, warn: Callable[[str], None] | None = None) -> Path:
     """``fedsim report``: one sweep folder (report rebuilt in place) or run folders
     (compared in ``out``, replacing what it holds only with ``overwrite``). Bad input is a
-    ScenarioError naming the fix."""
+    ScenarioError naming the fix; each damaged cell or run folder (left out, listed in the
+    report) is told to ``warn``."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if not p.is_dir():
@@ -149,10 +166,10 @@ def report(folders: list[str | Path], out: str | Path | None = None,
                 f"{str(sweeps[0])!r} is a sweep folder: its report is rebuilt in place; pass it "
                 "alone and without --out (to compare its cells with other runs, pass the "
                 "cell folders instead)")
-        return report_sweep(paths[0])
+        return report_sweep(paths[0], warn)
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
-    return report_runs(paths, Path(out), overwrite)
+    return report_runs(paths, Path(out), overwrite, warn)
 
 
 def tables(folder: str | Path, fmt: str = "csv", out: str | Path | None = None,

@@ -8,8 +8,9 @@
   ``claims.csv``, one row per claim of ``report.json`` (arms as ``a.<axis>``/``b.<axis>``,
   per-setting results and pairs as JSON text).
 
-A cell whose records cannot be read is skipped with a one-line note (:func:`read_cell` is
-the one place that reads a cell).
+Cells are read as every reader of results folders reads them
+(:func:`fedsim.report.run_folder.read_run`): an unfinished or damaged cell is skipped with a
+one-line note saying why (for a damaged one, which file and what is wrong with it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedsim.errors import ScenarioError
+from fedsim.report.run_folder import Damaged, read_run
 from fedsim.sinks.flat import flatten
 from fedsim.sinks.tables import FORMATS, round_rows, write_table
 
@@ -33,7 +35,8 @@ class UnreadableCell(Exception):
 
 
 def read_rounds(path: Path) -> list[dict]:
-    """The records of a ``rounds.jsonl``; a torn last line (a killed run) is left out."""
+    """The records of an unfinished run's ``rounds.jsonl``; a torn last line (a run killed
+    mid-write) is left out."""
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for i, line in enumerate(lines):
@@ -49,13 +52,14 @@ def read_rounds(path: Path) -> list[dict]:
 
 
 def read_cell(folder: Path) -> list[dict]:
-    """The round records of a finished sweep cell; UnreadableCell says why not."""
-    if not (folder / "summary.json").is_file():
+    """The round records of a finished sweep cell (:func:`fedsim.report.run_folder.read_run`);
+    UnreadableCell says why not."""
+    files = read_run(folder)
+    if files is None:
         raise UnreadableCell("not finished (no summary.json)")
-    try:
-        return read_rounds(folder / "rounds.jsonl")
-    except (OSError, ValueError) as exc:
-        raise UnreadableCell(f"rounds.jsonl unreadable ({type(exc).__name__}: {exc})") from None
+    if isinstance(files, Damaged):
+        raise UnreadableCell(f"damaged: {files}")
+    return files.rounds
 
 
 def _axis_value(value):
@@ -79,12 +83,16 @@ def cell_rows(root: Path, cells: Sequence[tuple[str, dict]], axes: Sequence[str]
 
 
 def claim_rows(root: Path) -> list[dict] | None:
-    """One flat row per claim of the sweep's ``report.json`` (None when it has none)."""
+    """One flat row per claim of the sweep's ``report.json`` (None when it has none);
+    UnreadableCell when the file is not a report's JSON."""
     path = root / "report.json"
     if not path.is_file():
         return None
-    claims = json.loads(path.read_text()).get("claims") or []
-    return [flatten(c) for c in claims]
+    try:
+        claims = json.loads(path.read_text(encoding="utf-8")).get("claims") or []
+        return [flatten(c) for c in claims]
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise UnreadableCell(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def check_format(fmt: str) -> None:
@@ -103,10 +111,14 @@ def sweep_tables(root: Path, cells: Sequence[tuple[str, dict]], axes: Sequence[s
     rows = cell_rows(root, cells, axes, note)
     path = Path(out) if out else root / f"cells.{fmt}"
     written = [write_table(rows, path, fmt, first=("cell", *axes, "round"))]
-    claims = claim_rows(root)
-    if claims is None:
-        note(f"no claims table: {root / 'report.json'} is missing (fedsim report {root})")
-    else:
+    try:
+        claims = claim_rows(root)
+        if claims is None:
+            note(f"no claims table: {root / 'report.json'} is missing (fedsim report {root})")
+    except UnreadableCell as exc:
+        claims = None
+        note(f"no claims table: {exc}; rebuild it with: fedsim report {root}")
+    if claims is not None:
         path = path.with_name(f"{path.stem}_claims{path.suffix}") if out else \
             root / f"claims.{fmt}"
         written.append(write_table(claims, path, fmt, first=CLAIM_COLUMNS))
@@ -115,13 +127,20 @@ def sweep_tables(root: Path, cells: Sequence[tuple[str, dict]], axes: Sequence[s
 
 def run_table(folder: Path, fmt: str = "csv", out: Path | None = None,
               note: Callable[[str], None] = lambda msg: None) -> Path:
-    """Write the run's ``rounds`` table; returns its path."""
+    """Write the run's ``rounds`` table; returns its path. A finished run is read as every
+    reader reads it (:func:`fedsim.report.run_folder.read_run`: a damaged one is refused,
+    naming the file and why); an unfinished one up to its last complete line."""
     check_format(fmt)
-    if not (folder / "summary.json").is_file():
+    files = read_run(folder)
+    if isinstance(files, Damaged):
+        raise ScenarioError(f"{str(folder)!r} is damaged, {files}; run it again to redo it")
+    if files is not None:
+        records = files.rounds
+    else:
         note(f"{folder} has not finished (no summary.json): the table holds its rounds so far")
-    try:
-        records = read_rounds(folder / "rounds.jsonl")
-    except (OSError, ValueError) as exc:
-        raise ScenarioError(f"{folder / 'rounds.jsonl'} cannot be read ({exc})") from None
+        try:
+            records = read_rounds(folder / "rounds.jsonl")
+        except (OSError, ValueError) as exc:
+            raise ScenarioError(f"{folder / 'rounds.jsonl'} cannot be read ({exc})") from None
     path = Path(out) if out else folder / f"rounds.{fmt}"
     return write_table(round_rows(records), path, fmt, first=("round",))

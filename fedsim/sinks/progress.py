@@ -27,6 +27,7 @@ from rich.text import Text
 
 from fedsim.config import Scenario
 from fedsim.sinks.base import RunEnd, RunStart, Sink
+from fedsim.text import one_line
 
 
 def _clock(seconds: float) -> str:
@@ -83,7 +84,10 @@ class ProgressLine(Sink):
         if self.terminal is None:
             self.terminal = bool(getattr(self.out, "isatty", lambda: False)())
         self.total = scenario.server.rounds
-        self.label = scenario.name + (" (resumed)" if run.resumed_round is not None else "")
+        # a name is data: no control characters (the terminal line is a rich Text, never
+        # parsed as markup, so "[bold]" prints as itself there too)
+        self.label = one_line(scenario.name) + (
+            " (resumed)" if run.resumed_round is not None else "")
         self.population = scenario.partition.num_clients
         # the first record this run (part) writes: round 0 (the initial model) when fresh
         self.first = run.resumed_round + 1 if run.resumed_round is not None else 0
@@ -148,7 +152,7 @@ class ProgressLine(Sink):
         stopped = result.summary.get("stopped")
         if stopped:
             print(f"{self.label}: stopped after round {stopped.get('round')}: "
-                  f"{stopped.get('reason')}", file=self.out, flush=True)
+                  f"{one_line(stopped.get('reason'))}", file=self.out, flush=True)
 
     def error(self, exc: BaseException) -> None:
         self.close()

@@ -122,7 +122,8 @@ def test_nan_is_an_empty_cell():
 
 
 def hand_made_sweep(root):
-    """A sweep folder written by hand: three cells (finished, unfinished, damaged)."""
+    """A sweep folder written by hand: three cells (finished, unfinished, damaged), each with
+    the scenario it ran."""
     cells = [("norm-bn", {"model.norm": "bn", "client.batch_size": 8}),
              ("norm-gn", {"model.norm": "gn", "client.batch_size": 8}),
              ("norm-ln", {"model.norm": "ln", "client.batch_size": 8})]
@@ -132,6 +133,7 @@ def hand_made_sweep(root):
         "cells": [{"name": n, "params": p} for n, p in cells]}))
     for name, _ in cells:
         (root / name).mkdir()
+        (root / name / "scenario.toml").write_text(f'name = "s/{name}"\n')
         (root / name / "rounds.jsonl").write_text(
             '{"round": 0, "global_test_accuracy": 0.1}\n'
             '{"round": 1, "global_test_accuracy": 0.5, "clients": [1, 2]}\n')
@@ -150,8 +152,8 @@ def test_fedsim_table_of_a_sweep_skips_unreadable_cells_with_one_note_each(tmp_p
     assert main(["table", str(root)]) == 0
     notes = capsys.readouterr().err.strip().splitlines()
     assert notes == ["note: cell norm-gn skipped: not finished (no summary.json)",
-                     "note: cell norm-ln skipped: rounds.jsonl unreadable (JSONDecodeError: "
-                     "Expecting value: line 1 column 1 (char 0))"]
+                     "note: cell norm-ln skipped: damaged: rounds.jsonl: line 2 not JSON "
+                     "(Expecting value: line 1 column 1 (char 0))"]
     assert (root / "cells.csv").read_text().splitlines() == [
         "cell,model.norm,client.batch_size,round,clients,global_test_accuracy",
         "norm-bn,bn,8,0,,0.1",
