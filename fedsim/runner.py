@@ -35,8 +35,8 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     run = scenario if isinstance(scenario, RunContext) else RunContext.build(scenario)
     scenario, data = run.scenario, run.data
     model = run.new_model()
-    check_forward(scenario, copy.deepcopy(model), data.input_shape)
-    check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
+    check_forward(scenario, copy.deepcopy(model), data)
+    check_batch_statistics(scenario, copy.deepcopy(model), data)
     check_engine(run, model)
     if scenario.privacy.enabled:
         check_privacy(run)

@@ -37,6 +37,11 @@ SYNTHETIC_CACHE_BYTES = 256 * 2**20  # generated clients kept for reuse (regener
 # more than a small client's local training); memory stays bounded at any number of clients
 LABEL_CACHE_CLIENTS = 1 << 17  # generated clients' labels kept (8 bytes per sample each)
 
+#: dataset type → ``(dataset, data, partition, seed) -> FederatedData`` for datasets whose
+#: clients are not index sets of one array (a text corpus: clients are speaking roles),
+#: filled by the module that defines the dataset type (``fedsim.data.shakespeare``)
+FEDERATIONS: dict[type, Callable[..., FederatedData]] = {}
+
 
 def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
     """Check every registry name in ``[data]`` and ``[partition]`` without loading data."""
@@ -78,6 +83,9 @@ def build_federated_data(scenario: Scenario) -> FederatedData:
 def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> FederatedData:
     check_data_config(data, partition)
     dataset = load_dataset(data, seed)
+    federation = FEDERATIONS.get(type(dataset))
+    if federation is not None:
+        return federation(dataset, data, partition, seed)
     if isinstance(dataset, SyntheticDataset):
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
         cache = synthetic_cache_clients(data, dataset.input_shape)
@@ -212,12 +220,19 @@ class FederatedData:
     client); ``holdout_rule`` picks how the holdout clients are chosen (``"permutation"``,
     the original rule, unless the builder says otherwise).
 
+    ``input_kind`` says what a sample is: ``"image"`` (float32 ``(C, H, W)``) here,
+    ``"tokens"`` (int64 ``(seq_len,)`` ids) in a text federation
+    (:class:`fedsim.data.shakespeare.TextFederation`), where ``num_classes`` is the
+    vocabulary size.
+
     Each client's samples are split into local train/test (``test_fraction``, at least one
     of each) by ``(seed, "split", cid)``. Under a ``feature`` partition the client's domain
     transform is applied to both its train and test data; the global test set stays
     untransformed, so it measures the shared task, not any one domain. Returned tensors are
     shared between callers: treat them as read-only.
     """
+
+    input_kind = "image"
 
     def __init__(self, source: _ClientSource, partition: PartitionConfig, seed: int,
                  cache_clients: int = ARRAY_CACHE_CLIENTS,
@@ -263,6 +278,14 @@ class FederatedData:
         to plan cohorts of equal work with; None where it would draw a generated client's
         labels (synthetic clients), too costly to ask for every sampled client."""
         return self.client_size if isinstance(self._source, _ArrayClients) else None
+
+    def example_inputs(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` inputs of the federation's kind and shape, for checks that run a model before
+        training: zeros, or standard normal draws from ``generator``."""
+        shape = (n, *self.input_shape)
+        if generator is None:
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=generator)
 
     def domain(self, cid: int) -> tuple[str, float] | None:
         """The client's (transform, strength) under a feature partition, else None."""

@@ -99,8 +99,9 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
                 "personalized_participation_gap"):
         if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
             summary["final"][key] = last[key]
-    for key in ("own_model_accuracy", "hybrid_alpha_mean", "hessian_max_eig", "sharpness"):
-        if key in last:  # derived (with_derived), hybrid norms, output.sharpness
+    for key in ("own_model_accuracy", "hybrid_alpha_mean", "hessian_max_eig", "sharpness",
+                "global_test_perplexity", "client_perplexity"):
+        if key in last:  # derived (with_derived), hybrid norms, output.sharpness, text
             summary["final"][key] = last[key]
     return summary
 

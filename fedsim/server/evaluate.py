@@ -1,6 +1,7 @@
 """Server-side evaluation of the global model: global test set, per-client distribution,
 the generalization gaps of Yuan et al. (ICLR 2022) and, with ``output.sharpness``, the
-flatness of the training loss (:mod:`fedsim.models.flatness`).
+flatness of the training loss (:mod:`fedsim.models.flatness`). On text (next-character
+prediction), perplexity too: ``exp`` of the mean loss, globally and per client.
 
 - out-of-sample gap: participating clients' local train accuracy − their local test accuracy;
 - participation gap: participating clients' local test accuracy − the local test accuracy
@@ -9,6 +10,7 @@ flatness of the training loss (:mod:`fedsim.models.flatness`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +48,12 @@ def distribution(values: list[float], weights: list[int] | None = None) -> dict[
         w = np.asarray(weights, dtype=float)[np.isfinite(np.asarray(values, dtype=float))]
         out["weighted_mean"] = float((v * w).sum() / w.sum()) if w.sum() > 0 else out["mean"]
     return out
+
+
+def perplexity(mean_loss: float) -> float:
+    """``exp`` of a mean next-token cross-entropy (nats): the perplexity of a language model
+    (inf where the loss overflows it, nan for nan)."""
+    return math.inf if mean_loss > 700 else math.exp(mean_loss)
 
 
 def pick_clients(ids: Sequence[int], limit: int, seed: int, purpose: str) -> list[int]:
@@ -117,14 +125,31 @@ class Evaluator:
         self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:
-        """Global test, then each client's test and train split, then holdout test splits."""
+        """Global test, then each client's test and train split, then holdout test splits
+        (each cut to ``output.eval_samples``)."""
         if self._splits is None:
             on = self.on_device
             splits = [on.global_test()]
             for cid in self.clients:
-                splits += [on.client_test(cid), on.client_train(cid)]
-            self._splits = splits + [on.client_test(cid) for cid in self.holdout]
+                splits += [self._cut(on.client_test(cid), cid, "test"),
+                           self._cut(on.client_train(cid), cid, "train")]
+            self._splits = splits + [self._cut(on.client_test(cid), cid, "test")
+                                     for cid in self.holdout]
         return self._splits
+
+    def _cut(self, split: tuple[torch.Tensor, torch.Tensor], cid: int, name: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``output.eval_samples`` rows of a client split, fixed by the seed (the
+        same rows at every evaluation): large clients (a speaking role's thousands of
+        windows) cost what a small one does."""
+        x, y = split
+        limit = self.output.eval_samples
+        if not limit or len(y) <= limit:
+            return split
+        rows = numpy_rng(self.seed, "eval-samples", cid, name).choice(len(y), size=limit,
+                                                                      replace=False)
+        keep = torch.from_numpy(np.sort(rows)).to(y.device)
+        return x[keep], y[keep]
 
     def __call__(self, arrays) -> dict:
         load_record(self.model, arrays)
@@ -150,6 +175,10 @@ class Evaluator:
                 "holdout_accuracy": distribution(hold_acc) if hold_acc else None,
             },
         }
+        if self.data.input_kind == "tokens":  # a language model: exp of the mean loss
+            result["global_test_perplexity"] = perplexity(loss)
+            result["client_perplexity"] = distribution(
+                [perplexity(x) for x, _, _ in results[1 : 1 + 2 * k : 2]], test_n)
         alphas = hybrid_alphas(self.model)
         if alphas:
             result["hybrid_alpha"] = alphas
