@@ -358,6 +358,41 @@ class FailuresConfig:
         _check(self.retries >= 0, "failures.retries", "it must be >= 0", self.retries)
 
 
+@dataclass(frozen=True)
+class ExposureConfig:
+    """Canary exposure of "The Secret Sharer" (Carlini et al., USENIX Security 2019) on text
+    (``[privacy.exposure]``; :mod:`fedsim.privacy.exposure`): random secrets planted in
+    chosen clients' training text, ranked by the model's log-perplexity among every
+    candidate secret. Off until ``canaries > 0``.
+    """
+
+    canaries: int = 0  # secrets planted, each "<prefix><digits random digits>"
+    repeats: int = 1  # copies of each secret in its client's training text
+    clients: tuple[int, ...] = ()  # canary i goes to clients[i % len]; () = participating ones
+    prefix: str = "my number is "
+    digits: int = 5  # the candidate space R: every string of this many digits, |R| = 10**digits
+    candidates: int = 0  # 0: rank among all of R (digits <= 6); N: estimate from N random ones
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 0, "privacy.exposure.canaries", "it must be >= 0 (0 = off)",
+               self.canaries)
+        _check(self.repeats >= 1, "privacy.exposure.repeats", "it must be >= 1", self.repeats)
+        _check(1 <= self.digits <= 18, "privacy.exposure.digits", "it must be in [1, 18]",
+               self.digits)
+        _check(self.candidates >= 0, "privacy.exposure.candidates",
+               "it must be >= 0 (0 = every candidate)", self.candidates)
+        _check(self.candidates > 0 or self.digits <= 6, "privacy.exposure.digits",
+               f"ranking among all 10**{self.digits} candidates costs too much; use digits "
+               "<= 6 or estimate the rank from a sample (privacy.exposure.candidates = "
+               "10000)", self.digits)
+        _check(all(c >= 0 for c in self.clients), "privacy.exposure.clients",
+               "client ids are >= 0", list(self.clients))
+
+    @property
+    def enabled(self) -> bool:
+        return self.canaries > 0
+
+
 INVERSION_TARGETS = ("step", "update")
 
 
@@ -396,6 +431,7 @@ class PrivacyConfig:
     bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
     bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
     bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)  # text canaries
 
     def __post_init__(self) -> None:
         _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
@@ -439,7 +475,8 @@ class PrivacyConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.mia) or self.client_mia or self.leakage or self.inversion
+        return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
+                or self.exposure.enabled)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from fedsim.config import DataConfig, PartitionConfig, Scenario
+from fedsim.config import DataConfig, ExposureConfig, PartitionConfig, Scenario
 from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_dataset
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
 from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
@@ -75,17 +75,26 @@ def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
 
 
 def build_federated_data(scenario: Scenario) -> FederatedData:
-    """The scenario's FederatedData, cached per process on ``(seed, data, partition)``."""
-    return _build(scenario.seed, scenario.data, scenario.partition)
+    """The scenario's FederatedData, cached per process on ``(seed, data, partition)`` and,
+    when ``[privacy.exposure]`` plants canaries into clients' text, its settings."""
+    exposure = scenario.privacy.exposure
+    return _build(scenario.seed, scenario.data, scenario.partition,
+                  exposure if exposure.enabled else None)
 
 
 @functools.lru_cache(maxsize=4)
-def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> FederatedData:
+def _build(seed: int, data: DataConfig, partition: PartitionConfig,
+           exposure: ExposureConfig | None = None) -> FederatedData:
     check_data_config(data, partition)
     dataset = load_dataset(data, seed)
     federation = FEDERATIONS.get(type(dataset))
     if federation is not None:
-        return federation(dataset, data, partition, seed)
+        return federation(dataset, data, partition, seed, exposure=exposure)
+    if exposure is not None:
+        raise ScenarioError(
+            f"privacy.exposure plants secrets into clients' text, but data.name = "
+            f"{data.name!r} holds images; use data.name = 'shakespeare' or set "
+            "privacy.exposure.canaries = 0")
     if isinstance(dataset, SyntheticDataset):
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
         cache = synthetic_cache_clients(data, dataset.input_shape)

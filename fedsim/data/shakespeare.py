@@ -21,6 +21,8 @@ play; its text is its speeches in play order, joined with ``"\\n"``. Roles are s
 - **Validation** (:func:`split_role` with ``validation_fraction > 0``): the windows just
   before the test tail, with the same gap, carved out of the training text; the test tail
   does not move.
+- **Canaries** (``[privacy.exposure]``, :mod:`fedsim.data.canaries`): planted into the
+  chosen clients' training text only.
 - **Global test set**: ``data.test_samples`` windows drawn with a fixed seed from the local
   test splits of *every* role that qualifies (``min_size``, ``seq_len``), whether or not it
   is one of the federation's clients (``partition.max_clients``): the union of the roles'
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.config import DataConfig, PartitionConfig
+from fedsim.config import DataConfig, ExposureConfig, PartitionConfig
+from fedsim.data.canaries import Canary, plan_canaries, plant
 from fedsim.data.datasets import DATASETS
 from fedsim.data.federated import (
     ARRAY_CACHE_CLIENTS,
@@ -209,7 +212,8 @@ class TextFederation(FederatedData):
     input_kind = "tokens"
 
     def __init__(self, corpus: TextCorpus, data: DataConfig, partition: PartitionConfig,
-                 seed: int, validation_fraction: float = 0.0) -> None:
+                 seed: int, validation_fraction: float = 0.0,
+                 exposure: ExposureConfig | None = None) -> None:
         self.corpus = corpus
         self.seq_len = data.seq_len
         self.validation_fraction = validation_fraction
@@ -235,6 +239,16 @@ class TextFederation(FederatedData):
         self._global_test_size = data.test_samples
         super().__init__(_RoleSource(self), partition, seed, ARRAY_CACHE_CLIENTS,
                          holdout_rule(corpus))
+        self.canaries: tuple[Canary, ...] = ()
+        if exposure is not None and exposure.enabled:
+            self.canaries = plan_canaries(exposure, self.participating, seed)
+            self._canary_repeats = exposure.repeats
+            unknown = {c for c in exposure.prefix if c not in VOCAB}
+            if unknown:
+                raise ScenarioError(
+                    f"privacy.exposure.prefix = {exposure.prefix!r} has characters outside "
+                    f"the vocabulary ({''.join(sorted(unknown))!r}); use LEAF's characters: "
+                    "letters, digits, space and .,;:!?'\"&()-[]>")
 
     # ---------------------------------------------------------------- per client
 
@@ -251,7 +265,18 @@ class TextFederation(FederatedData):
                           self.partition.test_fraction, self.validation_fraction)
 
     def client_size(self, cid: int) -> int:
-        return windows_in(*self.role_split(cid).train, self.seq_len)
+        return max(0, len(self._train_codes(cid)) - self.seq_len)
+
+    def _train_codes(self, cid: int) -> np.ndarray:
+        """Client ``cid``'s training characters, with its canaries planted (a copy) if any."""
+        a, b = self.role_split(cid).train
+        codes = self.corpus.codes[self.role_ids[self._check(cid)]][a:b]
+        mine = [c for c in self.canaries if c.client == cid]
+        if not mine:
+            return codes
+        planted = [encode(c.text) for c in mine for _ in range(self._canary_repeats)]
+        return plant(codes, planted, VOCAB.index(SPEECH_SEPARATOR),
+                     numpy_rng(self.seed, "privacy", "canary-positions", cid))
 
     def work_estimate(self):
         return self.client_size
@@ -259,9 +284,10 @@ class TextFederation(FederatedData):
     def class_counts(self, cid: int) -> tuple[list[int], list[int]]:
         """Next-character counts of the client's (train, test) windows."""
         codes = self.corpus.codes[self.role_ids[self._check(cid)]]
-        split = self.role_split(cid)
-        return tuple(np.bincount(codes[a + self.seq_len:b], minlength=self.num_classes)
-                     .tolist() for a, b in (split.train, split.test))
+        a, b = self.role_split(cid).test
+        t = self.seq_len
+        return (np.bincount(self._train_codes(cid)[t:], minlength=self.num_classes).tolist(),
+                np.bincount(codes[a + t:b], minlength=self.num_classes).tolist())
 
     def example_inputs(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` windows of character ids: zeros, or uniform draws from ``generator``."""
@@ -276,13 +302,15 @@ class TextFederation(FederatedData):
 
     def _segment(self, cid: int, span: tuple[int, int]) -> Tensors:
         codes = self.corpus.codes[self.role_ids[self._check(cid)]]
-        # a private int64 copy of the span's characters; the windows are views of it
-        return windows(torch.from_numpy(codes[span[0]:span[1]].astype(np.int64)),
-                       self.seq_len)
+        return self._windows(codes[span[0]:span[1]])
+
+    def _windows(self, codes: np.ndarray) -> Tensors:
+        # a private int64 copy of the characters; the windows are views of it
+        return windows(torch.from_numpy(codes.astype(np.int64)), self.seq_len)
 
     def _materialize(self, cid: int) -> tuple[Tensors, Tensors]:
-        split = self.role_split(cid)
-        return self._segment(cid, split.train), self._segment(cid, split.test)
+        return (self._windows(self._train_codes(cid)),
+                self._segment(cid, self.role_split(cid).test))
 
     # ---------------------------------------------------------------- global
 
@@ -346,8 +374,8 @@ class _RoleSource:
 
 
 def _text_federation(dataset: TextCorpus, data: DataConfig, partition: PartitionConfig,
-                     seed: int) -> TextFederation:
-    return TextFederation(dataset, data, partition, seed)
+                     seed: int, exposure: ExposureConfig | None = None) -> TextFederation:
+    return TextFederation(dataset, data, partition, seed, exposure=exposure)
 
 
 FEDERATIONS[TextCorpus] = _text_federation
