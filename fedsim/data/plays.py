@@ -132,10 +132,13 @@ def parse_play(text: str, path: Path | str = "<play>") -> Play:
             close()
             speaker = _SPACES.sub(" ", match["name"]).strip()
             continue
-        if line.startswith(("_", "*", "[")) and not _INLINE_DIRECTION.fullmatch(line):
-            # a stage direction line; an unclosed italic continues on the next lines
-            in_direction = line[0] != "[" and (len(line) == 1 or not line.endswith(("_", "*")))
-            continue
+        if line.startswith(("_", "*", "[")):
+            rest = _INLINE_DIRECTION.sub(" ", line).strip()
+            if not rest or rest.startswith(("_", "*", "[")):
+                # a stage direction line; an unclosed italic continues on the next lines
+                in_direction = (bool(rest) and rest[0] != "["
+                                and (len(rest) == 1 or not rest.endswith(("_", "*"))))
+                continue
         spoken = _clean(line)
         if speaker is not None and spoken:
             words.append(spoken)

@@ -54,8 +54,9 @@ def to_device(x: torch.Tensor, device: torch.device, copy: bool = True) -> torch
 
 def stack_padded(xs: list[torch.Tensor], n_max: int, device: torch.device
                  ) -> torch.Tensor | None:
-    """``(K, n_max, T)`` holding each of ``xs``' windows at rows ``[0, len)`` (zero windows
-    after them), as one view of the stacked, zero-padded texts; None unless every tensor of
+    """``(K, n_max, T)`` holding each of ``xs``' windows at rows ``[0, len)``, as one view
+    of the stacked, zero-padded texts (the rows after a client's windows are padding: its
+    last characters, then zeros; batches never index them); None unless every tensor of
     ``xs`` is a window view with the same ``T``."""
     if not xs or not all(is_window_view(x) for x in xs) or len({x.shape[1] for x in xs}) > 1:
         return None

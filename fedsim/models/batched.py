@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedsim.compat import add_batch_dim, folding_vmap, is_batched, unwrap_batched
+from fedsim.compat import (
+    add_batch_dim,
+    folding_vmap,
+    is_batched,
+    under_vmap,
+    unwrap_batched,
+)
 from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, check_features
 from fedsim.models.pool import FastMaxPool2d, pool_indices, pools_fast
 from fedsim.models.sequence import CausalAttention, LSTMLayer
@@ -200,11 +206,12 @@ class FoldedCausalAttention(CausalAttention):
 
 class FoldedLSTMLayer(LSTMLayer):
     """:class:`~fedsim.models.sequence.LSTMLayer` whose recurrence runs step by step in
-    ordinary ops under ``vmap`` (``nn.LSTM``'s equations, gates in its order i, f, g, o):
-    ``i, f, o = σ(·)``, ``g = tanh(·)``, ``c' = f·c + i·g``, ``h' = o·tanh(c')``."""
+    ordinary ops under any ``vmap`` (``aten::lstm`` has no batching rule, so this is not
+    only the fast path but the only one): ``nn.LSTM``'s equations, gates in its order i,
+    f, g, o: ``i, f, o = σ(·)``, ``g = tanh(·)``, ``c' = f·c + i·g``, ``h' = o·tanh(c')``."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        if folding_vmap() is None:
+        if not under_vmap():
             return super().forward(x)
         b, t, _ = x.shape
         gates_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)  # every step's input part
