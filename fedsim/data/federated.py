@@ -288,6 +288,12 @@ class FederatedData:
         labels (synthetic clients), too costly to ask for every sampled client."""
         return self.client_size if isinstance(self._source, _ArrayClients) else None
 
+    def describe(self, cid: int) -> dict:
+        """What the data knows about client ``cid`` beyond its samples (a text client's
+        speaking role); nothing for image clients."""
+        self._check(cid)
+        return {}
+
     def example_inputs(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` inputs of the federation's kind and shape, for checks that run a model before
         training: zeros, or standard normal draws from ``generator``."""

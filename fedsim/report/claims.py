@@ -51,6 +51,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
                                  "own_model_accuracy")
       for d in _DIST),
     "final.hybrid_alpha_mean", "final.hessian_max_eig", "final.sharpness",
+    "final.global_test_perplexity", *(f"final.client_perplexity.{d}" for d in _DIST),
     "final.personalized_participation_gap",
     "generalization.out_of_sample_gap", "generalization.participation_gap",
     *(f"generalization.holdout_accuracy.{d}" for d in _DIST),
@@ -62,6 +63,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
       for k in ("abs_error", "relative_error", "baseline_abs_error")),
     *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
                                          "objective")),
+    *(f"privacy.exposure.{where}.{k}" for where in ("global", "upload") for k in ("mean", "max")),
     "dp.privacy_spent.epsilon", "dp.noise_multiplier", "dp.effective_noise_multiplier",
     "dp.clipping_norm", "dp.noise_stddev",
 )
@@ -72,6 +74,8 @@ _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
     "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
     "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
     "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
+    "privacy.exposure.": (lambda s: s.privacy.exposure.enabled,
+                          "privacy.exposure.canaries = 4 (text data)"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
     "hybrid_alpha.": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
     "final.hybrid_alpha_mean": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
