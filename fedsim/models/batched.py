@@ -16,8 +16,8 @@ is their native backward on the stacked tensors too.
   (``fedsim.models.pool``).
 - Causal attention of K clients is attention of one ``(K·B, H, T, D)`` batch (it has no
   parameters; ``vmap`` has no batching rule for the CPU kernel and would loop).
-- An LSTM layer (``aten::lstm`` has no batching rule at all) runs its recurrence step by
-  step in ordinary ops, which ``vmap`` batches: the same equations as ``nn.LSTM``.
+- An LSTM layer (``aten::lstm`` has no batching rule: a plain ``vmap`` of it fails) runs its
+  recurrence step by step in ordinary ops, which ``vmap`` batches: ``nn.LSTM``'s equations.
 
 ``vmap``'s own rules compute the same values; the folds make a small CNN's cohort faster
 (benchmarks/RESULTS.md). The choice is made once, when the cohort's model is built:
@@ -206,7 +206,7 @@ class FoldedCausalAttention(CausalAttention):
 
 class FoldedLSTMLayer(LSTMLayer):
     """:class:`~fedsim.models.sequence.LSTMLayer` whose recurrence runs step by step in
-    ordinary ops under any ``vmap`` (``aten::lstm`` has no batching rule, so this is not
+    ordinary ops under any ``vmap`` (a plain ``vmap`` of ``aten::lstm`` fails, so this is not
     only the fast path but the only one): ``nn.LSTM``'s equations, gates in its order i,
     f, g, o: ``i, f, o = σ(·)``, ``g = tanh(·)``, ``c' = f·c + i·g``, ``h' = o·tanh(c')``."""
 

@@ -20,7 +20,7 @@ statistics that normalise its earlier ones; ``hybrid`` mixes the two statistics.
   and a linear head; ``model.width`` features, heads of 16.
 
 In a vectorized cohort (``engine.vectorize``) the LSTM recurrence and the attention kernel
-have no ``vmap`` batching rule (``aten::lstm`` has none at all); their folding variants
+have no ``vmap`` batching rule (a plain ``vmap`` of ``nn.LSTM`` fails); their folding variants
 (:mod:`fedsim.models.batched`) run the same computation on the cohort's stacked tensors.
 """
 

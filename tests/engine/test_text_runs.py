@@ -69,3 +69,29 @@ def test_inversion_and_image_archs_are_refused_on_text(tmp_path):
         fedsim.run("scenarios/quickstart.toml", ["privacy.exposure.canaries=1"],
                    out=tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_resume_keeps_exposure_captured_before_the_interruption(tmp_path):
+    """Exposure on the global model of rounds 1-2 and on the uploads of round 1 was measured
+    before the kill: the checkpoint carries it, and the resumed run equals the whole one."""
+    import shutil
+
+    from same_run import records  # tests/same_run.py
+
+    audit = TINY + ["server.rounds=3", "privacy.exposure.canaries=2", "privacy.audit_every=1",
+                    "privacy.client_round=1", "privacy.exposure.digits=2",
+                    "server.clients_per_round=4"]
+    ref = fedsim.run(SCENARIO, audit, out=tmp_path / "ref").path
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut)  # as a kill right after round 2's checkpoint leaves it
+    for name in ("summary.json", "model.pt", "learning_curves.png", "checkpoint.pt"):
+        (cut / name).unlink()
+    (cut / "checkpoint.prev.pt").rename(cut / "checkpoint.pt")
+    resumed = fedsim.resume(cut)
+    assert resumed.summary["resumed_from"] == [2]
+    a, b = (torch.load(p / "model.pt", weights_only=True) for p in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a) and records(ref) == records(cut)
+    pa, pb = (json.loads((p / "summary.json").read_text())["privacy"] for p in (ref, cut))
+    assert [r["round"] for r in pb["exposure"]["global_by_round"]] == [1, 2, 3]
+    assert pb["exposure"]["upload"]["round"] == 1
+    assert pa["exposure"] == pb["exposure"]
