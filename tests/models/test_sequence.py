@@ -168,3 +168,19 @@ def test_the_cohort_copy_folds_the_recurrence_and_the_attention():
     for arch, kind in (("lstm", FoldedLSTMLayer), ("transformer", FoldedCausalAttention)):
         model = build_model(arch, "ln", num_classes=80, vocab_size=80, seq_len=T, width=16)
         assert any(type(m) is kind for m in fold_for_cohort(model).modules())
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+@pytest.mark.parametrize("norm", ["bn", "ln", "hybrid"])
+def test_folded_sequence_nets_are_the_plain_ones_outside_vmap(arch, norm):
+    """Eager (no vmap), the cohort copy is the plain net: bitwise, train and eval."""
+    torch.manual_seed(0)
+    model = build_model(arch, norm, num_classes=80, vocab_size=80, seq_len=T, width=16)
+    folded = fold_for_cohort(model)
+    x = torch.randint(0, 80, (4, T), generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        model.train(train)
+        folded.train(train)
+        assert torch.equal(folded(x), model(x))
+    for (n, a), (_, b) in zip(folded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
