@@ -18,9 +18,11 @@ play; its text is its speeches in play order, joined with ``"\\n"``. Roles are s
   taken from its last characters; training windows end before them, so no test target or
   context character is ever trained on. A role needs ``2 * (seq_len + 1)`` characters for
   one window on each side, and at least ``partition.min_size`` characters to be a client.
-- **Validation** (:func:`split_role` with ``validation_fraction > 0``): the windows just
-  before the test tail, with the same gap, carved out of the training text; the test tail
-  does not move.
+- **Validation** (``data.validation_fraction > 0``; :func:`split_role`): in every role, the
+  windows just before the test tail, with the same gap, carved out of the training text (the
+  test tail does not move); the validation set (:meth:`TextFederation.validation`) is
+  ``data.test_samples`` of them drawn with a fixed seed, as the global test set is drawn
+  from the test tails. Each client's own slice is :meth:`TextFederation.client_validation`.
 - **Canaries** (``[privacy.exposure]``, :mod:`fedsim.data.canaries`): planted into the
   chosen clients' training text only.
 - **Global test set**: ``data.test_samples`` windows drawn with a fixed seed from the local
@@ -217,13 +219,15 @@ class TextFederation(FederatedData):
         self.corpus = corpus
         self.seq_len = data.seq_len
         self.validation_fraction = validation_fraction
-        floor = max(partition.min_size, min_role_chars(data.seq_len, validation_fraction > 0))
+        splits = 3 if validation_fraction > 0 else 2  # one window each: train, (val), test
+        least = min_role_chars(data.seq_len, validation_fraction > 0)
+        floor = max(partition.min_size, least)
         self.min_chars = floor
         eligible = [i for i, c in enumerate(corpus.codes) if len(c) >= floor]
         what = (f"{len(eligible)} of the {len(corpus.roles)} speaking roles in "
                 f"{corpus.num_plays} plays have at least {floor} characters (partition."
-                f"min_size = {partition.min_size}, at least 2 x (data.seq_len + 1) = "
-                f"{min_role_chars(data.seq_len)})")
+                f"min_size = {partition.min_size}, at least {splits} x (data.seq_len + 1) = "
+                f"{least})")
         if partition.kind != "natural":
             raise ScenarioError(
                 f"data.name = 'shakespeare' makes one client per speaking role; use "
@@ -237,6 +241,7 @@ class TextFederation(FederatedData):
         self.eligible = tuple(eligible)
         self.role_ids = tuple(eligible[i] for i in chosen)
         self._global_test_size = data.test_samples
+        self._validation_set: Tensors | None = None
         super().__init__(_RoleSource(self), partition, seed, ARRAY_CACHE_CLIENTS,
                          holdout_rule(corpus))
         self.canaries: tuple[Canary, ...] = ()
@@ -316,20 +321,32 @@ class TextFederation(FederatedData):
 
     def global_test_windows(self) -> list[tuple[int, int]]:
         """``(role index, window start)`` of the global test set, in drawn order."""
+        return self._draw("global-test", lambda split: split.test)
+
+    def validation_windows(self) -> list[tuple[int, int]]:
+        """``(role index, window start)`` of the validation set, in drawn order (none
+        without ``validation_fraction``)."""
+        if self.validation_fraction <= 0:
+            return []
+        return self._draw("validation", lambda split: split.validation)
+
+    def _draw(self, purpose: str, span_of) -> list[tuple[int, int]]:
+        """``data.test_samples`` windows drawn without replacement, with a seed fixed by
+        ``purpose`` and the split's settings, from the ``span_of`` text of every qualifying
+        role."""
         t = self.seq_len
-        spans = [(r, self._role_split(r).test) for r in self.eligible]
+        spans = [(r, span_of(self._role_split(r))) for r in self.eligible]
         counts = np.array([windows_in(a, b, t) for _, (a, b) in spans], dtype=np.int64)
         total = int(counts.sum())
         size = min(self._global_test_size, total)
-        rng = numpy_rng(0, "shakespeare", "global-test", t, self.min_chars)
+        rng = numpy_rng(0, "shakespeare", purpose, t, self.min_chars)
         picks = np.sort(rng.choice(total, size=size, replace=False))
         owner = np.searchsorted(np.cumsum(counts), picks, side="right")
         first = np.cumsum(counts) - counts
         return [(spans[o][0], spans[o][1][0] + int(p - first[o])) for o, p in zip(owner, picks)]
 
-    def _global_test(self) -> tuple[np.ndarray, np.ndarray]:
+    def _gather(self, picks: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         t = self.seq_len
-        picks = self.global_test_windows()
         x = np.empty((len(picks), t), dtype=np.int64)
         y = np.empty(len(picks), dtype=np.int64)
         for i, (role, start) in enumerate(picks):
@@ -338,6 +355,9 @@ class TextFederation(FederatedData):
             y[i] = codes[start + t]
         return x, y
 
+    def _global_test(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._gather(self.global_test_windows())
+
     def global_test(self) -> Tensors:
         """``data.test_samples`` windows (int64, copied) from every qualifying role's test
         tail, fixed by ``(seq_len, min_size, test_fraction)``, not by the scenario seed."""
@@ -345,6 +365,22 @@ class TextFederation(FederatedData):
             x, y = self._global_test()
             self._global = torch.from_numpy(x), torch.from_numpy(y)
         return self._global
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation set is held out (``validation_fraction > 0``)."""
+        return self.validation_fraction > 0
+
+    def validation(self) -> Tensors | None:
+        """The validation set: ``data.test_samples`` windows (int64) drawn with a fixed
+        seed from the validation slices of every qualifying role (no client trains or tests
+        on them), or None without ``validation_fraction``."""
+        if self.validation_fraction <= 0:
+            return None
+        if self._validation_set is None:
+            x, y = self._gather(self.validation_windows())
+            self._validation_set = torch.from_numpy(x), torch.from_numpy(y)
+        return self._validation_set
 
     def describe(self, cid: int) -> dict:
         """The role behind client ``cid``: play, speaker, speeches and characters."""
@@ -375,7 +411,10 @@ class _RoleSource:
 
 def _text_federation(dataset: TextCorpus, data: DataConfig, partition: PartitionConfig,
                      seed: int, exposure: ExposureConfig | None = None) -> TextFederation:
-    return TextFederation(dataset, data, partition, seed, exposure=exposure)
+    # data.validation_fraction, where the configuration has the key (the tuning split)
+    fraction = getattr(data, "validation_fraction", 0.0)
+    return TextFederation(dataset, data, partition, seed, validation_fraction=fraction,
+                          exposure=exposure)
 
 
 FEDERATIONS[TextCorpus] = _text_federation

@@ -89,7 +89,7 @@ class ExposureAudit:
             est = sampled_exposure(float(value), px, self.space)
             rows.append({"canary": c.index, "client": c.client, "secret": c.secret,
                          "log_perplexity": float(value),
-                         "rank": 1 + (self.space - 1) * 2.0 ** -est,
+                         "rank": self.space * 2.0 ** -est,  # 1 + q (|R| - 1), estimated
                          "exposure": est,
                          "exposure_fit": fitted_exposure(float(value), px, self.space)})
         return rows

@@ -224,3 +224,31 @@ def test_real_corpus_sizes():
     sizes = np.array([fd.client_size(c) for c in range(fd.num_clients)])
     assert sizes.min() >= 1 and fd.num_clients == 1093
     assert len(fd.corpus.roles) == 1426 and fd.corpus.num_plays == 38
+
+
+def test_validation_set_comes_from_the_slice_before_each_test_tail(plays):
+    from fedsim.data.shakespeare import TextFederation, load_shakespeare
+
+    data = DataConfig(name="shakespeare", root=str(plays), seq_len=T, test_samples=4)
+    part = PartitionConfig(kind="natural", num_clients=2, min_size=2)
+    corpus = load_shakespeare(data)
+    fd = TextFederation(corpus, data, part, 0, validation_fraction=0.3)
+    plain = TextFederation(corpus, data, PartitionConfig(kind="natural", num_clients=2,
+                                                         min_size=15), 0)
+    assert fd.has_validation and not plain.has_validation and plain.validation() is None
+    # roles need 3 (T + 1) = 15 characters now: beta/CARL (19) and alpha/ANNA (21)
+    assert [fd.describe(c)["role"] for c in range(2)] == ["alpha/ANNA", "beta/CARL"]
+    x, y = fd.validation()
+    assert len(x) == 4 and x.dtype == torch.int64
+    seen = {}
+    for cid in range(2):
+        assert torch.equal(fd.client_test(cid)[0], plain.client_test(cid)[0])  # tail kept
+        for name, split in (("train", fd.client_train(cid)), ("test", fd.client_test(cid)),
+                            ("val", fd.client_validation(cid))):
+            seen.setdefault(name, set()).update(
+                (decode(a), decode([b])) for a, b in zip(*split))
+    got = {(decode(a), decode([b])) for a, b in zip(x, y)}
+    assert got <= seen["val"] and not got & seen["test"]
+    # ANNA: 21 characters, 3 test windows from 14; 10 training windows, of which
+    # round(0.3 * (10 - 4)) = 2 become validation windows 4 characters before the tail
+    assert fd.role_split(0).validation == (8, 14) and len(fd.client_train(0)[0]) == 4
