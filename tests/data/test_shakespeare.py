@@ -160,19 +160,22 @@ def test_image_models_are_refused_on_text(plays):
 
 
 def test_client_ids_are_the_same_in_another_process():
+    """Another interpreter, with another hash salt, names the same role behind every id."""
     code = ("from fedsim.config import load_scenario; from fedsim.data import "
             "build_federated_data; fd = build_federated_data(load_scenario("
             "'scenarios/shakespeare.toml')); import json; print(json.dumps("
             "[fd.describe(c)['role'] for c in range(fd.num_clients)]))")
-    env_seeds = []
-    for seed in ("1", "2"):  # different hash salts: nothing may depend on hash()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True, cwd=ROOT, env={"PYTHONHASHSEED": seed,
-                                                        "PATH": "/usr/bin:/bin",
-                                                        "PYTHONPATH": str(ROOT)})
-        env_seeds.append(json.loads(out.stdout))
-    assert env_seeds[0] == env_seeds[1] and len(env_seeds[0]) == 20
-    assert env_seeds[0] == sorted(env_seeds[0], key=lambda r: tuple(r.split("/", 1)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={"PYTHONHASHSEED": "12345",
+                                                    "PATH": "/usr/bin:/bin",
+                                                    "PYTHONPATH": str(ROOT)})
+    there = json.loads(out.stdout)
+    from fedsim.config import load_scenario
+
+    fd = build_federated_data(load_scenario(ROOT / "scenarios" / "shakespeare.toml"))
+    here = [fd.describe(c)["role"] for c in range(fd.num_clients)]
+    assert there == here and len(here) == 20
+    assert here == sorted(here, key=lambda r: tuple(r.split("/", 1)))
 
 
 def test_canaries_are_planted_in_the_training_text_only(plays):
