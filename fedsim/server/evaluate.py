@@ -74,16 +74,21 @@ def flatness_sample(data: FederatedData | DeviceSplits, clients: list[int], size
     seed (in pooled order), so every evaluation measures the loss on the same sample; on
     the device of ``data``'s tensors."""
     xs, ys = zip(*(data.client_train(cid) for cid in clients)) if clients else ((), ())
-    if not ys or sum(len(y) for y in ys) == 0:
+    total = sum(len(y) for y in ys)
+    if total == 0:
         raise ScenarioError("output.sharpness: the evaluated participating clients have no "
                             "training examples to measure the loss on")
-    x, y = torch.cat(xs), torch.cat(ys)
-    if len(y) > size:
-        rng = numpy_rng(seed, "flatness", "sample")
-        keep = torch.from_numpy(np.sort(rng.choice(len(y), size=size, replace=False)))
-        keep = keep.to(y.device)
-        x, y = x[keep], y[keep]
-    return x, y
+    if total <= size:
+        return torch.cat(xs), torch.cat(ys)
+    rng = numpy_rng(seed, "flatness", "sample")
+    keep = np.sort(rng.choice(total, size=size, replace=False))  # positions in pooled order
+    # gathered client by client: never a pooled copy of every client's samples (a text
+    # client's windows are views of its text, T times smaller than their copy)
+    bounds = np.cumsum([0, *(len(y) for y in ys)])
+    parts = [torch.from_numpy(keep[(keep >= a) & (keep < b)] - a).to(y.device)
+             for a, b, y in zip(bounds[:-1], bounds[1:], ys)]
+    return (torch.cat([x[rows] for x, rows in zip(xs, parts)]),
+            torch.cat([y[rows] for y, rows in zip(ys, parts)]))
 
 
 def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputConfig,
