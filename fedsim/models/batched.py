@@ -16,8 +16,9 @@ is their native backward on the stacked tensors too.
   (``fedsim.models.pool``).
 - Causal attention of K clients is attention of one ``(K·B, H, T, D)`` batch (it has no
   parameters; ``vmap`` has no batching rule for the CPU kernel and would loop).
-- An LSTM layer (``aten::lstm`` has no batching rule: a plain ``vmap`` of it fails) runs its
-  recurrence step by step in ordinary ops, which ``vmap`` batches: ``nn.LSTM``'s equations.
+- An LSTM layer (``aten::lstm`` has no batching rule: a plain ``vmap`` of it fails) runs
+  each client's weights through the fused kernel in turn (the sequential computation, K
+  times; under other transforms, its recurrence step by step in ordinary ops).
 
 ``vmap``'s own rules compute the same values; the folds make a small CNN's cohort faster
 (benchmarks/RESULTS.md). The choice is made once, when the cohort's model is built:
@@ -40,6 +41,7 @@ from fedsim.compat import (
     add_batch_dim,
     folding_vmap,
     is_batched,
+    lstm_layer,
     under_vmap,
     unwrap_batched,
 )
@@ -205,20 +207,40 @@ class FoldedCausalAttention(CausalAttention):
 
 
 class FoldedLSTMLayer(LSTMLayer):
-    """:class:`~fedsim.models.sequence.LSTMLayer` whose recurrence runs step by step in
-    ordinary ops under any ``vmap`` (a plain ``vmap`` of ``aten::lstm`` fails, so this is not
-    only the fast path but the only one): ``nn.LSTM``'s equations, gates in its order i,
-    f, g, o: ``i, f, o = σ(·)``, ``g = tanh(·)``, ``c' = f·c + i·g``, ``h' = o·tanh(c')``."""
+    """:class:`~fedsim.models.sequence.LSTMLayer` that runs under ``vmap``, where
+    ``aten::lstm`` has no batching rule (a plain ``vmap`` of it fails).
+
+    Under a folding ``vmap`` (a cohort) each client's weights go through the fused kernel
+    ``nn.LSTM`` runs (:func:`fedsim.compat.lstm_layer`), one client after the other on the
+    stacked tensors: the sequential backend's computation, K times. Under any other ``vmap``
+    the recurrence runs step by step in ordinary ops, which ``vmap`` batches: ``nn.LSTM``'s
+    equations, gates in its order i, f, g, o: ``i, f, o = σ(·)``, ``g = tanh(·)``,
+    ``c' = f·c + i·g``, ``h' = o·tanh(c')`` (about 3x slower on a CPU than the fused kernel).
+    """
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         if not under_vmap():
             return super().forward(x)
+        weights = (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
+        vm = folding_vmap()
+        k = None if vm is None else cohort(vm.level(), x, *weights)
+        if k is not None:
+            level = vm.level()
+            with vm.lower():
+                xs, *ws = (physical(t, level, k, 0) for t in (x, *weights))
+                y = torch.stack([lstm_layer(xs[i], *(w[i] for w in ws), train=self.training)
+                                 for i in range(k)])
+            return add_batch_dim(y, 0, level)
+        return self._unrolled(x, *weights)
+
+    def _unrolled(self, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+                  b_hh: Tensor) -> Tensor:
         b, t, _ = x.shape
-        gates_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)  # every step's input part
+        gates_x = F.linear(x, w_ih, b_ih)  # every step's input part at once
         h = c = x.new_zeros((b, self.hidden_size), dtype=gates_x.dtype)
         out = []
         for step in range(t):
-            gates = gates_x[:, step] + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)
+            gates = gates_x[:, step] + F.linear(h, w_hh, b_hh)
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)

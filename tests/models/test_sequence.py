@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+import fedsim.models.batched as batched_module
 from fedsim.models import build_model, make_norm
 from fedsim.models.batched import FoldedCausalAttention, FoldedLSTMLayer, fold_for_cohort
 from fedsim.models.norm import RMSNorm, is_norm_layer, norm_keys
@@ -143,7 +144,12 @@ def test_transformer_is_causal_with_per_token_norms():
     assert not torch.allclose(hidden("bn", x)[:, :-1], hidden("bn", y)[:, :-1])
 
 
-def test_folded_lstm_under_vmap_is_nn_lstm_per_client():
+@pytest.mark.parametrize("path", ["fused per client", "unrolled"])
+def test_folded_lstm_under_vmap_is_nn_lstm_per_client(path, monkeypatch):
+    """Under a cohort's vmap each client's weights go through the fused kernel; under other
+    transforms (here: folding switched off) the recurrence runs in ordinary ops."""
+    if path == "unrolled":
+        monkeypatch.setattr(batched_module, "folding_vmap", lambda: None)
     torch.manual_seed(0)
     layer = FoldedLSTMLayer(6, 10).double()
     k = 3
