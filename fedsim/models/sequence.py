@@ -19,8 +19,8 @@ statistics that normalise its earlier ones; ``hybrid`` mixes the two statistics.
   and a 4x MLP (GELU) each behind a norm layer on its residual branch, a final norm layer
   and a linear head; ``model.width`` features, heads of 16.
 
-In a vectorized cohort (``engine.vectorize``) the LSTM recurrence and the attention kernel
-have no ``vmap`` batching rule (a plain ``vmap`` of ``nn.LSTM`` fails); their folding variants
+In a vectorized cohort (``engine.vectorize``) the LSTM and the attention kernel have no
+``vmap`` batching rule (a plain ``vmap`` of ``nn.LSTM`` fails); their folding variants
 (:mod:`fedsim.models.batched`) run the same computation on the cohort's stacked tensors.
 """
 
