@@ -37,9 +37,10 @@ SYNTHETIC_CACHE_BYTES = 256 * 2**20  # generated clients kept for reuse (regener
 # more than a small client's local training); memory stays bounded at any number of clients
 LABEL_CACHE_CLIENTS = 1 << 17  # generated clients' labels kept (8 bytes per sample each)
 
-#: dataset type → ``(dataset, data, partition, seed) -> FederatedData`` for datasets whose
-#: clients are not index sets of one array (a text corpus: clients are speaking roles),
-#: filled by the module that defines the dataset type (``fedsim.data.shakespeare``)
+#: dataset type → ``(dataset, data, partition, seed, exposure=...) -> FederatedData`` for
+#: datasets whose clients are not index sets of one array (a text corpus: clients are
+#: speaking roles), filled by the module that defines the dataset type
+#: (``fedsim.data.shakespeare``); ``exposure``: the canaries to plant, or None
 FEDERATIONS: dict[type, Callable[..., FederatedData]] = {}
 
 

@@ -298,8 +298,8 @@ def check_privacy(run: RunContext) -> None:
     if cfg.inversion and data.input_kind != "image":
         raise ScenarioError(
             f"privacy.inversion reconstructs images from gradients, but data.name = "
-            f"{scenario.data.name!r} holds {data.input_kind}; set privacy.inversion = false "
-            "(on text, measure memorization with [privacy.exposure])")
+            f"{scenario.data.name!r} holds text (token windows); set privacy.inversion = "
+            "false (on text, measure memorization with [privacy.exposure])")
     if cfg.inversion:
         cid = first_client(scenario, data)
         if cid not in data.participating:
