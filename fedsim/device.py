@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedsim.data.windows import is_window_view, to_device, window_text
 from fedsim.errors import ScenarioError
 
 if TYPE_CHECKING:
@@ -77,8 +78,9 @@ class DeviceData:
                 return self._items[key]
         x, y = host()
         # copy=True: a new tensor even where .to() could return its input (a test's CPU
-        # stand-in for an accelerator), so a cached copy is never the caller's host tensor
-        value = (x.to(self.device, copy=True), y.to(self.device, copy=True))
+        # stand-in for an accelerator), so a cached copy is never the caller's host tensor;
+        # token windows move as their text and stay views (fedsim.data.windows)
+        value = (to_device(x, self.device), y.to(self.device, copy=True))
         size = _nbytes(value)
         if size > self.max_bytes:
             return value
@@ -93,7 +95,9 @@ class DeviceData:
 
 
 def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes the tensors hold (a window view: its text's, not ``N·T`` elements)."""
+    return sum((window_text(t) if is_window_view(t) else t).numel() * t.element_size()
+               for t in tensors)
 
 
 class DeviceSplits:

@@ -62,9 +62,9 @@ def preflight(scenario: Scenario | RunContext,
     scenario, data = run.scenario, run.data
     check_packages(scenario.output.sinks)  # a tracker's package, before anything runs
     model = run.new_model()
-    check_forward(scenario, copy.deepcopy(model), data.input_shape)
-    check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
-    check_bn_statistics(scenario, copy.deepcopy(model), data.input_shape)
+    check_forward(scenario, copy.deepcopy(model), data)
+    check_batch_statistics(scenario, copy.deepcopy(model), data)
+    check_bn_statistics(scenario, copy.deepcopy(model), data)
     check_engine(run, model, traced)
     if scenario.privacy.enabled:
         check_privacy(run)

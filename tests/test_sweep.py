@@ -300,12 +300,12 @@ def _count_traces(monkeypatch, fail_on_bn: bool = False) -> list[str]:
 
     real, calls = vectorized.trace_problem, []
 
-    def traced(model, input_shape, num_classes):
+    def traced(model, data):
         bn = any(has_running_statistics(m) for m in model.modules())
         calls.append("bn" if bn else "other")
         if fail_on_bn and bn:
             return "RuntimeError: cannot batch this model"
-        return real(model, input_shape, num_classes)
+        return real(model, data)
 
     monkeypatch.setattr(vectorized, "trace_problem", traced)
     return calls

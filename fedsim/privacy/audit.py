@@ -15,6 +15,8 @@ The server is the attacker throughout (the threat model of Nasr et al., IEEE S&P
 - ``inversion``: gradient inversion of one client's local step, or of its whole multi-step
   upload (``inversion_target = "update"``), best of ``inversion_restarts`` starts (Geiping
   et al. 2020).
+- ``exposure`` (text): canary exposure of planted secrets on the global model and on the
+  canary clients' uploads (Carlini et al. 2019; :mod:`fedsim.privacy.exposure_audit`).
 
 Members and non-members (:class:`MembershipPool`): for every participating client, ``k`` of
 its local training samples (members) and ``k`` of its local *test* split (non-members: same
@@ -65,6 +67,7 @@ from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import ScenarioError
 from fedsim.models.norm import uses_batch_statistics
 from fedsim.privacy.audit_epsilon import AccountantClaim, membership_epsilon
+from fedsim.privacy.exposure_audit import ExposureAudit, check_exposure
 from fedsim.privacy.inversion import (
     client_gradient,
     image_metrics,
@@ -313,6 +316,12 @@ def check_privacy(run: RunContext) -> None:
             f"privacy.canary_samples = {cfg.canary_samples} inserts gradient canaries into "
             "DP-SGD, which this run does not use; set [client.dp] (noise_multiplier or "
             "target_epsilon; a tiny noise_multiplier for a run that is private in name only)")
+    check_exposure(cfg.exposure, data)
+    if cfg.inversion and data.input_kind != "image":
+        raise ScenarioError(
+            f"privacy.inversion reconstructs images from gradients, but data.name = "
+            f"{scenario.data.name!r} holds text (token windows); set privacy.inversion = "
+            "false (on text, measure memorization with [privacy.exposure])")
     if cfg.inversion:
         cid = first_client(scenario, data)
         if cid not in data.participating:
@@ -420,16 +429,19 @@ class PrivacyAudit:
         self.audit_rounds = (set(range(every, total + 1, every)) if every else set()) | {total}
         self.client_round = self.cfg.client_round or total
         self.model = run.new_model().to(device)  # scratch copy for probes
-        self.pool = MembershipPool.build(data, scenario.seed)
         self.on_device = run.on_device  # the run's device copies, shared with its evaluation
-        x, y, self.is_member = self.pool.tensors(self.on_device)
-        self.pool_xy = (x, y)
         self.test_xy = self.on_device.global_test()
+        if self.attacks or self.cfg.client_mia:  # the membership pool, only where used
+            self.pool = MembershipPool.build(data, scenario.seed)
+            x, y, self.is_member = self.pool.tensors(self.on_device)
+            self.pool_xy = (x, y)
         self.population_xy = self._population(self.test_xy)
         self.trained: set[int] = set()  # clients whose update was aggregated in some round
         self.canaries = (SampleCanaries(self.cfg.canary_samples, data.participating,
                                         scenario.seed, self.model)
                          if self.cfg.canary_samples else None)
+        self.exposure = (ExposureAudit(self.cfg.exposure, data, scenario.seed)
+                         if self.cfg.exposure.enabled else None)
         self.target: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
         self.needs_population = any(getattr(a, "needs_population", False)
                                     for a in self.attacks.values())
@@ -462,7 +474,8 @@ class PrivacyAudit:
                 "trained": sorted(self.trained), "client_rows": self.client_rows,
                 "canary_best": None if self.canaries is None else self.canaries.best,
                 "leak_rows": self.leak_rows, "inversion_state": self.inversion_state,
-                "sent": self._sent}
+                "sent": self._sent,
+                "exposure": self.exposure.state() if self.exposure is not None else None}
 
     def restore_state(self, state: dict) -> None:
         """Put :meth:`checkpoint_state` back (after ``--resume``)."""
@@ -475,6 +488,8 @@ class PrivacyAudit:
         self.leak_rows = list(state["leak_rows"])
         self.inversion_state = state["inversion_state"]
         self._sent = state["sent"]
+        if self.exposure is not None and state.get("exposure") is not None:
+            self.exposure.restore(state["exposure"])
 
     # -- during training ------------------------------------------------------------
     def _load(self, *layers) -> None:
@@ -505,7 +520,11 @@ class PrivacyAudit:
             self.target[rnd] = (losses, conf, acc)
             if self.needs_population:
                 self.population[rnd] = self._outputs(arrays, *self.population_xy)[1]
-        if rnd == self.client_round and (self.cfg.client_mia or self.cfg.leakage):
+        if self.exposure is not None and rnd in self.audit_rounds:
+            self._load(arrays)
+            self.exposure.on_global(rnd, self.model)
+        if rnd == self.client_round and (self.cfg.client_mia or self.cfg.leakage
+                                         or self.exposure is not None):
             for msg in replies:
                 if not msg.has_error():
                     self._client_update(msg, arrays)
@@ -516,6 +535,9 @@ class PrivacyAudit:
     def _client_update(self, msg: Message, global_after: ArrayRecord) -> None:
         cid = int(require_record(msg.content, "client", ConfigRecord)["client-id"])
         upload = require_record(msg.content, "arrays", ArrayRecord)
+        if self.exposure is not None and cid in self.exposure.clients():
+            self._load(self._sent, upload)  # the client's model as the server sees it
+            self.exposure.on_upload(self.client_round, cid, self.model)
         if self.cfg.client_mia:
             x, y, is_member = self.pool.client_tensors(self.on_device, cid)
             # the client's model as the server sees it: what it sent, with the upload on top
@@ -599,6 +621,8 @@ class PrivacyAudit:
             result["leakage"] = self._leakage_summary()
         if self.cfg.inversion:
             result["inversion"] = self._inversion()
+        if self.exposure is not None:
+            result["exposure"] = self.exposure.summary(self.client_round)
         result["seconds"] = time.perf_counter() - t0
         return result
 

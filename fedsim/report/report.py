@@ -336,8 +336,10 @@ def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
                 ci = t_interval(values)
                 xs.append(i + (j - (len(groups) - 1) / 2) * step)
                 means.append(mean)
-                lows.append(mean - ci[0] if ci else 0.0)
-                highs.append(ci[1] - mean if ci else 0.0)
+                # seeds equal up to rounding: the interval is one of them, which may sit a
+                # rounding error off their mean (matplotlib refuses a negative bar)
+                lows.append(max(0.0, mean - ci[0]) if ci else 0.0)
+                highs.append(max(0.0, ci[1] - mean) if ci else 0.0)
             ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", ms=4, capsize=3,
                         label=mathtext(setting_label(setting)))
         ax.set_xticks(np.arange(len(norms)), [mathtext(n) for n in norms])

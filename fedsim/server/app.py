@@ -53,7 +53,7 @@ def server_main(grid: Grid, run: RunContext, sinks: RunSinks) -> None:
     evaluator = Evaluator(scenario.output, scenario.seed, data, model, device,
                           on_device=run.on_device,  # the run's device copies, shared
                           bn_eval=scenario.model.bn_eval)
-    bn_statistics = BNStatistics(scenario.server.bn_statistics, model, data.input_shape,
+    bn_statistics = BNStatistics(scenario.server.bn_statistics, model, data.example_inputs(2),
                                  scenario.model.bn_eval)
     grid = ClientOrderedGrid(grid, expected_nodes=scenario.num_participating)
     grid.get_node_ids()  # ask nodes for their client ids now, outside the seeded sampling
@@ -128,7 +128,7 @@ def _from_run_config(context: Context) -> tuple[RunContext, RunSinks]:
     check_packages(scenario.output.sinks)
     out = Path(str(context.run_config.get("out", scenario.output.dir)))
     run = RunContext.build(scenario)
-    check_bn_statistics(scenario, run.new_model(), run.data.input_shape)  # needs the model
+    check_bn_statistics(scenario, run.new_model(), run.data)  # needs the model
     folder = RunFolder(out, overwrite=bool(context.run_config.get("overwrite", True)))
     return run, RunSinks(folder, make_sinks(scenario))
 

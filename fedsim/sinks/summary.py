@@ -74,8 +74,9 @@ def summarize(rounds: list[dict], scenario: Scenario, seconds: float) -> dict:
         if key in last:  # strategies whose clients keep local arrays (FedBN, SiloBN, ...)
             summary["final"][key] = last[key]
     for key in ("validation_accuracy", "validation_loss", "own_model_accuracy",
-                "hybrid_alpha_mean", "hessian_max_eig", "sharpness"):
+                "hybrid_alpha_mean", "hessian_max_eig", "sharpness",
+                "global_test_perplexity", "client_perplexity"):
         if key in last:  # a validation split, derived (with_derived), hybrid norms,
-            # output.sharpness
+            # output.sharpness, text
             summary["final"][key] = last[key]
     return summary
