@@ -317,6 +317,8 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
     scenario = resolve(args.scenario, args.overrides)
     png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
+    if not png.suffix and not png.is_dir():
+        png = png.with_suffix(".png")  # what matplotlib writes for a name without a suffix
     _check_figure_path(png)
     data = build_federated_data(scenario)
     report = describe_partition(data)  # every client, or a seeded sample of a large population

@@ -145,6 +145,13 @@ def test_a_heat_map_path_matplotlib_cannot_write_is_one_error_line(tmp_path, cap
         "folder"]
 
 
+def test_a_heat_map_named_without_a_suffix_is_written_and_said_as_png(tmp_path, capsys):
+    code = main(["partitions", "scenarios/quickstart.toml", *TINY, "--png",
+                 str(tmp_path / "map")])
+    assert code == 0 and (tmp_path / "map.png").is_file()
+    assert capsys.readouterr().err.strip().endswith(f"heat map → {tmp_path / 'map.png'}")
+
+
 CLAIMED = """[partition]
 num_clients = 4
 holdout_clients = 0.0
