@@ -19,9 +19,9 @@ from fedsim.context import RunContext
 from fedsim.engine import ENGINES, check_engine
 from fedsim.errors import ScenarioError
 from fedsim.lock import hold
-from fedsim.privacy.audit import check_privacy
 from fedsim.report.record import RunRecorder
 from fedsim.server.app import make_server_app
+from fedsim.server.audits import check_audits
 from fedsim.validate import (
     check_batch_statistics,
     check_bn_statistics,
@@ -45,8 +45,7 @@ def preflight(scenario: Scenario | RunContext) -> RunContext:
     check_batch_statistics(scenario, copy.deepcopy(model), data.input_shape)
     check_bn_statistics(scenario, copy.deepcopy(model), data.input_shape)
     check_engine(run, model)
-    if scenario.privacy.enabled:
-        check_privacy(run)
+    check_audits(run)
     return run
 
 

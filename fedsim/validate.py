@@ -30,13 +30,15 @@ from fedsim.models.norm import (
     norm_statistics_keys,
     uses_batch_statistics,
 )
+from fedsim.privacy.audits import check_names as check_audit_names
 from fedsim.server.factory import make_strategy
 from fedsim.server.strategies import strategy_class
 
 
 def check_names(scenario: Scenario) -> None:
-    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy or engine,
-    ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot run."""
+    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy, engine,
+    privacy audit or membership attack, ``[server.params]`` the strategy does not take, or
+    ``[client.dp]`` where it cannot run."""
     DATASETS.get(scenario.data.name, key="data.name")
     PARTITIONS.get(scenario.partition.kind, key="partition.kind")
     if scenario.partition.kind == "feature":
@@ -49,6 +51,7 @@ def check_names(scenario: Scenario) -> None:
     make_strategy(scenario)
     check_strategy_params(scenario)
     check_client_dp(scenario)
+    check_audit_names(scenario)
 
 
 def check_client_dp(scenario: Scenario) -> None:

@@ -176,20 +176,22 @@ def test_a_claim_without_arms_compares_two_metrics_of_the_same_cells(tmp_path):
 
 def test_max_rounds_caps_every_scenario_and_the_rounds_its_audits_read(monkeypatch):
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", "2")
-    scn = load_scenario("scenarios/privacy_audit.toml", ["privacy.client_round=7"])
-    assert scn.server.rounds == 2 and scn.privacy.client_round == 2
-    assert scn.privacy.inversion_round == 1  # already inside the cap
+    scn = load_scenario("scenarios/privacy_audit.toml", ["privacy.client_mia.round=7",
+                                                         "privacy.leakage.round=3"])
+    assert scn.server.rounds == 2 and scn.privacy.client_mia.round == 2
+    assert scn.privacy.leakage.round == 2
+    assert scn.privacy.inversion.round == 1  # already inside the cap
     assert replace(scn, ["server.rounds=5"]).server.rounds == 2  # overrides are capped too
     assert load_scenario("scenarios/quickstart.toml", ["server.rounds=1"]).server.rounds == 1
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", "1")
     assert load_scenario("scenarios/privacy_audit.toml",
-                         ["privacy.inversion_round=3"]).privacy.inversion_round == 1
+                         ["privacy.inversion.round=3"]).privacy.inversion.round == 1
 
 
 def test_without_max_rounds_nothing_changes(monkeypatch):
     monkeypatch.delenv("FEDSIM_MAX_ROUNDS", raising=False)
     scn = load_scenario("scenarios/privacy_audit.toml")
-    assert scn.server.rounds == 10 and scn.privacy.client_round == 0
+    assert scn.server.rounds == 10 and scn.privacy.client_mia.round == 0
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1", "1.5"])

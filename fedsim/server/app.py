@@ -24,9 +24,9 @@ from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import PrivacyBudgetSpent, RunStopped
 from fedsim.lock import hold
-from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
 from fedsim.report.record import RunRecorder
+from fedsim.server.audits import make_audits
 from fedsim.server.bn_statistics import BNStatistics
 from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.evaluate import Evaluator
@@ -63,15 +63,15 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
             bn_eval=scenario.model.bn_eval)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sink.start(scenario)
-    audit = None
-    if scenario.privacy.enabled:
-        audit = PrivacyAudit(run, sink.out, arrays)
+    audit = make_audits(run, sink.out, arrays, strategy)
     resumed = getattr(sink, "checkpoint", None)  # set by --resume
     checkpoint = Checkpointer(sink, scenario, strategy, grid, resumed, audit=audit)
     if resumed is not None:
         arrays, start = resume_state(resumed, strategy, grid, audit)
     else:
         sink.on_round({"round": 0, **evaluate(arrays)})
+        if audit is not None:  # the audits see the initial model as round 0
+            audit.on_replies(0, [], arrays)
         checkpoint(0, arrays)
         start = 1
     budget_spent = None
@@ -98,8 +98,6 @@ def server_main(grid: Grid, run: RunContext, sink) -> None:
         if client_dp is not None:
             dp_notes["client_dp"] = client_dp
         notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(dp_notes))
-    if (canary := notes.pop("canary_audit", None)) is not None:  # the canary clients' audit
-        notes.setdefault("privacy", {})["canary_audit"] = canary
     for key, value in notes.items():
         sink.note(key, value)
     if budget_spent is not None:
