@@ -4,6 +4,8 @@ Parsing checks keys, types and ranges; registry names are checked at the edge
 (:func:`fedsim.run.check`), so the bad-input tests load and then check, as ``fedsim run`` does.
 """
 
+import dataclasses
+
 import pytest
 
 from fedsim.config import Scenario, apply_override, load_scenario, parse_value, replace
@@ -199,3 +201,86 @@ def test_a_bad_max_rounds_is_an_error_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", value)
     with pytest.raises(ScenarioError, match=r"FEDSIM_MAX_ROUNDS=.* must be a whole number >= 1"):
         load_scenario("scenarios/quickstart.toml")
+
+
+# --------------------------------------------------------------------------- [privacy] spelling
+
+#: a [privacy] section in the flat spelling of earlier files (scenarios/privacy_audit.toml's)
+FLAT_PRIVACY = """
+[privacy]
+mia = ["loss", "lira"]
+shadows = 8
+fix_variance = true
+audit_every = 2
+client_mia = true
+client_round = 0
+leakage = true
+inversion = true
+inversion_round = 1
+inversion_batch = 4
+canary_clients = 12
+"""
+
+
+def test_flat_privacy_keys_are_refused_with_their_new_spelling(tmp_path):
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(write(tmp_path, FLAT_PRIVACY))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for spelled in ['privacy.audits = ["mia", "client_mia", "leakage", "inversion", '
+                    '"canary_clients"]', 'privacy.mia.attacks = ["loss", "lira"]',
+                    "privacy.canary_clients.count = 12", "privacy.shadows → privacy.mia.shadows",
+                    "privacy.fix_variance → privacy.mia.lira.fix_variance",
+                    "privacy.audit_every → privacy.mia.every",
+                    "privacy.client_round → privacy.client_mia.round (and "
+                    "privacy.leakage.round)", "privacy.inversion_batch → privacy.inversion.batch"]:
+        assert spelled in msg
+
+
+def test_the_new_spelling_parses_to_what_the_message_says(tmp_path):
+    scn = load_scenario(write(tmp_path, """
+[privacy]
+audits = ["mia", "client_mia", "leakage", "inversion", "canary_clients"]
+mia.attacks = ["loss", "lira"]
+mia.shadows = 8
+mia.lira.fix_variance = true
+mia.every = 2
+inversion.batch = 4
+canary_clients.count = 12
+"""))
+    p = scn.privacy
+    assert p.audits == ("mia", "client_mia", "leakage", "inversion", "canary_clients")
+    assert p.mia.attacks == ("loss", "lira") and p.mia.lira.fix_variance and p.mia.every == 2
+    assert p.inversion.batch == 4 and p.client_canaries == 12 and p.sample_canaries == 0
+    assert load_scenario("scenarios/quickstart.toml").privacy.client_canaries == 0
+
+
+@pytest.mark.parametrize(("assignment", "pattern"), [
+    ("privacy.shadows=2", r"--set privacy.shadows: 'privacy.shadows' moved: it is "
+                          r"privacy.mia.shadows now"),
+    ("privacy.inversion_steps=5", "it is privacy.inversion.steps now"),
+    ("privacy.rmia_population=100", "it is privacy.mia.population now"),
+    ("privacy.inversion=true", r'privacy.audits = \["inversion"\]'),
+    ('privacy.mia=["rmia"]', r'privacy.audits = \["mia"\]; privacy.mia.attacks = \["rmia"\]'),
+    ("privacy.canary_samples=40", r"privacy.canary_samples.count = 40"),
+])
+def test_a_flat_privacy_override_names_the_new_key(assignment, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario("scenarios/quickstart.toml", [assignment])
+
+
+def test_every_moved_privacy_key_names_a_key_that_exists():
+    """The message's spellings are real: each new key parses, each old switch is the name of
+    a registered audit."""
+    import fedsim.plugins  # noqa: F401  the audits register
+    from fedsim.config import MOVED_PRIVACY_KEYS, PRIVACY_SWITCHES, PrivacyConfig
+    from fedsim.privacy.audits import AUDITS
+
+    fields = {f.name for f in dataclasses.fields(PrivacyConfig)}
+    for old, new in MOVED_PRIVACY_KEYS.items():
+        key = new.split()[0]
+        value = "true" if old in ("fix_variance", "shadow_reseed", "bn_buffers_shared") else (
+            '"train"' if old == "bn_mode" else '"step"' if old == "inversion_target" else "1")
+        load_scenario("scenarios/quickstart.toml", [f"privacy.{key}={value}"])  # parses
+        assert old not in fields
+    assert all(switch in AUDITS for switch in PRIVACY_SWITCHES)
