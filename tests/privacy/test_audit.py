@@ -116,11 +116,11 @@ def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
       "privacy.inversion.batch=2", "client.batch_size=1"], "leaves no local step"),
     ([audits("inversion"), "client.compress=qsgd"], "uncompressed gradient"),
     (["privacy.plugins.inversion.steps=3"], r"privacy.plugins.inversion configures the "
-     r"'inversion' audit, which privacy.audits = \[\] does not run"),
+     r"'inversion' privacy audit, which privacy.audits = \[\] does not name"),
     ([audits("inversion"), "privacy.plugins.inversion.steps=3"],
      r"configured in \[privacy.inversion\]; move the table there"),
     ([audits("client_membership"), "privacy.plugins.client_membership.x=1"],
-     "the 'client_membership' audit takes no options"),
+     "the 'client_membership' privacy audit takes no options"),
 ])
 def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
     with pytest.raises(ScenarioError, match=pattern):

@@ -11,15 +11,14 @@ population only when a named attack needs them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from fedsim.config import MiaConfig, build_section
-from fedsim.errors import ScenarioError
+from fedsim.config import MiaConfig
+from fedsim.privacy.audits.base import with_options
 from fedsim.registry import Registry
 
 
@@ -70,34 +69,6 @@ def register_attack(name: str) -> Callable[[type[MembershipAttack]], type[Member
     return add
 
 
-def attack_options(cls: type[MembershipAttack], mia: MiaConfig) -> Any:
-    """Attack ``cls``'s options: its ``[privacy.mia.<name>]`` section (fedsim's own) or its
-    ``[privacy.mia.plugins.<name>]`` table, parsed by ``cls.options`` (None: no options)."""
-    table = mia.plugins.get(cls.name)
-    key = f"privacy.mia.plugins.{cls.name}"
-    own = getattr(mia, cls.name, None)
-    if dataclasses.is_dataclass(own):
-        if table is not None:
-            raise ScenarioError(f"{key}: the {cls.name!r} attack is configured in "
-                                f"[privacy.mia.{cls.name}]; move the table there")
-        return own
-    if cls.options is None:
-        if table:
-            raise ScenarioError(f"{key}: the {cls.name!r} attack takes no options; drop it")
-        return None
-    return build_section(cls.options, table or {}, key)
-
-
 def named_attacks(mia: MiaConfig) -> list[tuple[type[MembershipAttack], Any]]:
     """The attacks ``privacy.mia.attacks`` names, in order, with their options."""
-    for name in mia.plugins:
-        if name not in mia.attacks:
-            MIA_ATTACKS.get(name, key=f"privacy.mia.plugins.{name}")
-            raise ScenarioError(f"privacy.mia.plugins.{name} configures the {name!r} attack, "
-                                f"which privacy.mia.attacks = {list(mia.attacks)} does not "
-                                "name; add it or drop the table")
-    out = []
-    for name in mia.attacks:
-        cls = MIA_ATTACKS.get(name, key="privacy.mia.attacks")
-        out.append((cls, attack_options(cls, mia)))
-    return out
+    return with_options(MIA_ATTACKS, mia.attacks, mia, "privacy.mia", "attacks")

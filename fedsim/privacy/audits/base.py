@@ -178,40 +178,44 @@ def register_audit(name: str) -> Callable[[type[Audit]], type[Audit]]:
     return add
 
 
-def audit_options(cls: type[Audit], scenario: Scenario) -> Any:
-    """The parsed options of audit ``cls`` in ``scenario``: its ``[privacy.<name>]`` section
-    (fedsim's own) or its ``[privacy.plugins.<name>]`` table, parsed by ``cls.options``."""
-    privacy = scenario.privacy
-    table = privacy.plugins.get(cls.name)
-    key = f"privacy.plugins.{cls.name}"
-    own = getattr(privacy, cls.name, None)
-    if dataclasses.is_dataclass(own):
-        if table is not None:
-            raise ScenarioError(f"{key}: the {cls.name!r} audit is configured in "
-                                f"[privacy.{cls.name}]; move the table there")
-        return own
-    if cls.options is None:
-        if table:
-            raise ScenarioError(f"{key}: the {cls.name!r} audit takes no options; drop the table")
-        return None
-    return build_section(cls.options, table or {}, key)
+def with_options(registry: Registry, names: Sequence[str], section: Any, prefix: str,
+                 list_key: str) -> list[tuple[Any, Any]]:
+    """The entries of ``registry`` named by ``<prefix>.<list_key>`` (``names``), in order, each
+    with its options: ``section``'s own table named after it (fedsim's, a dataclass field of
+    ``section``) or its ``<prefix>.plugins.<name>`` table parsed by the entry's ``options``
+    dataclass (None: it takes none). ScenarioError for an unknown name, or a plugins table no
+    named entry claims."""
+    for name in section.plugins:
+        if name not in names:
+            registry.get(name, key=f"{prefix}.plugins.{name}")  # a typo: did-you-mean
+            raise ScenarioError(f"{prefix}.plugins.{name} configures the {name!r} "
+                                f"{registry.kind}, which {prefix}.{list_key} = {list(names)} "
+                                "does not name; add it or drop the table")
+    out = []
+    for name in names:
+        cls = registry.get(name, key=f"{prefix}.{list_key}")
+        table = section.plugins.get(name)
+        key = f"{prefix}.plugins.{name}"
+        own = getattr(section, name, None)
+        if dataclasses.is_dataclass(own):
+            if table is not None:
+                raise ScenarioError(f"{key}: the {name!r} {registry.kind} is configured in "
+                                    f"[{prefix}.{name}]; move the table there")
+            options = own
+        elif cls.options is None:
+            if table:
+                raise ScenarioError(f"{key}: the {name!r} {registry.kind} takes no options; "
+                                    "drop the table")
+            options = None
+        else:
+            options = build_section(cls.options, table or {}, key)
+        out.append((cls, options))
+    return out
 
 
 def listed_audits(scenario: Scenario) -> list[tuple[type[Audit], Any]]:
-    """The audits ``privacy.audits`` names, in order, with their options (ScenarioError for
-    an unknown name or a plugin table no audit claims)."""
-    privacy = scenario.privacy
-    for name in privacy.plugins:
-        if name not in privacy.audits:
-            AUDITS.get(name, key=f"privacy.plugins.{name}")  # a typo: did-you-mean
-            raise ScenarioError(f"privacy.plugins.{name} configures the {name!r} audit, which "
-                                f"privacy.audits = {list(privacy.audits)} does not run; add it "
-                                "or drop the table")
-    out = []
-    for name in privacy.audits:
-        cls = AUDITS.get(name, key="privacy.audits")
-        out.append((cls, audit_options(cls, scenario)))
-    return out
+    """The audits ``privacy.audits`` names, in order, with their options."""
+    return with_options(AUDITS, scenario.privacy.audits, scenario.privacy, "privacy", "audits")
 
 
 def summary_owner(key: str) -> type[Audit] | None:
