@@ -612,6 +612,15 @@ class PrivacyConfig:
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
         _check_plugin_tables(self.plugins, "privacy.plugins")
+        for f in dataclasses.fields(self):
+            own = getattr(self, f.name)
+            if (dataclasses.is_dataclass(own) and f.name not in self.audits
+                    and own != type(own)()):
+                listed = ", ".join(f'"{a}"' for a in (*self.audits, f.name))
+                raise ScenarioError(
+                    f"[privacy.{f.name}] is set, but privacy.audits does not name "
+                    f"{f.name!r}, so that audit would not run; add it (privacy.audits = "
+                    f"[{listed}]) or drop the section")
 
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> PrivacyConfig:

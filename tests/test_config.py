@@ -281,6 +281,28 @@ def test_every_moved_privacy_key_names_a_key_that_exists():
         key = new.split()[0]
         value = "true" if old in ("fix_variance", "shadow_reseed", "bn_buffers_shared") else (
             '"train"' if old == "bn_mode" else '"step"' if old == "inversion_target" else "1")
-        load_scenario("scenarios/quickstart.toml", [f"privacy.{key}={value}"])  # parses
+        audit = key.split(".")[0]
+        load_scenario("scenarios/quickstart.toml", [f'privacy.audits=["{audit}"]',
+                                                    f"privacy.{key}={value}"])  # parses
         assert old not in fields
     assert all(switch in AUDITS for switch in PRIVACY_SWITCHES)
+
+
+@pytest.mark.parametrize(("assignments", "pattern"), [
+    (["privacy.inversion.steps=5"],
+     r"\[privacy.inversion\] is set, but privacy.audits does not name 'inversion', so that "
+     r'audit would not run; add it \(privacy.audits = \["inversion"\]\) or drop the section'),
+    (['privacy.audits=["mia"]', "privacy.leakage.round=2"],
+     r'privacy.audits = \["mia", "leakage"\]'),
+    (['privacy.audits=["leakage"]', "privacy.mia.lira.fix_variance=true"],
+     r"\[privacy.mia\] is set, but privacy.audits does not name 'mia'"),
+])
+def test_a_section_of_an_audit_that_is_not_listed_is_refused(assignments, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario("scenarios/quickstart.toml", assignments)
+
+
+def test_a_listed_audit_s_section_parses():
+    scn = load_scenario("scenarios/quickstart.toml", ['privacy.audits=["leakage"]',
+                                                      "privacy.leakage.round=2"])
+    assert scn.privacy.leakage.round == 2
