@@ -82,9 +82,9 @@ def main() -> None:
     import fedsim.checkpoint as checkpoint
     import fedsim.engine.vectorized as vectorized
     import fedsim.engine.vectorized_eval as vectorized_eval
-    import fedsim.report.record as record
     import fedsim.server.evaluate as evaluate
     import fedsim.server.loop as loop
+    import fedsim.sinks.folder as folder
     from fedsim.server.strategies import STRATEGIES
 
     timers = Timers()
@@ -116,7 +116,7 @@ def main() -> None:
     timers.wrap(evaluate.Evaluator, "__call__", "server_eval", exclude=True)
     timers.wrap(loop, "_one_round", "round_net", net=True)
     timers.wrap(checkpoint.Checkpointer, "__call__", "checkpoint")
-    timers.wrap(record.RunRecorder, "on_round", "record")
+    timers.wrap(folder.RunFolder, "on_round", "record")
     timers.wrap(loop, "_nonfinite")
     scenario = fedsim.load_scenario(args.scenario, args.overrides)
     strategy = STRATEGIES.get(scenario.server.strategy, key="server.strategy")

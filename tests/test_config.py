@@ -128,14 +128,23 @@ def test_claims_parse_into_frozen_dataclasses_and_round_trip(tmp_path):
     ('at = "best"\n', r"claims\[0\].at = 'best' is out of range"),
     ("metric = 3\n", r"claims\[0\].metric must be a string, got 3"),
     ('metrc = "x"\n', r"unknown key 'claims\[0\].metrc' \(did you mean 'metric'\?\)"),
-    ('name = ""\n', r"claims\[0\].name must be a non-empty string"),
+    ('name = ""\n', r"claims\[0\].name is missing or blank; give the claim a name"),
+    ('name = " \\t"\n', r"claims\[0\].name is missing or blank"),
+    ("", r"claims\[0\].name is missing or blank"),  # no name at all (it ran as "-")
 ])
 def test_bad_claims_name_the_key(tmp_path, extra, pattern):
     text = CLAIM.replace('name = "GN beats BN"\n', "") + extra
-    if "name" not in extra:
+    if "name" not in extra and extra:
         text += 'name = "x"\n'
     with pytest.raises(ScenarioError, match=pattern):
         load_scenario(write(tmp_path, text))
+
+
+def test_two_claims_may_not_share_a_name(tmp_path):
+    second = CLAIM.replace('"gn"', '"ln"').replace('"GN beats BN"', '" GN beats BN "')
+    with pytest.raises(ScenarioError, match=r"claims\[1\].name = ' GN beats BN ' is also the "
+                                            r"name of claims\[0\]; give each claim its own"):
+        load_scenario(write(tmp_path, CLAIM + second))
 
 
 @pytest.mark.parametrize(("a", "b", "pattern"), [
@@ -231,9 +240,9 @@ def test_flat_privacy_keys_are_refused_with_their_new_spelling(tmp_path):
                     '"canary_clients"]', 'privacy.mia.attacks = ["loss", "lira"]',
                     "privacy.canary_clients.count = 12", "privacy.shadows → privacy.mia.shadows",
                     "privacy.fix_variance → privacy.mia.lira.fix_variance",
-                    "privacy.audit_every → privacy.mia.every",
+                    "privacy.audit_every → privacy.mia.every (and privacy.exposure.every)",
                     "privacy.client_round → privacy.client_mia.round (and "
-                    "privacy.leakage.round)", "privacy.inversion_batch → privacy.inversion.batch"]:
+                    "privacy.leakage.round, privacy.exposure.round)", "privacy.inversion_batch → privacy.inversion.batch"]:
         assert spelled in msg
 
 

@@ -13,6 +13,8 @@
   Inverting Gradients), PSNR / SSIM.
 - :mod:`~fedsim.privacy.leakage`: which uploaded arrays carry data statistics (BN buffers),
   and recovering those statistics.
+- :mod:`~fedsim.privacy.exposure`: canary exposure of planted secrets in text (The Secret
+  Sharer), exact over every candidate or estimated from a sample.
 """
 
 from fedsim.privacy.attacks.lira import lira_scores

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from audit_settings import audits  # tests/audit_settings.py
-from flwr.app import ArrayRecord
-from same_run import assert_same_run  # tests/same_run.py
+from same_run import assert_same_run, same_bits  # tests/same_run.py
 
 import fedsim
-from fedsim.arrays import record_to_state
 from fedsim.checkpoint import read_checkpoint
 from fedsim.cli import main
 from fedsim.lock import LOCK_NAME
@@ -92,24 +90,6 @@ def test_resume_restores_client_state(tmp_path, monkeypatch):
     assert not all(torch.equal(a[key], b[key]) for key in a)
 
 
-def same_bits(a, b) -> bool:
-    """Whether two decoded checkpoint values are equal bit for bit (arrays: dtype and bytes)."""
-    if isinstance(a, ArrayRecord):
-        return isinstance(b, ArrayRecord) and same_bits(record_to_state(a), record_to_state(b))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return (isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.tobytes() == b.tobytes() and a.shape == b.shape)
-    if isinstance(a, dict):
-        return (isinstance(b, dict) and list(a) == list(b)
-                and all(same_bits(a[k], b[k]) for k in a))
-    if isinstance(a, (list, tuple)):
-        return (type(a) is type(b) and len(a) == len(b)
-                and all(same_bits(x, y) for x, y in zip(a, b)))
-    return type(a) is type(b) and (a == b or (a != a and b != b))  # NaN equals NaN here
-
-
 def resume_audits(tmp_path, sets: list[str]) -> tuple[dict, dict]:
     """Run ``sets`` uninterrupted and resumed after round (last − 1); the two runs' privacy
     summaries and the audit captures their final checkpoints hold, after checking both
@@ -132,6 +112,8 @@ def resume_audits(tmp_path, sets: list[str]) -> tuple[dict, dict]:
 #: the audits each resume test below runs; together, every audit fedsim registers
 WITH_BN = ["mia", "client_mia", "client_membership", "leakage", "inversion"]
 WITH_DP = ["canary_clients", "canary_samples"]
+#: resumed on text data in tests/engine/test_text_runs.py
+WITH_TEXT = ["exposure"]
 
 
 def test_every_fedsim_audit_is_resumed_by_a_test_below():
@@ -139,7 +121,7 @@ def test_every_fedsim_audit_is_resumed_by_a_test_below():
     from fedsim.privacy.audits import AUDITS
 
     own = {n for n in AUDITS if AUDITS.get(n).__module__.startswith("fedsim.")}
-    assert own == set(WITH_BN) | set(WITH_DP)
+    assert own == set(WITH_BN) | set(WITH_DP) | set(WITH_TEXT)
 
 
 def test_resume_keeps_the_privacy_audit_captures(tmp_path):

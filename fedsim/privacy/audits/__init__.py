@@ -6,7 +6,8 @@ fedsim's own audits: ``mia`` (:mod:`~fedsim.privacy.audits.membership`), ``clien
 (:mod:`~fedsim.privacy.audits.client_mia`), ``client_membership``
 (:mod:`~fedsim.privacy.audits.client_membership`), ``leakage``
 (:mod:`~fedsim.privacy.audits.leakage`), ``inversion`` (:mod:`~fedsim.privacy.audits.inversion`),
-``canary_samples`` (:mod:`~fedsim.privacy.audits.sample_canaries`) and ``canary_clients``
+``canary_samples`` (:mod:`~fedsim.privacy.audits.sample_canaries`), ``exposure``
+(:mod:`~fedsim.privacy.audits.exposure`, text) and ``canary_clients``
 (:mod:`fedsim.server.canaries`, a server mechanism). This package never imports them: they
 register when :mod:`fedsim.plugins` does.
 """

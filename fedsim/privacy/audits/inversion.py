@@ -76,6 +76,11 @@ class Inversion(Audit):
     @classmethod
     def check(cls, ctx: AuditContext, options: InversionConfig) -> None:
         data, scenario = ctx.data, ctx.scenario
+        if data.input_kind != "image":
+            raise ScenarioError(
+                f"privacy.audits names 'inversion', which reconstructs images from gradients, "
+                f"but data.name = {scenario.data.name!r} holds text (token windows); drop "
+                "'inversion' (on text, measure memorization with the 'exposure' audit)")
         cid = attacked_client_id(options, data.participating)
         if cid not in data.participating:
             why = "a holdout client (never trains)" if cid in data.holdout else "not a client"
