@@ -242,7 +242,8 @@ def test_flat_privacy_keys_are_refused_with_their_new_spelling(tmp_path):
                     "privacy.fix_variance → privacy.mia.lira.fix_variance",
                     "privacy.audit_every → privacy.mia.every (and privacy.exposure.every)",
                     "privacy.client_round → privacy.client_mia.round (and "
-                    "privacy.leakage.round, privacy.exposure.round)", "privacy.inversion_batch → privacy.inversion.batch"]:
+                    "privacy.leakage.round, privacy.exposure.round)",
+                    "privacy.inversion_batch → privacy.inversion.batch"]:
         assert spelled in msg
 
 
@@ -305,6 +306,8 @@ def test_every_moved_privacy_key_names_a_key_that_exists():
      r'privacy.audits = \["mia", "leakage"\]'),
     (['privacy.audits=["leakage"]', "privacy.mia.lira.fix_variance=true"],
      r"\[privacy.mia\] is set, but privacy.audits does not name 'mia'"),
+    (["privacy.exposure.canaries=8"],  # a count alone does not switch the audit on
+     r'\[privacy.exposure\] is set.* \(privacy.audits = \["exposure"\]\)'),
 ])
 def test_a_section_of_an_audit_that_is_not_listed_is_refused(assignments, pattern):
     with pytest.raises(ScenarioError, match=pattern):
