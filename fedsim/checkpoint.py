@@ -279,7 +279,7 @@ class Checkpoint:
     strategy: dict | None = None  # the encoded strategy, applied by :meth:`restore_strategy`
     clients: dict[int, RecordDict] | None = None  # node id → Context.state (in-process)
     client_bytes: dict[int, int] = field(default_factory=dict)  # their sizes in the journal
-    privacy: dict | None = None  # the privacy audit's captures (PrivacyAudit.checkpoint_state)
+    privacy: dict | None = None  # the privacy audits' captures (AuditSuite.checkpoint_state)
     rounds: list[dict] = field(default_factory=list)  # rounds.jsonl up to this checkpoint
     path: Path | None = None
     _decoder: _Decoder | None = None
@@ -484,7 +484,7 @@ class Checkpointer:
         self.sink = sink
         self.scenario = scenario
         self.strategy = strategy
-        self.audit = audit  # a PrivacyAudit whose captures go into every checkpoint
+        self.audit = audit  # an AuditSuite whose captures go into every checkpoint
         base = getattr(grid, "base", grid)
         self.export = getattr(base, "export_states", None)
         self.changes = getattr(base, "export_changes", None)  # journaled client states

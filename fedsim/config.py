@@ -516,18 +516,20 @@ class ExposureConfig:
     """Canary exposure of "The Secret Sharer" (Carlini et al., USENIX Security 2019) on text
     (``[privacy.exposure]``; :mod:`fedsim.privacy.exposure`): random secrets planted in
     chosen clients' training text, ranked by the model's log-perplexity among every
-    candidate secret. Off until ``canaries > 0``.
+    candidate secret, on the global model and on the canary clients' uploads of one round.
     """
 
-    canaries: int = 0  # secrets planted, each "<prefix><digits random digits>"
+    canaries: int = 4  # secrets planted, each "<prefix><digits random digits>"
     repeats: int = 1  # copies of each secret in its client's training text
     clients: tuple[int, ...] = ()  # canary i goes to clients[i % len]; () = participating ones
     prefix: str = "my number is "
     digits: int = 5  # the candidate space R: every string of this many digits, |R| = 10**digits
     candidates: int = 0  # 0: rank among all of R (digits <= 6); N: estimate from N random ones
+    every: int = 0  # also measure the global model every N rounds (0: final model only)
+    round: int = 0  # the round whose canary clients' uploads are measured (0: the last)
 
     def __post_init__(self) -> None:
-        _check(self.canaries >= 0, "privacy.exposure.canaries", "it must be >= 0 (0 = off)",
+        _check(self.canaries >= 1, "privacy.exposure.canaries", "it must be >= 1",
                self.canaries)
         _check(self.repeats >= 1, "privacy.exposure.repeats", "it must be >= 1", self.repeats)
         _check(1 <= self.digits <= 18, "privacy.exposure.digits", "it must be in [1, 18]",
@@ -540,114 +542,263 @@ class ExposureConfig:
                "10000)", self.digits)
         _check(all(c >= 0 for c in self.clients), "privacy.exposure.clients",
                "client ids are >= 0", list(self.clients))
-
-    @property
-    def enabled(self) -> bool:
-        return self.canaries > 0
+        _check(self.every >= 0, "privacy.exposure.every",
+               "it must be >= 0 (0: final model only)", self.every)
+        _check(self.round >= 0, "privacy.exposure.round", "it must be >= 0 (0: last round)",
+               self.round)
 
 
 INVERSION_TARGETS = ("step", "update")
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Privacy audits run after training (``[privacy]``); each is off until named or enabled.
+class LiraConfig:
+    """LiRA's options (``[privacy.mia.lira]``; Carlini et al., IEEE S&P 2022)."""
 
-    Results go to ``summary.json`` under ``privacy`` (see :mod:`fedsim.privacy.audit`).
-    """
+    fix_variance: bool = False  # one variance per IN/OUT group (advised for < 64 shadows)
 
-    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira", "rmia"
-    shadows: int = 8  # LiRA/RMIA: shadow federations, each on a random half of every client's pool
-    fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
+
+@dataclass(frozen=True)
+class RmiaConfig:
+    """RMIA's options (``[privacy.mia.rmia]``; Zarifzadeh et al., ICML 2024)."""
+
+    a: float = 0.3  # offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
+    gamma: float = 1.0  # x dominates z when LR(x)/LR(z) > gamma
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.a <= 1.0, "privacy.mia.rmia.a", "it must be in [0, 1]", self.a)
+        _check(self.gamma > 0, "privacy.mia.rmia.gamma", "it must be > 0", self.gamma)
+
+
+@dataclass(frozen=True)
+class MiaConfig:
+    """Membership inference on the global model (``[privacy.mia]``): which attacks, when,
+    and the shadow federations and population the attacks that need them share. Options of
+    one attack sit in its own table (``[privacy.mia.lira]``, ``[privacy.mia.rmia]``; an
+    attack registered outside fedsim: ``[privacy.mia.plugins.<name>]``)."""
+
+    attacks: tuple[str, ...] = ("loss",)  # registered attacks: "loss", "lira", "rmia", ...
+    every: int = 0  # also attack the global model every N rounds (0: the final model only)
+    shadows: int = 8  # shadow federations, each on a random half of every client's pool
     shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
-    rmia_a: float = 0.3  # RMIA offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
-    rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
-    rmia_population: int = 0  # RMIA: population examples z from the global test set (0: all)
-    client_membership: bool = False  # did this client train? loss attack on whole clients
-    # one-run audits with canaries (each in with probability 1/2): canary clients whose
-    # update is a random direction (Andrew et al. 2024) and gradient canaries in DP-SGD
-    # (Steinke et al. 2023)
-    canary_clients: int = 0
-    canary_norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the median)
-    canary_samples: int = 0
-    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
-    audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
-    client_mia: bool = False  # loss attack on each client's upload of round client_round
-    leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
-    client_round: int = 0  # round whose client uploads client_mia / leakage read (0: last)
-    inversion: bool = False  # gradient inversion of one client step (Geiping et al. 2020)
-    inversion_round: int = 1  # attack the model the server sent at the start of this round
-    inversion_client: int = -1  # client id whose batch is attacked (-1: first participating)
-    inversion_batch: int = 1  # B images in the attacked local step
-    inversion_steps: int = 1000  # optimizer steps of the reconstruction
-    inversion_lr: float = 0.1
-    inversion_tv: float = 1e-4  # weight of the total-variation prior
+    population: int = 0  # examples z from the global test set, for attacks that need them (0: all)
+    lira: LiraConfig = field(default_factory=LiraConfig)
+    rmia: RmiaConfig = field(default_factory=RmiaConfig)
+    plugins: dict[str, Any] = field(default_factory=dict)  # attack name -> its options table
+
+    def __post_init__(self) -> None:
+        _check(bool(self.attacks), "privacy.mia.attacks", 'name at least one, e.g. ["loss"]',
+               list(self.attacks))
+        _check(len(set(self.attacks)) == len(self.attacks), "privacy.mia.attacks",
+               "name each attack once", list(self.attacks))
+        _check(self.every >= 0, "privacy.mia.every", "it must be >= 0 (0: final model only)",
+               self.every)
+        _check(self.shadows >= 1, "privacy.mia.shadows", "it must be >= 1", self.shadows)
+        _check(self.population >= 0, "privacy.mia.population",
+               "it must be >= 0 (0: the whole global test set)", self.population)
+        _check_plugin_tables(self.plugins, "privacy.mia.plugins")
+
+
+@dataclass(frozen=True)
+class ClientMiaConfig:
+    """The loss attack on each client's own upload of one round (``[privacy.client_mia]``)."""
+
+    round: int = 0  # the round whose uploads are attacked (0: the last)
+
+    def __post_init__(self) -> None:
+        _check(self.round >= 0, "privacy.client_mia.round", "it must be >= 0 (0: last round)",
+               self.round)
+
+
+@dataclass(frozen=True)
+class LeakageConfig:
+    """What leaves a client in one round's uploads (``[privacy.leakage]``)."""
+
+    round: int = 0  # the round whose uploads are read (0: the last)
+
+    def __post_init__(self) -> None:
+        _check(self.round >= 0, "privacy.leakage.round", "it must be >= 0 (0: last round)",
+               self.round)
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Gradient inversion of one client's step or upload (``[privacy.inversion]``;
+    Geiping et al., NeurIPS 2020)."""
+
+    round: int = 1  # attack the model the server sent at the start of this round
+    client: int = -1  # client id whose batch is attacked (-1: first participating)
+    batch: int = 1  # B images in the attacked local step
+    steps: int = 1000  # optimizer steps of the reconstruction
+    lr: float = 0.1
+    tv: float = 1e-4  # weight of the total-variation prior
     # Independent random starts; the lowest attack objective wins (Geiping et al.'s reference
     # keeps the best of many, up to 128). 4 catches most bad starts at 4x the cost of one,
     # which keeps an audit within minutes on a CPU; raise it for a stronger attack.
-    inversion_restarts: int = 4
+    restarts: int = 4
     # "step": one gradient of one batch; "update": the client's real FedAvg upload of tau
-    # local SGD steps on inversion_batch images, simulated by the attacker (Geiping et al. §5)
-    inversion_target: str = "step"
+    # local SGD steps on `batch` images, simulated by the attacker (Geiping et al. §5)
+    target: str = "step"
     bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
     bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
     bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
-    exposure: ExposureConfig = field(default_factory=ExposureConfig)  # text canaries
 
     def __post_init__(self) -> None:
-        _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
-        if {"lira", "rmia"} & set(self.mia):
-            _check(self.shadows >= 2, "privacy.shadows",
-                   "LiRA and RMIA need >= 2 shadows so every example has IN and OUT models",
-                   self.shadows)
-        _check(0.0 <= self.rmia_a <= 1.0, "privacy.rmia_a", "it must be in [0, 1]", self.rmia_a)
-        _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
-        _check(self.rmia_population >= 0, "privacy.rmia_population",
-               "it must be >= 0 (0: the whole global test set)", self.rmia_population)
-        for key in ("canary_clients", "canary_samples"):
-            value = getattr(self, key)
-            _check(value == 0 or value >= 2, f"privacy.{key}",
-                   "it must be 0 (off) or >= 2 (half of them are in, on average)", value)
-        _check(self.canary_norm >= 0, "privacy.canary_norm",
-               "it must be >= 0 (0: the median norm of the round's real updates)",
-               self.canary_norm)
+        _check(self.round >= 1, "privacy.inversion.round", "it must be >= 1", self.round)
+        _check(self.client >= -1, "privacy.inversion.client",
+               "it must be a client id or -1 (first participating client)", self.client)
+        _check(self.batch >= 1, "privacy.inversion.batch", "it must be >= 1", self.batch)
+        _check(self.steps >= 1, "privacy.inversion.steps", "it must be >= 1", self.steps)
+        _check(self.lr > 0, "privacy.inversion.lr", "it must be > 0", self.lr)
+        _check(self.tv >= 0, "privacy.inversion.tv", "it must be >= 0", self.tv)
+        _check(self.restarts >= 1, "privacy.inversion.restarts",
+               "it must be >= 1 (random starts; the lowest objective wins)", self.restarts)
+        _check(self.target in INVERSION_TARGETS, "privacy.inversion.target",
+               "use 'step' (one gradient) or 'update' (the client's multi-step upload)",
+               self.target)
+        _check(self.bn_mode in ("train", "eval"), "privacy.inversion.bn_mode",
+               "use 'train' (what clients do) or 'eval'", self.bn_mode)
+        _check(self.bn_prior_weight >= 0, "privacy.inversion.bn_prior_weight",
+               "it must be >= 0", self.bn_prior_weight)
+
+
+@dataclass(frozen=True)
+class CanaryClientsConfig:
+    """Canary clients for the client-level one-run audit (``[privacy.canary_clients]``;
+    Andrew et al., ICLR 2024)."""
+
+    count: int = 1000  # canaries, each in with probability 1/2
+    norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the round's median)
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 2, "privacy.canary_clients.count",
+               "it must be >= 2 (half of them are in, on average)", self.count)
+        _check(self.norm >= 0, "privacy.canary_clients.norm",
+               "it must be >= 0 (0: the median norm of the round's real updates)", self.norm)
+
+
+@dataclass(frozen=True)
+class CanarySamplesConfig:
+    """Gradient canaries in DP-SGD for the sample-level one-run audit
+    (``[privacy.canary_samples]``; Steinke, Nasr & Jagielski, NeurIPS 2023)."""
+
+    count: int = 1000  # canaries, each in with probability 1/2
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 2, "privacy.canary_samples.count",
+               "it must be >= 2 (half of them are in, on average)", self.count)
+
+
+def _check_plugin_tables(tables: dict[str, Any], key: str) -> None:
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{key}.{name} must be a table of that plugin's options "
+                                f"([{key}.{name}]), got {table!r}")
+
+
+#: the flat ``[privacy]`` keys of earlier scenario files and where each lives now
+MOVED_PRIVACY_KEYS = {
+    "shadows": "mia.shadows", "shadow_reseed": "mia.shadow_reseed",
+    "fix_variance": "mia.lira.fix_variance", "rmia_a": "mia.rmia.a",
+    "rmia_gamma": "mia.rmia.gamma", "rmia_population": "mia.population",
+    "audit_every": "mia.every (and privacy.exposure.every)",
+    "client_round": "client_mia.round (and privacy.leakage.round, privacy.exposure.round)",
+    "canary_norm": "canary_clients.norm",
+    **{f"inversion_{k}": f"inversion.{k}" for k in ("round", "client", "batch", "steps", "lr",
+                                                    "tv", "restarts", "target")},
+    **{k: f"inversion.{k}" for k in ("bn_mode", "bn_buffers_shared", "bn_prior_weight")},
+}
+#: the flat switches that turned an audit on (now: its name in ``privacy.audits``)
+PRIVACY_SWITCHES = ("mia", "client_mia", "client_membership", "leakage", "inversion",
+                    "canary_clients", "canary_samples")
+
+
+def _refuse_flat_privacy(raw: dict[str, Any], prefix: str) -> None:
+    """One ``error:`` line spelling every flat ``[privacy]`` key of ``raw`` the per-audit way."""
+    moved = [k for k in raw if k in MOVED_PRIVACY_KEYS]
+    switches = [k for k in PRIVACY_SWITCHES if k in raw and not isinstance(raw[k], dict)]
+    if not moved and not switches:
+        return
+    on = [k for k in switches if raw[k] not in (False, 0, [], ())]
+    names = ", ".join(f'"{k}"' for k in on)
+    parts = [f"{prefix}.audits = [{names}]"]
+    if isinstance(raw.get("mia"), (list, tuple)) and raw["mia"]:
+        attacks = ", ".join(f'"{a}"' for a in raw["mia"])
+        parts.append(f"{prefix}.mia.attacks = [{attacks}]")
+    for key in ("canary_clients", "canary_samples"):
+        if key in on and isinstance(raw[key], int):
+            parts.append(f"{prefix}.{key}.count = {raw[key]}")
+    parts += [f"{prefix}.{k} → {prefix}.{MOVED_PRIVACY_KEYS[k]}" for k in moved]
+    raise ScenarioError(
+        f"[{prefix}] has one section per audit now: {'; '.join(parts)} (README \"Measuring "
+        "privacy leakage\")")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy audits run during and after training (``[privacy]``): ``audits`` names the
+    registered audits that run (:mod:`fedsim.privacy.audits`), each with its own section
+    (``[privacy.mia]``, ``[privacy.inversion]``, ...; an audit registered outside fedsim:
+    ``[privacy.plugins.<name>]``, checked by that audit). Results go to ``summary.json``
+    under ``privacy``.
+    """
+
+    #: how each earlier flat key is spelled now (did-you-mean of unknown keys)
+    MOVED: ClassVar[dict[str, str]] = MOVED_PRIVACY_KEYS
+
+    audits: tuple[str, ...] = ()  # "mia", "client_mia", "client_membership", "leakage", ...
+    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
+    mia: MiaConfig = field(default_factory=MiaConfig)
+    client_mia: ClientMiaConfig = field(default_factory=ClientMiaConfig)
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    canary_clients: CanaryClientsConfig = field(default_factory=CanaryClientsConfig)
+    canary_samples: CanarySamplesConfig = field(default_factory=CanarySamplesConfig)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)
+    plugins: dict[str, Any] = field(default_factory=dict)  # audit name -> its options table
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.audits)) == len(self.audits), "privacy.audits",
+               "name each audit once", list(self.audits))
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
-        _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
-               "name each attack once", list(self.mia))
-        _check(self.audit_every >= 0, "privacy.audit_every", "it must be >= 0 (0: final only)",
-               self.audit_every)
-        _check(self.client_round >= 0, "privacy.client_round", "it must be >= 0 (0: last round)",
-               self.client_round)
-        _check(self.inversion_round >= 1, "privacy.inversion_round", "it must be >= 1",
-               self.inversion_round)
-        _check(self.inversion_client >= -1, "privacy.inversion_client",
-               "it must be a client id or -1 (first participating client)",
-               self.inversion_client)
-        _check(self.inversion_batch >= 1, "privacy.inversion_batch", "it must be >= 1",
-               self.inversion_batch)
-        _check(self.inversion_steps >= 1, "privacy.inversion_steps", "it must be >= 1",
-               self.inversion_steps)
-        _check(self.inversion_lr > 0, "privacy.inversion_lr", "it must be > 0",
-               self.inversion_lr)
-        _check(self.inversion_tv >= 0, "privacy.inversion_tv", "it must be >= 0",
-               self.inversion_tv)
-        _check(self.inversion_restarts >= 1, "privacy.inversion_restarts",
-               "it must be >= 1 (random starts; the lowest objective wins)",
-               self.inversion_restarts)
-        _check(self.inversion_target in INVERSION_TARGETS, "privacy.inversion_target",
-               "use 'step' (one gradient) or 'update' (the client's multi-step upload)",
-               self.inversion_target)
-        _check(self.bn_mode in ("train", "eval"), "privacy.bn_mode",
-               "use 'train' (what clients do) or 'eval'", self.bn_mode)
-        _check(self.bn_prior_weight >= 0, "privacy.bn_prior_weight", "it must be >= 0",
-               self.bn_prior_weight)
+        _check_plugin_tables(self.plugins, "privacy.plugins")
+        for f in dataclasses.fields(self):
+            own = getattr(self, f.name)
+            if (dataclasses.is_dataclass(own) and f.name not in self.audits
+                    and own != type(own)()):
+                listed = ", ".join(f'"{a}"' for a in (*self.audits, f.name))
+                raise ScenarioError(
+                    f"[privacy.{f.name}] is set, but privacy.audits does not name "
+                    f"{f.name!r}, so that audit would not run; add it (privacy.audits = "
+                    f"[{listed}]) or drop the section")
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], prefix: str) -> PrivacyConfig:
+        """Parse ``[privacy]``, refusing the flat keys of earlier files with their new
+        spelling."""
+        _refuse_flat_privacy(raw, prefix)
+        return _build_fields(cls, raw, prefix)
 
     @property
     def enabled(self) -> bool:
-        return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
-                or self.client_membership or self.canary_samples > 0
-                or self.exposure.enabled)
+        return bool(self.audits)
+
+    @property
+    def client_canaries(self) -> int:
+        """Canary clients the server adds (0 unless ``canary_clients`` is audited)."""
+        return self.canary_clients.count if "canary_clients" in self.audits else 0
+
+    @property
+    def sample_canaries(self) -> int:
+        """Gradient canaries DP-SGD inserts (0 unless ``canary_samples`` is audited)."""
+        return self.canary_samples.count if "canary_samples" in self.audits else 0
+
+    @property
+    def planted(self) -> ExposureConfig | None:
+        """The secrets the data plants into clients' text (None unless ``exposure`` is
+        audited)."""
+        return self.exposure if "exposure" in self.audits else None
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -759,6 +910,9 @@ class SweepConfig:
     arm (:class:`TuneConfig`). The resolved form keeps the axes under ``grid`` with dotted
     names.
     """
+
+    #: its keys are scenario keys, checked when the cells are made (``--set`` passes them on)
+    FREE_FORM: ClassVar[bool] = True
 
     grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
     workers: int = 1  # cells run in parallel processes
@@ -1098,16 +1252,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
     names = [f.name for f in dataclasses.fields(cls)]
+    where = f"{prefix}.{key}" if prefix else key
+    moved = getattr(cls, "MOVED", {})
+    if key in moved:  # a key of an earlier spelling: say where it lives now
+        return ScenarioError(f"{where!r} moved: it is {prefix}.{moved[key]} now (README "
+                             "\"Measuring privacy leakage\")")
     near = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    where = f"{prefix}.{key}" if prefix else key
     section = f"[{prefix}]" if prefix else "the top level"
     return ScenarioError(f"unknown key {where!r}{hint}; {section} accepts: {', '.join(names)}")
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
+    if hasattr(cls, "from_table"):  # a section parsed its own way ([sweep], [privacy])
         return cls.from_table(raw, prefix)
+    return _build_fields(cls, raw, prefix)
+
+
+def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """``raw`` parsed into the frozen dataclass ``cls``, errors naming ``prefix.key``: how a
+    plugin's own options table (``[privacy.plugins.<name>]``) is parsed at the edge."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{prefix} must be a table ([{prefix}]), got {raw!r}")
+    return _build(cls, raw, prefix)
+
+
+def _build_fields(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -1139,7 +1309,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         prefix = ".".join(parts[:i])
         if cls is None:  # inside a free-form table such as server.params
             pass
-        elif hasattr(cls, "from_table"):  # [sweep]: its keys are scenario keys, checked later
+        elif getattr(cls, "FREE_FORM", False):  # [sweep]: its keys are scenario keys, checked later
             cls = None
         else:
             names = {f.name for f in dataclasses.fields(cls)}
@@ -1191,14 +1361,18 @@ def env_limit(name: str) -> int | None:
 
 def limit_rounds(scenario: Scenario) -> Scenario:
     """``scenario`` with at most ``FEDSIM_MAX_ROUNDS`` rounds, and the rounds its audits read
-    (``privacy.client_round``, ``privacy.inversion_round``) inside them; unchanged when the
-    variable is unset or the scenario is already that short."""
+    (every ``privacy.<audit>.round``: ``client_mia``, ``leakage``, ``inversion``, ``exposure``)
+    inside them;
+    unchanged when the variable is unset or the scenario is already that short."""
     cap = env_limit(MAX_ROUNDS_ENV)
     if cap is None or scenario.server.rounds <= cap:
         return scenario
-    privacy = dataclasses.replace(scenario.privacy,
-                                  client_round=min(scenario.privacy.client_round, cap),
-                                  inversion_round=min(scenario.privacy.inversion_round, cap))
+    sections = {}
+    for f in dataclasses.fields(scenario.privacy):
+        section = getattr(scenario.privacy, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "round"):
+            sections[f.name] = dataclasses.replace(section, round=min(section.round, cap))
+    privacy = dataclasses.replace(scenario.privacy, **sections)
     return dataclasses.replace(scenario, server=dataclasses.replace(scenario.server, rounds=cap),
                                privacy=privacy)
 

@@ -24,8 +24,8 @@ from fedsim.context import RunContext
 from fedsim.engine import ENGINES, check_engine, check_engine_resources
 from fedsim.errors import EngineFailed, ResultsNotWritten, ScenarioError, root_cause
 from fedsim.lock import hold
-from fedsim.privacy.audit import check_privacy
 from fedsim.server.app import make_server_app
+from fedsim.server.audits import check_audits
 from fedsim.sinks import (
     CallbackSink,
     ProgressLine,
@@ -66,8 +66,7 @@ def preflight(scenario: Scenario | RunContext,
     check_batch_statistics(scenario, copy.deepcopy(model), data)
     check_bn_statistics(scenario, copy.deepcopy(model), data)
     check_engine(run, model, traced)
-    if scenario.privacy.enabled:
-        check_privacy(run)
+    check_audits(run)
     return run
 
 

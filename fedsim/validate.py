@@ -31,15 +31,16 @@ from fedsim.models.norm import (
     norm_statistics_keys,
     uses_batch_statistics,
 )
+from fedsim.privacy.audits import check_names as check_audit_names
 from fedsim.server.factory import make_strategy
 from fedsim.server.strategies import strategy_class
 from fedsim.sinks import sink_classes  # importing fedsim.sinks registers the built-in sinks
 
 
 def check_names(scenario: Scenario) -> None:
-    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy, engine or
-    sink, ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot
-    run."""
+    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy, engine,
+    sink, privacy audit or membership attack, ``[server.params]`` the strategy does not take,
+    or ``[client.dp]`` where it cannot run."""
     DATASETS.get(scenario.data.name, key="data.name")
     PARTITIONS.get(scenario.partition.kind, key="partition.kind")
     if scenario.partition.kind == "feature":
@@ -53,6 +54,7 @@ def check_names(scenario: Scenario) -> None:
     make_strategy(scenario)
     check_strategy_params(scenario)
     check_client_dp(scenario)
+    check_audit_names(scenario)
 
 
 def check_client_dp(scenario: Scenario) -> None:

@@ -30,6 +30,12 @@ TINY = ["--set", "server.rounds=1", "--set", "partition.num_clients=4",
          "client.batch_size = 1"),
         (["--set", "model.arch=mlp", "--set", "model.width=8", "--set", "model.groups=8"],
          "model.groups = 8 cannot run"),
+        (["--set", "privacy.inversion=true"], 'privacy.audits = ["inversion"]'),
+        (["--set", "privacy.audit_every=1"],
+             "it is privacy.mia.every (and privacy.exposure.every) now"),
+        (["--set", 'privacy.audits=["mia","lekage"]'], "did you mean 'leakage'?"),
+        (["--set", 'privacy.audits=["inversion"]', "--set", "privacy.inversion.client=99"],
+         "privacy.inversion.client = 99 is not a client"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, pattern):

@@ -14,7 +14,7 @@ from fedsim.sweep import cell_name, expand, run_sweep
 
 TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
         "partition.holdout_clients=0.2", "model.width=8", "client.epochs=1",
-        "privacy.mia=[\"loss\"]", "privacy.audit_every=1",
+        "privacy.audits=[\"mia\"]", "privacy.mia.every=1",
         "sweep.model.norm=[\"bn\",\"ln\"]", "sweep.seed=[0,1]"]
 
 
@@ -217,7 +217,11 @@ at = "{at}"
     (dict(a=200, metric="final.global_test_acuracy", at="final"),
      r"claims\[0\].metric 'final.global_test_acuracy' is not a number summary.json holds"),
     (dict(a=200, metric="privacy.mia.loss.auc", at="final"),
-     r"sweep cell eval_clients-\d+__seed-0 does not measure it; set privacy.mia"),
+     r'sweep cell eval_clients-\d+__seed-0 does not measure it; set privacy.audits = \["mia"\]'),
+    (dict(a=200, metric="privacy.membership_epsilon.loss.epsilon_if_independent", at="final"),
+     r'set privacy.audits = \["mia"\] and a DP accountant'),
+    (dict(a=200, metric="privacy.sample_canary_audit.lower_bound.epsilon_lower_bound",
+          at="final"), r'set privacy.audits = \["canary_samples"\] with \[client.dp\]'),
     (dict(a=200, metric="privacy.client_mia.auc.mean", at="matched_accuracy"),
      "has no per-round record"),
     (dict(a=200, metric="final.validation_accuracy", at="final"),

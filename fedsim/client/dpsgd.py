@@ -187,7 +187,7 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
     :mod:`fedsim.client.step`, as in :func:`fedsim.client.train.train_local`; only the
     gradient of the data loss differs (clipped per sample, noised). ``canaries``: the
     client's gradient canaries ``(k, dim)``, added to each step's clipped sum before the
-    noise (:func:`canary_gradients`; an audit's, :mod:`fedsim.client.canaries`)."""
+    noise (:func:`canary_gradients`; an audit's, :mod:`fedsim.canaries`)."""
     set_modes(model, hooks)
     all_params = dict(model.named_parameters())
     trainable = {k: p for k, p in all_params.items() if p.requires_grad}

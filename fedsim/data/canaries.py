@@ -37,8 +37,6 @@ def plan_canaries(cfg: ExposureConfig, participating: Sequence[int], seed: int
                   ) -> tuple[Canary, ...]:
     """The canaries of ``cfg`` for a federation whose participating clients are
     ``participating`` (ScenarioError for a listed client that never trains)."""
-    if not cfg.enabled:
-        return ()
     clients = list(cfg.clients)
     for cid in clients:
         if cid not in participating:

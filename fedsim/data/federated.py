@@ -78,10 +78,8 @@ def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
 
 def build_federated_data(scenario: Scenario) -> FederatedData:
     """The scenario's FederatedData, cached per process on ``(seed, data, partition)`` and,
-    when ``[privacy.exposure]`` plants canaries into clients' text, its settings."""
-    exposure = scenario.privacy.exposure
-    return _build(scenario.seed, scenario.data, scenario.partition,
-                  exposure if exposure.enabled else None)
+    when the ``exposure`` audit plants canaries into clients' text, its settings."""
+    return _build(scenario.seed, scenario.data, scenario.partition, scenario.privacy.planted)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,8 +93,8 @@ def _build(seed: int, data: DataConfig, partition: PartitionConfig,
     if exposure is not None:
         raise ScenarioError(
             f"privacy.exposure plants secrets into clients' text, but data.name = "
-            f"{data.name!r} holds images; use data.name = 'shakespeare' or set "
-            "privacy.exposure.canaries = 0")
+            f"{data.name!r} holds images; use data.name = 'shakespeare' or drop 'exposure' "
+            "from privacy.audits")
     if isinstance(dataset, SyntheticDataset):
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
         cache = synthetic_cache_clients(data, dataset.input_shape)

@@ -248,7 +248,7 @@ class TextFederation(FederatedData):
         super().__init__(_RoleSource(self), partition, seed, ARRAY_CACHE_CLIENTS,
                          holdout_rule(corpus))
         self.canaries: tuple[Canary, ...] = ()
-        if exposure is not None and exposure.enabled:
+        if exposure is not None:
             self.canaries = plan_canaries(exposure, self.participating, seed)
             self._canary_repeats = exposure.repeats
             unknown = {c for c in exposure.prefix if c not in VOCAB}

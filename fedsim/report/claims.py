@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
+import fedsim.plugins  # noqa: F401  the audits register: which one writes a privacy metric
 from fedsim.config import ROUNDS_TO_ACCURACY, ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
 from fedsim.files import save_figure
+from fedsim.privacy.audits.base import summary_owner
 from fedsim.report.budget import rounds_to_target
 from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_tests
 from fedsim.text import code, markdown, mathtext
@@ -88,30 +90,29 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "dp.noise_stddev", "dp.fewer_replies.rounds",
 )
 
-#: metric prefix -> (does this cell measure it?, how to turn it on)
+#: metric prefix -> (does this cell measure it?, how to turn it on); ``privacy.<key>``: the
+#: audit that writes ``<key>`` says (:func:`_need`)
 _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
     "final.validation_": (lambda s: s.data.validation_fraction > 0,
                           "data.validation_fraction = 0.1"),
-    "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
-    "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
-    "privacy.client_membership.": (lambda s: s.privacy.client_membership,
-                                   "privacy.client_membership = true"),
-    "privacy.membership_epsilon.": (lambda s: bool(s.privacy.mia),
-                                    'privacy.mia = ["loss"] and a DP accountant'),
-    "privacy.canary_audit.": (lambda s: s.privacy.canary_clients > 0,
-                              "privacy.canary_clients = 1000"),
-    "privacy.sample_canary_audit.": (lambda s: s.privacy.canary_samples > 0,
-                                     "privacy.canary_samples = 1000 (with [client.dp])"),
-    "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
-    "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
-    "privacy.exposure.": (lambda s: s.privacy.exposure.enabled,
-                          "privacy.exposure.canaries = 4 (text data)"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
     "hybrid_alpha.": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
     "final.hybrid_alpha_mean": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
     "final.hessian_max_eig": (lambda s: s.output.sharpness, "output.sharpness = true"),
     "final.sharpness": (lambda s: s.output.sharpness, "output.sharpness = true"),
 }
+
+
+def _need(metric: str) -> tuple[Callable[[Scenario], bool], str] | None:
+    """(does a cell measure ``metric``?, how to turn it on), or None when every run does. A
+    ``privacy.<key>`` metric is measured where the registered audit writing ``<key>`` runs."""
+    parts = metric.split(".")
+    owner = summary_owner(parts[1]) if parts[0] == "privacy" and len(parts) > 1 else None
+    if owner is not None:
+        extra = owner.summary[parts[1]]
+        return ((lambda s: owner.name in s.privacy.audits),
+                f'privacy.audits = ["{owner.name}"]' + (f" {extra}" if extra else ""))
+    return next((need for prefix, need in _NEEDS.items() if metric.startswith(prefix)), None)
 
 
 def known_metric(metric: str) -> bool:
@@ -210,14 +211,14 @@ def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[A
             f"{where} {metric!r} has no per-round record, so it cannot be read "
             "at matched accuracy; use at = \"final\", or a final.*, generalization.* or "
             "privacy.mia.<attack>.* metric")
-    for prefix, (measured, fix) in _NEEDS.items():
-        if not metric.startswith(prefix):
-            continue
-        for cell in cells:
-            if _in_arm(cell.params, arm) and not measured(cell.scenario):
-                raise ScenarioError(
-                    f"{where} {metric!r}: sweep cell {cell.name} does not measure it; "
-                    f"set {fix}")
+    need = _need(metric)
+    if need is None:
+        return
+    measured, fix = need
+    for cell in cells:
+        if _in_arm(cell.params, arm) and not measured(cell.scenario):
+            raise ScenarioError(f"{where} {metric!r}: sweep cell {cell.name} does not measure "
+                                f"it; set {fix}")
 
 
 # --------------------------------------------------------------------------- pairing

@@ -4,7 +4,7 @@ Rows are built from each cell's ``summary.json`` and ``rounds.jsonl`` (:func:`ce
 Norms are compared at matched rounds (the final model) and at matched test accuracy: within a
 setting (all axes but norm and seed), the level is the lowest of the cells' best audited
 accuracies, and each cell is read at the first audited round that reaches it
-(:func:`add_matched_accuracy`; needs ``privacy.audit_every``).
+(:func:`add_matched_accuracy`; needs ``privacy.mia.every``).
 
 Comparison plots show each mean over seeds as a point with its 95% t-interval; learning
 curves, the mean over seeds per evaluated round with its 95% t-band, and the Budget section

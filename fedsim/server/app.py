@@ -25,8 +25,8 @@ from fedsim.engine.known_nodes import with_recorded_partitions
 from fedsim.engine.ordered import ClientOrderedGrid
 from fedsim.errors import RunStopped
 from fedsim.lock import hold
-from fedsim.privacy.audit import PrivacyAudit
 from fedsim.privacy.audit_epsilon import accountant_claims
+from fedsim.server.audits import make_audits
 from fedsim.server.bn_statistics import BNStatistics
 from fedsim.server.client_dp import summarize_client_dp
 from fedsim.server.early_stop import EarlyStopper
@@ -66,9 +66,7 @@ def server_main(grid: Grid, run: RunContext, sinks: RunSinks) -> None:
             bn_eval=scenario.model.bn_eval)
         evaluate = lambda a: {**evaluator(a), **personal(a)}  # noqa: E731
     sinks.start(scenario)
-    audit = None
-    if scenario.privacy.enabled:
-        audit = PrivacyAudit(run, sinks.out, arrays)
+    audit = make_audits(run, sinks.out, arrays, strategy)
     resumed = sinks.resume  # set by --resume
     checkpoint = Checkpointer(sinks.folder, scenario, strategy, grid, resumed, audit=audit)
     stopper = None
@@ -80,6 +78,8 @@ def server_main(grid: Grid, run: RunContext, sinks: RunSinks) -> None:
             arrays, start = resume_state(resumed, strategy, grid, audit)
         else:
             sinks.on_round({"round": 0, **evaluate(arrays)})  # the initial model
+            if audit is not None:  # the audits see the initial model as round 0
+                audit.on_replies(0, [], arrays)
             checkpoint(0, arrays)
             start = 1
         arrays = run_rounds(strategy, grid, arrays, scenario, evaluate, sinks.on_round,
@@ -104,8 +104,6 @@ def server_main(grid: Grid, run: RunContext, sinks: RunSinks) -> None:
         # after the strategy's notes: the audit reads the DP accountants (sample-level
         # DP-SGD's ε comes from the clients' replies)
         notes["privacy"] = audit.finish(arrays, accountants=accountant_claims(notes))
-    if (canary := notes.pop("canary_audit", None)) is not None:  # the canary clients' audit
-        notes.setdefault("privacy", {})["canary_audit"] = canary
     for key, value in notes.items():
         sinks.note(key, value)
     sinks.finish(arrays, model, stop=stop)

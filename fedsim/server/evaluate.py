@@ -28,28 +28,7 @@ from fedsim.errors import ScenarioError
 from fedsim.models import hybrid_alphas
 from fedsim.models.flatness import hessian_max_eig, model_loss, sharpness
 from fedsim.rng import numpy_rng, torch_generator
-
-
-def distribution(values: list[float], weights: list[int] | None = None) -> dict[str, float]:
-    """Mean, example-weighted mean, std, median, p10, p90, min, max and count of ``values``."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"n": 0}
-    out = {
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "median": float(np.median(v)),
-        "p10": float(np.percentile(v, 10)),
-        "p90": float(np.percentile(v, 90)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": int(v.size),
-    }
-    if weights is not None:
-        w = np.asarray(weights, dtype=float)[np.isfinite(np.asarray(values, dtype=float))]
-        out["weighted_mean"] = float((v * w).sum() / w.sum()) if w.sum() > 0 else out["mean"]
-    return out
+from fedsim.stats import distribution
 
 
 def perplexity(mean_loss: float) -> float:

@@ -43,7 +43,7 @@ def test_privacy_audits_on_text(tmp_path):
     """Membership inference on the global model and per upload, the leakage report, and
     canary exposure on the global model and the canary clients' uploads."""
     result = fedsim.run(SCENARIO, TINY + [
-        'privacy.mia=["loss"]', "privacy.client_mia=true", "privacy.leakage=true",
+        'privacy.audits=["mia", "client_mia", "leakage", "exposure"]',
         "model.norm=bn", "server.clients_per_round=4", "privacy.exposure.canaries=2",
         "privacy.exposure.repeats=4", "privacy.exposure.digits=2"], out=tmp_path / "p")
     privacy = result.summary["privacy"]
@@ -61,25 +61,29 @@ def test_privacy_audits_on_text(tmp_path):
 
 
 def test_inversion_and_image_archs_are_refused_on_text(tmp_path):
-    with pytest.raises(ScenarioError, match="privacy.inversion reconstructs images"):
-        fedsim.run(SCENARIO, TINY + ["privacy.inversion=true"], out=tmp_path / "a")
+    with pytest.raises(ScenarioError, match="'inversion', which reconstructs images"):
+        fedsim.run(SCENARIO, TINY + ['privacy.audits=["inversion"]'], out=tmp_path / "a")
     with pytest.raises(ScenarioError, match="model.arch = 'mlp' reads images"):
         fedsim.run(SCENARIO, TINY + ["model.arch=mlp"], out=tmp_path / "b")
     with pytest.raises(ScenarioError, match="privacy.exposure plants secrets"):
-        fedsim.run("scenarios/quickstart.toml", ["privacy.exposure.canaries=1"],
+        fedsim.run("scenarios/quickstart.toml", ['privacy.audits=["exposure"]'],
                    out=tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_resume_keeps_exposure_captured_before_the_interruption(tmp_path):
     """Exposure on the global model of rounds 1-2 and on the uploads of round 1 was measured
-    before the kill: the checkpoint carries it, and the resumed run equals the whole one."""
+    before the kill: the checkpoint carries it, and the resumed run equals the whole one, its
+    captures bit for bit."""
     import shutil
 
-    from same_run import records  # tests/same_run.py
+    from same_run import records, same_bits  # tests/same_run.py
 
-    audit = TINY + ["server.rounds=3", "privacy.exposure.canaries=2", "privacy.audit_every=1",
-                    "privacy.client_round=1", "privacy.exposure.digits=2",
+    from fedsim.checkpoint import read_checkpoint
+
+    audit = TINY + ["server.rounds=3", 'privacy.audits=["exposure"]',
+                    "privacy.exposure.canaries=2", "privacy.exposure.every=1",
+                    "privacy.exposure.round=1", "privacy.exposure.digits=2",
                     "server.clients_per_round=4"]
     ref = fedsim.run(SCENARIO, audit, out=tmp_path / "ref").path
     cut = tmp_path / "cut"
@@ -95,3 +99,5 @@ def test_resume_keeps_exposure_captured_before_the_interruption(tmp_path):
     assert [r["round"] for r in pb["exposure"]["global_by_round"]] == [1, 2, 3]
     assert pb["exposure"]["upload"]["round"] == 1
     assert pa["exposure"] == pb["exposure"]
+    ca, cb = (read_checkpoint(p / "checkpoint.pt").privacy for p in (ref, cut))
+    assert same_bits(ca, cb) and len(ca["audits"]["exposure"]["global"]) == 3

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # W&B starts its service process per run: seconds
 TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
         "partition.holdout_clients=0.0", "model.width=8",
         'output.sinks=["tensorboard", "mlflow", "wandb"]']
-AUDIT = ['privacy.mia=["loss"]', "privacy.audit_every=1"]  # per-round privacy, a ROC figure
+AUDIT = ['privacy.audits=["mia"]', "privacy.mia.every=1"]  # per-round privacy, a ROC figure
 
 
 @pytest.fixture(autouse=True)
