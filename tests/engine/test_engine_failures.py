@@ -207,6 +207,31 @@ def test_a_worker_thread_that_raises_ends_the_run_with_one_line_and_keeps_the_ch
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == [1]
 
 
+def test_a_failed_run_whose_traceback_cannot_be_written_still_ends_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    """The disk is full when error.txt is written: the failure is still told, in one line,
+    without the pointer to a traceback that was not kept."""
+    from faults import Fault  # tests/faults.py
+
+    do = InProcessGrid._do
+
+    def broken(self, job):
+        if job[0][1].metadata.message_type == MessageType.TRAIN:
+            raise RuntimeError("worker lost its model copy")
+        return do(self, job)
+
+    monkeypatch.setattr(InProcessGrid, "_do", broken)
+    fault = Fault("error.txt").install(monkeypatch)
+    out = tmp_path / "r"
+    code = main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet",
+                 *sets("server.rounds=2", "server.fraction_evaluate=0")])
+    err = capsys.readouterr().err
+    assert fault.fired and code == 4 and err.count("\n") == 1, err
+    assert err.startswith("error: the run failed in round 1 on the inprocess engine: "
+                          "RuntimeError: worker lost its model copy; ") and "traceback" not in err
+    assert not (out / "error.txt").exists()
+
+
 def _message(node: int) -> Message:
     with compat.task_identity_restored():
         compat.set_task_identity(1)

@@ -526,6 +526,9 @@ WRITE_SITES = [
     ("fedsim/report/report.py", "save_figure(fig, path, dpi=110)", "mia_vs_accuracy.png"),
     ("fedsim/report/report.py", 'write_text(path, "\\n".join(lines)', "report.md"),
     ("fedsim/report/report.py", 'write_json(root / "report.json"', "report.json"),
+    ("fedsim/runner.py", "files.write_text(sinks.out / ERROR_FILE", EXEMPT + ": a failed run's "
+     "traceback; a fault writing it is caught and the failure told without it "
+     "(tests/engine/test_engine_failures.py)"),
     ("fedsim/sinks/folder.py", "clear(self.out", "compare-overwrite"),
     ("fedsim/sinks/folder.py", "make_folder(self.out)", EXEMPT + ": the folder exists by "
      "then (the run took its lock in it); would fail as folder-mkdir does"),
