@@ -105,7 +105,10 @@ def test_sinks_hear_a_run_that_raises(tmp_path, monkeypatch):
     rec = Recorder()
     with pytest.raises(RuntimeError, match="the engine died"):
         fedsim.run("scenarios/quickstart.toml", TINY, out=tmp_path / "r", sinks=[rec])
-    assert rec.calls[-1][0] == "error" and str(rec.calls[-1][1]) == "the engine died"
+    # the sinks hear what the command says: the run's failure, naming its cause
+    kind, error = rec.calls[-1]
+    assert kind == "error" and isinstance(error, fedsim.EngineFailed)
+    assert "RuntimeError: the engine died" in str(error)
 
 
 def test_a_missing_tracker_package_is_an_error_naming_the_extra(tmp_path, capsys,
