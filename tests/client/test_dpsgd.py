@@ -11,7 +11,7 @@ import fedsim
 from fedsim.client import dpsgd
 from fedsim.config import ClientConfig, ClientDPConfig, ScenarioError, load_scenario
 from fedsim.data.federated import build_federated_data
-from fedsim.models import build_model
+from fedsim.models import build_model, dp_sgd
 from fedsim.privacy.accountant import epsilon
 from fedsim.run import check
 
@@ -33,17 +33,17 @@ def _model_and_batch(norm: str, n: int = 7, seed: int = 0):
 @pytest.mark.parametrize("norm", ["gn", "in", "ln", "none"])
 def test_no_clipped_per_sample_gradient_exceeds_the_bound(norm):
     model, params, x, y = _model_and_batch(norm)
-    grads, _, _ = dpsgd.per_sample_grads(model, params, {}, x, y)
-    norms = dpsgd.per_sample_norms(grads)
+    grads, _, _ = dp_sgd.per_sample_grads(model, params, {}, x, y)
+    norms = dp_sgd.per_sample_norms(grads)
     for c in (1e-3, 0.5, 1e3):  # all clipped / some / none
-        clipped = dpsgd.clip_factors(norms, c) * norms
+        clipped = dp_sgd.clip_factors(norms, c) * norms
         assert (clipped <= c).all()
         small = norms < c  # a gradient already inside the ball is (nearly) untouched
         assert torch.allclose(clipped[small], norms[small], rtol=c * 1e-6 / norms.min())
     # the clipped norms are those of the clipped gradients themselves
-    factor = dpsgd.clip_factors(norms, 1e-3)
+    factor = dp_sgd.clip_factors(norms, 1e-3)
     scaled = {k: g * factor.view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
-    assert (dpsgd.per_sample_norms(scaled) <= 1e-3).all()
+    assert (dp_sgd.per_sample_norms(scaled) <= 1e-3).all()
 
 
 @pytest.mark.parametrize("norm", ["gn", "in", "ln"])
@@ -51,9 +51,9 @@ def test_clipped_sum_equals_a_naive_per_sample_loop_without_noise(norm):
     """σ = 0: vmap(grad) + clipping equals autograd on each sample alone (float64)."""
     model, params, x, y = _model_and_batch(norm)
     c = 0.5
-    grads, losses, _ = dpsgd.per_sample_grads(model, params, {}, x, y)
-    summed, _ = dpsgd.clip_and_sum(grads, c)
-    out = dpsgd.privatize(summed, 0.0, c, 3.5, torch.Generator().manual_seed(0))
+    grads, losses, _ = dp_sgd.per_sample_grads(model, params, {}, x, y)
+    summed, _ = dp_sgd.clip_and_sum(grads, c)
+    out = dp_sgd.privatize(summed, 0.0, c, 3.5, torch.Generator().manual_seed(0))
     want = {k: torch.zeros_like(p) for k, p in params.items()}
     for i in range(len(x)):
         model.zero_grad()
@@ -62,7 +62,7 @@ def test_clipped_sum_equals_a_naive_per_sample_loop_without_noise(norm):
         loss.backward()
         g = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         norm_i = math.sqrt(sum((v**2).sum().item() for v in g.values()))
-        factor = min(1.0, c / (norm_i + dpsgd.CLIP_EPS))
+        factor = min(1.0, c / (norm_i + dp_sgd.CLIP_EPS))
         for k in want:
             want[k] += factor * g[k]
     for k in want:  # float64: a few ulps of the sums of ~100 products
@@ -73,7 +73,7 @@ def test_noise_has_std_sigma_times_c_over_expected_batch():
     sigma, c, expected = 1.3, 0.7, 4.0
     n = 200_000
     zero = {"a": torch.zeros(n // 2), "b": torch.zeros(n // 4, 2)}
-    out = dpsgd.privatize(zero, sigma, c, expected, torch.Generator().manual_seed(1))
+    out = dp_sgd.privatize(zero, sigma, c, expected, torch.Generator().manual_seed(1))
     noise = torch.cat([v.flatten() for v in out.values()]).double() * expected
     std = sigma * c
     # the sample std's standard error is std / sqrt(2n); the mean's is std / sqrt(n)
@@ -94,7 +94,7 @@ def test_noise_is_one_torch_normal_per_tensor_in_order(std):
     like["last"] = torch.randn(20, generator=g)
     mine, ref = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
     for _ in range(2):  # the second step continues the stream
-        out = dpsgd.privatize(like, std, 1.5, 4.0, mine)
+        out = dp_sgd.privatize(like, std, 1.5, 4.0, mine)
         for k, s in like.items():
             noise = (torch.normal(0.0, std * 1.5, s.shape, generator=ref, dtype=s.dtype)
                      if std > 0 else torch.zeros_like(s))
@@ -121,7 +121,7 @@ def test_noise_reaches_another_device_in_one_copy_per_dtype(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "to", spy)
     mine, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    noise = dpsgd.gaussian_noise(like, 1.0, mine)
+    noise = dp_sgd.gaussian_noise(like, 1.0, mine)
     for k, t in like.items():
         torch.normal(0.0, 1.0, t.shape, generator=ref, dtype=t.dtype)
         assert noise[k].device == t.device and noise[k].shape == t.shape
@@ -136,7 +136,7 @@ def test_poisson_plan_and_batches():
     assert dpsgd.plan(10, cfg) == dpsgd.DPSGDPlan(1.0, 2)
     assert dpsgd.plan(50, ClientConfig(batch_size=16, local_steps=5)).steps == 5
     g = torch.Generator().manual_seed(0)
-    sizes = [len(dpsgd.poisson_batch(1000, 0.1, g)) for _ in range(200)]
+    sizes = [len(dp_sgd.poisson_batch(1000, 0.1, g)) for _ in range(200)]
     mean = sum(sizes) / len(sizes)  # Binomial(1000, 0.1): mean 100, std 9.5
     assert mean == pytest.approx(100, abs=5 * 9.5 / math.sqrt(200))
 
@@ -147,7 +147,7 @@ def test_empty_poisson_batches_still_add_noise(monkeypatch):
                        dp=ClientDPConfig(noise_multiplier=1.0))
     assert dpsgd.train_dpsgd(model, x[:0], y[:0], cfg, 1.0,
                              torch.Generator().manual_seed(0)).steps == 0  # no data: no step
-    monkeypatch.setattr(dpsgd, "poisson_batch", lambda n, q, g: torch.zeros(0, dtype=torch.long))
+    monkeypatch.setattr(dp_sgd, "poisson_batch", lambda n, q, g: torch.zeros(0, dtype=torch.long))
     before = [p.detach().clone() for p in model.parameters()]
     result = dpsgd.train_dpsgd(model, x, y, cfg, 1.0, torch.Generator().manual_seed(0))
     assert result.steps == 3 and result.loss == 0.0  # finite: the server keeps the update
@@ -163,9 +163,10 @@ def test_batch_statistics_are_refused_with_the_reason(norm):
     assert 'model.norm = "gn"' in msg
 
 
-def test_vectorized_cohorts_are_refused_naming_the_key():
-    with pytest.raises(ScenarioError, match=r"engine\.vectorize"):
-        check(load_scenario(QUICKSTART, [*DP, "engine.vectorize=true"]))
+def test_vectorized_cohorts_run_dpsgd():
+    """DP-SGD is no longer refused with ``engine.vectorize``: the cohort nests per-sample
+    gradients (tests/engine/test_vectorized.py checks it against one client at a time)."""
+    check(load_scenario(QUICKSTART, [*DP, "model.norm=gn", "engine.vectorize=true"]))
 
 
 def test_config_needs_one_of_sigma_and_target():

@@ -15,7 +15,6 @@ from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook, sets_modes
 from fedsim.client.runtime import shared_runtime
-from fedsim.client.step import mode_key, set_modes
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
@@ -23,13 +22,14 @@ from fedsim.engine.vectorized import (
     CohortMember,
     CohortTrainer,
     _padded_data,
-    plan_batches,
     train_cohort,
 )
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, uses_batch_statistics
 from fedsim.models.batched import fold_for_cohort
+from fedsim.models.local_sgd import plan_batches
 from fedsim.models.norm import norm_layers
+from fedsim.models.sgd_step import mode_key, set_modes
 from fedsim.rng import torch_generator
 
 CFG = ClientConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -252,7 +252,8 @@ def test_vectorized_run_matches_sequential_run(tmp_path, norm, strategy):
 @pytest.mark.parametrize("overrides,match", [
     # Ray runs cohorts on actors now; more actors than this machine's CPUs would never start
     (["engine.kind=ray", "engine.ray_workers=64"], "engine.ray_workers = 64 actors"),
-    (["client.dp.noise_multiplier=1.0", "model.norm=gn"], "does not run in vectorized"),
+    # DP-SGD runs vectorized, but never with batch statistics
+    (["client.dp.noise_multiplier=1.0", "model.norm=bn"], "depends on the other samples"),
 ])
 def test_unsupported_combinations_are_refused_before_training(tmp_path, overrides, match):
     with pytest.raises(ScenarioError, match=match):
@@ -459,7 +460,7 @@ def test_cohort_with_step_hooks_equals_sequential_within_float64_derived_toleran
     """FedProx + SCAFFOLD terms, clients of different sizes: each cohort member's final
     parameters equal ``train_local``'s within a multiple of how far float32 ``train_local``
     itself is from a float64 run of the same computation."""
-    from fedsim.client.step import HookTerms
+    from fedsim.models.sgd_step import HookTerms
 
     model, start, bufs = seeded_model("cnn", norm)
     drop = uses_batch_statistics(norm)
