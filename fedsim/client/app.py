@@ -23,7 +23,6 @@ from flwr.clientapp import ClientApp
 import fedsim.plugins  # noqa: F401  strategies and client hooks register (own process)
 from fedsim.arrays import load_record
 from fedsim.client.bn_moments import layer_moments
-from fedsim.client.hooks import receive
 from fedsim.client.messages import (  # messages imports failures: the "crash" hook exists
     BN_MOMENTS,
     bn_layer_asked,
@@ -32,7 +31,7 @@ from fedsim.client.messages import (  # messages imports failures: the "crash" h
     evaluate_reply,
     moments_reply,
 )
-from fedsim.client.pipeline import train_one
+from fedsim.client.pipeline import evaluate_start, train_one
 from fedsim.client.runtime import ClientRuntime, shared_runtime
 from fedsim.client.train import evaluate
 from fedsim.config import Scenario, load_scenario
@@ -47,15 +46,14 @@ def handle_train(msg: Message, context: Context, rt: ClientRuntime) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, rt: ClientRuntime) -> Message:
     """Evaluate the received global model (with what the hooks lay over it, e.g. local
-    layers) on the local test split."""
+    layers: :func:`fedsim.client.pipeline.evaluate_start`) on the local test split."""
     cid = rt.client_id(context)
 
     def local_train():
         return rt.client_train(cid)  # on the device, copied once per run
 
     req = decode(msg, context, rt.settings, cid, local_train)
-    load_record(rt.model, req.arrays)
-    receive(rt.model, req.hooks, local_train)
+    evaluate_start(rt.model, rt.global_arrays, req.arrays, req.hooks, local_train)
     x, y = rt.client_test(cid)
     return evaluate_reply(req, *evaluate(rt.model, x, y, bn_eval=rt.settings.bn_eval))
 

@@ -59,14 +59,16 @@ Local = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 def client_start(model: nn.Module, params: dict[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor], hooks: Sequence[ClientHook],
-                 local_train: Local | None = None) -> ClientArrays:
+                 local_train: Local | None = None, defer_one: bool = False) -> ClientArrays:
     """The hooks' ``on_receive`` on a client that starts from the shared ``params`` and
-    ``buffers`` (not copied: overrides stay in the returned arrays' ``overrides``); a cold
-    start they ask for is served eagerly (:func:`serve_eagerly`)."""
+    ``buffers`` (not copied: overrides stay in the returned arrays' ``overrides``): what
+    every client starts from, training or evaluated, one at a time or in a cohort. A cold
+    start they ask for is served eagerly (:func:`serve_eagerly`); ``defer_one``: a single
+    one is left in ``estimates`` for a cohort evaluation to serve with the others'."""
     arrays = ClientArrays({**params, **buffers})
     for hook in hooks:
         hook.on_receive(model, arrays)
-    if arrays.estimates:
+    if len(arrays.estimates) > (1 if defer_one else 0):  # in a row: each sees the last
         serve_eagerly(model, params, buffers, arrays, local_train)
     return arrays
 
@@ -84,7 +86,8 @@ def serve_eagerly(model: nn.Module, params: dict[str, torch.Tensor],
 
 def load_start(model: nn.Module, start: ClientArrays,
                targets: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Load a client's start arrays into ``model`` (the one-client backend's start)."""
+    """Load a client's start arrays (:func:`client_start`) into ``model``: where one client
+    at a time trains or is evaluated."""
     load_record(model, start.base, targets)
     if start.overrides:
         apply_received(model, start)
@@ -112,6 +115,15 @@ class ClientRound:
     @property
     def hooks(self) -> list[ClientHook]:
         return self.req.hooks
+
+
+def evaluate_start(model: nn.Module, global_arrays: GlobalArrays, record, hooks:
+                   Sequence[ClientHook], local_train: Local) -> None:
+    """Load into ``model`` what a client is evaluated with: the received ``record`` with
+    its hooks' arrays over it, a cold start served (one client at a time: the ClientApp's
+    evaluation, the server's holdout clients)."""
+    params, buffers = global_arrays(record)
+    load_start(model, client_start(model, params, buffers, hooks, local_train))
 
 
 def prepare(rt: ClientRuntime, msg: Message, context: Context, model: nn.Module,

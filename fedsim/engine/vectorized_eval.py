@@ -29,9 +29,9 @@ from torch.func import functional_call, vmap
 
 from fedsim.client.hooks import ClientHook, statistics_parts
 from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_reply
-from fedsim.client.pipeline import serve_eagerly
+from fedsim.client.pipeline import client_start
 from fedsim.client.runtime import ClientRuntime
-from fedsim.client.step import ClientArrays, GlobalArrays
+from fedsim.client.step import GlobalArrays
 from fedsim.client.train import eval_batches
 from fedsim.models.bn_statistics import kept_modes
 from fedsim.models.norm import layer_uses_batch_statistics
@@ -228,9 +228,10 @@ class MemberBuilder:
     """Builds each client's :class:`EvalMember` from the global arrays and its hooks.
 
     Every hook acts on arrays (``on_receive``), so the client's arrays are a shared copy of
-    the global ones with its overrides laid over them (no model load), and a cold start the
-    hooks ask for becomes an estimation done in the cohort. Several cold starts in a row
-    are served eagerly on the model, as one client at a time would.
+    the global ones with its overrides laid over them (no model load;
+    :func:`fedsim.client.pipeline.client_start`, as every client starts), and a cold start
+    the hooks ask for becomes an estimation done in the cohort. Several cold starts in a
+    row are served eagerly on the model, as one client at a time would.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -241,11 +242,7 @@ class MemberBuilder:
                  y: torch.Tensor, local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                  ) -> EvalMember:
         params, buffers = self.global_arrays(record)
-        arrays = ClientArrays({**params, **buffers})
-        for hook in hooks:
-            hook.on_receive(self.model, arrays)
-        if len(arrays.estimates) > 1:  # in a row: each sees the previous one's statistics
-            serve_eagerly(self.model, params, buffers, arrays, local_train)
+        arrays = client_start(self.model, params, buffers, hooks, local_train, defer_one=True)
         member = EvalMember({n: arrays[n] for n in params}, {n: arrays[n] for n in buffers},
                             x, y)
         if arrays.estimates:

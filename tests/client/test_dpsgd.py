@@ -154,6 +154,56 @@ def test_empty_poisson_batches_still_add_noise(monkeypatch):
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_dpsgd_steps_with_fedprox_and_canaries_equal_a_hand_reference():
+    """Two DP-SGD steps on one client with FedProx's proximal term and two gradient
+    canaries, against the mechanism written out by hand (float64): per step a Poisson
+    batch, each sample's gradient on its own clipped to C and summed, the canaries that
+    join (C·u each), then N(0, σ²C²) per coordinate, all from the client's generator in
+    that order, over the expected batch q·n; then the proximal gradient μ(w − w₀),
+    unclipped; then SGD."""
+    from fedsim.client.hooks import HookContext, ProximalHook
+    from flwr.app import ConfigRecord, RecordDict
+
+    model, params, x, y = _model_and_batch("gn", n=7)
+    sigma, c, mu, lr = 0.8, 0.5, 0.3, 0.1
+    cfg = ClientConfig(batch_size=3, local_steps=2, lr=lr,
+                       dp=ClientDPConfig(noise_multiplier=sigma, max_grad_norm=c))
+    dim = sum(p.numel() for p in params.values())
+    g = torch.Generator().manual_seed(4)
+    canaries = torch.randn(2, dim, generator=g, dtype=torch.float64)
+    canaries /= canaries.norm(dim=1, keepdim=True)
+    ref = {k: v.clone() for k, v in params.items()}
+    w0 = {k: v.clone() for k, v in params.items()}
+    q, gen = 3 / 7, torch.Generator().manual_seed(9)
+    for _ in range(2):
+        idx = (torch.rand(7, generator=gen) < q).nonzero().squeeze(1)
+        summed = {k: torch.zeros_like(v) for k, v in ref.items()}
+        for i in idx.tolist():
+            w = {k: v.clone().requires_grad_() for k, v in ref.items()}
+            loss = F.cross_entropy(torch.func.functional_call(model, w, (x[i : i + 1],)),
+                                   y[i : i + 1])
+            grads = torch.autograd.grad(loss, list(w.values()))
+            norm_i = math.sqrt(sum((v**2).sum().item() for v in grads))
+            factor = min(1.0, c / (norm_i + dp_sgd.CLIP_EPS))
+            for k, gk in zip(w, grads):
+                summed[k] += factor * gk
+        joins = (torch.rand(2, generator=gen) < q).double()
+        flat = c * (joins @ canaries)
+        for (k, v), part in zip(summed.items(), flat.split([v.numel() for v in ref.values()])):
+            summed[k] = v + part.view(v.shape)
+        for k in ref:
+            noise = torch.normal(0.0, sigma * c, ref[k].shape, generator=gen,
+                                 dtype=torch.float64)
+            step = (summed[k] + noise) / (q * 7) + mu * (ref[k] - w0[k])
+            ref[k] = ref[k] - lr * step
+    hook = ProximalHook(HookContext(0, ConfigRecord({"proximal-mu": mu}), RecordDict()))
+    result = dpsgd.train_dpsgd(model, x, y, cfg, sigma, torch.Generator().manual_seed(9),
+                               [hook], canaries)
+    assert result.steps == 2
+    for k, p in model.named_parameters():  # float64: a few ulps of ~100-term sums
+        torch.testing.assert_close(p.detach(), ref[k], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", ["bn", "hybrid"])
 def test_batch_statistics_are_refused_with_the_reason(norm):
     with pytest.raises(ScenarioError) as err:
