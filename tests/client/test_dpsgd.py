@@ -161,8 +161,9 @@ def test_dpsgd_steps_with_fedprox_and_canaries_equal_a_hand_reference():
     join (C·u each), then N(0, σ²C²) per coordinate, all from the client's generator in
     that order, over the expected batch q·n; then the proximal gradient μ(w − w₀),
     unclipped; then SGD."""
-    from fedsim.client.hooks import HookContext, ProximalHook
     from flwr.app import ConfigRecord, RecordDict
+
+    from fedsim.client.hooks import HookContext, ProximalHook
 
     model, params, x, y = _model_and_batch("gn", n=7)
     sigma, c, mu, lr = 0.8, 0.5, 0.3, 0.1
