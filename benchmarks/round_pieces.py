@@ -18,7 +18,8 @@ Pieces, each divided by the number of client updates (train messages answered):
 
 ``vmap_us``         the cohort's local SGD steps (the stacked ``vmap`` arithmetic);
 ``data_us``         generating or slicing the clients' data (synthetic generation, domain
-                    transforms, local splits) inside the train cohorts;
+                    transforms, local splits) inside the train cohorts, one client at a
+                    time or a cohort at once (``--set data.generator=2``);
 ``client_host_us``  the rest of the train cohorts: decoding messages, the hooks, start
                     arrays, batch plans, stacking, replies, client state;
 ``driver_us``       the round loop minus the cohorts and evaluation: sampling and
@@ -68,7 +69,7 @@ DATASETS = {
 VMAP_AT = [("fedsim.engine.vectorized", "CohortBackend.run"),
            ("fedsim.engine.vectorized", "train_cohort")]
 DATA_AT = [("fedsim.data.federated", "FederatedData._materialize"),
-           ("fedsim.data.federated", "FederatedData._materialize_cohort")]
+           ("fedsim.data.federated", "FederatedData.prefetch")]
 
 
 class Clock:
@@ -131,6 +132,16 @@ def _resolve(candidates):
     raise SystemExit(f"none of {candidates} exists in this tree")
 
 
+def _existing(candidates):
+    found = []
+    for module, path in candidates:
+        try:
+            found.append(_resolve([(module, path)]))
+        except SystemExit:
+            continue
+    return found
+
+
 def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
     """Run ``scenario`` with the timers; the figures per client update."""
     import fedsim
@@ -149,7 +160,8 @@ def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
     vectorized.CohortTrainer.__call__ = counted
     clock.wrap(vectorized.CohortTrainer, "__call__", "cohort", exclude=True)
     clock.wrap(*_resolve(VMAP_AT), "vmap", inside="cohort")
-    clock.wrap(*_resolve(DATA_AT), "data", inside="cohort")
+    for owner, name in _existing(DATA_AT):  # each that exists: none calls another
+        clock.wrap(owner, name, "data", inside="cohort")
     clock.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
     run_rounds = loop.run_rounds
 

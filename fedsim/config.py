@@ -41,6 +41,9 @@ class DataConfig:
     samples_per_client: int = 64
     test_samples: int = 1000
     noise: float = 0.6
+    # synthetic only: 1 = a numpy generator per client and purpose; 2 = counter-based, a
+    # cohort's clients generated together (fedsim.data.synthetic_cohort), other numbers
+    generator: int = 1
     # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
     # no client sees (synthetic: this fraction of test_samples, from its own stream); 0 = none
     validation_fraction: float = 0.0
@@ -53,6 +56,9 @@ class DataConfig:
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
+        _check(self.generator in (1, 2), "data.generator",
+               "it must be 1 (a generator per client) or 2 (cohorts generated together)",
+               self.generator)
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction",
                "it must be in [0, 1) (0 = no validation split; 0.1 holds out a tenth of the "
                "training pool)", self.validation_fraction)

@@ -580,6 +580,7 @@ class CohortTrainer:
         groups: dict[tuple, list[int]] = {}  # (modes, terms, rule, moments) -> into prepared
         global_arrays = GlobalArrays(model)
         all_train = current = set_modes(model, ())
+        self._prefetch(contexts)
         for i, (msg, ctx) in enumerate(zip(msgs, contexts)):
             cid = None
             try:
@@ -630,6 +631,17 @@ class CohortTrainer:
                         replies[i] = error_reply(msgs[i], exc, cr.req.client_id)
         model.train()
         return replies  # type: ignore[return-value]
+
+    def _prefetch(self, contexts: Sequence[Context]) -> None:
+        """The cohort's clients' data built together where the data allows it
+        (``data.generator = 2``); a context without a client id fails in its preparation."""
+        cids = []
+        for ctx in contexts:
+            try:
+                cids.append(self.runtime.client_id(ctx))
+            except Exception:  # noqa: BLE001 - reported by prepare, with the client's reply
+                continue
+        self.runtime.data.prefetch(cids)  # ids of the run's participating clients
 
     @staticmethod
     def _exact_moments(model: nn.Module, uploads: list, prepared: list, msgs: Sequence[Message],
