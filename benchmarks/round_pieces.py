@@ -16,7 +16,8 @@ not count) and wall time (``time.perf_counter``; it also counts waiting, e.g. a 
 
 Pieces, each divided by the number of client updates (train messages answered):
 
-``vmap_us``         the cohort's local SGD steps (the stacked ``vmap`` arithmetic);
+``vmap_us``         the cohort's local SGD steps (the stacked ``vmap`` arithmetic; stacking
+                    the members' arrays and data before them is host work);
 ``data_us``         generating or slicing the clients' data (synthetic generation, domain
                     transforms, local splits) inside the train cohorts, one client at a
                     time or a cohort at once (``--set data.generator=2``);
@@ -67,7 +68,7 @@ DATASETS = {
 #: where each piece lives, in this tree or an earlier one: (module, attribute path); the
 #: first that exists is timed
 VMAP_AT = [("fedsim.engine.vectorized", "CohortBackend.run"),
-           ("fedsim.engine.vectorized", "train_cohort")]
+           ("fedsim.engine.vectorized", "_CohortRun.sgd_steps")]  # the steps alone, either way
 DATA_AT = [("fedsim.data.federated", "FederatedData._materialize"),
            ("fedsim.data.federated", "FederatedData.prefetch")]
 
