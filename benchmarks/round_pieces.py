@@ -28,6 +28,9 @@ Pieces, each divided by the number of client updates (train messages answered):
                     and aggregating replies, the round record and the checkpoint. On the
                     Ray-cohort engine this part stays on the driver, serial.
 
+``driver_parts`` splits part of the driver's share (CPU): the checkpoint, the round record,
+screening replies, FedAvg's ``configure_train``/``aggregate_train``, pushing messages.
+
 ``amdahl_16`` projects the Ray-cohort engine's speed-up over in-process at 16 actors from
 these shares (Amdahl's law): with ``s = driver_us`` serial and ``p = client_host_us +
 data_us + vmap_us`` spread over ``n`` actors, a client update costs ``s + p`` in-process
@@ -71,6 +74,18 @@ VMAP_AT = [("fedsim.engine.vectorized", "CohortBackend.run"),
            ("fedsim.engine.vectorized", "_CohortRun.sgd_steps")]  # the steps alone, either way
 DATA_AT = [("fedsim.data.federated", "FederatedData._materialize"),
            ("fedsim.data.federated", "FederatedData.prefetch")]
+
+#: parts of the driver's share, reported beside it (``driver_parts``, µs per update): (module,
+#: attribute path, label); those that exist in the tree are timed
+DRIVER_PARTS = [
+    ("fedsim.checkpoint", "Checkpointer.__call__", "checkpoint"),
+    ("fedsim.sinks.folder", "RunFolder.on_round", "round_record"),
+    ("fedsim.report.record", "RunRecorder.on_round", "round_record"),
+    ("fedsim.server.loop", "_nonfinite", "screening"),
+    ("flwr.serverapp.strategy", "FedAvg.configure_train", "configure_train"),
+    ("flwr.serverapp.strategy", "FedAvg.aggregate_train", "aggregate_train"),
+    ("fedsim.engine.inprocess", "InProcessGrid.push_messages", "grid_push"),
+]
 
 
 class Clock:
@@ -164,6 +179,11 @@ def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
     for owner, name in _existing(DATA_AT):  # each that exists: none calls another
         clock.wrap(owner, name, "data", inside="cohort")
     clock.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
+    parts = []
+    for module, path, label in DRIVER_PARTS:
+        for owner, name in _existing([(module, path)]):
+            clock.wrap(owner, name, label, inside="driver")
+            parts.append(label)
     run_rounds = loop.run_rounds
 
     def rounds_with_timed_evaluation(strategy, grid, arrays, scenario, evaluate, *a, **k):
@@ -194,6 +214,7 @@ def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
         res[f"vmap_us{suffix}"] = 1e6 * vmap / n
     res["amdahl_16"] = amdahl(res["driver_us"], res["client_host_us"] + res["data_us"]
                               + res["vmap_us"], 16)
+    res["driver_parts"] = {k: 1e6 * clock.cpu[k] / n for k in dict.fromkeys(parts)}
     res.update(updates=updates[0], rounds=rounds, run_wall_s=wall,
                load_1min=os.getloadavg()[0])
     return res
@@ -256,6 +277,8 @@ def main() -> None:
     print(f"  {'µs per client update':<22}{'CPU':>10}{'wall':>10}")
     for k in ("client_host_us", "data_us", "driver_us", "vmap_us"):
         print(f"  {k:<22}{res[k]:10.1f}{res[k + '_wall']:10.1f}")
+    print("  driver_us, of which (CPU): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in res["driver_parts"].items()))
     print(f"  amdahl_16: Ray cohorts at 16 actors ≈ {res['amdahl_16']:.1f}x in-process "
           "(upper bound)")
 
