@@ -5,9 +5,9 @@ Two audits, each in three runs (no DP, ε = 8, ε = 1), every run on ``scenarios
 (digits, CNN + GroupNorm) with the same seed:
 
 - **client level** (``[server.dp]``, Poisson sampling so the accountant's mechanism is the
-  canaries' own): ``privacy.canary_clients`` canary clients; the report gives Andrew et al.'s
+  canaries' own): ``privacy.canary_clients.count`` canary clients; the report gives Andrew et al.'s
   estimate (all iterates and final model) and Steinke et al.'s one-run lower bound (95%);
-- **sample level** (``[client.dp]``, DP-SGD): ``privacy.canary_samples`` gradient canaries,
+- **sample level** (``[client.dp]``, DP-SGD): ``privacy.canary_samples.count`` gradient canaries,
   Steinke et al.'s lower bound from the clients' uploads. "No DP" is DP-SGD with a noise
   multiplier of 0.3 (its accountant says ε in the hundreds; smaller σ makes dp-accounting's
   PLD accountant, which every client runs after each round, very slow: 24 s a call at 0.05).
@@ -48,8 +48,8 @@ SETTINGS = {"no DP": None, "ε = 8": 8.0, "ε = 1": 1.0}
 def client_level(target: float | None, canaries: int, rounds: int, width: int) -> list[str]:
     """A wider model separates canaries better: a direction independent of the model has
     cosine ≈ N(0, 1/d) with it (d = 6,186 parameters at width 16, 1,946 at width 8)."""
-    sets = [*CLIENT_LEVEL, f"server.rounds={rounds}", f"privacy.canary_clients={canaries}",
-            f"model.width={width}"]
+    sets = [*CLIENT_LEVEL, f"server.rounds={rounds}", 'privacy.audits=["canary_clients"]',
+            f"privacy.canary_clients.count={canaries}", f"model.width={width}"]
     if target is not None:
         sets += ["server.dp.kind=fixed", "server.dp.sampling=poisson",
                  f"server.dp.target_epsilon={target}"]
@@ -58,7 +58,8 @@ def client_level(target: float | None, canaries: int, rounds: int, width: int) -
 
 def sample_level(target: float | None, canaries: int, rounds: int, width: int = 8
                  ) -> list[str]:
-    sets = [*SAMPLE_LEVEL, f"server.rounds={rounds}", f"privacy.canary_samples={canaries}"]
+    sets = [*SAMPLE_LEVEL, f"server.rounds={rounds}", 'privacy.audits=["canary_samples"]',
+            f"privacy.canary_samples.count={canaries}"]
     return sets + ([f"client.dp.target_epsilon={target}"] if target is not None
                    else ["client.dp.noise_multiplier=0.3"])
 

@@ -8,8 +8,9 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from fedsim.config import Scenario, load_scenario
-from fedsim.errors import ScenarioError
+from fedsim.errors import EngineFailed, ScenarioError
 from fedsim.run import RunResult, resume, run
 
-__all__ = ["RunResult", "Scenario", "ScenarioError", "load_scenario", "resume", "run"]
+__all__ = ["EngineFailed", "RunResult", "Scenario", "ScenarioError", "load_scenario", "resume",
+           "run"]
 __version__ = "0.1.0"

@@ -5,13 +5,17 @@ its axis values (``norm-bn__batch_size-4__seed-0``). A zipped axis (``[sweep.zip
 sets several keys per value. With ``[sweep.tune]``, each **arm** — a combination of the
 axes other than seed — first runs every grid value on every tuning seed
 (``tune/<arm>__lr-0.1__seed-100``); the reported cells then run at the values chosen for
-their arm (:func:`fedsim.report.tuning.tuning_result`), applied by :func:`with_choices`.
+their arm (:func:`fedsim.report.tuning.tuning_result`), applied by :func:`with_choices`; an
+arm that follows another (``sweep.tune.follow``) runs no tuning cells and takes its choice.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import tomli_w
 from fedsim.config import (
     MAX_CELLS_ENV,
     Scenario,
+    SweepConfig,
     TuneConfig,
     apply_override,
     env_limit,
@@ -28,6 +33,7 @@ from fedsim.config import (
 )
 from fedsim.errors import ScenarioError
 from fedsim.run import check
+from fedsim.sinks import folder_sinks
 
 SEED = "seed"
 TUNE_DIR = "tune"
@@ -128,27 +134,97 @@ def _finish(raw: dict, base: Scenario, name: str, folder: Path,
         raise ScenarioError(f"{what} {name}: {exc}") from None
 
 
-def expand(base: Scenario, root: Path) -> list[Cell]:
-    """Every cell of ``base``'s grid (the last axis varies fastest), each validated; with
-    tuning, as the base scenario sets the tuned keys (:func:`with_choices` applies them).
-    Only the first ``FEDSIM_MAX_CELLS`` when that is set (README "Testing")."""
+#: cells above which a sweep runs only when asked twice (``--yes``): checking one cell
+#: builds its data and model (~0.1–1 s), and running one takes seconds to hours, so 1,000
+#: cells check for minutes and run for days; an axis typed as ``seed = [0, ..., 9999]``
+#: instead of ``[0, ..., 9]`` should say so before either
+LARGE_SWEEP = 1000
+#: seconds between the progress lines said while cells are built and checked
+CHECK_PROGRESS_SECONDS = 5.0
+
+
+class Ticker:
+    """Says ``<what>: i of n (elapsed, about .. left)`` at most every
+    :data:`CHECK_PROGRESS_SECONDS` s while a long loop over cells runs (never after the last
+    one), so building or checking 10,000 cells is not minutes of silence."""
+
+    def __init__(self, what: str, total: int, say: Callable[[str], None] | None) -> None:
+        self.what, self.total, self.say = what, total, say
+        self.t0 = self.last = time.monotonic()
+
+    def tick(self, i: int) -> None:
+        """Cell ``i`` (counted from 1) is done."""
+        now = time.monotonic()
+        if self.say is None or now - self.last < CHECK_PROGRESS_SECONDS or i >= self.total:
+            return
+        self.last = now
+        left = (now - self.t0) / i * (self.total - i)
+        self.say(f"{self.what}: {i} of {self.total} ({now - self.t0:.0f} s, about {left:.0f} s "
+                 "left)")
+
+
+def grid_points(base: Scenario) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, axis values) of every cell of ``base``'s grid, the last axis varying
+    fastest: cheap (no scenario is built), for what needs only the names. Only the first
+    ``FEDSIM_MAX_CELLS`` when that is set (README "Testing")."""
     grid = base.sweep.grid
     if not grid:
         raise ScenarioError("the scenario has no [sweep] grid; add e.g. "
                             "[sweep] model.norm = [\"bn\", \"gn\"] and seed = [0, 1, 2]")
     keys = list(grid)
-    cells = []
     combos = itertools.product(*(grid[k] for k in keys))
+    points = []
     for values in itertools.islice(combos, env_limit(MAX_CELLS_ENV)):
         params = dict(zip(keys, values))
-        name = cell_name(params)
-        scenario = _finish(_cell_raw(base, params), base, name, root / name)
-        cells.append(Cell(name, params, scenario))
-    names = [c.name for c in cells]
-    if len(set(names)) != len(names):
+        points.append((cell_name(params), params))
+    if len({name for name, _ in points}) != len(points):
         raise ScenarioError("two sweep cells get the same folder name; make the axis values "
                             "distinct")
+    return points
+
+
+def expand(base: Scenario, root: Path, say: Callable[[str], None] | None = None
+           ) -> list[Cell]:
+    """Every cell of ``base``'s grid (:func:`grid_points`), each validated; with tuning, as
+    the base scenario sets the tuned keys (:func:`with_choices` applies them). ``say`` hears
+    how far it got every :data:`CHECK_PROGRESS_SECONDS` s."""
+    points = grid_points(base)
+    ticker = Ticker("building cells", len(points), say)
+    cells = []
+    for i, (name, params) in enumerate(points, 1):
+        scenario = _finish(_cell_raw(base, params), base, name, root / name)
+        cells.append(Cell(name, params, scenario))
+        ticker.tick(i)
     return cells
+
+
+def sweep_size(base: Scenario) -> tuple[int, int]:
+    """(reported cells, tuning cells) of ``base``'s sweep, counted without building one."""
+    grid = base.sweep.grid
+    n = math.prod(len(v) for v in grid.values())
+    cap = env_limit(MAX_CELLS_ENV)
+    tune = base.sweep.tune
+    if not tune.enabled:
+        return (n if cap is None else min(n, cap)), 0
+    if cap is None:
+        n_arms = n // max(1, len(grid.get(SEED, [base.seed])))
+    else:
+        n = min(n, cap)
+        n_arms = len(_arms(p for _, p in grid_points(base)))
+    return n, n_arms * math.prod(len(v) for v in tune.grid.values()) * len(tune.seeds)
+
+
+def check_size(base: Scenario, yes: bool) -> None:
+    """Refuse a sweep of more than :data:`LARGE_SWEEP` cells (tuning cells included) unless
+    ``yes``, before any cell is built or checked."""
+    n, tuning = sweep_size(base)
+    if n + tuning > LARGE_SWEEP and not yes:
+        axes = " × ".join(f"{k} ({len(v):,})" for k, v in base.sweep.grid.items())
+        extra = f" and {tuning:,} tuning cells" if tuning else ""
+        raise ScenarioError(
+            f"the sweep has {n:,} cells ({axes}){extra}, more than {LARGE_SWEEP:,}: checking "
+            "them takes minutes and running them may take days; pass --yes to run it anyway, "
+            "or shrink the grid")
 
 
 # --------------------------------------------------------------------------- tuning
@@ -161,11 +237,40 @@ def arm_of(params: dict[str, Any]) -> dict[str, Any]:
 
 def arms(cells: list[Cell]) -> list[dict[str, Any]]:
     """The distinct arms of ``cells``, in cell order."""
+    return _arms(cell.params for cell in cells)
+
+
+def _arms(params: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for cell in cells:
-        if (arm := arm_of(cell.params)) not in out:
+    for p in params:
+        if (arm := arm_of(p)) not in out:
             out.append(arm)
     return out
+
+
+def _tune_grid(sweep: SweepConfig, arm_list: Sequence[dict[str, Any]]
+               ) -> Iterator[tuple[dict[str, Any], dict[str, Any], int, str]]:
+    """(arm, grid values, tuning seed, folder name) of every tuning cell, in run order; an
+    arm that takes another arm's choice (``sweep.tune.follow``) has none."""
+    tune = sweep.tune
+    keys = list(tune.grid)
+    for arm in arm_list:
+        if sweep.leader(arm) is not None:
+            continue
+        for combo in itertools.product(*(tune.grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            for seed in tune.seeds:
+                yield arm, values, seed, f"{TUNE_DIR}/{cell_name({**arm, **values, SEED: seed})}"
+
+
+def tune_points(base: Scenario, points: Sequence[tuple[str, dict[str, Any]]]
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """(folder name, values) of every tuning cell of the grid ``points``
+    (:func:`grid_points`), none built: for what needs only the names."""
+    if not base.sweep.tune.enabled:
+        return []
+    return [(name, {**arm, **values, SEED: seed}) for arm, values, seed, name
+            in _tune_grid(base.sweep, _arms(p for _, p in points))]
 
 
 def reported_seeds(base: Scenario) -> list[int]:
@@ -196,7 +301,8 @@ def scaled(tune: TuneConfig, values: dict[str, Any], scenario: Scenario) -> dict
 
 
 def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
-    """Every arm × grid value × tuning seed, under ``root/tune/``; refuses (before anything
+    """Every arm × grid value × tuning seed, under ``root/tune/``, reporting to no tracker
+    (``output.sinks`` keeps the folder's tables only); refuses (before anything
     runs) a grid key not in the scenario, a value it rejects, a tuning seed that is also a
     reported seed, and cells without a validation split to select on."""
     tune = base.sweep.tune
@@ -214,26 +320,29 @@ def tune_cells(base: Scenario, root: Path, cells: list[Cell]) -> list[TuneCell]:
                 "holds none out (data.validation_fraction = 0); set "
                 "data.validation_fraction = 0.1 (a tenth of the training pool, the same for "
                 "every cell)")
-    keys = list(tune.grid)
     out = []
-    for arm in arms(cells):
-        for combo in itertools.product(*(tune.grid[k] for k in keys)):
-            values = dict(zip(keys, combo))
-            for seed in tune.seeds:
-                raw = _cell_raw(base, arm)
-                _set(raw, SEED, seed, "sweep.tune.seeds")
-                applied = scaled(tune, values, scenario_from_dict(raw))
-                for key, value in applied.items():
-                    _set(raw, key, value, f"sweep.tune.grid.{key}")
-                params = {**arm, **values, SEED: seed}
-                name = f"{TUNE_DIR}/{cell_name(params)}"
-                scenario = _finish(raw, base, name, root / name, "sweep.tune cell")
-                out.append(TuneCell(name, params, scenario, arm=arm, values=values,
-                                    applied=applied, seed=seed))
+    for arm, values, seed, name in _tune_grid(base.sweep, arms(cells)):
+        raw = _cell_raw(base, arm)
+        # a tracker's run per tuning cell would bury the study's runs: tuning cells keep
+        # their folder's tables and report to no tracker
+        raw["output"]["sinks"] = list(folder_sinks(base.output.sinks))
+        _set(raw, SEED, seed, "sweep.tune.seeds")
+        applied = scaled(tune, values, scenario_from_dict(raw))
+        for key, value in applied.items():
+            _set(raw, key, value, f"sweep.tune.grid.{key}")
+        scenario = _finish(raw, base, name, root / name, "sweep.tune cell")
+        out.append(TuneCell(name, {**arm, **values, SEED: seed}, scenario, arm=arm,
+                            values=values, applied=applied, seed=seed))
     if len({c.name for c in out}) != len(out):
         raise ScenarioError("two tuning cells get the same folder name; make the "
                             "sweep.tune.grid values distinct")
     return out
+
+
+def followers(base: Scenario, cells: list[Cell]) -> list[tuple[dict, dict]]:
+    """(arm, the arm whose tuned values it takes) for each arm of ``cells`` that follows
+    another (``sweep.tune.follow``)."""
+    return [(arm, lead) for arm in arms(cells) if (lead := base.sweep.leader(arm)) is not None]
 
 
 def with_choices(cells: list[Cell], arms: list[dict]) -> list[Cell]:

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -279,7 +279,7 @@ class Checkpoint:
     strategy: dict | None = None  # the encoded strategy, applied by :meth:`restore_strategy`
     clients: dict[int, RecordDict] | None = None  # node id → Context.state (in-process)
     client_bytes: dict[int, int] = field(default_factory=dict)  # their sizes in the journal
-    privacy: dict | None = None  # the privacy audit's captures (PrivacyAudit.checkpoint_state)
+    privacy: dict | None = None  # the privacy audits' captures (AuditSuite.checkpoint_state)
     rounds: list[dict] = field(default_factory=list)  # rounds.jsonl up to this checkpoint
     path: Path | None = None
     _decoder: _Decoder | None = None
@@ -458,20 +458,33 @@ def load_checkpoint(folder: str | Path, scenario: Scenario,
     return ckpt
 
 
+class RoundsLog(Protocol):
+    """What a checkpoint needs of the run folder (:class:`fedsim.sinks.RunFolder`)."""
+
+    out: Path  # the folder checkpoints are written into
+    resumed_from: list[int]  # the rounds earlier parts of the run were resumed from
+
+    def rounds_position(self) -> tuple[int, int]:
+        """(lines, bytes) of ``rounds.jsonl`` so far, flushed to disk."""
+
+    def elapsed(self) -> float:
+        """Seconds the run has been going, over every resumed part."""
+
+    def on_checkpoint(self, seconds: float, size: int) -> None:
+        """A checkpoint of ``size`` bytes took ``seconds`` to write."""
+
+
 class Checkpointer:
-    """Writes a run's checkpoints every ``output.checkpoint_every`` rounds and at the end.
+    """Writes a run's checkpoints every ``output.checkpoint_every`` rounds and at the end,
+    into the run folder ``sink`` (the ``rounds.jsonl`` position, the elapsed time and the
+    rounds this run was resumed from come from it too)."""
 
-    ``sink`` is the run's recorder: it gives the folder (``out``), the ``rounds.jsonl``
-    position (``rounds_position()``), the elapsed time (``elapsed()``) and the rounds this run
-    was resumed from (``resumed_from``).
-    """
-
-    def __init__(self, sink, scenario: Scenario, strategy: object, grid,
+    def __init__(self, sink: RoundsLog, scenario: Scenario, strategy: object, grid,
                  resumed: Checkpoint | None = None, audit=None) -> None:
         self.sink = sink
         self.scenario = scenario
         self.strategy = strategy
-        self.audit = audit  # a PrivacyAudit whose captures go into every checkpoint
+        self.audit = audit  # an AuditSuite whose captures go into every checkpoint
         base = getattr(grid, "base", grid)
         self.export = getattr(base, "export_states", None)
         self.changes = getattr(base, "export_changes", None)  # journaled client states
@@ -492,7 +505,7 @@ class Checkpointer:
 
     @property
     def enabled(self) -> bool:
-        return self.scenario.output.checkpoint_every > 0 and hasattr(self.sink, "out")
+        return self.scenario.output.checkpoint_every > 0
 
     def due(self, rnd: int) -> bool:
         every = self.scenario.output.checkpoint_every
@@ -518,7 +531,7 @@ class Checkpointer:
             "scenario_sha256": self.digest,
             "engine": self.scenario.engine.kind,
             "stateful_clients": self.stateful or bool(clients) or bool(self.live),
-            "resumed_from": list(getattr(self.sink, "resumed_from", [])),
+            "resumed_from": list(self.sink.resumed_from),
             "written": time.time(),
         }
         if journal is not None:
@@ -532,8 +545,7 @@ class Checkpointer:
             self._journals = {current}  # this one becomes the previous checkpoint's
         self.seconds.append(time.perf_counter() - t0)
         self.bytes = path.stat().st_size
-        if hasattr(self.sink, "on_checkpoint"):
-            self.sink.on_checkpoint(self.seconds[-1], self.bytes)
+        self.sink.on_checkpoint(self.seconds[-1], self.bytes)
 
 
     def _journal_states(self) -> dict[str, Any] | None:

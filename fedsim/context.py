@@ -18,25 +18,33 @@ from torch import nn
 from fedsim.config import Scenario
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.device import DeviceSplits, resolve_device
-from fedsim.models import build_model
+from fedsim.errors import ScenarioError
+from fedsim.models import ARCHS, build_model, input_kind
 from fedsim.rng import derive_seed
 
 
 def build_global_model(scenario: Scenario, fd: FederatedData) -> nn.Module:
-    """The scenario's model, initialised from the seed (forked RNG: no global side effect)."""
+    """The scenario's model, initialised from the seed (forked RNG: no global side effect).
+
+    Raises ScenarioError when the arch reads other inputs than the data holds (an image
+    arch on token windows, or the reverse)."""
+    m = scenario.model
+    kind = input_kind(m.arch)
+    if kind != fd.input_kind:
+        fits = ", ".join(repr(a) for a in ARCHS.names() if input_kind(a) == fd.input_kind)
+        raise ScenarioError(
+            f"model.arch = {m.arch!r} reads {_INPUTS[kind]}, but data.name = {fd.name!r} "
+            f"holds {_INPUTS[fd.input_kind]}; use model.arch = one of {fits}")
+    shape = dict(vocab_size=fd.num_classes, seq_len=fd.input_shape[0]) if kind == "tokens" \
+        else dict(in_channels=fd.input_shape[0], image_size=fd.input_shape[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(scenario.seed, "init"))
-        c, h, _ = fd.input_shape
-        return build_model(
-            scenario.model.arch,
-            scenario.model.norm,
-            in_channels=c,
-            image_size=h,
-            num_classes=fd.num_classes,
-            width=scenario.model.width,
-            groups=scenario.model.groups,
-            hybrid_init=scenario.model.hybrid_init,
-        )
+        return build_model(m.arch, m.norm, num_classes=fd.num_classes, width=m.width,
+                           groups=m.groups, hybrid_init=m.hybrid_init, layers=m.layers,
+                           **shape)
+
+
+_INPUTS = {"image": "images", "tokens": "token windows (text)"}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedsim.data.windows import is_window_view, to_device, window_text
 from fedsim.errors import ScenarioError
 
 if TYPE_CHECKING:
@@ -31,6 +32,12 @@ def resolve_device(name: str) -> torch.device:
             f"engine.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'"
         )
     device = torch.device(name)
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise ScenarioError(
+            f"engine.device = {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), numbered from 0; use 'cuda' or 'cuda:0' .. "
+            f"'cuda:{torch.cuda.device_count() - 1}'")
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -71,8 +78,9 @@ class DeviceData:
                 return self._items[key]
         x, y = host()
         # copy=True: a new tensor even where .to() could return its input (a test's CPU
-        # stand-in for an accelerator), so a cached copy is never the caller's host tensor
-        value = (x.to(self.device, copy=True), y.to(self.device, copy=True))
+        # stand-in for an accelerator), so a cached copy is never the caller's host tensor;
+        # token windows move as their text and stay views (fedsim.data.windows)
+        value = (to_device(x, self.device), y.to(self.device, copy=True))
         size = _nbytes(value)
         if size > self.max_bytes:
             return value
@@ -87,7 +95,9 @@ class DeviceData:
 
 
 def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes the tensors hold (a window view: its text's, not ``N·T`` elements)."""
+    return sum((window_text(t) if is_window_view(t) else t).numel() * t.element_size()
+               for t in tensors)
 
 
 class DeviceSplits:

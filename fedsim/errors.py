@@ -20,7 +20,11 @@ class CheckpointError(ScenarioError):
 
 class RunStopped(ScenarioError):
     """A run stopped on purpose mid-way (diverged, too few clients answered); results so far
-    are kept. ``round`` is the round that stopped it."""
+    are kept. ``round`` is the round that stopped it. ``kind`` names the reason for
+    ``summary.json``; ``planned`` stops are clean ends (exit 0), the others failures."""
+
+    kind = "failure"
+    planned = False
 
     def __init__(self, message: str, round: int | None = None) -> None:  # noqa: A002
         super().__init__(message)
@@ -31,10 +35,23 @@ class PrivacyBudgetSpent(RunStopped):
     """The next round would take ε above ``server.dp.max_epsilon``: a planned, clean end (the
     run's results are complete up to here and the command exits 0)."""
 
+    kind = "privacy_budget"
+    planned = True
+
+
+class EarlyStopped(RunStopped):
+    """The monitored metric (``[server.early_stop]``) stopped improving: a planned, clean end
+    after the round that decided it (its results are complete; the command exits 0)."""
+
+    kind = "early_stop"
+    planned = True
+
 
 #: exit code of a command that could not write its results (2 is bad input; 130 / 143 an
-#: interrupt): the README's "Command line" section documents it
+#: interrupt): the README's "Command line" section documents every code
 EXIT_NOT_WRITTEN = 3
+#: exit code of a run whose engine failed mid-run (:class:`EngineFailed`)
+EXIT_ENGINE_FAILED = 4
 
 _ADVICE = {
     errno.ENOSPC: "the disk is full; free space there",
@@ -83,3 +100,28 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+class EngineFailed(RuntimeError):
+    """The engine running the clients failed mid-run: a Ray actor or raylet died, a Deployment
+    Engine process exited, an in-process worker thread raised. The run cannot go on; its
+    results folder keeps the checkpoints written so far, so ``fedsim run --resume`` continues
+    it once the engine is sound again. Not a ScenarioError: the scenario is fine, the machinery
+    under it is not (the CLI exits 4, not 2). ``folder``: the run's results folder, once known.
+    """
+
+    def __init__(self, message: str, folder: str | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+    def __reduce__(self):  # crosses process boundaries (a sweep's worker processes)
+        return EngineFailed, (str(self), self.folder)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from (Flower wraps a Ray failure twice)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc

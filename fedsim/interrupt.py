@@ -23,6 +23,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsim.errors import EXIT_ENGINE_FAILED
+from fedsim.text import one_line
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -166,17 +169,42 @@ def run_line(folder: str | Path, total_rounds: int, started: bool, checkpoint_ev
 
 
 def exit_code(exc: Interrupted, line: str) -> int:
-    """Print ``line`` on stderr and return the exit code for ``exc``.
+    """Print ``line`` on stderr and return the exit code for ``exc``."""
+    return _end(line, exc.exit_code)
 
-    A thread the interrupted run could not stop (Flower's ServerApp thread under Ray keeps
+
+#: exit code of a run whose engine failed mid-run (``fedsim.errors.EngineFailed``)
+ENGINE_FAILED = EXIT_ENGINE_FAILED
+
+
+def failed_line(exc: BaseException, folder: str | Path | None = None) -> int:
+    """Print the one ``error:`` line of a run whose engine failed (what failed, the newest
+    checkpoint kept and the command that resumes from it) and return :data:`ENGINE_FAILED`.
+    ``folder`` (default: the exception's own ``folder``): the run's results folder."""
+    folder = folder if folder is not None else getattr(exc, "folder", None)
+    line = f"error: {exc}"
+    k = checkpoint_round(folder) if folder is not None else None
+    if k is not None:
+        line += (f"; the checkpoint of round {k} is kept in {folder}; resume with: "
+                 f"{command(['fedsim', 'run', '--resume', folder])}")
+    elif folder is not None:
+        line += f"; no checkpoint in {folder} to resume from"
+    return _end(line, ENGINE_FAILED)
+
+
+def _end(line: str, code: int) -> int:
+    """Print ``line`` (as one line, :func:`fedsim.text.one_line`) on stderr and return
+    ``code``.
+
+    A thread the stopped run could not end (Flower's ServerApp thread under Ray keeps
     waiting for replies from the stopped workers) would keep the interpreter from exiting;
     then, with everything else cleaned up, the process ends here.
     """
-    print(line, file=sys.stderr, flush=True)
+    print(one_line(line), file=sys.stderr, flush=True)
     sys.stdout.flush()
     lingering = [t for t in threading.enumerate()
                  if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if lingering:
         logging.shutdown()
-        os._exit(exc.exit_code)
-    return exc.exit_code
+        os._exit(code)
+    return code

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from fedsim.errors import ScenarioError
 from fedsim.files import make_folder, writing
+from fedsim.text import one_line
 
 try:
     import fcntl
@@ -69,8 +70,8 @@ def held_folders() -> list[Path]:
 
 
 def _printable(text: str, limit: int = 200) -> str:
-    """``text`` on one line: control characters escaped, at most ``limit`` characters."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """``text`` on one line (:func:`fedsim.text.one_line`), at most ``limit`` characters."""
+    text = one_line(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -12,10 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from fedsim.config import Scenario, load_scenario, replace
 from fedsim.errors import ScenarioError
 from fedsim.lock import hold
+
+if TYPE_CHECKING:  # the sinks import torch: only their names here
+    from fedsim.sinks import Sink, Tracking
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,13 @@ def resolve(scenario: Scenario | str | Path, overrides: Sequence[str] = ()) -> S
     return check(load_scenario(scenario, list(overrides)))
 
 
-def preflight(scenario: Scenario) -> None:
-    """Everything that can fail on bad input, done before anything is written or trained."""
-    _runner().preflight(scenario)
+def preflight(scenario: Scenario, traced: dict[tuple, str | None] | None = None) -> None:
+    """Everything that can fail on bad input, done before anything is written or trained.
+
+    ``traced``: a dict the caller keeps across scenarios that share model and data shapes
+    (a sweep's cells), so the vectorize trace check runs once per distinct model.
+    """
+    _runner().preflight(scenario, traced)
 
 
 def run(
@@ -57,20 +65,31 @@ def run(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Callable[[dict], None] | None = None,
+    show_progress: bool = False,
+    sinks: Sequence[Sink] = (),
+    tracking: Tracking | None = None,
 ) -> RunResult:
     """Run one federation; returns its summary (as in summary.json) and results folder.
 
-    Raises :class:`fedsim.errors.ScenarioError` for bad input before anything is written,
-    or when another process writes ``out`` (:class:`fedsim.lock.FolderBusy`).
+    ``progress`` hears each round's record; ``show_progress`` prints the progress line on
+    stderr (as ``fedsim run`` does); ``sinks`` (:class:`fedsim.sinks.Sink`) hear the run
+    besides the scenario's ``output.sinks``; ``tracking`` joins the run's trackers to a
+    larger study (a sweep sets it). Raises :class:`fedsim.errors.ScenarioError` for bad
+    input before anything is written, or when another process writes ``out``
+    (:class:`fedsim.lock.FolderBusy`).
     """
     scn = resolve(scenario, overrides)
-    return RunResult(*_runner().start(scn, Path(out or scn.output.dir), overwrite, progress))
+    return RunResult(*_runner().start(scn, Path(out or scn.output.dir), overwrite, progress,
+                                      show_progress, sinks, tracking))
 
 
 def resume(
     folder: str | Path,
     progress: Callable[[dict], None] | None = None,
     warn: Callable[[str], None] = lambda msg: None,
+    show_progress: bool = False,
+    sinks: Sequence[Sink] = (),
+    tracking: Tracking | None = None,
 ) -> RunResult:
     """Continue the interrupted run in results folder ``folder`` from its last checkpoint.
 
@@ -91,4 +110,5 @@ def resume(
                 f"--resume {str(folder)!r}: this run already finished (summary.json exists); "
                 "nothing to resume")
         scn = check(load_scenario(toml))
-        return RunResult(*_runner().resume(folder, scn, progress, warn))
+        return RunResult(*_runner().resume(folder, scn, progress, warn, show_progress, sinks,
+                                           tracking))

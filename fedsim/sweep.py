@@ -24,7 +24,9 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
@@ -35,23 +37,38 @@ import tomli_w
 
 from fedsim.cells import (  # noqa: F401  (cell_name, flat_keys: part of this module's API)
     Cell,
+    Ticker,
     TuneCell,
     cell_name,
+    check_size,
     expand,
     flat_keys,
+    followers,
+    grid_points,
     tune_cells,
+    tune_points,
     with_choices,
 )
 from fedsim.config import Scenario, load_scenario, scenario_from_dict
-from fedsim.errors import CheckpointError, ResultsNotWritten, RunStopped, ScenarioError
+from fedsim.errors import (
+    CheckpointError,
+    EngineFailed,
+    ResultsNotWritten,
+    RunStopped,
+    ScenarioError,
+)
 from fedsim.files import make_folder, write_json, write_text
 from fedsim.interrupt import Interrupted, checkpoint_round, command, signals_interrupt
 from fedsim.lock import FolderBusy, clear, hold
 from fedsim.report.claims import check_claims
 from fedsim.report.report import write_report
+from fedsim.report.run_folder import Damaged, read_run
+from fedsim.report.tables import sweep_tables
 from fedsim.report.tuning import tuning_result
 from fedsim.run import preflight, resolve, resume, run
 from fedsim.server.dp import start_lines
+from fedsim.sinks import Tracking
+from fedsim.sinks.mlflow import end_sweep_parent, sweep_parent
 
 SWEEP_JSON = "sweep.json"
 
@@ -67,8 +84,16 @@ class SweepResult:
 
 def _check_finished(cell: Cell, folder: Path) -> None:
     """A finished cell must have been run with this cell's scenario (where its folder lies,
-    ``output.dir``, may differ: a sweep folder can be moved)."""
-    stored = load_scenario(folder / "scenario.toml")
+    ``output.dir``, may differ: a sweep folder can be moved). One that cannot be read
+    (:func:`fedsim.report.run_folder.read_run`) is damaged, not different: it is not run
+    again, and the report lists it and leaves it out."""
+    files = read_run(folder)
+    if files is not None and not isinstance(files, Damaged):
+        _check_same(cell, folder, files.scenario)
+
+
+def _check_same(cell: Cell, folder: Path, stored: Scenario) -> None:
+    """``folder`` ran ``stored``: refuse it unless that is ``cell``'s scenario."""
     a, b = flat_keys(stored.to_dict()), flat_keys(cell.scenario.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "output.dir")
     if not diff:
@@ -86,18 +111,21 @@ def _interrupted(folder: Path, scenario: Scenario) -> bool:
     if not any((folder / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
         return False
     try:
-        _check_finished(Cell(folder.name, {}, scenario), folder)
-    except (ScenarioError, OSError):
+        stored = load_scenario(folder / "scenario.toml")
+        _check_same(Cell(folder.name, {}, scenario), folder, stored)
+    except (ScenarioError, OSError, UnicodeDecodeError):
         return False
     return True
 
 
 def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
-              may_stop: bool = False) -> tuple[dict, float, str]:
+              may_stop: bool = False,
+              tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """Run one cell (also in a worker process), resuming an interrupted one from its last
     checkpoint; returns its summary, wall seconds and a note (why it did not resume, or why
     it stopped early). ``may_stop``: a run that stops early (diverged, too few replies)
-    returns the summary it wrote instead of raising (tuning cells).
+    returns the summary it wrote instead of raising (tuning cells). ``tracking``: how the
+    cell's trackers join the sweep's (its MLflow parent, W&B group).
 
     The process holds the cell folder's lock throughout (:mod:`fedsim.lock`), from before it
     looks for a checkpoint until the cell's summary is written; a failure to write names the
@@ -114,12 +142,12 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
         with hold(out, f"a cell of the fedsim sweep in pid {sweep}"):
             if _interrupted(Path(out), scenario):
                 try:
-                    return resume(out).summary, time.perf_counter() - t0, ""
+                    return resume(out, tracking=tracking).summary, time.perf_counter() - t0, ""
                 except (CheckpointError, ScenarioError) as exc:
                     if isinstance(exc, RunStopped):
                         raise
                     note = f"could not resume ({exc}); ran it from the start"
-            result = run(scenario, out=out, overwrite=True)
+            result = run(scenario, out=out, overwrite=True, tracking=tracking)
     except RunStopped as exc:
         summary = Path(out) / "summary.json"
         if not may_stop or not summary.is_file():
@@ -128,6 +156,8 @@ def _run_cell(raw: dict, out: str, threads: int | None, name: str = "",
     except ResultsNotWritten as exc:
         exc.cell = name or Path(out).name
         raise
+    except EngineFailed as exc:  # the sweep's line names the cell and resumes the sweep
+        raise EngineFailed(f"sweep cell {name or Path(out).name}: {exc}", exc.folder) from None
     except FolderBusy as exc:
         raise FolderBusy(f"sweep cell {name or Path(out).name}: {exc}") from None
     return result.summary, time.perf_counter() - t0, note
@@ -164,11 +194,47 @@ def _sigint_blocked():
 
 
 def _run_cell_in_worker(raw: dict, out: str, threads: int | None, name: str,
-                        may_stop: bool = False) -> tuple[dict, float, str]:
+                        may_stop: bool = False,
+                        tracking: Tracking | None = None) -> tuple[dict, float, str]:
     """:func:`_run_cell` where SIGTERM raises Interrupted, so the cell unwinds cleanly (its
     state store closes; its checkpoints stay) and the worker takes the next message."""
     with signals_interrupt((signal.SIGTERM,)):
-        return _run_cell(raw, out, threads, name, may_stop)
+        return _run_cell(raw, out, threads, name, may_stop, tracking)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)  # even with --quiet
+
+
+def _sweep_tracking(base: Scenario, root: Path) -> Tracking | None:
+    """How the cells' trackers join the sweep: one W&B group and one MLflow experiment named
+    after it, and with ``mlflow`` an MLflow parent run the cells are children of (None when
+    the sweep names no tracker). A parent that cannot be made costs the sweep nothing: the
+    cells log as runs of their own, and the line says so."""
+    sinks = set(base.output.sinks)
+    if not sinks & {"mlflow", "wandb"}:
+        return None
+    tracking = Tracking(group=base.name, experiment=base.name)
+    if "mlflow" in sinks:
+        try:
+            tracking = sweep_parent(base, root)
+        except ResultsNotWritten:  # the sweep folder's own trackers.json: a failed write
+            raise
+        except Exception as exc:  # a tracker never takes the sweep down
+            _warn(f"the sweep's MLflow parent run could not be made ({type(exc).__name__}: "
+                  f"{exc}); its cells log as runs of their own")
+    return tracking
+
+
+def _end_tracking(tracking: Tracking | None, root: Path) -> None:
+    """Attach the sweep's report and tables to its MLflow parent run and end it (a sweep
+    that stops before this leaves the parent running; resumed, it continues the same one)."""
+    if tracking is None or not tracking.mlflow_parent:
+        return
+    try:
+        end_sweep_parent(tracking, root)
+    except Exception as exc:  # a tracker never takes the sweep down
+        _warn(f"the sweep's MLflow parent run could not be ended ({type(exc).__name__}: {exc})")
 
 
 def _stop_workers(futures: dict[Future, Cell], grace: float = 30.0) -> None:
@@ -194,21 +260,20 @@ def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
     try:
         base = resolve(scenario, overrides)
         root = Path(out or base.output.dir)
-        cells: list[Cell] = expand(base, root)
-        if base.sweep.tune.enabled:
-            cells = [*tune_cells(base, root, cells), *cells]
+        points = grid_points(base)  # names only: building 10,000 cells takes minutes
+        cells = [*tune_points(base, points), *points]
     except (ScenarioError, OSError):
         return None
     done, partial, fresh = 0, [], 0
-    for cell in cells:
-        folder = root / cell.name
+    for name, _params in cells:
+        folder = root / name
         if (folder / "summary.json").is_file():
             done += 1
         elif (folder / "scenario.toml").is_file():
             k = checkpoint_round(folder)
-            total = cell.scenario.server.rounds
-            partial.append(f"{cell.name} at round {k} of {total}" if k is not None
-                           else f"{cell.name} before its first checkpoint")
+            total = _rounds_of(folder, base.server.rounds)
+            partial.append(f"{name} at round {k} of {total}" if k is not None
+                           else f"{name} before its first checkpoint")
         else:
             fresh += 1
     parts = [f"{done} of {len(cells)} cells done"]
@@ -219,6 +284,17 @@ def _progress(scenario: Scenario | str | Path, overrides: Sequence[str],
     if fresh:
         parts.append(f"{fresh} not started")
     return "; ".join(parts), root
+
+
+def _rounds_of(folder: Path, default: int) -> int:
+    """``server.rounds`` of the run in ``folder`` as its ``scenario.toml`` says (``default``
+    where it cannot be read): read as TOML only, no scenario is built."""
+    try:
+        rounds = tomllib.loads((folder / "scenario.toml").read_text(encoding="utf-8"))[
+            "server"]["rounds"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return default
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else default
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -295,13 +371,15 @@ class _Runner:
                  f"({_describe(summary)}{how}); elapsed {elapsed / 60:.1f} min, "
                  f"ETA {eta / 60:.1f} min")
 
-    def run(self, todo: Sequence[Cell], may_stop: bool = False) -> None:
-        """Run ``todo`` to the end (``may_stop``: early stops are results, not errors)."""
+    def run(self, todo: Sequence[Cell], may_stop: bool = False,
+            tracking: Tracking | None = None) -> None:
+        """Run ``todo`` to the end (``may_stop``: early stops are results, not errors;
+        ``tracking``: how the cells' trackers join the sweep's)."""
         if self.pool is None and (self.workers <= 1 or len(todo) <= 1):
             for cell in todo:
                 self._report(cell, *_run_cell(cell.scenario.to_dict(),
                                               str(self.root / cell.name), None, cell.name,
-                                              may_stop))
+                                              may_stop, tracking))
             return
         if self.pool is None:
             ctx = get_context("spawn")  # fresh interpreters: no forked torch/thread state
@@ -313,11 +391,11 @@ class _Runner:
                 for c in todo:
                     futures[self.pool.submit(_run_cell_in_worker, c.scenario.to_dict(),
                                              str(self.root / c.name), 1, c.name,
-                                             may_stop)] = c
+                                             may_stop, tracking)] = c
             for future in as_completed(futures):
                 self._report(futures[future], *future.result())
-        except (Interrupted, ResultsNotWritten, FolderBusy):  # the others keep their
-            _stop_workers(futures)  # checkpoints; the sweep's line names the cell
+        except (Interrupted, ResultsNotWritten, FolderBusy, EngineFailed):  # the others keep
+            _stop_workers(futures)  # their checkpoints; the sweep's line names the cell
             raise
 
 
@@ -334,6 +412,21 @@ def _split_finished(cells: Sequence[Cell], root: Path) -> tuple[list[Cell], list
     return todo, skipped
 
 
+def _invocations(root: Path, warn: Callable[[str], None]) -> list:
+    """The invocations an earlier ``sweep.json`` in ``root`` records (none when there is
+    none; a file that cannot be read loses only that history, and says so)."""
+    path = root / SWEEP_JSON
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("invocations", [])
+    except (OSError, ValueError, AttributeError) as exc:
+        warn(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is rewritten without "
+             "the earlier invocations")
+        return []
+    return runs if isinstance(runs, list) else []
+
+
 def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
     """The tuning cells to preflight: each arm at every grid value on the first tuning seed,
     and at every tuning seed with the first grid value — every value and every seed's data
@@ -345,11 +438,31 @@ def _covering(tuning: list[TuneCell]) -> list[TuneCell]:
     return [c for c in tuning if c.seed == seed or c.values == values]
 
 
-def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
-            say: Callable[[str], None]) -> dict:
+def preflight_cells(cells: Sequence[Cell], say: Callable[[str], None]) -> None:
+    """Preflight every cell (data, model, engine: :func:`fedsim.run.preflight`) before any
+    runs, saying each distinct DP warning once and, on long checks, how far they got. The
+    vectorize trace check, a dry cohort step that costs more than the rest of a cell's
+    preflight, runs once per distinct model (:func:`fedsim.engine.vectorized.trace_key`):
+    cells that differ in seed, partition or learning rate share its outcome, a failing one
+    included."""
+    said: set[str] = set()
+    traced: dict[tuple, str | None] = {}
+    ticker = Ticker("checking cells", len(cells), say)
+    for i, cell in enumerate(cells, 1):
+        preflight(cell.scenario, traced)
+        for line in start_lines(cell.scenario):
+            if line not in said:
+                said.add(line)
+                say(f"{cell.name}: {line}")
+        ticker.tick(i)
+
+
+def _chosen(base: Scenario, root: Path, tuning: list[TuneCell], cells: list[Cell],
+            say: Callable[[str], None], warn: Callable[[str], None]) -> dict:
     """The tuning result once every tuning cell is done; a ScenarioError for an arm with no
     value to choose (before any reported cell runs)."""
-    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning])
+    result = tuning_result(root, base.sweep.tune, [c.record() for c in tuning],
+                           followers(base, cells), warn)
     for entry in result["arms"]:
         if entry["chosen"] is None:
             problems = "; ".join(p for c in entry["candidates"] for p in c["problems"])
@@ -358,8 +471,9 @@ def _chosen(base: Scenario, root: Path, tuning: list[TuneCell],
                 f"for arm {entry['label']} ({problems}); change the grid (e.g. smaller "
                 "learning rates) and run the sweep again")
         chosen = ", ".join(f"{k} = {v}" for k, v in entry["chosen"]["applied"].items())
-        say(f"tuned {entry['label']}: {chosen} (mean {base.sweep.tune.metric} "
-            f"{entry['chosen']['mean']:.4f})")
+        how = (f"follows {entry['follows']}" if entry.get("follows") else
+               f"mean {base.sweep.tune.metric} {entry['chosen']['mean']:.4f}")
+        say(f"tuned {entry['label']}: {chosen} ({how})")
     return result
 
 
@@ -370,36 +484,38 @@ def run_sweep(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    yes: bool = False,
 ) -> SweepResult:
     """Run (or resume) the sweep of ``scenario`` and write ``report.md``; see the module doc.
 
     Every cell is validated (including its data and model), the ``[[claims]]`` against the
-    grid and ``[sweep.tune]`` against the scenario, before any cell runs.
+    grid and ``[sweep.tune]`` against the scenario, before any cell runs; a sweep of more
+    than :data:`fedsim.cells.LARGE_SWEEP` cells runs only with ``yes`` (``--yes``), and while
+    cells are built and checked a progress line is said every
+    :data:`fedsim.cells.CHECK_PROGRESS_SECONDS` s.
     """
     say = progress or (lambda _msg: None)
+    # a damaged cell is said even without progress lines (``--quiet``)
+    warn = (lambda msg: progress(f"warning: {msg}")) if progress else _warn
     base = resolve(scenario, overrides)
+    check_size(base, yes)
     root = Path(out or base.output.dir)
-    cells = expand(base, root)
+    cells = expand(base, root, say)
     check_claims(base, cells)
     tuning = tune_cells(base, root, cells) if base.sweep.tune.enabled else []
-    said: set[str] = set()
-    for cell in [*_covering(tuning), *cells]:
-        preflight(cell.scenario)
-        for line in start_lines(cell.scenario):  # a DP warning once per distinct message
-            if line not in said:
-                said.add(line)
-                say(f"{cell.name}: {line}")
+    preflight_cells([*_covering(tuning), *cells], say)
     if root.exists() and not root.is_dir():
         raise ScenarioError(f"sweep folder {str(root)!r} exists and is not a folder")
     with hold(root, "fedsim sweep"):  # before anything in it is read, removed or written
         return _run_cells(root, base, cells, tuning, workers or base.sweep.workers, overwrite,
-                          say)
+                          say, warn)
 
 
 def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneCell],
-               workers: int, overwrite: bool, say: Callable[[str], None]) -> SweepResult:
+               workers: int, overwrite: bool, say: Callable[[str], None],
+               warn: Callable[[str], None]) -> SweepResult:
     """The tuning and reported cells of a checked sweep not finished yet, then its report
-    (the caller holds the sweep folder's lock)."""
+    (the caller holds the sweep folder's lock); ``warn`` hears of each damaged cell."""
     if overwrite:
         clear(root, "fedsim sweep --overwrite")  # a cell another process writes is refused
     make_folder(root)
@@ -410,22 +526,20 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
     finished = len(skipped) + len(reported_done)
     say(f"sweep {base.name}: {n} cells" + (f" ({len(tuning)} tuning)" if tuning else "")
         + f", {finished} finished earlier, {n - finished} to run → {root}")
+    tracking = _sweep_tracking(base, root)
     load_start = os.getloadavg()
     tuned = None
     with _Runner(root, workers, n, finished, say) as runner:
-        runner.run(tune_todo, may_stop=True)
+        runner.run(tune_todo, may_stop=True)  # no trackers (see _untracked)
         if tuning:
-            tuned = _chosen(base, root, tuning, say)
+            tuned = _chosen(base, root, tuning, cells, say, warn)
             cells = with_choices(cells, tuned["arms"])
         todo, done = _split_finished(cells, root)
         skipped += done
-        runner.run(todo)
+        runner.run(todo, tracking=tracking)
     ran = [*tune_todo, *todo]
     wall = time.perf_counter() - runner.t0
-    previous = {}
-    if (root / SWEEP_JSON).is_file():
-        previous = json.loads((root / SWEEP_JSON).read_text())
-    runs = previous.get("invocations", [])
+    runs = _invocations(root, warn)
     if ran:
         runs.append({"ran": [c.name for c in ran], "cell_seconds": runner.seconds,
                      "wall_seconds": wall, "workers": workers, "cpus": os.cpu_count(),
@@ -440,6 +554,11 @@ def _run_cells(root: Path, base: Scenario, cells: list[Cell], tuning: list[TuneC
         info["tuning"] = {"cells": [c.record() for c in tuning]}
     write_json(root / SWEEP_JSON, info, indent=2, default=str)
     report = write_report(root, base, cells, run_info=runs[-1] if runs else None,
-                          tuning=tuned)
+                          tuning=tuned, warn=warn)
     say(f"report → {report}")
+    formats = ["csv", *(["parquet"] if "parquet" in base.output.sinks else [])]
+    for fmt in formats:  # cells.csv, claims.csv: one row per (cell, round), per claim
+        sweep_tables(root, [(c.name, c.params) for c in cells], list(base.sweep.grid), fmt,
+                     note=lambda msg: say(f"note: {msg}"))
+    _end_tracking(tracking, root)
     return SweepResult(root, report, [c.name for c in ran], skipped, wall)

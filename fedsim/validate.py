@@ -20,6 +20,7 @@ from fedsim.client.hooks import CLIENT_HOOKS, HookContext, LocalArraysHook
 from fedsim.config import Scenario
 from fedsim.data.datasets import DATASETS
 from fedsim.data.domains import DOMAINS
+from fedsim.data.federated import FederatedData
 from fedsim.data.partition import PARTITIONS
 from fedsim.engine import ENGINES
 from fedsim.errors import ScenarioError
@@ -30,13 +31,16 @@ from fedsim.models.norm import (
     norm_statistics_keys,
     uses_batch_statistics,
 )
+from fedsim.privacy.audits import check_names as check_audit_names
 from fedsim.server.factory import make_strategy
 from fedsim.server.strategies import strategy_class
+from fedsim.sinks import sink_classes  # importing fedsim.sinks registers the built-in sinks
 
 
 def check_names(scenario: Scenario) -> None:
-    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy or engine,
-    ``[server.params]`` the strategy does not take, or ``[client.dp]`` where it cannot run."""
+    """Raise ScenarioError for an unknown dataset, partition, arch, norm, strategy, engine,
+    sink, privacy audit or membership attack, ``[server.params]`` the strategy does not take,
+    or ``[client.dp]`` where it cannot run."""
     DATASETS.get(scenario.data.name, key="data.name")
     PARTITIONS.get(scenario.partition.kind, key="partition.kind")
     if scenario.partition.kind == "feature":
@@ -46,9 +50,11 @@ def check_names(scenario: Scenario) -> None:
     ARCHS.get(scenario.model.arch, key="model.arch")
     NORMS.get(scenario.model.norm, key="model.norm")
     ENGINES.get(scenario.engine.kind, key="engine.kind")
+    sink_classes(scenario.output.sinks)  # names only: their packages are a preflight check
     make_strategy(scenario)
     check_strategy_params(scenario)
     check_client_dp(scenario)
+    check_audit_names(scenario)
 
 
 def check_client_dp(scenario: Scenario) -> None:
@@ -92,14 +98,14 @@ def check_strategy_params(scenario: Scenario) -> None:
             )
 
 
-def check_forward(scenario: Scenario, model: torch.nn.Module,
-                  input_shape: tuple[int, int, int]) -> None:
-    """Refuse a model whose forward pass fails on a batch of two (e.g. GroupNorm with one
-    unit per group on the MLP's vectors), naming the ``[model]`` settings to change."""
+def check_forward(scenario: Scenario, model: torch.nn.Module, data: FederatedData) -> None:
+    """Refuse a model whose forward pass fails on a batch of two of ``data``'s inputs (e.g.
+    GroupNorm with one unit per group on the MLP's vectors), naming the ``[model]`` settings
+    to change."""
     model.train()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
-            model(torch.zeros(2, *input_shape))
+            model(data.example_inputs(2))
         except (ValueError, RuntimeError) as exc:
             m = scenario.model
             raise ScenarioError(
@@ -110,7 +116,7 @@ def check_forward(scenario: Scenario, model: torch.nn.Module,
 
 
 def check_batch_statistics(scenario: Scenario, model: torch.nn.Module,
-                           input_shape: tuple[int, int, int]) -> None:
+                           data: FederatedData) -> None:
     """Refuse ``client.batch_size = 1`` when the model cannot train on a batch of one.
 
     BatchNorm after a linear layer sees one value per channel in a batch of one and cannot
@@ -121,7 +127,7 @@ def check_batch_statistics(scenario: Scenario, model: torch.nn.Module,
     model.train()
     with torch.random.fork_rng(devices=[]):
         try:
-            model(torch.zeros(1, *input_shape))
+            model(data.example_inputs(1))
         except (ValueError, RuntimeError) as exc:
             raise ScenarioError(
                 f"client.batch_size = 1 cannot train model.arch = {scenario.model.arch!r} with "
@@ -145,7 +151,7 @@ def local_statistics_keys(scenario: Scenario, model: torch.nn.Module) -> list[st
 
 
 def check_bn_statistics(scenario: Scenario, model: torch.nn.Module,
-                        input_shape: tuple[int, int, int]) -> None:
+                        data: FederatedData) -> None:
     """Refuse ``server.bn_statistics`` and ``model.bn_eval`` where they cannot mean anything:
 
     - "pooled" / "recalibrate" need BN layers with running statistics the forward pass calls
@@ -159,7 +165,7 @@ def check_bn_statistics(scenario: Scenario, model: torch.nn.Module,
     m = scenario.model
     if mode != "average":
         try:
-            layers = bn_layers(model, input_shape)
+            layers = bn_layers(model, data.example_inputs(2))
         except ValueError as exc:
             raise ScenarioError(f"server.bn_statistics = {mode!r}: {exc}; use 'average'") from None
         if not layers:
@@ -184,7 +190,7 @@ def check_bn_statistics(scenario: Scenario, model: torch.nn.Module,
         model.train()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             try:
-                model(torch.zeros(1, *input_shape))
+                model(data.example_inputs(1))
             except (ValueError, RuntimeError) as exc:
                 raise ScenarioError(
                     f"model.bn_eval = 'batch' cannot evaluate model.arch = {m.arch!r} with "

@@ -6,9 +6,15 @@ TINY = ["server.rounds=2", "partition.num_clients=6", "server.clients_per_round=
         "client.epochs=1"]
 
 
+def audits(*names: str) -> str:
+    """The override that runs the audits ``names``: ``privacy.audits=["mia", ...]``."""
+    return "privacy.audits=[" + ",".join(f'"{n}"' for n in names) + "]"
+
+
 def audit(*attacks: str) -> list[str]:
-    """Overrides that switch every audit on, with membership-inference ``attacks``."""
+    """Overrides that switch the membership, per-upload, leakage and inversion audits on,
+    with membership-inference ``attacks``."""
     mia = ",".join(f'"{a}"' for a in attacks)
-    return [f"privacy.mia=[{mia}]", "privacy.shadows=2", "privacy.fix_variance=true",
-            "privacy.audit_every=1", "privacy.client_mia=true", "privacy.leakage=true",
-            "privacy.inversion=true", "privacy.inversion_steps=20", "privacy.inversion_batch=2"]
+    return [audits("mia", "client_mia", "leakage", "inversion"), f"privacy.mia.attacks=[{mia}]",
+            "privacy.mia.shadows=2", "privacy.mia.lira.fix_variance=true", "privacy.mia.every=1",
+            "privacy.inversion.steps=20", "privacy.inversion.batch=2"]

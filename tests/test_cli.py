@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,6 +30,12 @@ TINY = ["--set", "server.rounds=1", "--set", "partition.num_clients=4",
          "client.batch_size = 1"),
         (["--set", "model.arch=mlp", "--set", "model.width=8", "--set", "model.groups=8"],
          "model.groups = 8 cannot run"),
+        (["--set", "privacy.inversion=true"], 'privacy.audits = ["inversion"]'),
+        (["--set", "privacy.audit_every=1"],
+             "it is privacy.mia.every (and privacy.exposure.every) now"),
+        (["--set", 'privacy.audits=["mia","lekage"]'], "did you mean 'leakage'?"),
+        (["--set", 'privacy.audits=["inversion"]', "--set", "privacy.inversion.client=99"],
+         "privacy.inversion.client = 99 is not a client"),
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, args, pattern):
@@ -142,3 +149,83 @@ def test_a_heat_map_path_matplotlib_cannot_write_is_one_error_line(tmp_path, cap
     assert code == 2 and err.startswith("error: --png ") and pattern in err, err
     assert len(err.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
         "folder"]
+
+
+def test_a_heat_map_named_without_a_suffix_is_written_and_said_as_png(tmp_path, capsys):
+    code = main(["partitions", "scenarios/quickstart.toml", *TINY, "--png",
+                 str(tmp_path / "map")])
+    assert code == 0 and (tmp_path / "map.png").is_file()
+    assert capsys.readouterr().err.strip().endswith(f"heat map → {tmp_path / 'map.png'}")
+
+
+CLAIMED = """[partition]
+num_clients = 4
+holdout_clients = 0.0
+[model]
+width = 8
+[server]
+rounds = 1
+clients_per_round = 2
+[[claims]]
+name = "GN beats BN"
+metric = "{metric}"
+a = {{ "model.norm" = "gn" }}
+b = {{ "model.norm" = "bn" }}
+"""
+
+
+def test_run_on_a_file_with_claims_says_once_they_belong_to_a_sweep(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(CLAIMED.format(metric="final.global_test_accuracy"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the 1 [[claims]] of this file are tested by `fedsim sweep` over its "
+                     "[sweep] grid; fedsim run trains the base scenario and tests none"]
+
+
+def test_run_checks_the_metrics_of_claims_all_the_same(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(CLAIMED.format(metric="final.global_test_acc"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: claims[0].metric 'final.global_test_acc' is not a number "
+                          "summary.json holds") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_newline_in_a_key_cannot_forge_a_second_error_line(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\n"seed\\nerror: all good" = [0, 1]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: sweep axis 'seed\\nerror: all good'")
+    code = main(["run", "scenarios/quickstart.toml", "--quiet", "--set",
+                 "name=\x1b[2J\rok\nerror: forged", "--set", "model.nrom=x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err
+
+
+def test_a_sweep_of_more_than_a_thousand_cells_asks_for_yes(tmp_path, capsys):
+    path = tmp_path / "big.toml"
+    path.write_text('[sweep]\nmodel.norm = ["bn", "gn"]\nseed = [' +
+                    ", ".join(str(s) for s in range(501)) + "]\n")
+    t0 = time.monotonic()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert time.monotonic() - t0 < 10  # refused before any of the 1,002 cells is built
+    err = capsys.readouterr().err
+    assert err == ("error: the sweep has 1,002 cells (model.norm (2) × seed (501)), more than "
+                   "1,000: checking them takes minutes and running them may take days; pass "
+                   "--yes to run it anyway, or shrink the grid\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_named_with_dollars_draws_its_learning_curves(tmp_path, capsys):
+    """The run's name is the figure's title: "$\\frac{$" is no mathtext there (unescaped,
+    matplotlib fails to parse it and the run would end in a traceback after training)."""
+    out = tmp_path / "r"
+    assert main(["run", "scenarios/quickstart.toml", "--out", str(out), "--quiet", *TINY,
+                 "--set", 'name="cost $\\\\frac{$ \\u001b[2J"']) == 0
+    assert (out / "learning_curves.png").is_file()
+    printed = capsys.readouterr().out
+    assert printed.startswith("cost $\\frac{$ \\x1b[2J: global test accuracy") and \
+        "\x1b" not in printed

@@ -53,6 +53,15 @@ def test_batchnorm_base_class():
     assert calls == [2, 3, 4], torch_use("_BatchNorm.forward calls _check_input_dim")
 
 
+def test_fused_lstm_on_explicit_weights():
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, batch_first=True).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    out = compat.lstm_layer(x, ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0,
+                            ref.bias_hh_l0)
+    assert torch.equal(out, ref(x)[0]), torch_use("torch._VF.lstm(input, hx, params, ...)")
+
+
 def test_functorch_interpreter_stack():
     seen = []
 

@@ -4,6 +4,8 @@ Parsing checks keys, types and ranges; registry names are checked at the edge
 (:func:`fedsim.run.check`), so the bad-input tests load and then check, as ``fedsim run`` does.
 """
 
+import dataclasses
+
 import pytest
 
 from fedsim.config import Scenario, apply_override, load_scenario, parse_value, replace
@@ -126,14 +128,23 @@ def test_claims_parse_into_frozen_dataclasses_and_round_trip(tmp_path):
     ('at = "best"\n', r"claims\[0\].at = 'best' is out of range"),
     ("metric = 3\n", r"claims\[0\].metric must be a string, got 3"),
     ('metrc = "x"\n', r"unknown key 'claims\[0\].metrc' \(did you mean 'metric'\?\)"),
-    ('name = ""\n', r"claims\[0\].name must be a non-empty string"),
+    ('name = ""\n', r"claims\[0\].name is missing or blank; give the claim a name"),
+    ('name = " \\t"\n', r"claims\[0\].name is missing or blank"),
+    ("", r"claims\[0\].name is missing or blank"),  # no name at all (it ran as "-")
 ])
 def test_bad_claims_name_the_key(tmp_path, extra, pattern):
     text = CLAIM.replace('name = "GN beats BN"\n', "") + extra
-    if "name" not in extra:
+    if "name" not in extra and extra:
         text += 'name = "x"\n'
     with pytest.raises(ScenarioError, match=pattern):
         load_scenario(write(tmp_path, text))
+
+
+def test_two_claims_may_not_share_a_name(tmp_path):
+    second = CLAIM.replace('"gn"', '"ln"').replace('"GN beats BN"', '" GN beats BN "')
+    with pytest.raises(ScenarioError, match=r"claims\[1\].name = ' GN beats BN ' is also the "
+                                            r"name of claims\[0\]; give each claim its own"):
+        load_scenario(write(tmp_path, CLAIM + second))
 
 
 @pytest.mark.parametrize(("a", "b", "pattern"), [
@@ -176,20 +187,22 @@ def test_a_claim_without_arms_compares_two_metrics_of_the_same_cells(tmp_path):
 
 def test_max_rounds_caps_every_scenario_and_the_rounds_its_audits_read(monkeypatch):
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", "2")
-    scn = load_scenario("scenarios/privacy_audit.toml", ["privacy.client_round=7"])
-    assert scn.server.rounds == 2 and scn.privacy.client_round == 2
-    assert scn.privacy.inversion_round == 1  # already inside the cap
+    scn = load_scenario("scenarios/privacy_audit.toml", ["privacy.client_mia.round=7",
+                                                         "privacy.leakage.round=3"])
+    assert scn.server.rounds == 2 and scn.privacy.client_mia.round == 2
+    assert scn.privacy.leakage.round == 2
+    assert scn.privacy.inversion.round == 1  # already inside the cap
     assert replace(scn, ["server.rounds=5"]).server.rounds == 2  # overrides are capped too
     assert load_scenario("scenarios/quickstart.toml", ["server.rounds=1"]).server.rounds == 1
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", "1")
     assert load_scenario("scenarios/privacy_audit.toml",
-                         ["privacy.inversion_round=3"]).privacy.inversion_round == 1
+                         ["privacy.inversion.round=3"]).privacy.inversion.round == 1
 
 
 def test_without_max_rounds_nothing_changes(monkeypatch):
     monkeypatch.delenv("FEDSIM_MAX_ROUNDS", raising=False)
     scn = load_scenario("scenarios/privacy_audit.toml")
-    assert scn.server.rounds == 10 and scn.privacy.client_round == 0
+    assert scn.server.rounds == 10 and scn.privacy.client_mia.round == 0
 
 
 @pytest.mark.parametrize("value", ["0", "x", "-1", "1.5"])
@@ -197,3 +210,111 @@ def test_a_bad_max_rounds_is_an_error_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv("FEDSIM_MAX_ROUNDS", value)
     with pytest.raises(ScenarioError, match=r"FEDSIM_MAX_ROUNDS=.* must be a whole number >= 1"):
         load_scenario("scenarios/quickstart.toml")
+
+
+# --------------------------------------------------------------------------- [privacy] spelling
+
+#: a [privacy] section in the flat spelling of earlier files (scenarios/privacy_audit.toml's)
+FLAT_PRIVACY = """
+[privacy]
+mia = ["loss", "lira"]
+shadows = 8
+fix_variance = true
+audit_every = 2
+client_mia = true
+client_round = 0
+leakage = true
+inversion = true
+inversion_round = 1
+inversion_batch = 4
+canary_clients = 12
+"""
+
+
+def test_flat_privacy_keys_are_refused_with_their_new_spelling(tmp_path):
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(write(tmp_path, FLAT_PRIVACY))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for spelled in ['privacy.audits = ["mia", "client_mia", "leakage", "inversion", '
+                    '"canary_clients"]', 'privacy.mia.attacks = ["loss", "lira"]',
+                    "privacy.canary_clients.count = 12", "privacy.shadows → privacy.mia.shadows",
+                    "privacy.fix_variance → privacy.mia.lira.fix_variance",
+                    "privacy.audit_every → privacy.mia.every (and privacy.exposure.every)",
+                    "privacy.client_round → privacy.client_mia.round (and "
+                    "privacy.leakage.round, privacy.exposure.round)",
+                    "privacy.inversion_batch → privacy.inversion.batch"]:
+        assert spelled in msg
+
+
+def test_the_new_spelling_parses_to_what_the_message_says(tmp_path):
+    scn = load_scenario(write(tmp_path, """
+[privacy]
+audits = ["mia", "client_mia", "leakage", "inversion", "canary_clients"]
+mia.attacks = ["loss", "lira"]
+mia.shadows = 8
+mia.lira.fix_variance = true
+mia.every = 2
+inversion.batch = 4
+canary_clients.count = 12
+"""))
+    p = scn.privacy
+    assert p.audits == ("mia", "client_mia", "leakage", "inversion", "canary_clients")
+    assert p.mia.attacks == ("loss", "lira") and p.mia.lira.fix_variance and p.mia.every == 2
+    assert p.inversion.batch == 4 and p.client_canaries == 12 and p.sample_canaries == 0
+    assert load_scenario("scenarios/quickstart.toml").privacy.client_canaries == 0
+
+
+@pytest.mark.parametrize(("assignment", "pattern"), [
+    ("privacy.shadows=2", r"--set privacy.shadows: 'privacy.shadows' moved: it is "
+                          r"privacy.mia.shadows now"),
+    ("privacy.inversion_steps=5", "it is privacy.inversion.steps now"),
+    ("privacy.rmia_population=100", "it is privacy.mia.population now"),
+    ("privacy.inversion=true", r'privacy.audits = \["inversion"\]'),
+    ('privacy.mia=["rmia"]', r'privacy.audits = \["mia"\]; privacy.mia.attacks = \["rmia"\]'),
+    ("privacy.canary_samples=40", r"privacy.canary_samples.count = 40"),
+])
+def test_a_flat_privacy_override_names_the_new_key(assignment, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario("scenarios/quickstart.toml", [assignment])
+
+
+def test_every_moved_privacy_key_names_a_key_that_exists():
+    """The message's spellings are real: each new key parses, each old switch is the name of
+    a registered audit."""
+    import fedsim.plugins  # noqa: F401  the audits register
+    from fedsim.config import MOVED_PRIVACY_KEYS, PRIVACY_SWITCHES, PrivacyConfig
+    from fedsim.privacy.audits import AUDITS
+
+    fields = {f.name for f in dataclasses.fields(PrivacyConfig)}
+    for old, new in MOVED_PRIVACY_KEYS.items():
+        key = new.split()[0]
+        value = "true" if old in ("fix_variance", "shadow_reseed", "bn_buffers_shared") else (
+            '"train"' if old == "bn_mode" else '"step"' if old == "inversion_target" else "1")
+        audit = key.split(".")[0]
+        load_scenario("scenarios/quickstart.toml", [f'privacy.audits=["{audit}"]',
+                                                    f"privacy.{key}={value}"])  # parses
+        assert old not in fields
+    assert all(switch in AUDITS for switch in PRIVACY_SWITCHES)
+
+
+@pytest.mark.parametrize(("assignments", "pattern"), [
+    (["privacy.inversion.steps=5"],
+     r"\[privacy.inversion\] is set, but privacy.audits does not name 'inversion', so that "
+     r'audit would not run; add it \(privacy.audits = \["inversion"\]\) or drop the section'),
+    (['privacy.audits=["mia"]', "privacy.leakage.round=2"],
+     r'privacy.audits = \["mia", "leakage"\]'),
+    (['privacy.audits=["leakage"]', "privacy.mia.lira.fix_variance=true"],
+     r"\[privacy.mia\] is set, but privacy.audits does not name 'mia'"),
+    (["privacy.exposure.canaries=8"],  # a count alone does not switch the audit on
+     r'\[privacy.exposure\] is set.* \(privacy.audits = \["exposure"\]\)'),
+])
+def test_a_section_of_an_audit_that_is_not_listed_is_refused(assignments, pattern):
+    with pytest.raises(ScenarioError, match=pattern):
+        load_scenario("scenarios/quickstart.toml", assignments)
+
+
+def test_a_listed_audit_s_section_parses():
+    scn = load_scenario("scenarios/quickstart.toml", ['privacy.audits=["leakage"]',
+                                                      "privacy.leakage.round=2"])
+    assert scn.privacy.leakage.round == 2

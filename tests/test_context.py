@@ -9,7 +9,7 @@ import fedsim
 from fedsim.client.runtime import ClientRuntime, ClientSettings, shared_runtime
 from fedsim.config import load_scenario
 from fedsim.context import RunContext
-from fedsim.privacy.audit import MembershipPool, ShadowData
+from fedsim.privacy.audits.pool import MembershipPool, ShadowData
 
 TINY = ["server.rounds=1", "partition.num_clients=6", "server.clients_per_round=3",
         "partition.holdout_clients=0.0", "client.epochs=1", "model.width=8",

@@ -19,7 +19,7 @@ import fedsim
 from fedsim.cli import main
 from fedsim.engine.processes import alive, descendants, find_proc, stop_tree
 from fedsim.interrupt import Interrupted, run_line
-from fedsim.report.progress import RoundsFollower
+from fedsim.sinks.progress import RoundsFollower
 
 ROOT = Path(__file__).resolve().parents[1]
 # long enough that the run cannot end before the signal lands, short enough to run twice

@@ -13,7 +13,7 @@ import pytest
 from same_run import assert_same_run  # tests/same_run.py
 
 import fedsim
-from fedsim.report.progress import round_stats
+from fedsim.sinks.progress import round_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "scenarios/million_clients.toml"

@@ -14,7 +14,7 @@ from fedsim.sweep import cell_name, expand, run_sweep
 
 TINY = ["server.rounds=2", "partition.num_clients=4", "server.clients_per_round=2",
         "partition.holdout_clients=0.2", "model.width=8", "client.epochs=1",
-        "privacy.mia=[\"loss\"]", "privacy.audit_every=1",
+        "privacy.audits=[\"mia\"]", "privacy.mia.every=1",
         "sweep.model.norm=[\"bn\",\"ln\"]", "sweep.seed=[0,1]"]
 
 
@@ -217,7 +217,11 @@ at = "{at}"
     (dict(a=200, metric="final.global_test_acuracy", at="final"),
      r"claims\[0\].metric 'final.global_test_acuracy' is not a number summary.json holds"),
     (dict(a=200, metric="privacy.mia.loss.auc", at="final"),
-     r"sweep cell eval_clients-\d+__seed-0 does not measure it; set privacy.mia"),
+     r'sweep cell eval_clients-\d+__seed-0 does not measure it; set privacy.audits = \["mia"\]'),
+    (dict(a=200, metric="privacy.membership_epsilon.loss.epsilon_if_independent", at="final"),
+     r'set privacy.audits = \["mia"\] and a DP accountant'),
+    (dict(a=200, metric="privacy.sample_canary_audit.lower_bound.epsilon_lower_bound",
+          at="final"), r'set privacy.audits = \["canary_samples"\] with \[client.dp\]'),
     (dict(a=200, metric="privacy.client_mia.auc.mean", at="matched_accuracy"),
      "has no per-round record"),
     (dict(a=200, metric="final.validation_accuracy", at="final"),
@@ -247,7 +251,7 @@ def test_a_claim_between_no_op_settings_is_inconclusive(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(SMALL + NOOP.format(a=200, metric="final.global_test_accuracy", at="final")
                     + NOOP.format(a=200, metric="final.client_accuracy.p10",
-                                  at="matched_accuracy"))
+                                  at="matched_accuracy").replace("beats", "matches"))
     result = run_sweep(path, out=tmp_path / "out")
     assert len(result.ran) == 6
     cells = load_scenario(tmp_path / "out" / result.ran[0] / "scenario.toml")
@@ -282,3 +286,77 @@ def test_a_sweep_warns_once_when_a_dp_strategy_gets_no_epsilon(tmp_path):
     for cell in (tmp_path / "out").glob("*/summary.json"):
         spent = json.loads(cell.read_text())["dp"]["privacy_spent"]
         assert spent["epsilon"] is None and spent["why_not"]
+
+
+def _traced_sweep(tmp_path, norms: str):
+    path = tmp_path / "s.toml"
+    path.write_text(f'[data]\nname = "digits"\n[partition]\nnum_clients = 4\n'
+                    f'[model]\nwidth = 8\n[engine]\nvectorize = true\n[server]\nrounds = 1\n'
+                    f'clients_per_round = 2\n[sweep]\nmodel.norm = {norms}\n'
+                    f'client.lr = [0.05, 0.1]\nseed = [0, 1, 2]\n')
+    return path
+
+
+def _count_traces(monkeypatch, fail_on_bn: bool = False) -> list[str]:
+    """Record each dry cohort step's model norms; optionally fail those with BatchNorm."""
+    import fedsim.engine.vectorized as vectorized
+    from fedsim.models.norm import has_running_statistics
+
+    real, calls = vectorized.trace_problem, []
+
+    def traced(model, data):
+        bn = any(has_running_statistics(m) for m in model.modules())
+        calls.append("bn" if bn else "other")
+        if fail_on_bn and bn:
+            return "RuntimeError: cannot batch this model"
+        return real(model, data)
+
+    monkeypatch.setattr(vectorized, "trace_problem", traced)
+    return calls
+
+
+def test_a_sweep_traces_each_distinct_model_once(tmp_path, monkeypatch):
+    """12 cells, 2 models: the vectorize trace check runs twice; seeds and rates share it."""
+    from fedsim.sweep import preflight_cells
+
+    calls = _count_traces(monkeypatch)
+    cells = expand(load_scenario(_traced_sweep(tmp_path, '["gn", "bn"]')), tmp_path / "out")
+    assert len(cells) == 12
+    preflight_cells(cells, lambda _msg: None)
+    assert calls == ["other", "bn"]
+
+
+def test_a_shared_trace_failure_still_refuses_the_sweep_before_any_cell_runs(tmp_path,
+                                                                           monkeypatch):
+    """A model that passed (gn) does not vouch for one that fails (bn), and the failure
+    stops the sweep with one error before anything is written."""
+    calls = _count_traces(monkeypatch, fail_on_bn=True)
+    with pytest.raises(ScenarioError, match="cannot batch this model"):
+        run_sweep(_traced_sweep(tmp_path, '["gn", "bn"]'), out=tmp_path / "out")
+    assert calls == ["other", "bn"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_run_traces_every_time(tmp_path, monkeypatch):
+    """Outside a sweep nothing is kept between preflights."""
+    from fedsim.run import preflight
+
+    calls = _count_traces(monkeypatch)
+    cells = expand(load_scenario(_traced_sweep(tmp_path, '["gn"]')), tmp_path / "out")
+    preflight(cells[0].scenario)
+    preflight(cells[1].scenario)
+    assert calls == ["other", "other"]
+
+
+def test_the_interrupted_line_of_a_large_sweep_builds_no_cell(tmp_path, monkeypatch):
+    """Ctrl-C during the check of 1,002 cells: the line counts cells by name only (building
+    each cell's scenario again took minutes at 10,000)."""
+    import fedsim.sweep
+
+    path = tmp_path / "big.toml"
+    path.write_text('[sweep]\nmodel.norm = ["bn", "gn"]\nseed = [' +
+                    ", ".join(str(s) for s in range(501)) + "]\n")
+    monkeypatch.setattr(fedsim.sweep, "expand", None)  # any call fails the test
+    line = fedsim.sweep.interrupted_line(path, out=tmp_path / "o", argv=["sweep", str(path)])
+    assert line == (f"interrupted: 0 of 1002 cells done; 1002 not started (in {tmp_path / 'o'}); "
+                    f"resume with: fedsim sweep {path}")

@@ -108,6 +108,18 @@ def test_tuning_cells_cover_every_arm_value_and_tuning_seed(tmp_path):
         "tune/norm-bn__lr-0.01__momentum-0.9__seed-101"]
 
 
+
+def test_tuning_cells_report_to_no_tracker_and_reported_cells_keep_theirs(tmp_path):
+    """A tracker's run per tuning cell would bury the study's runs: tuning cells keep only
+    the sinks that write their folder (here parquet); the reported cells keep every sink."""
+    tail = '[output]\nsinks = ["mlflow", "parquet", "wandb"]\n'
+    base = load_scenario(scenario(tmp_path, base=BASE + tail))
+    cells = expand(base, tmp_path)
+    tuning = tune_cells(base, tmp_path, cells)
+    assert {c.scenario.output.sinks for c in tuning} == {("parquet",)}
+    assert {c.scenario.output.sinks for c in cells} == {("mlflow", "parquet", "wandb")}
+
+
 ZIP = """[sweep]
 model.norm = ["bn", "gn"]
 client.batch_size = [2, 32]
@@ -211,3 +223,61 @@ def test_selection_never_reads_test_data_and_is_reproducible(tmp_path, monkeypat
     assert main(["report", str(tmp_path / "real")]) == 0  # rebuilt from the folders on disk
     rebuilt = json.loads((tmp_path / "real" / "report.json").read_text())
     assert rebuilt["tuning"] == runs["real"] and rebuilt["plateau"]["best_arm"] == "model.norm=gn"
+
+
+STRATEGIES = """[sweep]
+server.strategy = ["fedavg", "fedbn"]
+seed = [0]
+"""
+
+
+@pytest.mark.parametrize(("follow", "pattern"), [
+    ('{ fedbn = "fedprox" }', r"sweep.tune.follow.fedbn = 'fedprox': both must be values of one "
+                              r"sweep axis \(axis server.strategy = \['fedavg', 'fedbn'\] "
+                              r"lacks 'fedprox'\)"),
+    ('{ scaffold = "fedavg" }', r"sweep.tune.follow.scaffold = 'fedavg': both must be values "
+                                r"of one sweep axis \('scaffold' is a value of 0 axes\)"),
+    ('{ fedbn = "fedavg", fedavg = "fedbn" }', "sweep.tune.follow.fedbn = 'fedavg' must name "
+                                               "another value of the same axis, one that is "
+                                               "tuned itself"),
+    ('{ fedbn = "fedbn" }', "sweep.tune.follow.fedbn = 'fedbn' must name another value"),
+])
+def test_bad_follows_are_refused_before_any_cell_runs(tmp_path, follow, pattern):
+    path = scenario(tmp_path, sweep=STRATEGIES, extra=f"follow = {follow}")
+    with pytest.raises(ScenarioError, match=pattern):
+        run_sweep(path, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_follower_arm_runs_no_tuning_cells_and_takes_its_leaders_choice(tmp_path):
+    """FedBN's global model lacks the clients' BN layers, so the validation split cannot
+    rank its rates: with follow = { fedbn = "fedavg" } it runs at FedAvg's tuned rate."""
+    path = scenario(tmp_path, base=BASE.replace('[model]\n', '[model]\nnorm = "bn"\n'),
+                    sweep=STRATEGIES, grid='"client.lr" = [0.001, 0.2]', seeds="[100]",
+                    extra='follow = { fedbn = "fedavg" }')
+    base = load_scenario(path)
+    cells = expand(base, tmp_path / "out")
+    assert base.sweep.leader({"server.strategy": "fedbn"}) == {"server.strategy": "fedavg"}
+    assert base.sweep.leader({"server.strategy": "fedavg"}) is None
+    assert [c.name for c in tune_cells(base, tmp_path / "out", cells)] == [
+        "tune/strategy-fedavg__lr-0.001__seed-100", "tune/strategy-fedavg__lr-0.2__seed-100"]
+    result = run_sweep(path, out=tmp_path / "out")
+    assert sorted(result.ran) == sorted([
+        "tune/strategy-fedavg__lr-0.001__seed-100", "tune/strategy-fedavg__lr-0.2__seed-100",
+        "strategy-fedavg__seed-0", "strategy-fedbn__seed-0"])
+    tuning = json.loads((tmp_path / "out" / "report.json").read_text())["tuning"]
+    lead, follower = tuning["arms"]
+    assert lead["follows"] is None and len(lead["candidates"]) == 2
+    assert follower == {"arm": {"server.strategy": "fedbn"}, "label": "server.strategy=fedbn",
+                        "candidates": [], "chosen": lead["chosen"], "at_edge": [],
+                        "follows": "server.strategy=fedavg", "why_none": None}
+    ran = {name: load_scenario(tmp_path / "out" / name / "scenario.toml").client.lr
+           for name in ("strategy-fedavg__seed-0", "strategy-fedbn__seed-0")}
+    assert ran["strategy-fedbn__seed-0"] == ran["strategy-fedavg__seed-0"] == \
+        lead["chosen"]["applied"]["client.lr"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| server.strategy=fedbn |" in report
+    assert "not tuned: follows server.strategy=fedavg |" in report
+    assert main(["report", str(tmp_path / "out")]) == 0  # rebuilt from the folders on disk
+    rebuilt = json.loads((tmp_path / "out" / "report.json").read_text())["tuning"]
+    assert rebuilt == tuning

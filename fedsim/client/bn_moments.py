@@ -43,7 +43,7 @@ def upload_exact_moments(model: nn.Module, x: torch.Tensor,
     ``x``; returns the count of values per channel of each replaced layer. Layers whose
     statistics the upload does not hold (kept local or frozen by a hook) are left alone.
     ``model``'s own running statistics end up replaced too."""
-    layers = [(n, m) for n, m in bn_layers(model, tuple(x.shape[1:]))
+    layers = [(n, m) for n, m in bn_layers(model, x)
               if all(k in arrays for k in statistics_keys(n))]
     if not layers:
         return {}

@@ -84,7 +84,7 @@ def train_dpsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientC
                 ) -> TrainResult:
     """One round of DP-SGD on (x, y) in place, one client on its module; ``generator`` draws
     the Poisson batches, the canaries (``(k, dim)`` directions, an audit's,
-    :mod:`fedsim.client.canaries`) and the noise. Returns the mean loss / accuracy over
+    :mod:`fedsim.canaries`) and the noise. Returns the mean loss / accuracy over
     sampled examples."""
     terms = start_terms(model, hooks)
     schedule = poisson_plan(len(x), cfg, noise_multiplier, generator, canaries,

@@ -25,7 +25,7 @@ import torch
 from flwr.app import Context
 from torch import nn
 
-from fedsim.client import canaries
+from fedsim import canaries
 from fedsim.client.step import GlobalArrays
 from fedsim.config import ClientConfig, Scenario
 from fedsim.context import RunContext
@@ -48,7 +48,7 @@ class ClientSettings:
     run's length. ``strategy``: its module registers the client hooks train configs name.
     ``bn_eval``: ``model.bn_eval``, how evaluation normalises with BN layers.
     ``canary_samples``: gradient canaries a one-run audit inserts into DP-SGD
-    (:mod:`fedsim.client.canaries`).
+    (:mod:`fedsim.canaries`).
     Failures are decided by the server (:mod:`fedsim.client.failures`): a client only sees
     the crash its train config asks for, so ``[failures]`` is not part of this section.
     """
@@ -60,13 +60,13 @@ class ClientSettings:
     batch_statistics: bool
     strategy: str
     bn_eval: str = "running"
-    canary_samples: int = 0  # gradient canaries among the clients (privacy.canary_samples)
+    canary_samples: int = 0  # gradient canaries among the clients (0: none)
 
     @classmethod
     def of(cls, scenario: Scenario) -> ClientSettings:
         return cls(scenario.client, scenario.seed, scenario.server.rounds, scenario.model.norm,
                    uses_batch_statistics(scenario.model.norm), scenario.server.strategy,
-                   scenario.model.bn_eval, scenario.privacy.canary_samples)
+                   scenario.model.bn_eval, scenario.privacy.sample_canaries)
 
 
 @dataclass
@@ -174,7 +174,7 @@ class ClientRuntime:
 
     def canaries(self, cid: int) -> torch.Tensor | None:
         """The directions ``(k, dim)`` of the gradient canaries client ``cid`` trains with
-        (its *in* ones; :mod:`fedsim.client.canaries`), on the run's device; None if none."""
+        (its *in* ones; :mod:`fedsim.canaries`), on the run's device; None if none."""
         count = self.settings.canary_samples
         if count == 0:
             return None

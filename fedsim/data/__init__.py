@@ -1,6 +1,8 @@
-"""Data: datasets by name, partitions among clients, feature-skew domains, FederatedData."""
+"""Data: datasets by name, partitions among clients, feature-skew domains, FederatedData
+(text: Shakespeare's speaking roles as clients, windows of their lines as samples)."""
 
 import fedsim.data.leaf  # noqa: F401  (registers "femnist" in DATASETS)
+import fedsim.data.shakespeare  # noqa: F401  (registers "shakespeare" and its federation)
 from fedsim.data.datasets import (
     DATASETS,
     ArrayDataset,

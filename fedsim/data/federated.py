@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from fedsim.config import DataConfig, PartitionConfig, Scenario
+from fedsim.config import DataConfig, ExposureConfig, PartitionConfig, Scenario
 from fedsim.data import synthetic_cohort
 from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_dataset
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
@@ -38,6 +38,12 @@ ARRAY_CACHE_CLIENTS = 4096  # client tensors partition the dataset, so this is b
 SYNTHETIC_CACHE_BYTES = 256 * 2**20  # generated clients kept for reuse (regenerating costs
 # more than a small client's local training); memory stays bounded at any number of clients
 LABEL_CACHE_CLIENTS = 1 << 17  # generated clients' labels kept (8 bytes per sample each)
+
+#: dataset type → ``(dataset, data, partition, seed, exposure=...) -> FederatedData`` for
+#: datasets whose clients are not index sets of one array (a text corpus: clients are
+#: speaking roles), filled by the module that defines the dataset type
+#: (``fedsim.data.shakespeare``); ``exposure``: the canaries to plant, or None
+FEDERATIONS: dict[type, Callable[..., FederatedData]] = {}
 
 
 def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
@@ -74,14 +80,24 @@ def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
 
 
 def build_federated_data(scenario: Scenario) -> FederatedData:
-    """The scenario's FederatedData, cached per process on ``(seed, data, partition)``."""
-    return _build(scenario.seed, scenario.data, scenario.partition)
+    """The scenario's FederatedData, cached per process on ``(seed, data, partition)`` and,
+    when the ``exposure`` audit plants canaries into clients' text, its settings."""
+    return _build(scenario.seed, scenario.data, scenario.partition, scenario.privacy.planted)
 
 
 @functools.lru_cache(maxsize=4)
-def _build(seed: int, data: DataConfig, partition: PartitionConfig) -> FederatedData:
+def _build(seed: int, data: DataConfig, partition: PartitionConfig,
+           exposure: ExposureConfig | None = None) -> FederatedData:
     check_data_config(data, partition)
     dataset = load_dataset(data, seed)
+    federation = FEDERATIONS.get(type(dataset))
+    if federation is not None:
+        return federation(dataset, data, partition, seed, exposure=exposure)
+    if exposure is not None:
+        raise ScenarioError(
+            f"privacy.exposure plants secrets into clients' text, but data.name = "
+            f"{data.name!r} holds images; use data.name = 'shakespeare' or drop 'exposure' "
+            "from privacy.audits")
     if isinstance(dataset, SyntheticDataset):
         source: _ClientSource = _SyntheticClients(dataset, data, partition, seed)
         cache = synthetic_cache_clients(data, dataset.input_shape)
@@ -278,6 +294,11 @@ class FederatedData:
     client); ``holdout_rule`` picks how the holdout clients are chosen (``"permutation"``,
     the original rule, unless the builder says otherwise).
 
+    ``input_kind`` says what a sample is: ``"image"`` (float32 ``(C, H, W)``) here,
+    ``"tokens"`` (int64 ``(seq_len,)`` ids) in a text federation
+    (:class:`fedsim.data.shakespeare.TextFederation`), where ``num_classes`` is the
+    vocabulary size.
+
     Each client's samples are split into local train/test (``test_fraction``, at least one
     of each) by ``(seed, "split", cid)``. Under a ``feature`` partition the client's domain
     transform is applied to both its train and test data; the global test set stays
@@ -285,6 +306,8 @@ class FederatedData:
     validation split (:meth:`validation`), when the scenario holds one out. Returned tensors
     are shared between callers: treat them as read-only.
     """
+
+    input_kind = "image"
 
     def __init__(self, source: _ClientSource, partition: PartitionConfig, seed: int,
                  cache_clients: int = ARRAY_CACHE_CLIENTS,
@@ -331,6 +354,20 @@ class FederatedData:
         to plan cohorts of equal work with; None where it would draw a generated client's
         labels (synthetic clients), too costly to ask for every sampled client."""
         return self.client_size if isinstance(self._source, _ArrayClients) else None
+
+    def describe(self, cid: int) -> dict:
+        """What the data knows about client ``cid`` beyond its samples (a text client's
+        speaking role); nothing for image clients."""
+        self._check(cid)
+        return {}
+
+    def example_inputs(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` inputs of the federation's kind and shape, for checks that run a model before
+        training: zeros, or standard normal draws from ``generator``."""
+        shape = (n, *self.input_shape)
+        if generator is None:
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=generator)
 
     def domain(self, cid: int) -> tuple[str, float] | None:
         """The client's (transform, strength) under a feature partition, else None."""

@@ -266,19 +266,7 @@ def natural(labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator,
             "partition.kind (iid, dirichlet, shards, quantity, feature)"
         )
     total = int(writers.max()) + 1 if len(writers) else 0
-    chosen = np.arange(total)
-    if 0 < cfg.max_clients < total:
-        chosen = np.sort(numpy_rng(0, "natural", "writers").permutation(total)[:cfg.max_clients])
-    if cfg.num_clients != len(chosen):
-        cap = f"partition.max_clients = {cfg.max_clients} of them" if cfg.max_clients else \
-            "all of them (partition.max_clients = 0)"
-        raise ScenarioError(
-            f"partition.kind = 'natural' makes one client per writer: {what} has {total} "
-            f"writers and uses {cap}, so {len(chosen)} clients, but partition.num_clients = "
-            f"{cfg.num_clients}; set partition.num_clients = {len(chosen)}"
-            + (f", or partition.max_clients = {cfg.num_clients} to use that many writers"
-               if cfg.num_clients < total else "")
-        )
+    chosen = natural_clients(total, cfg, f"{what} has {total} writers")
     order = np.argsort(writers, kind="stable")  # sample indices grouped by writer, in order
     bounds = np.searchsorted(writers[order], np.arange(total + 1))
     parts = [order[bounds[w]:bounds[w + 1]] for w in chosen]
@@ -291,6 +279,31 @@ def natural(labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator,
             "preprocess.sh -k sets a minimum of samples per writer)"
         )
     return parts
+
+
+def natural_clients(total: int, cfg: PartitionConfig, has: str, unit: str = "writer"
+                    ) -> np.ndarray:
+    """Which of ``total`` natural units (writers, speaking roles) become clients, in order.
+
+    ``max_clients`` = m > 0 keeps m of them: the first m of a permutation drawn with a fixed
+    seed, independent of the scenario seed, so every scenario (and seed) uses the same units
+    and a smaller cap's units are a subset of a larger cap's. ``partition.num_clients`` must
+    equal the number kept; ``has`` says where the units come from (``"... has 12 writers"``).
+    """
+    chosen = np.arange(total)
+    if 0 < cfg.max_clients < total:
+        chosen = np.sort(numpy_rng(0, "natural", "writers").permutation(total)[:cfg.max_clients])
+    if cfg.num_clients != len(chosen):
+        cap = f"partition.max_clients = {cfg.max_clients} of them" if cfg.max_clients else \
+            "all of them (partition.max_clients = 0)"
+        raise ScenarioError(
+            f"partition.kind = 'natural' makes one client per {unit}: {has} and uses {cap}, "
+            f"so {len(chosen)} clients, but partition.num_clients = {cfg.num_clients}; set "
+            f"partition.num_clients = {len(chosen)}"
+            + (f", or partition.max_clients = {cfg.num_clients} to use that many {unit}s"
+               if cfg.num_clients < total else "")
+        )
+    return chosen
 
 
 # --------------------------------------------------------------------------- feature

@@ -62,7 +62,7 @@ def _holdout(fd: FederatedData, cid: int) -> bool:
 
 def _row(fd: FederatedData, cid: int) -> dict[str, Any]:
     train, test = fd.class_counts(cid)
-    return {"client": cid, "train_counts": train, "test_counts": test,
+    return {"client": cid, **fd.describe(cid), "train_counts": train, "test_counts": test,
             "holdout": _holdout(fd, cid)}
 
 

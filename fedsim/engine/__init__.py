@@ -19,12 +19,14 @@ from torch import nn
 from fedsim.arrays import fast_flower_records
 from fedsim.client.app import make_client_app
 from fedsim.client.runtime import ClientRuntime
+from fedsim.config import Scenario
 from fedsim.context import RunContext
 from fedsim.engine.cohort_moments import CohortMoments
 from fedsim.engine.inprocess import run_inprocess
 from fedsim.engine.memory import reused_memory
 from fedsim.engine.ray import run_ray
-from fedsim.engine.ray_cohorts import check_ray_cohorts, run_ray_cohorts
+from fedsim.engine.ray_check import check_ray
+from fedsim.engine.ray_cohorts import run_ray_cohorts
 from fedsim.engine.store import ClientStateStore
 from fedsim.engine.vectorized import CohortTrainer, check_vectorize
 from fedsim.engine.vectorized_eval import CohortEvaluator
@@ -101,9 +103,17 @@ def _ray(server_app: ServerApp, run: RunContext) -> None:
                 client_ids=run.data.participating)  # no query message per node
 
 
-def check_engine(run: RunContext, model: nn.Module) -> None:
+def check_engine_resources(scenario: Scenario) -> None:
+    """Ray resources or a cluster address this machine or that cluster cannot serve
+    (:func:`fedsim.engine.ray_check.check_ray`, bounded in time): the first check of
+    preflight, before the run's data and model are built."""
+    if scenario.engine.kind == "ray":
+        check_ray(scenario.engine)
+
+
+def check_engine(run: RunContext, model: nn.Module,
+                 traced: dict[tuple, str | None] | None = None) -> None:
     """Engine settings that can only be checked against the model (preflight); ``model`` is
-    one of ``run``'s."""
-    check_vectorize(run, model)
-    if run.scenario.engine.kind == "ray" and run.scenario.engine.vectorize:
-        check_ray_cohorts(run.scenario)
+    one of ``run``'s; ``traced``: the vectorize trace outcomes already known
+    (:func:`fedsim.engine.vectorized.check_vectorize`)."""
+    check_vectorize(run, model, traced)

@@ -12,8 +12,11 @@ starts no ``flwr-clientapp``) per node to learn which node is which client.
 
     python -m fedsim.engine.deploy SCENARIO.toml --out DIR [--set KEY=VALUE]...
 
-Every process is started in its own session; on exit, also after an error, a timeout, Ctrl-C
-or SIGTERM, it is stopped together with everything below it, the processes Flower starts in
+The SuperLink and the SuperNodes are watched while the run goes: one that exits ends the run
+within :data:`POLL` s with one :class:`~fedsim.errors.EngineFailed` line (exit 4) naming it
+and the checkpoint the results folder keeps. Every process is started in its own session; on
+exit, also after an error, a timeout, Ctrl-C or SIGTERM, it is stopped together with
+everything below it, the processes Flower starts in
 sessions of their own included (:mod:`fedsim.engine.processes`). While the run goes, the
 command shows the same progress line as ``fedsim run`` (read from the results folder's
 ``rounds.jsonl``); an interrupted run ends with one line naming its last checkpointed round
@@ -23,6 +26,7 @@ state goes to a private ``FLWR_HOME``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,14 +41,17 @@ from pathlib import Path
 from fedsim.config import load_scenario
 from fedsim.engine.known_nodes import NODE_PARTITIONS_KEY, write_node_partitions
 from fedsim.engine.processes import Proc, find_proc, stop_tree
-from fedsim.errors import OneLineArgumentParser, ScenarioError
+from fedsim.errors import EngineFailed, OneLineArgumentParser, RunStopped, ScenarioError
 from fedsim.files import write_text
-from fedsim.interrupt import Interrupted, exit_code, run_line, signals_interrupt
+from fedsim.interrupt import Interrupted, exit_code, failed_line, run_line, signals_interrupt
 from fedsim.lock import hold
-from fedsim.report.progress import RoundsFollower, round_progress
-from fedsim.run import check
+from fedsim.run import check, preflight
+from fedsim.sinks.progress import RoundsFollower, round_progress
+from fedsim.text import one_line
 
 CONNECTION = "fedsim-local"
+#: seconds between looks at the run's progress and at the Flower processes' health
+POLL = 0.5
 #: the line a SuperNode logs once registered (flwr/supernode/start_client_internal.py)
 NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
 
@@ -96,6 +103,7 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
+        self.names: dict[int, str] = {}  # pid -> what it is ("flower-supernode 3")
         self._started: list[Proc] = []  # the same processes, named by pid and start time
         self._logs: list = []
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
@@ -106,12 +114,13 @@ class LocalDeployment:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], what: str) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
         self._logs.append(log)
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                  cwd=self.workdir, start_new_session=True)
         self.procs.append(child)
+        self.names[child.pid] = what
         if (named := find_proc(child.pid)) is not None:
             self._started.append(named)
         return child
@@ -120,10 +129,11 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while not _listening(port):
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with code {proc.returncode}; see "
-                                   f"{self.workdir}")
+                raise EngineFailed(f"{what} exited with code {proc.returncode} while starting; "
+                                   f"its log is in {self.workdir}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} did not listen on port {port} within {timeout} s")
+                raise EngineFailed(f"{what} did not listen on port {port} within {timeout:g} s; "
+                                   f"its log is in {self.workdir}")
             time.sleep(0.1)
 
     def start(self, timeout: float = 60.0) -> LocalDeployment:
@@ -135,7 +145,7 @@ class LocalDeployment:
         link = self._spawn("superlink", [
             _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
             "--port", str(self.port), "--disable-runtime-dependency-installation",
-        ])
+        ], "flower-superlink")
         self._wait_port(self.port, link, "flower-superlink", timeout)
         for i in range(self.num_nodes):
             node_port = free_port()
@@ -143,7 +153,7 @@ class LocalDeployment:
                 _executable("flower-supernode"), "--insecure", "--superlink", self.address,
                 "--host", "127.0.0.1", "--port", str(node_port),
                 "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
-            ])
+            ], f"flower-supernode {i}")
             self._wait_port(node_port, node, f"flower-supernode {i}", timeout)
         return self
 
@@ -176,28 +186,40 @@ class LocalDeployment:
         """``flwr run APP_DIR <connection> --run-config ... --stream``; waits for the run.
 
         ``on_round`` hears every record the run appends to ``rounds.jsonl`` in its results
-        folder (run config ``out``), as it appears.
+        folder (run config ``out``), as it appears. The SuperLink and the SuperNodes are
+        watched while the run goes: one that exits ends the run within :data:`POLL` s with an
+        :class:`~fedsim.errors.EngineFailed` naming it (the ServerApp would otherwise wait an
+        hour for the replies of a node that is gone).
         """
         pairs = " ".join(f"{k}={_toml_str(v)}" for k, v in run_config.items())
         args = [_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION,
                 "--run-config", pairs, "--stream"]
         follower = RoundsFollower(Path(run_config.get("out", ".")) / "rounds.jsonl")
-        child = self._spawn("flwr-run", args)  # stopped with the rest by stop()
+        child = self._spawn("flwr-run", args, "flwr run")  # stopped with the rest by stop()
         deadline = time.monotonic() + timeout
         while True:
             try:
-                code = child.wait(timeout=0.5)
+                code = child.wait(timeout=POLL)
             except subprocess.TimeoutExpired:
                 code = None
             for record in follower.poll() if on_round is not None else ():
                 on_round(record)
+            self._check_alive(but=child)
             if code is not None:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"flwr run did not finish within {timeout} s; logs in "
-                                   f"{self.workdir}")
+                raise EngineFailed(f"flwr run did not finish within {timeout:g} s (--timeout); "
+                                   f"logs in {self.workdir}")
         output = (self.workdir / "flwr-run.log").read_text(errors="replace")
         return subprocess.CompletedProcess(args, code, output)
+
+    def _check_alive(self, but: subprocess.Popen) -> None:
+        """Raise EngineFailed naming the first SuperLink or SuperNode that has exited."""
+        for proc in self.procs:
+            if proc is not but and proc.poll() is not None:
+                raise EngineFailed(
+                    f"{self.names.get(proc.pid, 'a Flower process')} (pid {proc.pid}) exited "
+                    f"with code {proc.returncode} during the run; logs in {self.workdir}")
 
     def stop(self, grace: float = 3.0) -> None:
         """Stop every process this deployment started, everything below them and every
@@ -209,6 +231,7 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 child.kill()
         self.procs.clear()
+        self.names.clear()
         self._started.clear()
         for log in self._logs:
             log.close()
@@ -248,12 +271,14 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
 
     Starts one SuperNode per participating client, submits the app with ``flwr run`` and
     stops everything afterwards (also on an error or an interrupt). ``on_round`` hears each
-    round's record. Raises RuntimeError (with the processes' logs) if the run does not
-    produce ``summary.json``.
+    round's record. Bad input (the scenario, its device) is a ScenarioError before any
+    process starts; a Flower process that exits, or a run that ends without ``summary.json``,
+    raises :class:`~fedsim.errors.EngineFailed` naming the folder of the processes' logs.
     """
     scenario_path = Path(scenario_path).resolve()
     out = Path(out).resolve()
     scenario = check(load_scenario(scenario_path, list(overrides)))  # bad input fails here
+    preflight(scenario)  # ... and what this machine cannot run (e.g. an absent GPU)
     if out.is_dir():  # another writer there: one line now (the ServerApp holds the folder's
         with hold(out, "python -m fedsim.engine.deploy", create=False):  # lock as it runs)
             pass
@@ -266,9 +291,27 @@ def run_deployed(scenario_path: str | Path, out: str | Path, overrides: Sequence
                 dep.workdir / "node-partitions.json", partitions))
         result = dep.run(app_dir, config, timeout=timeout, on_round=on_round)
         if result.returncode != 0 or not (out / "summary.json").is_file():
-            raise RuntimeError(f"the deployed run failed (flwr run exit {result.returncode});"
-                               f"\n{dep.logs()}")
+            raise EngineFailed(f"the deployed run failed (flwr run exit {result.returncode}, "
+                               f"no summary.json); logs in {dep.workdir}", str(out))
+    _raise_if_stopped(out / "summary.json")
     return out
+
+
+def _raise_if_stopped(summary_path: Path) -> None:
+    """A run the ServerApp stopped early (too few replies, divergence: ``summary.json``
+    ``stopped``) fails here as it does in-process (RunStopped), not as a finished run;
+    ``flwr run`` exits 0 either way. A planned end (``stopped.planned``: early stopping, the
+    DP budget, which also sets ``dp.stopped``) is a finished run."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return
+    stopped = summary.get("stopped") if isinstance(summary, dict) else None
+    planned = isinstance(stopped, dict) and (
+        stopped.get("planned") or (summary.get("dp") or {}).get("stopped"))
+    if isinstance(stopped, dict) and not planned:
+        raise RunStopped(str(stopped.get("reason") or "the run stopped early"),
+                         stopped.get("round"))
 
 
 class _Rounds:
@@ -310,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.quiet:
                 path = run()
             else:
-                with round_progress(scenario.server.rounds, scenario.name,
-                                    scenario.partition.num_clients) as on_round:
+                with round_progress(scenario, args.out) as on_round:
                     rounds.then = on_round
                     path = run()
         except ScenarioError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
+        except EngineFailed as exc:  # one line; the checkpoints in --out stay
+            return failed_line(exc, args.out)
         except Interrupted as exc:
             restart = ["python", "-m", "fedsim.engine.deploy", *argv]
             try:
@@ -326,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             return exit_code(exc, run_line(args.out, scenario.server.rounds, rounds.any,
                                            scenario.output.checkpoint_every, restart,
                                            overwrite=None))  # a deployed run always does
-    print(f"results → {path}")
+    print(f"results → {one_line(path)}")
     return 0
 
 

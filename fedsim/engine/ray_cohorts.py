@@ -35,7 +35,9 @@ the train config, so they play out in the actors as anywhere else. An actor that
 (killed, out of memory) is reported in the log, replaced by a fresh one, and every message of
 its cohorts gets an error reply naming it; the server then records those clients'
 failures and retries the round per ``[failures]`` (``min_replies``, ``on_too_few``,
-``retries``), as for any other failed clients. The driver waits on replies in short slices,
+``retries``), as for any other failed clients. A replacement that does not start within
+:data:`RESTART_TIMEOUT` s (its node is gone too) ends the run with
+:class:`~fedsim.errors.EngineFailed`. The driver waits on replies in short slices,
 so Ctrl-C and SIGTERM are seen at once (:mod:`fedsim.interrupt`).
 
 Ray is imported only when this engine runs.
@@ -72,15 +74,19 @@ from fedsim.engine.inprocess import InProcessGrid, serve
 from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
 from fedsim.engine.ray import backend_config
+from fedsim.engine.ray_check import check_ray, check_resources
 from fedsim.engine.store import ClientStateStore, decode_state, encode_state
 from fedsim.engine.vectorized import CohortTrainer
 from fedsim.engine.vectorized_eval import CohortEvaluator
-from fedsim.errors import ScenarioError
+from fedsim.errors import EngineFailed, ScenarioError
 
 log = logging.getLogger("fedsim")
 
 #: seconds to wait for the actors to start (they build the run's data and model)
 START_TIMEOUT = 600.0
+#: seconds a replacement for an actor that died gets to start (its node may be gone too:
+#: then the run ends with EngineFailed rather than wait START_TIMEOUT)
+RESTART_TIMEOUT = 120.0
 #: seconds per wait for replies (a wait in Python: signals are handled at once anyway)
 WAIT_SLICE = 0.2
 COHORT_KINDS = (MessageType.TRAIN, MessageType.EVALUATE, BN_MOMENTS)
@@ -111,23 +117,11 @@ LOCAL_RAY_ENV = {"RAY_worker_niceness": "0",
 
 def check_ray_cohorts(scenario: Scenario, cpus: int | None = None) -> None:
     """Refuse settings under which a local Ray could never place the actors (they would
-    wait forever): more CPUs or GPUs than this machine has. A cluster (``engine.ray_address``)
-    is checked once connected (:meth:`CohortPool.start`)."""
-    cfg = scenario.engine
-    if cfg.ray_address:
-        return
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
-    need = cfg.ray_workers * cfg.ray_num_cpus
-    if need > cpus:
-        raise ScenarioError(
-            f"engine.ray_workers = {cfg.ray_workers} actors × engine.ray_num_cpus = "
-            f"{cfg.ray_num_cpus:g} need {need:g} CPUs, but this machine has {cpus}; lower "
-            f"engine.ray_workers or engine.ray_num_cpus, or set engine.ray_address to a "
-            f"cluster")
-    if cfg.client_gpus > 0 and not torch.cuda.is_available():
-        raise ScenarioError(
-            f"engine.client_gpus = {cfg.client_gpus:g} but this machine has no CUDA GPU; "
-            "set engine.client_gpus = 0, or engine.ray_address to a cluster with GPUs")
+    wait forever): more CPUs or GPUs than this machine has (``cpus``: its CPU count, by
+    default ``os.cpu_count()``). A cluster (``engine.ray_address``) is asked by
+    :func:`fedsim.engine.ray_check.check_ray`, which preflight calls for every Ray run."""
+    if not scenario.engine.ray_address:
+        check_ray(scenario.engine, local_cpus=cpus)
 
 
 def cohort_sizes(n: int, workers: int, max_size: int) -> list[int]:
@@ -267,10 +261,10 @@ class CohortPool:
         import ray
 
         if not ray.is_initialized():
-            ray.init(**backend_config(self.cfg)["init_args"], log_to_driver=False,
+            ray.init(**{**backend_config(self.cfg)["init_args"], "log_to_driver": False},
                      configure_logging=False)
             self.started_ray = True
-        self._check_resources(ray.cluster_resources())
+        self._check_resources()
         self._remote = ray.remote(num_cpus=self.cfg.ray_num_cpus, num_gpus=self.cfg.client_gpus,
                                   max_restarts=0, max_task_retries=0)(CohortWorker)
         self.actors = [self._new_actor() for _ in range(self.cfg.ray_workers)]
@@ -279,36 +273,38 @@ class CohortPool:
         self.on_started()
         return self
 
-    def _check_resources(self, resources: dict) -> None:
-        cfg = self.cfg
-        need = {"CPU": cfg.ray_workers * cfg.ray_num_cpus, "GPU": cfg.ray_workers * cfg.client_gpus}
-        for kind, amount in need.items():
-            if amount > resources.get(kind, 0.0):
-                where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "Ray"
-                raise ScenarioError(
-                    f"engine.ray_workers = {cfg.ray_workers} actors need {amount:g} {kind}s "
-                    f"(engine.ray_num_cpus = {cfg.ray_num_cpus:g}, engine.client_gpus = "
-                    f"{cfg.client_gpus:g} each), but {where} has {resources.get(kind, 0.0):g}; "
-                    "lower engine.ray_workers or the per-actor resources")
+    def _check_resources(self) -> None:
+        """The cluster Ray joined can place the actors (preflight asked already; a cluster
+        can shrink in between)."""
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        where = f"the Ray cluster at {self.cfg.ray_address}" if self.cfg.ray_address else "Ray"
+        check_resources(self.cfg, nodes, where)
 
     def _new_actor(self) -> Any:
         return self._remote.remote(self._scenario, self._threads)
 
-    def _wait_ready(self, actors: list) -> list[int]:
+    def _wait_ready(self, actors: list, timeout: float = START_TIMEOUT,
+                    error: type[Exception] = ScenarioError) -> list[int]:
+        """The actors' pids once each has built its runtime; ``error`` (ScenarioError before
+        the run, EngineFailed for a replacement mid-run) when one has not within
+        ``timeout`` s or failed."""
         import ray
 
         futures = [a.pid.remote().future() for a in actors]
-        _, waiting = _wait(futures, START_TIMEOUT, cf.ALL_COMPLETED)
+        _, waiting = _wait(futures, timeout, cf.ALL_COMPLETED)
         if waiting:
-            raise ScenarioError(
+            raise error(
                 f"{len(waiting)} of {len(futures)} Ray cohort actors did not start "
-                f"within {START_TIMEOUT:g} s (engine.ray_workers = {self.cfg.ray_workers}); "
+                f"within {timeout:g} s (engine.ray_workers = {self.cfg.ray_workers}); "
                 "check that Ray can place them")
         try:
             return [f.result() for f in futures]
         except ray.exceptions.RayError as exc:
-            raise ScenarioError(f"a Ray cohort actor failed while building the run's "
-                                f"clients: {exc}") from exc
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise error(f"a Ray cohort actor failed while building the run's clients "
+                        f"({type(exc).__name__}: {first})") from exc
 
     def close(self) -> None:
         """Stop the actors, and Ray itself where this pool started it."""
@@ -369,7 +365,8 @@ class CohortPool:
                 ray.kill(self.actors[k], no_restart=True)
             self.actors[k] = self._new_actor()
             self.generation[k] += 1
-            self.pids[k] = self._wait_ready([self.actors[k]])[0]
+            self.pids[k] = self._wait_ready([self.actors[k]], RESTART_TIMEOUT,
+                                            EngineFailed)[0]
             self.on_started()
         return [(error_reply(m, exc), None) for m in task.messages]
 

@@ -50,6 +50,8 @@ from fedsim.client.runtime import ClientRuntime
 from fedsim.client.step import GlobalArrays, as_tensor_like
 from fedsim.config import ClientConfig
 from fedsim.context import RunContext
+from fedsim.data.federated import FederatedData
+from fedsim.data.windows import stack_padded
 from fedsim.engine.cohort_moments import cohort_exact_statistics
 from fedsim.engine.vectorized_eval import EvalMember, evaluate_cohort
 from fedsim.errors import ScenarioError
@@ -83,22 +85,21 @@ from fedsim.models.sgd_step import (
 )
 
 __all__ = ["CohortBackend", "CohortMember", "CohortTrainer", "check_vectorize",
-           "train_cohort", "trace_problem"]
+           "train_cohort", "trace_key", "trace_problem"]
 
 
-def trace_problem(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
-                  dp: bool = False) -> str | None:
+def trace_problem(model: nn.Module, data: FederatedData, dp: bool = False) -> str | None:
     """Why ``model`` cannot run as a vmap cohort (one dry step of two clients and one
-    evaluation; ``dp``: also one DP-SGD step, per-sample gradients nested in the cohort),
-    or None.
+    evaluation on inputs like ``data``'s; ``dp``: also one DP-SGD step, per-sample
+    gradients nested in the cohort), or None.
 
     A model whose forward pass uses something ``vmap`` cannot batch (``.item()``, data-
     dependent Python control flow) fails here, before training, instead of mid-run.
     """
     probe = fold_for_cohort(model)  # the layers a cohort runs
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((4, *input_shape), generator=g)
-    y = torch.randint(0, num_classes, (4,), generator=g)
+    x = data.example_inputs(4, g)
+    y = torch.randint(0, data.num_classes, (4,), generator=g)
     start = {n: p.detach().clone() for n, p in probe.named_parameters()}
     bufs = {n: b.detach().clone() for n, b in probe.named_buffers()}
     plan = [torch.arange(4), torch.arange(2)]
@@ -126,14 +127,26 @@ def _trace_evaluation(model: nn.Module, params: dict, buffers: dict, x: torch.Te
                             EvalMember(params, buffers, x[:3], y[:3], x, layers)])
 
 
-def check_vectorize(run: RunContext, model: nn.Module) -> None:
+def trace_key(run: RunContext) -> tuple:
+    """What the dry cohort step of :func:`trace_problem` depends on: the model settings, the
+    dataset and its input shape and classes (the model is built from exactly these; its
+    weights, the partition, the learning rate and the seed do not change whether it
+    traces; under ``[client.dp]`` a DP-SGD step is traced too)."""
+    return (run.scenario.model, run.scenario.data.name, tuple(run.data.input_shape),
+            run.data.num_classes, run.scenario.client.dp.enabled)
+
+
+def check_vectorize(run: RunContext, model: nn.Module,
+                    traced: dict[tuple, str | None] | None = None) -> None:
     """Refuse ``engine.vectorize = true`` where a cohort cannot run, before training.
 
     Checks the engine and the model: one dry cohort step must trace under ``vmap`` (a model
     that calls ``.item()`` or branches on data cannot), and under ``[client.dp]`` one
     DP-SGD step with per-sample gradients nested in the cohort. Every client hook runs in a
     cohort (its terms are part of the step), so hooks are not checked. ``model`` is one of
-    ``run``'s, whose data gives the input shape.
+    ``run``'s, whose data gives the input shape. ``traced`` (a sweep's preflight of many
+    cells) keeps each outcome by :func:`trace_key`, so cells that differ only in seed,
+    partition or learning rate trace once.
     """
     scenario = run.scenario
     if not scenario.engine.vectorize:
@@ -144,8 +157,14 @@ def check_vectorize(run: RunContext, model: nn.Module) -> None:
             f"engine.kind = {scenario.engine.kind!r}; set engine.vectorize = false or "
             "engine.kind = 'inprocess'"
         )
-    problem = trace_problem(model, run.data.input_shape, run.data.num_classes,
-                            dp=scenario.client.dp.enabled)
+    key = trace_key(run)
+    if traced is not None and key in traced:
+        problem = traced[key]
+    else:
+        problem = (trace_problem(model, run.data, dp=True) if scenario.client.dp.enabled
+                   else trace_problem(model, run.data))
+        if traced is not None:
+            traced[key] = problem
     if problem:
         what = " with [client.dp] (DP-SGD)" if scenario.client.dp.enabled else ""
         raise ScenarioError(
@@ -234,11 +253,19 @@ def _padded_data(mem: Sequence[CohortMember], device: torch.device
     """The members' data as zero-padded stacks ``(k, n_max, ...)`` and ``(k, n_max)``, built
     on the device from the members' (device) tensors in a few calls, however many members:
     one concatenation per stack and one scatter through a row index made with numpy and
-    copied once (a copy per member costs a kernel launch each on an accelerator)."""
+    copied once (a copy per member costs a kernel launch each on an accelerator). Token
+    windows stay views (:func:`fedsim.data.windows.stack_padded`): a cohort of text
+    clients holds their texts once, not ``seq_len`` copies of them."""
     lengths = np.array([len(m.x) for m in mem], dtype=np.int64)
     k, n_max = len(mem), max(1, int(lengths.max()))
-    xs = torch.zeros((k, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
     ys = torch.zeros((k, n_max), dtype=torch.long, device=device)
+    # token windows (views of each client's text): stacked as texts, still one view
+    xs = stack_padded([m.x for m in mem], n_max, device) if lengths.all() else None
+    if xs is not None:
+        for i, m in enumerate(mem):
+            ys[i, : len(m.y)] = m.y
+        return xs, ys
+    xs = torch.zeros((k, n_max, *mem[0].x.shape[1:]), dtype=mem[0].x.dtype, device=device)
     if not lengths.any():
         return xs, ys
     # row i * n_max + j of the flattened stacks takes member i's sample j
@@ -296,6 +323,9 @@ class CohortBackend:
         self.sgd = SGD.of(cfg)
         self.mom: dict[str, torch.Tensor] = {}
         self.steps_of = [p.steps for p in self.plans]
+        # the padding mask's dtype: the parameters' (inputs may be integer token ids)
+        self.loss_dtype = next((p.dtype for p in self.params.values()
+                                if p.is_floating_point()), torch.get_default_dtype())
         self.loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
         self.correct = torch.zeros(len(members), dtype=torch.int64, device=device)
         self.seen = [0] * len(members)
@@ -384,7 +414,7 @@ class CohortBackend:
                 active, width_t = len(sz), max(sz)
                 sel = slice(0, active)
                 weight = (torch.arange(width_t, device=self.device)
-                          < sizes_t[t, sel][:, None]).to(self.xs.dtype)
+                          < sizes_t[t, sel][:, None]).to(self.loss_dtype)
                 yield Step(t, range(active), plan_t[t, sel, :width_t], sz, weight, sel,
                            {"size": sizes_t[t, sel]})
                 continue
@@ -404,7 +434,7 @@ class CohortBackend:
             idx = torch.zeros((active, width), dtype=torch.long)
             for i, b in enumerate(drawn):
                 idx[i, : len(b)] = b
-            weight = (torch.arange(width) < torch.tensor(sizes)[:, None]).to(self.xs.dtype)
+            weight = (torch.arange(width) < torch.tensor(sizes)[:, None]).to(self.loss_dtype)
             yield Step(t, range(active), idx.to(self.device), sizes,
                        weight.to(self.device), slice(0, active))
 
@@ -652,8 +682,7 @@ class CohortTrainer:
         client at a time does; returns the counts by upload index."""
         if not uploads:
             return {}
-        x0 = prepared[uploads[0][0]][1].x
-        layers = bn_layers(model, tuple(x0.shape[1:]))
+        layers = bn_layers(model, prepared[uploads[0][0]][1].x)
         by_layers: dict[tuple[str, ...], list] = {}
         for upload_ in uploads:
             names = tuple(n for n, _ in layers

@@ -1,6 +1,8 @@
-"""Models: small image classifiers (``nets``) and the norm-layer factory they share (``norm``)."""
+"""Models: small image classifiers (``nets``), next-character models (``sequence``) and the
+norm-layer factory they share (``norm``)."""
 
-from fedsim.models.nets import ARCHS, build_model
+import fedsim.models.sequence  # noqa: F401  (registers "lstm" and "transformer" in ARCHS)
+from fedsim.models.nets import ARCHS, build_model, input_kind
 from fedsim.models.norm import (
     NORM_LAYER_TYPES,
     NORMS,
@@ -18,6 +20,7 @@ __all__ = [
     "HybridNorm",
     "build_model",
     "hybrid_alphas",
+    "input_kind",
     "make_norm",
     "norm_modules",
     "uses_batch_statistics",

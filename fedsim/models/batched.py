@@ -14,6 +14,11 @@ is their native backward on the stacked tensors too.
   G = 1, instance norm: G = C).
 - Non-overlapping max pooling of K clients is pooling of one ``(K·N, ...)`` batch
   (``fedsim.models.pool``).
+- Causal attention of K clients is attention of one ``(K·B, H, T, D)`` batch (it has no
+  parameters; ``vmap`` has no batching rule for the CPU kernel and would loop).
+- An LSTM layer (``aten::lstm`` has no batching rule: a plain ``vmap`` of it fails) runs
+  each client's weights through the fused kernel in turn (the sequential computation, K
+  times; under other transforms, its recurrence step by step in ordinary ops).
 
 ``vmap``'s own rules compute the same values; the folds make a small CNN's cohort faster
 (benchmarks/RESULTS.md, "Norm layers folded
@@ -29,12 +34,21 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedsim.compat import add_batch_dim, folding_vmap, is_batched, unwrap_batched
+from fedsim.compat import (
+    add_batch_dim,
+    folding_vmap,
+    is_batched,
+    lstm_layer,
+    under_vmap,
+    unwrap_batched,
+)
 from fedsim.models.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, check_features
 from fedsim.models.pool import FastMaxPool2d, pool_indices, pools_fast
+from fedsim.models.sequence import CausalAttention, LSTMLayer
 
 
 def physical(t: Tensor, level: int, k: int, dim: int) -> Tensor:
@@ -177,6 +191,64 @@ class FoldedMaxPool2d(FastMaxPool2d):
         return super().forward(x)
 
 
+class FoldedCausalAttention(CausalAttention):
+    """:class:`~fedsim.models.sequence.CausalAttention` that attends a folding ``vmap``
+    cohort's clients as one batch of ``K·B`` sequences."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        vm = folding_vmap()
+        n = None if vm is None else cohort(vm.level(), q, k, v)
+        if n is None:
+            return super().forward(q, k, v)
+        level = vm.level()
+        with vm.lower():
+            q, k, v = (physical(t, level, n, 0).flatten(0, 1) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).unflatten(0, (n, -1))
+        return add_batch_dim(y, 0, level)
+
+
+class FoldedLSTMLayer(LSTMLayer):
+    """:class:`~fedsim.models.sequence.LSTMLayer` that runs under ``vmap``, where
+    ``aten::lstm`` has no batching rule (a plain ``vmap`` of it fails).
+
+    Under a folding ``vmap`` (a cohort) each client's weights go through the fused kernel
+    ``nn.LSTM`` runs (:func:`fedsim.compat.lstm_layer`), one client after the other on the
+    stacked tensors: the sequential backend's computation, K times. Under any other ``vmap``
+    the recurrence runs step by step in ordinary ops, which ``vmap`` batches: ``nn.LSTM``'s
+    equations, gates in its order i, f, g, o: ``i, f, o = σ(·)``, ``g = tanh(·)``,
+    ``c' = f·c + i·g``, ``h' = o·tanh(c')`` (about 3x slower on a CPU than the fused kernel).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        if not under_vmap():
+            return super().forward(x)
+        weights = (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
+        vm = folding_vmap()
+        k = None if vm is None else cohort(vm.level(), x, *weights)
+        if k is not None:
+            level = vm.level()
+            with vm.lower():
+                xs, *ws = (physical(t, level, k, 0) for t in (x, *weights))
+                y = torch.stack([lstm_layer(xs[i], *(w[i] for w in ws), train=self.training)
+                                 for i in range(k)])
+            return add_batch_dim(y, 0, level)
+        return self._unrolled(x, *weights)
+
+    def _unrolled(self, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+                  b_hh: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        gates_x = F.linear(x, w_ih, b_ih)  # every step's input part at once
+        h = c = x.new_zeros((b, self.hidden_size), dtype=gates_x.dtype)
+        out = []
+        for step in range(t):
+            gates = gates_x[:, step] + F.linear(h, w_hh, b_hh)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out.append(h)
+        return torch.stack(out, dim=1)
+
+
 #: layer type → its folding variant: a subclass that changes ``forward`` only (same
 #: constructor, parameters, buffers and settings), so a layer is folded by changing its class
 FOLDED: dict[type[nn.Module], type[nn.Module]] = {}
@@ -195,7 +267,8 @@ def register_fold(plain: type[nn.Module], folded: type[nn.Module]) -> None:
 
 for _plain, _folded in ((BatchNorm, FoldedBatchNorm), (GroupNorm, FoldedGroupNorm),
                         (LayerNorm, FoldedLayerNorm), (InstanceNorm, FoldedInstanceNorm),
-                        (FastMaxPool2d, FoldedMaxPool2d)):
+                        (FastMaxPool2d, FoldedMaxPool2d), (CausalAttention, FoldedCausalAttention),
+                        (LSTMLayer, FoldedLSTMLayer)):
     register_fold(_plain, _folded)
 del _plain, _folded
 
@@ -221,8 +294,10 @@ def fold_for_cohort(model: nn.Module) -> nn.Module:
 __all__ = [
     "FOLDED",
     "FoldedBatchNorm",
+    "FoldedCausalAttention",
     "FoldedGroupNorm",
     "FoldedInstanceNorm",
+    "FoldedLSTMLayer",
     "FoldedLayerNorm",
     "FoldedMaxPool2d",
     "fold_for_cohort",

@@ -77,11 +77,13 @@ def layer_input(layer: nn.Module, forward: Callable[[], object]) -> Tensor:
     raise RuntimeError(f"the forward pass never reached {type(layer).__name__} layer")
 
 
-def bn_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, nn.Module]]:
+def bn_layers(model: nn.Module, inputs: Tensor | Sequence[int]) -> list[tuple[str, nn.Module]]:
     """``model``'s BN layers (:func:`is_bn_layer`) in the order its forward pass calls them,
-    found with one eval-mode pass on a zero input of ``input_shape`` (without the batch
-    dimension). A layer the pass never reaches is left out (nothing could estimate its
-    statistics); a layer called twice is an error (its statistics would mix two inputs)."""
+    found with one eval-mode pass on a batch of two zero inputs shaped and typed like
+    ``inputs``: a batch of the model's inputs (integer token ids stay integers; floating
+    inputs take the parameters' dtype), or one image's shape without the batch dimension.
+    A layer the pass never reaches is left out (nothing could estimate its statistics); a
+    layer called twice is an error (its statistics would mix two inputs)."""
     named = {id(m): n for n, m in model.named_modules() if is_bn_layer(m)}
     if not named:
         return []
@@ -92,8 +94,10 @@ def bn_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, n
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if id(m) in named]
     ref = next(iter(model.parameters()), None)
-    x = torch.zeros((2, *input_shape), dtype=ref.dtype if ref is not None else None,
-                    device=ref.device if ref is not None else None)
+    x = (inputs.new_zeros((2, *inputs.shape[1:])) if isinstance(inputs, Tensor)
+         else torch.zeros((2, *inputs)))
+    if ref is not None:
+        x = x.to(device=ref.device, dtype=ref.dtype if x.is_floating_point() else None)
     try:
         with kept_modes(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
             model.eval()

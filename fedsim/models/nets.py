@@ -1,4 +1,5 @@
-"""Small image classifiers whose every norm layer comes from ``make_norm``.
+"""Small image classifiers whose every norm layer comes from ``make_norm``, and the model
+factory of every arch (the sequence models live in :mod:`fedsim.models.sequence`).
 
 Sized for 8×8 digits, 28×28 (Fashion-)MNIST and 32×32 CIFAR-10 on a CPU. Each arch takes a
 ``norm_layer`` (channels → module) and never looks at which norm it is; the final
@@ -25,22 +26,34 @@ def build_model(
     arch: str,
     norm: str,
     *,
-    in_channels: int,
-    image_size: int,
     num_classes: int,
+    in_channels: int = 1,
+    image_size: int = 8,
+    vocab_size: int = 0,
+    seq_len: int = 0,
     width: int = 32,
     groups: int = 8,
     hybrid_init: float = 0.0,
+    layers: int = 2,
 ) -> nn.Module:
-    """Build ``arch`` with ``norm`` layers for ``in_channels``×``image_size``² inputs.
+    """Build ``arch`` with ``norm`` layers.
 
-    ``groups`` goes to GroupNorm, ``hybrid_init`` is HybridNorm's initial ``theta``; each norm
-    kind ignores the settings it does not use. Weights use PyTorch's default initialization,
-    so ``torch.manual_seed`` before the call fixes them.
+    Image archs (:func:`input_kind` ``"image"``) take ``in_channels``×``image_size``²
+    inputs; token archs (``"tokens"``, :mod:`fedsim.models.sequence`) take windows of
+    ``seq_len`` ids below ``vocab_size`` and have ``layers`` layers. ``groups`` goes to
+    GroupNorm, ``hybrid_init`` is HybridNorm's initial ``theta``; each norm kind ignores the
+    settings it does not use. Weights use PyTorch's default initialization (the sequence
+    models' embeddings their own), so ``torch.manual_seed`` before the call fixes them.
     """
     ctor = ARCHS.get(arch, key="model.arch")
     NORMS.get(norm, key="model.norm")  # fail on a bad name even before any layer is built
     norm_layer = functools.partial(make_norm, norm, groups=groups, theta_init=hybrid_init)
+    if input_kind(arch) == "tokens":
+        if vocab_size < 1 or seq_len < 1:
+            raise ValueError(f"model.arch = {arch!r} reads token windows: build_model needs "
+                             f"vocab_size >= 1 and seq_len >= 1, got {vocab_size}, {seq_len}")
+        return ctor(vocab_size=vocab_size, seq_len=seq_len, num_classes=num_classes,
+                    width=width, layers=layers, norm_layer=norm_layer)
     return ctor(
         in_channels=in_channels,
         image_size=image_size,
@@ -48,6 +61,12 @@ def build_model(
         width=width,
         norm_layer=norm_layer,
     )
+
+
+def input_kind(arch: str) -> str:
+    """What ``arch`` reads: ``"image"`` (float ``(N, C, H, W)``; a user's arch without an
+    ``input_kind`` attribute too) or ``"tokens"`` (int64 ``(N, T)`` ids)."""
+    return getattr(ARCHS.get(arch, key="model.arch"), "input_kind", "image")
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -180,4 +199,4 @@ class MLP(nn.Module):
         return self.head(self.features(x))
 
 
-__all__ = ["ARCHS", "MLP", "BasicBlock", "ConvNet", "ResNet", "build_model"]
+__all__ = ["ARCHS", "MLP", "BasicBlock", "ConvNet", "ResNet", "build_model", "input_kind"]

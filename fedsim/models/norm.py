@@ -308,6 +308,36 @@ class LayerNorm(nn.GroupNorm):
         return f"{self.num_channels}, eps={self.eps}"
 
 
+@NORMS.register("rms")
+@norm_layer(batch_statistics=False)
+class RMSNorm(nn.RMSNorm):
+    """Root-mean-square normalization (Zhang & Sennrich, NeurIPS 2019): LayerNorm without
+    the mean, ``y = x / sqrt(mean(x²) + eps) · weight``, per-channel weight, no bias.
+
+    On vector features ``(N, C)`` it is ``nn.RMSNorm(C)`` (each sample over its C features:
+    a transformer's per-token RMSNorm); on conv features ``(N, C, H, W)`` each sample is
+    normalised over (C, H, W), as fedsim's :class:`LayerNorm`, with a weight of shape (C,).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__(num_channels, eps=eps)
+        self.num_channels = num_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_features(x, type(self).__name__)
+        if x.dim() == 2:
+            return F.rms_norm(x, (self.num_channels,), self.weight, self.eps)
+        if x.shape[1] != self.num_channels:
+            raise ValueError(f"{type(self).__name__}({self.num_channels}) got input with "
+                             f"{x.shape[1]} channels, shape {tuple(x.shape)}")
+        scale = x.square().mean(dim=tuple(range(1, x.dim())), keepdim=True).add(self.eps)
+        shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
+        return x * scale.rsqrt() * self.weight.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
+
+
 @NORMS.register("none")
 def no_norm(num_channels: int) -> nn.Module:
     """No normalization: ``nn.Identity`` (the channel count is ignored)."""
@@ -393,6 +423,7 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     InstanceNorm,
     GroupNorm,
     LayerNorm,
+    RMSNorm,
     HybridNorm,
 )
 """Classes ``make_norm`` returns (``none`` aside); :data:`NORM_LAYERS` lists them and torch's."""
@@ -405,7 +436,7 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
              nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d):
     register_norm_layer(_cls, batch_statistics=False, statistics=RUNNING_STATISTICS)
-for _cls in (nn.GroupNorm, nn.LayerNorm):
+for _cls in (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm):
     register_norm_layer(_cls, batch_statistics=False)
 del _cls
 
@@ -478,6 +509,7 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "NormIndex",
+    "RMSNorm",
     "NormSpec",
     "group_count",
     "has_running_statistics",

@@ -1,7 +1,10 @@
 """Privacy attacks and leakage measures, as pure functions on torch models and numpy arrays.
 
 - :mod:`~fedsim.privacy.metrics`: AUC, balanced accuracy, TPR at low FPR, log-log ROC plots.
-- :mod:`~fedsim.privacy.mia`: membership inference (loss threshold, LiRA, RMIA).
+- :mod:`~fedsim.privacy.mia`: what membership attacks read (per-example outputs, shadow
+  splits); :mod:`~fedsim.privacy.attacks`: the attacks (loss threshold, LiRA, RMIA), one
+  module each, registered.
+- :mod:`~fedsim.privacy.audits`: the audits of a run, one module each, registered.
 - :mod:`~fedsim.privacy.audit_epsilon`: the ε an attack's ROC would certify on independent
   trials (Clopper–Pearson, Bonferroni).
 - :mod:`~fedsim.privacy.one_run`: an ε lower bound from canaries in one run (Steinke et al.).
@@ -10,8 +13,13 @@
   Inverting Gradients), PSNR / SSIM.
 - :mod:`~fedsim.privacy.leakage`: which uploaded arrays carry data statistics (BN buffers),
   and recovering those statistics.
+- :mod:`~fedsim.privacy.exposure`: canary exposure of planted secrets in text (The Secret
+  Sharer), exact over every candidate or estimated from a sample.
 """
 
+from fedsim.privacy.attacks.lira import lira_scores
+from fedsim.privacy.attacks.loss import loss_attack
+from fedsim.privacy.attacks.rmia import rmia_scores
 from fedsim.privacy.audit_epsilon import empirical_epsilon
 from fedsim.privacy.canary import epsilon_of_gaussians, gaussian_estimate
 from fedsim.privacy.inversion import (
@@ -36,13 +44,7 @@ from fedsim.privacy.leakage import (
     uploaded_arrays,
 )
 from fedsim.privacy.metrics import attack_metrics, plot_roc, roc_points, tpr_at_fpr
-from fedsim.privacy.mia import (
-    lira_scores,
-    loss_attack,
-    per_example_outputs,
-    rmia_scores,
-    shadow_split,
-)
+from fedsim.privacy.mia import per_example_outputs, shadow_split
 from fedsim.privacy.one_run import one_run_audit
 
 __all__ = [

@@ -19,7 +19,7 @@ still holds at the stated confidence. Ties in the scores are broken by canary in
 fixed before the run and independent of the bits.
 
 Pure functions: the canaries' scores come from :mod:`fedsim.privacy.canary`, the bits from
-:mod:`fedsim.client.canaries`.
+:mod:`fedsim.canaries`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedsim.files import save_figure
 from fedsim.report.stats import t_interval
+from fedsim.text import markdown, mathtext
 
 #: the plateau check's threshold: change of the best arm's accuracy over the last quarter
 PLATEAU_POINTS = 0.005
@@ -101,7 +102,8 @@ def _pts(x: float | None) -> str:
 
 
 def plateau_lines(result: dict) -> list[str]:
-    """The plateau section of report.md: the verdict on the best arm, then every arm."""
+    """The plateau section of report.md: the verdict on the best arm, then every arm (arm
+    labels, built from axis values, escaped for Markdown: :mod:`fedsim.text`)."""
     if not result["arms"]:
         return []
     best = next((r for r in result["arms"] if r["arm"] == result["best_arm"]), None)
@@ -110,20 +112,21 @@ def plateau_lines(result: dict) -> list[str]:
              f"must change by less than {100 * PLATEAU_POINTS:g} points — max − min of its "
              "mean-over-seeds accuracy — over the last quarter of its rounds (evaluated "
              f"rounds ≥ {LAST_QUARTER:g} × server.rounds).", ""]
+    arm = markdown(best["arm"]) if best is not None else ""
     if best is None:
         lines.append("No finished cell records a final global test accuracy: nothing to check.")
     elif best["change"] is None:
-        lines.append(f"**Not checked**: the best arm ({best['arm']}) has fewer than two "
+        lines.append(f"**Not checked**: the best arm ({arm}) has fewer than two "
                      f"evaluated rounds in its last quarter (rounds ≥ "
                      f"{LAST_QUARTER * best['rounds']:g}); evaluate more often "
                      "(output.eval_every) to check it. Treat the verdicts as comparisons at "
                      "this budget.")
     elif best["plateaued"]:
-        lines.append(f"**Converged** by this check: the best arm ({best['arm']}) changed by "
+        lines.append(f"**Converged** by this check: the best arm ({arm}) changed by "
                      f"{_pts(best['change'])} over rounds {best['window'][0]}–"
                      f"{best['window'][-1]}.")
     else:
-        lines.append(f"**The study did not converge**: the best arm ({best['arm']}) still "
+        lines.append(f"**The study did not converge**: the best arm ({arm}) still "
                      f"changed by {_pts(best['change'])} over rounds {best['window'][0]}–"
                      f"{best['window'][-1]}. Its verdicts compare arms at this budget, not at "
                      "their end points: raise server.rounds, or claim what is learned faster "
@@ -133,7 +136,8 @@ def plateau_lines(result: dict) -> list[str]:
     for r in result["arms"]:
         flag = "–" if r["plateaued"] is None else ("yes" if r["plateaued"] else "no")
         acc = "–" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}"
-        lines.append(f"| {r['arm']} | {r['rounds']} | {acc} | {_pts(r['change'])} | {flag} |")
+        lines.append(f"| {markdown(r['arm'])} | {r['rounds']} | {acc} | {_pts(r['change'])} "
+                     f"| {flag} |")
     return lines
 
 
@@ -174,12 +178,12 @@ def curve_band_plot(rows: Sequence[dict], path: Path, panel_of: Callable[[dict],
         for name in [n for n in order if n in lines] + sorted(set(lines) - set(order)):
             pts = mean_curve(lines[name])
             xs = [p[0] for p in pts]
-            line, = ax.plot(xs, [p[1] for p in pts], marker=".", label=name)
+            line, = ax.plot(xs, [p[1] for p in pts], marker=".", label=mathtext(name))
             band = [(x, lo, hi) for x, _, lo, hi, _ in pts if lo is not None]
             if band:
                 ax.fill_between([b[0] for b in band], [b[1] for b in band],
                                 [b[2] for b in band], color=line.get_color(), alpha=0.2)
-        ax.set_title(panel, fontsize=8)
+        ax.set_title(mathtext(panel), fontsize=8)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

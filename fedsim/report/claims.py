@@ -39,11 +39,14 @@ from typing import Any
 
 import numpy as np
 
+import fedsim.plugins  # noqa: F401  the audits register: which one writes a privacy metric
 from fedsim.config import ROUNDS_TO_ACCURACY, ClaimConfig, Scenario
 from fedsim.errors import ScenarioError
 from fedsim.files import save_figure
+from fedsim.privacy.audits.base import summary_owner
 from fedsim.report.budget import rounds_to_target
 from fedsim.report.stats import holm, paired_t, seed_means, seeds_needed, t_tests
+from fedsim.text import code, markdown, mathtext
 
 ALPHA = 0.05
 SEED = "seed"
@@ -63,6 +66,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
                                  "own_model_accuracy")
       for d in _DIST),
     "final.hybrid_alpha_mean", "final.hessian_max_eig", "final.sharpness",
+    "final.global_test_perplexity", *(f"final.client_perplexity.{d}" for d in _DIST),
     "final.personalized_participation_gap",
     "generalization.out_of_sample_gap", "generalization.participation_gap",
     *(f"generalization.holdout_accuracy.{d}" for d in _DIST),
@@ -80,33 +84,35 @@ SUMMARY_METRICS: tuple[str, ...] = (
       for k in ("abs_error", "relative_error", "baseline_abs_error")),
     *(f"privacy.inversion.{k}" for k in ("psnr_db", "ssim", "mse", "label_accuracy",
                                          "objective")),
+    *(f"privacy.exposure.{where}.{k}" for where in ("global", "upload") for k in ("mean", "max")),
     "dp.privacy_spent.epsilon", "dp.privacy_spent.rdp", "dp.privacy_spent.pld",
     "dp.noise_multiplier", "dp.effective_noise_multiplier", "dp.clipping_norm",
     "dp.noise_stddev", "dp.fewer_replies.rounds",
 )
 
-#: metric prefix -> (does this cell measure it?, how to turn it on)
+#: metric prefix -> (does this cell measure it?, how to turn it on); ``privacy.<key>``: the
+#: audit that writes ``<key>`` says (:func:`_need`)
 _NEEDS: dict[str, tuple[Callable[[Scenario], bool], str]] = {
     "final.validation_": (lambda s: s.data.validation_fraction > 0,
                           "data.validation_fraction = 0.1"),
-    "privacy.mia.": (lambda s: bool(s.privacy.mia), 'privacy.mia = ["loss"]'),
-    "privacy.client_mia.": (lambda s: s.privacy.client_mia, "privacy.client_mia = true"),
-    "privacy.client_membership.": (lambda s: s.privacy.client_membership,
-                                   "privacy.client_membership = true"),
-    "privacy.membership_epsilon.": (lambda s: bool(s.privacy.mia),
-                                    'privacy.mia = ["loss"] and a DP accountant'),
-    "privacy.canary_audit.": (lambda s: s.privacy.canary_clients > 0,
-                              "privacy.canary_clients = 1000"),
-    "privacy.sample_canary_audit.": (lambda s: s.privacy.canary_samples > 0,
-                                     "privacy.canary_samples = 1000 (with [client.dp])"),
-    "privacy.leakage.": (lambda s: s.privacy.leakage, "privacy.leakage = true"),
-    "privacy.inversion.": (lambda s: s.privacy.inversion, "privacy.inversion = true"),
     "dp.": (lambda s: s.server.dp.kind != "none", 'server.dp.kind = "fixed"'),
     "hybrid_alpha.": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
     "final.hybrid_alpha_mean": (lambda s: s.model.norm == "hybrid", 'model.norm = "hybrid"'),
     "final.hessian_max_eig": (lambda s: s.output.sharpness, "output.sharpness = true"),
     "final.sharpness": (lambda s: s.output.sharpness, "output.sharpness = true"),
 }
+
+
+def _need(metric: str) -> tuple[Callable[[Scenario], bool], str] | None:
+    """(does a cell measure ``metric``?, how to turn it on), or None when every run does. A
+    ``privacy.<key>`` metric is measured where the registered audit writing ``<key>`` runs."""
+    parts = metric.split(".")
+    owner = summary_owner(parts[1]) if parts[0] == "privacy" and len(parts) > 1 else None
+    if owner is not None:
+        extra = owner.summary[parts[1]]
+        return ((lambda s: owner.name in s.privacy.audits),
+                f'privacy.audits = ["{owner.name}"]' + (f" {extra}" if extra else ""))
+    return next((need for prefix, need in _NEEDS.items() if metric.startswith(prefix)), None)
 
 
 def known_metric(metric: str) -> bool:
@@ -140,18 +146,48 @@ def check_claims(base: Scenario, cells: Sequence[Any]) -> None:
                     raise ScenarioError(
                         f"{k}.{arm}: {key!r} is not a sweep axis (axes: {', '.join(grid)}); "
                         f"add it to [sweep] or fix the claim")
-                if value not in grid[key]:
+                if not any(same_value(value, v) for v in grid[key]):
+                    alike = [v for v in grid[key] if v == value]
+                    why = (f" (the axis holds {alike[0]!r}, {_kind(alike[0])}; {value!r} is "
+                           f"{_kind(value)}: write {key} = {_toml(alike[0])})" if alike else "")
                     raise ScenarioError(
                         f"{k}.{arm}: {key} = {value!r} is not among the axis values "
-                        f"{grid[key]}; add it to sweep.{key} or fix the claim")
+                        f"{grid[key]}{why}; add it to sweep.{key} or fix the claim")
         for field, metric, arm in (("metric", claim.metric, claim.a),
                                    ("metric_b", metric_of_b(claim), claim.b)):
             _check_metric(f"{k}.{field}", metric, claim.at, arm, cells, claim.target_metric)
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same type, lists element by element: a claim's ``seed = true`` is not
+    the axis value ``1`` (though ``True == 1`` in Python), nor is ``1`` the value ``1.0``."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else json.dumps(value)
+
+
 def metric_of_b(claim: ClaimConfig) -> str:
     """The metric read from arm b: ``metric_b`` when set, else ``metric``."""
     return claim.metric_b or claim.metric
+
+
+def check_claim_metrics(scenario: Scenario) -> None:
+    """The part of :func:`check_claims` that needs no sweep: every claim's metrics are numbers
+    a run writes (and, read at matched accuracy, have a per-round record). ``fedsim run``
+    checks this on a file with claims, though only ``fedsim sweep`` tests them."""
+    for i, claim in enumerate(scenario.claims):
+        for field, metric in (("metric", claim.metric), ("metric_b", metric_of_b(claim))):
+            _check_metric(f"claims[{i}].{field}", metric, claim.at, {}, (),
+                          claim.target_metric)
 
 
 def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[Any],
@@ -175,21 +211,21 @@ def _check_metric(where: str, metric: str, at: str, arm: dict, cells: Sequence[A
             f"{where} {metric!r} has no per-round record, so it cannot be read "
             "at matched accuracy; use at = \"final\", or a final.*, generalization.* or "
             "privacy.mia.<attack>.* metric")
-    for prefix, (measured, fix) in _NEEDS.items():
-        if not metric.startswith(prefix):
-            continue
-        for cell in cells:
-            if _in_arm(cell.params, arm) and not measured(cell.scenario):
-                raise ScenarioError(
-                    f"{where} {metric!r}: sweep cell {cell.name} does not measure it; "
-                    f"set {fix}")
+    need = _need(metric)
+    if need is None:
+        return
+    measured, fix = need
+    for cell in cells:
+        if _in_arm(cell.params, arm) and not measured(cell.scenario):
+            raise ScenarioError(f"{where} {metric!r}: sweep cell {cell.name} does not measure "
+                                f"it; set {fix}")
 
 
 # --------------------------------------------------------------------------- pairing
 
 
 def _in_arm(params: dict, arm: dict) -> bool:
-    return all(k in params and params[k] == v for k, v in arm.items())
+    return all(k in params and same_value(params[k], v) for k, v in arm.items())
 
 
 def _label(params: dict, drop: set[str]) -> str:
@@ -443,17 +479,19 @@ def _n(r: dict) -> str:
 
 def claim_line(r: dict) -> str:
     """One claim as one line of report.md: the verdict beside the interval that decided it
-    (at the Holm-adjusted level), then the 95% one for reference."""
-    head = f"**{r['name']}** — {r['verdict']}"
+    (at the Holm-adjusted level), then the 95% one for reference. Its name and any user text
+    are escaped: a name can add no heading, table, tag or line (:mod:`fedsim.text`)."""
+    head = f"**{markdown(r['name'])}** — {r['verdict']}"
     if r["error"]:
-        return f"{head}: not evaluated: {r['error']}"
+        return f"{head}: not evaluated: {markdown(r['error'])}"
     if r["n_pairs"] == 0:
-        return f"{head}: no pair of finished cells records {r['metric']}"
+        return f"{head}: no pair of finished cells records {code(r['metric'])}"
     text = f"{head}: a−b = {_num(r['diff_mean'])}"
     if r.get("reason"):
         shown = [f"a−b = {_num(r['diff_mean'])}"] if r["diff_mean"] is not None else []
         shown += [_n(r)] if r["n_seeds"] else []
-        text = f"{head}: {', '.join(shown)}{'; ' if shown else ''}not tested: {r['reason']}"
+        text = (f"{head}: {', '.join(shown)}{'; ' if shown else ''}not tested: "
+                f"{markdown(r['reason'])}")
     else:
         level = f"{100 * r['ci_level']:.1f}".removesuffix(".0")
         text += (f", {level}% CI [{_num(r['ci_low'])}, {_num(r['ci_high'])}] (the "
@@ -471,31 +509,32 @@ def claim_line(r: dict) -> str:
 
 
 def claim_details(r: dict) -> list[str]:
-    """Sub-bullets: what is compared, per-setting intervals, cells missing the metric."""
-    arm = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+    """Sub-bullets (Markdown, user text escaped): what is compared, per-setting intervals,
+    cells missing the metric."""
+    arm = lambda d: markdown(", ".join(f"{k}={v}" for k, v in d.items()))  # noqa: E731
     where = "at the final round" if r["at"] == "final" else "at matched test accuracy"
     if r["metric"] == ROUNDS_TO_ACCURACY:
-        where = (f"(the first evaluated round with {r['target_metric']} ≥ {r['target']:g}: "
-                 "fewer rounds = faster)")
+        where = (f"(the first evaluated round with {code(r['target_metric'])} ≥ "
+                 f"{r['target']:g}: fewer rounds = faster)")
     if r.get("metric_b", r["metric"]) != r["metric"]:  # two metrics of the same cells
-        what = f"a = `{r['metric']}`, b = `{r['metric_b']}` {where}"
+        what = f"a = {code(r['metric'])}, b = {code(r['metric_b'])} {where}"
         if r["a"] or r["b"]:
             what += f"; a on {arm(r['a']) or 'all cells'}, b on {arm(r['b']) or 'all cells'}"
         lines = [f"{what}; expected {r['expect']}"]
     else:
-        lines = [f"`{r['metric']}` {where}; a = {arm(r['a'])}, b = {arm(r['b'])}; expected "
-                 f"{r['expect']}"]
+        lines = [f"{code(r['metric'])} {where}; a = {arm(r['a'])}, b = {arm(r['b'])}; "
+                 f"expected {r['expect']}"]
     for s in r["settings"]:
         ci = ("no interval" if s["ci_low"] is None
               else f"95% CI [{_num(s['ci_low'])}, {_num(s['ci_high'])}]")
-        lines.append(f"{s['setting']}: a−b = {_num(s['diff_mean'])} {ci}, "
+        lines.append(f"{markdown(s['setting'])}: a−b = {_num(s['diff_mean'])} {ci}, "
                      f"{_p(s['p_value'])}, n = {s['n_pairs']} seeds (for information; the "
                      "verdict tests each seed's mean over the settings)")
     if r["missing"]:
-        lines.append(f"no {r['metric']} in: {', '.join(r['missing'])} (their pairs are left "
-                     "out)")
+        lines.append(f"no {code(r['metric'])} in: {markdown(', '.join(r['missing']))} (their "
+                     "pairs are left out)")
     if r.get("incomplete_seeds"):
-        seeds = ", ".join(str(s) for s in r["incomplete_seeds"])
+        seeds = markdown(", ".join(str(s) for s in r["incomplete_seeds"]))
         lines.append(f"seeds {seeds} lack a setting's pair and are left out of the test (each "
                      "seed must average the same settings)")
     return lines
@@ -509,11 +548,11 @@ def forest_plot(results: Sequence[dict], path, pyplot) -> Any:
     against the zero line. Returns ``path``, or None without any interval to draw."""
     items = []
     for r in results:
-        items.append((f"{r['name']}\n({r['verdict']})", r["diff_mean"], r["ci_low"],
-                      r["ci_high"], "black"))
+        items.append((f"{mathtext(r['name'])}\n({r['verdict']})", r["diff_mean"],
+                      r["ci_low"], r["ci_high"], "black"))
         for s in r["settings"]:
-            items.append((f"  {s['setting']}", s["diff_mean"], s["ci_low"], s["ci_high"],
-                          "gray"))
+            items.append((f"  {mathtext(s['setting'])}", s["diff_mean"], s["ci_low"],
+                          s["ci_high"], "gray"))
     if not any(m is not None for _, m, _, _, _ in items):
         return None
     plt = pyplot()

@@ -9,16 +9,20 @@ come out (claims are declared by a sweep, so a comparison of runs has none).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.cells import followers
 from fedsim.config import load_scenario
 from fedsim.errors import ScenarioError
 from fedsim.files import write_json
 from fedsim.lock import clear, hold, is_empty
 from fedsim.report.report import write_report
+from fedsim.report.tables import run_table, sweep_tables
 from fedsim.report.tuning import tuning_result
 from fedsim.sweep import SWEEP_JSON, flat_keys
 
@@ -39,14 +43,15 @@ def is_sweep(folder: Path) -> bool:
     return (folder / SWEEP_JSON).is_file()
 
 
-def report_sweep(root: Path) -> Path:
+def report_sweep(root: Path, warn: Callable[[str], None] | None = None) -> Path:
     """Rebuild ``report.md``/``report.json``/plots of the sweep in ``root`` from its cells
-    (holding the sweep folder's lock: a sweep still running there is not raced)."""
+    (holding the sweep folder's lock: a sweep still running there is not raced); each
+    damaged cell (left out, listed in the report) is told to ``warn``."""
     with hold(root, "fedsim report", create=False):
-        return _report_sweep(root)
+        return _report_sweep(root, warn)
 
 
-def _report_sweep(root: Path) -> Path:
+def _report_sweep(root: Path, warn: Callable[[str], None] | None) -> Path:
     try:
         info = json.loads((root / SWEEP_JSON).read_text())
         names = [(c["name"], c["params"]) for c in info["cells"]]
@@ -61,8 +66,10 @@ def _report_sweep(root: Path) -> Path:
     runs = info.get("invocations") or []
     tuning = None
     if base.sweep.tune.enabled and isinstance(info.get("tuning"), dict):
-        tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [])
-    return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning)
+        tuning = tuning_result(root, base.sweep.tune, info["tuning"].get("cells") or [],
+                               followers(base, cells), warn)
+    return write_report(root, base, cells, run_info=runs[-1] if runs else None, tuning=tuning,
+                        warn=warn)
 
 
 def check_report_folder(folders: list[Path], out: Path) -> None:
@@ -79,9 +86,12 @@ def check_report_folder(folders: list[Path], out: Path) -> None:
                 "report never writes into a run it compares: pass another --out DIR")
 
 
-def report_runs(folders: list[Path], out: Path, overwrite: bool = False) -> Path:
+def report_runs(folders: list[Path], out: Path, overwrite: bool = False,
+                warn: Callable[[str], None] | None = None) -> Path:
     """Compare finished run folders in one report written to ``out`` (a new or empty folder,
-    or any folder but a compared run's with ``overwrite``), holding its lock."""
+    or any folder but a compared run's with ``overwrite``), holding its lock; a folder whose
+    files cannot be read is left out, listed and told to ``warn``
+    (:mod:`fedsim.report.run_folder`)."""
     check_report_folder(folders, out)
     cells, axes = _compared(folders)  # every check before anything is written
     with hold(out, "fedsim report"):
@@ -94,7 +104,8 @@ def report_runs(folders: list[Path], out: Path, overwrite: bool = False) -> Path
         write_json(out / "runs.json",
                    [{"name": c.name, "path": str(c.path.resolve()), "params": c.params}
                     for c in cells], indent=2, default=str)
-        return write_report(out, None, cells, axes=axes, title="Comparison of runs")
+        return write_report(out, None, cells, axes=axes, title="Comparison of runs",
+                            warn=warn)
 
 
 def _compared(folders: list[Path]) -> tuple[list[RunCell], dict[str, list]]:
@@ -105,18 +116,28 @@ def _compared(folders: list[Path]) -> tuple[list[RunCell], dict[str, list]]:
                     if (folder / "checkpoint.pt").is_file() else
                     "pass folders written by fedsim run (summary.json, scenario.toml)")
             raise ScenarioError(f"{str(folder)!r} is not a finished run folder; {hint}")
-    flats = [flat_keys(load_scenario(f / "scenario.toml").to_dict()) for f in folders]
+    flats = [_flat_scenario(f) for f in folders]  # {} where scenario.toml does not parse
     keys = sorted({k for flat in flats for k in flat})
+    read = [flat for flat in flats if flat]
     varying = [k for k in keys if not k.startswith(_NOT_AXES)
-               and len({json.dumps(flat.get(k), sort_keys=True) for flat in flats}) > 1]
+               and len({json.dumps(flat.get(k), sort_keys=True) for flat in read}) > 1]
     cells = [RunCell(name, {k: flat.get(k) for k in varying}, folder)
              for name, flat, folder in zip(_unique_names(folders), flats, folders)]
     axes: dict[str, list] = {k: [] for k in varying}
-    for cell in cells:
-        for k, v in cell.params.items():
+    for cell, flat in zip(cells, flats):
+        for k, v in (cell.params.items() if flat else ()):  # a damaged run adds no value
             if v not in axes[k]:
                 axes[k].append(v)
     return cells, axes
+
+
+def _flat_scenario(folder: Path) -> dict[str, Any]:
+    """The run's scenario as dotted keys; {} when its ``scenario.toml`` does not parse (the
+    report then lists the run as damaged)."""
+    try:
+        return flat_keys(load_scenario(folder / "scenario.toml").to_dict())
+    except (ScenarioError, OSError, UnicodeDecodeError):
+        return {}
 
 
 def _unique_names(folders: list[Path]) -> list[str]:
@@ -129,10 +150,11 @@ def _unique_names(folders: list[Path]) -> list[str]:
 
 
 def report(folders: list[str | Path], out: str | Path | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, warn: Callable[[str], None] | None = None) -> Path:
     """``fedsim report``: one sweep folder (report rebuilt in place) or run folders
     (compared in ``out``, replacing what it holds only with ``overwrite``). Bad input is a
-    ScenarioError naming the fix."""
+    ScenarioError naming the fix; each damaged cell or run folder (left out, listed in the
+    report) is told to ``warn``."""
     paths = [Path(f) for f in folders]
     for p in paths:
         if not p.is_dir():
@@ -144,7 +166,32 @@ def report(folders: list[str | Path], out: str | Path | None = None,
                 f"{str(sweeps[0])!r} is a sweep folder: its report is rebuilt in place; pass it "
                 "alone and without --out (to compare its cells with other runs, pass the "
                 "cell folders instead)")
-        return report_sweep(paths[0])
+        return report_sweep(paths[0], warn)
     if out is None:
         raise ScenarioError("comparing run folders needs --out DIR for the report")
-    return report_runs(paths, Path(out), overwrite)
+    return report_runs(paths, Path(out), overwrite, warn)
+
+
+def tables(folder: str | Path, fmt: str = "csv", out: str | Path | None = None,
+           note: Callable[[str], None] = lambda msg: None) -> list[Path]:
+    """``fedsim table``: rebuild a run folder's rounds table, or a sweep folder's cells and
+    claims tables (:mod:`fedsim.report.tables`), from the folders on disk."""
+    folder = Path(folder)
+    out = Path(out) if out else None
+    if is_sweep(folder):
+        info = json.loads((folder / SWEEP_JSON).read_text())
+        cells = [(c["name"], c["params"]) for c in info["cells"]]
+        with _writing_into(folder, out):
+            return sweep_tables(folder, cells, list(info.get("axes") or {}), fmt, out, note)
+    if (folder / "rounds.jsonl").is_file():
+        with _writing_into(folder, out):
+            return [run_table(folder, fmt, out, note)]
+    raise ScenarioError(f"{str(folder)!r} is neither a run folder (rounds.jsonl) nor a sweep "
+                        f"folder ({SWEEP_JSON}); pass a folder written by fedsim run or "
+                        "fedsim sweep")
+
+
+def _writing_into(folder: Path, out: Path | None) -> contextlib.AbstractContextManager:
+    """The folder's lock while ``fedsim table`` writes its tables into it (no ``--out``): a
+    run or sweep still writing there is not raced."""
+    return hold(folder, "fedsim table", create=False) if out is None else contextlib.nullcontext()

@@ -4,7 +4,7 @@ Rows are built from each cell's ``summary.json`` and ``rounds.jsonl`` (:func:`ce
 Norms are compared at matched rounds (the final model) and at matched test accuracy: within a
 setting (all axes but norm and seed), the level is the lowest of the cells' best audited
 accuracies, and each cell is read at the first audited round that reaches it
-(:func:`add_matched_accuracy`; needs ``privacy.audit_every``).
+(:func:`add_matched_accuracy`; needs ``privacy.mia.every``).
 
 Comparison plots show each mean over seeds as a point with its 95% t-interval; learning
 curves, the mean over seeds per evaluated round with its 95% t-band, and the Budget section
@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import load_scenario
 from fedsim.files import save_figure, write_json, write_text
 from fedsim.report.budget import arms_of, curve_band_plot, plateau, plateau_lines
 from fedsim.report.claims import (
@@ -34,8 +33,10 @@ from fedsim.report.claims import (
     evaluate_claims,
     forest_plot,
 )
+from fedsim.report.run_folder import Damaged, RunFiles, read_run
 from fedsim.report.stats import t_interval
 from fedsim.report.tuning import tuning_lines
+from fedsim.text import code, markdown, mathtext
 
 NORM = "model.norm"
 SEED = "seed"
@@ -44,12 +45,6 @@ ATTACK_ORDER = ("loss", "lira_online", "lira_offline")
 
 
 # --------------------------------------------------------------------------- rows
-
-
-def _read_rounds(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _mean_alpha(alphas: dict | None) -> float | None:
@@ -61,18 +56,17 @@ def _own(final: dict) -> dict:
             or final.get("client_accuracy") or {})
 
 
-def cell_row(folder: Path, params: dict[str, Any]) -> dict:
-    """One flat row of a finished cell: its axis values, the resolved keys the tables need,
-    its metrics (None where the run did not measure them), and its whole ``summary`` and
-    ``rounds`` (for the claims)."""
-    summary = json.loads((folder / "summary.json").read_text())
-    rounds = _read_rounds(folder / "rounds.jsonl")
-    scn = load_scenario(folder / "scenario.toml")
+def cell_row(files: RunFiles, params: dict[str, Any]) -> dict:
+    """One flat row of a finished cell (read and checked by :func:`fedsim.report.run_folder.
+    read_run`): its axis values, the resolved keys the tables need, its metrics (None where
+    the run did not measure them), and its whole ``summary`` and ``rounds`` (for the
+    claims)."""
+    summary, rounds, scn = files.summary, files.rounds, files.scenario
     final = summary.get("final") or {}
     gen = summary.get("generalization") or {}
     priv = summary.get("privacy") or {}
     row: dict[str, Any] = {
-        "cell": folder.name,
+        "cell": files.folder.name,
         "params": dict(params),
         "summary": summary,
         "rounds": rounds,
@@ -101,9 +95,10 @@ def cell_row(folder: Path, params: dict[str, Any]) -> dict:
         "alpha_final": _mean_alpha(summary.get("hybrid_alpha")),
     }
     for name, m in (priv.get("mia") or {}).items():
-        row[f"mia.{name}.auc"] = m["auc"]
-        row[f"mia.{name}.tpr_at_fpr_1e-2"] = m["tpr_at_fpr_1e-2"]
-        row[f"mia.{name}.tpr_at_fpr_1e-3"] = m["tpr_at_fpr_1e-3"]
+        m = m or {}
+        row[f"mia.{name}.auc"] = m.get("auc")
+        row[f"mia.{name}.tpr_at_fpr_1e-2"] = m.get("tpr_at_fpr_1e-2")
+        row[f"mia.{name}.tpr_at_fpr_1e-3"] = m.get("tpr_at_fpr_1e-3")
     row["mia_by_round"] = priv.get("mia_by_round") or []
     cm = priv.get("client_mia") or {}
     row["client_mia.mean"] = (cm.get("auc") or {}).get("mean")
@@ -155,9 +150,9 @@ def add_matched_accuracy(rows: list[dict]) -> dict[tuple, float]:
             row["matched_round"] = hit["round"]
             row["matched_acc"] = hit["global_test_accuracy"]
             for name in ATTACK_ORDER:
-                if name in hit:
-                    row[f"matched.{name}.auc"] = hit[name]["auc"]
-                    row[f"matched.{name}.tpr_at_fpr_1e-3"] = hit[name]["tpr_at_fpr_1e-3"]
+                if isinstance(hit.get(name), dict):
+                    row[f"matched.{name}.auc"] = hit[name].get("auc")
+                    row[f"matched.{name}.tpr_at_fpr_1e-3"] = hit[name].get("tpr_at_fpr_1e-3")
     return levels
 
 
@@ -226,7 +221,7 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
     norms = _norm_order(rows, base)
     attacks = [a for a in ATTACK_ORDER if _present(rows, f"mia.{a}.auc")]
     for key, group in _groups(rows, (NORM, SEED)).items():
-        lines += ["", f"### {setting_label(key)}", ""]
+        lines += ["", f"### {markdown(setting_label(key))}", ""]
         by_norm = {n: [r for r in group if r[NORM] == n] for n in norms}
         by_norm = {n: rs for n, rs in by_norm.items() if rs}
         seeds = sorted({r[SEED] for r in group})
@@ -244,7 +239,7 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
         lines.append("**Generalization** (final round)")
         lines.append("")
         lines += _table(["norm", *[c[0] for c in cols]],
-                        [[n, *[fmt([r.get(k) for r in rs]) for _, k in cols]]
+                        [[markdown(n), *[fmt([r.get(k) for r in rs]) for _, k in cols]]
                          for n, rs in by_norm.items()])
         if attacks:
             lines += ["", "**Membership inference on the global model** (final round; TPR at "
@@ -254,7 +249,7 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
                 head += [f"{a} AUC", f"{a} TPR@0.1%", f"{a} TPR@1%"]
             body = []
             for n, rs in by_norm.items():
-                cells = [n]
+                cells = [markdown(n)]
                 for a in attacks:
                     cells += [fmt([r.get(f"mia.{a}.auc") for r in rs]),
                               fmt([r.get(f"mia.{a}.tpr_at_fpr_1e-3") for r in rs]),
@@ -267,7 +262,7 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
                       "setting's cells)", ""]
             head = ["norm", "round", "test acc"] + [f"{a} AUC" for a in attacks] + \
                    [f"{a} TPR@0.1%" for a in attacks]
-            body = [[n, fmt([r.get("matched_round") for r in rs], 1),
+            body = [[markdown(n), fmt([r.get("matched_round") for r in rs], 1),
                      fmt([r.get("matched_acc") for r in rs]),
                      *[fmt([r.get(f"matched.{a}.auc") for r in rs]) for a in attacks],
                      *[fmt([r.get(f"matched.{a}.tpr_at_fpr_1e-3") for r in rs])
@@ -286,9 +281,9 @@ def tables(rows: list[dict], base, levels: dict[tuple, float]) -> list[str]:
             settings = sorted({r["inversion.setting"] for r in group
                                if r.get("inversion.setting")})
             if settings:
-                lines += [f"Inversion: {'; '.join(settings)}.", ""]
+                lines += [f"Inversion: {markdown('; '.join(settings))}.", ""]
             head = ["norm", "uploads BN running stats", *[c[0] for c in extra]]
-            body = [[n, _yes_no([r.get("leak.running_stats") for r in rs]),
+            body = [[markdown(n), _yes_no([r.get("leak.running_stats") for r in rs]),
                      *[fmt([r.get(k) for r in rs]) for _, k in extra]]
                     for n, rs in by_norm.items()]
             lines += _table(head, body)
@@ -341,11 +336,13 @@ def interval_plot(rows: list[dict], panels: list[tuple[str, str]], path: Path,
                 ci = t_interval(values)
                 xs.append(i + (j - (len(groups) - 1) / 2) * step)
                 means.append(mean)
-                lows.append(mean - ci[0] if ci else 0.0)
-                highs.append(ci[1] - mean if ci else 0.0)
+                # seeds equal up to rounding: the interval is one of them, which may sit a
+                # rounding error off their mean (matplotlib refuses a negative bar)
+                lows.append(max(0.0, mean - ci[0]) if ci else 0.0)
+                highs.append(max(0.0, ci[1] - mean) if ci else 0.0)
             ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", ms=4, capsize=3,
-                        label=setting_label(setting))
-        ax.set_xticks(np.arange(len(norms)), norms)
+                        label=mathtext(setting_label(setting)))
+        ax.set_xticks(np.arange(len(norms)), [mathtext(n) for n in norms])
         ax.set_xlim(-0.6, len(norms) - 0.4)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("mean over seeds, 95% t-interval", fontsize=7)
@@ -378,8 +375,8 @@ def curve_plot(rows: list[dict], key: str, path: Path, ylabel: str, base,
             curves = [dict(r[key]) for r in group if r[NORM] == n]
             xs = sorted(set().union(*curves))
             mean = [np.mean([c[x] for c in curves if x in c]) for x in xs]
-            ax.plot(xs, mean, marker=".", label=n)
-        ax.set_title(setting_label(setting), fontsize=8)
+            ax.plot(xs, mean, marker=".", label=mathtext(n))
+        ax.set_title(mathtext(setting_label(setting)), fontsize=8)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
@@ -405,8 +402,8 @@ def mia_vs_accuracy_plot(rows: list[dict], attack: str, path: Path, base) -> Pat
             k = min(len(x) for x in runs)
             acc = [np.mean([x[i]["global_test_accuracy"] for x in runs]) for i in range(k)]
             auc = [np.mean([x[i][attack]["auc"] for x in runs]) for i in range(k)]
-            ax.plot(acc, auc, marker="o", ms=3, label=n)
-        ax.set_title(setting_label(setting), fontsize=8)
+            ax.plot(acc, auc, marker="o", ms=3, label=mathtext(n))
+        ax.set_title(mathtext(setting_label(setting)), fontsize=8)
         ax.set_xlabel("global test accuracy")
         ax.set_ylabel(f"{attack} AUC")
         ax.legend(fontsize=7)
@@ -421,27 +418,62 @@ def mia_vs_accuracy_plot(rows: list[dict], attack: str, path: Path, base) -> Pat
 # --------------------------------------------------------------------------- report
 
 
-def build_rows(root: Path, cells) -> list[dict]:
-    """Rows of the finished cells: each in ``root / cell.name``, or its own ``cell.path``."""
-    rows = []
+def build_rows(root: Path, cells) -> tuple[list[dict], dict[str, Damaged]]:
+    """Rows of the finished cells (each in ``root / cell.name``, or its own ``cell.path``),
+    and the finished cells that cannot be read, by name (:func:`fedsim.report.run_folder.
+    read_run`): those are left out like unfinished ones."""
+    rows, damaged = [], {}
     for cell in cells:
         folder = getattr(cell, "path", None) or Path(root) / cell.name
-        if (folder / "summary.json").is_file():
-            rows.append({**cell_row(folder, cell.params), "cell": cell.name})
-    return rows
+        files = read_run(folder)
+        if isinstance(files, Damaged):
+            damaged[cell.name] = files
+        elif files is not None:
+            rows.append({**cell_row(files, cell.params), "cell": cell.name})
+    return rows, damaged
+
+
+def _invocation_line(run_info: dict) -> str | None:
+    """The line about the sweep invocation that last ran cells (None if ``sweep.json``'s
+    record of it lacks a field)."""
+    try:
+        start, end = run_info["load_average"]["start"], run_info["load_average"]["end"]
+        return (f"Last invocation that ran cells: {len(run_info['ran'])} cells in "
+                f"{run_info['wall_seconds']:.0f} s wall time with {int(run_info['workers'])} "
+                f"worker(s) on {int(run_info['cpus'])} CPUs (1-minute load average "
+                f"{start[0]:.1f} at the start, {end[0]:.1f} at the end).")
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _damaged_lines(damaged: dict[str, Damaged]) -> list[str]:
+    if not damaged:
+        return []
+    lines = ["", "## Damaged cells", "",
+             f"{len(damaged)} finished cell(s) could not be read and are left out of the "
+             "tables, plots and claims, as unfinished cells are. Delete a cell's folder and "
+             "run the sweep again to redo it.", ""]
+    lines += [f"- {markdown(name)}: {code(d.file)} {markdown(d.why)}"
+              for name, d in damaged.items()]
+    return lines
 
 
 def write_report(root: Path, base, cells, run_info: dict | None = None,
                  axes: dict | None = None, title: str = "Sweep report",
-                 tuning: dict | None = None) -> Path:
+                 tuning: dict | None = None,
+                 warn: Callable[[str], None] | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and the comparison PNGs into ``root``.
 
     ``run_info`` (from the sweep invocation that ran cells) adds its wall time and load;
     ``axes`` (default: the base scenario's sweep grid) are what the cells vary; ``tuning``
-    (:func:`fedsim.report.tuning.tuning_result`) what each arm tried and chose.
+    (:func:`fedsim.report.tuning.tuning_result`) what each arm tried and chose. Finished
+    cells that cannot be read are left out, listed in both files, and each told to ``warn``.
     """
     root = Path(root)
-    rows = build_rows(root, cells)
+    rows, damaged = build_rows(root, cells)
+    for name, d in damaged.items():
+        if warn is not None:
+            warn(f"cell {name} is damaged and left out of the report ({d})")
     levels = add_matched_accuracy(rows)
     claims = evaluate_claims(base.claims if base is not None else (), rows)
     attack = mia_metric(rows)
@@ -479,20 +511,19 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
     name = base.name if base is not None else root.name
     if axes is None:
         axes = base.sweep.grid if base is not None else {}
-    lines = [f"# {title}: {name}", ""]
-    lines.append(f"{len(rows)} of {len(cells)} cells finished. "
-                 + ("Axes: " + ", ".join(f"`{k}` = {v}" for k, v in axes.items()) + "."
-                    if axes else "No axes: the cells share every setting."))
+    lines = [f"# {title}: {markdown(name)}", ""]
+    broken = f" ({len(damaged)} more finished but damaged, see below)" if damaged else ""
+    lines.append(f"{len(rows)} of {len(cells)} cells finished{broken}. "
+                 + ("Axes: " + ", ".join(f"{code(k)} = {code(json.dumps(v, default=str))}"
+                                       for k, v in axes.items())
+                    + "." if axes else "No axes: the cells share every setting."))
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
     if secs:
         lines.append(f"Cell run time: {sum(secs):.0f} s in total ({min(secs):.0f}–"
                      f"{max(secs):.0f} s per cell).")
-    if run_info:
-        start, end = run_info["load_average"]["start"], run_info["load_average"]["end"]
-        lines.append(f"Last invocation that ran cells: {len(run_info['ran'])} cells in "
-                     f"{run_info['wall_seconds']:.0f} s wall time with {run_info['workers']} "
-                     f"worker(s) on {run_info['cpus']} CPUs (1-minute load average "
-                     f"{start[0]:.1f} at the start, {end[0]:.1f} at the end).")
+    if run_info and (line := _invocation_line(run_info)):
+        lines.append(line)
+    lines += _damaged_lines(damaged)
     lines += ["", "Every number is mean ± sample std over the seeds of a row. Membership "
               "inference: members are participating clients' training samples, non-members "
               "their local test splits (equal in number per client). Matched accuracy: "
@@ -523,6 +554,7 @@ def write_report(root: Path, base, cells, run_info: dict | None = None,
             for r in rows]
     write_json(root / "report.json",
                {"rows": slim, "claims": claims,
+                "damaged": [{"cell": name, **d.to_json()} for name, d in damaged.items()],
                 "matched_accuracy_levels": {setting_label(k): v for k, v in levels.items()},
                 "plateau": budget,
                 **({"tuning": tuning} if tuning else {})},

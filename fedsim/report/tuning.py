@@ -18,12 +18,14 @@ ones (Zhong et al. 2023, FixBN; Casella et al., IEEE Access 2024).
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedsim.config import TuneConfig
+from fedsim.report.run_folder import Damaged, read_run
+from fedsim.text import code, markdown
 
 
 def _metric(summary: dict, metric: str) -> float | None:
@@ -52,17 +54,18 @@ def _label(arm: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in arm.items()) or "all cells"
 
 
-def _read(root: Path, name: str) -> dict | None:
-    path = Path(root) / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def tuning_result(root: Path, tune: TuneConfig, cells: list[dict]) -> dict:
+def tuning_result(root: Path, tune: TuneConfig, cells: list[dict],
+                  followers: Sequence[tuple[dict, dict]] = (),
+                  warn: Callable[[str], None] | None = None) -> dict:
     """The ``tuning`` entry of ``report.json``: per arm, each grid value's scores (per seed
     and their mean, or why it cannot be chosen) and the chosen values.
 
     ``cells``: the tuning cells' records (:meth:`fedsim.cells.TuneCell.record`), whose
-    folders lie under ``root``. Unfinished cells leave their value unscored.
+    folders lie under ``root``. Unfinished cells leave their value unscored; so do damaged
+    ones (:func:`fedsim.report.run_folder.read_run`), each also told to ``warn``.
+    ``followers``: (arm, the arm it follows) for arms that take another arm's choice
+    (``sweep.tune.follow``, :func:`fedsim.cells.followers`); each gets that arm's choice and
+    ``follows`` (its label), with no candidates of its own.
     """
     arms: list[dict] = []
     for cell in cells:
@@ -75,9 +78,15 @@ def tuning_result(root: Path, tune: TuneConfig, cells: list[dict]) -> dict:
             cand = {"values": cell["values"], "applied": cell["applied"], "per_seed": {},
                     "mean": None, "problems": []}
             entry["candidates"].append(cand)
-        summary = _read(root, cell["name"])
+        files = read_run(Path(root) / cell["name"])
+        summary = files.summary if files is not None and not isinstance(files, Damaged) \
+            else None
         value = None
-        if summary is None:
+        if isinstance(files, Damaged):
+            cand["problems"].append(f"seed {cell['seed']} damaged ({files})")
+            if warn is not None:
+                warn(f"tuning cell {cell['name']} is damaged and left unscored ({files})")
+        elif summary is None:
             cand["problems"].append(f"seed {cell['seed']} unfinished")
         elif (why := stopped_early(summary)) is not None:
             cand["problems"].append(f"seed {cell['seed']} {why}")
@@ -89,7 +98,13 @@ def tuning_result(root: Path, tune: TuneConfig, cells: list[dict]) -> dict:
             scores = list(cand["per_seed"].values())
             if not cand["problems"] and scores:
                 cand["mean"] = sum(scores) / len(scores)
-        entry.update(_choose(tune, entry["candidates"]))
+        entry.update(_choose(tune, entry["candidates"]), follows=None)
+    for arm, lead in followers:
+        led = next(a for a in arms if a["arm"] == lead)
+        arms.append({"arm": arm, "label": _label(arm), "candidates": [],
+                     "chosen": led["chosen"], "at_edge": [], "follows": led["label"],
+                     "why_none": led["why_none"] and f"it follows {led['label']}: "
+                                                    f"{led['why_none']}"})
     return {"metric": tune.metric, "best": tune.best, "seeds": list(tune.seeds),
             "grid": tune.grid, "scale": tune.scale, "arms": arms}
 
@@ -120,15 +135,23 @@ def _num(x: float | None) -> str:
 
 
 def _values(c: dict) -> list[str]:
+    """The candidate's grid values as Markdown table cells (a value is data, escaped)."""
     out = []
     for key, value in c["values"].items():
         applied = c["applied"].get(key, value)
-        out.append(f"{value}" if applied == value else f"{value} (→ {applied:.4g})")
+        out.append(markdown(value) if applied == value
+                   else f"{markdown(value)} (→ {applied:.4g})")
     return out
 
 
+def chosen_of(entry: dict) -> dict:
+    """An arm's chosen values as a candidate row (``values``, ``applied``)."""
+    return {"values": entry["chosen"]["values"], "applied": entry["chosen"]["applied"]}
+
+
 def tuning_lines(result: dict | None) -> list[str]:
-    """The Tuning section of report.md: what each arm tried and chose."""
+    """The Tuning section of report.md: what each arm tried and chose (arm labels, values and
+    keys escaped for Markdown, :mod:`fedsim.text`)."""
     if not result:
         return []
     keys = list(result["grid"])
@@ -136,30 +159,39 @@ def tuning_lines(result: dict | None) -> list[str]:
     better = "higher" if result["best"] == "max" else "lower"
     lines = ["", "## Tuning", "",
              f"Each arm ran every value of `sweep.tune.grid` on the tuning seeds "
-             f"{result['seeds']} and kept the best mean `{result['metric']}` ({better} is "
+             f"{result['seeds']} and kept the best mean {code(result['metric'])} ({better} is "
              "better) — the validation split, never the test set. A value that stopped early "
              "on any tuning seed cannot be chosen; ties go to the value listed first. The "
              "reported seeds then ran at the chosen values."]
+    if any(e.get("follows") for e in result["arms"]):
+        lines.append("An arm marked \"follows\" ran no tuning cells: it takes the values "
+                     "chosen for the arm named (`sweep.tune.follow`).")
     if result["scale"]:
         lines.append("Scaled keys run at grid value × " + ", ".join(
-            f"`{by}` (`{key}`)" for key, by in result["scale"].items())
+            f"{code(by)} ({code(key)})" for key, by in result["scale"].items())
             + " of their cell: the value after → is what ran.")
-    lines += ["", "| arm | " + " | ".join(f"`{k}`" for k in keys) + " | mean | "
+    lines += ["", "| arm | " + " | ".join(code(k) for k in keys) + " | mean | "
               + " | ".join(f"seed {s}" for s in seeds) + " | |",
               "|" + "---|" * (len(keys) + len(seeds) + 3)]
     for entry in result["arms"]:
         chosen = (entry["chosen"] or {}).get("values")
         for i, cand in enumerate(entry["candidates"]):
-            mark = "**chosen**" if cand["values"] == chosen else "; ".join(cand["problems"])
+            mark = ("**chosen**" if cand["values"] == chosen
+                    else markdown("; ".join(cand["problems"])))
             bold = (lambda t: f"**{t}**") if cand["values"] == chosen else (lambda t: t)
             lines.append("| " + " | ".join(
-                [entry["label"] if i == 0 else "", *[bold(v) for v in _values(cand)],
+                [markdown(entry["label"]) if i == 0 else "", *[bold(v) for v in _values(cand)],
                  bold(_num(cand["mean"])), *[_num(cand["per_seed"].get(s)) for s in seeds],
                  mark]) + " |")
-    notes = [f"- {e['label']}: {'; '.join(e['at_edge'])}: the best may lie beyond the grid"
-             for e in result["arms"] if e["at_edge"]]
-    notes += [f"- {e['label']}: nothing chosen: {e['why_none']}" for e in result["arms"]
-              if e["why_none"]]
+        if entry.get("follows"):
+            values = _values(chosen_of(entry)) if entry["chosen"] else ["–"] * len(keys)
+            lines.append("| " + " | ".join(
+                [markdown(entry["label"]), *values, "–", *["–" for _ in seeds],
+                 f"not tuned: follows {markdown(entry['follows'])}"]) + " |")
+    notes = [f"- {markdown(e['label'])}: {markdown('; '.join(e['at_edge']))}: the best may lie "
+             "beyond the grid" for e in result["arms"] if e["at_edge"]]
+    notes += [f"- {markdown(e['label'])}: nothing chosen: {e['why_none']}"
+              for e in result["arms"] if e["why_none"]]
     if notes:
         lines += ["", *notes]
     return lines

@@ -90,11 +90,11 @@ class BNStatistics:
     global arrays with the statistics replaced and what it did (``rounds.jsonl``
     ``bn_statistics``)."""
 
-    def __init__(self, mode: str, model: nn.Module, input_shape: Sequence[int],
+    def __init__(self, mode: str, model: nn.Module, inputs: torch.Tensor | Sequence[int],
                  bn_eval: str = "running") -> None:
         self.mode = mode
         self.bn_eval = bn_eval
-        self.layers = [name for name, _ in bn_layers(model, input_shape)]
+        self.layers = [name for name, _ in bn_layers(model, inputs)]
         self.seconds = 0.0
 
     def train_config(self) -> dict:

@@ -1,30 +1,33 @@
 """Canary clients around a strategy: a client-level audit from the run itself (Andrew et al.,
 ICLR 2024, "One-shot Empirical Privacy Estimation for Federated Learning").
 
-``privacy.canary_clients = k`` adds k canary clients, each with its own random unit direction
-c_i over the model's float parameters and a bit drawn before the run (in with probability
-1/2, :mod:`fedsim.client.canaries`). In every round that has real replies, each *in* canary
-takes part independently with probability q = clients_per_round / participating clients and
-answers with the global model moved by s·c_i: s = the round's clipping norm under
-``[server.dp]`` (the wrapper clips and noises a canary like any client), else
-``privacy.canary_norm`` or, when that is 0, the median norm of the round's real updates. The
-canaries' replies go to the wrapped strategy (the DP wrapper, if any) with the real ones, so
-they are aggregated, clipped and noised like clients: for a canary, each round is the
-Poisson-subsampled Gaussian mechanism at rate q, whatever ``server.dp.sampling`` is, and its ε
-is ``canary_epsilon`` (add/remove one canary). Canaries never reach a client, nor the round
-records (``clients``, failures, client audits). Out canaries are never inserted.
+``privacy.audits = ["canary_clients"]`` adds k = ``privacy.canary_clients.count`` canary
+clients, each with its own random unit direction c_i over the model's float parameters and a
+bit drawn before the run (in with probability 1/2, :mod:`fedsim.canaries`). In every round
+that has real replies, each *in* canary takes part independently with probability
+q = clients_per_round / participating clients and answers with the global model moved by
+s·c_i: s = the round's clipping norm under ``[server.dp]`` (the wrapper clips and noises a
+canary like any client), else ``privacy.canary_clients.norm`` or, when that is 0, the median
+norm of the round's real updates. The canaries' replies go to the wrapped strategy (the DP
+wrapper, if any) with the real ones, so they are aggregated, clipped and noised like
+clients: for a canary, each round is the Poisson-subsampled Gaussian mechanism at rate q,
+whatever ``server.dp.sampling`` is, and its ε is ``canary_epsilon`` (add/remove one canary).
+Canaries never reach a client, nor the round records (``clients``, failures, client audits).
+Out canaries are never inserted.
 
 After each round the wrapper takes the released update Δ_t (new minus old global float
 parameters) and keeps, per canary, the largest cos(Δ_t, c_i) (the server's view: every
 iterate); at the end it takes cos(θ_T − θ_0, c_i) (the final model's view). Each statistic
 gives Andrew et al.'s ε estimate (:func:`fedsim.privacy.canary.gaussian_estimate`) and
 Steinke et al.'s one-run lower bound (:func:`fedsim.privacy.one_run.one_run_audit`), reported
-in ``summary.json`` ``privacy.canary_audit`` beside the accountant's ε.
+in ``summary.json`` ``privacy.canary_audit`` beside the accountant's ε by the registered audit
+``canary_clients`` (:class:`CanaryClientsAudit`). The wrapper's running maxima and θ_0 are
+strategy state, checkpointed with the strategy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from flwr.app import (
@@ -39,9 +42,11 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.client.canaries import CLIENT, included, unit_directions
-from fedsim.config import Scenario
+from fedsim.canaries import CLIENT, included, unit_directions
+from fedsim.config import CanaryClientsConfig, Scenario
 from fedsim.privacy.accountant import epsilon
+from fedsim.privacy.audit_epsilon import AccountantClaim
+from fedsim.privacy.audits.base import STRATEGY, Audit, AuditContext, register_audit
 from fedsim.privacy.canary import cosines, gaussian_estimate
 from fedsim.privacy.one_run import one_run_audit
 from fedsim.records import get_record
@@ -192,9 +197,6 @@ class CanaryClients(Strategy):
         return content
 
     # -- the audit -------------------------------------------------------------------------
-    def fedsim_summary(self) -> dict:
-        return {"canary_audit": self.audit()}
-
     def audit(self) -> dict:
         """``privacy.canary_audit``: estimates and lower bounds from both statistics, beside
         the run's accountant and the canaries' own mechanism."""
@@ -253,11 +255,34 @@ def _mean_metric(values: list) -> object:
 
 def wrap_canaries(strategy: Strategy, scenario: Scenario, parameter_names: list[str]
                   ) -> Strategy:
-    """``strategy`` with ``privacy.canary_clients`` canary clients around it (none: as is)."""
-    cfg = scenario.privacy
-    if cfg.canary_clients == 0:
+    """``strategy`` with the canary clients ``privacy.audits`` asks for around it (none: as
+    is)."""
+    count = scenario.privacy.client_canaries
+    if count == 0:
         return strategy
-    return CanaryClients(strategy, parameter_names, cfg.canary_clients,
+    return CanaryClients(strategy, parameter_names, count,
                          scenario.server.clients_per_round / scenario.num_participating,
-                         scenario.seed, cfg.canary_norm, scenario.server.dp.delta,
-                         cfg.audit_confidence)
+                         scenario.seed, scenario.privacy.canary_clients.norm,
+                         scenario.server.dp.delta, scenario.privacy.audit_confidence)
+
+
+@register_audit("canary_clients")
+class CanaryClientsAudit(Audit):
+    """``canary_clients``: the client-level one-run audit of the canary clients around the
+    run's strategy (module docstring); its captures are the wrapper's (strategy state)."""
+
+    summary = {"canary_audit": ""}
+
+    @classmethod
+    def needs(cls, scenario: Scenario, options: CanaryClientsConfig) -> frozenset[str]:
+        return frozenset({STRATEGY})
+
+    def __init__(self, ctx: AuditContext, options: CanaryClientsConfig) -> None:
+        super().__init__(ctx, options)
+        wrapper = ctx.strategy
+        while not isinstance(wrapper, CanaryClients):
+            wrapper = wrapper.strategy  # the factory wraps canaries around DP, if any
+        self.wrapper = wrapper
+
+    def finish(self, final: ArrayRecord, accountants: Sequence[AccountantClaim]) -> dict:
+        return {"canary_audit": self.wrapper.audit()}

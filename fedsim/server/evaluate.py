@@ -2,7 +2,8 @@
 the generalization gaps of Yuan et al. (ICLR 2022), the validation split when one is held
 out (``validation_accuracy``, ``validation_loss``: what tuning selects on, never the test
 set) and, with ``output.sharpness``, the flatness of the training loss
-(:mod:`fedsim.models.flatness`).
+(:mod:`fedsim.models.flatness`). On text (next-character prediction), perplexity too:
+``exp`` of the mean loss, globally and per client.
 
 - out-of-sample gap: participating clients' local train accuracy − their local test accuracy;
 - participation gap: participating clients' local test accuracy − the local test accuracy
@@ -11,6 +12,7 @@ set) and, with ``output.sharpness``, the flatness of the training loss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,28 +28,13 @@ from fedsim.errors import ScenarioError
 from fedsim.models import hybrid_alphas
 from fedsim.models.flatness import hessian_max_eig, model_loss, sharpness
 from fedsim.rng import numpy_rng, torch_generator
+from fedsim.stats import distribution
 
 
-def distribution(values: list[float], weights: list[int] | None = None) -> dict[str, float]:
-    """Mean, example-weighted mean, std, median, p10, p90, min, max and count of ``values``."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"n": 0}
-    out = {
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "median": float(np.median(v)),
-        "p10": float(np.percentile(v, 10)),
-        "p90": float(np.percentile(v, 90)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": int(v.size),
-    }
-    if weights is not None:
-        w = np.asarray(weights, dtype=float)[np.isfinite(np.asarray(values, dtype=float))]
-        out["weighted_mean"] = float((v * w).sum() / w.sum()) if w.sum() > 0 else out["mean"]
-    return out
+def perplexity(mean_loss: float) -> float:
+    """``exp`` of a mean next-token cross-entropy (nats): the perplexity of a language model
+    (inf where the loss overflows it, nan for nan)."""
+    return math.inf if mean_loss > 700 else math.exp(mean_loss)
 
 
 def pick_clients(ids: Sequence[int], limit: int, seed: int, purpose: str) -> list[int]:
@@ -68,16 +55,21 @@ def flatness_sample(data: FederatedData | DeviceSplits, clients: list[int], size
     seed (in pooled order), so every evaluation measures the loss on the same sample; on
     the device of ``data``'s tensors."""
     xs, ys = zip(*(data.client_train(cid) for cid in clients)) if clients else ((), ())
-    if not ys or sum(len(y) for y in ys) == 0:
+    total = sum(len(y) for y in ys)
+    if total == 0:
         raise ScenarioError("output.sharpness: the evaluated participating clients have no "
                             "training examples to measure the loss on")
-    x, y = torch.cat(xs), torch.cat(ys)
-    if len(y) > size:
-        rng = numpy_rng(seed, "flatness", "sample")
-        keep = torch.from_numpy(np.sort(rng.choice(len(y), size=size, replace=False)))
-        keep = keep.to(y.device)
-        x, y = x[keep], y[keep]
-    return x, y
+    if total <= size:
+        return torch.cat(xs), torch.cat(ys)
+    rng = numpy_rng(seed, "flatness", "sample")
+    keep = np.sort(rng.choice(total, size=size, replace=False))  # positions in pooled order
+    # gathered client by client: never a pooled copy of every client's samples (a text
+    # client's windows are views of its text, T times smaller than their copy)
+    bounds = np.cumsum([0, *(len(y) for y in ys)])
+    parts = [torch.from_numpy(keep[(keep >= a) & (keep < b)] - a).to(y.device)
+             for a, b, y in zip(bounds[:-1], bounds[1:], ys)]
+    return (torch.cat([x[rows] for x, rows in zip(xs, parts)]),
+            torch.cat([y[rows] for y, rows in zip(ys, parts)]))
 
 
 def flatness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputConfig,
@@ -122,17 +114,33 @@ class Evaluator:
         self._flat_sample: tuple | None = None  # output.sharpness: the fixed training sample
 
     def _all_splits(self) -> list:
-        """Global test, then each client's test and train split, then holdout test splits,
-        then the validation split when one is held out."""
+        """Global test, then each client's test and train split, then holdout test splits
+        (each cut to ``output.eval_samples``), then the validation split when one is held
+        out."""
         if self._splits is None:
             on = self.on_device
             splits = [on.global_test()]
             for cid in self.clients:
-                splits += [on.client_test(cid), on.client_train(cid)]
-            splits += [on.client_test(cid) for cid in self.holdout]
+                splits += [self._cut(on.client_test(cid), cid, "test"),
+                           self._cut(on.client_train(cid), cid, "train")]
+            splits += [self._cut(on.client_test(cid), cid, "test") for cid in self.holdout]
             validation = on.validation()
             self._splits = splits + ([validation] if validation is not None else [])
         return self._splits
+
+    def _cut(self, split: tuple[torch.Tensor, torch.Tensor], cid: int, name: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``output.eval_samples`` rows of a client split, fixed by the seed (the
+        same rows at every evaluation): large clients (a speaking role's thousands of
+        windows) cost what a small one does."""
+        x, y = split
+        limit = self.output.eval_samples
+        if not limit or len(y) <= limit:
+            return split
+        rows = numpy_rng(self.seed, "eval-samples", cid, name).choice(len(y), size=limit,
+                                                                      replace=False)
+        keep = torch.from_numpy(np.sort(rows)).to(y.device)
+        return x[keep], y[keep]
 
     def __call__(self, arrays) -> dict:
         load_record(self.model, arrays)
@@ -161,6 +169,10 @@ class Evaluator:
         }
         if len(results) > 1 + 2 * k + len(self.holdout):  # the validation split, last
             result["validation_loss"], result["validation_accuracy"], _ = results[-1]
+        if self.data.input_kind == "tokens":  # a language model: exp of the mean loss
+            result["global_test_perplexity"] = perplexity(loss)
+            result["client_perplexity"] = distribution(
+                [perplexity(x) for x, _, _ in results[1 : 1 + 2 * k : 2]], test_n)
         alphas = hybrid_alphas(self.model)
         if alphas:
             result["hybrid_alpha"] = alphas

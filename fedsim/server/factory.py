@@ -1,6 +1,6 @@
 """The scenario's strategy, built: looked up by name or import path, given its parameters,
 wrapped in central DP when ``[server.dp]`` asks for it (:mod:`fedsim.server.dp`) and in canary
-clients when ``privacy.canary_clients`` does (:mod:`fedsim.server.canaries`)."""
+clients when ``privacy.audits`` names ``canary_clients`` (:mod:`fedsim.server.canaries`)."""
 
 from __future__ import annotations
 

@@ -38,11 +38,12 @@ from fedsim.arrays import all_finite, peek_array
 from fedsim.client.compress import record_bytes
 from fedsim.client.failures import CRASH_KEY, client_fate, simulated_seconds
 from fedsim.config import Scenario, ServerConfig
-from fedsim.errors import PrivacyBudgetSpent, RunStopped
+from fedsim.errors import EarlyStopped, PrivacyBudgetSpent, RunStopped
 from fedsim.records import get_record, records_of
 from fedsim.rng import derive_seed
 from fedsim.server.bn_statistics import BNStatistics
 from fedsim.server.client_dp import round_client_dp
+from fedsim.server.early_stop import EarlyStopper
 
 log = logging.getLogger("fedsim")
 
@@ -299,6 +300,7 @@ def run_rounds(
     checkpoint: Callable[..., None] | None = None,
     on_replies: Callable[[int, list[Message], ArrayRecord], None] | None = None,
     bn_statistics: BNStatistics | None = None,
+    early_stop: EarlyStopper | None = None,
 ) -> ArrayRecord:
     """Run rounds ``start_round..server.rounds``; returns the final global arrays.
 
@@ -306,6 +308,9 @@ def run_rounds(
     cannot go on records the round that stopped it (``"stopped"``) and raises
     :class:`RunStopped`; its ``arrays`` attribute holds the last good global arrays. A round
     that would exceed the DP budget is not started: :class:`PrivacyBudgetSpent`.
+    ``early_stop`` sees each record before it is written; the round after which it stops the
+    run is evaluated (if it was not), records ``stopped`` and ``early_stop``, is
+    checkpointed, and :class:`EarlyStopped` is raised with that round's arrays.
     ``on_replies(round, replies, arrays)``, if given, sees each round's accepted client replies
     and the new global arrays right after aggregation (what a curious server sees; privacy
     audits). ``bn_statistics`` replaces the aggregate's BN running statistics right after
@@ -314,6 +319,8 @@ def run_rounds(
     total = scenario.server.rounds
     runner = RoundRunner(strategy, grid, scenario, bn_statistics)
     budget = getattr(strategy, "stop_before_round", None)  # the DP wrapper's max_epsilon
+    if early_stop is not None and early_stop.reason is not None:  # resumed past the stop
+        raise _early_stopped(early_stop, start_round - 1, arrays)
     for rnd in range(start_round, total + 1):
         if budget is not None:
             try:
@@ -326,6 +333,7 @@ def run_rounds(
         try:
             arrays, stateful = _one_round(runner, rnd, arrays, record, t0, evaluate,
                                           on_replies)
+            stop = _observe(early_stop, record, arrays, evaluate)
         except RunStopped as exc:
             record["stopped"] = str(exc)
             record.setdefault("train_seconds", time.perf_counter() - t0)
@@ -337,7 +345,32 @@ def run_rounds(
         on_round(record)
         if checkpoint is not None:
             checkpoint(rnd, arrays, stateful)
+        if stop:
+            raise _early_stopped(early_stop, rnd, arrays)
     return arrays
+
+
+def _observe(early_stop: EarlyStopper | None, record: dict, arrays: ArrayRecord,
+             evaluate: Callable[[ArrayRecord], dict]) -> bool:
+    """Feed ``record`` to the stopper; a stopping round is evaluated, so that the run ends
+    with the results of its last round (summary, sweeps and claims read them)."""
+    if early_stop is None:
+        return False
+    reason = early_stop.update(record)
+    if record.get(early_stop.cfg.metric) is not None:
+        record["early_stop"] = early_stop.state()
+    if reason is None:
+        return False
+    if record.get("global_test_accuracy") is None:
+        record.update(evaluate(arrays))
+    record["stopped"] = reason
+    return True
+
+
+def _early_stopped(early_stop: EarlyStopper, rnd: int, arrays: ArrayRecord) -> EarlyStopped:
+    exc = EarlyStopped(early_stop.reason, round=rnd)
+    exc.arrays = arrays
+    return exc
 
 
 def _steps_taken(replies: list[Message]) -> dict | None:

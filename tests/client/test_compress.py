@@ -214,18 +214,19 @@ def test_vectorized_cohorts_compress_like_the_sequential_path(runs, tmp_path):
 def test_client_update_mia_sees_the_compressed_upload(tmp_path, monkeypatch):
     """The audit's client-update attack reads the reply: at most k entries per parameter
     differ from the global model the client received."""
-    from fedsim.privacy.audit import PrivacyAudit
+    from fedsim.privacy.audits.client_mia import ClientMembership
 
     seen = []
-    original = PrivacyAudit._client_update
+    original = ClientMembership.observe
 
-    def spy(self, msg, global_after):
-        seen.append((msg.content["arrays"], self._sent))
-        return original(self, msg, global_after)
+    def spy(self, view):
+        if view.round == self.round:
+            seen.extend((u.arrays, view.sent) for u in view.uploads)
+        return original(self, view)
 
-    monkeypatch.setattr(PrivacyAudit, "_client_update", spy)
+    monkeypatch.setattr(ClientMembership, "observe", spy)
     run = _run(tmp_path, "mia", ["client.compress=topk", "client.compress_ratio=0.05",
-                                 "privacy.client_mia=true", "privacy.client_round=1",
+                                 'privacy.audits=["client_mia"]', "privacy.client_mia.round=1",
                                  "partition.test_fraction=0.5"])
     assert run.summary["privacy"]["client_mia"]
     params = dict(fedsim_model_params(run.path))

@@ -12,4 +12,4 @@ def test_local_ray_gets_client_resources_and_this_machines_cpus():
 
 def test_ray_address_joins_an_existing_cluster():
     cfg = backend_config(EngineConfig(kind="ray", ray_address="10.0.0.5:6379"))
-    assert cfg["init_args"] == {"address": "10.0.0.5:6379"}
+    assert cfg["init_args"] == {"address": "10.0.0.5:6379", "log_to_driver": False}

@@ -540,7 +540,7 @@ def test_dpsgd_cohort_equals_one_client_at_a_time(norm):
     ~16 steps of sums over at most 21 samples and ~2k parameters leave relative rounding
     below ~1e-12, and 1e-9 keeps a 1000x margin, while a wrong batch, noise draw, canary
     or clip moves a parameter by about lr·σC/(q·n) ≈ 1e-2."""
-    from fedsim.client.canaries import unit_directions
+    from fedsim.canaries import unit_directions
     from fedsim.client.dpsgd import poisson_plan, train_dpsgd
     from fedsim.config import ClientDPConfig
     from fedsim.models.dp_sgd import DPSGD

@@ -3,7 +3,7 @@
 import torch
 
 import fedsim
-from fedsim.report.progress import round_stats
+from fedsim.sinks.progress import round_stats
 
 TINY = ["server.rounds=2", "partition.num_clients=8", "server.clients_per_round=5",
         "partition.holdout_clients=0.0", "model.width=8", "output.eval_clients=2",

@@ -26,9 +26,8 @@ RUN = ["server.rounds=2", "partition.num_clients=8",  # evaluated at rounds 0, 1
        "server.fraction_evaluate=0.5",  # federated evaluation: cold starts on the clients
        "output.sharpness=true", "output.sharpness_samples=32", "output.sharpness_iters=2",
        "output.sharpness_draws=1"]
-AUDIT = ['privacy.mia=["loss"]', "privacy.audit_every=1", "privacy.client_mia=true",
-         "privacy.leakage=true", "privacy.inversion=true", "privacy.inversion_steps=2",
-         "privacy.inversion_batch=2"]
+AUDIT = ['privacy.audits=["mia","client_mia","leakage","inversion"]', "privacy.mia.every=1",
+         "privacy.inversion.steps=2", "privacy.inversion.batch=2"]
 
 
 def _target_device(args, kwargs) -> torch.device | None:

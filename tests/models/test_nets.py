@@ -18,8 +18,8 @@ from fedsim.models import (
 from fedsim.models.norm import theta_for_alpha
 
 SHAPES = [(1, 8), (1, 28), (3, 32)]  # (channels, image size): digits, MNIST, CIFAR-10
-ARCH_NAMES = ["cnn", "resnet", "mlp"]
-NORM_NAMES = ["bn", "in", "gn", "ln", "none", "hybrid"]
+ARCH_NAMES = ["cnn", "resnet", "mlp"]  # image archs (text archs: tests/models/test_sequence.py)
+NORM_NAMES = ["bn", "in", "gn", "ln", "rms", "none", "hybrid"]
 NUM_NORM_LAYERS = {"cnn": 2, "resnet": 6, "mlp": 2}  # resnet: stem + 2 + 2 + shortcut
 
 
@@ -39,7 +39,7 @@ def _one_thread():
 
 
 def test_registries_hold_the_documented_names():
-    assert sorted(ARCHS) == sorted(ARCH_NAMES)
+    assert sorted(ARCHS) == sorted(ARCH_NAMES + ["lstm", "transformer"])
     assert sorted(NORMS) == sorted(NORM_NAMES)
 
 
@@ -109,13 +109,13 @@ def test_parameter_counts_for_digits_at_width_32(arch, expected):
 def test_unknown_arch_lists_the_valid_ones():
     with pytest.raises(ScenarioError, match="model.arch") as info:
         _build("vgg", "bn")
-    assert "cnn, mlp, resnet" in str(info.value)
+    assert "cnn, lstm, mlp, resnet, transformer" in str(info.value)
 
 
 def test_unknown_norm_lists_the_valid_ones():
     with pytest.raises(ScenarioError, match="model.norm") as info:
         _build("cnn", "batch")
-    assert "bn, gn, hybrid, in, ln, none" in str(info.value)
+    assert "bn, gn, hybrid, in, ln, none, rms" in str(info.value)
 
 
 def test_cnn_learns_digits_quickly():

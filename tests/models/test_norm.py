@@ -22,7 +22,7 @@ from fedsim.models.norm import group_count, theta_for_alpha, uses_batch_statisti
 C = 6
 CONV = (4, C, 3, 3)
 VECTOR = (5, C)
-KINDS = ["bn", "in", "gn", "ln", "none", "hybrid"]
+KINDS = ["bn", "in", "gn", "ln", "rms", "none", "hybrid"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,7 +235,8 @@ def test_unknown_kind_lists_the_valid_ones():
 
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("bn", True), ("hybrid", True), ("in", False), ("gn", False), ("ln", False), ("none", False)],
+    [("bn", True), ("hybrid", True), ("in", False), ("gn", False), ("ln", False), ("rms", False),
+     ("none", False)],
 )
 def test_uses_batch_statistics(kind, expected):
     assert uses_batch_statistics(kind) is expected

@@ -4,14 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from audit_settings import TINY, audit  # tests/audit_settings.py
+from audit_settings import TINY, audit, audits  # tests/audit_settings.py
 
 import fedsim
 from fedsim.config import load_scenario
 from fedsim.context import RunContext
 from fedsim.data.federated import build_federated_data
 from fedsim.errors import ScenarioError
-from fedsim.privacy.audit import MembershipPool, ShadowData, train_federation
+from fedsim.privacy.audits.pool import MembershipPool, ShadowData
+from fedsim.server.audits import train_federation
 
 AUDIT = audit("loss", "lira", "rmia")
 
@@ -20,8 +21,8 @@ AUDIT = audit("loss", "lira", "rmia")
 def audited(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "bn"
     return fedsim.run("scenarios/quickstart.toml", TINY + AUDIT + [
-        "model.norm=bn", "privacy.client_membership=true", "privacy.rmia_population=100"],
-        out=out)
+        "model.norm=bn", audits("mia", "client_mia", "leakage", "inversion", "client_membership"),
+        "privacy.mia.population=100"], out=out)
 
 
 def in_unit(x):
@@ -44,12 +45,13 @@ def test_summary_has_every_privacy_key_in_range(audited):
     assert [r["round"] for r in p["mia_by_round"]] == [1, 2] and p["mia_round"] == 2
     assert pool["members"] == pool["nonmembers"] > 0 and pool["clients"] == 5
     assert pool["population"] == 100 and pool["rmia_a"] == 0.3 and pool["rmia_gamma"] == 1.0
-    assert "use privacy.rmia_population >= 1000" in pool["population_warning"]
+    assert "use privacy.mia.population >= 1000" in pool["population_warning"]
     assert "membership_epsilon" not in p  # no DP, no accountant to compare with
     cm = p["client_membership"]  # 6 clients, 1 held out, 3 of 5 sampled in each of 2 rounds
     assert cm["unit"] == "client" and cm["members"] + cm["nonmembers"] == 6
     assert cm["nonmembers"] >= 1 and in_unit(cm["auc"])
     assert p["shadows"]["count"] == 2 and p["shadows"]["engine"] == "inprocess"
+    assert p["shadows"]["fix_variance"] is True  # LiRA's option, reported with the shadows
     cm = p["client_mia"]
     assert cm["round"] == 2 and cm["auc"]["n"] == 3 and len(cm["per_client"]) == 3
     assert in_unit(cm["auc"]["mean"]) and in_unit(cm["auc"]["p90"])
@@ -70,7 +72,7 @@ def test_summary_has_every_privacy_key_in_range(audited):
 
 def test_norms_without_running_statistics_upload_none(tmp_path):
     result = fedsim.run("scenarios/quickstart.toml",
-                        TINY + ["server.rounds=1", "model.norm=gn", "privacy.leakage=true"],
+                        TINY + ["server.rounds=1", "model.norm=gn", audits("leakage")],
                         out=tmp_path / "gn")
     leak = result.summary["privacy"]["leakage"]
     assert leak["running_stats_uploaded"] is False and leak["data_mean_recovery"] is None
@@ -82,27 +84,43 @@ def test_one_local_batch_reveals_the_clients_data_mean_exactly(tmp_path):
     # batch 512 > any client: one batch per round, so BN buffers hold that batch's statistics
     result = fedsim.run("scenarios/quickstart.toml",
                         TINY + ["server.rounds=2", "model.norm=bn", "model.width=16",
-                                "client.batch_size=512", "privacy.leakage=true"],
+                                "client.batch_size=512", audits("leakage")],
                         out=tmp_path / "bn")
     rec = result.summary["privacy"]["leakage"]["data_mean_recovery"]
     assert rec["method"] == "taps" and rec["abs_error"] < 1e-5 < rec["baseline_abs_error"]
 
 
 @pytest.mark.parametrize(("extra", "pattern"), [
-    (['privacy.mia=["lossy"]'], "unknown membership attack"),
-    (["privacy.inversion=true", "privacy.inversion_client=99"], "not a client"),
-    (["privacy.client_round=9", "privacy.client_mia=true"], "privacy.client_round = 9"),
-    (['privacy.mia=["lira"]', "privacy.shadows=1"], "privacy.shadows"),
-    (["privacy.bn_mode=test"], "privacy.bn_mode"),
-    (['privacy.mia=["rmia"]', "privacy.shadows=1"], "privacy.shadows"),
-    (["privacy.rmia_a=1.5"], "privacy.rmia_a"),
-    (["privacy.rmia_gamma=0"], "privacy.rmia_gamma"),
+    ([audits("mia"), 'privacy.mia.attacks=["lossy"]'],
+     r"unknown membership attack in privacy.mia.attacks = 'lossy' \(did you mean 'loss'\?\)"),
+    ([audits("mai")], r"unknown privacy audit in privacy.audits = 'mai' \(did you mean 'mia'\?\)"),
+    ([audits("inversion"), "privacy.inversion.client=99"], "not a client"),
+    ([audits("client_mia"), "privacy.client_mia.round=9"], "privacy.client_mia.round = 9"),
+    ([audits("leakage"), "privacy.leakage.round=9"], "privacy.leakage.round = 9"),
+    ([audits("inversion"), "privacy.inversion.round=9"], "privacy.inversion.round = 9"),
+    ([audits("mia"), 'privacy.mia.attacks=["lira"]', "privacy.mia.shadows=1"],
+     "privacy.mia.shadows = 1 .* lira need >= 2 shadows"),
+    ([audits("mia"), 'privacy.mia.attacks=["loss","rmia"]', "privacy.mia.shadows=1"],
+     "privacy.mia.shadows = 1 .* rmia need >= 2 shadows"),
+    ([audits("mia"), 'privacy.mia.attacks=["rmia"]', "privacy.mia.population=5000"],
+     "privacy.mia.population = 5000 exceeds the 360 examples"),
+    (["privacy.inversion.bn_mode=test"], "privacy.inversion.bn_mode"),
+    (["privacy.mia.rmia.a=1.5"], "privacy.mia.rmia.a"),
+    (["privacy.mia.rmia.gamma=0"], "privacy.mia.rmia.gamma"),
+    (["privacy.mia.attacks=[]"], "privacy.mia.attacks"),
     (["privacy.audit_confidence=1.0"], "privacy.audit_confidence"),
-    (["privacy.inversion_restarts=0"], "privacy.inversion_restarts"),
-    (["privacy.inversion_target=upload"], "privacy.inversion_target"),
-    (["privacy.inversion=true", "privacy.inversion_target=update", "model.norm=bn",
-      "privacy.inversion_batch=2", "client.batch_size=1"], "leaves no local step"),
-    (["privacy.inversion=true", "client.compress=qsgd"], "uncompressed gradient"),
+    (["privacy.inversion.restarts=0"], "privacy.inversion.restarts"),
+    (["privacy.inversion.target=upload"], "privacy.inversion.target"),
+    ([audits("inversion", "inversion")], "name each audit once"),
+    ([audits("inversion"), "privacy.inversion.target=update", "model.norm=bn",
+      "privacy.inversion.batch=2", "client.batch_size=1"], "leaves no local step"),
+    ([audits("inversion"), "client.compress=qsgd"], "uncompressed gradient"),
+    (["privacy.plugins.inversion.steps=3"], r"privacy.plugins.inversion configures the "
+     r"'inversion' privacy audit, which privacy.audits = \[\] does not name"),
+    ([audits("inversion"), "privacy.plugins.inversion.steps=3"],
+     r"configured in \[privacy.inversion\]; move the table there"),
+    ([audits("client_membership"), "privacy.plugins.client_membership.x=1"],
+     "the 'client_membership' privacy audit takes no options"),
 ])
 def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
     with pytest.raises(ScenarioError, match=pattern):
@@ -113,9 +131,9 @@ def test_bad_privacy_input_fails_before_writing(tmp_path, extra, pattern):
 def test_update_inversion_attacks_the_real_upload(tmp_path):
     result = fedsim.run("scenarios/quickstart.toml",
                         TINY + ["model.norm=bn", "client.batch_size=2", "client.epochs=2",
-                                "privacy.inversion=true", "privacy.inversion_target=update",
-                                "privacy.inversion_batch=3", "privacy.inversion_steps=10",
-                                "privacy.inversion_restarts=2"], out=tmp_path / "upd")
+                                audits("inversion"), "privacy.inversion.target=update",
+                                "privacy.inversion.batch=3", "privacy.inversion.steps=10",
+                                "privacy.inversion.restarts=2"], out=tmp_path / "upd")
     inv = result.summary["privacy"]["inversion"]
     # 3 images in batches of 2: the trailing singleton is dropped, 1 step per epoch
     assert inv["target"] == "update" and inv["local_steps"] == 2 and inv["batch_size"] == 3
@@ -127,7 +145,7 @@ def test_update_inversion_attacks_the_real_upload(tmp_path):
 def test_update_inversion_attacks_the_compressed_upload(tmp_path, monkeypatch):
     """With client.compress, the attacker's observed update is the decoded upload: the same
     compressor and derived randomness as the client's hook (top-k keeps k entries)."""
-    import fedsim.privacy.audit as audit_module
+    import fedsim.privacy.audits.inversion as audit_module
     from fedsim.client.compress import topk_count
 
     seen = []
@@ -141,9 +159,9 @@ def test_update_inversion_attacks_the_compressed_upload(tmp_path, monkeypatch):
     result = fedsim.run("scenarios/quickstart.toml",
                         TINY + ["client.batch_size=2", "client.epochs=1",
                                 "client.compress=topk", "client.compress_ratio=0.1",
-                                "privacy.inversion=true", "privacy.inversion_target=update",
-                                "privacy.inversion_batch=2", "privacy.inversion_steps=5",
-                                "privacy.inversion_restarts=1"], out=tmp_path / "topk")
+                                audits("inversion"), "privacy.inversion.target=update",
+                                "privacy.inversion.batch=2", "privacy.inversion.steps=5",
+                                "privacy.inversion.restarts=1"], out=tmp_path / "topk")
     (update,) = seen
     assert [int((u != 0).sum()) for u in update] == \
         [min(u.numel(), topk_count(u.numel(), 0.1)) for u in update]
@@ -154,7 +172,7 @@ def test_holdout_inversion_client_is_refused(tmp_path):
     scn = load_scenario("scenarios/quickstart.toml", TINY)
     holdout = build_federated_data(scn).holdout[0]
     with pytest.raises(ScenarioError, match="holdout client"):
-        fedsim.run(scn, ["privacy.inversion=true", f"privacy.inversion_client={holdout}"],
+        fedsim.run(scn, [audits("inversion"), f"privacy.inversion.client={holdout}"],
                    out=tmp_path / "x")
 
 
@@ -205,7 +223,7 @@ def test_shadow_federation_runs_through_the_engine_without_holdout_clients():
      ("client_dp", "epsilon", "max")),
 ])
 def test_membership_epsilon_never_exceeds_the_accountants(tmp_path, dp, unit, eps_at):
-    result = fedsim.run("scenarios/quickstart.toml", TINY + ['privacy.mia=["loss"]', *dp],
+    result = fedsim.run("scenarios/quickstart.toml", TINY + [audits("mia"), *dp],
                         out=tmp_path / "dp")
     summary = json.loads((result.path / "summary.json").read_text())
     eps = summary[eps_at[0]][eps_at[1]][eps_at[2]]

@@ -11,7 +11,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from fedsim.client.canaries import unit_direction, unit_directions
+from fedsim.canaries import unit_direction, unit_directions
 from fedsim.privacy.accountant import epsilon
 from fedsim.privacy.canary import cosines, epsilon_of_gaussians, gaussian_estimate
 from fedsim.privacy.one_run import one_run_audit

@@ -11,7 +11,7 @@ from torch import nn
 
 import fedsim.privacy.inversion as inversion
 from fedsim.client.train import plan_batches, train_local
-from fedsim.config import ClientConfig, PrivacyConfig
+from fedsim.config import ClientConfig, InversionConfig
 from fedsim.errors import ScenarioError
 from fedsim.privacy.inversion import (
     best_of_restarts,
@@ -266,12 +266,12 @@ def test_invert_update_refuses_inconsistent_inputs(digits):
 
 
 @pytest.mark.parametrize(("key", "value", "pattern"), [
-    ("inversion_restarts", 0, "privacy.inversion_restarts = 0 .* >= 1"),
-    ("inversion_target", "upload", "privacy.inversion_target = 'upload' .*'step'.*'update'"),
+    ("restarts", 0, "privacy.inversion.restarts = 0 .* >= 1"),
+    ("target", "upload", "privacy.inversion.target = 'upload' .*'step'.*'update'"),
 ])
 def test_inversion_keys_are_validated(key, value, pattern):
     with pytest.raises(ScenarioError, match=pattern):
-        PrivacyConfig(**{key: value})
+        InversionConfig(**{key: value})
 
 
 # --- image metrics ---------------------------------------------------------------------

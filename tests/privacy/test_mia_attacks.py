@@ -8,14 +8,11 @@ from scipy.stats import norm
 from sklearn.datasets import load_digits
 from torch import nn
 
+from fedsim.privacy.attacks.lira import lira_scores
+from fedsim.privacy.attacks.loss import loss_attack
+from fedsim.privacy.attacks.rmia import rmia_scores
 from fedsim.privacy.metrics import attack_metrics
-from fedsim.privacy.mia import (
-    lira_scores,
-    loss_attack,
-    per_example_outputs,
-    rmia_scores,
-    shadow_split,
-)
+from fedsim.privacy.mia import per_example_outputs, shadow_split
 
 
 @pytest.fixture(autouse=True, scope="module")

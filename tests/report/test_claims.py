@@ -226,3 +226,37 @@ def test_same_arms_need_a_second_metric():
         ClaimConfig(name="x", a={}, b={})
     with pytest.raises(ScenarioError, match="metric_b"):
         ClaimConfig(name="x", a={"seed": 0}, b={"seed": 0})
+
+
+def _claim_scenario(tmp_path, arm: str, grid: str = "seed = [0, 1]"):
+    from fedsim.config import load_scenario
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[sweep]\nmodel.norm = ["bn", "gn"]\n{grid}\n[[claims]]\nname = "x"\n'
+                    f'metric_b = "final.client_accuracy.mean"\na = {arm}\nb = {arm}\n')
+    return load_scenario(path)
+
+
+@pytest.mark.parametrize(("arm", "grid", "pattern"), [
+    ("{ seed = true }", "seed = [0, 1]", r"claims\[0\].a: seed = True is not among the axis "
+     r"values \[0, 1\] \(the axis holds 1, an integer; True is a boolean: write seed = 1\)"),
+    ("{ seed = 0 }", "seed = [false, true]", r"seed = 0 is not among the axis values "
+     r"\[False, True\] \(the axis holds False, a boolean; 0 is an integer: write seed = false"),
+    ("{ seed = 1.0 }", "seed = [0, 1]", r"seed = 1.0 is not among .* \(the axis holds 1, an "
+     r"integer; 1.0 is a float: write seed = 1\)"),
+])
+def test_claim_arm_values_must_match_the_axis_type_exactly(tmp_path, arm, grid, pattern):
+    """``True == 1`` in Python: the arm ``seed = true`` once paired seed 1 with seed 0."""
+    from fedsim.report.claims import check_claims
+
+    scenario = _claim_scenario(tmp_path, arm, grid)
+    with pytest.raises(ScenarioError, match=pattern):
+        check_claims(scenario, [])
+
+
+def test_pairing_tells_true_from_one():
+    rows = [{"cell": f"{n}-{s}", "params": {"model.norm": n, "seed": s},
+             "summary": {}, "rounds": []} for n in ("bn", "gn") for s in (True, 1)]
+    c = ClaimConfig(name="x", a={"model.norm": "gn", "seed": 1},
+                    b={"model.norm": "bn", "seed": 1})
+    assert [(a["cell"], b["cell"]) for a, b in pair_rows(c, rows)] == [("gn-1", "bn-1")]

@@ -37,7 +37,7 @@ def test_runs_are_compared_by_what_varies_between_them(runs, tmp_path, capsys):
         assert row["acc"] == summary["final"]["global_test_accuracy"]
     text = (out / "report.md").read_text()
     assert text.startswith("# Comparison of runs: cmp")
-    assert "Axes: `model.norm` = ['bn', 'gn']." in text and "| gn |" in text
+    assert "Axes: `model.norm` = `[\"bn\", \"gn\"]`." in text and "| gn |" in text
     assert (out / "accuracy.png").is_file() and (out / "learning_curves.png").is_file()
     listed = json.loads((out / "runs.json").read_text())
     assert [r["path"] for r in listed] == [str((runs / n).resolve()) for n in ("bn", "gn")]

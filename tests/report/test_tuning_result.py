@@ -12,7 +12,8 @@ GRID = {"client.lr": [0.01, 0.1, 1.0]}
 
 
 def write_cells(root, scores, metric="validation_accuracy", stopped=(), dp_stopped=()):
-    """One tuning cell per (arm, lr, seed) with its score; ``stopped``: cells that diverged."""
+    """One tuning cell per (arm, lr, seed) with its score (a finished folder: its scenario,
+    rounds and summary); ``stopped``: cells that diverged."""
     cells = []
     for (norm, lr, seed), score in scores.items():
         name = f"tune/norm-{norm}__lr-{lr}__seed-{seed}"
@@ -24,6 +25,8 @@ def write_cells(root, scores, metric="validation_accuracy", stopped=(), dp_stopp
             summary["dp"] = {"stopped": "budget"}
         if score is not None or (norm, lr, seed) in stopped:
             (root / name).mkdir(parents=True)
+            (root / name / "scenario.toml").write_text(f'name = "t/{name}"\n')
+            (root / name / "rounds.jsonl").write_text('{"round": 0}\n')
             (root / name / "summary.json").write_text(json.dumps(summary))
         cells.append({"name": name, "arm": {"model.norm": norm}, "values": {"client.lr": lr},
                       "applied": {"client.lr": lr}, "seed": seed})
@@ -92,3 +95,15 @@ def test_unfinished_cells_leave_their_value_unscored(tmp_path):
     (arm,) = tuning_result(tmp_path, tune(), write_cells(tmp_path, scores))["arms"]
     assert arm["chosen"] is None and arm["candidates"][0]["problems"] == ["seed 101 unfinished"]
     assert arm["why_none"] == "no value finished on every tuning seed with the metric"
+
+
+def test_a_damaged_cell_leaves_its_value_unscored_and_is_told(tmp_path):
+    scores = {("bn", lr, s): 0.5 + lr / 10 for lr in GRID["client.lr"] for s in (100, 101)}
+    cells = write_cells(tmp_path, scores)
+    (tmp_path / cells[5]["name"] / "summary.json").write_text('{"final": ')  # lr 1.0, seed 101
+    told = []
+    (arm,) = tuning_result(tmp_path, tune(), cells, warn=told.append)["arms"]
+    why = "summary.json: not JSON (Expecting value: line 1 column 11 (char 10))"
+    assert arm["candidates"][2]["problems"] == [f"seed 101 damaged ({why})"]
+    assert arm["candidates"][2]["mean"] is None and arm["chosen"]["values"] == {"client.lr": 0.1}
+    assert told == [f"tuning cell {cells[5]['name']} is damaged and left unscored ({why})"]

@@ -200,10 +200,11 @@ def test_damaged_checkpoint_is_detected_naming_the_file(tmp_path, damage):
 
 
 class Sink:
-    """The recorder's checkpoint interface, on a hand-written rounds.jsonl."""
+    """The run folder's checkpoint interface (checkpoint.RoundsLog), on a hand-written
+    rounds.jsonl."""
 
     def __init__(self, out, records):
-        self.out, self.records = out, records
+        self.out, self.records, self.resumed_from = out, records, []
         (out / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def rounds_position(self):
@@ -211,6 +212,9 @@ class Sink:
 
     def elapsed(self):
         return 1.5
+
+    def on_checkpoint(self, seconds, size):
+        pass
 
 
 def checkpointed_folder(tmp_path, rounds=2, strategy=None):

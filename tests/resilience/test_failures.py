@@ -134,6 +134,7 @@ def test_too_few_replies_stop_keeps_results_and_exits_2(tmp_path, capsys):
     assert recs[-1]["round"] == 1 and recs[-1]["stopped"] in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"]["round"] == 1 and (out / "model.pt").exists()
+    assert summary["stopped"]["kind"] == "failure" and summary["stopped"]["planned"] is False
 
 
 def test_nan_updates_are_rejected_before_aggregation(tmp_path):

@@ -152,3 +152,20 @@ def test_rebuilding_a_report_in_a_sweep_folder_another_process_writes_is_refused
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_rebuilding_tables_in_a_folder_another_process_writes_is_refused(tmp_path, capsys):
+    """``fedsim table`` writes into the folder it reads (no --out): it takes the lock too;
+    with --out FILE it writes elsewhere and reads a running folder as it stands."""
+    (tmp_path / "rounds.jsonl").write_text('{"round": 0, "global_test_accuracy": 0.1}\n')
+    proc = start_holder(tmp_path)
+    try:
+        refused(["table", str(tmp_path)], capsys, tmp_path, proc.pid, "a test's holder")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, "rounds.jsonl"]
+        out = tmp_path.parent / "elsewhere.csv"
+        assert main(["table", str(tmp_path), "--out", str(out)]) == 0
+        assert out.read_text() == "round,global_test_accuracy\n0,0.1\n"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from same_run import assert_same_run  # tests/same_run.py
+from audit_settings import audits  # tests/audit_settings.py
+from same_run import assert_same_run, same_bits  # tests/same_run.py
 
 import fedsim
+from fedsim.checkpoint import read_checkpoint
 from fedsim.cli import main
 from fedsim.lock import LOCK_NAME
 
@@ -87,22 +90,66 @@ def test_resume_restores_client_state(tmp_path, monkeypatch):
     assert not all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_resume_keeps_the_privacy_audit_captures(tmp_path):
-    """Per-round MIA results and the client uploads audited in round 1 were captured before
-    the interruption: the checkpoint carries them, so the resumed run reports them all."""
-    audit = ["server.rounds=3", "partition.test_fraction=0.5", 'privacy.mia=["loss"]',
-             "privacy.audit_every=1", "privacy.client_mia=true", "privacy.client_round=1",
-             "privacy.leakage=true", "model.norm=bn", "privacy.inversion=true",
-             "privacy.inversion_round=1", "privacy.inversion_steps=5", "privacy.inversion_batch=2"]
-    ref = fedsim.run("scenarios/quickstart.toml", TINY + audit, out=tmp_path / "ref").path
+def resume_audits(tmp_path, sets: list[str]) -> tuple[dict, dict]:
+    """Run ``sets`` uninterrupted and resumed after round (last − 1); the two runs' privacy
+    summaries and the audit captures their final checkpoints hold, after checking both
+    pairs are the same."""
+    ref = fedsim.run("scenarios/quickstart.toml", TINY + sets, out=tmp_path / "ref").path
     resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
     assert resumed.summary["resumed_from"] == [2]
     pa, pb = (json.loads((p / "summary.json").read_text())["privacy"]
               for p in (ref, resumed.path))
     pa.pop("seconds"), pb.pop("seconds")
-    assert [r["round"] for r in pb["mia_by_round"]] == [1, 2, 3]
-    assert pb["client_mia"]["round"] == 1 and len(pb["client_mia"]["per_client"]) == 3
     assert pa == pb
+    ca, cb = (read_checkpoint(p / "checkpoint.pt").privacy for p in (ref, resumed.path))
+    assert set(ca["audits"]) == set(cb["audits"])
+    for name in ca["audits"]:
+        assert same_bits(ca["audits"][name], cb["audits"][name]), name
+    assert same_bits(ca["sent"], cb["sent"])
+    return pa, ca["audits"]
+
+
+#: the audits each resume test below runs; together, every audit fedsim registers
+WITH_BN = ["mia", "client_mia", "client_membership", "leakage", "inversion"]
+WITH_DP = ["canary_clients", "canary_samples"]
+#: resumed on text data in tests/engine/test_text_runs.py
+WITH_TEXT = ["exposure"]
+
+
+def test_every_fedsim_audit_is_resumed_by_a_test_below():
+    import fedsim.plugins  # noqa: F401  the audits register
+    from fedsim.privacy.audits import AUDITS
+
+    own = {n for n in AUDITS if AUDITS.get(n).__module__.startswith("fedsim.")}
+    assert own == set(WITH_BN) | set(WITH_DP) | set(WITH_TEXT)
+
+
+def test_resume_keeps_the_privacy_audit_captures(tmp_path):
+    """Per-round MIA results, the client uploads audited in round 1, the clients that
+    trained and the model inversion attacks were captured before the interruption: the
+    checkpoint carries them, so the resumed run's captures and results are the
+    uninterrupted run's, bit for bit."""
+    audit = ["server.rounds=3", "partition.test_fraction=0.5", audits(*WITH_BN),
+             "privacy.mia.every=1", "privacy.client_mia.round=1", "privacy.leakage.round=1",
+             "model.norm=bn", "privacy.inversion.round=1", "privacy.inversion.steps=5",
+             "privacy.inversion.batch=2"]
+    p, captured = resume_audits(tmp_path, audit)
+    assert [r["round"] for r in p["mia_by_round"]] == [1, 2, 3]
+    assert p["client_mia"]["round"] == 1 and len(p["client_mia"]["per_client"]) == 3
+    assert len(captured["leakage"]["rows"]) == 3 and captured["client_membership"]["trained"]
+    assert set(captured["inversion"]["sent"]) and p["inversion"]["round"] == 1
+
+
+def test_resume_keeps_the_canary_audits(tmp_path):
+    """Canary clients (their running maxima, θ_0: strategy state) and gradient canaries'
+    scores live in the checkpoint: a resumed run audits exactly as the uninterrupted one."""
+    sets = ["server.rounds=3", "server.dp.kind=fixed", "server.dp.sampling=poisson",
+            "model.norm=gn", "client.dp.noise_multiplier=0.5", audits(*WITH_DP),
+            "privacy.canary_clients.count=12", "privacy.canary_samples.count=12"]
+    p, captured = resume_audits(tmp_path, sets)
+    assert p["canary_audit"]["rounds"] == 3
+    assert p["sample_canary_audit"]["observed"] > 0
+    assert np.isfinite(captured["canary_samples"]["best"]).any()
 
 
 def test_resume_keeps_counting_dp_rounds(tmp_path):
@@ -125,16 +172,3 @@ def test_resume_with_recalibrated_bn_statistics_equals_the_uninterrupted_run(tmp
     assert resumed.summary["resumed_from"] == [2]
     assert resumed.summary["bn_statistics"]["rounds_applied"] == 3
     assert_same_run(ref, resumed.path)
-
-
-def test_resume_keeps_the_canary_audits(tmp_path):
-    """Canary clients (their running maxima, θ_0) and gradient canaries' scores live in the
-    checkpoint: a resumed run audits exactly as the uninterrupted one."""
-    sets = ["server.rounds=3", "server.dp.kind=fixed", "server.dp.sampling=poisson",
-            "privacy.canary_clients=12"]
-    ref = fedsim.run("scenarios/quickstart.toml", TINY + sets, out=tmp_path / "ref").path
-    resumed = fedsim.resume(interrupted_copy(ref, tmp_path / "resumed"))
-    assert resumed.summary["resumed_from"] == [2]
-    want = json.loads((ref / "summary.json").read_text())["privacy"]["canary_audit"]
-    assert resumed.summary["privacy"]["canary_audit"] == want
-    assert want["rounds"] == 3

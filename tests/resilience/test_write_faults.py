@@ -100,6 +100,7 @@ RUN_FAULTS = {
     "checkpoint.prev.pt": (("checkpoint.prev.pt", "ENOSPC", 1, "link"), 0),
     "model.pt": (("model.pt", "ENOSPC"), 2),
     "learning_curves.png": (("learning_curves.png", "ENOSPC"), 2),
+    "rounds.csv": (("rounds.csv", "ENOSPC"), 2),
     "summary.json": (("summary.json", "ENOSPC"), 2),
     "folder-mkdir": (("r", "EACCES", 1, "mkdir"), None),
     "lock-file": ((LOCK_NAME, "EROFS"), None),
@@ -273,6 +274,8 @@ SWEEP_FAULTS = {
     "report.json": ("report.json", "EROFS"),
     "accuracy.png": ("accuracy.png", "ENOSPC"),
     "sweep-learning_curves.png": ("learning_curves.png", "ENOSPC"),
+    "cells.csv": ("cells.csv", "ENOSPC"),
+    "claims.csv": ("claims.csv", "EROFS"),
     "sweep-overwrite": ("seed-1", "EROFS", 1, "replace"),
 }
 
@@ -402,6 +405,18 @@ def _journals(path):
     remove_other_journals(path.parent, keep=set())
 
 
+def _tracker_ids(path):
+    from fedsim.sinks.ids import write_ids
+
+    write_ids(path.parent, "mlflow", {"run_id": "0"})
+
+
+def _parquet(path):
+    from fedsim.sinks.tables import write_table
+
+    write_table([{"round": 0, "global_test_accuracy": 0.1}], path, "parquet")
+
+
 def _lock_info(path):
     from fedsim.lock import hold
 
@@ -410,13 +425,17 @@ def _lock_info(path):
 
 
 #: writers a run or sweep reaches only in a setting too slow for the tests above (a privacy
-#: audit, a sweep with privacy rounds or claims, a new journal generation) or through a
-#: primitive the fault does not intercept (the lock file's content), each made to fail here
+#: audit, a sweep with privacy rounds or claims, a new journal generation, a tracker's run
+#: ids, a parquet table) or through a primitive the fault does not intercept (the lock
+#: file's content), each made to fail here; a sink raising ResultsNotWritten fails the run,
+#: not the sink: tests/sinks/test_fanout.py
 UNIT_FAULTS = {
     "privacy_roc.png": (_roc, Fault("privacy_roc.png", "ENOSPC")),
     "privacy_inversion.png": (_grid, Fault("privacy_inversion.png", "ENOSPC")),
     "mia_vs_accuracy.png": (_mia_curve, Fault("mia_vs_accuracy.png", "ENOSPC")),
     "claims.png": (_forest, Fault("claims.png", "ENOSPC")),
+    "trackers.json": (_tracker_ids, Fault("trackers.json", "ENOSPC")),
+    "rounds.parquet": (_parquet, Fault("rounds.parquet", "ENOSPC")),
     "client_states.0.log-remove": (_journals, Fault("client_states.0.log", "EROFS", 1,
                                                     "unlink")),
     "lock-info": (_lock_info, None),
@@ -499,18 +518,6 @@ WRITE_SITES = [
     ("fedsim/report/claims.py", "save_figure(fig, path", "claims.png"),
     ("fedsim/report/compare.py", "clear(out", "compare-overwrite"),
     ("fedsim/report/compare.py", 'write_json(out / "runs.json"', "runs.json"),
-    ("fedsim/report/plots.py", "save_figure(fig, path", "learning_curves.png"),
-    ("fedsim/report/record.py", "clear(self.out", "compare-overwrite"),
-    ("fedsim/report/record.py", "make_folder(self.out)", EXEMPT + ": the folder exists by "
-     "then (the run took its lock in it); would fail as folder-mkdir does"),
-    ("fedsim/report/record.py", "make_folder(self.out)", EXEMPT + ": same"),
-    ("fedsim/report/record.py", 'truncate(self.out / "rounds.jsonl"', "resume"),
-    ("fedsim/report/record.py", 'write_text(self.out / "scenario.toml"', "scenario.toml"),
-    ("fedsim/report/record.py", 'write_text(self.out / "rounds.jsonl"', "rounds.jsonl-create"),
-    ("fedsim/report/record.py", 'append_text(self.out / "rounds.jsonl"', "rounds.jsonl-append"),
-    ("fedsim/report/record.py", 'sync_size(self.out / "rounds.jsonl"', "rounds.jsonl-sync"),
-    ("fedsim/report/record.py", 'save_torch(state, self.out / "model.pt"', "model.pt"),
-    ("fedsim/report/record.py", 'write_text(self.out / "summary.json"', "summary.json"),
     ("fedsim/report/report.py", "save_figure(fig, path, dpi=110)", "accuracy.png"),
     ("fedsim/report/budget.py", "save_figure(fig, path, dpi=110)", "sweep-learning_curves.png"),
     ("fedsim/report/report.py", "save_figure(fig, path, dpi=110)", EXEMPT + ": hybrid_alpha.png "
@@ -519,6 +526,25 @@ WRITE_SITES = [
     ("fedsim/report/report.py", "save_figure(fig, path, dpi=110)", "mia_vs_accuracy.png"),
     ("fedsim/report/report.py", 'write_text(path, "\\n".join(lines)', "report.md"),
     ("fedsim/report/report.py", 'write_json(root / "report.json"', "report.json"),
+    ("fedsim/runner.py", "files.write_text(sinks.out / ERROR_FILE", EXEMPT + ": a failed run's "
+     "traceback; a fault writing it is caught and the failure told without it "
+     "(tests/engine/test_engine_failures.py)"),
+    ("fedsim/sinks/folder.py", "clear(self.out", "compare-overwrite"),
+    ("fedsim/sinks/folder.py", "make_folder(self.out)", EXEMPT + ": the folder exists by "
+     "then (the run took its lock in it); would fail as folder-mkdir does"),
+    ("fedsim/sinks/folder.py", "make_folder(self.out)", EXEMPT + ": same"),
+    ("fedsim/sinks/folder.py", 'truncate(self.out / "rounds.jsonl"', "resume"),
+    ("fedsim/sinks/folder.py", 'write_text(self.out / "scenario.toml"', "scenario.toml"),
+    ("fedsim/sinks/folder.py", 'write_text(self.out / "rounds.jsonl"', "rounds.jsonl-create"),
+    ("fedsim/sinks/folder.py", 'append_text(self.out / "rounds.jsonl"', "rounds.jsonl-append"),
+    ("fedsim/sinks/folder.py", 'sync_size(self.out / "rounds.jsonl"', "rounds.jsonl-sync"),
+    ("fedsim/sinks/folder.py", 'save_torch(state, self.out / "model.pt"', "model.pt"),
+    ("fedsim/sinks/folder.py", 'write_json(self.out / "summary.json"', "summary.json"),
+    ("fedsim/sinks/ids.py", "write_json(folder / TRACKERS_JSON", "trackers.json"),
+    ("fedsim/sinks/plots.py", "save_figure(fig, path", "learning_curves.png"),
+    # rounds.csv of a run, cells.csv and claims.csv of a sweep (and fedsim table): one writer
+    ("fedsim/sinks/tables.py", "write_text(path, csv_text(rows", "rounds.csv"),
+    ("fedsim/sinks/tables.py", "atomic_write(path, lambda fh: pq.write_table", "rounds.parquet"),
     ("fedsim/state_journal.py", 'open(self.path, "wb")', "journal-create"),
     ("fedsim/state_journal.py", "self._fh.write(MAGIC)", "journal-create"),
     ("fedsim/state_journal.py", 'open(self.path, "r+b")', "resume-journal"),

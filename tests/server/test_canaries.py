@@ -10,8 +10,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg
 
 import fedsim
-from fedsim import compat
-from fedsim.client import canaries
+from fedsim import canaries, compat
 from fedsim.engine.inprocess import set_task_identity
 from fedsim.models.dp_sgd import canary_gradients
 from fedsim.server.canaries import CanaryClients
@@ -71,7 +70,8 @@ def test_owners_and_bits_are_derived_and_only_participants_hold_canaries():
 
 def test_canary_clients_audit_beside_the_accountant(tmp_path):
     result = fedsim.run(QUICK, [*TINY, "server.dp.kind=fixed", "server.dp.noise_multiplier=2.0",
-                                "privacy.canary_clients=30"], out=tmp_path / "r")
+                                'privacy.audits=["canary_clients"]',
+                                "privacy.canary_clients.count=30"], out=tmp_path / "r")
     audit = result.summary["privacy"]["canary_audit"]
     spent = result.summary["dp"]["privacy_spent"]
     assert audit["accountant"]["epsilon"] == spent["epsilon"]
@@ -91,7 +91,8 @@ def test_canary_clients_audit_beside_the_accountant(tmp_path):
 
 def test_gradient_canaries_audit_dp_sgd_from_the_uploads(tmp_path):
     result = fedsim.run(QUICK, [*TINY, "server.rounds=2", "client.dp.noise_multiplier=1.0",
-                                "privacy.canary_samples=40"], out=tmp_path / "r")
+                                'privacy.audits=["canary_samples"]',
+                                "privacy.canary_samples.count=40"], out=tmp_path / "r")
     audit = result.summary["privacy"]["sample_canary_audit"]
     eps = result.summary["client_dp"]["epsilon"]["max"]
     assert audit["accountant"] == {"epsilon": eps, "delta": 1e-5, "from": "client_dp.epsilon.max"}
@@ -100,5 +101,5 @@ def test_gradient_canaries_audit_dp_sgd_from_the_uploads(tmp_path):
 
 
 def test_gradient_canaries_need_dp_sgd():
-    with pytest.raises(fedsim.ScenarioError, match="privacy.canary_samples = 10 inserts"):
-        fedsim.run(QUICK, [*TINY, "privacy.canary_samples=10"])
+    with pytest.raises(fedsim.ScenarioError, match="names 'canary_samples', which needs DP-SGD"):
+        fedsim.run(QUICK, [*TINY, 'privacy.audits=["canary_samples"]'])

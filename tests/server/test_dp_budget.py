@@ -81,7 +81,8 @@ def test_max_epsilon_stops_cleanly_before_the_round_that_would_exceed_it(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     stopped = f"round 3 would spend ε = {eps[2]:.3g} > server.dp.max_epsilon = {limit:g}"
     assert summary["dp"]["stopped"] == stopped
-    assert summary["stopped"] == {"round": 3, "reason": stopped}
+    assert summary["stopped"] == {"round": 3, "reason": stopped, "kind": "privacy_budget",
+                                  "planned": True}
     assert summary["dp"]["privacy_spent"]["rounds"] == 2
     assert summary["dp"]["privacy_spent"]["epsilon"] == pytest.approx(eps[1])
     rounds = [json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines()]

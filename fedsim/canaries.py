@@ -4,17 +4,19 @@ A canary is a random unit direction u in the space of the model's parameters, in
 training with probability 1/2 (its bit), so that how much the released model moved along u
 tells whether it was in:
 
-- a **gradient canary** (``privacy.canary_samples``; Steinke, Nasr & Jagielski, NeurIPS 2023,
+- a **gradient canary** (``[privacy.canary_samples]``; Steinke, Nasr & Jagielski, NeurIPS 2023,
   "Privacy Auditing with One (1) Training Run", white-box setting) is a training sample of one
   client whose clipped gradient is C·u: in each DP-SGD step it joins the Poisson batch like
   every other sample and adds C·u to the clipped sum, before the noise
   (:func:`fedsim.client.dpsgd.train_dpsgd`);
-- a **canary client** (``privacy.canary_clients``; Andrew et al., ICLR 2024, "One-shot
+- a **canary client** (``[privacy.canary_clients]``; Andrew et al., ICLR 2024, "One-shot
   Empirical Privacy Estimation for Federated Learning") is a client whose update is a
   multiple of u, inserted by the server (:mod:`fedsim.server.canaries`).
 
 Everything is derived from the seed (``(seed, purpose, canary)``), so the client that trains
-and the server that audits draw the same directions and bits without sending them.
+and the server that audits draw the same directions and bits without sending them; the
+module sits with the leaves, below both the client and the audits that score the canaries
+(:mod:`fedsim.privacy.audits.sample_canaries`).
 """
 
 from __future__ import annotations

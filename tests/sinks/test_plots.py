@@ -3,7 +3,7 @@
 import matplotlib.figure
 import pytest
 
-from fedsim.report.plots import plot_learning_curves
+from fedsim.sinks.plots import plot_learning_curves
 
 
 def _rounds(n: int) -> list[dict]:

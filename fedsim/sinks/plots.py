@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedsim.files import save_figure
+from fedsim.text import mathtext
 
 
 def _pyplot():
@@ -48,7 +49,7 @@ def plot_learning_curves(rounds: list[dict], path: Path, title: str = "",
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
-    fig.suptitle(title)
+    fig.suptitle(mathtext(title))  # a run's name is data: a "$" in it is no mathtext
     fig.tight_layout()
     try:
         save_figure(fig, path, dpi=100)
