@@ -141,7 +141,8 @@ def time_cohort(scenario: str, overrides: list[str], clients: int, threads: int,
     import fedsim.models.batched as batched_module
     from fedsim.client.runtime import shared_runtime
     from fedsim.config import load_scenario
-    from fedsim.engine.vectorized import CohortMember, plan_batches, train_cohort
+    from fedsim.engine.vectorized import CohortMember, train_cohort
+    from fedsim.models.local_sgd import plan_batches
     from fedsim.models.norm import uses_batch_statistics
 
     torch.set_num_threads(threads)

@@ -1,147 +1,286 @@
-"""Where one round's time goes, per piece, in milliseconds per round: the client work of a
-vectorized cohort (its ``vmap`` training, and the per-client host work around it: decoding,
-hooks, replies, state) and the server's own work between cohorts (configure, screening,
-aggregation, records, checkpoint).
+"""The host cost of a client update, per piece: per-client work, data generation and the
+driver's serial share, in microseconds per client update, on the in-process vectorized
+engine (every client still with its own Flower message, reply, hooks and state).
 
-    python benchmarks/round_pieces.py                                  # thousand_clients, 30 rounds
-    python benchmarks/round_pieces.py --scenario scenarios/quickstart.toml --rounds 20
+    python benchmarks/round_pieces.py                          # thousand_clients (synthetic)
+    python benchmarks/round_pieces.py --dataset mnist5k        # the same shape on mnist5k
     python benchmarks/round_pieces.py --set model.arch=mlp --json
+    python benchmarks/round_pieces.py --set model.arch=mlp --against /tmp/before --repeat 5
 
-It runs the scenario in this process on the in-process vectorized engine (the driver's work
-is the same code on the Ray cohort engine) with timers wrapped around the pieces, so the
-figures include the timers' own small cost. To compare two trees (before/after a change),
-run it alternately with ``PYTHONPATH`` set to each (``PYTHONPATH=/tmp/before python
-benchmarks/round_pieces.py`` times the code in /tmp/before, e.g. a ``git worktree`` of the
-earlier commit) and compare medians of the paired ratios: this machine's timings drift
-between runs far more than within one.
+It runs the scenario in this process (``engine.kind = "inprocess"``, ``engine.vectorize =
+true``, no evaluation but the last round's) with timers around the pieces. Each piece is
+timed twice: CPU time of this thread (``time.thread_time``: with ``engine.threads = 1``
+every piece runs on this thread, and time other processes take from a shared machine does
+not count) and wall time (``time.perf_counter``; it also counts waiting, e.g. a checkpoint's
+``fsync``). The reported figures are CPU time; ``*_wall`` keys give the wall time.
 
-Pieces (ms per round, over all rounds):
-  ``cohort``         CohortTrainer calls (the client side of every train round);
-  ``cohort_vmap``    ``train_cohort`` inside them (the stacked local SGD);
-  ``cohort_host``    the difference: per-client host work;
-  ``driver``         a round minus the cohort calls and server-side evaluation, plus the
-                     checkpoint and the round record (what Ray cohorts' driver does serially);
-  and the driver's main parts: ``aggregate_train``, ``_nonfinite`` (screening),
-  ``configure_train``, ``checkpoint``.
+Pieces, each divided by the number of client updates (train messages answered):
+
+``vmap_us``         the cohort's local SGD steps (the stacked ``vmap`` arithmetic; stacking
+                    the members' arrays and data before them is host work);
+``data_us``         generating or slicing the clients' data (synthetic generation, domain
+                    transforms, local splits) inside the train cohorts, one client at a
+                    time or a cohort at once (``--set data.generator=2``);
+``client_host_us``  the rest of the train cohorts: decoding messages, the hooks, start
+                    arrays, batch plans, stacking, replies, client state;
+``driver_us``       the round loop minus the cohorts and evaluation: sampling and
+                    configuring clients, the grid (contexts, client-state store), screening
+                    and aggregating replies, the round record and the checkpoint. On the
+                    Ray-cohort engine this part stays on the driver, serial.
+
+``driver_parts`` splits part of the driver's share (CPU): the checkpoint, the round record,
+screening replies, FedAvg's ``configure_train``/``aggregate_train``, pushing messages.
+
+``amdahl_16`` projects the Ray-cohort engine's speed-up over in-process at 16 actors from
+these shares (Amdahl's law): with ``s = driver_us`` serial and ``p = client_host_us +
+data_us + vmap_us`` spread over ``n`` actors, a client update costs ``s + p`` in-process
+and ``s + p / n`` with ``n`` actors, so the speed-up is ``(s + p) / (s + p / n)``, at most
+``1 + p / s``. It leaves out what only Ray adds (pickling cohorts, the actors' own
+per-task overhead), so it is an upper bound.
+
+To compare two trees (before/after a change), ``--against DIR`` runs this script
+``--repeat`` times on each tree, alternating (``PYTHONPATH=DIR``, then this repository),
+and prints the median of each figure and the ratio of the medians; ``DIR`` is for example
+a ``git worktree`` of the earlier commit. This machine's timings drift between runs far
+more than within one, so compare only figures from one alternating session.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import importlib
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the dataset-backed variant of thousand_clients: mnist5k's 5,000 images over 125 clients
+#: (40 samples each, as the synthetic clients), 100 of them per round
+DATASETS = {
+    "synthetic": [],
+    "mnist5k": ["data.name=mnist5k", "partition.num_clients=125"],
+}
 
-class Timers:
-    """Wall-clock totals of wrapped callables; ``exclude`` pieces are subtracted from the
-    ``net`` pieces that enclose them."""
+#: where each piece lives, in this tree or an earlier one: (module, attribute path); the
+#: first that exists is timed
+VMAP_AT = [("fedsim.engine.vectorized", "CohortBackend.run"),
+           ("fedsim.engine.vectorized", "_CohortRun.sgd_steps")]  # the steps alone, either way
+DATA_AT = [("fedsim.data.federated", "FederatedData._materialize"),
+           ("fedsim.data.federated", "FederatedData.prefetch")]
+
+#: parts of the driver's share, reported beside it (``driver_parts``, µs per update): (module,
+#: attribute path, label); those that exist in the tree are timed
+DRIVER_PARTS = [
+    ("fedsim.checkpoint", "Checkpointer.__call__", "checkpoint"),
+    ("fedsim.sinks.folder", "RunFolder.on_round", "round_record"),
+    ("fedsim.report.record", "RunRecorder.on_round", "round_record"),
+    ("fedsim.server.loop", "_nonfinite", "screening"),
+    ("flwr.serverapp.strategy", "FedAvg.configure_train", "configure_train"),
+    ("flwr.serverapp.strategy", "FedAvg.aggregate_train", "aggregate_train"),
+    ("fedsim.engine.inprocess", "InProcessGrid.push_messages", "grid_push"),
+]
+
+
+class Clock:
+    """CPU (this thread) and wall seconds of wrapped callables. A piece marked ``exclude``
+    is subtracted from the ``net`` pieces around it (once, however deeply such pieces
+    nest); ``inside`` pieces count only while a given piece is running."""
 
     def __init__(self) -> None:
-        self.total: dict[str, float] = collections.defaultdict(float)
-        self._excluded = 0.0
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.wall: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.depth: dict[str, int] = defaultdict(int)
+        self._excluded = [0.0, 0.0]
+        self._exclusive_depth = 0
 
-    def wrap(self, owner, name: str, label: str | None = None, *, exclude: bool = False,
-             net: bool = False) -> None:
+    def wrap(self, owner, name: str, label: str, *, exclude: bool = False,
+             net: bool = False, inside: str | None = None) -> None:
         f = getattr(owner, name)
-        label = label or name
 
         def timed(*a, **k):
-            t, before = time.perf_counter(), self._excluded
+            if inside is not None and not self.depth[inside]:
+                return f(*a, **k)
+            outer = exclude and self._exclusive_depth == 0
+            if exclude:
+                self._exclusive_depth += 1
+            before = list(self._excluded)
+            self.depth[label] += 1
+            c, w = time.thread_time(), time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
-                dt = time.perf_counter() - t
-                if net:
-                    dt -= self._excluded - before
-                self.total[label] += dt
+                dc, dw = time.thread_time() - c, time.perf_counter() - w
+                self.depth[label] -= 1
                 if exclude:
-                    self._excluded += dt
+                    self._exclusive_depth -= 1
+                if net:
+                    dc -= self._excluded[0] - before[0]
+                    dw -= self._excluded[1] - before[1]
+                self.cpu[label] += dc
+                self.wall[label] += dw
+                self.calls[label] += 1
+                if outer:
+                    self._excluded[0] += dc
+                    self._excluded[1] += dw
 
         setattr(owner, name, timed)
+
+
+def _resolve(candidates):
+    for module, path in candidates:
+        try:
+            owner = importlib.import_module(module)
+        except ImportError:
+            continue
+        *parents, name = path.split(".")
+        for part in parents:
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, name):
+            return owner, name
+    raise SystemExit(f"none of {candidates} exists in this tree")
+
+
+def _existing(candidates):
+    found = []
+    for module, path in candidates:
+        try:
+            found.append(_resolve([(module, path)]))
+        except SystemExit:
+            continue
+    return found
+
+
+def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
+    """Run ``scenario`` with the timers; the figures per client update."""
+    import fedsim
+    import fedsim.engine.vectorized as vectorized
+    import fedsim.engine.vectorized_eval as vectorized_eval
+    import fedsim.server.loop as loop
+
+    clock = Clock()
+    updates = [0]
+    trainer_call = vectorized.CohortTrainer.__call__
+
+    def counted(self, msgs, contexts):
+        updates[0] += len(msgs)
+        return trainer_call(self, msgs, contexts)
+
+    vectorized.CohortTrainer.__call__ = counted
+    clock.wrap(vectorized.CohortTrainer, "__call__", "cohort", exclude=True)
+    clock.wrap(*_resolve(VMAP_AT), "vmap", inside="cohort")
+    for owner, name in _existing(DATA_AT):  # each that exists: none calls another
+        clock.wrap(owner, name, "data", inside="cohort")
+    clock.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
+    parts = []
+    for module, path, label in DRIVER_PARTS:
+        for owner, name in _existing([(module, path)]):
+            clock.wrap(owner, name, label, inside="driver")
+            parts.append(label)
+    run_rounds = loop.run_rounds
+
+    def rounds_with_timed_evaluation(strategy, grid, arrays, scenario, evaluate, *a, **k):
+        holder = type("Evaluate", (), {"__call__": staticmethod(evaluate)})
+        clock.wrap(holder, "__call__", "evaluate", exclude=True)
+        return run_rounds(strategy, grid, arrays, scenario, holder.__call__, *a, **k)
+
+    holder = type("Loop", (), {"run_rounds": staticmethod(rounds_with_timed_evaluation)})
+    clock.wrap(holder, "run_rounds", "driver", net=True)
+    import fedsim.runner  # noqa: F401  the modules that import run_rounds by name
+    for module in list(sys.modules.values()):  # every module that imported it by name
+        if getattr(module, "run_rounds", None) is run_rounds:
+            module.run_rounds = holder.run_rounds
+    sets = overrides + [f"server.rounds={rounds}", "engine.kind=inprocess",
+                        "engine.vectorize=true", "engine.threads=1",
+                        "output.eval_every=1000000"]
+    with tempfile.TemporaryDirectory(prefix="fedsim-pieces-") as out:
+        t0 = time.perf_counter()
+        fedsim.run(scenario, sets, out=out, overwrite=True)
+        wall = time.perf_counter() - t0
+    n = max(1, updates[0])
+    res: dict = {}
+    for suffix, table in (("", clock.cpu), ("_wall", clock.wall)):
+        vmap, data = table["vmap"], table["data"]
+        res[f"client_host_us{suffix}"] = 1e6 * (table["cohort"] - vmap - data) / n
+        res[f"data_us{suffix}"] = 1e6 * data / n
+        res[f"driver_us{suffix}"] = 1e6 * table["driver"] / n
+        res[f"vmap_us{suffix}"] = 1e6 * vmap / n
+    res["amdahl_16"] = amdahl(res["driver_us"], res["client_host_us"] + res["data_us"]
+                              + res["vmap_us"], 16)
+    res["driver_parts"] = {k: 1e6 * clock.cpu[k] / n for k in dict.fromkeys(parts)}
+    res.update(updates=updates[0], rounds=rounds, run_wall_s=wall,
+               load_1min=os.getloadavg()[0])
+    return res
+
+
+def amdahl(serial: float, parallel: float, n: int) -> float:
+    """Amdahl's speed-up of ``n`` workers over one: ``(s + p) / (s + p / n)``."""
+    return (serial + parallel) / (serial + parallel / n)
+
+
+def compare(args: argparse.Namespace, rest: list[str]) -> None:
+    """Alternate runs of this script on ``args.against`` and on this tree; medians."""
+    trees = {"before": str(Path(args.against).resolve()), "after": str(ROOT)}
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for _ in range(args.repeat):
+        for label, tree in trees.items():
+            out = subprocess.run([sys.executable, __file__, "--json", *rest],
+                                 env={**os.environ, "PYTHONPATH": tree}, cwd=tree,
+                                 capture_output=True, text=True, check=True).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+    keys = [k for k in runs["after"][0] if isinstance(runs["after"][0][k], float)]
+    med = {label: {k: statistics.median(r[k] for r in rs) for k in keys}
+           for label, rs in runs.items()}
+    if args.json:
+        print(json.dumps({"median": med, "runs": runs}))
+        return
+    print(f"{args.repeat} alternating runs each, medians; {' '.join(rest)}")
+    print(f"  {'':<22}{'before':>12}{'after':>12}{'after/before':>14}")
+    for k in keys:
+        b, a = med["before"][k], med["after"][k]
+        print(f"  {k:<22}{b:12.1f}{a:12.1f}{a / b if b else float('nan'):14.2f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", default="scenarios/thousand_clients.toml")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic",
+                   help="synthetic clients, or the federation on a dataset (mnist5k)")
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--against", metavar="DIR", help="compare with the tree in DIR")
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    if args.against:
+        rest = ["--scenario", args.scenario, "--dataset", args.dataset,
+                "--rounds", str(args.rounds), *(f"--set={o}" for o in args.overrides)]
+        compare(args, rest)
+        return
     # fedsim and the ``strategies`` package from PYTHONPATH first, else this repository; never
     # this folder, whose strategies.py would shadow the package
     here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here] + [str(ROOT)]
-
-    import fedsim
-    import fedsim.checkpoint as checkpoint
-    import fedsim.engine.vectorized as vectorized
-    import fedsim.engine.vectorized_eval as vectorized_eval
-    import fedsim.server.evaluate as evaluate
-    import fedsim.server.loop as loop
-    import fedsim.sinks.folder as folder
-    from fedsim.server.strategies import STRATEGIES
-
-    timers = Timers()
-    inside = [0]
-    call = vectorized.CohortTrainer.__call__
-
-    def cohort(self, msgs, contexts):
-        inside[0] += 1
-        try:
-            return call(self, msgs, contexts)
-        finally:
-            inside[0] -= 1
-
-    vectorized.CohortTrainer.__call__ = cohort
-    timers.wrap(vectorized.CohortTrainer, "__call__", "cohort", exclude=True)
-    train_cohort = vectorized.train_cohort
-
-    def vmap_only(*a, **k):  # not the model check's dry step before round 1
-        if not inside[0]:
-            return train_cohort(*a, **k)
-        t = time.perf_counter()
-        try:
-            return train_cohort(*a, **k)
-        finally:
-            timers.total["cohort_vmap"] += time.perf_counter() - t
-
-    vectorized.train_cohort = vmap_only
-    timers.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
-    timers.wrap(evaluate.Evaluator, "__call__", "server_eval", exclude=True)
-    timers.wrap(loop, "_one_round", "round_net", net=True)
-    timers.wrap(checkpoint.Checkpointer, "__call__", "checkpoint")
-    timers.wrap(folder.RunFolder, "on_round", "record")
-    timers.wrap(loop, "_nonfinite")
-    scenario = fedsim.load_scenario(args.scenario, args.overrides)
-    strategy = STRATEGIES.get(scenario.server.strategy, key="server.strategy")
-    for hook in ("configure_train", "aggregate_train"):
-        if isinstance(strategy, type) and hasattr(strategy, hook):
-            timers.wrap(strategy, hook)
-    with tempfile.TemporaryDirectory(prefix="fedsim-pieces-") as out:
-        t0 = time.perf_counter()
-        fedsim.run(args.scenario, args.overrides + [
-            f"server.rounds={args.rounds}", "engine.kind=inprocess", "engine.vectorize=true",
-            "output.eval_every=1000000"], out=out, overwrite=True)
-        wall = time.perf_counter() - t0
-    t = {k: 1e3 * v / args.rounds for k, v in timers.total.items()}
-    res = {"cohort": t.get("cohort", 0.0), "cohort_vmap": t.get("cohort_vmap", 0.0)}
-    res["cohort_host"] = res["cohort"] - res["cohort_vmap"]
-    res["driver"] = t.get("round_net", 0.0) + t.get("checkpoint", 0.0) + t.get("record", 0.0)
-    for k in ("aggregate_train", "_nonfinite", "configure_train", "checkpoint"):
-        res[k] = t.get(k, 0.0)
-    res["wall_s"] = wall
+    sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != here] + [str(ROOT)]
+    res = measure(args.scenario, args.rounds, DATASETS[args.dataset] + args.overrides)
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{args.scenario}, {args.rounds} rounds {' '.join(args.overrides)}: ms per round")
-    for k, v in res.items():
-        print(f"  {k:<16} {v:9.2f}")
+    print(f"{args.scenario} ({args.dataset}), {args.rounds} rounds, {res['updates']} client "
+          f"updates {' '.join(args.overrides)}; load {res['load_1min']:.1f}")
+    print(f"  {'µs per client update':<22}{'CPU':>10}{'wall':>10}")
+    for k in ("client_host_us", "data_us", "driver_us", "vmap_us"):
+        print(f"  {k:<22}{res[k]:10.1f}{res[k + '_wall']:10.1f}")
+    print("  driver_us, of which (CPU): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in res["driver_parts"].items()))
+    print(f"  amdahl_16: Ray cohorts at 16 actors ≈ {res['amdahl_16']:.1f}x in-process "
+          "(upper bound)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class DataConfig:
     samples_per_client: int = 64
     test_samples: int = 1000  # synthetic, shakespeare: size of the global test set
     noise: float = 0.6
+    # synthetic only: 1 = a numpy generator per client and purpose; 2 = counter-based, a
+    # cohort's clients generated together (fedsim.data.synthetic_cohort), other numbers
+    generator: int = 1
     # held out for tuning (fedsim.data.validation): a stratified fraction of the training pool
     # no client sees (synthetic: this fraction of test_samples, from its own stream;
     # shakespeare: this fraction of each role's training windows, the ones just before its
@@ -60,6 +63,9 @@ class DataConfig:
         _check(self.test_samples >= 1, "data.test_samples", "it must be >= 1", self.test_samples)
         _check(self.seq_len >= 1, "data.seq_len", "it must be >= 1 (LEAF: 80)", self.seq_len)
         _check(self.noise >= 0, "data.noise", "it must be >= 0", self.noise)
+        _check(self.generator in (1, 2), "data.generator",
+               "it must be 1 (a generator per client) or 2 (cohorts generated together)",
+               self.generator)
         _check(0 <= self.validation_fraction < 1, "data.validation_fraction",
                "it must be in [0, 1) (0 = no validation split; 0.1 holds out a tenth of the "
                "training pool)", self.validation_fraction)

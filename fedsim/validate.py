@@ -58,17 +58,14 @@ def check_names(scenario: Scenario) -> None:
 
 
 def check_client_dp(scenario: Scenario) -> None:
-    """Refuse ``[client.dp]`` (DP-SGD) with batch statistics or vectorized cohorts."""
+    """Refuse ``[client.dp]`` (DP-SGD) with batch statistics (a sample's output depends on its
+    batch peers). Vectorized cohorts run it (per-sample gradients nested in the cohort);
+    whether the model traces that way is checked with the engine
+    (:func:`fedsim.engine.vectorized.check_vectorize`)."""
     if not scenario.client.dp.enabled:
         return
     if uses_batch_statistics(scenario.model.norm):
         raise ScenarioError(BATCH_NORM_REFUSAL.format(norm=scenario.model.norm))
-    if scenario.engine.vectorize:
-        raise ScenarioError(
-            "[client.dp] (DP-SGD) does not run in vectorized cohorts: engine.vectorize = true "
-            "trains clients with one vmap over the cohort, and per-sample gradients would need "
-            "a second vmap inside it, which fedsim's cohort trainer does not do; set "
-            "engine.vectorize = false")
 
 
 def check_strategy_params(scenario: Scenario) -> None:

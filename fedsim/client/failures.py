@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook
-from fedsim.client.step import Trained
 from fedsim.config import FailuresConfig
+from fedsim.models.sgd_step import Trained
 from fedsim.rng import numpy_rng
 
 #: train-config key that makes a client crash at that local step (set by the server)

@@ -34,12 +34,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 from fedsim.arrays import state_to_record
-from fedsim.client.step import ClientArrays, Trained, as_tensor_like
+from fedsim.client.step import ClientArrays, as_tensor_like
 from fedsim.config import ClientConfig
 from fedsim.models.norm import norm_keys as norm_keys  # re-exported: strategies import
 from fedsim.models.norm import norm_layers as norm_layers  # these three from here
 from fedsim.models.norm import norm_statistics_keys as norm_statistics_keys
 from fedsim.models.norm import statistics_layers as _statistics_layers
+from fedsim.models.sgd_step import Trained
 from fedsim.records import get_record
 from fedsim.registry import Registry
 

@@ -34,7 +34,7 @@ from fedsim.client.compress import upload_bytes
 from fedsim.client.failures import SimulatedCrash
 from fedsim.client.hooks import ClientHook, HookContext, hooks_for
 from fedsim.client.runtime import ClientSettings
-from fedsim.client.train import TrainResult
+from fedsim.models.sgd_step import TrainResult
 from fedsim.records import get_record, require_record
 from fedsim.server.strategies import strategy_class
 

@@ -26,6 +26,7 @@ from flwr.app import Context
 from torch import nn
 
 from fedsim import canaries
+from fedsim.client.step import GlobalArrays
 from fedsim.config import ClientConfig, Scenario
 from fedsim.context import RunContext
 from fedsim.data.federated import FederatedData, build_federated_data
@@ -91,6 +92,7 @@ class ClientRuntime:
     origin: Scenario | None = field(default=None, repr=False)  # what a pickle carries
     _copies: dict[int, nn.Module] = field(default_factory=dict, repr=False)
     _folded: dict[int, nn.Module] = field(default_factory=dict, repr=False)
+    _received: dict[int, GlobalArrays] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     on_device: DeviceSplits | None = field(default=None, repr=False)  # the run's, if shared
 
@@ -142,6 +144,17 @@ class ClientRuntime:
                     index_norm_layers(model)
                     self._folded[slot] = model
         return model
+
+    @property
+    def global_arrays(self) -> GlobalArrays:
+        """The current worker slot's received arrays, decoded into its model's layout once
+        per record (:class:`fedsim.client.step.GlobalArrays`): what one-at-a-time clients
+        start from."""
+        slot = WORKER_SLOT.get()
+        held = self._received.get(slot)
+        if held is None:
+            held = self._received[slot] = GlobalArrays(self.model)
+        return held
 
     def client_train(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client ``cid``'s training data on the run's device, copied there once per run

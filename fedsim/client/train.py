@@ -1,78 +1,38 @@
-"""One client at a time: the sequential backend of the client computation
-(:mod:`fedsim.client.step`), the batch plan every backend trains on, and local evaluation."""
+"""One client at a time: local training on a module (the step loop's one-client backend,
+:class:`fedsim.models.local_sgd.OneClient`) and local evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedsim.client.hooks import ClientHook
-from fedsim.client.step import (
+from fedsim.config import ClientConfig
+from fedsim.models.bn_statistics import batch_statistics
+from fedsim.models.local_sgd import (
+    BATCH_MEAN,
+    BatchPlan,
+    FixedBatches,
+    GradientRule,
+    OneClient,
+    local_steps,
+    plan_batches,
+)
+from fedsim.models.sgd_step import (
+    NO_TERMS,
     SGD,
     HookTerms,
     Trained,
-    cross_entropy,
+    TrainResult,
     eval_sums,
     eval_terms,
-    hits,
-    hook_loss,
     train_modes,
-    transform_grads,
 )
-from fedsim.config import ClientConfig
-from fedsim.models.bn_statistics import batch_statistics
 
-
-@dataclass(frozen=True)
-class TrainResult:
-    loss: float  # mean training loss over the local steps
-    accuracy: float  # training accuracy seen during the local steps
-    num_examples: int
-    steps: int
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator, drop_singleton: bool):
-    """Shuffled index batches; a trailing batch of one is dropped when ``drop_singleton``.
-
-    BatchNorm cannot compute batch statistics from a single vector, so models that use batch
-    statistics drop a last batch of size 1 instead of crashing mid-run.
-    """
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        if drop_singleton and len(idx) == 1 and n > 1:
-            continue
-        yield idx
-
-
-def plan_batches(n: int, cfg: ClientConfig, generator: torch.Generator,
-                 drop_singleton: bool = True) -> list[torch.Tensor]:
-    """The minibatch indices of one round of local training, in order.
-
-    ``cfg.local_steps > 0``: exactly that many batches, cycling through fresh shuffles of the
-    data (so batch sizes can be compared at a fixed number of steps, or of samples by scaling
-    the steps). Otherwise ``cfg.epochs`` shuffled passes. A model with batch statistics at
-    batch size 1 drops every batch, so it gets no step either way. Every backend trains on
-    this plan, so a seed gives the same batches sequentially and in vectorized cohorts.
-    """
-    if n == 0:
-        return []
-    if cfg.local_steps <= 0:
-        return [idx for _ in range(cfg.epochs)
-                for idx in batches(n, cfg.batch_size, generator, drop_singleton)]
-    plan: list[torch.Tensor] = []
-    while len(plan) < cfg.local_steps:
-        before = len(plan)
-        for idx in batches(n, cfg.batch_size, generator, drop_singleton):
-            plan.append(idx)
-            if len(plan) == cfg.local_steps:
-                break
-        if len(plan) == before:  # every batch is a dropped singleton: no step is possible
-            break
-    return plan
+__all__ = ["TrainResult", "evaluate", "evaluate_many", "plan_batches", "start_terms",
+           "train_local", "train_on_module"]
 
 
 def train_local(
@@ -84,65 +44,36 @@ def train_local(
     hooks: Sequence[ClientHook] = (),
     drop_singleton: bool = True,
 ) -> TrainResult:
-    """Minibatch SGD on (x, y) in place, over :func:`plan_batches`' batches (``cfg.epochs``
-    epochs, or exactly ``cfg.local_steps`` steps, at most what a hook caps): the sequential
-    backend of :mod:`fedsim.client.step`.
+    """Minibatch SGD on (x, y) in place, over :func:`~fedsim.models.local_sgd.plan_batches`'
+    batches (``cfg.epochs`` epochs, or exactly ``cfg.local_steps`` steps, at most what a
+    hook caps): the step loop on the module (:func:`train_on_module`)."""
+    terms = start_terms(model, hooks)
+    plan = FixedBatches(plan_batches(len(x), cfg, generator, drop_singleton))
+    return train_on_module(model, x, y, cfg, plan.capped(terms.max_steps), BATCH_MEAN,
+                           hooks, terms)
 
-    The module runs its own forward and backward pass (no functional call per step: this
-    path serves one client at a time, where that overhead would show); the loss, the hooks'
-    terms and transforms and the SGD update are the step module's, as in a cohort. Hooks'
-    ``before_train`` set the modes first; ``after_train`` runs after the last step.
-    """
+
+def train_on_module(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,
+                    plan: BatchPlan, rule: GradientRule, hooks: Sequence[ClientHook] = (),
+                    terms: HookTerms = NO_TERMS) -> TrainResult:
+    """One client's round on ``model`` in place: the hooks' ``before_train`` modes, the step
+    loop (:func:`~fedsim.models.local_sgd.local_steps` on
+    :class:`~fedsim.models.local_sgd.OneClient`) over ``plan`` with ``rule``, then the
+    hooks' ``after_train``."""
     train_modes(model, hooks)
-    params = dict(model.named_parameters())
-    trainable = {n: p for n, p in params.items() if p.requires_grad}
-    leaves = list(trainable.values())
-    terms = HookTerms(hooks, {n: p.detach().clone() for n, p in params.items()}) if hooks \
-        else None
-    plan = plan_batches(len(x), cfg, generator, drop_singleton)
-    if terms is not None and terms.max_steps is not None:
-        plan = plan[: terms.max_steps]
-    if plan and x.device.type != "cpu":  # drawn on a CPU generator: one copy to the device
-        plan = list(torch.cat(plan).to(x.device).split([len(i) for i in plan]))
-    sgd, momentum = SGD.of(cfg), {}
-    # per-step loss and hits stay on the device (no sync per step) and are summed once, below
-    losses: list[torch.Tensor] = []
-    right: list[torch.Tensor] = []
-    for idx in plan:
-        yb = y[idx]
-        logits = model(x[idx])
-        loss = cross_entropy(logits, yb)
-        full = loss
-        if terms:
-            extra = hook_loss(terms.active_hooks, params, terms.active_states)
-            if extra is not None:
-                full = full + extra
-        grads = {n: g for n, g in zip(trainable, torch.autograd.grad(full, leaves,
-                                                                     allow_unused=True))
-                 if g is not None}
-        if terms:
-            grads = transform_grads(terms.active_hooks, grads, terms.active_states)
-        sgd.update(trainable, grads, momentum, in_place=True)
-        losses.append(loss.detach())
-        right.append(hits(logits.detach(), yb))
+    backend = OneClient(model, x, y, plan, SGD.of(cfg), terms)
+    local_steps(backend, rule)
     for hook in hooks:
-        hook.after_train(model, Trained(len(plan), cfg.lr))
-    if not plan:
-        return TrainResult(float("nan"), float("nan"), 0, 0)
-    return TrainResult(*batch_means(losses, right, [len(idx) for idx in plan]), len(x),
-                       len(plan))
+        hook.after_train(model, Trained(plan.steps, cfg.lr))
+    return backend.result(rule)
 
 
-def batch_means(losses: Sequence[torch.Tensor], right: Sequence[torch.Tensor],
-                sizes: Sequence[int]) -> tuple[float, float]:
-    """(mean loss, accuracy) over the samples of batches with mean losses ``losses``, hit
-    counts ``right`` and ``sizes``: the loss summed in float64 batch by batch, in order
-    (the same sum as accumulating a float64 tensor step by step, one transfer at the end)."""
-    total = 0.0
-    for value, n in zip(torch.stack(list(losses)).double().tolist(), sizes):
-        total += value * n
-    seen = sum(sizes)
-    return total / seen, int(torch.stack(list(right)).sum().item()) / seen
+def start_terms(model: nn.Module, hooks: Sequence[ClientHook]) -> HookTerms:
+    """The hooks' step terms from the module's current parameters (a snapshot: the steps
+    update the module in place)."""
+    if not hooks:
+        return NO_TERMS
+    return HookTerms(hooks, {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
 def eval_batches(n: int, batch_size: int = 1024) -> list[slice]:

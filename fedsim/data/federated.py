@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedsim.config import DataConfig, ExposureConfig, PartitionConfig, Scenario
+from fedsim.data import synthetic_cohort
 from fedsim.data.datasets import DATASETS, ArrayDataset, SyntheticDataset, load_dataset
 from fedsim.data.domains import DOMAINS, apply_domain, client_domain
 from fedsim.data.partition import CLIENT_LABELS, PARTITIONS, split_clients
@@ -61,6 +62,8 @@ def check_data_config(data: DataConfig, partition: PartitionConfig) -> None:
         for name in partition.transforms:
             DOMAINS.get(name, key="partition.transforms")
     if data.name == "synthetic":
+        if data.generator == 2:
+            synthetic_cohort.check_generator(label_kind)
         if partition.kind == "natural":
             raise ScenarioError(
                 "partition.kind = 'natural' makes one client per writer, but data.name = "
@@ -177,7 +180,9 @@ def synthetic_cache_clients(data: DataConfig, input_shape: tuple[int, ...]) -> i
 
 
 class _SyntheticClients:
-    """Clients generated on demand from ``(seed, client id)`` alone."""
+    """Clients generated on demand from ``(seed, client id)`` alone: one client at a time
+    with a numpy generator per client and purpose (``data.generator = 1``), or a cohort at a
+    time from a counter-based generator (``2``, :mod:`fedsim.data.synthetic_cohort`)."""
 
     def __init__(self, dataset: SyntheticDataset, data: DataConfig,
                  partition: PartitionConfig, seed: int) -> None:
@@ -191,19 +196,41 @@ class _SyntheticClients:
         self.input_shape = dataset.input_shape
         # labels are asked for by sizes, class counts and samples alike; they are small
         self._labels = _LRU(LABEL_CACHE_CLIENTS)
+        self.cohort_generator = data.generator == 2
+        self.label_kind = (partition.label_kind if partition.kind == "feature"
+                           else partition.kind)
 
     def labels(self, cid: int) -> np.ndarray:
         return self._labels.get(cid, lambda: self._draw_labels(cid))
 
     def _draw_labels(self, cid: int) -> np.ndarray:
+        if self.cohort_generator:
+            return self.cohort_labels([cid])[0]
         rng = numpy_rng(self.seed, "synthetic", "labels", cid)
         y = self.sampler(self.partition, self.num_classes, self.data.samples_per_client, rng)
         y.flags.writeable = False  # shared by every caller through the cache
         return y
 
     def samples(self, cid: int) -> np.ndarray:
+        if self.cohort_generator:
+            return self.cohort_samples([cid], self.cohort_labels([cid]))[0]
         rng = numpy_rng(self.seed, "synthetic", "client", cid)
         return self.dataset.generate(self.labels(cid), rng)
+
+    # generator 2: whole cohorts
+    def keys(self, cids: list[int]) -> np.ndarray:
+        return synthetic_cohort.client_keys(self.seed, cids)
+
+    def cohort_labels(self, cids: list[int]) -> np.ndarray:
+        """``(len(cids), samples_per_client)`` labels of ``cids``, drawn together."""
+        y = synthetic_cohort.labels(self.keys(cids), self.label_kind, self.partition.alpha,
+                                    self.num_classes, self.data.samples_per_client)
+        y.flags.writeable = False  # rows are shared by every caller through the cache
+        return y
+
+    def cohort_samples(self, cids: list[int], y: np.ndarray) -> np.ndarray:
+        """The images of ``cids`` with labels ``y`` (``cohort_labels``), drawn together."""
+        return synthetic_cohort.images(self.dataset, self.keys(cids), y)
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.dataset.test_set()
@@ -236,6 +263,17 @@ class _LRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: int) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: int, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> Tensors:
@@ -368,7 +406,24 @@ class FederatedData:
     def _num_test(self, n: int) -> int:
         return min(max(1, math.floor(self.partition.test_fraction * n + 0.5)), n - 1)
 
+    def prefetch(self, cids: list[int]) -> None:
+        """Build the clients of ``cids`` not yet cached, together where the data allows
+        it (``data.generator = 2``: a cohort's generation in a few array operations); a
+        client's data is the same with or without it."""
+        if not self._cohort_generated:
+            return
+        missing = sorted({c for c in map(self._check, cids) if c not in self._clients})
+        for cid, data in zip(missing, self._materialize_cohort(missing)):
+            self._clients.put(cid, data)
+
+    @property
+    def _cohort_generated(self) -> bool:
+        return getattr(self._source, "cohort_generator", False)
+
     def _split(self, cid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cohort_generated:
+            train, test = synthetic_cohort.splits(self._source.keys([cid]), n, self._num_test(n))
+            return train[0], test[0]
         order = numpy_rng(self.seed, "split", cid).permutation(n)
         n_test = self._num_test(n)
         return np.sort(order[n_test:]), np.sort(order[:n_test])
@@ -378,9 +433,32 @@ class FederatedData:
         return self._clients.get(cid, lambda: self._materialize(cid))
 
     def _materialize(self, cid: int) -> tuple[Tensors, Tensors]:
+        if self._cohort_generated:
+            return self._materialize_cohort([cid])[0]
         x = self._source.samples(cid)
         y = self._source.labels(cid)
         if self.partition.kind == "feature":
             x = apply_domain(x, self.partition, self.seed, cid)
         train, test = self._split(cid, len(y))
         return _tensors(x[train], y[train]), _tensors(x[test], y[test])
+
+    def _materialize_cohort(self, cids: list[int]) -> list[tuple[Tensors, Tensors]]:
+        """Generator 2's clients ``cids``: labels, images and local splits drawn for all of
+        them at once (:mod:`fedsim.data.synthetic_cohort`), then each one's domain."""
+        if not cids:
+            return []
+        src = self._source
+        y = src.cohort_labels(cids)
+        for cid, row in zip(cids, y):
+            src._labels.put(cid, row)
+        x = src.cohort_samples(cids, y)
+        n = y.shape[1]
+        train, test = synthetic_cohort.splits(src.keys(cids), n, self._num_test(n))
+        out = []
+        for i, cid in enumerate(cids):
+            xi = x[i]
+            if self.partition.kind == "feature":
+                xi = apply_domain(xi, self.partition, self.seed, cid)
+            out.append((_tensors(xi[train[i]], y[i, train[i]]),
+                        _tensors(xi[test[i]], y[i, test[i]])))
+        return out

@@ -7,7 +7,7 @@ hooks' cold start). Run one client at a time that is two small forward passes an
 load per client; here a cohort's clients run together. Arrays every client shares (the
 global conv weights under FedBN) enter ``vmap`` unbatched, so their layers run as one plain
 batched call; per-client arrays are stacked. The hooks act on arrays (``on_receive``) and
-the loss and accuracy are the client computation's (:func:`fedsim.client.step.eval_sums`),
+the loss and accuracy are the client computation's (:func:`fedsim.models.sgd_step.eval_sums`),
 so each client's results equal ``fedsim.client.app.handle_evaluate``'s within float
 tolerance.
 
@@ -29,12 +29,13 @@ from torch.func import functional_call, vmap
 
 from fedsim.client.hooks import ClientHook, statistics_parts
 from fedsim.client.messages import ClientRequest, decode, error_reply, evaluate_reply
+from fedsim.client.pipeline import client_start
 from fedsim.client.runtime import ClientRuntime
-from fedsim.client.step import ClientArrays, eval_sums
+from fedsim.client.step import GlobalArrays
 from fedsim.client.train import eval_batches
-from fedsim.engine.cohort_arrays import GlobalArrays, serve_eagerly
 from fedsim.models.bn_statistics import kept_modes
 from fedsim.models.norm import layer_uses_batch_statistics
+from fedsim.models.sgd_step import eval_sums
 
 #: (mean loss, accuracy, number of test samples), as ``fedsim.client.train.evaluate``
 EvalResult = tuple[float, float, int]
@@ -227,9 +228,10 @@ class MemberBuilder:
     """Builds each client's :class:`EvalMember` from the global arrays and its hooks.
 
     Every hook acts on arrays (``on_receive``), so the client's arrays are a shared copy of
-    the global ones with its overrides laid over them (no model load), and a cold start the
-    hooks ask for becomes an estimation done in the cohort. Several cold starts in a row
-    are served eagerly on the model, as one client at a time would.
+    the global ones with its overrides laid over them (no model load;
+    :func:`fedsim.client.pipeline.client_start`, as every client starts), and a cold start
+    the hooks ask for becomes an estimation done in the cohort. Several cold starts in a
+    row are served eagerly on the model, as one client at a time would.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -240,11 +242,7 @@ class MemberBuilder:
                  y: torch.Tensor, local_train: Callable[[], tuple[torch.Tensor, torch.Tensor]]
                  ) -> EvalMember:
         params, buffers = self.global_arrays(record)
-        arrays = ClientArrays({**params, **buffers})
-        for hook in hooks:
-            hook.on_receive(self.model, arrays)
-        if len(arrays.estimates) > 1:  # in a row: each sees the previous one's statistics
-            serve_eagerly(self.model, params, buffers, arrays, local_train)
+        arrays = client_start(self.model, params, buffers, hooks, local_train, defer_one=True)
         member = EvalMember({n: arrays[n] for n in params}, {n: arrays[n] for n in buffers},
                             x, y)
         if arrays.estimates:
@@ -262,7 +260,7 @@ class CohortEvaluator:
 
     Runs what ``fedsim.client.app.handle_evaluate`` runs per client — the same decoding and
     replies (:mod:`fedsim.client.messages`), the hooks' ``on_receive`` in evaluate mode, the
-    same loss and accuracy (:func:`fedsim.client.step.eval_sums`) — with the clients'
+    same loss and accuracy (:func:`fedsim.models.sgd_step.eval_sums`) — with the clients'
     forward passes in one ``vmap`` cohort; a client whose preparation fails gets an error
     reply, the others are unaffected. ``runtime`` is the run's client runtime, shared with
     the ClientApp.

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.func import functional_call
 
 from fedsim.files import make_folder, save_figure
+from fedsim.models.local_sgd import BATCH_MEAN, FixedBatches, OneClient, local_steps
+from fedsim.models.sgd_step import SGD
 from fedsim.rng import torch_generator
 
 BN_MODES = ("eval", "train")
@@ -356,8 +357,9 @@ def simulate_update(
     functionally so that it is differentiable in ``x`` (``create_graph=True``).
 
     One step per entry of ``plan`` (the indices of each batch, in order, as
-    :func:`fedsim.client.train.plan_batches` gives them), with torch's SGD rule: ``g + wd·w``,
-    momentum buffer ``b = g`` at the first step and ``μ·b + g`` after, ``w ← w − lr·b``. Modules
+    :func:`fedsim.models.local_sgd.plan_batches` gives them), on the client's own step loop
+    (:mod:`fedsim.models.local_sgd`) with torch's SGD rule: ``g + wd·w``, momentum buffer
+    ``b = g`` at the first step and ``μ·b + g`` after, ``w ← w − lr·b``. Modules
     named in ``running`` (BatchNorm layers in train mode) get their running statistics folded
     in as BatchNorm does, from each batch's mean and unbiased variance at their input, so the
     uploaded buffers can be matched too. The caller's model is not changed.
@@ -369,47 +371,37 @@ def simulate_update(
 def _simulate(clone: nn.Module, x: torch.Tensor, y: torch.Tensor,
               plan: Sequence[torch.Tensor], lr: float, momentum: float, weight_decay: float,
               create_graph: bool, running: Sequence[str]) -> SimulatedUpdate:
-    """:func:`simulate_update` on a prepared copy; the copy's buffers stay as they are
-    (each step works on fresh copies of them), so one copy serves many calls."""
-    names = [n for n, p in clone.named_parameters() if p.requires_grad]
-    params = {n: p.detach().requires_grad_(True) for n, p in clone.named_parameters()
-              if p.requires_grad}
-    start = [params[n] for n in names]
+    """:func:`simulate_update` on a prepared copy: the client's step loop
+    (:func:`fedsim.models.local_sgd.local_steps`) on the copy, functionally
+    (:class:`~fedsim.models.local_sgd.OneClient` with ``functional``), so the copy's own
+    arrays stay as they are and one copy serves many calls. The running statistics of
+    ``running`` are folded in from each step's forward pass by a forward hook, as a
+    function of ``x``."""
     modules = dict(clone.named_modules())
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [modules[n].register_forward_hook(_batch_stats_hook(n, seen)) for n in running]
     stats = {n: (modules[n].running_mean.detach().clone(), modules[n].running_var.detach().clone())
              for n in running}
     tracked = {n: int(modules[n].num_batches_tracked) for n in running}
-    buf: dict[str, torch.Tensor] = {}
-    y = y.long()
+
+    def fold(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output) -> None:
+            mean, var = _input_stats(inputs[0])
+            tracked[name] += 1
+            f = module.momentum if module.momentum is not None else 1.0 / tracked[name]
+            stats[name] = ((1 - f) * stats[name][0] + f * mean, (1 - f) * stats[name][1] + f * var)
+        return hook
+
+    handles = [modules[n].register_forward_hook(fold(n)) for n in running]
+    client = OneClient(clone, x, y.long(), FixedBatches(list(plan)),
+                       SGD(lr, momentum, weight_decay), functional=True,
+                       create_graph=create_graph)
+    start = client.trained()
     try:
-        for idx in plan:
-            state = {**{n: b.clone() for n, b in clone.named_buffers()}, **params}
-            loss = F.cross_entropy(functional_call(clone, state, (x[idx],)), y[idx])
-            grads = torch.autograd.grad(loss, [params[n] for n in names],
-                                        create_graph=create_graph)
-            new = {}
-            for n, g in zip(names, grads):
-                if weight_decay:
-                    g = g + weight_decay * params[n]
-                if momentum:
-                    g = buf[n] = g if n not in buf else momentum * buf[n] + g
-                new[n] = params[n] - lr * g
-            if not create_graph:
-                new = {n: p.detach().requires_grad_(True) for n, p in new.items()}
-                buf = {n: b.detach() for n, b in buf.items()}
-            params = new
-            for n in running:
-                tracked[n] += 1
-                m = modules[n].momentum
-                f = m if m is not None else 1.0 / tracked[n]
-                mean, var = seen[n]
-                stats[n] = ((1 - f) * stats[n][0] + f * mean, (1 - f) * stats[n][1] + f * var)
+        local_steps(client, BATCH_MEAN)
     finally:
         for handle in handles:
             handle.remove()
-    update = [s - params[n] for n, s in zip(names, start)]
+    final = client.trained()
+    update = [start[n] - final[n] for n in start]
     if not create_graph:
         update = [u.detach() for u in update]
         stats = {n: (m.detach(), v.detach()) for n, (m, v) in stats.items()}
@@ -490,16 +482,19 @@ def invert_update(
 
 
 def _batch_stats_hook(name: str, seen: dict):
-    """Forward hook storing the per-channel mean and unbiased variance of a module's input,
-    over every dimension but the channel one (what BatchNorm's running statistics track)."""
+    """Forward hook storing :func:`_input_stats` of a module's input in ``seen[name]``."""
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        h = inputs[0]
-        dims = [0, *range(2, h.dim())]
-        var, mean = torch.var_mean(h, dim=dims, correction=1)
-        seen[name] = (mean, var)
+        seen[name] = _input_stats(inputs[0])
 
     return hook
+
+
+def _input_stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of ``h`` over every dimension but the channel
+    one (what BatchNorm's running statistics track)."""
+    var, mean = torch.var_mean(h, dim=[0, *range(2, h.dim())], correction=1)
+    return mean, var
 
 
 def _as_images(x: torch.Tensor | np.ndarray) -> torch.Tensor:

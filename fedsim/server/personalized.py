@@ -21,8 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fedsim.arrays import load_record
-from fedsim.client.hooks import HookContext, hooks_for, receive, request_hooks
+from fedsim.client.hooks import HookContext, hooks_for, request_hooks
+from fedsim.client.pipeline import evaluate_start
+from fedsim.client.step import GlobalArrays
 from fedsim.client.train import evaluate
 from fedsim.data.federated import FederatedData
 from fedsim.engine.ordered import ClientOrderedGrid
@@ -79,6 +80,7 @@ class PersonalizedEvaluator:
         self.grid = grid
         self.data = data
         self.model = copy.deepcopy(model)
+        self.global_arrays = GlobalArrays(self.model)
         self.on_device = evaluator.on_device  # the run's device copies of client data
         self._cohort_model: nn.Module | None = None
         self.device = device
@@ -105,14 +107,17 @@ class PersonalizedEvaluator:
         return acc, n
 
     def _holdout(self, arrays: ArrayRecord) -> list[float]:
+        """Each holdout client's own model (the global arrays, its hooks' cold start) on its
+        local test split, through the client pipeline's start
+        (:func:`fedsim.client.pipeline.evaluate_start`), one at a time or as cohorts."""
         if self.cohort_size is not None:
             return self._holdout_cohorts(arrays)
         acc = []
         for cid in self.holdout:
-            load_record(self.model, arrays)
             ctx = HookContext(cid, self.config(), RecordDict(), mode="evaluate",
                               local_train=lambda cid=cid: self.on_device.client_train(cid))
-            receive(self.model, hooks_for(ctx), ctx.local_train)
+            evaluate_start(self.model, self.global_arrays, arrays, hooks_for(ctx),
+                           ctx.local_train)
             acc.append(evaluate(self.model, *self.on_device.client_test(cid),
                                 bn_eval=self.bn_eval)[1])
         return acc

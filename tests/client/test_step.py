@@ -7,7 +7,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.arrays import state_to_record
 from fedsim.client.hooks import HookContext, ProximalHook
-from fedsim.client.step import SGD, ClientArrays, HookTerms, eval_sums, hook_loss
+from fedsim.client.step import ClientArrays
+from fedsim.models.sgd_step import SGD, HookTerms, eval_sums, hook_loss
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-2),

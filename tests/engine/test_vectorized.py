@@ -15,7 +15,6 @@ from fedsim.arrays import model_to_record, record_to_state, state_to_record
 from fedsim.client.app import handle_train
 from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, LocalArraysHook, sets_modes
 from fedsim.client.runtime import shared_runtime
-from fedsim.client.step import mode_key, set_modes
 from fedsim.client.train import train_local
 from fedsim.config import ClientConfig, load_scenario
 from fedsim.engine.inprocess import set_task_identity
@@ -23,13 +22,14 @@ from fedsim.engine.vectorized import (
     CohortMember,
     CohortTrainer,
     _padded_data,
-    plan_batches,
     train_cohort,
 )
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, uses_batch_statistics
 from fedsim.models.batched import fold_for_cohort
+from fedsim.models.local_sgd import plan_batches
 from fedsim.models.norm import norm_layers
+from fedsim.models.sgd_step import mode_key, set_modes
 from fedsim.rng import torch_generator
 
 CFG = ClientConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -252,7 +252,8 @@ def test_vectorized_run_matches_sequential_run(tmp_path, norm, strategy):
 @pytest.mark.parametrize("overrides,match", [
     # Ray runs cohorts on actors now; more actors than this machine's CPUs would never start
     (["engine.kind=ray", "engine.ray_workers=64"], "engine.ray_workers = 64 actors"),
-    (["client.dp.noise_multiplier=1.0", "model.norm=gn"], "does not run in vectorized"),
+    # DP-SGD runs vectorized, but never with batch statistics
+    (["client.dp.noise_multiplier=1.0", "model.norm=bn"], "depends on the other samples"),
 ])
 def test_unsupported_combinations_are_refused_before_training(tmp_path, overrides, match):
     with pytest.raises(ScenarioError, match=match):
@@ -459,7 +460,7 @@ def test_cohort_with_step_hooks_equals_sequential_within_float64_derived_toleran
     """FedProx + SCAFFOLD terms, clients of different sizes: each cohort member's final
     parameters equal ``train_local``'s within a multiple of how far float32 ``train_local``
     itself is from a float64 run of the same computation."""
-    from fedsim.client.step import HookTerms
+    from fedsim.models.sgd_step import HookTerms
 
     model, start, bufs = seeded_model("cnn", norm)
     drop = uses_batch_statistics(norm)
@@ -493,12 +494,15 @@ STEP_RUN = TINY + ["model.norm=ln", "server.rounds=3", "partition.kind=dirichlet
     ["server.strategy=scaffold"],
     ["failures.crash=0.3"],
     ["model.norm=bn", "server.strategy=fixbn", "server.params.warmup=1"],
-], ids=["fedprox", "scaffold", "crash", "fixbn"])
+    ["client.dp.noise_multiplier=1.0", "server.strategy=fedprox",
+     "server.params.proximal_mu=0.1"],
+], ids=["fedprox", "scaffold", "crash", "fixbn", "dpsgd-fedprox"])
 def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrides):
     """FedProx, SCAFFOLD (client control variates carried across rounds in client state),
-    simulated crashes and FixBN's frozen statistics (a mode change) run vectorized: the
-    same clients fail for the same reasons, and the final model equals the sequential
-    in-process engine's within float tolerance."""
+    simulated crashes, FixBN's frozen statistics (a mode change) and DP-SGD with FedProx
+    run vectorized: the same clients fail for the same reasons, and the final model equals
+    the sequential in-process engine's within float tolerance (DP-SGD: each client's noise
+    from its own generator on both)."""
     import json
 
     args = STEP_RUN + overrides
@@ -520,6 +524,58 @@ def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrid
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-3)
     assert a.summary["timing"]["client_updates"] == b.summary["timing"]["client_updates"]
+    if "client.dp.noise_multiplier=1.0" in overrides:  # the same steps: the same ε
+        assert a.summary["client_dp"] == b.summary["client_dp"]
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln", "none"])
+def test_dpsgd_cohort_equals_one_client_at_a_time(norm):
+    """DP-SGD in a cohort: per-sample gradients nested in the vmap over clients, each
+    client's Poisson batches, gradient canaries and noise from its own generator, with
+    FedProx's and SCAFFOLD's terms, momentum and weight decay, clients of 13, 8, 21 and 3
+    samples (4, 2, 6 and 2 steps): each member's parameters and metrics equal
+    ``train_dpsgd`` on the client alone.
+
+    In float64, so both runs draw the very same noise and only summation order differs:
+    ~16 steps of sums over at most 21 samples and ~2k parameters leave relative rounding
+    below ~1e-12, and 1e-9 keeps a 1000x margin, while a wrong batch, noise draw, canary
+    or clip moves a parameter by about lr·σC/(q·n) ≈ 1e-2."""
+    from fedsim.canaries import unit_directions
+    from fedsim.client.dpsgd import poisson_plan, train_dpsgd
+    from fedsim.config import ClientDPConfig
+    from fedsim.models.dp_sgd import DPSGD
+    from fedsim.models.sgd_step import HookTerms
+
+    model, start, bufs = seeded_model("cnn", norm)
+    model = model.double()
+    start = {k: v.double() for k, v in start.items()}
+    bufs = {k: v.double() if v.is_floating_point() else v for k, v in bufs.items()}
+    cfg = ClientConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3,
+                       dp=ClientDPConfig(noise_multiplier=1.0, max_grad_norm=0.5))
+    dim = sum(p.numel() for p in start.values())
+    members, expected = [], []
+    for cid, (x, y) in enumerate(clients(sizes=(13, 8, 21, 3))):
+        x = x.double()
+        canaries = (torch.from_numpy(unit_directions(dim, 0, "t", [cid, cid + 10])).double()
+                    if cid in (0, 2) else None)
+        plan = poisson_plan(len(x), cfg, 1.0, torch_generator(0, "dp", cid), canaries)
+        members.append(CohortMember(start, x, y, plan, bufs,
+                                    terms=HookTerms(_step_hooks(cid, start), start)))
+        ref = copy.deepcopy(model)
+        ref_start = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        res = train_dpsgd(ref, x, y, cfg, 1.0, torch_generator(0, "dp", cid),
+                          _step_hooks(cid, ref_start), canaries)
+        expected.append((dict(ref.named_parameters()), res))
+    finals, results = train_cohort(fold_for_cohort(model), members, cfg,
+                                   rule=DPSGD(cfg.dp.max_grad_norm))
+    assert [r.steps for r in results] == [4, 2, 6, 2]
+    for (params, res), final, got in zip(expected, finals, results):
+        assert (got.steps, got.num_examples) == (res.steps, res.num_examples)
+        assert got.loss == pytest.approx(res.loss, rel=1e-9)
+        assert got.accuracy == pytest.approx(res.accuracy, abs=1e-12)
+        for name, p in params.items():
+            torch.testing.assert_close(final[name], p.detach(), rtol=1e-9, atol=1e-12)
+            assert not torch.equal(final[name], start[name])  # it did train
 
 
 def test_padded_data_is_each_members_data_then_zeros():

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.client.step import eval_sums
 from fedsim.client.train import eval_batches, evaluate, evaluate_many
 from fedsim.models import build_model
 from fedsim.models.bn_statistics import (
@@ -23,6 +22,7 @@ from fedsim.models.bn_statistics import (
     segment_moments,
     unbiased,
 )
+from fedsim.models.sgd_step import eval_sums
 
 F64 = 64 * torch.finfo(torch.float64).eps  # a few dozen roundings of float64 sums
 

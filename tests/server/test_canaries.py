@@ -11,8 +11,8 @@ from flwr.serverapp.strategy import FedAvg
 
 import fedsim
 from fedsim import canaries, compat
-from fedsim.client.dpsgd import canary_gradients
 from fedsim.engine.inprocess import set_task_identity
+from fedsim.models.dp_sgd import canary_gradients
 from fedsim.server.canaries import CanaryClients
 
 QUICK = "scenarios/quickstart.toml"
