@@ -25,9 +25,14 @@ clients_per_round = 2
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
-def test_two_rounds_through_superlink_and_two_supernodes(tmp_path):
+def test_two_rounds_through_superlink_and_two_supernodes_with_recalibrated_bn(tmp_path):
+    """Two rounds of a BN model on a real SuperLink and two SuperNodes (one deployment, the
+    suite's costliest start-up, serves both checks): every round reaches the progress line
+    and rounds.jsonl, the run ends with its summary and model and no process left, and with
+    server.bn_statistics = "recalibrate" the SuperNodes' ClientApp answers the
+    query.bn_moments messages, so every round's statistics are recalibrated."""
     scenario = tmp_path / "two.toml"
-    scenario.write_text(TWO_CLIENTS)
+    scenario.write_text(TWO_CLIENTS + 'bn_statistics = "recalibrate"\n[model]\nnorm = "bn"\n')
     out = tmp_path / "results"
     dep = LocalDeployment(num_nodes=2, workdir=tmp_path / "deploy")
     seen = []
@@ -48,27 +53,7 @@ def test_two_rounds_through_superlink_and_two_supernodes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["global_test_accuracy"] > rounds[0]["global_test_accuracy"]
     assert (out / "model.pt").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr CLI not installed")
-def test_recalibrated_bn_statistics_through_superlink(tmp_path):
-    """server.bn_statistics = "recalibrate" on the Deployment Engine: the SuperNodes' ClientApp
-    answers the query.bn_moments messages, and every round's statistics are recalibrated."""
-    scenario = tmp_path / "bn.toml"
-    scenario.write_text(TWO_CLIENTS + 'bn_statistics = "recalibrate"\n[model]\nnorm = "bn"\n'
-                        "width = 8\n")
-    out = tmp_path / "results"
-    dep = LocalDeployment(num_nodes=2, workdir=tmp_path / "deploy")
-    try:
-        dep.start(timeout=60)
-        result = dep.run(ROOT, {"scenario": str(scenario), "out": str(out)}, timeout=240)
-        assert result.returncode == 0, dep.logs()
-    finally:
-        dep.stop()
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["bn_statistics"] for r in rounds[1:]] == [
         {**rounds[1]["bn_statistics"], "mode": "recalibrate", "applied": True, "layers": 2,
          "clients": 2, "messages": 4}] * 2
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["bn_statistics"]["rounds_applied"] == 2
