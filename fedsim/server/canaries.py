@@ -51,6 +51,7 @@ from fedsim.privacy.canary import cosines, gaussian_estimate
 from fedsim.privacy.one_run import one_run_audit
 from fedsim.records import get_record
 from fedsim.rng import numpy_rng
+from fedsim.server.wrapping import WrappingStrategy
 
 #: the client id canary i answers with: negative, so it can never be a real client's
 CANARY_ID = -1
@@ -60,13 +61,13 @@ def _flat(record: ArrayRecord, keys: list[str]) -> np.ndarray:
     return np.concatenate([record[k].numpy().astype(np.float64).ravel() for k in keys])
 
 
-class CanaryClients(Strategy):
+class CanaryClients(WrappingStrategy):
     """Inserts canary clients' replies before ``strategy`` aggregates (module docstring)."""
 
     def __init__(self, strategy: Strategy, parameter_names: list[str], count: int,
                  rate: float, seed: int, norm: float = 0.0, delta: float = 1e-5,
                  confidence: float = 0.95) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.parameter_names = list(parameter_names)
         self.count = count
         self.rate = rate
@@ -116,17 +117,6 @@ class CanaryClients(Strategy):
             self.best = np.maximum(self.best, cosines(step, self._directions()))
             self.rounds += 1
         return aggregated, metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     # -- canaries --------------------------------------------------------------------------
     def _directions(self, indices: Iterable[int] | None = None) -> np.ndarray:

@@ -73,6 +73,7 @@ from fedsim.privacy.accountant import ACCOUNTANT, Sampling, epsilon, noise_for_e
 from fedsim.rng import derive_seed, numpy_rng
 from fedsim.server.dp_analysis import predicted_unnoised, unnoised_why, why_not
 from fedsim.server.strategies import strategy_class
+from fedsim.server.wrapping import WrappingStrategy
 
 COVERS = (
     "the model's float parameters uploaded by clients: each client's update of them is "
@@ -141,7 +142,7 @@ class _SampledGrid(DelegatingGrid):
         return list(self.nodes)
 
 
-class _Rejoin(Strategy):
+class _Rejoin(WrappingStrategy):
     """Sits between the DP wrapper and the real strategy: puts back what DP must not see.
 
     Before clipping, the DP wrapper hands each reply on with only its covered arrays; this
@@ -150,13 +151,9 @@ class _Rejoin(Strategy):
     """
 
     def __init__(self, strategy: Strategy, uniform_weights: bool) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.uniform_weights = uniform_weights
         self.stash: dict[int, ArrayRecord] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -173,17 +170,6 @@ class _Rejoin(Strategy):
                 metrics = next(iter(reply.content.metric_records.values()))
                 metrics[self.strategy.weighted_by_key] = 1
         return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 class _ParametersOnly:
