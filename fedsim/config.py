@@ -1415,6 +1415,64 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return scenario_from_dict(raw)
 
 
+def upgrade_flat_privacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a scenario as a dict) with a flat ``[privacy]`` section of an earlier fedsim
+    spelled the per-audit way, unchanged otherwise.
+
+    Results folders hold the resolved scenario with every key, so each one written before the
+    audits had sections of their own spells ``[privacy]`` flat; readers of results folders
+    (reports, tables, a resumed sweep's finished cells) read them through
+    :func:`load_written_scenario`. A scenario file a user writes is refused instead, with the
+    new spelling (:func:`_refuse_flat_privacy`).
+    """
+    old = raw.get("privacy")
+    if not isinstance(old, dict) or not (
+            any(k in MOVED_PRIVACY_KEYS for k in old)
+            or any(k in old and not isinstance(old[k], dict) for k in PRIVACY_SWITCHES)):
+        return raw
+    new: dict[str, Any] = {k: v for k, v in old.items()
+                           if k not in MOVED_PRIVACY_KEYS and k not in PRIVACY_SWITCHES}
+    audits = [k for k in PRIVACY_SWITCHES
+              if k in old and not isinstance(old[k], dict) and old[k] not in (False, 0, [], ())]
+    exposure = new.get("exposure")
+    if isinstance(exposure, dict) and exposure.get("canaries", 0):
+        audits.append("exposure")
+    new["audits"] = [*new.get("audits", []), *audits]
+
+    def put(path: str, value: Any) -> None:
+        table = new
+        *parents, leaf = path.split(".")
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[leaf] = value
+
+    if isinstance(old.get("mia"), (list, tuple)):
+        put("mia.attacks", list(old["mia"]))
+    for key in ("canary_clients", "canary_samples"):
+        if isinstance(old.get(key), int) and not isinstance(old[key], bool) and old[key]:
+            put(f"{key}.count", old[key])
+    for key, value in old.items():
+        if key not in MOVED_PRIVACY_KEYS:
+            continue
+        # "mia.every (and privacy.exposure.every)": every place the key lives now
+        spelled = MOVED_PRIVACY_KEYS[key].replace("(and", ",").rstrip(")")
+        for path in (p.strip().removeprefix("privacy.") for p in spelled.split(",")):
+            if not path.startswith("exposure.") or "exposure" in new:
+                put(path, value)
+    for name in ("mia", "client_mia", "leakage", "inversion", "canary_clients"):
+        if name in new and name not in new["audits"] and isinstance(new[name], dict):
+            del new[name]  # defaults of an audit that did not run
+    return {**raw, "privacy": new}
+
+
+def load_written_scenario(path: str | Path) -> Scenario:
+    """A results folder's ``scenario.toml``, also one an earlier fedsim wrote
+    (:func:`upgrade_flat_privacy`)."""
+    raw = read_toml(path)
+    raw.setdefault("name", Path(path).stem)
+    return scenario_from_dict(upgrade_flat_privacy(raw))
+
+
 def replace(scenario: Scenario, overrides: list[str] | tuple[str, ...]) -> Scenario:
     """A copy of ``scenario`` with ``key=value`` overrides applied and re-validated."""
     raw = scenario.to_dict()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.cells import followers
-from fedsim.config import load_scenario
+from fedsim.config import load_written_scenario
 from fedsim.errors import ScenarioError
 from fedsim.files import write_json
 from fedsim.lock import clear, hold, is_empty
@@ -61,7 +61,7 @@ def _report_sweep(root: Path, warn: Callable[[str], None] | None) -> Path:
         raise ScenarioError(f"{str(root)!r} has a {SWEEP_JSON} but is not a sweep folder "
                             "written by fedsim sweep (no cell list, or no scenario.toml); "
                             "run the sweep again: fedsim sweep FILE --out DIR")
-    base = load_scenario(root / "scenario.toml")
+    base = load_written_scenario(root / "scenario.toml")
     cells = [RunCell(name, params, root / name) for name, params in names]
     runs = info.get("invocations") or []
     tuning = None
@@ -135,7 +135,7 @@ def _flat_scenario(folder: Path) -> dict[str, Any]:
     """The run's scenario as dotted keys; {} when its ``scenario.toml`` does not parse (the
     report then lists the run as damaged)."""
     try:
-        return flat_keys(load_scenario(folder / "scenario.toml").to_dict())
+        return flat_keys(load_written_scenario(folder / "scenario.toml").to_dict())
     except (ScenarioError, OSError, UnicodeDecodeError):
         return {}
 

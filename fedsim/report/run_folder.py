@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import Scenario, load_scenario
+from fedsim.config import Scenario, load_written_scenario
 from fedsim.errors import ScenarioError
 from fedsim.report.claims import SUMMARY_METRICS
 
@@ -80,7 +80,7 @@ def read_run(folder: str | Path) -> RunFiles | Damaged | None:
     except _Bad as exc:
         return Damaged(folder, SUMMARY, str(exc))
     try:
-        scenario = load_scenario(folder / SCENARIO)
+        scenario = load_written_scenario(folder / SCENARIO)
     except (ScenarioError, OSError, UnicodeDecodeError) as exc:
         return Damaged(folder, SCENARIO, _first_line(exc))
     if not (folder / ROUNDS).is_file():

@@ -277,3 +277,38 @@ def test_fields_beside_the_numbers_a_reader_opens_are_no_damage(tmp_path):
     (folder / "summary.json").write_text(json.dumps(summary))
     assert read_run(folder).why == ("privacy.membership_epsilon.loss.epsilon_if_independent = "
                                     '"0.4" is not a number')
+
+
+#: a [privacy] section as fedsim wrote it into results folders before audits had sections
+FLAT_PRIVACY = {"mia": ["loss", "lira"], "shadows": 4, "audit_every": 2, "client_mia": False,
+                "inversion": True, "inversion_steps": 50, "bn_mode": "eval", "leakage": False,
+                "canary_clients": 0, "audit_confidence": 0.9}
+
+
+def test_a_scenario_an_earlier_fedsim_wrote_reads_with_its_audits_spelled_per_section():
+    from fedsim.config import scenario_from_dict, upgrade_flat_privacy
+
+    raw = upgrade_flat_privacy({"privacy": FLAT_PRIVACY})
+    assert raw["privacy"] == {
+        "audits": ["mia", "inversion"], "audit_confidence": 0.9,
+        "mia": {"attacks": ["loss", "lira"], "shadows": 4, "every": 2},
+        "inversion": {"steps": 50, "bn_mode": "eval"}}
+    privacy = scenario_from_dict(raw).privacy
+    assert privacy.mia.shadows == 4 and privacy.inversion.steps == 50
+    assert upgrade_flat_privacy({"privacy": raw["privacy"]}) == {"privacy": raw["privacy"]}
+
+
+def test_a_cell_an_earlier_fedsim_wrote_is_read_not_damaged(tmp_path):
+    """Every results folder holds its resolved scenario with every key, so one written before
+    the audits had sections spells [privacy] flat; reports still read it."""
+    import tomllib
+
+    root = write_sweep(tmp_path / "s")
+    cell = next(p for p in root.iterdir() if (p / "summary.json").is_file())
+    raw = tomllib.loads((cell / "scenario.toml").read_text())
+    raw["privacy"] = {"mia": [], "shadows": 8, "audit_every": 0, "inversion": False,
+                      "inversion_steps": 1000, "client_round": 0}
+    (cell / "scenario.toml").write_text(tomli_w.dumps(raw))
+    assert not isinstance(read_run(cell), Damaged)
+    with pytest.raises(Exception, match="one section per audit now"):
+        load_scenario(cell / "scenario.toml")  # a file a user writes gets the new spelling
