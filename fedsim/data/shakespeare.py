@@ -399,7 +399,8 @@ class _RoleSource:
         return codes[self.fed.seq_len:].astype(np.int64)
 
     def samples(self, cid: int) -> np.ndarray:
-        raise NotImplementedError("a text client's samples are windows: use client_train")
+        raise TypeError("a text client's samples are windows over its text, not stored rows: "
+                        "use client_train")
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.fed._global_test()
