@@ -5,6 +5,15 @@ every other array). From round ``warmup + 1`` on, the global running statistics 
 clients normalise with them *during training* too (BN layers in eval mode, so no batch
 statistics and no train/test discrepancy), do not upload them, and the server keeps them
 unchanged. Models without batch statistics (GN, LN, IN) train exactly as with FedAvg.
+
+Training with frozen statistics loses BN's invariance to the scale of the weights before
+each BN layer, and with it the damping that batch statistics give a step: on a digits
+ResNet after 150 rounds at ``client.lr = 0.03`` the loss gradient in the frozen phase was
+1.7-4x larger and one step at that rate raised 7 of 10 clients' own minibatch loss (with
+the global statistics averaged or computed over the union of the clients' data alike).
+``lr_scale`` multiplies each local step's loss gradient in the frozen phase (the step size
+of ``client.lr``; weight decay keeps its rate), so the frozen phase can train at a smaller
+rate than the warm-up, as the exploration/calibration phases of FixBN suggest.
 """
 
 from __future__ import annotations
@@ -17,21 +26,41 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, request_hooks
+from fedsim.client.hooks import CLIENT_HOOKS, ClientHook, HookContext, request_hooks
 from fedsim.models.norm import has_running_statistics, norm_layers, norm_statistics_keys
 from fedsim.server.dp_analysis import dp_fedavg
 from fedsim.server.strategies import STRATEGIES
 from strategies.common import keep_absent
 
+#: the train-config key carrying the frozen phase's gradient scale (absent: 1)
+LR_SCALE_KEY = "fixbn-lr-scale"
+
 
 @CLIENT_HOOKS.register("fixbn")
 class FixBNHook(ClientHook):
-    """Train with the received (frozen) running statistics; do not upload them."""
+    """Train with the received (frozen) running statistics, each step's loss gradient scaled
+    by the config's ``fixbn-lr-scale`` (1 when absent); do not upload the statistics."""
+
+    def __init__(self, ctx: HookContext) -> None:
+        super().__init__(ctx)
+        self.lr_scale = float(ctx.config.get(LR_SCALE_KEY, 1.0))
 
     def before_train(self, model: nn.Module) -> None:
         for _, layer in norm_layers(model):
             if has_running_statistics(layer):
                 layer.eval()  # normalise with running statistics, and leave them unchanged
+
+    def step_state(self, start) -> torch.Tensor | None:
+        """The scale as a step state (a cohort stacks it per client); None when it is 1, so
+        an unscaled client's step has no gradient transform at all."""
+        if self.lr_scale == 1.0:
+            return None
+        dtype = next((t.dtype for t in start.values() if t.is_floating_point()), None)
+        return torch.tensor(self.lr_scale, dtype=dtype)
+
+    def grad_transform(self, grads: dict[str, torch.Tensor], state: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        return {name: g * state for name, g in grads.items()}
 
     def on_reply(self, model: nn.Module, arrays: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
@@ -44,13 +73,18 @@ class FixBNHook(ClientHook):
            "updates outside the noised model: the per-round sensitivity C/m does not hold")
 @STRATEGIES.register("fixbn")
 class FixBN(FedAvg):
-    """FedAvg, then BN statistics frozen to the global ones after ``warmup`` rounds."""
+    """FedAvg, then BN statistics frozen to the global ones after ``warmup`` rounds, the
+    clients' steps scaled by ``lr_scale`` from then on."""
 
-    def __init__(self, warmup: int = 5, **kwargs) -> None:
+    def __init__(self, warmup: int = 5, lr_scale: float = 1.0, **kwargs) -> None:
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 rounds, got {warmup}")
+        if not 0.0 < lr_scale <= 1.0:
+            raise ValueError(f"lr_scale must be in (0, 1] (the frozen phase's step as a "
+                             f"fraction of client.lr), got {lr_scale}")
         super().__init__(**kwargs)
         self.warmup = warmup
+        self.lr_scale = float(lr_scale)
 
     def frozen(self, server_round: int) -> bool:
         """Whether BN statistics are frozen in ``server_round``."""
@@ -61,6 +95,8 @@ class FixBN(FedAvg):
         self.current_arrays = arrays
         if self.frozen(server_round):
             request_hooks(config, "fixbn")
+            if self.lr_scale != 1.0:
+                config[LR_SCALE_KEY] = self.lr_scale
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

@@ -493,13 +493,15 @@ STEP_RUN = TINY + ["model.norm=ln", "server.rounds=3", "partition.kind=dirichlet
     ["server.strategy=fedprox", "server.params.proximal_mu=0.1"],
     ["server.strategy=scaffold"],
     ["failures.crash=0.3"],
-    ["model.norm=bn", "server.strategy=fixbn", "server.params.warmup=1"],
+    ["model.norm=bn", "server.strategy=fixbn", "server.params.warmup=1",
+     "server.params.lr_scale=0.5"],
     ["client.dp.noise_multiplier=1.0", "server.strategy=fedprox",
      "server.params.proximal_mu=0.1"],
 ], ids=["fedprox", "scaffold", "crash", "fixbn", "dpsgd-fedprox"])
 def test_vectorized_run_with_step_hooks_matches_sequential_run(tmp_path, overrides):
     """FedProx, SCAFFOLD (client control variates carried across rounds in client state),
-    simulated crashes, FixBN's frozen statistics (a mode change) and DP-SGD with FedProx
+    simulated crashes, FixBN's frozen statistics (a mode change; its frozen phase's step
+    scaled per client) and DP-SGD with FedProx
     run vectorized: the same clients fail for the same reasons, and the final model equals
     the sequential in-process engine's within float tolerance (DP-SGD: each client's noise
     from its own generator on both)."""

@@ -110,6 +110,7 @@ def test_example_fedper_scenario_keeps_heads_local(tmp_path):
         ("{dir}/marked.py:Marked", ["server.params.favor=1"],
          "[server.params] do not fit Marked: unexpected keyword argument(s) 'favor'"),
         ("fixbn", ["server.params.warmup=-1"], "warmup must be >= 0"),
+        ("fixbn", ["server.params.lr_scale=0"], "lr_scale must be in (0, 1]"),
     ],
 )
 def test_bad_strategies_exit_2_before_training(tmp_path, capsys, strategy, params, pattern):

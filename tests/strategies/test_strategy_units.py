@@ -186,6 +186,42 @@ def test_fixbn_hook_trains_with_frozen_statistics_and_does_not_upload_them():
     assert not set(hook.on_reply(m, after)) & set(norm_statistics_keys(m))
 
 
+def test_fixbn_lr_scale_scales_the_frozen_phase_step_exactly():
+    """A scale of 1/4 at lr 0.4 trains bitwise as lr 0.1 unscaled (powers of two are exact
+    in float); the scale reaches clients only in frozen rounds, and only when it is not 1."""
+    x, y = data()
+    trained = {}
+    for lr, scale in [(0.4, 0.25), (0.1, None)]:
+        m = model("bn")
+        config = ConfigRecord({} if scale is None else {"fixbn-lr-scale": scale})
+        hook = FixBNHook(HookContext(0, config, RecordDict()))
+        train_local(m, x, y, ClientConfig(lr=lr, local_steps=3), torch.Generator().manual_seed(0),
+                    [hook])
+        trained[lr] = m.state_dict()
+    for key, value in trained[0.1].items():
+        assert torch.equal(trained[0.4][key], value), key
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    def sent(strategy, server_round):
+        set_task_identity(1)
+        grid = TwoNodes()
+        message = next(iter(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(),
+                                                     grid)))
+        return dict(message.content["config"])
+
+    scaled = FixBN(warmup=1, lr_scale=0.1, fraction_train=1.0, min_train_nodes=1,
+                   min_available_nodes=1)
+    assert "fixbn-lr-scale" not in sent(scaled, 1)
+    assert sent(scaled, 2)["fixbn-lr-scale"] == 0.1
+    plain = FixBN(warmup=1, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
+    assert "fixbn-lr-scale" not in sent(plain, 2)
+    with pytest.raises(ValueError, match="lr_scale must be in"):
+        FixBN(lr_scale=1.5)
+
+
 def test_fixbn_server_freezes_statistics_only_after_warmup():
     strategy = FixBN(warmup=2, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
     assert [strategy.frozen(r) for r in (1, 2, 3)] == [False, False, True]
