@@ -21,12 +21,15 @@ Pieces, each divided by the number of client updates (train messages answered):
 ``data_us``         generating or slicing the clients' data (synthetic generation, domain
                     transforms, local splits) inside the train cohorts, one client at a
                     time or a cohort at once (``--set data.generator=2``);
-``client_host_us``  the rest of the train cohorts: decoding messages, the hooks, start
-                    arrays, batch plans, stacking, replies, client state;
+``client_host_us``  the rest of the train cohorts: the clients' Contexts with their stored
+                    state decoded and encoded again, decoding messages, the hooks, start
+                    arrays, batch plans, stacking, replies (``answer_cohort``, what a Ray
+                    cohort actor runs; a tree without it: the cohort trainer alone);
 ``driver_us``       the round loop minus the cohorts and evaluation: sampling and
-                    configuring clients, the grid (contexts, client-state store), screening
-                    and aggregating replies, the round record and the checkpoint. On the
-                    Ray-cohort engine this part stays on the driver, serial.
+                    configuring clients, the grid (message ids, the client-state store's
+                    bytes), screening and aggregating replies, the round record and the
+                    checkpoint. On the Ray-cohort engine this part stays on the driver,
+                    serial.
 
 ``driver_parts`` splits part of the driver's share (CPU): the checkpoint, the round record,
 screening replies, FedAvg's ``configure_train``/``aggregate_train``, pushing messages.
@@ -161,6 +164,7 @@ def _existing(candidates):
 def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
     """Run ``scenario`` with the timers; the figures per client update."""
     import fedsim
+    import fedsim.engine.inprocess as inprocess
     import fedsim.engine.vectorized as vectorized
     import fedsim.engine.vectorized_eval as vectorized_eval
     import fedsim.server.loop as loop
@@ -174,11 +178,15 @@ def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
         return trainer_call(self, msgs, contexts)
 
     vectorized.CohortTrainer.__call__ = counted
-    clock.wrap(vectorized.CohortTrainer, "__call__", "cohort", exclude=True)
+    if hasattr(inprocess, "answer_cohort"):  # a cohort with its clients' Contexts and states
+        _wrap_cohorts(clock, inprocess, vectorized.CohortTrainer,
+                      vectorized_eval.CohortEvaluator)
+    else:  # an earlier tree: the grid built Contexts and stored states outside the handler
+        clock.wrap(vectorized.CohortTrainer, "__call__", "cohort", exclude=True)
+        clock.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
     clock.wrap(*_resolve(VMAP_AT), "vmap", inside="cohort")
     for owner, name in _existing(DATA_AT):  # each that exists: none calls another
         clock.wrap(owner, name, "data", inside="cohort")
-    clock.wrap(vectorized_eval.CohortEvaluator, "__call__", "cohort_eval", exclude=True)
     parts = []
     for module, path, label in DRIVER_PARTS:
         for owner, name in _existing([(module, path)]):
@@ -218,6 +226,26 @@ def measure(scenario: str, rounds: int, overrides: list[str]) -> dict:
     res.update(updates=updates[0], rounds=rounds, run_wall_s=wall,
                load_1min=os.getloadavg()[0])
     return res
+
+
+def _wrap_cohorts(clock: Clock, inprocess, trainer: type, evaluator: type) -> None:
+    """Time ``answer_cohort`` (a cohort with its clients' Contexts and state bytes: what a
+    Ray cohort actor runs) as ``cohort`` for train cohorts and ``cohort_eval`` for
+    evaluation cohorts; other kinds stay in the driver's share."""
+    answer = inprocess.answer_cohort
+    pieces = type("Cohorts", (), {"train": staticmethod(answer),
+                                  "evaluate": staticmethod(answer)})
+    clock.wrap(pieces, "train", "cohort", exclude=True)
+    clock.wrap(pieces, "evaluate", "cohort_eval", exclude=True)
+
+    def by_kind(handler, *a, **k):
+        if isinstance(handler, trainer):
+            return pieces.train(handler, *a, **k)
+        if isinstance(handler, evaluator):
+            return pieces.evaluate(handler, *a, **k)
+        return answer(handler, *a, **k)
+
+    inprocess.answer_cohort = by_kind
 
 
 def amdahl(serial: float, parallel: float, n: int) -> float:

@@ -34,7 +34,7 @@ from fedsim.client.messages import BN_MOMENTS, error_reply
 from fedsim.client.runtime import WORKER_SLOT
 from fedsim.compat import Run
 from fedsim.engine.cohort_plan import balanced_cohorts
-from fedsim.engine.store import ClientStateStore
+from fedsim.engine.store import ClientStateStore, decode_state, encode_state
 
 log = logging.getLogger("fedsim")
 
@@ -47,6 +47,33 @@ DEFAULT_STATE_MEMORY = 256 * 2**20
 def set_task_identity(run_id: int) -> None:
     """Flower's Message constructor reads the sender's identity from this process-wide slot."""
     compat.set_task_identity(run_id)
+
+
+def answer_cohort(handler: CohortHandler, msgs: Sequence[Message], nodes: Sequence[int],
+                  states: Sequence[bytes | None], run_id: int, num_nodes: int,
+                  run_config: Mapping[str, Any]) -> list[tuple[Message, bytes | None]]:
+    """A cohort's messages answered by ``handler`` from their nodes' stored state bytes
+    (:func:`~fedsim.engine.store.encode_state`; None: no state): per message, its reply and,
+    for a successful reply, the client's new state bytes (``b""``: none), else None.
+
+    Everything here is per-client work (each client's Context and its state decoded and
+    encoded again), so it runs wherever the cohort runs: in the in-process grid, and on a Ray
+    cohort actor (:mod:`fedsim.engine.ray_cohorts`), where the driver keeps only the bytes.
+    A handler that raises answers every message with the reason.
+    """
+    contexts = [Context(run_id=run_id, node_id=node,
+                        node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                        state=RecordDict() if raw is None else decode_state(raw),
+                        run_config=dict(run_config))
+                for node, raw in zip(nodes, states)]
+    try:
+        replies = handler(msgs, contexts)
+        if len(replies) != len(msgs):
+            raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
+    except Exception as exc:  # the whole cohort failed: every message says why
+        replies = [error_reply(m, exc) for m in msgs]
+    return [(r, None if r.has_error() else (encode_state(c.state) if len(c.state) else b""))
+            for r, c in zip(replies, contexts)]
 
 
 class InProcessGrid(Grid):
@@ -292,19 +319,17 @@ class InProcessGrid(Grid):
 
     def _execute_cohort(self, job: list[tuple[str, Message]], handler: CohortHandler
                         ) -> dict[str, Message]:
-        """Hand a cohort of messages of one type to its handler; one reply per message."""
+        """Hand a cohort of messages of one type to its handler (:func:`answer_cohort`); one
+        reply per message, and the new state of each client that answered without error."""
         msgs = [msg for _, msg in job]
-        contexts = [self.context(m.metadata.dst_node_id) for m in msgs]
-        try:
-            replies = handler(msgs, contexts)
-            if len(replies) != len(msgs):
-                raise RuntimeError(f"{len(replies)} replies for {len(msgs)} messages")
-        except Exception as exc:  # the whole cohort failed: every message says why
-            replies = [self._error_reply(m, exc) for m in msgs]
+        nodes = [m.metadata.dst_node_id for m in msgs]
+        store = self.state_store
+        answers = answer_cohort(handler, msgs, nodes, [store.raw(n) for n in nodes],
+                                self._run.run_id, self._num_nodes, self._run_config)
         out = {}
-        for (mid, msg), ctx, reply in zip(job, contexts, replies):
-            if not reply.has_error():
-                self.state_store.put(msg.metadata.dst_node_id, ctx.state)
+        for (mid, _), node, (reply, state) in zip(job, nodes, answers):
+            if state is not None:
+                store.put_raw(node, state)
             compat.set_message_id(reply, uuid.uuid4().hex)
             out[mid] = reply
         return out

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -70,12 +70,12 @@ from fedsim.client.runtime import ClientRuntime
 from fedsim.config import EngineConfig, Scenario, scenario_from_dict
 from fedsim.context import RunContext
 from fedsim.engine.cohort_moments import CohortMoments
-from fedsim.engine.inprocess import InProcessGrid, serve
+from fedsim.engine.inprocess import InProcessGrid, answer_cohort, serve
 from fedsim.engine.memory import child_environment
 from fedsim.engine.processes import TreeWatch
 from fedsim.engine.ray import backend_config
 from fedsim.engine.ray_check import check_ray, check_resources
-from fedsim.engine.store import ClientStateStore, decode_state, encode_state
+from fedsim.engine.store import ClientStateStore
 from fedsim.engine.vectorized import CohortTrainer
 from fedsim.engine.vectorized_eval import CohortEvaluator
 from fedsim.errors import EngineFailed, ScenarioError
@@ -178,23 +178,9 @@ class CohortWorker:
         return to_wire(self.run(from_wire(task)))
 
     def run(self, task: CohortTask) -> list[tuple[Message, bytes | None]]:
-        contexts = [Context(run_id=task.run_id, node_id=node,
-                            node_config={"partition-id": node - 1,
-                                         "num-partitions": task.num_nodes},
-                            state=RecordDict() if raw is None else decode_state(raw),
-                            run_config=dict(task.run_config))
-                    for node, raw in zip(task.nodes, task.states)]
         with fast_flower_records():
-            try:
-                replies = self._handlers[task.kind](task.messages, contexts)
-                if len(replies) != len(task.messages):
-                    raise RuntimeError(f"{len(replies)} replies for {len(task.messages)} "
-                                       "messages")
-            except Exception as exc:  # the whole cohort failed: every message says why
-                replies = [error_reply(m, exc) for m in task.messages]
-        return [(r, None if r.has_error() else
-                 (encode_state(c.state) if len(c.state) else b""))
-                for r, c in zip(replies, contexts)]
+            return answer_cohort(self._handlers[task.kind], task.messages, task.nodes,
+                                 task.states, task.run_id, task.num_nodes, task.run_config)
 
 
 def to_wire(obj: Any) -> bytes:
