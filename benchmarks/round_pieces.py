@@ -85,6 +85,7 @@ DRIVER_PARTS = [
     ("fedsim.sinks.folder", "RunFolder.on_round", "round_record"),
     ("fedsim.report.record", "RunRecorder.on_round", "round_record"),
     ("fedsim.server.loop", "_nonfinite", "screening"),
+    ("fedsim.server.loop", "_arrays_finite", "screening"),
     ("flwr.serverapp.strategy", "FedAvg.configure_train", "configure_train"),
     ("flwr.serverapp.strategy", "FedAvg.aggregate_train", "aggregate_train"),
     ("fedsim.engine.inprocess", "InProcessGrid.push_messages", "grid_push"),

@@ -79,13 +79,23 @@ def _client_id(msg: Message) -> int | None:
     return int(rec["client-id"]) if rec is not None else None
 
 
-def _nonfinite(content: RecordDict) -> str | None:
-    """Name the first NaN/Inf array or metric in a reply, or None if all are finite.
+def _arrays_finite(replies: list[Message]) -> bool:
+    """Whether every array of every reply with content is finite: one check per dtype over
+    the round's arrays together (:func:`all_finite`), so a round of finite replies costs a
+    few numpy calls and only a round with a NaN/Inf is searched reply by reply."""
+    return all_finite(arr for reply in replies if reply.has_content()
+                      for _, rec in records_of(reply.content, ArrayRecord)
+                      for arr in rec.values())
+
+
+def _nonfinite(content: RecordDict, arrays_finite: bool = False) -> str | None:
+    """Name the first NaN/Inf array or metric in a reply, or None if all are finite
+    (``arrays_finite``: its arrays are known to be finite, only its metrics are checked).
 
     Each ArrayRecord is screened whole (:func:`all_finite`, one check per dtype); only one
     that fails is searched array by array for the name."""
     for _, rec in records_of(content, ArrayRecord):
-        if all_finite(rec.values()):
+        if arrays_finite or all_finite(rec.values()):
             continue
         for key, array in rec.items():
             x = peek_array(array)
@@ -120,10 +130,10 @@ def _download_bytes(messages: list[Message]) -> list[int]:
     return out
 
 
-def _upload_bytes(reply: Message) -> int:
-    """Bytes a reply's arrays took on the wire: the size the client reports (compressed
-    arrays at their encoded size, ``fedsim.client.compress``), else their raw payload."""
-    rec = _client_record(reply)
+def _upload_bytes(reply: Message, rec: ConfigRecord | None) -> int:
+    """Bytes a reply's arrays took on the wire: the size the client reports in its
+    ``client`` record ``rec`` (compressed arrays at their encoded size,
+    ``fedsim.client.compress``), else their raw payload."""
     if rec is not None and "upload-bytes" in rec:
         return int(rec["upload-bytes"])
     return _array_bytes(reply.content)
@@ -177,10 +187,6 @@ class RoundRunner:
         lookup = getattr(grid, "client_id", None)
         self.client_of_node = lookup if callable(lookup) else (lambda node: None)
 
-    def _cid(self, msg: Message, node: int) -> int | None:
-        cid = _client_id(msg)
-        return cid if cid is not None else self.client_of_node(node)
-
     def _attempt(self, rnd: int, arrays: ArrayRecord, attempt: int, phase: TrainPhase) -> float:
         """One try at the round; appends failures to ``phase``, returns its simulated seconds."""
         seed = self.scenario.seed
@@ -205,18 +211,20 @@ class RoundRunner:
         accepted = []
         longest = 0.0
         missing = len(send) < len(messages)  # a dropped client never answers
+        arrays_finite = _arrays_finite([r for r in replies if not r.has_error()])
         for reply in replies:
             node = reply.metadata.src_node_id
-            cid = self._cid(reply, node)
             if reply.has_error():
                 reason = "crash" if "SimulatedCrash" in reply.error.reason else "error"
-                phase.failures.append({"client": cid, "reason": reason,
+                phase.failures.append({"client": self.client_of_node(node), "reason": reason,
                                        "detail": reply.error.reason, **note})
                 continue
-            rec = _client_record(reply) or ConfigRecord()
-            phase.uploaded.append(_upload_bytes(reply))  # rejected below or not, it was sent
+            found = _client_record(reply)
+            cid = int(found["client-id"]) if found is not None else self.client_of_node(node)
+            rec = found or ConfigRecord()
+            phase.uploaded.append(_upload_bytes(reply, found))  # rejected or not, it was sent
             phase.stateful = phase.stateful or int(rec.get("state-records", 0)) > 0
-            bad = _nonfinite(reply.content)
+            bad = _nonfinite(reply.content, arrays_finite)
             if bad is not None:
                 phase.failures.append({"client": cid, "reason": "non-finite", "detail": bad,
                                        **note})

@@ -3,6 +3,7 @@ too few replies retry or stop; NaN updates are rejected; a diverging run stops c
 
 import json
 
+import numpy as np
 import pytest
 
 import fedsim
@@ -197,3 +198,31 @@ def test_client_ordering_waits_until_every_node_has_connected():
     assert list(grid.get_node_ids()) == [101, 102, 103, 104]
     with pytest.raises(RuntimeError, match="only 1 of 4 client nodes connected"):
         list(ClientOrderedGrid(SlowGrid(1), expected_nodes=4, connect_timeout=0.2).get_node_ids())
+
+
+def test_a_round_of_replies_is_screened_together_and_a_bad_one_named_alone():
+    """The round's arrays are checked in one pass (errors and replies without content left
+    out); one NaN anywhere fails it, and each reply is then named on its own."""
+    from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+    from fedsim import compat
+    from fedsim.server.loop import _arrays_finite, _nonfinite
+
+    def reply(w, b=None, loss=0.5):
+        b = np.zeros(2, np.float64) if b is None else b
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w), "b": Array(b)}),
+                                   "metrics": MetricRecord({"loss": loss})}), dst_node_id=1,
+                       message_type="train")
+
+    with compat.task_identity_restored():
+        compat.set_task_identity(1)
+        good = [reply(np.ones((2, 2), np.float32)), reply(np.arange(3, dtype=np.int64))]
+        error = Message(Error(code=1, reason="boom"), reply_to=good[0])
+        bad = reply(np.array([1.0, np.inf], np.float32))
+        nan_b = reply(np.ones(2, np.float32), np.array([np.nan]))
+        nan_loss = reply(np.ones(2, np.float32), loss=float("nan"))
+    assert _arrays_finite([*good, error]) and _arrays_finite([])
+    assert not _arrays_finite([*good, bad]) and not _arrays_finite([nan_b])
+    assert [_nonfinite(r.content) for r in [*good, bad]] == [
+        None, None, "array 'w' has NaN/Inf values"]
+    assert _nonfinite(nan_loss.content, True) == "metric 'loss' is nan"  # metrics still
