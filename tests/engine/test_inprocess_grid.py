@@ -2,7 +2,16 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -109,3 +118,50 @@ def test_frozen_gc_leaves_pre_run_objects_out_of_collections_and_restores():
         del cycle
         assert gc.collect() >= 1  # garbage made during the run is still collected
     assert gc.get_freeze_count() == 0
+
+
+def test_a_cohort_is_answered_from_stored_state_bytes():
+    """answer_cohort (what the grid and a Ray cohort actor run): each client's Context gets
+    its node ids and decoded state; a successful reply's new state comes back as the
+    store's bytes (b"": none), an error reply's as None, and a handler that raises answers
+    every message with its reason."""
+    from fedsim.engine.inprocess import answer_cohort
+    from fedsim.engine.store import decode_state, encode_state
+
+    grid = InProcessGrid(echo_app(), num_nodes=3)
+    strategy = FedAvg(fraction_train=1.0, min_train_nodes=3, min_available_nodes=3)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    seen = []
+
+    def handler(batch, contexts):
+        out = []
+        for msg, ctx in zip(batch, contexts):
+            seen.append((ctx.node_id, dict(ctx.node_config), dict(ctx.run_config),
+                         ctx.state.config_records["s"]["n"] if "s" in ctx.state else None))
+            if ctx.node_id == 3:
+                out.append(Message(Error(code=1, reason="no"), reply_to=msg))
+                continue
+            if ctx.node_id == 1:
+                ctx.state["s"] = ConfigRecord({"n": 7})
+            else:
+                del ctx.state["s"]  # a client that drops its state
+            out.append(Message(RecordDict({"metrics": MetricRecord({"x": 1})}), reply_to=msg))
+        return out
+
+    nodes = [m.metadata.dst_node_id for m in msgs]
+    states = [None if n == 1 else encode_state(RecordDict({"s": ConfigRecord({"n": n})}))
+              for n in nodes]
+    answers = answer_cohort(handler, msgs, nodes, states, 5, 3, {"k": 1})
+    assert seen == [(n, {"partition-id": n - 1, "num-partitions": 3}, {"k": 1},
+                     None if n == 1 else n) for n in nodes]
+    by_node = dict(zip(nodes, answers))
+    assert decode_state(by_node[1][1])["s"]["n"] == 7 and by_node[2][1] == b""
+    assert by_node[3][0].has_error() and by_node[3][1] is None
+
+    def broken(batch, contexts):
+        raise RuntimeError("cohort lost")
+
+    failed = answer_cohort(broken, msgs, nodes, states, 5, 3, {})
+    assert all(r.has_error() and "cohort lost" in r.error.reason and s is None
+               for r, s in failed)
