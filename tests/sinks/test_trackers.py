@@ -3,6 +3,7 @@ reader, ``mlflow.search_runs`` on the local store, ``wandb leet inspect`` on the
 file. One tiny run writes all three; a tiny sweep shows the parent run and the group."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def offline(monkeypatch):
     """Nothing here may reach a network: no tracking server, W&B's default (offline) mode."""
     for var in ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
+    yield
+    # fedsim and these tests name their store; one left in the environment would send every
+    # later run with the mlflow sink in this process (and its subprocesses) to that store
+    assert "MLFLOW_TRACKING_URI" not in os.environ, os.environ["MLFLOW_TRACKING_URI"]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +51,13 @@ def numbers(record: dict) -> dict[str, float]:
 
 
 def search_runs(uri: str, experiment: str):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.search_runs(experiment_names=[experiment], output_format="list")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    """The experiment's runs in the store at ``uri``, read with a client of that store: the
+    process-wide tracking URI stays unset (``mlflow.set_tracking_uri`` also exports it to the
+    environment, where later tests' subprocesses would find it)."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} in {uri}"
+    return client.search_runs([found.experiment_id])
 
 
 def wandb_records(run_file: Path) -> list[dict]:
