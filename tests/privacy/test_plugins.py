@@ -19,7 +19,7 @@ from fedsim.arrays import record_to_state
 from fedsim.config import load_scenario
 from fedsim.data.federated import build_federated_data
 from fedsim.errors import ScenarioError
-from fedsim.privacy.attacks.base import MembershipAttack, MiaInputs, register_attack
+from fedsim.privacy.attacks.base import MIA_ATTACKS, MembershipAttack, MiaInputs, register_attack
 from fedsim.privacy.audits import Audit, RoundView, register_audit
 from fedsim.privacy.audits.base import SHADOWS, UPLOADS
 from fedsim.privacy.audits.pool import MembershipPool
@@ -146,3 +146,12 @@ def test_a_registered_audit_s_unknown_option_is_refused(tmp_path):
                                             r"\(did you mean 'last'\?\)"):
         fedsim.run("scenarios/quickstart.toml", TINY + [
             audits("upload_norms"), "privacy.plugins.upload_norms.lats=1"], out=tmp_path / "x")
+
+
+def test_an_attack_without_scores_is_refused_when_it_registers():
+    class NoScores(MembershipAttack):
+        needs = frozenset()
+
+    with pytest.raises(TypeError, match="must subclass MembershipAttack and define scores"):
+        register_attack("no_scores")(NoScores)
+    assert "no_scores" not in MIA_ATTACKS

@@ -47,7 +47,9 @@ class MembershipAttack:
 
     @staticmethod
     def scores(inputs: MiaInputs, options: Any) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Membership scores by name (higher: more likely a member), one per sample."""
+        raise TypeError("a membership attack defines scores(inputs, options); "
+                        "register_attack refuses a class that does not")
 
     @staticmethod
     def describe(options: Any) -> dict[str, dict]:
@@ -63,6 +65,9 @@ def register_attack(name: str) -> Callable[[type[MembershipAttack]], type[Member
     """``@register_attack("name")``: add a :class:`MembershipAttack` under ``name``."""
 
     def add(cls: type[MembershipAttack]) -> type[MembershipAttack]:
+        if not issubclass(cls, MembershipAttack) or cls.scores is MembershipAttack.scores:
+            raise TypeError(f"membership attack {name!r} ({cls.__qualname__}) must subclass "
+                            "MembershipAttack and define scores(inputs, options)")
         cls.name = name
         return MIA_ATTACKS.register(name)(cls)
 
