@@ -10,7 +10,8 @@ Training with frozen statistics loses BN's invariance to the scale of the weight
 each BN layer, and with it the damping that batch statistics give a step: on a digits
 ResNet after 150 rounds at ``client.lr = 0.03`` the loss gradient in the frozen phase was
 1.7-4x larger and one step at that rate raised 7 of 10 clients' own minibatch loss (with
-the global statistics averaged or computed over the union of the clients' data alike).
+the global statistics averaged or computed over the union of the clients' data alike:
+``python benchmarks/fixbn_freeze_step.py --set client.lr=0.03 --lrs 0.03``).
 ``lr_scale`` multiplies each local step's loss gradient in the frozen phase (the step size
 of ``client.lr``; weight decay keeps its rate), so the frozen phase can train at a smaller
 rate than the warm-up, as the exploration/calibration phases of FixBN suggest.
