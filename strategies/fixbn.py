@@ -56,8 +56,11 @@ class FixBNHook(ClientHook):
         an unscaled client's step has no gradient transform at all."""
         if self.lr_scale == 1.0:
             return None
-        dtype = next((t.dtype for t in start.values() if t.is_floating_point()), None)
-        return torch.tensor(self.lr_scale, dtype=dtype)
+        like = next((t for t in start.values() if t.is_floating_point()), None)
+        if like is None:
+            return torch.tensor(self.lr_scale)
+        # on the parameters' device: a cohort stacks the states into a (clients,) tensor
+        return torch.tensor(self.lr_scale, dtype=like.dtype, device=like.device)
 
     def grad_transform(self, grads: dict[str, torch.Tensor], state: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
